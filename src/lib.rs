@@ -1,6 +1,13 @@
 //! mbtd: a daemon that continuously trains a Multi-Branch Transformer language model.
 //!
 //! Layers of the code: the pure core (`model`, `text`, `store`, `ingest`, `checkpoint`,
-//! `govern`, `config`), thin kameo actors (`actors`), and the edges (`admin`, `main.rs`).
+//! `govern`, `config`), thin kameo actors (`actors`), and the edges (`admin`, `daemon`,
+//! `ctl`, `cli`, `telemetry`).
 
+pub mod actors;
+pub mod admin;
+pub mod cli;
 pub mod config;
+pub mod ctl;
+pub mod daemon;
+pub mod telemetry;

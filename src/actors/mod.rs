@@ -1,0 +1,13 @@
+//! The kameo actors: thin owners of one piece of state and one kind of I/O each, under a
+//! root supervisor that restarts them with back-off.
+
+pub mod admin;
+pub mod dispatch;
+pub mod health;
+pub mod metrics;
+pub mod supervisor;
+
+/// Test-only fault: makes the receiving actor panic (compiled with `--features fault-injection`).
+#[cfg(feature = "fault-injection")]
+#[derive(Debug, Clone, Copy)]
+pub struct Crash;

@@ -1,0 +1,165 @@
+//! The root supervisor: spawns every actor as a supervised child (restart on crash, with
+//! back-off, up to `daemon.restart_limit` restarts per `daemon.restart_window_s`), stops them
+//! in order on shutdown, and reports a crash loop so the daemon can exit non-zero.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use kameo::error::Infallible;
+use kameo::prelude::*;
+use kameo::supervision::RestartPolicy;
+use tokio::sync::mpsc;
+
+use super::admin::{AdminActor, AdminArgs};
+use super::dispatch::{Dispatcher, StopRequest};
+use super::health::HealthBoard;
+use super::metrics::{MetricsActor, MetricsArgs};
+use crate::config::Config;
+use crate::telemetry::SnapshotRecorder;
+use crate::telemetry::names::events;
+
+#[derive(Clone)]
+pub struct RootArgs {
+    pub cfg: Config,
+    pub data_dir: PathBuf,
+    pub admin_gid: Option<u32>,
+    pub recorder: SnapshotRecorder,
+    pub board: HealthBoard,
+    pub started: Instant,
+    pub stop_tx: mpsc::Sender<StopRequest>,
+    /// Receives the name of an actor that crash-looped; the daemon then exits non-zero.
+    pub fatal_tx: mpsc::UnboundedSender<String>,
+}
+
+/// A child as the supervisor knows it, in stop order.
+#[derive(Clone)]
+pub enum Child {
+    Metrics(ActorRef<MetricsActor>),
+    Admin(ActorRef<AdminActor>),
+}
+
+impl Child {
+    /// Stops the child (it finishes its current message first) and waits until it is gone.
+    /// Must not run inside the supervisor's own handler: the supervisor has to process the
+    /// child's exit signal for the stop to complete.
+    pub async fn stop(&self) {
+        match self {
+            Child::Metrics(r) => {
+                let _ = r.stop_gracefully().await;
+                r.wait_for_shutdown().await;
+            }
+            Child::Admin(r) => {
+                let _ = r.stop_gracefully().await;
+                r.wait_for_shutdown().await;
+            }
+        }
+    }
+}
+
+pub struct Root {
+    /// Children in the order they must stop.
+    stop_order: Vec<Child>,
+    names: HashMap<ActorId, &'static str>,
+    fatal_tx: mpsc::UnboundedSender<String>,
+}
+
+impl Actor for Root {
+    type Args = RootArgs;
+    type Error = Infallible;
+
+    fn name() -> &'static str {
+        "supervisor"
+    }
+
+    async fn on_start(args: Self::Args, me: ActorRef<Self>) -> Result<Self, Self::Error> {
+        let d = &args.cfg.daemon;
+        let limit = d.restart_limit;
+        let window = Duration::from_secs(d.restart_window_s);
+        let mut names = HashMap::new();
+
+        let metrics = MetricsActor::supervise(
+            &me,
+            MetricsArgs {
+                recorder: args.recorder.clone(),
+                log_every: Duration::from_secs(args.cfg.metrics.log_every_s),
+                started: args.started,
+                health: args.board.register("metrics", d),
+            },
+        )
+        .restart_policy(RestartPolicy::Transient)
+        .restart_limit(limit, window)
+        .spawn()
+        .await;
+        names.insert(metrics.id(), "metrics");
+
+        let admin_health = args.board.register("admin", d);
+        #[cfg(feature = "fault-injection")]
+        let crash_targets = vec![("metrics", metrics.clone().recipient())];
+        let dispatcher = Dispatcher {
+            board: args.board.clone(),
+            started: args.started,
+            data_dir: args.data_dir.clone(),
+            metrics: metrics.clone(),
+            stop: args.stop_tx.clone(),
+            #[cfg(feature = "fault-injection")]
+            crash_targets,
+        };
+        let admin = AdminActor::supervise(
+            &me,
+            AdminArgs {
+                socket: args.cfg.admin.socket.clone(),
+                group_gid: args.admin_gid,
+                max_request_bytes: args.cfg.admin.max_request_bytes,
+                dispatcher,
+                health: admin_health,
+            },
+        )
+        .restart_policy(RestartPolicy::Transient)
+        .restart_limit(limit, window)
+        .spawn()
+        .await;
+        names.insert(admin.id(), "admin");
+
+        Ok(Root {
+            stop_order: vec![Child::Admin(admin), Child::Metrics(metrics)],
+            names,
+            fatal_tx: args.fatal_tx,
+        })
+    }
+
+    async fn on_link_died(
+        &mut self,
+        _: WeakActorRef<Self>,
+        id: ActorId,
+        reason: ActorStopReason,
+    ) -> Result<std::ops::ControlFlow<ActorStopReason>, Self::Error> {
+        if matches!(
+            reason,
+            ActorStopReason::Normal | ActorStopReason::SupervisorRestart
+        ) {
+            return Ok(std::ops::ControlFlow::Continue(()));
+        }
+        let name = self.names.get(&id).copied().unwrap_or("unknown");
+        tracing::error!(
+            event = events::ACTOR_CRASH_LOOP,
+            actor = name,
+            reason = %reason,
+            "actor {name} crashed more often than daemon.restart_limit allows within \
+             daemon.restart_window_s; exiting non-zero so the service manager restarts mbtd"
+        );
+        let _ = self.fatal_tx.send(name.to_string());
+        Ok(std::ops::ControlFlow::Continue(()))
+    }
+}
+
+/// Asks for the children in the order they must stop.
+pub struct StopOrder;
+
+impl Message<StopOrder> for Root {
+    type Reply = Vec<Child>;
+
+    async fn handle(&mut self, _: StopOrder, _: &mut Context<Self, Self::Reply>) -> Vec<Child> {
+        self.stop_order.clone()
+    }
+}

@@ -1,0 +1,106 @@
+//! Admin protocol: JSON lines over a Unix socket.
+//!
+//! A request is one line `{"id": <u64>, "cmd": "<name>", "args": {…}}`. The daemon answers
+//! with one or more lines `{"id": …, "ok": true, "data": …, "done": <bool>}`; a stream (e.g.
+//! `generate`) sends `done: false` chunks and ends with a `done: true` message. An error is
+//! `{"id": …, "ok": false, "error": "…", "done": true}`.
+
+use serde::{Deserialize, Serialize};
+
+/// A request from a client.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    #[serde(default)]
+    pub id: u64,
+    pub cmd: String,
+    #[serde(default)]
+    pub args: serde_json::Value,
+}
+
+/// One response line.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Response {
+    pub id: u64,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub done: bool,
+}
+
+impl Response {
+    pub fn ok(id: u64, data: serde_json::Value) -> Self {
+        Self {
+            id,
+            ok: true,
+            data: Some(data),
+            error: None,
+            done: true,
+        }
+    }
+
+    pub fn chunk(id: u64, data: serde_json::Value) -> Self {
+        Self {
+            id,
+            ok: true,
+            data: Some(data),
+            error: None,
+            done: false,
+        }
+    }
+
+    pub fn error(id: u64, message: impl Into<String>) -> Self {
+        Self {
+            id,
+            ok: false,
+            data: None,
+            error: Some(message.into()),
+            done: true,
+        }
+    }
+
+    /// The line sent on the wire (with its trailing newline).
+    pub fn to_line(&self) -> String {
+        let mut s = serde_json::to_string(self).expect("response serialises");
+        s.push('\n');
+        s
+    }
+}
+
+/// The reply to `status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StatusReply {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_s: f64,
+    pub data_dir: String,
+    pub actors: Vec<crate::actors::health::ActorStatus>,
+    /// Extra sections contributed by actors (ingest, replay, trainer, …), in order.
+    #[serde(default)]
+    pub sections: Vec<(String, serde_json::Value)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_round_trip_and_defaults() {
+        let r: Request = serde_json::from_str(r#"{"cmd":"ping"}"#).unwrap();
+        assert_eq!(r.id, 0);
+        assert_eq!(r.args, serde_json::Value::Null);
+        let back: Request = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"x","bogus":1}"#).is_err());
+    }
+
+    #[test]
+    fn response_lines_end_with_newline_and_parse_back() {
+        let r = Response::error(7, "nope");
+        let line = r.to_line();
+        assert!(line.ends_with('\n'));
+        assert_eq!(serde_json::from_str::<Response>(line.trim()).unwrap(), r);
+    }
+}

@@ -1,0 +1,87 @@
+//! The command line (clap derive): `run`, `config`, `ctl`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mbtd",
+    version,
+    about = "A daemon that continuously trains a Multi-Branch Transformer language model on text dropped into an inbox"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon in the foreground (systemd runs it this way).
+    Run(RunArgs),
+    /// Validate or print configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Control a running daemon over its admin socket.
+    Ctl(CtlArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Configuration file (default: the embedded default, see `mbtd config default`).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Directory that holds inbox/, replay/, checkpoints/ and the socket (relative paths in
+    /// the config resolve against it).
+    #[arg(long, default_value = ".")]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate FILE and print the effective configuration.
+    Check {
+        file: PathBuf,
+        /// Data dir used to resolve relative paths in the printed configuration.
+        #[arg(long, default_value = ".")]
+        data_dir: PathBuf,
+    },
+    /// Print the embedded default configuration (every key commented).
+    Default,
+}
+
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// Admin socket (default: admin.socket of --config, resolved against --data-dir).
+    #[arg(long, global = true)]
+    pub socket: Option<PathBuf>,
+    /// Configuration file the daemon was started with (to find its socket).
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    #[arg(long, global = true, default_value = ".")]
+    pub data_dir: PathBuf,
+    /// Print the raw JSON response instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// Version, uptime, pid and the state of every actor.
+    Status,
+    /// Check that the daemon answers.
+    Ping,
+    /// Every metric's current value.
+    Metrics,
+    /// Stop the daemon in order (as SIGTERM does).
+    Shutdown,
+    /// Make an actor panic (test builds with the fault-injection feature only).
+    #[cfg(feature = "fault-injection")]
+    #[command(hide = true)]
+    DebugCrash {
+        #[arg(long)]
+        actor: String,
+    },
+}

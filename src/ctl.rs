@@ -1,0 +1,141 @@
+//! `mbtd ctl`: turns a subcommand into a request, prints the answer as a table or JSON.
+
+use std::path::PathBuf;
+
+use crate::admin::client::{self, ClientError};
+use crate::admin::protocol::StatusReply;
+use crate::cli::{CtlArgs, CtlCommand};
+use crate::config::Config;
+
+/// Finds the socket: `--socket`, else `admin.socket` of `--config` (or the default config)
+/// resolved against `--data-dir`.
+pub fn socket_path(args: &CtlArgs) -> anyhow::Result<PathBuf> {
+    if let Some(s) = &args.socket {
+        return Ok(s.clone());
+    }
+    let mut cfg = Config::load(args.config.as_deref())?;
+    cfg.resolve_paths(&args.data_dir);
+    Ok(cfg.admin.socket)
+}
+
+fn request(cmd: &CtlCommand) -> (&'static str, serde_json::Value) {
+    match cmd {
+        CtlCommand::Status => ("status", serde_json::Value::Null),
+        CtlCommand::Ping => ("ping", serde_json::Value::Null),
+        CtlCommand::Metrics => ("metrics", serde_json::Value::Null),
+        CtlCommand::Shutdown => ("shutdown", serde_json::Value::Null),
+        #[cfg(feature = "fault-injection")]
+        CtlCommand::DebugCrash { actor } => ("debug-crash", serde_json::json!({ "actor": actor })),
+    }
+}
+
+/// Runs the command; `Err` carries the message for stderr (exit code 1).
+pub fn run(args: &CtlArgs) -> Result<(), String> {
+    let socket = socket_path(args).map_err(|e| e.to_string())?;
+    let (cmd, req_args) = request(&args.command);
+    let data = client::call(&socket, cmd, req_args, |chunk| {
+        if args.json {
+            println!("{chunk}");
+        }
+    })
+    .map_err(|e| match e {
+        ClientError::Daemon(m) => format!("mbtd: {m}"),
+        other => other.to_string(),
+    })?;
+    if args.json {
+        println!("{data}");
+        return Ok(());
+    }
+    print!("{}", human(&args.command, &data));
+    Ok(())
+}
+
+fn human(cmd: &CtlCommand, data: &serde_json::Value) -> String {
+    match cmd {
+        CtlCommand::Status => match serde_json::from_value::<StatusReply>(data.clone()) {
+            Ok(s) => format_status(&s),
+            Err(_) => format!("{data:#}\n"),
+        },
+        CtlCommand::Ping => "pong\n".to_string(),
+        CtlCommand::Shutdown => "mbtd is stopping\n".to_string(),
+        CtlCommand::Metrics => format_metrics(data),
+        #[cfg(feature = "fault-injection")]
+        CtlCommand::DebugCrash { .. } => format!("{data}\n"),
+    }
+}
+
+/// The status as a table a person can read.
+pub fn format_status(s: &StatusReply) -> String {
+    let mut out = format!(
+        "mbtd {}  pid {}  up {}  data dir {}\n\n{:<14} {:<10} {:>8}\n",
+        s.version,
+        s.pid,
+        human_duration(s.uptime_s),
+        s.data_dir,
+        "ACTOR",
+        "STATE",
+        "RESTARTS"
+    );
+    for a in &s.actors {
+        out.push_str(&format!(
+            "{:<14} {:<10} {:>8}\n",
+            a.name, a.state, a.restarts
+        ));
+    }
+    for (name, v) in &s.sections {
+        out.push_str(&format!("\n{name}\n"));
+        if let Some(obj) = v.as_object() {
+            for (k, val) in obj {
+                out.push_str(&format!("  {k:<28} {}\n", scalar(val)));
+            }
+        } else {
+            out.push_str(&format!("  {}\n", scalar(v)));
+        }
+    }
+    out
+}
+
+fn scalar(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) => match n.as_f64() {
+            Some(f) if f.fract() != 0.0 => format!("{f:.4}"),
+            _ => n.to_string(),
+        },
+        other => other.to_string(),
+    }
+}
+
+fn format_metrics(data: &serde_json::Value) -> String {
+    let mut out = String::new();
+    if let Some(obj) = data.as_object() {
+        let w = obj.keys().map(|k| k.len()).max().unwrap_or(0);
+        for (k, v) in obj {
+            out.push_str(&format!("{k:<w$}  {}\n", scalar(v)));
+        }
+    }
+    out
+}
+
+fn human_duration(s: f64) -> String {
+    let s = s as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..=86_399 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{:02}h", s / 86_400, (s % 86_400) / 3600),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(human_duration(5.2), "5s");
+        assert_eq!(human_duration(125.0), "2m05s");
+        assert_eq!(human_duration(7260.0), "2h01m");
+        assert_eq!(human_duration(90_000.0), "1d01h");
+    }
+}

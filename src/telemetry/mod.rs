@@ -1,0 +1,8 @@
+//! Telemetry: the one place that names every metric and log event, the in-memory recorder,
+//! and log set-up.
+
+pub mod logging;
+pub mod names;
+pub mod recorder;
+
+pub use recorder::{MetricValue, Snapshot, SnapshotRecorder};

@@ -1,0 +1,201 @@
+//! Test harness: runs the real `mbtd` binary on a temp data dir and talks to it over its
+//! real admin socket.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_mbtd");
+
+/// A daemon process on its own temp data dir; killed on drop.
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+/// Extra TOML appended to the test's config (small timeouts, fast metrics).
+pub const BASE_CONFIG: &str = "[logging]\nformat = \"json\"\nlevel = \"info\"\n";
+
+impl Daemon {
+    /// Starts `mbtd run` with `config` written to `<dir>/test.toml`, waits for the socket.
+    pub fn start(config: &str) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = Daemon {
+            dir,
+            child: None,
+            log: PathBuf::new(),
+        };
+        d.restart_with(config)
+    }
+
+    /// Starts (again) on the same dir.
+    pub fn restart_with(mut self, config: &str) -> Daemon {
+        let cfg = self.dir.path().join("test.toml");
+        std::fs::write(&cfg, format!("{BASE_CONFIG}{config}")).unwrap();
+        self.log = self.dir.path().join(format!("daemon-{}.log", now_ms()));
+        let log = std::fs::File::create(&self.log).unwrap();
+        let child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .arg("--data-dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn mbtd");
+        self.child = Some(child);
+        self.wait_ready(Duration::from_secs(60));
+        self
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("mbtd.sock")
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Waits until the socket answers `ping`.
+    pub fn wait_ready(&self, within: Duration) {
+        let t = Instant::now();
+        while t.elapsed() < within {
+            if let Ok(r) = try_request(&self.socket(), "ping", serde_json::Value::Null)
+                && r["ok"] == true
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "daemon not ready within {within:?}; log:\n{}",
+            self.log_text()
+        );
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends one request and returns the final response object (panics on I/O failure).
+    pub fn request(&self, cmd: &str, args: serde_json::Value) -> serde_json::Value {
+        try_request(&self.socket(), cmd, args)
+            .unwrap_or_else(|e| panic!("request {cmd} failed: {e}; log:\n{}", self.log_text()))
+    }
+
+    /// The `data` of a successful request.
+    pub fn data(&self, cmd: &str, args: serde_json::Value) -> serde_json::Value {
+        let r = self.request(cmd, args);
+        assert_eq!(r["ok"], true, "{cmd} failed: {r}");
+        r["data"].clone()
+    }
+
+    /// Runs `mbtd ctl …` against this daemon.
+    pub fn ctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new(BIN)
+            .arg("ctl")
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .output()
+            .expect("run mbtd ctl")
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe {
+            libc::kill(self.pid() as i32, sig);
+        }
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let child = self.child.as_mut().unwrap();
+        let t = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                self.child = None;
+                return st;
+            }
+            if t.elapsed() > within {
+                panic!(
+                    "daemon did not exit within {within:?}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `kill -9`, then reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Polls `f` until it returns Some, or panics after `within`.
+    pub fn wait_for<T>(&self, within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+        let t = Instant::now();
+        loop {
+            if let Some(v) = f() {
+                return v;
+            }
+            if t.elapsed() > within {
+                panic!("timed out waiting for {what}; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn now_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+}
+
+/// Sends one request line, reads until the `done` response; returns it.
+pub fn try_request(
+    socket: &Path,
+    cmd: &str,
+    args: serde_json::Value,
+) -> std::io::Result<serde_json::Value> {
+    let line = serde_json::json!({"id": 1, "cmd": cmd, "args": args}).to_string();
+    raw_exchange(socket, format!("{line}\n").as_bytes())
+}
+
+/// Writes raw bytes and returns the first `done` response.
+pub fn raw_exchange(socket: &Path, bytes: &[u8]) -> std::io::Result<serde_json::Value> {
+    let mut s = UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.write_all(bytes)?;
+    let mut rd = BufReader::new(s);
+    loop {
+        let mut l = String::new();
+        if rd.read_line(&mut l)? == 0 {
+            return Err(std::io::Error::other(
+                "connection closed before a done response",
+            ));
+        }
+        let v: serde_json::Value = serde_json::from_str(l.trim()).map_err(std::io::Error::other)?;
+        if v["done"] == true {
+            return Ok(v);
+        }
+    }
+}
