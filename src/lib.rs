@@ -4,3 +4,4 @@
 //! `govern`, `config`), thin kameo actors (`actors`), and the edges (`admin`, `main.rs`).
 
 pub mod config;
+pub mod model;
