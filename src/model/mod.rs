@@ -16,6 +16,8 @@
 pub mod agg;
 pub mod attention;
 pub mod availability;
+pub mod bench;
+pub mod generate;
 pub mod io;
 pub mod net;
 pub mod ops;
@@ -23,6 +25,7 @@ pub mod params;
 pub mod train;
 
 pub use availability::{Availability, AvailabilityConfig, AvailabilityError, BranchP};
+pub use generate::{GenerateConfig, Generation};
 pub use net::{Model, Workspace};
 pub use params::{BranchParams, LayerParams, Params};
 pub use train::{ExpandReport, StepReport, Trainer};

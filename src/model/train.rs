@@ -23,6 +23,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::Serialize;
+use std::time::Instant;
 
 /// What one training step did (for metrics and diagnostics).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -220,13 +221,27 @@ impl Trainer {
         masks: &Masks,
         scales: &BranchScales,
     ) -> Result<StepReport, ModelError> {
+        self.train_step_timed(batch, masks, scales).map(|(r, _)| r)
+    }
+
+    /// [`Trainer::train_step`] that also returns the seconds spent in forward (with the
+    /// loss), backward, and optimizer (norms, update, report statistics).
+    pub fn train_step_timed(
+        &mut self,
+        batch: &Batch,
+        masks: &Masks,
+        scales: &BranchScales,
+    ) -> Result<(StepReport, [f64; 3]), ModelError> {
         self.check_scales(scales)?;
+        let t0 = Instant::now();
         let alpha: Vec<Vec<f32>> = (0..self.model.params.layers.len())
             .map(|l| self.model.alphas(l))
             .collect();
-        let loss = self
-            .model
-            .loss_and_grad(&mut self.ws, batch, masks, &mut self.grads)?;
+        self.model.forward(&mut self.ws, batch, masks)?;
+        let loss = self.model.loss(&mut self.ws, batch);
+        let t1 = Instant::now();
+        self.model.backward(&mut self.ws, batch, &mut self.grads);
+        let t2 = Instant::now();
         let nl = self.model.params.layers.len();
         let computed: Masks = (0..nl)
             .map(|l| self.ws.layers[l].computed.clone())
@@ -266,7 +281,13 @@ impl Trainer {
         self.step += 1;
 
         let (energy, cosine) = self.branch_stats(&computed);
-        Ok(StepReport {
+        let t3 = Instant::now();
+        let phases = [
+            (t1 - t0).as_secs_f64(),
+            (t2 - t1).as_secs_f64(),
+            (t3 - t2).as_secs_f64(),
+        ];
+        let report = StepReport {
             step: self.step,
             loss,
             grad_norm: gn,
@@ -285,7 +306,8 @@ impl Trainer {
             tokens: batch.batch * batch.seq,
             loss_tokens: batch.loss_mask.iter().sum(),
             lr,
-        })
+        };
+        Ok((report, phases))
     }
 
     fn apply_adamw(&mut self, computed: &Masks, scales: &BranchScales, clip: f32, lr: f32) {
