@@ -10,4 +10,5 @@ pub mod cli;
 pub mod config;
 pub mod ctl;
 pub mod daemon;
+pub mod model;
 pub mod telemetry;

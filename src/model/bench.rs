@@ -1,0 +1,259 @@
+//! Speed benchmarks of the model core (`mbtd bench train|generate`), each returning one
+//! JSON object. The preset is ARCHITECTURE.md's: V 4096, d 256, 4 heads, L 4, K 4,
+//! T 128, batch 16, random tokens, AdamW + clipping.
+
+use super::generate::GenerateConfig;
+use super::{
+    Availability, AvailabilityConfig, Batch, Model, ModelConfig, ModelError, OptimConfig, Trainer,
+};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::{Value, json};
+use std::time::Instant;
+
+/// Options of `mbtd bench train`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrainBenchArgs {
+    /// Timed training steps (after the warm-up steps).
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Rayon threads (gemm and the kernels); 0 = all cores.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Availability probability of every branch (1 = all active).
+    #[arg(long, default_value_t = 1.0)]
+    pub p_active: f64,
+    /// Rows per batch.
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Sequence length.
+    #[arg(long, default_value_t = 128)]
+    pub seq: usize,
+    /// Report the time of each phase (forward, backward, optimizer) too.
+    #[arg(long, default_value_t = false)]
+    pub phases: bool,
+    /// Seed of the model, the tokens and the masks.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+impl Default for TrainBenchArgs {
+    fn default() -> Self {
+        Self {
+            steps: 10,
+            warmup: 2,
+            threads: 2,
+            p_active: 1.0,
+            batch: 16,
+            seq: 128,
+            phases: false,
+            seed: 1,
+        }
+    }
+}
+
+/// Options of `mbtd bench generate`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GenerateBenchArgs {
+    /// Tokens to generate (batch 1).
+    #[arg(long, default_value_t = 100)]
+    pub tokens: usize,
+    /// Prompt length (random tokens).
+    #[arg(long, default_value_t = 16)]
+    pub prompt: usize,
+    /// Rayon threads; 0 = all cores.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Seed of the model, prompt and sampling.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+impl Default for GenerateBenchArgs {
+    fn default() -> Self {
+        Self {
+            tokens: 100,
+            prompt: 16,
+            threads: 2,
+            seed: 1,
+        }
+    }
+}
+
+/// Peak resident set size in KiB (`VmHWM` of `/proc/self/status`), when readable.
+pub fn peak_rss_kib() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn pool(threads: usize) -> Result<rayon::ThreadPool, ModelError> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| {
+            ModelError::Config(format!(
+                "bench threads = {threads}: cannot build the thread pool: {e}"
+            ))
+        })
+}
+
+fn random_batch(cfg: &ModelConfig, batch: usize, seq: usize, rng: &mut ChaCha8Rng) -> Batch {
+    let n = batch * seq;
+    let v = cfg.vocab_size as u32;
+    Batch {
+        batch,
+        seq,
+        inputs: (0..n).map(|_| rng.random_range(0..v)).collect(),
+        targets: (0..n).map(|_| rng.random_range(0..v)).collect(),
+        loss_mask: vec![1.0; n],
+    }
+}
+
+fn stats_ms(times: &mut [f64]) -> (f64, f64) {
+    let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
+    times.sort_by(f64::total_cmp);
+    let p50 = times.get(times.len() / 2).copied().unwrap_or(0.0);
+    (mean * 1e3, p50 * 1e3)
+}
+
+/// Training-step throughput on the preset model.
+pub fn bench_train(opts: &TrainBenchArgs) -> Result<Value, ModelError> {
+    if opts.steps == 0 || !(0.0..=1.0).contains(&opts.p_active) {
+        return Err(ModelError::Config(format!(
+            "bench: steps = {} must be >= 1 and p_active = {} in [0, 1]",
+            opts.steps, opts.p_active
+        )));
+    }
+    let cfg = ModelConfig {
+        max_seq_len: opts.seq.max(128),
+        ..ModelConfig::default()
+    };
+    pool(opts.threads)?.install(|| {
+        let model = Model::new(cfg.clone(), opts.seed)?;
+        let params = model.num_params();
+        let widths = model.widths();
+        let mut trainer = Trainer::new(
+            model,
+            OptimConfig {
+                warmup_steps: 0,
+                ..OptimConfig::default()
+            },
+        )?;
+        let acfg = AvailabilityConfig {
+            p: opts.p_active,
+            ..AvailabilityConfig::default()
+        };
+        let mut avail = Availability::new(acfg, &widths, opts.seed)
+            .map_err(|e| ModelError::Config(e.to_string()))?;
+        let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
+        let batches: Vec<Batch> = (0..4)
+            .map(|_| random_batch(&cfg, opts.batch, opts.seq, &mut rng))
+            .collect();
+        let mut times = Vec::with_capacity(opts.steps);
+        let mut phases = [0.0f64; 3];
+        let mut active = 0usize;
+        let mut loss = 0.0;
+        for s in 0..opts.warmup + opts.steps {
+            let masks = avail.draw();
+            let scales = avail.scales(trainer.optim().max_scale);
+            let batch = &batches[s % batches.len()];
+            let t0 = Instant::now();
+            let r = if opts.phases {
+                let (report, ph) = trainer.train_step_timed(batch, &masks, &scales)?;
+                if s >= opts.warmup {
+                    for (a, b) in phases.iter_mut().zip(ph) {
+                        *a += b;
+                    }
+                }
+                report
+            } else {
+                trainer.train_step(batch, &masks, &scales)?
+            };
+            let dt = t0.elapsed().as_secs_f64();
+            if s >= opts.warmup {
+                times.push(dt);
+                active += r.computed.iter().flatten().filter(|&&c| c).count();
+                loss = r.loss;
+            }
+        }
+        let total: f64 = times.iter().sum();
+        let tokens = (opts.batch * opts.seq * opts.steps) as f64;
+        let (mean, p50) = stats_ms(&mut times);
+        let mut out = json!({
+            "bench": "train",
+            "threads": opts.threads,
+            "p_active": opts.p_active,
+            "batch": opts.batch,
+            "seq": opts.seq,
+            "steps": opts.steps,
+            "params": params,
+            "tokens_per_sec": tokens / total,
+            "step_ms_mean": mean,
+            "step_ms_p50": p50,
+            "active_branches_mean": active as f64 / (opts.steps * widths.len()) as f64,
+            "final_loss": loss,
+            "peak_rss_kib": peak_rss_kib(),
+        });
+        if opts.phases {
+            let n = opts.steps as f64 * 1e-3;
+            out["phase_ms"] = json!({
+                "forward": phases[0] / n,
+                "backward": phases[1] / n,
+                "optimizer": phases[2] / n,
+            });
+        }
+        Ok(out)
+    })
+}
+
+/// Batch-1 KV-cache generation throughput on the preset model.
+pub fn bench_generate(opts: &GenerateBenchArgs) -> Result<Value, ModelError> {
+    let cfg = ModelConfig::default();
+    if opts.prompt == 0 || opts.prompt + opts.tokens > cfg.max_seq_len {
+        return Err(ModelError::Config(format!(
+            "bench: prompt = {} must be >= 1 and prompt + tokens = {} <= max_seq_len = {}",
+            opts.prompt,
+            opts.prompt + opts.tokens,
+            cfg.max_seq_len
+        )));
+    }
+    pool(opts.threads)?.install(|| {
+        let model = Model::new(cfg.clone(), opts.seed)?;
+        let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
+        let prompt: Vec<u32> = (0..opts.prompt)
+            .map(|_| rng.random_range(0..cfg.vocab_size as u32))
+            .collect();
+        let gcfg = GenerateConfig {
+            max_tokens: opts.tokens,
+            temperature: 1.0,
+            top_k: 50,
+            seed: opts.seed,
+            ..GenerateConfig::default()
+        };
+        let masks = model.all_active();
+        let t0 = Instant::now();
+        let mut generation = model.generate(&prompt, &masks, &gcfg)?;
+        let t_prefill = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let mut n = 0usize;
+        for _ in generation.by_ref() {
+            n += 1;
+        }
+        let dt = t1.elapsed().as_secs_f64();
+        Ok(json!({
+            "bench": "generate",
+            "threads": opts.threads,
+            "prompt": opts.prompt,
+            "tokens": n,
+            "tokens_per_sec": n as f64 / dt,
+            "prefill_ms": t_prefill * 1e3,
+            "ms_per_token": dt * 1e3 / n.max(1) as f64,
+            "params": model.num_params(),
+            "peak_rss_kib": peak_rss_kib(),
+        }))
+    })
+}

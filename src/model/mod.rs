@@ -1,0 +1,324 @@
+//! The MBT-LM v1 model core: tensor kernels with hand-written backward passes, the
+//! multi-branch layer and its aggregation, AdamW, availability masks, width expansion,
+//! KV-cache generation, safetensors save/load and the speed benchmarks.
+//!
+//! Everything here is pure, synchronous code over fp32 row-major buffers. The maths of
+//! the model (ARCHITECTURE.md, "The model: MBT-LM v1"):
+//!
+//! * `x0 = wte[ids] + wpe[0..T]`
+//! * per layer `l`, per active branch `i` (a pre-LN GPT block):
+//!   `u = h + Attn(LN1(h))·Wo + bo`, `z_i = u + gelu_tanh(LN2(u)·W1 + b1)·W2 + b2`
+//! * aggregation `α_i = w_g·(floor/K_g + (1-floor)·softmax_g(s)_i)` (see [`agg`]; with a
+//!   single group `w_g = 1`, `K_g = K` it is the plain `floor/K + (1-floor)·softmax(s)_i`),
+//!   masked renormalisation `α̃_i = m_i α_i / Σ_j m_j α_j`, `h' = Σ_i α̃_i z_i`
+//! * `logits = LN_f(h_L)·W_out`, loss = loss-mask-weighted mean cross-entropy.
+
+pub mod agg;
+pub mod attention;
+pub mod availability;
+pub mod bench;
+pub mod generate;
+pub mod io;
+pub mod net;
+pub mod ops;
+pub mod params;
+pub mod train;
+
+pub use availability::{Availability, AvailabilityConfig, AvailabilityError, BranchP};
+pub use generate::{GenerateConfig, Generation};
+pub use net::{Model, Workspace};
+pub use params::{BranchParams, LayerParams, Params};
+pub use train::{ExpandReport, StepReport, Trainer};
+
+use serde::{Deserialize, Serialize};
+
+/// Errors of the model core. Every message names what is wrong, where, and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A configuration field is out of range.
+    #[error("invalid model configuration: {0}")]
+    Config(String),
+    /// A batch does not fit the model (shape, token id, sequence length).
+    #[error("invalid batch: {0}")]
+    Batch(String),
+    /// Masks or branch scales do not match the model's widths.
+    #[error("invalid branch masks/scales: {0}")]
+    Masks(String),
+    /// A tensor in a safetensors buffer is missing or has the wrong shape/dtype.
+    #[error("tensor `{name}`: {msg}")]
+    Tensor {
+        /// The tensor's name as in ARCHITECTURE.md.
+        name: String,
+        /// What is wrong and what was expected.
+        msg: String,
+    },
+    /// The safetensors container itself could not be read or written.
+    #[error("safetensors {what}: {source}; the buffer is not a valid safetensors file")]
+    SafeTensors {
+        /// Which file (model or optimizer) was being handled.
+        what: &'static str,
+        /// The underlying error.
+        source: safetensors::SafeTensorError,
+    },
+    /// An expansion or aggregation request is invalid.
+    #[error("expansion: {0}")]
+    Expand(String),
+    /// A generation request is invalid.
+    #[error("generation: {0}")]
+    Generate(String),
+}
+
+/// Shape of the model. `branches` is the initial width `K` of every layer; widths grow
+/// later through expansion and are then read back from checkpoints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Vocabulary size `V` (token ids are `0..V`).
+    pub vocab_size: usize,
+    /// Width `d` (a multiple of `n_heads`).
+    pub d_model: usize,
+    /// Attention heads; head dim is `d_model / n_heads`.
+    pub n_heads: usize,
+    /// Number of MBT layers `L`.
+    pub n_layers: usize,
+    /// Initial branches per layer `K`.
+    pub branches: usize,
+    /// Maximum sequence length `T_max` (rows of `wpe`).
+    pub max_seq_len: usize,
+    /// Anti-collapse floor of the aggregation, in `[0, 1]`.
+    pub agg_floor: f32,
+    /// Standard deviation of the normal initialisation (residual projections get
+    /// `init_std / sqrt(2·L)`).
+    pub init_std: f32,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            vocab_size: 4096,
+            d_model: 256,
+            n_heads: 4,
+            n_layers: 4,
+            branches: 4,
+            max_seq_len: 128,
+            agg_floor: 0.2,
+            init_std: 0.02,
+        }
+    }
+}
+
+impl ModelConfig {
+    /// Checks every field; the error names the field and its allowed range.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(2..=1 << 24).contains(&self.vocab_size) {
+            return Err(format!(
+                "model.vocab_size = {}: must be in 2..=16777216",
+                self.vocab_size
+            ));
+        }
+        if self.n_heads == 0 || self.n_heads > 256 {
+            return Err(format!(
+                "model.n_heads = {}: must be in 1..=256",
+                self.n_heads
+            ));
+        }
+        if self.d_model == 0 || self.d_model > 16384 || self.d_model % self.n_heads != 0 {
+            return Err(format!(
+                "model.d_model = {}: must be in 1..=16384 and a multiple of model.n_heads ({})",
+                self.d_model, self.n_heads
+            ));
+        }
+        if !(1..=256).contains(&self.n_layers) {
+            return Err(format!(
+                "model.n_layers = {}: must be in 1..=256",
+                self.n_layers
+            ));
+        }
+        if !(1..=256).contains(&self.branches) {
+            return Err(format!(
+                "model.branches = {}: must be in 1..=256",
+                self.branches
+            ));
+        }
+        if !(1..=65536).contains(&self.max_seq_len) {
+            return Err(format!(
+                "model.max_seq_len = {}: must be in 1..=65536",
+                self.max_seq_len
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.agg_floor) {
+            return Err(format!(
+                "model.agg_floor = {}: must be in [0, 1]",
+                self.agg_floor
+            ));
+        }
+        if !(self.init_std > 0.0 && self.init_std <= 1.0) {
+            return Err(format!(
+                "model.init_std = {}: must be in (0, 1]",
+                self.init_std
+            ));
+        }
+        Ok(())
+    }
+
+    /// Head dimension `d / n_heads`.
+    pub fn head_dim(&self) -> usize {
+        self.d_model / self.n_heads
+    }
+}
+
+/// AdamW with global-norm clipping, linear warm-up then a constant learning rate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    /// Peak (and final, constant) learning rate.
+    pub lr: f32,
+    /// Steps of linear warm-up: `lr_t = lr·min(1, (t+1)/warmup_steps)`.
+    pub warmup_steps: u64,
+    /// First-moment decay.
+    pub beta1: f32,
+    /// Second-moment decay.
+    pub beta2: f32,
+    /// Denominator epsilon.
+    pub eps: f32,
+    /// Decoupled weight decay, applied to 2-D tensors only (embeddings, head, branch
+    /// matrices), never to biases, LayerNorm parameters or aggregation logits.
+    pub weight_decay: f32,
+    /// Global gradient-norm clip (after inverse participation scaling); 0 disables.
+    pub grad_clip: f32,
+    /// Cap of the inverse participation gradient scale `min(1/π_i, max_scale)`.
+    pub max_scale: f32,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self {
+            lr: 3e-4,
+            warmup_steps: 100,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+            max_scale: 4.0,
+        }
+    }
+}
+
+impl OptimConfig {
+    /// Checks every field; the error names the field and its allowed range.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.lr >= 0.0 && self.lr <= 1.0) {
+            return Err(format!("optim.lr = {}: must be in [0, 1]", self.lr));
+        }
+        if !(0.0..1.0).contains(&self.beta1) {
+            return Err(format!("optim.beta1 = {}: must be in [0, 1)", self.beta1));
+        }
+        if !(0.0..1.0).contains(&self.beta2) {
+            return Err(format!("optim.beta2 = {}: must be in [0, 1)", self.beta2));
+        }
+        if !(self.eps > 0.0 && self.eps <= 1.0) {
+            return Err(format!("optim.eps = {}: must be in (0, 1]", self.eps));
+        }
+        if !(0.0..=1.0).contains(&self.weight_decay) {
+            return Err(format!(
+                "optim.weight_decay = {}: must be in [0, 1]",
+                self.weight_decay
+            ));
+        }
+        if !(self.grad_clip >= 0.0 && self.grad_clip.is_finite()) {
+            return Err(format!(
+                "optim.grad_clip = {}: must be >= 0 (0 disables clipping)",
+                self.grad_clip
+            ));
+        }
+        if !(self.max_scale >= 1.0 && self.max_scale.is_finite()) {
+            return Err(format!(
+                "optim.max_scale = {}: must be >= 1",
+                self.max_scale
+            ));
+        }
+        Ok(())
+    }
+
+    /// Learning rate of the 0-based step `t`: linear warm-up, then constant forever.
+    pub fn lr_at(&self, t: u64) -> f32 {
+        if self.warmup_steps == 0 || t + 1 >= self.warmup_steps {
+            self.lr
+        } else {
+            self.lr * ((t + 1) as f32 / self.warmup_steps as f32)
+        }
+    }
+}
+
+/// One batch of token rows, row-major `[batch, seq]`. `loss_mask[n]` weights the
+/// cross-entropy of predicting `targets[n]` from the prefix ending at `inputs[n]`
+/// (0 excludes a position, e.g. a prompt token).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    /// Rows in the batch.
+    pub batch: usize,
+    /// Positions per row (`<= max_seq_len`).
+    pub seq: usize,
+    /// Input token ids, `[batch, seq]`.
+    pub inputs: Vec<u32>,
+    /// Target token ids, `[batch, seq]`.
+    pub targets: Vec<u32>,
+    /// Loss weight per position, `[batch, seq]`, each `>= 0`.
+    pub loss_mask: Vec<f32>,
+}
+
+impl Batch {
+    /// Checks lengths, ids and weights against the model configuration.
+    pub fn validate(&self, cfg: &ModelConfig) -> Result<(), ModelError> {
+        let n = self.batch * self.seq;
+        if self.batch == 0 || self.seq == 0 {
+            return Err(ModelError::Batch(format!(
+                "batch = {}, seq = {}: both must be >= 1",
+                self.batch, self.seq
+            )));
+        }
+        if self.seq > cfg.max_seq_len {
+            return Err(ModelError::Batch(format!(
+                "seq = {} exceeds model.max_seq_len = {}; cut rows into windows",
+                self.seq, cfg.max_seq_len
+            )));
+        }
+        for (field, len) in [
+            ("inputs", self.inputs.len()),
+            ("targets", self.targets.len()),
+            ("loss_mask", self.loss_mask.len()),
+        ] {
+            if len != n {
+                return Err(ModelError::Batch(format!(
+                    "{field} has {len} entries, expected batch*seq = {n}"
+                )));
+            }
+        }
+        for (field, ids) in [("inputs", &self.inputs), ("targets", &self.targets)] {
+            if let Some(p) = ids.iter().position(|&t| t as usize >= cfg.vocab_size) {
+                return Err(ModelError::Batch(format!(
+                    "{field}[{p}] = {} is not below model.vocab_size = {}",
+                    ids[p], cfg.vocab_size
+                )));
+            }
+        }
+        if let Some(p) = self
+            .loss_mask
+            .iter()
+            .position(|&w| !(w >= 0.0 && w.is_finite()))
+        {
+            return Err(ModelError::Batch(format!(
+                "loss_mask[{p}] = {}: weights must be finite and >= 0",
+                self.loss_mask[p]
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Per layer, which branches are active this step (at least one per layer).
+pub type Masks = Vec<Vec<bool>>;
+
+/// Per layer, per branch gradient multipliers (inverse participation scaling).
+pub type BranchScales = Vec<Vec<f32>>;

@@ -1,0 +1,676 @@
+//! The model (parameters + aggregation groups) and its forward/backward pass over a
+//! reusable [`Workspace`].
+//!
+//! Forward per layer `l` (input `h`, output `h'`), for each computed branch `i`:
+//! `a1 = LN1(h)`, `qkv = a1·Wqkv + bqkv`, `att = Attn(qkv)`, `u = h + att·Wo + bo`,
+//! `a2 = LN2(u)`, `f = a2·W1 + b1`, `g = gelu(f)`, `z_i = u + g·W2 + b2`, then
+//! `h' = Σ_i α̃_i z_i` in branch order. A branch is *computed* when its mask bit is on
+//! and `α̃_i > 0` (a branch of a new group at `η = 0` contributes exactly nothing and is
+//! skipped, which keeps the function bitwise equal to the pre-expansion one).
+//!
+//! Backward per layer (given `∂L/∂h'`): `g_i = ⟨∂L/∂h', z_i⟩` feeds the aggregation
+//! logits ([`super::agg::logits_grad`]); each computed branch receives
+//! `∂L/∂z_i = α̃_i ∂L/∂h'` and its gradients flow back through the block; `∂L/∂h` is the
+//! sum over computed branches in branch order.
+
+use super::agg::{self, AggGroups};
+use super::attention::{AttnShape, attn_bwd, attn_fwd};
+use super::ops::{
+    dot_f64, embed_bwd, embed_fwd, gelu_bwd_inplace, gelu_fwd, layernorm_bwd, layernorm_fwd,
+    linear_bwd, linear_fwd, mm_nt, mm_tn, xent_fwd_bwd,
+};
+use super::params::{BranchParams, Params};
+use super::{Batch, Masks, ModelConfig, ModelError};
+use rayon::prelude::*;
+
+/// The model: configuration, parameters and per-layer aggregation groups.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Model {
+    /// Shape configuration (`branches` is the initial width only).
+    pub config: ModelConfig,
+    /// All trainable tensors.
+    pub params: Params,
+    /// Expansion groups of each layer (see [`super::agg`]).
+    pub groups: Vec<AggGroups>,
+}
+
+/// Activations kept for the backward pass of one branch.
+#[derive(Debug, Default)]
+pub(crate) struct BranchWs {
+    pub mean1: Vec<f32>,
+    pub rstd1: Vec<f32>,
+    pub a1: Vec<f32>,
+    pub qkv: Vec<f32>,
+    pub probs: Vec<f32>,
+    pub att: Vec<f32>,
+    pub u: Vec<f32>,
+    pub mean2: Vec<f32>,
+    pub rstd2: Vec<f32>,
+    pub a2: Vec<f32>,
+    pub f: Vec<f32>,
+    pub g: Vec<f32>,
+    pub z: Vec<f32>,
+}
+
+/// Aggregation state of one layer for the current batch.
+#[derive(Debug, Default)]
+pub(crate) struct LayerWs {
+    pub branches: Vec<BranchWs>,
+    pub alpha: Vec<f32>,
+    pub p: Vec<f32>,
+    pub alpha_t: Vec<f32>,
+    pub mask: Vec<bool>,
+    pub computed: Vec<bool>,
+    pub g: Vec<f32>,
+}
+
+/// Reusable buffers for forward and backward. Buffers grow to the largest shape seen
+/// and are then reused: steady-state steps allocate nothing.
+#[derive(Debug, Default)]
+pub struct Workspace {
+    pub(crate) n: usize,
+    pub(crate) batch: usize,
+    pub(crate) seq: usize,
+    pub(crate) hs: Vec<Vec<f32>>,
+    pub(crate) layers: Vec<LayerWs>,
+    meanf: Vec<f32>,
+    rstdf: Vec<f32>,
+    af: Vec<f32>,
+    pub(crate) logits: Vec<f32>,
+    row_loss: Vec<f64>,
+    dh: Vec<f32>,
+    dh_prev: Vec<f32>,
+    dz: Vec<f32>,
+    du: Vec<f32>,
+    dbig: Vec<f32>,
+    da: Vec<f32>,
+    datt: Vec<f32>,
+    dqkv: Vec<f32>,
+    dprobs: Vec<f32>,
+}
+
+fn fit(v: &mut Vec<f32>, n: usize) {
+    v.resize(n, 0.0);
+}
+
+impl BranchWs {
+    fn fit(&mut self, n: usize, d: usize, probs: usize) {
+        for (v, len) in [
+            (&mut self.mean1, n),
+            (&mut self.rstd1, n),
+            (&mut self.a1, n * d),
+            (&mut self.qkv, n * 3 * d),
+            (&mut self.probs, probs),
+            (&mut self.att, n * d),
+            (&mut self.u, n * d),
+            (&mut self.mean2, n),
+            (&mut self.rstd2, n),
+            (&mut self.a2, n * d),
+            (&mut self.f, n * 4 * d),
+            (&mut self.g, n * 4 * d),
+            (&mut self.z, n * d),
+        ] {
+            fit(v, len);
+        }
+    }
+}
+
+impl Workspace {
+    /// Sizes the shared buffers for a batch (branch buffers are sized on use).
+    fn prepare(&mut self, cfg: &ModelConfig, widths: &[usize], batch: usize, seq: usize) {
+        let (n, d, v) = (batch * seq, cfg.d_model, cfg.vocab_size);
+        let probs = batch * cfg.n_heads * seq * seq;
+        self.n = n;
+        self.batch = batch;
+        self.seq = seq;
+        self.hs.resize_with(widths.len() + 1, Vec::new);
+        for h in &mut self.hs {
+            fit(h, n * d);
+        }
+        self.layers.resize_with(widths.len(), LayerWs::default);
+        for (lw, &k) in self.layers.iter_mut().zip(widths) {
+            lw.branches.resize_with(k, BranchWs::default);
+            for v in [&mut lw.alpha, &mut lw.p, &mut lw.alpha_t, &mut lw.g] {
+                fit(v, k);
+            }
+            lw.mask.resize(k, false);
+            lw.computed.resize(k, false);
+        }
+        for (b, len) in [
+            (&mut self.meanf, n),
+            (&mut self.rstdf, n),
+            (&mut self.af, n * d),
+            (&mut self.logits, n * v),
+            (&mut self.dh, n * d),
+            (&mut self.dh_prev, n * d),
+            (&mut self.dz, n * d),
+            (&mut self.du, n * d),
+            (&mut self.dbig, n * 4 * d),
+            (&mut self.da, n * d),
+            (&mut self.datt, n * d),
+            (&mut self.dqkv, n * 3 * d),
+            (&mut self.dprobs, probs),
+        ] {
+            fit(b, len);
+        }
+        self.row_loss.resize(n, 0.0);
+    }
+
+    /// Logits `[B, T, V]` of the last forward pass (before any loss computation).
+    pub fn logits(&self) -> &[f32] {
+        &self.logits
+    }
+
+    /// Output `z_i` (`[B·T, d]`) of branch `i` of layer `l` in the last forward pass, when
+    /// it was computed.
+    pub fn branch_output(&self, l: usize, i: usize) -> Option<&[f32]> {
+        let lw = self.layers.get(l)?;
+        if *lw.computed.get(i)? {
+            Some(&lw.branches[i].z)
+        } else {
+            None
+        }
+    }
+
+    /// Renormalised weights `α̃` of layer `l` in the last forward pass.
+    pub fn alpha_tilde(&self, l: usize) -> &[f32] {
+        &self.layers[l].alpha_t
+    }
+}
+
+/// `dst += src` element-wise, in parallel.
+fn add_into(dst: &mut [f32], src: &[f32]) {
+    dst.par_chunks_mut(8192)
+        .zip(src.par_chunks(8192))
+        .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(a, &b)| *a += b));
+}
+
+/// `dst (+)= k·src` element-wise, in parallel.
+fn axpy(dst: &mut [f32], k: f32, src: &[f32], acc: bool) {
+    dst.par_chunks_mut(8192)
+        .zip(src.par_chunks(8192))
+        .for_each(|(d, s)| {
+            if acc {
+                d.iter_mut().zip(s).for_each(|(a, &b)| *a += k * b);
+            } else {
+                d.iter_mut().zip(s).for_each(|(a, &b)| *a = k * b);
+            }
+        });
+}
+
+/// Forward of one branch block on input `h` (`[n, d]`), filling `bw`.
+pub(crate) fn branch_fwd(bp: &BranchParams, bw: &mut BranchWs, h: &[f32], s: AttnShape) {
+    let d = s.heads * s.head_dim;
+    let n = s.batch * s.seq;
+    bw.fit(n, d, s.batch * s.heads * s.seq * s.seq);
+    layernorm_fwd(
+        &mut bw.a1,
+        &mut bw.mean1,
+        &mut bw.rstd1,
+        h,
+        &bp.ln1_gain,
+        &bp.ln1_bias,
+    );
+    linear_fwd(&mut bw.qkv, &bw.a1, &bp.qkv_w, &bp.qkv_b, n, d);
+    attn_fwd(&mut bw.att, &mut bw.probs, &bw.qkv, s);
+    linear_fwd(&mut bw.u, &bw.att, &bp.out_w, &bp.out_b, n, d);
+    add_into(&mut bw.u, h);
+    layernorm_fwd(
+        &mut bw.a2,
+        &mut bw.mean2,
+        &mut bw.rstd2,
+        &bw.u,
+        &bp.ln2_gain,
+        &bp.ln2_bias,
+    );
+    linear_fwd(&mut bw.f, &bw.a2, &bp.fc_w, &bp.fc_b, n, d);
+    gelu_fwd(&mut bw.g, &bw.f);
+    linear_fwd(&mut bw.z, &bw.g, &bp.proj_w, &bp.proj_b, n, 4 * d);
+    add_into(&mut bw.z, &bw.u);
+}
+
+impl Model {
+    /// A freshly initialised model (ARCHITECTURE.md init) from a seed.
+    pub fn new(config: ModelConfig, seed: u64) -> Result<Self, ModelError> {
+        config.validate().map_err(ModelError::Config)?;
+        let params = Params::init(&config, seed);
+        let groups = vec![AggGroups::single(); config.n_layers];
+        Ok(Self {
+            config,
+            params,
+            groups,
+        })
+    }
+
+    /// Branches per layer.
+    pub fn widths(&self) -> Vec<usize> {
+        self.params.widths()
+    }
+
+    /// Masks with every branch active.
+    pub fn all_active(&self) -> Masks {
+        self.widths().into_iter().map(|k| vec![true; k]).collect()
+    }
+
+    /// Unmasked aggregation weights `α` of layer `l`.
+    pub fn alphas(&self, l: usize) -> Vec<f32> {
+        let s = &self.params.layers[l].alpha_logits;
+        let (mut a, mut p) = (vec![0.0; s.len()], vec![0.0; s.len()]);
+        agg::alphas(&mut a, &mut p, s, &self.groups[l], self.config.agg_floor);
+        a
+    }
+
+    /// Number of scalar parameters.
+    pub fn num_params(&self) -> usize {
+        self.params.count()
+    }
+
+    /// Checks that `masks` has one entry per branch and at least one active per layer.
+    pub fn check_masks(&self, masks: &Masks) -> Result<(), ModelError> {
+        let widths = self.widths();
+        if masks.len() != widths.len() {
+            return Err(ModelError::Masks(format!(
+                "{} mask rows for {} layers; pass one Vec<bool> per layer",
+                masks.len(),
+                widths.len()
+            )));
+        }
+        for (l, (m, &k)) in masks.iter().zip(&widths).enumerate() {
+            if m.len() != k {
+                return Err(ModelError::Masks(format!(
+                    "layer {l}: mask has {} entries, the layer has {k} branches",
+                    m.len()
+                )));
+            }
+            if !m.iter().any(|&b| b) {
+                return Err(ModelError::Masks(format!(
+                    "layer {l}: no active branch; at least one must be on"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn attn_shape(&self, batch: usize, seq: usize) -> AttnShape {
+        AttnShape {
+            batch,
+            seq,
+            heads: self.config.n_heads,
+            head_dim: self.config.head_dim(),
+        }
+    }
+
+    /// Forward pass: fills the workspace (activations, `logits` `[B·T, V]`).
+    pub fn forward(
+        &self,
+        ws: &mut Workspace,
+        batch: &Batch,
+        masks: &Masks,
+    ) -> Result<(), ModelError> {
+        batch.validate(&self.config)?;
+        self.check_masks(masks)?;
+        let cfg = &self.config;
+        let (d, v) = (cfg.d_model, cfg.vocab_size);
+        let widths = self.widths();
+        ws.prepare(cfg, &widths, batch.batch, batch.seq);
+        let n = ws.n;
+        let shape = self.attn_shape(batch.batch, batch.seq);
+        embed_fwd(
+            &mut ws.hs[0],
+            &self.params.wte,
+            &self.params.wpe,
+            &batch.inputs,
+            batch.seq,
+            d,
+        );
+        for (l, layer) in self.params.layers.iter().enumerate() {
+            let (before, after) = ws.hs.split_at_mut(l + 1);
+            let (h, out) = (&before[l], &mut after[0]);
+            let lw = &mut ws.layers[l];
+            lw.mask.copy_from_slice(&masks[l]);
+            agg::alphas(
+                &mut lw.alpha,
+                &mut lw.p,
+                &layer.alpha_logits,
+                &self.groups[l],
+                cfg.agg_floor,
+            );
+            agg::renormalise(&mut lw.alpha_t, &lw.alpha, &lw.mask);
+            let mut first = true;
+            for (i, bp) in layer.branches.iter().enumerate() {
+                let on = lw.mask[i] && lw.alpha_t[i] > 0.0;
+                lw.computed[i] = on;
+                if !on {
+                    continue;
+                }
+                branch_fwd(bp, &mut lw.branches[i], h, shape);
+                axpy(out, lw.alpha_t[i], &lw.branches[i].z, !first);
+                first = false;
+            }
+        }
+        let p = &self.params;
+        layernorm_fwd(
+            &mut ws.af,
+            &mut ws.meanf,
+            &mut ws.rstdf,
+            &ws.hs[widths.len()],
+            &p.lnf_gain,
+            &p.lnf_bias,
+        );
+        super::ops::mm(&mut ws.logits, &ws.af, &p.head_w, n, d, v, false);
+        Ok(())
+    }
+
+    /// Loss of the last forward pass; overwrites the logits with their gradient.
+    pub(crate) fn loss(&self, ws: &mut Workspace, batch: &Batch) -> f32 {
+        xent_fwd_bwd(
+            &mut ws.logits,
+            &mut ws.row_loss,
+            &batch.targets,
+            &batch.loss_mask,
+            self.config.vocab_size,
+        )
+    }
+
+    /// Backward pass after [`Model::forward`] and [`Model::loss`]: writes the gradient of
+    /// every tensor of the global part, the aggregation logits and every computed branch
+    /// into `grads` (non-computed branches' gradients are left untouched).
+    pub(crate) fn backward(&self, ws: &mut Workspace, batch: &Batch, grads: &mut Params) {
+        let cfg = &self.config;
+        let (d, v) = (cfg.d_model, cfg.vocab_size);
+        let n = ws.n;
+        let nl = self.params.layers.len();
+        let p = &self.params;
+        mm_tn(&mut grads.head_w, &ws.af, &ws.logits, n, d, v, false);
+        mm_nt(&mut ws.da, &ws.logits, &p.head_w, n, v, d, false);
+        layernorm_bwd(
+            &mut ws.dh,
+            false,
+            &mut grads.lnf_gain,
+            &mut grads.lnf_bias,
+            &ws.da,
+            &ws.hs[nl],
+            &ws.meanf,
+            &ws.rstdf,
+            &p.lnf_gain,
+        );
+        let shape = self.attn_shape(ws.batch, ws.seq);
+        for l in (0..nl).rev() {
+            self.layer_bwd(ws, l, shape, grads);
+            std::mem::swap(&mut ws.dh, &mut ws.dh_prev);
+        }
+        embed_bwd(
+            &mut grads.wte,
+            &mut grads.wpe,
+            &ws.dh,
+            &batch.inputs,
+            batch.seq,
+            d,
+        );
+    }
+
+    /// Backward of layer `l`: `ws.dh` (gradient of its output) → `ws.dh_prev`.
+    fn layer_bwd(&self, ws: &mut Workspace, l: usize, s: AttnShape, grads: &mut Params) {
+        let d = self.config.d_model;
+        let n = ws.n;
+        let layer = &self.params.layers[l];
+        let gl = &mut grads.layers[l];
+        let lw = &mut ws.layers[l];
+        for i in 0..layer.branches.len() {
+            lw.g[i] = if lw.computed[i] {
+                dot_f64(&ws.dh, &lw.branches[i].z) as f32
+            } else {
+                0.0
+            };
+        }
+        agg::logits_grad(
+            &mut gl.alpha_logits,
+            &lw.g,
+            &lw.alpha,
+            &lw.alpha_t,
+            &lw.p,
+            &lw.mask,
+            &self.groups[l],
+            self.config.agg_floor,
+        );
+        let h = &ws.hs[l];
+        let mut first = true;
+        for (i, bp) in layer.branches.iter().enumerate() {
+            if !lw.computed[i] {
+                continue;
+            }
+            let bw = &lw.branches[i];
+            let gb = &mut gl.branches[i];
+            axpy(&mut ws.dz, lw.alpha_t[i], &ws.dh, false);
+            // z = u + g·W2 + b2
+            linear_bwd(
+                Some((&mut ws.dbig, false)),
+                &mut gb.proj_w,
+                &mut gb.proj_b,
+                &bw.g,
+                &bp.proj_w,
+                &ws.dz,
+                n,
+                4 * d,
+            );
+            gelu_bwd_inplace(&mut ws.dbig, &bw.f);
+            // f = a2·W1 + b1
+            linear_bwd(
+                Some((&mut ws.da, false)),
+                &mut gb.fc_w,
+                &mut gb.fc_b,
+                &bw.a2,
+                &bp.fc_w,
+                &ws.dbig,
+                n,
+                d,
+            );
+            // u → a2 = LN2(u), plus the residual path dz
+            ws.du.copy_from_slice(&ws.dz);
+            layernorm_bwd(
+                &mut ws.du,
+                true,
+                &mut gb.ln2_gain,
+                &mut gb.ln2_bias,
+                &ws.da,
+                &bw.u,
+                &bw.mean2,
+                &bw.rstd2,
+                &bp.ln2_gain,
+            );
+            // u = h + att·Wo + bo
+            linear_bwd(
+                Some((&mut ws.datt, false)),
+                &mut gb.out_w,
+                &mut gb.out_b,
+                &bw.att,
+                &bp.out_w,
+                &ws.du,
+                n,
+                d,
+            );
+            attn_bwd(
+                &mut ws.dqkv,
+                &mut ws.dprobs,
+                &ws.datt,
+                &bw.probs,
+                &bw.qkv,
+                s,
+            );
+            linear_bwd(
+                Some((&mut ws.da, false)),
+                &mut gb.qkv_w,
+                &mut gb.qkv_b,
+                &bw.a1,
+                &bp.qkv_w,
+                &ws.dqkv,
+                n,
+                d,
+            );
+            if first {
+                ws.dh_prev.copy_from_slice(&ws.du);
+            } else {
+                add_into(&mut ws.dh_prev, &ws.du);
+            }
+            first = false;
+            layernorm_bwd(
+                &mut ws.dh_prev,
+                true,
+                &mut gb.ln1_gain,
+                &mut gb.ln1_bias,
+                &ws.da,
+                h,
+                &bw.mean1,
+                &bw.rstd1,
+                &bp.ln1_gain,
+            );
+        }
+    }
+
+    /// Mean loss of a batch without updating anything.
+    pub fn eval_loss(
+        &self,
+        ws: &mut Workspace,
+        batch: &Batch,
+        masks: &Masks,
+    ) -> Result<f32, ModelError> {
+        self.forward(ws, batch, masks)?;
+        Ok(self.loss(ws, batch))
+    }
+
+    /// Logits `[B, T, V]` of a batch.
+    pub fn logits(
+        &self,
+        ws: &mut Workspace,
+        batch: &Batch,
+        masks: &Masks,
+    ) -> Result<Vec<f32>, ModelError> {
+        self.forward(ws, batch, masks)?;
+        Ok(ws.logits[..ws.n * self.config.vocab_size].to_vec())
+    }
+
+    /// Loss and gradients of a batch (gradients of non-computed branches untouched).
+    pub fn loss_and_grad(
+        &self,
+        ws: &mut Workspace,
+        batch: &Batch,
+        masks: &Masks,
+        grads: &mut Params,
+    ) -> Result<f32, ModelError> {
+        self.forward(ws, batch, masks)?;
+        let loss = self.loss(ws, batch);
+        self.backward(ws, batch, grads);
+        Ok(loss)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::model::ops::tests::rel_err;
+    use crate::model::params::TensorId;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    pub(crate) fn tiny_config() -> ModelConfig {
+        ModelConfig {
+            vocab_size: 11,
+            d_model: 8,
+            n_heads: 2,
+            n_layers: 2,
+            branches: 3,
+            max_seq_len: 6,
+            agg_floor: 0.2,
+            init_std: 0.3,
+        }
+    }
+
+    pub(crate) fn random_batch(cfg: &ModelConfig, batch: usize, seq: usize, seed: u64) -> Batch {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let n = batch * seq;
+        let v = cfg.vocab_size as u32;
+        Batch {
+            batch,
+            seq,
+            inputs: (0..n).map(|_| rng.random_range(0..v)).collect(),
+            targets: (0..n).map(|_| rng.random_range(0..v)).collect(),
+            loss_mask: (0..n)
+                .map(|i| if i % seq < 2 { 0.0 } else { 1.0 })
+                .collect(),
+        }
+    }
+
+    /// Whole-model finite-difference check on a subset of coordinates of every tensor.
+    fn check_model_gradient(masks: Masks, eta_group: bool) {
+        let cfg = tiny_config();
+        let mut model = Model::new(cfg.clone(), 11).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        // Non-trivial LayerNorm and aggregation parameters.
+        for layer in &mut model.params.layers {
+            for s in &mut layer.alpha_logits {
+                *s = rng.random_range(-1.0..1.0);
+            }
+            for b in &mut layer.branches {
+                for t in b.tensors_mut() {
+                    for x in t.iter_mut() {
+                        *x += rng.random_range(-0.1..0.1);
+                    }
+                }
+            }
+        }
+        if eta_group {
+            model.groups[1] = AggGroups {
+                start: vec![0, 2],
+                eta: vec![1.0, 0.4],
+            };
+        }
+        let batch = random_batch(&cfg, 2, 5, 3);
+        let mut ws = Workspace::default();
+        let mut grads = Params::zeros(&cfg, &model.widths());
+        model
+            .loss_and_grad(&mut ws, &batch, &masks, &mut grads)
+            .unwrap();
+        let computed: Masks = (0..cfg.n_layers)
+            .map(|l| {
+                (0..model.widths()[l])
+                    .map(|i| ws.layers[l].computed[i])
+                    .collect()
+            })
+            .collect();
+        assert_eq!(computed, masks);
+        let mut probe = model.clone();
+        let (mut an, mut num) = (Vec::new(), Vec::new());
+        let h = 1e-2f32;
+        for id in grads.ids() {
+            if let TensorId::Branch(l, i, _) = id {
+                if !computed[l][i] {
+                    continue;
+                }
+            }
+            let len = grads.get(id).len();
+            for j in (0..len).step_by((len / 7).max(1)) {
+                let old = probe.params.get(id)[j];
+                probe.params.get_mut(id)[j] = old + h;
+                let fp = probe.eval_loss(&mut ws, &batch, &masks).unwrap() as f64;
+                probe.params.get_mut(id)[j] = old - h;
+                let fm = probe.eval_loss(&mut ws, &batch, &masks).unwrap() as f64;
+                probe.params.get_mut(id)[j] = old;
+                num.push((fp - fm) / (2.0 * h as f64));
+                an.push(grads.get(id)[j] as f64);
+            }
+        }
+        let err = rel_err(&an, &num);
+        assert!(err < 1e-2, "whole-model relative gradient error {err}");
+        assert!(num.iter().filter(|x| x.abs() > 1e-4).count() > num.len() / 2);
+    }
+
+    #[test]
+    fn whole_model_gradient_all_active() {
+        check_model_gradient(vec![vec![true; 3]; 2], false);
+    }
+
+    #[test]
+    fn whole_model_gradient_masked_and_grouped() {
+        check_model_gradient(vec![vec![true, false, true], vec![false, true, true]], true);
+    }
+}

@@ -1,0 +1,828 @@
+//! Tensor kernels on fp32 row-major slices, each with its hand-written gradient.
+//!
+//! Determinism: every reduction has a fixed order that does not depend on the number
+//! of rayon threads (parallel loops split rows or columns into fixed-size chunks and
+//! never reduce across chunks in a thread-dependent order). `gemm` splits only the
+//! output among threads, so its results do not depend on the thread count either.
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Rows per parallel task in row-wise kernels.
+const ROW_CHUNK: usize = 16;
+/// Columns per parallel task in column reductions.
+const COL_CHUNK: usize = 64;
+/// LayerNorm epsilon.
+pub const LN_EPS: f32 = 1e-5;
+
+/// `gemm` parallelism using every thread of the current rayon pool.
+pub(crate) fn par_all() -> Parallelism {
+    Parallelism::Rayon(rayon::current_num_threads().max(1))
+}
+
+/// Highest index touched by a strided `rows × cols` view, plus one.
+fn span(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
+    if rows == 0 || cols == 0 {
+        0
+    } else {
+        (rows - 1) * rs + (cols - 1) * cs + 1
+    }
+}
+
+/// A strided read-only matrix view: element `(r, c)` is `data[r·rs + c·cs]`.
+#[derive(Clone, Copy)]
+pub(crate) struct View<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> View<'a> {
+    /// Row-major `[rows, cols]`.
+    pub fn rm(data: &'a [f32], cols: usize) -> Self {
+        Self {
+            data,
+            rs: cols,
+            cs: 1,
+        }
+    }
+    /// The transpose of a row-major `[rows, cols]` buffer.
+    pub fn tr(data: &'a [f32], cols: usize) -> Self {
+        Self {
+            data,
+            rs: 1,
+            cs: cols,
+        }
+    }
+}
+
+/// `C[m,n] (+)= A[m,k]·B[k,n]` with `C` row-major of row stride `c_rs`.
+/// `acc = false` overwrites `C` (its old contents are never read).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_into(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: &mut [f32],
+    c_rs: usize,
+    acc: bool,
+    a: View<'_>,
+    b: View<'_>,
+    par: Parallelism,
+) {
+    assert!(span(m, n, c_rs, 1) <= c.len(), "gemm: C too small");
+    assert!(span(m, k, a.rs, a.cs) <= a.data.len(), "gemm: A too small");
+    assert!(span(k, n, b.rs, b.cs) <= b.data.len(), "gemm: B too small");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !acc {
+            for r in 0..m {
+                c[r * c_rs..r * c_rs + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    // SAFETY: the asserts above bound every element the strided views address, `c`
+    // is exclusively borrowed and does not alias `a`/`b` (Rust borrow rules).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            c_rs as isize,
+            acc,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            if acc { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// `C[m,n] (+)= A[m,k]·B[k,n]`, all contiguous row-major.
+pub(crate) fn mm(c: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize, acc: bool) {
+    gemm_into(
+        m,
+        n,
+        k,
+        c,
+        n,
+        acc,
+        View::rm(a, k),
+        View::rm(b, n),
+        par_all(),
+    );
+}
+
+/// `C[k,n] (+)= A[m,k]ᵀ·B[m,n]` (weight gradient `dW = xᵀ·dy`).
+pub(crate) fn mm_tn(c: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize, acc: bool) {
+    gemm_into(
+        k,
+        n,
+        m,
+        c,
+        n,
+        acc,
+        View::tr(a, k),
+        View::rm(b, n),
+        par_all(),
+    );
+}
+
+/// `C[m,n] (+)= A[m,k]·B[n,k]ᵀ` (input gradient `dx = dy·Wᵀ`).
+pub(crate) fn mm_nt(c: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize, acc: bool) {
+    gemm_into(
+        m,
+        n,
+        k,
+        c,
+        n,
+        acc,
+        View::rm(a, k),
+        View::tr(b, k),
+        par_all(),
+    );
+}
+
+/// Linear forward `y[N,out] = x[N,in]·W[in,out] + b[out]`.
+pub(crate) fn linear_fwd(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32], n: usize, din: usize) {
+    let dout = b.len();
+    y[..n * dout]
+        .par_chunks_mut(dout * ROW_CHUNK)
+        .for_each(|rows| {
+            for row in rows.chunks_exact_mut(dout) {
+                row.copy_from_slice(b);
+            }
+        });
+    mm(y, x, w, n, din, dout, true);
+}
+
+/// Linear backward: `dW = xᵀ·dy`, `db = Σ_rows dy` (overwritten) and, when `dx` is given,
+/// `dx (+)= dy·Wᵀ`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn linear_bwd(
+    dx: Option<(&mut [f32], bool)>,
+    dw: &mut [f32],
+    db: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    n: usize,
+    din: usize,
+) {
+    let dout = db.len();
+    mm_tn(dw, x, dy, n, din, dout, false);
+    colsum(db, &dy[..n * dout], n, dout);
+    if let Some((dx, acc)) = dx {
+        mm_nt(dx, dy, w, n, dout, din, acc);
+    }
+}
+
+/// `out[c] = Σ_r x[r, c]` over a row-major `[rows, cols]` buffer, rows summed in order.
+pub(crate) fn colsum(out: &mut [f32], x: &[f32], rows: usize, cols: usize) {
+    out[..cols]
+        .par_chunks_mut(COL_CHUNK)
+        .enumerate()
+        .for_each(|(ci, o)| {
+            let c0 = ci * COL_CHUNK;
+            o.fill(0.0);
+            for r in 0..rows {
+                let src = &x[r * cols + c0..r * cols + c0 + o.len()];
+                for (a, &v) in o.iter_mut().zip(src) {
+                    *a += v;
+                }
+            }
+        });
+}
+
+/// Runs `f` compiled for AVX2+FMA when the CPU has it. Only element-wise code (no
+/// reassociated reductions) goes through here, so both paths give identical bits.
+#[inline(always)]
+fn simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        fn run_avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports the enabled features (checked just above).
+            return unsafe { run_avx2(f) };
+        }
+    }
+    f()
+}
+
+/// `e^x` to about 2 ulp for `x` in `[-87.3, 88.3]` (clamped outside), branch-free so
+/// that loops over it vectorise (Cephes `expf` polynomial).
+#[inline(always)]
+pub(crate) fn fast_exp(x: f32) -> f32 {
+    let x = x.max(-87.3).min(88.3);
+    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    let r = x - n * 0.693_359_4;
+    let r = r - n * -2.121_944_4e-4;
+    let p = 1.987_569_1e-4;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 5.000_000_1e-1;
+    let p = p * r * r + r + 1.0;
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+const GELU_C: f32 = 0.797_884_6; // sqrt(2/π)
+const GELU_A: f32 = 0.044_715;
+
+/// `tanh(c·(x + a·x³))` of the GELU approximation.
+#[inline(always)]
+fn gelu_tanh_inner(x: f32) -> f32 {
+    let y = GELU_C * (x + GELU_A * x * x * x);
+    1.0 - 2.0 / (fast_exp(2.0 * y) + 1.0)
+}
+
+/// GELU (tanh form) `y = ½x(1 + tanh(√(2/π)(x + 0.044715x³)))`.
+pub(crate) fn gelu_fwd(y: &mut [f32], x: &[f32]) {
+    y.par_chunks_mut(4096)
+        .zip(x.par_chunks(4096))
+        .for_each(|(y, x)| {
+            simd(|| {
+                for (o, &v) in y.iter_mut().zip(x) {
+                    *o = 0.5 * v * (1.0 + gelu_tanh_inner(v));
+                }
+            })
+        });
+}
+
+/// GELU backward in place: `g ← g·gelu'(x)` with
+/// `gelu'(x) = ½(1+t) + ½x(1-t²)·√(2/π)(1 + 3·0.044715x²)`, `t` the tanh above.
+pub(crate) fn gelu_bwd_inplace(g: &mut [f32], x: &[f32]) {
+    g.par_chunks_mut(4096)
+        .zip(x.par_chunks(4096))
+        .for_each(|(g, x)| {
+            simd(|| {
+                for (o, &v) in g.iter_mut().zip(x) {
+                    let t = gelu_tanh_inner(v);
+                    let d = 0.5 * (1.0 + t)
+                        + 0.5 * v * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * GELU_A * v * v);
+                    *o *= d;
+                }
+            })
+        });
+}
+
+/// Sum with 16 independent lanes (vectorisable, fixed order), lanes added at the end.
+#[inline(always)]
+pub(crate) fn sum16(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for j in 0..16 {
+            acc[j] += c[j];
+        }
+    }
+    let mut s = 0.0;
+    for a in acc {
+        s += a;
+    }
+    for &v in rest {
+        s += v;
+    }
+    s
+}
+
+/// Dot product with 16 independent lanes, fixed order.
+#[inline(always)]
+pub(crate) fn dot16(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let cx = x.chunks_exact(16);
+    let cy = y.chunks_exact(16);
+    let (rx, ry) = (cx.remainder(), cy.remainder());
+    for (a, b) in cx.zip(cy) {
+        for j in 0..16 {
+            acc[j] += a[j] * b[j];
+        }
+    }
+    let mut s = 0.0;
+    for a in acc {
+        s += a;
+    }
+    for (a, b) in rx.iter().zip(ry) {
+        s += a * b;
+    }
+    s
+}
+
+/// Dot product of long vectors accumulated in f64 over fixed 4096-element blocks.
+pub(crate) fn dot_f64(x: &[f32], y: &[f32]) -> f64 {
+    x.chunks(4096)
+        .zip(y.chunks(4096))
+        .map(|(a, b)| simd(|| dot16(a, b)) as f64)
+        .sum()
+}
+
+/// LayerNorm forward over rows of width `d`:
+/// `μ = mean(x)`, `σ² = mean((x-μ)²)`, `r = 1/√(σ²+1e-5)`, `y = (x-μ)·r·g + b`.
+/// Stores `μ` and `r` per row for the backward pass.
+pub(crate) fn layernorm_fwd(
+    y: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+    x: &[f32],
+    g: &[f32],
+    b: &[f32],
+) {
+    let d = g.len();
+    y.par_chunks_mut(d * ROW_CHUNK)
+        .zip(x.par_chunks(d * ROW_CHUNK))
+        .zip(mean.par_chunks_mut(ROW_CHUNK))
+        .zip(rstd.par_chunks_mut(ROW_CHUNK))
+        .for_each(|(((y, x), mean), rstd)| {
+            simd(|| {
+                for (((y, x), m), r) in y
+                    .chunks_exact_mut(d)
+                    .zip(x.chunks_exact(d))
+                    .zip(mean.iter_mut())
+                    .zip(rstd.iter_mut())
+                {
+                    let mu = sum16(x) / d as f32;
+                    let mut acc = [0.0f32; 16];
+                    let cx = x.chunks_exact(16);
+                    let rest = cx.remainder();
+                    for c in cx {
+                        for j in 0..16 {
+                            let t = c[j] - mu;
+                            acc[j] += t * t;
+                        }
+                    }
+                    let mut var = 0.0;
+                    for a in acc {
+                        var += a;
+                    }
+                    for &v in rest {
+                        var += (v - mu) * (v - mu);
+                    }
+                    let rs = 1.0 / (var / d as f32 + LN_EPS).sqrt();
+                    *m = mu;
+                    *r = rs;
+                    for (((o, &v), &gg), &bb) in y.iter_mut().zip(x).zip(g).zip(b) {
+                        *o = (v - mu) * rs * gg + bb;
+                    }
+                }
+            })
+        });
+}
+
+/// LayerNorm backward. With `x̂ = (x-μ)·r` and `ĝ = dy·g`:
+/// `dx (+)= r·(ĝ - mean(ĝ) - x̂·mean(ĝ·x̂))`, `dg = Σ_rows dy·x̂`, `db = Σ_rows dy`
+/// (`dg`, `db` overwritten).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn layernorm_bwd(
+    dx: &mut [f32],
+    acc: bool,
+    dg: &mut [f32],
+    db: &mut [f32],
+    dy: &[f32],
+    x: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    g: &[f32],
+) {
+    let d = g.len();
+    let rows = mean.len();
+    dx[..rows * d]
+        .par_chunks_mut(d * ROW_CHUNK)
+        .zip(dy.par_chunks(d * ROW_CHUNK))
+        .zip(x.par_chunks(d * ROW_CHUNK))
+        .zip(mean.par_chunks(ROW_CHUNK).zip(rstd.par_chunks(ROW_CHUNK)))
+        .for_each(|(((dx, dy), x), (mean, rstd))| {
+            simd(|| {
+                for ((((dx, dy), x), &mu), &rs) in dx
+                    .chunks_exact_mut(d)
+                    .zip(dy.chunks_exact(d))
+                    .zip(x.chunks_exact(d))
+                    .zip(mean)
+                    .zip(rstd)
+                {
+                    let mut s1 = [0.0f32; 16];
+                    let mut s2 = [0.0f32; 16];
+                    let (mut t1, mut t2) = (0.0f32, 0.0f32);
+                    for (j, ((&a, &xv), &gg)) in dy.iter().zip(x).zip(g).enumerate() {
+                        let gh = a * gg;
+                        let xh = (xv - mu) * rs;
+                        if j < d / 16 * 16 {
+                            s1[j % 16] += gh;
+                            s2[j % 16] += gh * xh;
+                        } else {
+                            t1 += gh;
+                            t2 += gh * xh;
+                        }
+                    }
+                    let m1 = (s1.iter().sum::<f32>() + t1) / d as f32;
+                    let m2 = (s2.iter().sum::<f32>() + t2) / d as f32;
+                    for (((o, &a), &xv), &gg) in dx.iter_mut().zip(dy).zip(x).zip(g) {
+                        let xh = (xv - mu) * rs;
+                        let v = rs * (a * gg - m1 - xh * m2);
+                        if acc {
+                            *o += v;
+                        } else {
+                            *o = v;
+                        }
+                    }
+                }
+            })
+        });
+    dg.par_chunks_mut(COL_CHUNK)
+        .zip(db.par_chunks_mut(COL_CHUNK))
+        .enumerate()
+        .for_each(|(ci, (dg, db))| {
+            let c0 = ci * COL_CHUNK;
+            let w = dg.len();
+            dg.fill(0.0);
+            db.fill(0.0);
+            for r in 0..rows {
+                let (mu, rs) = (mean[r], rstd[r]);
+                let dyr = &dy[r * d + c0..r * d + c0 + w];
+                let xr = &x[r * d + c0..r * d + c0 + w];
+                for (((a, bb), &dv), &xv) in dg.iter_mut().zip(db.iter_mut()).zip(dyr).zip(xr) {
+                    *a += dv * (xv - mu) * rs;
+                    *bb += dv;
+                }
+            }
+        });
+}
+
+/// Fused softmax cross-entropy over rows of `logits` (`[N, V]`), in place:
+/// with `w_n` the loss weight and `W = Σ w_n`, the loss is `Σ_n w_n·(lse_n - z_n[t_n]) / W`
+/// and `logits` is overwritten by its gradient `w_n/W·(softmax(z_n) - onehot(t_n))`.
+/// Returns the loss (0 with all-zero gradient when `W = 0`).
+pub(crate) fn xent_fwd_bwd(
+    logits: &mut [f32],
+    row_loss: &mut [f64],
+    targets: &[u32],
+    weights: &[f32],
+    v: usize,
+) -> f32 {
+    let total: f64 = weights.iter().map(|&w| w as f64).sum();
+    let inv = if total > 0.0 {
+        (1.0 / total) as f32
+    } else {
+        0.0
+    };
+    logits
+        .par_chunks_mut(v * ROW_CHUNK)
+        .zip(row_loss.par_chunks_mut(ROW_CHUNK))
+        .zip(
+            targets
+                .par_chunks(ROW_CHUNK)
+                .zip(weights.par_chunks(ROW_CHUNK)),
+        )
+        .for_each(|((z, loss), (t, w))| {
+            simd(|| {
+                for (((z, l), &t), &w) in z.chunks_exact_mut(v).zip(loss).zip(t).zip(w) {
+                    if w == 0.0 {
+                        z.fill(0.0);
+                        *l = 0.0;
+                        continue;
+                    }
+                    let zt = z[t as usize];
+                    let mx = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                    for e in z.iter_mut() {
+                        *e = fast_exp(*e - mx);
+                    }
+                    let s = sum16(z);
+                    *l = w as f64 * ((s.ln() + mx - zt) as f64);
+                    let k = w * inv / s;
+                    for e in z.iter_mut() {
+                        *e *= k;
+                    }
+                    z[t as usize] -= w * inv;
+                }
+            })
+        });
+    (row_loss.iter().sum::<f64>() * inv as f64) as f32
+}
+
+/// Embedding forward `x[b,t] = wte[ids[b,t]] + wpe[t]`.
+pub(crate) fn embed_fwd(
+    x: &mut [f32],
+    wte: &[f32],
+    wpe: &[f32],
+    ids: &[u32],
+    seq: usize,
+    d: usize,
+) {
+    x.par_chunks_mut(d)
+        .zip(ids.par_iter())
+        .enumerate()
+        .for_each(|(n, (row, &id))| {
+            let t = n % seq;
+            let e = &wte[id as usize * d..(id as usize + 1) * d];
+            let p = &wpe[t * d..(t + 1) * d];
+            for ((o, &a), &b) in row.iter_mut().zip(e).zip(p) {
+                *o = a + b;
+            }
+        });
+}
+
+/// Embedding backward: `dwte[id] = Σ_{n: ids[n]=id} dx[n]` (rows in order),
+/// `dwpe[t] = Σ_b dx[b,t]`; both overwritten (untouched rows are zero).
+pub(crate) fn embed_bwd(
+    dwte: &mut [f32],
+    dwpe: &mut [f32],
+    dx: &[f32],
+    ids: &[u32],
+    seq: usize,
+    d: usize,
+) {
+    dwte.par_chunks_mut(1 << 14).for_each(|c| c.fill(0.0));
+    dwpe.fill(0.0);
+    for (n, (&id, row)) in ids.iter().zip(dx.chunks_exact(d)).enumerate() {
+        let e = &mut dwte[id as usize * d..(id as usize + 1) * d];
+        for (a, &v) in e.iter_mut().zip(row) {
+            *a += v;
+        }
+        let t = n % seq;
+        let p = &mut dwpe[t * d..(t + 1) * d];
+        for (a, &v) in p.iter_mut().zip(row) {
+            *a += v;
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    pub(crate) fn randv(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| rng.random_range(-1.0..1.0) * scale)
+            .collect()
+    }
+
+    /// Central differences of the scalar `f` at `x` for the listed coordinates, in f32
+    /// with step `h`; returns `(numeric, index)` pairs.
+    pub(crate) fn fd(
+        x: &mut [f32],
+        idx: &[usize],
+        h: f32,
+        mut f: impl FnMut(&[f32]) -> f64,
+    ) -> Vec<f64> {
+        idx.iter()
+            .map(|&i| {
+                let old = x[i];
+                x[i] = old + h;
+                let fp = f(x);
+                x[i] = old - h;
+                let fm = f(x);
+                x[i] = old;
+                (fp - fm) / (2.0 * h as f64)
+            })
+            .collect()
+    }
+
+    /// Relative error `‖a - n‖ / max(‖n‖, floor)` of analytic vs numeric gradients.
+    pub(crate) fn rel_err(analytic: &[f64], numeric: &[f64]) -> f64 {
+        let diff: f64 = analytic
+            .iter()
+            .zip(numeric)
+            .map(|(a, n)| (a - n) * (a - n))
+            .sum();
+        let norm: f64 = numeric.iter().map(|n| n * n).sum();
+        diff.sqrt() / norm.sqrt().max(1e-6)
+    }
+
+    fn weighted(y: &[f32], w: &[f32]) -> f64 {
+        y.iter().zip(w).map(|(&a, &b)| a as f64 * b as f64).sum()
+    }
+
+    #[test]
+    fn gemm_variants_match_naive() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let (m, k, n) = (7, 5, 9);
+        let a = randv(&mut rng, m * k, 1.0);
+        let b = randv(&mut rng, k * n, 1.0);
+        let mut c = vec![f32::NAN; m * n];
+        mm(&mut c, &a, &b, m, k, n, false);
+        for i in 0..m {
+            for j in 0..n {
+                let e: f32 = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
+                assert!((c[i * n + j] - e).abs() < 1e-5);
+            }
+        }
+        // Aᵀ·C: [k,n] from A [m,k], C [m,n]
+        let mut t = vec![f32::NAN; k * n];
+        mm_tn(&mut t, &a, &c, m, k, n, false);
+        for p in 0..k {
+            for j in 0..n {
+                let e: f32 = (0..m).map(|i| a[i * k + p] * c[i * n + j]).sum();
+                assert!((t[p * n + j] - e).abs() < 1e-4);
+            }
+        }
+        // C·Bᵀ: [m,k] from C [m,n], B [k,n]
+        let mut u = vec![1.0; m * k];
+        mm_nt(&mut u, &c, &b, m, n, k, true);
+        for i in 0..m {
+            for p in 0..k {
+                let e: f32 = 1.0 + (0..n).map(|j| c[i * n + j] * b[p * n + j]).sum::<f32>();
+                assert!((u[i * k + p] - e).abs() < 1e-4);
+            }
+        }
+    }
+
+    #[test]
+    fn fast_exp_is_accurate() {
+        let mut x = -80.0f32;
+        while x < 80.0 {
+            let (a, e) = (fast_exp(x), x.exp());
+            assert!(((a - e) / e).abs() < 3e-7, "exp({x}) = {a} vs {e}");
+            x += 0.0137;
+        }
+        assert_eq!(fast_exp(-1e9), fast_exp(-87.3));
+        assert!(fast_exp(1e9).is_finite());
+    }
+
+    #[test]
+    fn gelu_matches_reference_and_gradient() {
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let mut x = randv(&mut rng, 64, 4.0);
+        let mut y = vec![0.0; 64];
+        gelu_fwd(&mut y, &x);
+        for (&a, &v) in y.iter().zip(&x) {
+            let r = 0.5 * v * (1.0 + (GELU_C * (v + GELU_A * v * v * v)).tanh());
+            assert!((a - r).abs() < 2e-6, "gelu({v}) = {a} vs {r}");
+        }
+        let w = randv(&mut rng, 64, 1.0);
+        let mut g = w.clone();
+        gelu_bwd_inplace(&mut g, &x);
+        let idx: Vec<usize> = (0..64).collect();
+        let num = fd(&mut x, &idx, 1e-3, |x| {
+            let mut y = vec![0.0; 64];
+            gelu_fwd(&mut y, x);
+            weighted(&y, &w)
+        });
+        let an: Vec<f64> = g.iter().map(|&v| v as f64).collect();
+        assert!(rel_err(&an, &num) < 1e-3, "{}", rel_err(&an, &num));
+    }
+
+    #[test]
+    fn layernorm_gradients() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let (rows, d) = (5, 24);
+        let mut x = randv(&mut rng, rows * d, 2.0);
+        let mut g = randv(&mut rng, d, 1.0);
+        let mut b = randv(&mut rng, d, 1.0);
+        let w = randv(&mut rng, rows * d, 1.0);
+        let run = |x: &[f32], g: &[f32], b: &[f32]| {
+            let mut y = vec![0.0; rows * d];
+            let (mut m, mut r) = (vec![0.0; rows], vec![0.0; rows]);
+            layernorm_fwd(&mut y, &mut m, &mut r, x, g, b);
+            (y, m, r)
+        };
+        let (_, m, r) = run(&x, &g, &b);
+        let mut dx = vec![0.5; rows * d];
+        let (mut dg, mut db) = (vec![9.0; d], vec![9.0; d]);
+        layernorm_bwd(&mut dx, true, &mut dg, &mut db, &w, &x, &m, &r, &g);
+        let idx: Vec<usize> = (0..rows * d).collect();
+        let (gc, bc) = (g.clone(), b.clone());
+        let num = fd(&mut x, &idx, 1e-2, |x| weighted(&run(x, &gc, &bc).0, &w));
+        let an: Vec<f64> = dx.iter().map(|&v| v as f64 - 0.5).collect();
+        assert!(rel_err(&an, &num) < 2e-3, "dx {}", rel_err(&an, &num));
+        let gi: Vec<usize> = (0..d).collect();
+        let xc = x.clone();
+        let num = fd(&mut g, &gi, 1e-2, |g| weighted(&run(&xc, g, &bc).0, &w));
+        let an: Vec<f64> = dg.iter().map(|&v| v as f64).collect();
+        assert!(rel_err(&an, &num) < 2e-3, "dg {}", rel_err(&an, &num));
+        let gc = g.clone();
+        let num = fd(&mut b, &gi, 1e-2, |b| weighted(&run(&xc, &gc, b).0, &w));
+        let an: Vec<f64> = db.iter().map(|&v| v as f64).collect();
+        assert!(rel_err(&an, &num) < 2e-3, "db {}", rel_err(&an, &num));
+    }
+
+    #[test]
+    fn linear_gradients() {
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let (n, din, dout) = (6, 5, 7);
+        let mut x = randv(&mut rng, n * din, 1.0);
+        let mut w = randv(&mut rng, din * dout, 1.0);
+        let mut b = randv(&mut rng, dout, 1.0);
+        let wt = randv(&mut rng, n * dout, 1.0);
+        let run = |x: &[f32], w: &[f32], b: &[f32]| {
+            let mut y = vec![f32::NAN; n * dout];
+            linear_fwd(&mut y, x, w, b, n, din);
+            weighted(&y, &wt)
+        };
+        let mut dx = vec![0.0; n * din];
+        let (mut dw, mut db) = (vec![0.0; din * dout], vec![0.0; dout]);
+        linear_bwd(
+            Some((&mut dx, false)),
+            &mut dw,
+            &mut db,
+            &x,
+            &w,
+            &wt,
+            n,
+            din,
+        );
+        let (xc, wc, bc) = (x.clone(), w.clone(), b.clone());
+        let to64 = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<_>>();
+        let num = fd(&mut x, &(0..n * din).collect::<Vec<_>>(), 1e-2, |x| {
+            run(x, &wc, &bc)
+        });
+        assert!(rel_err(&to64(&dx), &num) < 1e-3);
+        let num = fd(&mut w, &(0..din * dout).collect::<Vec<_>>(), 1e-2, |w| {
+            run(&xc, w, &bc)
+        });
+        assert!(rel_err(&to64(&dw), &num) < 1e-3);
+        let num = fd(&mut b, &(0..dout).collect::<Vec<_>>(), 1e-2, |b| {
+            run(&xc, &wc, b)
+        });
+        assert!(rel_err(&to64(&db), &num) < 1e-3);
+    }
+
+    #[test]
+    fn xent_gradient_and_mask() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let (n, v) = (6, 11);
+        let mut z = randv(&mut rng, n * v, 3.0);
+        let t: Vec<u32> = (0..n).map(|i| (i * 7 % v) as u32).collect();
+        let w = vec![1.0, 0.0, 2.0, 1.0, 0.5, 1.0];
+        let run = |z: &[f32]| {
+            let mut zz = z.to_vec();
+            let mut rl = vec![0.0; n];
+            xent_fwd_bwd(&mut zz, &mut rl, &t, &w, v) as f64
+        };
+        let mut g = z.clone();
+        let mut rl = vec![0.0; n];
+        let loss = xent_fwd_bwd(&mut g, &mut rl, &t, &w, v);
+        // reference loss in f64
+        let mut refl = 0.0;
+        for r in 0..n {
+            let row = &z[r * v..(r + 1) * v];
+            let lse = row.iter().map(|&a| (a as f64).exp()).sum::<f64>().ln();
+            refl += w[r] as f64 * (lse - row[t[r] as usize] as f64);
+        }
+        refl /= w.iter().sum::<f32>() as f64;
+        assert!((loss as f64 - refl).abs() < 1e-5);
+        assert!(
+            g[v..2 * v].iter().all(|&a| a == 0.0),
+            "masked row has zero gradient"
+        );
+        let num = fd(&mut z, &(0..n * v).collect::<Vec<_>>(), 1e-2, run);
+        let an: Vec<f64> = g.iter().map(|&a| a as f64).collect();
+        assert!(rel_err(&an, &num) < 2e-3, "{}", rel_err(&an, &num));
+    }
+
+    #[test]
+    fn embedding_gradient() {
+        let mut rng = ChaCha8Rng::seed_from_u64(6);
+        let (v, d, b, seq) = (5, 3, 2, 4);
+        let wte = randv(&mut rng, v * d, 1.0);
+        let wpe = randv(&mut rng, seq * d, 1.0);
+        let ids = vec![1u32, 1, 4, 0, 2, 1, 3, 3];
+        let dx = randv(&mut rng, b * seq * d, 1.0);
+        let mut x = vec![0.0; b * seq * d];
+        embed_fwd(&mut x, &wte, &wpe, &ids, seq, d);
+        assert_eq!(
+            x[d..2 * d],
+            [
+                wte[d] + wpe[d],
+                wte[d + 1] + wpe[d + 1],
+                wte[d + 2] + wpe[d + 2]
+            ]
+        );
+        let (mut dwte, mut dwpe) = (vec![7.0; v * d], vec![7.0; seq * d]);
+        embed_bwd(&mut dwte, &mut dwpe, &dx, &ids, seq, d);
+        // The objective is linear: the gradient is exactly Σ dx over matching rows.
+        for id in 0..v {
+            for c in 0..d {
+                let e: f32 = (0..b * seq)
+                    .filter(|&n| ids[n] as usize == id)
+                    .map(|n| dx[n * d + c])
+                    .sum();
+                assert!((dwte[id * d + c] - e).abs() < 1e-6);
+            }
+        }
+        for t in 0..seq {
+            for c in 0..d {
+                let e: f32 = (0..b).map(|r| dx[(r * seq + t) * d + c]).sum();
+                assert!((dwpe[t * d + c] - e).abs() < 1e-6);
+            }
+        }
+    }
+}
