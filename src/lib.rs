@@ -4,3 +4,6 @@
 //! `govern`, `config`), thin kameo actors (`actors`), and the edges (`admin`, `main.rs`).
 
 pub mod config;
+pub mod ingest;
+pub mod store;
+pub mod text;
