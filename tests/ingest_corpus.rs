@@ -48,10 +48,16 @@ fn failed(reason: &'static str) -> Expect {
 fn expectations() -> HashMap<&'static str, Expect> {
     HashMap::from([
         ("good_text.csv", done(3, vec![], 0)),
-        ("wrong_header.csv", failed("columns found: [id, body, author]")),
+        (
+            "wrong_header.csv",
+            failed("columns found: [id, body, author]"),
+        ),
         ("ambiguous_header.csv", failed("both a `text` column")),
         ("binary_junk.csv", failed("not valid UTF-8")),
-        ("header_not_utf8.csv", failed("header column 1 is not valid UTF-8")),
+        (
+            "header_not_utf8.csv",
+            failed("header column 1 is not valid UTF-8"),
+        ),
         ("invalid_utf8_rows.csv", done(3, vec![3, 5], 2)),
         ("crlf.csv", done(3, vec![], 0)),
         ("quoted_newlines.csv", done(4, vec![7, 9, 10], 1)),
@@ -98,7 +104,10 @@ fn corpus_cases_have_their_documented_outcomes() {
         let p = entry.unwrap().path();
         let name = p.file_name().unwrap().to_str().unwrap().to_string();
         if name.ends_with(".csv") {
-            assert!(expect.contains_key(name.as_str()), "{name} has no expectation");
+            assert!(
+                expect.contains_key(name.as_str()),
+                "{name} has no expectation"
+            );
             fs::copy(&p, inbox.join(&name)).unwrap();
             corpus_files += 1;
         }
@@ -117,17 +126,30 @@ fn corpus_cases_have_their_documented_outcomes() {
     };
     let listing = list_inbox(&inbox).unwrap();
     let none = HashSet::new();
-    let (first, memory) = select_candidates(&listing, &ScanMemory::default(), &none, 1_000, cfg.settle_ms);
+    let (first, memory) = select_candidates(
+        &listing,
+        &ScanMemory::default(),
+        &none,
+        1_000,
+        cfg.settle_ms,
+    );
     assert!(first.ready.is_empty());
     assert_eq!(first.waiting.len(), expect.len());
-    let (sel, _) = select_candidates(&listing, &memory, &none, 1_000 + cfg.settle_ms, cfg.settle_ms);
+    let (sel, _) = select_candidates(
+        &listing,
+        &memory,
+        &none,
+        1_000 + cfg.settle_ms,
+        cfg.settle_ms,
+    );
     let ready: HashSet<&str> = sel.ready.iter().map(String::as_str).collect();
     let expected_ready: HashSet<&str> = expect.keys().copied().collect();
     assert_eq!(ready, expected_ready);
     assert_eq!(sel.refused.len(), 1);
     assert_eq!(sel.refused[0].0, "link.csv");
 
-    let (mut store, _) = ReplayStore::open(&tmp.path().join("replay"), &ReplayConfig::default()).unwrap();
+    let (mut store, _) =
+        ReplayStore::open(&tmp.path().join("replay"), &ReplayConfig::default()).unwrap();
     for name in &sel.ready {
         let out = process_file(&inbox, &inbox.join(name), &mut store, &cfg).unwrap();
         let e = &expect[name.as_str()];
@@ -136,7 +158,11 @@ fn corpus_cases_have_their_documented_outcomes() {
         assert_eq!(out.rows_appended, e.accepted, "{name}");
         assert_eq!(out.rows_rejected, e.rejected_lines.len() as u64, "{name}");
         assert_eq!(out.parse_errors, e.parse_errors, "{name}");
-        let dir = if e.outcome == Outcome::Done { ".done" } else { ".failed" };
+        let dir = if e.outcome == Outcome::Done {
+            ".done"
+        } else {
+            ".failed"
+        };
         assert_eq!(out.moved_to, inbox.join(dir).join(name));
         assert!(!inbox.join(name).exists());
         let sc: Sidecar = serde_json::from_slice(&fs::read(&out.sidecar_path).unwrap()).unwrap();
@@ -146,7 +172,10 @@ fn corpus_cases_have_their_documented_outcomes() {
         if e.outcome == Outcome::Failed {
             let reason = sc.reason.unwrap();
             assert!(reason.contains(e.reason), "{name}: {reason}");
-            assert!(reason.contains(name.as_str()) || !reason.contains("CSV file"), "{name}: {reason}");
+            assert!(
+                reason.contains(name.as_str()) || !reason.contains("CSV file"),
+                "{name}: {reason}"
+            );
         } else {
             assert!(sc.content_hash.is_some());
         }
@@ -165,14 +194,19 @@ fn corpus_cases_have_their_documented_outcomes() {
     );
     assert_eq!(
         texts_of(&recs, "chat"),
-        vec!["Say \"hi\"\nplease|hi\n\nthere", "q2|a, b, c", "q7|last\none"]
+        vec![
+            "Say \"hi\"\nplease|hi\n\nthere",
+            "q2|a, b, c",
+            "q7|last\none"
+        ]
     );
     assert_eq!(texts_of(&recs, "quoted_newlines"), vec!["q4|a4"]);
     let huge = texts_of(&recs, "huge_row");
     assert_eq!(huge.len(), 3);
     assert_eq!(huge[1].len(), 59_999, "long rows are kept whole");
     let sc: Sidecar =
-        serde_json::from_slice(&fs::read(inbox.join(".done/quoted_newlines.csv.json")).unwrap()).unwrap();
+        serde_json::from_slice(&fs::read(inbox.join(".done/quoted_newlines.csv.json")).unwrap())
+            .unwrap();
     assert_eq!(sc.extra_columns_ignored, vec!["note".to_string()]);
     assert_eq!(sc.kind.as_deref(), Some("prompt_response"));
 

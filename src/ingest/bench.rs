@@ -49,9 +49,34 @@ impl Default for BenchIngestArgs {
 }
 
 const WORDS: &[&str] = &[
-    "the", "model", "branch", "learns", "from", "text", "dropped", "into", "an", "inbox",
-    "while", "replay", "keeps", "a", "sample", "of", "history", "and", "every", "row",
-    "counts", "once", "quote\"d", "comma,", "naïve", "données", "über", "line\nbreak",
+    "the",
+    "model",
+    "branch",
+    "learns",
+    "from",
+    "text",
+    "dropped",
+    "into",
+    "an",
+    "inbox",
+    "while",
+    "replay",
+    "keeps",
+    "a",
+    "sample",
+    "of",
+    "history",
+    "and",
+    "every",
+    "row",
+    "counts",
+    "once",
+    "quote\"d",
+    "comma,",
+    "naïve",
+    "données",
+    "über",
+    "line\nbreak",
 ];
 
 fn sentence(rng: &mut ChaCha8Rng, bytes: usize) -> String {
@@ -66,7 +91,12 @@ fn sentence(rng: &mut ChaCha8Rng, bytes: usize) -> String {
 }
 
 /// Generate one CSV file of about `target` bytes; returns its row count.
-fn generate(path: &std::path::Path, target: u64, opts: &BenchIngestArgs, rng: &mut ChaCha8Rng) -> std::io::Result<u64> {
+fn generate(
+    path: &std::path::Path,
+    target: u64,
+    opts: &BenchIngestArgs,
+    rng: &mut ChaCha8Rng,
+) -> csv::Result<u64> {
     let mut w = csv::Writer::from_path(path)?;
     let header: &[&str] = if opts.prompt_response {
         &["prompt", "response", "source"]
@@ -130,19 +160,21 @@ pub fn bench_ingest(opts: &BenchIngestArgs) -> Result<serde_json::Value, IngestE
     for i in 0..opts.files {
         let name = format!("bench-{i:04}.csv");
         let p = staging.join(&name);
-        gen_rows += generate(&p, opts.mib_per_file << 20, opts, &mut rng).map_err(io("generate", &p))?;
+        gen_rows += generate(&p, opts.mib_per_file << 20, opts, &mut rng)
+            .map_err(|e| io("generate", &p)(std::io::Error::other(e)))?;
         names.push(name);
     }
     let cfg = IngestConfig {
         max_file_bytes: (opts.mib_per_file << 20) * 2 + (1 << 20),
         ..Default::default()
     };
-    let (mut store, _) = ReplayStore::open(&replay, &ReplayConfig::default()).map_err(|source| {
-        IngestError::Store {
-            path: replay.clone(),
-            source,
-        }
-    })?;
+    let (mut store, _) =
+        ReplayStore::open(&replay, &ReplayConfig::default()).map_err(|source| {
+            IngestError::Store {
+                path: replay.clone(),
+                source,
+            }
+        })?;
     let mut per_file_ms = Vec::new();
     let (mut bytes, mut rows) = (0u64, 0u64);
     let started = Instant::now();

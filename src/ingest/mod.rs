@@ -24,7 +24,9 @@ use crate::store::StoreError;
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     /// An I/O operation failed.
-    #[error("ingest: {what} failed for {path}: {source}; check permissions and free space, the file stays in the inbox for a retry")]
+    #[error(
+        "ingest: {what} failed for {path}: {source}; check permissions and free space, the file stays in the inbox for a retry"
+    )]
     Io {
         /// The operation.
         what: String,
@@ -44,7 +46,9 @@ pub enum IngestError {
         source: StoreError,
     },
     /// The path is not something `process_file` handles (directory, no file name).
-    #[error("ingest: {path} is not a processable inbox file ({why}); candidate selection should not offer it")]
+    #[error(
+        "ingest: {path} is not a processable inbox file ({why}); candidate selection should not offer it"
+    )]
     NotAFile {
         /// The path.
         path: PathBuf,

@@ -250,7 +250,11 @@ fn stream_rows(
 /// Pick `<dir>/<name>[.k]` such that neither it nor its `.json` sidecar exists, except
 /// that an orphan sidecar (no file beside it) recording the same content hash is
 /// reused: that is this file's own sidecar from a run that crashed before the move.
-fn choose_dest(dir: &Path, name: &str, hash: Option<&str>) -> Result<(PathBuf, PathBuf), IngestError> {
+fn choose_dest(
+    dir: &Path,
+    name: &str,
+    hash: Option<&str>,
+) -> Result<(PathBuf, PathBuf), IngestError> {
     for k in 0u64.. {
         let cand = if k == 0 {
             name.to_string()
@@ -536,11 +540,21 @@ mod tests {
         }
         assert_eq!(
             done_names(&e),
-            vec!["a.csv", "a.csv.1", "a.csv.1.json", "a.csv.2", "a.csv.2.json", "a.csv.json"]
+            vec![
+                "a.csv",
+                "a.csv.1",
+                "a.csv.1.json",
+                "a.csv.2",
+                "a.csv.2.json",
+                "a.csv.json"
+            ]
         );
         let sc: Sidecar =
             serde_json::from_slice(&fs::read(e.inbox.join(".done/a.csv.2.json")).unwrap()).unwrap();
-        assert_eq!((sc.rows_accepted, sc.rows_appended, sc.rows_already_present), (20, 0, 20));
+        assert_eq!(
+            (sc.rows_accepted, sc.rows_appended, sc.rows_already_present),
+            (20, 0, 20)
+        );
         assert_eq!(store_rows(&st).len(), 20);
         assert_eq!(st.stats().rows, 20);
     }
@@ -563,14 +577,24 @@ mod tests {
             fs::write(&p, content).unwrap();
             let out = process_file(&e.inbox, &p, &mut st, &cfg).unwrap();
             assert_eq!(out.outcome, Outcome::Failed, "{name}");
-            assert!(out.reason.as_deref().unwrap().contains(why), "{name}: {:?}", out.reason);
+            assert!(
+                out.reason.as_deref().unwrap().contains(why),
+                "{name}: {:?}",
+                out.reason
+            );
             assert!(out.moved_to.starts_with(e.inbox.join(".failed")));
             assert!(out.sidecar_path.exists());
         }
         std::os::unix::fs::symlink("/etc/hostname", e.inbox.join("l.csv")).unwrap();
         let out = process_file(&e.inbox, &e.inbox.join("l.csv"), &mut st, &cfg).unwrap();
         assert_eq!(out.outcome, Outcome::Failed);
-        assert!(out.moved_to.symlink_metadata().unwrap().file_type().is_symlink());
+        assert!(
+            out.moved_to
+                .symlink_metadata()
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
         assert_eq!(st.stats().rows, 0);
     }
 
@@ -597,7 +621,10 @@ mod tests {
                         let mut segs: Vec<PathBuf> = fs::read_dir(&e.replay)
                             .unwrap()
                             .map(|d| d.unwrap().path())
-                            .filter(|p| p.to_string_lossy().ends_with(".log") && p.file_name().unwrap() != "journal.log")
+                            .filter(|p| {
+                                p.to_string_lossy().ends_with(".log")
+                                    && p.file_name().unwrap() != "journal.log"
+                            })
                             .collect();
                         segs.sort();
                         let last = segs.last().unwrap();
@@ -615,7 +642,8 @@ mod tests {
                         sc.outcome = Outcome::Done;
                         sc.content_hash = Some(hex(&hash));
                         let dir = outcome_dir(&e.inbox, Outcome::Done).unwrap();
-                        let (dest, side) = choose_dest(&dir, "f.csv", sc.content_hash.as_deref()).unwrap();
+                        let (dest, side) =
+                            choose_dest(&dir, "f.csv", sc.content_hash.as_deref()).unwrap();
                         write_sidecar(&side, &sc).unwrap();
                         if stage == 5 {
                             move_file(&p, &dest).unwrap();

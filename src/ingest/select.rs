@@ -87,13 +87,13 @@ pub fn select_candidates(
             EntryKind::Symlink => {
                 sel.refused.push((
                     e.name.clone(),
-                    "symbolic link: links are refused, move the file itself into the inbox"
-                        .into(),
+                    "symbolic link: links are refused, move the file itself into the inbox".into(),
                 ));
                 continue;
             }
             EntryKind::Other => {
-                sel.refused.push((e.name.clone(), "not a regular file".into()));
+                sel.refused
+                    .push((e.name.clone(), "not a regular file".into()));
                 continue;
             }
             EntryKind::File => {}
@@ -193,13 +193,25 @@ mod tests {
     #[test]
     fn growth_resets_the_clock_and_renames_are_ready_at_once() {
         let none = HashSet::new();
-        let (_, m1) = select_candidates(&[file("a.csv", 10, 1)], &ScanMemory::default(), &none, 0, 500);
+        let (_, m1) = select_candidates(
+            &[file("a.csv", 10, 1)],
+            &ScanMemory::default(),
+            &none,
+            0,
+            500,
+        );
         let (s2, m2) = select_candidates(&[file("a.csv", 20, 2)], &m1, &none, 600, 500);
         assert_eq!(s2.waiting, vec!["a.csv".to_string()]);
         let (s3, _) = select_candidates(&[file("a.csv", 20, 2)], &m2, &none, 1100, 500);
         assert_eq!(s3.ready, vec!["a.csv".to_string()]);
         let renamed: HashSet<String> = ["r.csv".to_string()].into();
-        let (s4, _) = select_candidates(&[file("r.csv", 5, 9)], &ScanMemory::default(), &renamed, 5, 500);
+        let (s4, _) = select_candidates(
+            &[file("r.csv", 5, 9)],
+            &ScanMemory::default(),
+            &renamed,
+            5,
+            500,
+        );
         assert_eq!(s4.ready, vec!["r.csv".to_string()]);
     }
 

@@ -196,7 +196,14 @@ impl fmt::Display for InspectReport {
             writeln!(
                 f,
                 "  {:<20} {:>12} {:>10} {:>8} {:>8} {:>8} {:>10}  {}",
-                s.name, s.bytes, s.records, s.evicted, s.corrupt_regions, s.tail_bytes, seqs, s.header
+                s.name,
+                s.bytes,
+                s.records,
+                s.evicted,
+                s.corrupt_regions,
+                s.tail_bytes,
+                seqs,
+                s.header
             )?;
         }
         writeln!(

@@ -170,7 +170,8 @@ impl Journal {
             .map_err(io("open journal for append"))?;
         if bytes.len() < HEADER_LEN {
             file.set_len(0).map_err(io("reset journal"))?;
-            file.write_all(&header()).map_err(io("write journal header"))?;
+            file.write_all(&header())
+                .map_err(io("write journal header"))?;
             file.sync_all().map_err(io("fsync journal"))?;
             fsync_dir(dir).map_err(io("fsync replay directory"))?;
         } else if scan.torn_tail_bytes > 0 {

@@ -87,7 +87,7 @@ pub enum SamplingMode {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ReplayConfig {
-    /// A segment is rolled when it would exceed this many bytes (4 KiB ..= 1 GiB).
+    /// A segment is rolled when it would exceed this many bytes (1 KiB ..= 1 GiB).
     pub segment_bytes: u64,
     /// Most rows kept (control rows included; only training rows are evicted), >= 1.
     pub max_rows: u64,
@@ -122,9 +122,9 @@ impl Default for ReplayConfig {
 impl ReplayConfig {
     /// Check every field; the message names the field and its allowed range.
     pub fn validate(&self) -> Result<(), String> {
-        if !(4096..=1 << 30).contains(&self.segment_bytes) {
+        if !(1024..=1 << 30).contains(&self.segment_bytes) {
             return Err(format!(
-                "replay.segment_bytes = {} is out of range 4096 ..= 1073741824",
+                "replay.segment_bytes = {} is out of range 1024 ..= 1073741824",
                 self.segment_bytes
             ));
         }

@@ -25,8 +25,8 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use super::format::{
-    FRAME_OVERHEAD, HEADER_LEN, HeaderCheck, Record, check_header, decode_frame, encode_record,
-    scan_segment, segment_header,
+    HEADER_LEN, HeaderCheck, Record, check_header, decode_frame, encode_record, scan_segment,
+    segment_header,
 };
 use super::fsutil::{fsync_dir, now_ms};
 use super::journal::{Journal, JournalEntry, JournalScan};
@@ -271,7 +271,10 @@ fn segment_name(id: u32) -> String {
 }
 
 fn parse_segment_name(name: &str) -> Option<u32> {
-    name.strip_prefix("seg-")?.strip_suffix(".log")?.parse().ok()
+    name.strip_prefix("seg-")?
+        .strip_suffix(".log")?
+        .parse()
+        .ok()
 }
 
 /// The replay store. Not thread-safe by itself: one owner (the replay actor) calls it,
@@ -312,7 +315,10 @@ impl ReplayStore {
     /// Open (or create) the store in `dir`, recovering from any crash: torn tails are
     /// truncated, corrupt records skipped, leftover temporary files removed. The report
     /// says what was found.
-    pub fn open(dir: &Path, cfg: &ReplayConfig) -> Result<(ReplayStore, RecoveryReport), StoreError> {
+    pub fn open(
+        dir: &Path,
+        cfg: &ReplayConfig,
+    ) -> Result<(ReplayStore, RecoveryReport), StoreError> {
         cfg.validate().map_err(StoreError::Config)?;
         let io = |what: &str, path: &Path| {
             let what = what.to_string();
@@ -327,7 +333,8 @@ impl ReplayStore {
             let entry = entry.map_err(io("list replay directory", dir))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.ends_with(".tmp") {
-                fs::remove_file(entry.path()).map_err(io("remove stale temp file", &entry.path()))?;
+                fs::remove_file(entry.path())
+                    .map_err(io("remove stale temp file", &entry.path()))?;
                 report.stale_temp_files += 1;
             } else if let Some(id) = parse_segment_name(&name) {
                 segment_ids.push(id);
@@ -478,11 +485,7 @@ impl ReplayStore {
                 seg.live_bytes += meta.len as u64;
                 seg.live_rows += 1;
                 if store.journal.get(&s.record.file_hash).is_none() {
-                    store
-                        .partial
-                        .entry(meta.file)
-                        .or_default()
-                        .insert(meta.row);
+                    store.partial.entry(meta.file).or_default().insert(meta.row);
                 }
                 store.index_row(meta);
             }
@@ -690,7 +693,8 @@ impl ReplayStore {
             r.map_err(|e| self.io_err("fsync segment", &seg.path, e))?;
         }
         if self.dir_dirty {
-            fsync_dir(&self.dir).map_err(|e| self.io_err("fsync replay directory", &self.dir, e))?;
+            fsync_dir(&self.dir)
+                .map_err(|e| self.io_err("fsync replay directory", &self.dir, e))?;
             self.dir_dirty = false;
         }
         for m in std::mem::take(&mut self.pending) {
@@ -821,7 +825,11 @@ impl ReplayStore {
     }
 
     /// `n` training rows with the configured sampler (`sampling`, `recent_bias`).
-    pub fn sample<R: Rng + ?Sized>(&self, rng: &mut R, n: usize) -> Result<Vec<Record>, StoreError> {
+    pub fn sample<R: Rng + ?Sized>(
+        &self,
+        rng: &mut R,
+        n: usize,
+    ) -> Result<Vec<Record>, StoreError> {
         match self.cfg.sampling {
             SamplingMode::Uniform => self.sample_uniform(rng, n),
             SamplingMode::Recent => self.sample_recent(rng, n, self.cfg.recent_bias),
@@ -911,7 +919,10 @@ impl ReplayStore {
     /// `seq <= consumed_through` (rows the trainer has seen; rows of files not yet
     /// complete are never evicted), then compact. Control rows are never evicted, so the
     /// bound can be exceeded by control rows and by rows not consumed yet.
-    pub fn enforce_capacity(&mut self, consumed_through: u64) -> Result<EvictionReport, StoreError> {
+    pub fn enforce_capacity(
+        &mut self,
+        consumed_through: u64,
+    ) -> Result<EvictionReport, StoreError> {
         let first_partial = self
             .rows
             .iter()
@@ -942,7 +953,7 @@ impl ReplayStore {
         }
         let mut tau = self.state.tau;
         if rows_left > self.cfg.max_rows || bytes_left > self.cfg.max_bytes {
-            candidates.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+            candidates.sort_unstable_by_key(|c| std::cmp::Reverse(c.0));
             for (key, i) in candidates {
                 if rows_left <= self.cfg.max_rows && bytes_left <= self.cfg.max_bytes {
                     break;
@@ -991,7 +1002,10 @@ impl ReplayStore {
         let ids: Vec<u32> = self
             .segments
             .iter()
-            .filter(|(_, s)| s.dead_bytes > 0 && (s.live_rows == 0 || s.dead_bytes * 4 >= s.dead_bytes + s.live_bytes))
+            .filter(|(_, s)| {
+                s.dead_bytes > 0
+                    && (s.live_rows == 0 || s.dead_bytes * 4 >= s.dead_bytes + s.live_bytes)
+            })
             .map(|(id, _)| *id)
             .collect();
         for id in ids {
@@ -1002,7 +1016,8 @@ impl ReplayStore {
             let dead = self.segments[&id].dead_bytes;
             if self.segments[&id].live_rows == 0 && !is_active {
                 let seg = self.segments.remove(&id).expect("listed");
-                fs::remove_file(&seg.path).map_err(|e| self.io_err("remove empty segment", &seg.path, e))?;
+                fs::remove_file(&seg.path)
+                    .map_err(|e| self.io_err("remove empty segment", &seg.path, e))?;
                 report.segments_removed += 1;
                 report.bytes_reclaimed += dead;
                 continue;
@@ -1012,7 +1027,8 @@ impl ReplayStore {
             report.bytes_reclaimed += dead;
         }
         if report.segments_removed > 0 || report.segments_rewritten > 0 {
-            fsync_dir(&self.dir).map_err(|e| self.io_err("fsync replay directory", &self.dir, e))?;
+            fsync_dir(&self.dir)
+                .map_err(|e| self.io_err("fsync replay directory", &self.dir, e))?;
         }
         Ok(report)
     }
@@ -1022,7 +1038,8 @@ impl ReplayStore {
         if is_active {
             let a = self.active.take().expect("active");
             let mut w = a.writer;
-            w.flush().map_err(|e| self.io_err("write segment", &path, e))?;
+            w.flush()
+                .map_err(|e| self.io_err("write segment", &path, e))?;
         }
         let old = fs::read(&path).map_err(|e| self.io_err("read segment", &path, e))?;
         let lo = self.rows.partition_point(|m| m.segment < id);
@@ -1067,7 +1084,6 @@ impl ReplayStore {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
-
 }
 
 #[cfg(test)]

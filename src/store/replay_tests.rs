@@ -56,13 +56,7 @@ fn segment_files(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .starts_with("seg-")
-        })
+        .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with("seg-"))
         .collect();
     v.sort();
     v
@@ -186,7 +180,13 @@ fn torn_segment_header_is_repaired() {
 
 /// Rows of `n_files` files of `rows_per_file` each, evicting down to `max_rows`
 /// after every file; returns retained seqs and the store's stats.
-fn run_eviction(dir: &Path, seed: u64, n_files: u8, rows_per_file: usize, max_rows: u64) -> (Vec<u64>, ReplayStats) {
+fn run_eviction(
+    dir: &Path,
+    seed: u64,
+    n_files: u8,
+    rows_per_file: usize,
+    max_rows: u64,
+) -> (Vec<u64>, ReplayStats) {
     let c = ReplayConfig {
         segment_bytes: 8192,
         max_rows,
@@ -201,7 +201,12 @@ fn run_eviction(dir: &Path, seed: u64, n_files: u8, rows_per_file: usize, max_ro
         st.enforce_capacity(u64::MAX).unwrap();
         assert!(st.stats().rows <= max_rows);
     }
-    let seqs = st.rows.iter().filter(|m| !m.control).map(|m| m.seq).collect();
+    let seqs = st
+        .rows
+        .iter()
+        .filter(|m| !m.control)
+        .map(|m| m.seq)
+        .collect();
     (seqs, st.stats())
 }
 
@@ -216,7 +221,10 @@ fn eviction_keeps_a_uniform_deterministic_sample_and_spares_control_rows() {
         st.rows.iter().filter(|m| m.control).count() as u64
     };
     assert_eq!(all_control, stats1.control_rows);
-    assert!(stats1.control_rows > 50, "5% of 2000 rows are control, none evicted");
+    assert!(
+        stats1.control_rows > 50,
+        "5% of 2000 rows are control, none evicted"
+    );
     assert_eq!(stats1.rows, 300);
     assert_eq!(stats1.evicted_total, 2000 - 300);
     // A uniform sample of seqs 1..=2000 has mean ~1000 (sd of the mean ~ 40 here);
@@ -225,10 +233,22 @@ fn eviction_keeps_a_uniform_deterministic_sample_and_spares_control_rows() {
     assert!((850.0..1150.0).contains(&mean), "mean seq {mean}");
     // Durable: a reopen sees the same rows; disk space was reclaimed.
     let (st, rep) = open(d1.path(), &cfg(8192));
-    let reopened: Vec<u64> = st.rows.iter().filter(|m| !m.control).map(|m| m.seq).collect();
+    let reopened: Vec<u64> = st
+        .rows
+        .iter()
+        .filter(|m| !m.control)
+        .map(|m| m.seq)
+        .collect();
     assert_eq!(reopened, s1);
-    let disk: u64 = segment_files(d1.path()).iter().map(|p| fs::metadata(p).unwrap().len()).sum();
-    assert!(disk < stats1.bytes * 2, "disk {disk} vs live {}", stats1.bytes);
+    let disk: u64 = segment_files(d1.path())
+        .iter()
+        .map(|p| fs::metadata(p).unwrap().len())
+        .sum();
+    assert!(
+        disk < stats1.bytes * 2,
+        "disk {disk} vs live {}",
+        stats1.bytes
+    );
     assert!(rep.evicted_on_disk < 300);
     let insp = inspect_replay(d1.path()).unwrap();
     assert_eq!(insp.rows, 300);
@@ -256,7 +276,10 @@ fn eviction_waits_for_the_consumer_cursor_and_for_incomplete_files() {
     assert_eq!(rep.evicted, 20);
     assert!(st.rows.iter().filter(|m| m.seq <= 20).count() == 0);
     let rep = st.enforce_capacity(u64::MAX).unwrap();
-    assert_eq!(rep.evicted, 20, "rows 21..=40 evictable, file 2 is incomplete");
+    assert_eq!(
+        rep.evicted, 20,
+        "rows 21..=40 evictable, file 2 is incomplete"
+    );
     assert_eq!(st.stats().rows, 10);
     assert!(st.rows.iter().all(|m| m.file == st.file_ids[&h2]));
     assert_eq!(st.rows_after(0, 100).unwrap().len(), 10);
@@ -273,11 +296,18 @@ fn control_rows_are_held_out_and_grouped() {
     let (h, rows) = file_rows(1, 300, 10);
     st.append_file_rows(&h, rows, 0).unwrap();
     let control: Vec<&RowMeta> = st.rows.iter().filter(|m| m.control).collect();
-    assert!(control.len() > 50 && control.len() < 130, "{}", control.len());
+    assert!(
+        control.len() > 50 && control.len() < 130,
+        "{}",
+        control.len()
+    );
     let training = st.rows_after(0, usize::MAX).unwrap();
     assert_eq!(training.len() + control.len(), 300);
     let mut rng = ChaCha8Rng::seed_from_u64(1);
-    for r in training.iter().chain(&st.sample_uniform(&mut rng, 200).unwrap()) {
+    for r in training
+        .iter()
+        .chain(&st.sample_uniform(&mut rng, 200).unwrap())
+    {
         assert!(!is_control(0.3, &r.body));
     }
     let groups = st.control_groups(151, 5).unwrap();
@@ -315,7 +345,10 @@ fn samplers_and_cursor() {
     // Density ∝ e^{5x}: mean of x is 1/(1-e^-5) - 1/5 ≈ 0.807.
     assert!((760.0..850.0).contains(&r), "{r}");
     let page = st.rows_after(990, 5).unwrap();
-    assert_eq!(page.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![991, 992, 993, 994, 995]);
+    assert_eq!(
+        page.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        vec![991, 992, 993, 994, 995]
+    );
     assert!(st.rows_after(1000, 5).unwrap().is_empty());
 }
 

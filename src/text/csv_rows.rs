@@ -17,6 +17,7 @@
 //!
 //! The reader holds one record in memory at a time, never the whole file.
 
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
 
 use serde::{Deserialize, Serialize};
@@ -45,9 +46,7 @@ pub enum CsvError {
         file: String,
     },
     /// A header cell is not valid UTF-8.
-    #[error(
-        "CSV file {file}: header column {column} is not valid UTF-8; save the file as UTF-8"
-    )]
+    #[error("CSV file {file}: header column {column} is not valid UTF-8; save the file as UTF-8")]
     HeaderNotUtf8 {
         /// File being read.
         file: String,
@@ -187,7 +186,10 @@ impl std::fmt::Display for RejectReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RejectReason::FieldCount { expected, found } => {
-                write!(f, "expected {expected} fields as in the header, found {found}")
+                write!(
+                    f,
+                    "expected {expected} fields as in the header, found {found}"
+                )
             }
             RejectReason::NotUtf8 { column } => write!(f, "field `{column}` is not valid UTF-8"),
             RejectReason::EmptyField { column } => {
@@ -290,9 +292,57 @@ impl CsvSchema {
     }
 }
 
+/// Tracks where line terminators are in the bytes handed to the CSV parser, so that
+/// the physical line of a record's first byte is exact (the parser's own line count
+/// lags behind for CRLF line ends and skipped blank lines).
+struct LineTracker<R> {
+    inner: R,
+    delivered: u64,
+    /// Offsets of `\r` / `\n` bytes not yet passed, with the byte.
+    marks: VecDeque<(u64, u8)>,
+    /// `\n` bytes already passed.
+    lf_passed: u64,
+}
+
+impl<R: Read> Read for LineTracker<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        for (i, &b) in buf[..n].iter().enumerate() {
+            if b == b'\n' || b == b'\r' {
+                self.marks.push_back((self.delivered + i as u64, b));
+            }
+        }
+        self.delivered += n as u64;
+        Ok(n)
+    }
+}
+
+impl<R> LineTracker<R> {
+    /// 1-based line of the first byte of a record whose read started at `start`
+    /// (skipping the terminators of the previous line and blank lines).
+    fn line_at(&mut self, start: u64) -> u64 {
+        while let Some(&(o, b)) = self.marks.front() {
+            if o >= start {
+                break;
+            }
+            self.lf_passed += (b == b'\n') as u64;
+            self.marks.pop_front();
+        }
+        let (mut pos, mut lf) = (start, self.lf_passed);
+        for &(o, b) in &self.marks {
+            if o != pos {
+                break;
+            }
+            lf += (b == b'\n') as u64;
+            pos += 1;
+        }
+        lf + 1
+    }
+}
+
 /// Streaming reader of rows from one CSV file.
 pub struct CsvRowReader<R: Read> {
-    reader: csv::Reader<BufReader<R>>,
+    reader: csv::Reader<LineTracker<BufReader<R>>>,
     file: String,
     schema: CsvSchema,
     default_source: String,
@@ -325,7 +375,12 @@ impl<R: Read> CsvRowReader<R> {
             .has_headers(false)
             .flexible(true)
             .buffer_capacity(256 * 1024)
-            .from_reader(buffered);
+            .from_reader(LineTracker {
+                inner: buffered,
+                delivered: 0,
+                marks: VecDeque::new(),
+                lf_passed: 0,
+            });
         let mut header = csv::ByteRecord::new();
         let got = reader
             .read_byte_record(&mut header)
@@ -368,7 +423,8 @@ impl<R: Read> CsvRowReader<R> {
         if !got {
             return Ok(None);
         }
-        let line = self.record.position().map_or(0, |p| p.line());
+        let start = self.record.position().map_or(0, |p| p.byte());
+        let line = self.reader.get_mut().line_at(start);
         Ok(Some(self.decode(line)))
     }
 
@@ -562,9 +618,12 @@ mod tests {
     }
 
     #[test]
-    fn header_only_file_has_no_rows() {
+    fn header_only_file_has_no_rows_and_blank_lines_are_skipped() {
         let (_, rows) = read_all(b"text\r\n", 100).unwrap();
         assert!(rows.is_empty());
+        let (_, rows) = read_all(b"text\n\n\r\nfoo\n\n\"a\nb\"\n", 100).unwrap();
+        let lines: Vec<u64> = rows.iter().map(|r| r.as_ref().unwrap().line).collect();
+        assert_eq!(lines, vec![4, 6]);
     }
 
     fn nonblank() -> impl Strategy<Value = String> {
