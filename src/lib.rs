@@ -10,5 +10,8 @@ pub mod cli;
 pub mod config;
 pub mod ctl;
 pub mod daemon;
+pub mod ingest;
 pub mod model;
+pub mod store;
 pub mod telemetry;
+pub mod text;

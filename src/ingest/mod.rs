@@ -1,0 +1,122 @@
+//! Inbox processing (synchronous core of the ingestor actor).
+//!
+//! - [`select`]: which inbox entries are complete and ready (pure).
+//! - [`process`]: one file → durable rows in the replay store → the file moved to
+//!   `inbox/.done/` (or `inbox/.failed/`) with a JSON sidecar.
+//! - [`bench`]: `mbtd bench ingest`.
+
+pub mod bench;
+pub mod process;
+pub mod select;
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+pub use bench::{BenchIngestArgs, bench_ingest};
+pub use process::{FileOutcome, Outcome, Sidecar, process_file};
+pub use select::{EntryKind, InboxEntry, ScanMemory, Selection, list_inbox, select_candidates};
+
+use crate::store::StoreError;
+
+/// Errors of inbox processing. A file that is refused is not an error (it goes to
+/// `.failed/`); these are conditions where the file stays in the inbox for a retry.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// An I/O operation failed.
+    #[error(
+        "ingest: {what} failed for {path}: {source}; check permissions and free space, the file stays in the inbox for a retry"
+    )]
+    Io {
+        /// The operation.
+        what: String,
+        /// The file or directory.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The replay store failed.
+    #[error("ingest: replay store failed while processing {path}: {source}")]
+    Store {
+        /// The inbox file.
+        path: PathBuf,
+        /// The store error.
+        #[source]
+        source: StoreError,
+    },
+    /// The path is not something `process_file` handles (directory, no file name).
+    #[error(
+        "ingest: {path} is not a processable inbox file ({why}); candidate selection should not offer it"
+    )]
+    NotAFile {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// Invalid configuration.
+    #[error("ingest config: {0}")]
+    Config(String),
+}
+
+/// Configuration of inbox processing (`[ingest]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// A file is ready when its size and mtime have not changed for this long (ms,
+    /// 0 ..= 600000). A file renamed into the inbox is ready at once.
+    pub settle_ms: u64,
+    /// Period of the safety rescan of the inbox (ms, 100 ..= 3600000).
+    pub rescan_ms: u64,
+    /// Larger files are refused (bytes, 1 ..= 64 GiB).
+    pub max_file_bytes: u64,
+    /// Larger rows are rejected (bytes of field data, 16 ..= 256 MiB).
+    pub max_row_bytes: u64,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            settle_ms: 500,
+            rescan_ms: 2000,
+            max_file_bytes: 256 << 20,
+            max_row_bytes: 1 << 20,
+        }
+    }
+}
+
+impl IngestConfig {
+    /// Check every field; the message names the field and its allowed range.
+    pub fn validate(&self) -> Result<(), String> {
+        let check = |name: &str, v: u64, lo: u64, hi: u64| {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(format!("ingest.{name} = {v} is out of range {lo} ..= {hi}"))
+            }
+        };
+        check("settle_ms", self.settle_ms, 0, 600_000)?;
+        check("rescan_ms", self.rescan_ms, 100, 3_600_000)?;
+        check("max_file_bytes", self.max_file_bytes, 1, 64 << 30)?;
+        check("max_row_bytes", self.max_row_bytes, 16, 256 << 20)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_defaults_validate_and_errors_name_the_field() {
+        IngestConfig::default().validate().unwrap();
+        let bad = IngestConfig {
+            max_row_bytes: 1,
+            ..Default::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("max_row_bytes"));
+        let c: IngestConfig = toml::from_str("settle_ms = 10").unwrap();
+        assert_eq!((c.settle_ms, c.rescan_ms), (10, 2000));
+        assert!(toml::from_str::<IngestConfig>("settle = 10").is_err());
+    }
+}

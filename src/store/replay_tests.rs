@@ -1,0 +1,474 @@
+//! Tests of the replay store: recovery, exactly-once, eviction, control, sampling.
+
+use super::*;
+use crate::store::inspect_replay;
+use proptest::prelude::*;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::collections::HashMap;
+
+fn cfg(segment_bytes: u64) -> ReplayConfig {
+    ReplayConfig {
+        segment_bytes,
+        control_fraction: 0.1,
+        ..Default::default()
+    }
+}
+
+fn open(dir: &Path, c: &ReplayConfig) -> (ReplayStore, RecoveryReport) {
+    ReplayStore::open(dir, c).unwrap()
+}
+
+fn file_rows(tag: u8, n: usize, text_len: usize) -> ([u8; 32], Vec<CsvRow>) {
+    let rows = (0..n)
+        .map(|i| CsvRow {
+            line: 2 + i as u64,
+            source: format!("s{}", i % 3),
+            body: if i % 2 == 0 {
+                RowBody::Text {
+                    text: format!("{tag}-{i}-{}", "x".repeat((i * 7) % (text_len + 1))),
+                }
+            } else {
+                RowBody::PromptResponse {
+                    prompt: format!("p{tag}-{i}"),
+                    response: "r".repeat(1 + (i * 13) % (text_len + 1)),
+                }
+            },
+        })
+        .collect();
+    ([tag; 32], rows)
+}
+
+type Key = ([u8; 32], u64);
+
+/// Every row in the store (training and control), keyed by (file, row), with counts.
+fn contents(st: &ReplayStore) -> HashMap<Key, (usize, Record)> {
+    let mut m: HashMap<Key, (usize, Record)> = HashMap::new();
+    for m_ in &st.rows {
+        let r = st.read_meta(m_).unwrap();
+        let e = m.entry((r.file_hash, r.row)).or_insert((0, r.clone()));
+        e.0 += 1;
+    }
+    m
+}
+
+fn segment_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with("seg-"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn append_reopen_and_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cfg(4096);
+    let (h, rows) = file_rows(1, 200, 100);
+    {
+        let (mut st, rep) = open(dir.path(), &c);
+        assert!(rep.is_clean());
+        let s = st.append_file_rows(&h, rows.clone(), 3).unwrap();
+        assert_eq!((s.appended, s.already_present), (200, 0));
+        assert_eq!((s.entry.rows_accepted, s.entry.rows_rejected), (200, 3));
+        assert_eq!(s.entry.last_seq - s.entry.first_seq, 199);
+        assert!(st.stats().segments > 1);
+    }
+    let (st, rep) = open(dir.path(), &c);
+    assert!(rep.is_clean(), "{rep}");
+    assert_eq!(rep.rows, 200);
+    let got = contents(&st);
+    assert_eq!(got.len(), 200);
+    for r in &rows {
+        let (n, rec) = &got[&(h, r.line)];
+        assert_eq!(*n, 1);
+        assert_eq!((&rec.source, &rec.body), (&r.source, &r.body));
+    }
+    let stats = st.stats();
+    assert_eq!(stats.rows, 200);
+    assert_eq!(stats.by_kind[&RowKind::Text], 100);
+    assert_eq!(stats.by_source["s0"], 67);
+    assert_eq!(stats.training_rows + stats.control_rows, 200);
+    assert!(stats.control_rows > 5 && stats.control_rows < 45);
+    assert_eq!(stats.last_seq, 200);
+    assert_eq!(stats.journal_files, 1);
+    let inspect = inspect_replay(dir.path()).unwrap();
+    assert!(inspect.ok);
+    assert_eq!(
+        (inspect.rows, inspect.control_rows, inspect.bytes),
+        (stats.rows, stats.control_rows, stats.bytes)
+    );
+    assert!(inspect.to_string().contains("all CRCs verified"));
+    let json = serde_json::to_value(&inspect).unwrap();
+    assert_eq!(json["by_source"]["s1"]["rows"], 67);
+}
+
+#[test]
+fn crash_after_fsync_before_journal_adds_no_duplicate() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cfg(4096);
+    let (h, rows) = file_rows(2, 50, 50);
+    {
+        let (mut st, _) = open(dir.path(), &c);
+        for r in &rows[..30] {
+            assert!(st.append_row(&h, r.line, &r.source, &r.body, 1).unwrap());
+        }
+        st.sync().unwrap();
+    }
+    let (mut st, _) = open(dir.path(), &c);
+    assert!(st.journal_entry(&h).is_none());
+    assert!(st.contains_row(&h, rows[0].line));
+    let s = st.append_file_rows(&h, rows.clone(), 0).unwrap();
+    assert_eq!((s.appended, s.already_present), (20, 30));
+    let s = st.append_file_rows(&h, rows.clone(), 0).unwrap();
+    assert_eq!((s.appended, s.already_present), (0, 50));
+    drop(st);
+    let (st, _) = open(dir.path(), &c);
+    let got = contents(&st);
+    assert_eq!(got.len(), 50);
+    assert!(got.values().all(|(n, _)| *n == 1));
+}
+
+#[test]
+fn corrupt_middle_record_is_reported_and_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cfg(1 << 20);
+    let (h, rows) = file_rows(3, 20, 30);
+    {
+        let (mut st, _) = open(dir.path(), &c);
+        st.append_file_rows(&h, rows, 0).unwrap();
+    }
+    let seg = &segment_files(dir.path())[0];
+    let mut bytes = fs::read(seg).unwrap();
+    let scan = scan_segment(&bytes, 1);
+    let victim = &scan.records[7];
+    bytes[victim.offset as usize + 12] ^= 0x55;
+    fs::write(seg, &bytes).unwrap();
+    let before = inspect_replay(dir.path()).unwrap();
+    assert!(!before.ok);
+    assert_eq!(before.segments[0].corrupt_regions, 1);
+    let (st, rep) = open(dir.path(), &c);
+    assert_eq!(rep.corrupt.len(), 1);
+    assert!(rep.truncated.is_empty());
+    assert!(rep.to_string().contains("corrupt region"));
+    let got = contents(&st);
+    assert_eq!(got.len(), 19);
+    assert!(!got.contains_key(&(h, victim.record.row)));
+}
+
+#[test]
+fn torn_segment_header_is_repaired() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cfg(4096);
+    {
+        let (mut st, _) = open(dir.path(), &c);
+        let (h, rows) = file_rows(4, 5, 10);
+        st.append_file_rows(&h, rows, 0).unwrap();
+    }
+    fs::write(dir.path().join(segment_name(9)), b"MBTD").unwrap();
+    let (mut st, rep) = open(dir.path(), &c);
+    assert_eq!(rep.truncated.len(), 1);
+    let (h, rows) = file_rows(5, 5, 10);
+    st.append_file_rows(&h, rows, 0).unwrap();
+    drop(st);
+    let (st, rep) = open(dir.path(), &c);
+    assert!(rep.is_clean(), "{rep}");
+    assert_eq!(st.stats().rows, 10);
+}
+
+/// Rows of `n_files` files of `rows_per_file` each, evicting down to `max_rows`
+/// after every file; returns retained seqs and the store's stats.
+fn run_eviction(
+    dir: &Path,
+    seed: u64,
+    n_files: u8,
+    rows_per_file: usize,
+    max_rows: u64,
+) -> (Vec<u64>, ReplayStats) {
+    let c = ReplayConfig {
+        segment_bytes: 8192,
+        max_rows,
+        control_fraction: 0.05,
+        seed,
+        ..Default::default()
+    };
+    let (mut st, _) = open(dir, &c);
+    for f in 0..n_files {
+        let (h, rows) = file_rows(f, rows_per_file, 20);
+        st.append_file_rows(&h, rows, 0).unwrap();
+        st.enforce_capacity(u64::MAX).unwrap();
+        assert!(st.stats().rows <= max_rows);
+    }
+    let seqs = st
+        .rows
+        .iter()
+        .filter(|m| !m.control)
+        .map(|m| m.seq)
+        .collect();
+    (seqs, st.stats())
+}
+
+#[test]
+fn eviction_keeps_a_uniform_deterministic_sample_and_spares_control_rows() {
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (s1, stats1) = run_eviction(d1.path(), 11, 10, 200, 300);
+    let (s2, _) = run_eviction(d2.path(), 11, 10, 200, 300);
+    assert_eq!(s1, s2, "same seed, same history, same sample");
+    let all_control = {
+        let (st, _) = open(d1.path(), &cfg(8192));
+        st.rows.iter().filter(|m| m.control).count() as u64
+    };
+    assert_eq!(all_control, stats1.control_rows);
+    assert!(
+        stats1.control_rows > 50,
+        "5% of 2000 rows are control, none evicted"
+    );
+    assert_eq!(stats1.rows, 300);
+    assert_eq!(stats1.evicted_total, 2000 - 300);
+    // A uniform sample of seqs 1..=2000 has mean ~1000 (sd of the mean ~ 40 here);
+    // keeping the newest rows would give ~1900.
+    let mean = s1.iter().sum::<u64>() as f64 / s1.len() as f64;
+    assert!((850.0..1150.0).contains(&mean), "mean seq {mean}");
+    // Durable: a reopen sees the same rows; disk space was reclaimed.
+    let (st, rep) = open(d1.path(), &cfg(8192));
+    let reopened: Vec<u64> = st
+        .rows
+        .iter()
+        .filter(|m| !m.control)
+        .map(|m| m.seq)
+        .collect();
+    assert_eq!(reopened, s1);
+    let disk: u64 = segment_files(d1.path())
+        .iter()
+        .map(|p| fs::metadata(p).unwrap().len())
+        .sum();
+    assert!(
+        disk < stats1.bytes * 2,
+        "disk {disk} vs live {}",
+        stats1.bytes
+    );
+    assert!(rep.evicted_on_disk < 300);
+    let insp = inspect_replay(d1.path()).unwrap();
+    assert_eq!(insp.rows, 300);
+    assert!(insp.ok);
+}
+
+#[test]
+fn eviction_waits_for_the_consumer_cursor_and_for_incomplete_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = ReplayConfig {
+        segment_bytes: 8192,
+        max_rows: 10,
+        control_fraction: 0.0,
+        ..Default::default()
+    };
+    let (mut st, _) = open(dir.path(), &c);
+    let (h, rows) = file_rows(1, 40, 10);
+    st.append_file_rows(&h, rows, 0).unwrap();
+    let (h2, rows2) = file_rows(2, 10, 10);
+    for r in &rows2 {
+        st.append_row(&h2, r.line, &r.source, &r.body, 1).unwrap();
+    }
+    st.sync().unwrap();
+    let rep = st.enforce_capacity(20).unwrap();
+    assert_eq!(rep.evicted, 20);
+    assert!(st.rows.iter().filter(|m| m.seq <= 20).count() == 0);
+    let rep = st.enforce_capacity(u64::MAX).unwrap();
+    assert_eq!(
+        rep.evicted, 20,
+        "rows 21..=40 evictable, file 2 is incomplete"
+    );
+    assert_eq!(st.stats().rows, 10);
+    assert!(st.rows.iter().all(|m| m.file == st.file_ids[&h2]));
+    assert_eq!(st.rows_after(0, 100).unwrap().len(), 10);
+}
+
+#[test]
+fn control_rows_are_held_out_and_grouped() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = ReplayConfig {
+        control_fraction: 0.3,
+        ..cfg(1 << 20)
+    };
+    let (mut st, _) = open(dir.path(), &c);
+    let (h, rows) = file_rows(1, 300, 10);
+    st.append_file_rows(&h, rows, 0).unwrap();
+    let control: Vec<&RowMeta> = st.rows.iter().filter(|m| m.control).collect();
+    assert!(
+        control.len() > 50 && control.len() < 130,
+        "{}",
+        control.len()
+    );
+    let training = st.rows_after(0, usize::MAX).unwrap();
+    assert_eq!(training.len() + control.len(), 300);
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    for r in training
+        .iter()
+        .chain(&st.sample_uniform(&mut rng, 200).unwrap())
+    {
+        assert!(!is_control(0.3, &r.body));
+    }
+    let groups = st.control_groups(151, 5).unwrap();
+    let total: u64 = groups.iter().map(|g| g.total_rows).sum();
+    assert_eq!(total as usize, control.len());
+    assert_eq!(groups.len(), 6, "3 sources x 2 eras");
+    for g in &groups {
+        assert!(g.records.len() <= 5);
+        for r in &g.records {
+            assert_eq!(r.source, g.source);
+            assert_eq!(g.era == Era::Old, r.seq < 151);
+            assert!(is_control(0.3, &r.body));
+        }
+    }
+}
+
+#[test]
+fn samplers_and_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = ReplayConfig {
+        control_fraction: 0.0,
+        ..cfg(1 << 20)
+    };
+    let (mut st, _) = open(dir.path(), &c);
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    assert!(st.sample_uniform(&mut rng, 3).unwrap().is_empty());
+    let (h, rows) = file_rows(1, 1000, 5);
+    st.append_file_rows(&h, rows, 0).unwrap();
+    let mean = |v: Vec<Record>| v.iter().map(|r| r.seq as f64).sum::<f64>() / v.len() as f64;
+    let u = mean(st.sample_uniform(&mut rng, 2000).unwrap());
+    let r = mean(st.sample_recent(&mut rng, 2000, 5.0).unwrap());
+    let r0 = mean(st.sample_recent(&mut rng, 2000, 0.0).unwrap());
+    assert!((450.0..550.0).contains(&u), "{u}");
+    assert!((450.0..550.0).contains(&r0), "{r0}");
+    // Density ∝ e^{5x}: mean of x is 1/(1-e^-5) - 1/5 ≈ 0.807.
+    assert!((760.0..850.0).contains(&r), "{r}");
+    let page = st.rows_after(990, 5).unwrap();
+    assert_eq!(
+        page.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        vec![991, 992, 993, 994, 995]
+    );
+    assert!(st.rows_after(1000, 5).unwrap().is_empty());
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    /// Append a whole file and commit it.
+    Commit(u8),
+    /// Append the first `k` rows of a file, crash, cut the last segment at a point
+    /// `cut` of the way through its unsynced bytes, reopen.
+    Crash(u8, usize, f64),
+    /// Clean reopen.
+    Reopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0u8..5).prop_map(Op::Commit),
+        (0u8..5, 0usize..40, 0.0f64..=1.0).prop_map(|(f, k, c)| Op::Crash(f, k, c)),
+        Just(Op::Reopen),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+
+    /// Any sequence of appends, crashes (last segment cut at a random byte after its
+    /// durable length) and reopens yields every fsynced row, plus possibly a prefix of
+    /// the rows appended before the crash, each exactly once, never a corrupt record;
+    /// re-appending files (journal idempotence) never duplicates.
+    #[test]
+    fn appends_crashes_and_reopens_keep_exactly_the_durable_rows(ops in proptest::collection::vec(op(), 1..12)) {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(2048);
+        let files: Vec<([u8; 32], Vec<CsvRow>)> = (0..5u8).map(|f| file_rows(f, 40, 60)).collect();
+        let (mut st, _) = open(dir.path(), &c);
+        let mut durable: HashMap<Key, RowBody> = HashMap::new();
+        let mut synced_len: HashMap<PathBuf, u64> = HashMap::new();
+        let snapshot = |synced: &mut HashMap<PathBuf, u64>| {
+            synced.clear();
+            for p in segment_files(dir.path()) {
+                let n = fs::metadata(&p).unwrap().len();
+                synced.insert(p, n);
+            }
+        };
+        snapshot(&mut synced_len);
+        for op in ops {
+            match op {
+                Op::Commit(f) => {
+                    let (h, rows) = &files[f as usize];
+                    let s = st.append_file_rows(h, rows.clone(), 0).unwrap();
+                    let before = durable.len();
+                    for r in rows {
+                        durable.insert((*h, r.line), r.body.clone());
+                    }
+                    prop_assert_eq!(s.appended as usize, durable.len() - before);
+                    snapshot(&mut synced_len);
+                }
+                Op::Crash(f, k, cut) => {
+                    let (h, rows) = &files[f as usize];
+                    let mut written = Vec::new();
+                    for r in &rows[..k] {
+                        if st.append_row(h, r.line, &r.source, &r.body, 1).unwrap() {
+                            written.push(r.clone());
+                        }
+                    }
+                    drop(st);
+                    let segs = segment_files(dir.path());
+                    if let Some(last) = segs.last() {
+                        let len = fs::metadata(last).unwrap().len();
+                        let lo = synced_len.get(last).copied().unwrap_or(0);
+                        let at = lo + ((len - lo) as f64 * cut) as u64;
+                        fs::OpenOptions::new().write(true).open(last).unwrap().set_len(at).unwrap();
+                    }
+                    let (s2, _) = open(dir.path(), &c);
+                    st = s2;
+                    let got = contents(&st);
+                    let mut survived = 0;
+                    for (key, (n, rec)) in &got {
+                        prop_assert_eq!(*n, 1, "duplicate row");
+                        match durable.get(key) {
+                            Some(body) => prop_assert_eq!(body, &rec.body),
+                            None => survived += 1,
+                        }
+                    }
+                    for key in durable.keys() {
+                        prop_assert!(got.contains_key(key), "durable row lost");
+                    }
+                    // The survivors of the crash are a prefix of what was written.
+                    for (i, r) in written.iter().enumerate() {
+                        prop_assert_eq!(got.contains_key(&(*h, r.line)), i < survived);
+                    }
+                    for (key, (_, rec)) in got {
+                        durable.insert(key, rec.body);
+                    }
+                    snapshot(&mut synced_len);
+                }
+                Op::Reopen => {
+                    drop(st);
+                    let (s2, rep) = open(dir.path(), &c);
+                    prop_assert!(rep.is_clean(), "{}", rep);
+                    st = s2;
+                }
+            }
+            let got = contents(&st);
+            prop_assert_eq!(got.len(), durable.len());
+            prop_assert!(got.values().all(|(n, _)| *n == 1));
+        }
+        // Journal idempotence: completing every file now adds exactly the missing rows.
+        for (h, rows) in &files {
+            st.append_file_rows(h, rows.clone(), 0).unwrap();
+            for r in rows {
+                durable.insert((*h, r.line), r.body.clone());
+            }
+        }
+        drop(st);
+        let (st, _) = open(dir.path(), &c);
+        let got = contents(&st);
+        prop_assert_eq!(got.len(), durable.len());
+        prop_assert_eq!(got.len(), 200);
+        prop_assert!(got.values().all(|(n, _)| *n == 1));
+        prop_assert!(inspect_replay(dir.path()).unwrap().ok);
+    }
+}

@@ -1,0 +1,3 @@
+//! Text handling: CSV rows.
+
+pub mod csv_rows;
