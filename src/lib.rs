@@ -3,4 +3,6 @@
 //! Layers of the code: the pure core (`model`, `text`, `store`, `ingest`, `checkpoint`,
 //! `govern`, `config`), thin kameo actors (`actors`), and the edges (`admin`, `main.rs`).
 
+pub mod checkpoint;
 pub mod config;
+pub mod text;
