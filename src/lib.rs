@@ -6,6 +6,7 @@
 
 pub mod actors;
 pub mod admin;
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod ctl;

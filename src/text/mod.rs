@@ -1,3 +1,4 @@
-//! Text handling: CSV rows.
+//! Text handling: CSV rows and the tokenizer.
 
 pub mod csv_rows;
+pub mod tokenizer;
