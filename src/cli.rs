@@ -77,6 +77,10 @@ pub enum CtlCommand {
     Metrics,
     /// Stop the daemon in order (as SIGTERM does).
     Shutdown,
+    /// Stop taking files from the inbox (files wait there).
+    PauseIngest,
+    /// Take files from the inbox again.
+    ResumeIngest,
     /// Make an actor panic (test builds with the fault-injection feature only).
     #[cfg(feature = "fault-injection")]
     #[command(hide = true)]

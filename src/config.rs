@@ -258,6 +258,26 @@ pub struct Config {
     pub admin: AdminConfig,
     pub logging: LoggingConfig,
     pub metrics: MetricsConfig,
+    pub ingest: crate::ingest::IngestConfig,
+    pub replay: crate::store::ReplayConfig,
+}
+
+/// Maps a module's `validate() -> Result<(), String>` (whose message names the field) to a
+/// [`FieldError`] for section `section`.
+fn section(section: &str, r: Result<(), String>) -> Result<(), FieldError> {
+    r.map_err(|m| {
+        let prefix = format!("{section}.");
+        match m.strip_prefix(&prefix) {
+            Some(rest) => {
+                let end = rest
+                    .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == '.'))
+                    .unwrap_or(rest.len());
+                let msg = rest[end..].trim_start_matches([' ', ':', '=']).trim();
+                FieldError::new(format!("{prefix}{}", &rest[..end]), msg.to_string())
+            }
+            None => FieldError::new(section, m),
+        }
+    })
 }
 
 impl Config {
@@ -294,7 +314,9 @@ impl Config {
         self.daemon.validate()?;
         self.admin.validate()?;
         self.logging.validate()?;
-        self.metrics.validate()
+        self.metrics.validate()?;
+        section("ingest", self.ingest.validate())?;
+        section("replay", self.replay.validate())
     }
 
     /// Resolves every relative path against `data_dir`.
@@ -341,6 +363,15 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains("daemon.shutdown_timeout_s"), "{msg}");
         assert!(msg.contains("1 ..= 3600"), "{msg}");
+    }
+
+    #[test]
+    fn section_errors_name_the_field() {
+        let err = Config::from_toml("[ingest]\nrescan_ms = 1\n", "i.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`ingest.rescan_ms`"), "{err}");
+        assert!(err.contains("100 ..= 3600000"), "{err}");
     }
 
     #[test]

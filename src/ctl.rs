@@ -24,6 +24,8 @@ fn request(cmd: &CtlCommand) -> (&'static str, serde_json::Value) {
         CtlCommand::Ping => ("ping", serde_json::Value::Null),
         CtlCommand::Metrics => ("metrics", serde_json::Value::Null),
         CtlCommand::Shutdown => ("shutdown", serde_json::Value::Null),
+        CtlCommand::PauseIngest => ("pause-ingest", serde_json::Value::Null),
+        CtlCommand::ResumeIngest => ("resume-ingest", serde_json::Value::Null),
         #[cfg(feature = "fault-injection")]
         CtlCommand::DebugCrash { actor } => ("debug-crash", serde_json::json!({ "actor": actor })),
     }
@@ -58,6 +60,8 @@ fn human(cmd: &CtlCommand, data: &serde_json::Value) -> String {
         },
         CtlCommand::Ping => "pong\n".to_string(),
         CtlCommand::Shutdown => "mbtd is stopping\n".to_string(),
+        CtlCommand::PauseIngest => "ingest paused\n".to_string(),
+        CtlCommand::ResumeIngest => "ingest resumed\n".to_string(),
         CtlCommand::Metrics => format_metrics(data),
         #[cfg(feature = "fault-injection")]
         CtlCommand::DebugCrash { .. } => format!("{data}\n"),

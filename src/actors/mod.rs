@@ -4,7 +4,9 @@
 pub mod admin;
 pub mod dispatch;
 pub mod health;
+pub mod ingestor;
 pub mod metrics;
+pub mod replay;
 pub mod supervisor;
 
 /// Test-only fault: makes the receiving actor panic (compiled with `--features fault-injection`).

@@ -12,6 +12,8 @@ use kameo::supervision::RestartPolicy;
 use tokio::sync::mpsc;
 
 use super::admin::{AdminActor, AdminArgs};
+use super::ingestor::{IngestorActor, IngestorArgs};
+use super::replay::{ReplayActor, ReplayArgs};
 use super::dispatch::{Dispatcher, StopRequest};
 use super::health::HealthBoard;
 use super::metrics::{MetricsActor, MetricsArgs};
@@ -37,6 +39,15 @@ pub struct RootArgs {
 pub enum Child {
     Metrics(ActorRef<MetricsActor>),
     Admin(ActorRef<AdminActor>),
+    Replay(ActorRef<ReplayActor>),
+    Ingestor(ActorRef<IngestorActor>),
+}
+
+macro_rules! stop_and_wait {
+    ($r:expr) => {{
+        let _ = $r.stop_gracefully().await;
+        $r.wait_for_shutdown().await;
+    }};
 }
 
 impl Child {
@@ -45,14 +56,10 @@ impl Child {
     /// child's exit signal for the stop to complete.
     pub async fn stop(&self) {
         match self {
-            Child::Metrics(r) => {
-                let _ = r.stop_gracefully().await;
-                r.wait_for_shutdown().await;
-            }
-            Child::Admin(r) => {
-                let _ = r.stop_gracefully().await;
-                r.wait_for_shutdown().await;
-            }
+            Child::Metrics(r) => stop_and_wait!(r),
+            Child::Admin(r) => stop_and_wait!(r),
+            Child::Replay(r) => stop_and_wait!(r),
+            Child::Ingestor(r) => stop_and_wait!(r),
         }
     }
 }
@@ -93,14 +100,51 @@ impl Actor for Root {
         .await;
         names.insert(metrics.id(), "metrics");
 
+        let replay = ReplayActor::supervise(
+            &me,
+            ReplayArgs {
+                dir: args.cfg.paths.replay.clone(),
+                inbox: args.cfg.paths.inbox.clone(),
+                cfg: args.cfg.replay.clone(),
+                ingest: args.cfg.ingest.clone(),
+                health: args.board.register("replay", d),
+            },
+        )
+        .restart_policy(RestartPolicy::Transient)
+        .restart_limit(limit, window)
+        .spawn()
+        .await;
+        names.insert(replay.id(), "replay");
+
+        let ingestor = IngestorActor::supervise(
+            &me,
+            IngestorArgs {
+                inbox: args.cfg.paths.inbox.clone(),
+                cfg: args.cfg.ingest.clone(),
+                replay: replay.clone(),
+                health: args.board.register("ingestor", d),
+            },
+        )
+        .restart_policy(RestartPolicy::Transient)
+        .restart_limit(limit, window)
+        .spawn()
+        .await;
+        names.insert(ingestor.id(), "ingestor");
+
         let admin_health = args.board.register("admin", d);
         #[cfg(feature = "fault-injection")]
-        let crash_targets = vec![("metrics", metrics.clone().recipient())];
+        let crash_targets = vec![
+            ("metrics", metrics.clone().recipient()),
+            ("replay", replay.clone().recipient()),
+            ("ingestor", ingestor.clone().recipient()),
+        ];
         let dispatcher = Dispatcher {
             board: args.board.clone(),
             started: args.started,
             data_dir: args.data_dir.clone(),
             metrics: metrics.clone(),
+            replay: replay.clone(),
+            ingestor: ingestor.clone(),
             stop: args.stop_tx.clone(),
             #[cfg(feature = "fault-injection")]
             crash_targets,
@@ -122,7 +166,12 @@ impl Actor for Root {
         names.insert(admin.id(), "admin");
 
         Ok(Root {
-            stop_order: vec![Child::Admin(admin), Child::Metrics(metrics)],
+            stop_order: vec![
+                Child::Ingestor(ingestor),
+                Child::Replay(replay),
+                Child::Admin(admin),
+                Child::Metrics(metrics),
+            ],
             names,
             fatal_tx: args.fatal_tx,
         })

@@ -3,6 +3,7 @@
 
 pub mod logging;
 pub mod names;
+pub mod rate;
 pub mod recorder;
 
 pub use recorder::{MetricValue, Snapshot, SnapshotRecorder};

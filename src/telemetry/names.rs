@@ -23,4 +23,27 @@ pub mod events {
     pub const ADMIN_PEER_REFUSED: &str = "admin_peer_refused";
     pub const METRICS_SNAPSHOT: &str = "metrics_snapshot";
     pub const PROMETHEUS_LISTENING: &str = "prometheus_listening";
+    pub const REPLAY_OPENED: &str = "replay_opened";
+    pub const REPLAY_RECOVERED: &str = "replay_recovered";
+    pub const REPLAY_EVICTED: &str = "replay_evicted";
+    pub const INGEST_FILE_DONE: &str = "ingest_file_done";
+    pub const INGEST_FILE_FAILED: &str = "ingest_file_failed";
+    pub const INGEST_REFUSED_ENTRY: &str = "ingest_refused_entry";
+    pub const INGEST_ERROR: &str = "ingest_error";
+    pub const INGEST_PAUSED: &str = "ingest_paused";
+    pub const INGEST_RESUMED: &str = "ingest_resumed";
 }
+
+/// Ingestion (ARCHITECTURE.md "Metrics").
+pub const INGEST_ROWS_TOTAL: &str = "ingest_rows_total";
+pub const INGEST_ROWS_REJECTED_TOTAL: &str = "ingest_rows_rejected_total";
+pub const INGEST_PARSE_ERRORS_TOTAL: &str = "ingest_parse_errors_total";
+pub const INGEST_FILES_TOTAL: &str = "ingest_files_total";
+pub const INGEST_BYTES_TOTAL: &str = "ingest_bytes_total";
+pub const INGEST_ROWS_PER_SEC_WINDOW: &str = "ingest_rows_per_sec_window";
+pub const INGEST_EVENTS_PER_SEC_WINDOW: &str = "ingest_events_per_sec_window";
+pub const INGEST_PENDING_EVENTS_OBSERVED_PEAK: &str = "ingest_pending_events_observed_peak";
+/// Replay store.
+pub const REPLAY_ROWS: &str = "replay_rows";
+pub const REPLAY_BYTES: &str = "replay_bytes";
+pub const REPLAY_EVICTED_TOTAL: &str = "replay_evicted_total";
