@@ -24,6 +24,42 @@ pub enum Command {
     Config(ConfigCommand),
     /// Control a running daemon over its admin socket.
     Ctl(CtlArgs),
+    /// Look at on-disk state offline (works with the daemon stopped).
+    #[command(subcommand)]
+    Inspect(InspectCommand),
+    /// Benchmarks; each prints one JSON line.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InspectCommand {
+    /// Counts by source and kind, segments, control rows; verifies every record's CRC.
+    Replay {
+        #[arg(long, default_value = ".")]
+        data_dir: PathBuf,
+        /// Configuration file (to find the replay directory).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verifies a checkpoint directory's hashes and prints its manifest summary.
+    Checkpoint {
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Training throughput of the MBT-LM benchmark preset.
+    Train(crate::model::bench::TrainBenchArgs),
+    /// KV-cache generation throughput at batch 1.
+    Generate(crate::model::bench::GenerateBenchArgs),
+    /// Ingestion throughput: file arrival to durable append.
+    Ingest(crate::ingest::BenchIngestArgs),
 }
 
 #[derive(Debug, Args)]

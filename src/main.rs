@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use mbtd::cli::{Cli, Command, ConfigCommand};
+use mbtd::cli::{BenchCommand, Cli, Command, ConfigCommand, InspectCommand};
 use mbtd::config::{Config, DEFAULT_TOML};
 use mbtd::daemon::Exit;
 
@@ -73,6 +73,8 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Inspect(cmd) => inspect(cmd),
+        Command::Bench(cmd) => bench(cmd),
         Command::Ctl(args) => match mbtd::ctl::run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(msg) => {
@@ -80,5 +82,71 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+fn inspect(cmd: InspectCommand) -> ExitCode {
+    match cmd {
+        InspectCommand::Replay {
+            data_dir,
+            config,
+            json,
+        } => {
+            let mut cfg = match Config::load(config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("mbtd: configuration error: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            cfg.resolve_paths(&data_dir);
+            match mbtd::store::inspect::inspect_replay(&cfg.paths.replay) {
+                Ok(report) => {
+                    if json {
+                        println!("{}", serde_json::to_string(&report).unwrap_or_default());
+                    } else {
+                        print!("{report}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("mbtd: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        InspectCommand::Checkpoint { dir, json } => {
+            let report = mbtd::checkpoint::inspect(&dir);
+            if json {
+                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            } else {
+                print!("{report}");
+            }
+            if report.valid {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn bench(cmd: BenchCommand) -> ExitCode {
+    let result = match &cmd {
+        BenchCommand::Train(a) => mbtd::model::bench::bench_train(a).map_err(|e| e.to_string()),
+        BenchCommand::Generate(a) => {
+            mbtd::model::bench::bench_generate(a).map_err(|e| e.to_string())
+        }
+        BenchCommand::Ingest(a) => mbtd::ingest::bench_ingest(a).map_err(|e| e.to_string()),
+    };
+    match result {
+        Ok(v) => {
+            println!("{v}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mbtd: benchmark failed: {e}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -40,8 +40,7 @@ impl Actor for ReplayActor {
     async fn on_start(args: Self::Args, _: ActorRef<Self>) -> Result<Self, Self::Error> {
         args.health.on_start().await;
         let (dir, cfg) = (args.dir.clone(), args.cfg.clone());
-        let (store, report) =
-            tokio::task::block_in_place(|| ReplayStore::open(&dir, &cfg))?;
+        let (store, report) = tokio::task::block_in_place(|| ReplayStore::open(&dir, &cfg))?;
         if !report.is_clean() {
             tracing::warn!(
                 event = events::REPLAY_RECOVERED,

@@ -12,11 +12,11 @@ use kameo::supervision::RestartPolicy;
 use tokio::sync::mpsc;
 
 use super::admin::{AdminActor, AdminArgs};
-use super::ingestor::{IngestorActor, IngestorArgs};
-use super::replay::{ReplayActor, ReplayArgs};
 use super::dispatch::{Dispatcher, StopRequest};
 use super::health::HealthBoard;
+use super::ingestor::{IngestorActor, IngestorArgs};
 use super::metrics::{MetricsActor, MetricsArgs};
+use super::replay::{ReplayActor, ReplayArgs};
 use crate::config::Config;
 use crate::telemetry::SnapshotRecorder;
 use crate::telemetry::names::events;
