@@ -5,4 +5,5 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod govern;
 pub mod text;
