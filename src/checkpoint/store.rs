@@ -251,7 +251,17 @@ pub fn write_checkpoint_with_faults(
     let mut renamed = false;
     let mut latest_replaced = false;
     let result = (|| -> Result<u64, StepError> {
-        steps.run(WriteStep::CreateRoot, root, || fs::create_dir_all(root))?;
+        steps.run(WriteStep::CreateRoot, root, || {
+            if root.is_dir() {
+                return Ok(());
+            }
+            fs::create_dir_all(root)?;
+            // Make the new root's own directory entry durable too.
+            match root.parent() {
+                Some(p) if !p.as_os_str().is_empty() => durable::sync_dir(p),
+                _ => Ok(()),
+            }
+        })?;
         if tmp_dir.exists() {
             // A leftover of an earlier failed attempt with the same id.
             let _ = fs::remove_dir_all(&tmp_dir);
@@ -860,6 +870,37 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    #[test]
+    fn creates_a_missing_nested_root() {
+        let base = tempfile::tempdir().unwrap();
+        let root = base.path().join("a").join("checkpoints");
+        let info = write(&root, 0, 1);
+        assert_eq!(
+            open_latest(&root).unwrap().checkpoint.unwrap().manifest.id,
+            info.id
+        );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        #[test]
+        fn arbitrary_files_round_trip(
+            files in proptest::collection::btree_map("[a-z]{1,8}\\.bin", proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048), 0..5),
+            step in 0u64..1_000_000,
+            tag in proptest::option::of("[ -~]{0,20}"),
+        ) {
+            let root = tempfile::tempdir().unwrap();
+            let mut m = manifest(0, step);
+            m.tag = tag;
+            let list: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (n.as_str(), b.as_slice())).collect();
+            let info = write_checkpoint(root.path(), &m, &list).unwrap();
+            let loaded = load_checkpoint(&info.dir).unwrap();
+            proptest::prop_assert_eq!(&loaded.files, &files);
+            proptest::prop_assert_eq!(loaded.manifest.tag, m.tag);
+            proptest::prop_assert_eq!(loaded.manifest.step, step);
+        }
     }
 
     #[test]
