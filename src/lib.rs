@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod ctl;
 pub mod daemon;
+pub mod govern;
 pub mod ingest;
 pub mod model;
 pub mod store;

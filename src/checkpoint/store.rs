@@ -128,6 +128,21 @@ pub struct FileCheck {
     pub ok: bool,
 }
 
+/// One tensor of a `*.safetensors` file, from its header.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorSummary {
+    /// The file.
+    pub file: String,
+    /// Tensor name.
+    pub name: String,
+    /// Element type (`F32`, ...).
+    pub dtype: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Number of elements.
+    pub elements: u64,
+}
+
 /// Offline report on one checkpoint directory (`mbtd inspect checkpoint <dir>`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Inspection {
@@ -141,6 +156,28 @@ pub struct Inspection {
     pub manifest: Option<Manifest>,
     /// Per-file checks.
     pub files: Vec<FileCheck>,
+    /// Tensors of every readable `*.safetensors` file, in file order.
+    pub tensors: Vec<TensorSummary>,
+}
+
+fn safetensors_index(file: &str, bytes: &[u8]) -> Result<Vec<TensorSummary>, String> {
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| format!("{file}: not a valid safetensors file: {e}"))?;
+    let infos = meta.tensors();
+    Ok(meta
+        .offset_keys()
+        .into_iter()
+        .filter_map(|name| {
+            let info = infos.get(&name)?;
+            Some(TensorSummary {
+                file: file.to_string(),
+                dtype: info.dtype.to_string(),
+                elements: info.shape.iter().map(|&d| d as u64).product(),
+                shape: info.shape.clone(),
+                name,
+            })
+        })
+        .collect())
 }
 
 fn step_err(e: StepError) -> CheckpointError {
@@ -214,7 +251,17 @@ pub fn write_checkpoint_with_faults(
     let mut renamed = false;
     let mut latest_replaced = false;
     let result = (|| -> Result<u64, StepError> {
-        steps.run(WriteStep::CreateRoot, root, || fs::create_dir_all(root))?;
+        steps.run(WriteStep::CreateRoot, root, || {
+            if root.is_dir() {
+                return Ok(());
+            }
+            fs::create_dir_all(root)?;
+            // Make the new root's own directory entry durable too.
+            match root.parent() {
+                Some(p) if !p.as_os_str().is_empty() => durable::sync_dir(p),
+                _ => Ok(()),
+            }
+        })?;
         if tmp_dir.exists() {
             // A leftover of an earlier failed attempt with the same id.
             let _ = fs::remove_dir_all(&tmp_dir);
@@ -607,6 +654,7 @@ pub fn list(root: &Path) -> Result<CheckpointList, CheckpointError> {
 pub fn inspect(dir: &Path) -> Inspection {
     let mut problems = Vec::new();
     let mut files = Vec::new();
+    let mut tensors = Vec::new();
     let manifest = match read_manifest(dir) {
         Ok(m) => Some(m),
         Err(e) => {
@@ -623,6 +671,12 @@ pub fn inspect(dir: &Path) -> Inspection {
                 .map(|c| blake3::hash(c).to_hex().to_string());
             if let Err(e) = check_file(dir, name, entry) {
                 problems.push(e.to_string());
+            }
+            if let (true, Some(c)) = (name.ends_with(".safetensors"), &content) {
+                match safetensors_index(name, c) {
+                    Ok(t) => tensors.extend(t),
+                    Err(e) => problems.push(e),
+                }
             }
             files.push(FileCheck {
                 ok: actual_bytes == Some(entry.bytes)
@@ -641,6 +695,7 @@ pub fn inspect(dir: &Path) -> Inspection {
         problems,
         manifest,
         files,
+        tensors,
     }
 }
 
@@ -744,6 +799,20 @@ impl fmt::Display for Inspection {
                 if c.ok { "ok" } else { "MISMATCH" }
             )?;
         }
+        let mut file = "";
+        for t in &self.tensors {
+            if t.file != file {
+                file = &t.file;
+                let total: u64 = self
+                    .tensors
+                    .iter()
+                    .filter(|x| x.file == file)
+                    .map(|x| x.elements)
+                    .sum();
+                writeln!(f, "{file}: {total} elements")?;
+            }
+            writeln!(f, "  {:<48} {:<5} {:?}", t.name, t.dtype, t.shape)?;
+        }
         for p in &self.problems {
             writeln!(f, "problem: {p}")?;
         }
@@ -769,15 +838,21 @@ mod tests {
         m
     }
 
+    fn safetensors_of(name: &str, values: &[f32]) -> Vec<u8> {
+        use safetensors::tensor::{Dtype, TensorView};
+        let data: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let view = TensorView::new(Dtype::F32, vec![values.len()], &data).unwrap();
+        safetensors::serialize(vec![(name, view)], None).unwrap()
+    }
+
     fn payload(step: u64) -> Vec<(String, Vec<u8>)> {
+        let w: Vec<f32> = (0..1000).map(|i| (i + step) as f32).collect();
         vec![
+            ("model.safetensors".into(), safetensors_of("wte", &w)),
             (
-                "model.safetensors".into(),
-                (0..1000u32)
-                    .flat_map(|i| (i + step as u32).to_le_bytes())
-                    .collect(),
+                "optimizer.safetensors".into(),
+                safetensors_of("adam.m.wte", &w[..80]),
             ),
-            ("optimizer.safetensors".into(), vec![step as u8; 333]),
             ("tokenizer.json".into(), b"{\"version\":\"1.0\"}".to_vec()),
         ]
     }
@@ -795,6 +870,37 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    #[test]
+    fn creates_a_missing_nested_root() {
+        let base = tempfile::tempdir().unwrap();
+        let root = base.path().join("a").join("checkpoints");
+        let info = write(&root, 0, 1);
+        assert_eq!(
+            open_latest(&root).unwrap().checkpoint.unwrap().manifest.id,
+            info.id
+        );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        #[test]
+        fn arbitrary_files_round_trip(
+            files in proptest::collection::btree_map("[a-z]{1,8}\\.bin", proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048), 0..5),
+            step in 0u64..1_000_000,
+            tag in proptest::option::of("[ -~]{0,20}"),
+        ) {
+            let root = tempfile::tempdir().unwrap();
+            let mut m = manifest(0, step);
+            m.tag = tag;
+            let list: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (n.as_str(), b.as_slice())).collect();
+            let info = write_checkpoint(root.path(), &m, &list).unwrap();
+            let loaded = load_checkpoint(&info.dir).unwrap();
+            proptest::prop_assert_eq!(&loaded.files, &files);
+            proptest::prop_assert_eq!(loaded.manifest.tag, m.tag);
+            proptest::prop_assert_eq!(loaded.manifest.step, step);
+        }
     }
 
     #[test]
@@ -1070,6 +1176,68 @@ mod tests {
         assert_eq!(
             load_checkpoint(&info.dir).unwrap().manifest.control_loss,
             None
+        );
+    }
+
+    #[test]
+    fn inspect_lists_safetensors_tensors() {
+        use safetensors::tensor::{Dtype, TensorView};
+        let a: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let b: Vec<u8> = [0.5f32, 0.25]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let tensors = vec![
+            ("wte", TensorView::new(Dtype::F32, vec![3, 2], &a).unwrap()),
+            (
+                "lnf.gain",
+                TensorView::new(Dtype::F32, vec![2], &b).unwrap(),
+            ),
+        ];
+        let model = safetensors::serialize(tensors, None).unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let m = manifest(0, 3);
+        let info = write_checkpoint(
+            root.path(),
+            &m,
+            &[("model.safetensors", &model), ("tokenizer.json", b"{}")],
+        )
+        .unwrap();
+        let report = inspect(&info.dir);
+        assert!(report.valid, "{report}");
+        let names: Vec<(&str, &[usize], u64)> = report
+            .tensors
+            .iter()
+            .map(|t| (t.name.as_str(), t.shape.as_slice(), t.elements))
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                ("lnf.gain", [2].as_slice(), 2),
+                ("wte", [3, 2].as_slice(), 6)
+            ]
+        );
+        let text = report.to_string();
+        assert!(
+            text.contains("model.safetensors: 8 elements") && text.contains("wte"),
+            "{text}"
+        );
+        let json = serde_json::to_string(&report).unwrap();
+        assert_eq!(serde_json::from_str::<Inspection>(&json).unwrap(), report);
+        // A file named .safetensors that is not one is reported.
+        let bad = write_checkpoint(
+            root.path(),
+            &manifest(9, 4),
+            &[("model.safetensors", b"garbage")],
+        )
+        .unwrap();
+        let report = inspect(&bad.dir);
+        assert!(
+            !report.valid && report.problems[0].contains("not a valid safetensors"),
+            "{report}"
         );
     }
 

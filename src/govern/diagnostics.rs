@@ -53,7 +53,12 @@ pub fn std_dev(xs: &[f64]) -> f64 {
 /// [`Stats`] of a sample (all zero for an empty one).
 pub fn stats(xs: &[f64]) -> Stats {
     if xs.is_empty() {
-        return Stats { mean: 0.0, std: 0.0, min: 0.0, max: 0.0 };
+        return Stats {
+            mean: 0.0,
+            std: 0.0,
+            min: 0.0,
+            max: 0.0,
+        };
     }
     Stats {
         mean: mean(xs),
@@ -101,7 +106,12 @@ pub fn cosine_matrix(outputs: &[&[f32]]) -> Vec<f64> {
     let k = outputs.len();
     let norms: Vec<f64> = outputs
         .iter()
-        .map(|z| z.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt())
+        .map(|z| {
+            z.iter()
+                .map(|&v| f64::from(v) * f64::from(v))
+                .sum::<f64>()
+                .sqrt()
+        })
         .collect();
     let mut c = vec![0.0; k * k];
     for i in 0..k {
@@ -113,7 +123,11 @@ pub fn cosine_matrix(outputs: &[&[f32]]) -> Vec<f64> {
                 .map(|(&a, &b)| f64::from(a) * f64::from(b))
                 .sum();
             let den = norms[i] * norms[j];
-            let v = if den > 0.0 { (dot / den).clamp(-1.0, 1.0) } else { 0.0 };
+            let v = if den > 0.0 {
+                (dot / den).clamp(-1.0, 1.0)
+            } else {
+                0.0
+            };
             c[i * k + j] = v;
             c[j * k + i] = v;
         }
@@ -192,7 +206,11 @@ pub fn layer_diagnostics(
     let ka = idx.len();
     let e_act: Vec<f64> = idx.iter().map(|&i| energies[i]).collect();
     let p = softmax(&e_act);
-    let entropy: f64 = -p.iter().filter(|&&x| x > 0.0).map(|x| x * x.ln()).sum::<f64>();
+    let entropy: f64 = -p
+        .iter()
+        .filter(|&&x| x > 0.0)
+        .map(|x| x * x.ln())
+        .sum::<f64>();
     let mut energy_share = vec![0.0; k];
     for (&i, &pi) in idx.iter().zip(&p) {
         energy_share[i] = pi;
@@ -209,7 +227,10 @@ pub fn layer_diagnostics(
     let (diversity, correlation) = if pairs.is_empty() {
         (0.0, 1.0)
     } else {
-        (mean(&pairs.iter().map(|c| 1.0 - c).collect::<Vec<_>>()), mean(&pairs))
+        (
+            mean(&pairs.iter().map(|c| 1.0 - c).collect::<Vec<_>>()),
+            mean(&pairs),
+        )
     };
     let e_mean = mean(&e_act);
     let counts_f: Vec<f64> = counts.iter().map(|&n| n as f64).collect();
@@ -229,7 +250,11 @@ pub fn layer_diagnostics(
         margin_top1_top2: top1 - top2,
         diversity_cosine_distance_mean: diversity,
         branch_correlation_mean: correlation,
-        output_energy_cv: if e_mean.abs() > 0.0 { std_dev(&e_act) / e_mean } else { 0.0 },
+        output_energy_cv: if e_mean.abs() > 0.0 {
+            std_dev(&e_act) / e_mean
+        } else {
+            0.0
+        },
         branch_select_gini: gini(&counts_f),
         branch_select_top1_share: if count_total > 0.0 {
             counts_f.iter().copied().fold(0.0, f64::max) / count_total
@@ -248,7 +273,9 @@ mod tests {
     }
 
     fn identity_cos(k: usize) -> Vec<f64> {
-        (0..k * k).map(|x| if x / k == x % k { 1.0 } else { 0.0 }).collect()
+        (0..k * k)
+            .map(|x| if x / k == x % k { 1.0 } else { 0.0 })
+            .collect()
     }
 
     #[test]
@@ -292,7 +319,11 @@ mod tests {
         let d = layer_diagnostics(&e, &cos, &[true, false, true], &[10, 0, 30]).unwrap();
         let h = -(0.25 * 0.25f64.ln() + 0.75 * 0.75f64.ln());
         assert_eq!(d.active, 2);
-        assert!(close(d.energy_share[0], 0.25) && d.energy_share[1] == 0.0 && close(d.energy_share[2], 0.75));
+        assert!(
+            close(d.energy_share[0], 0.25)
+                && d.energy_share[1] == 0.0
+                && close(d.energy_share[2], 0.75)
+        );
         assert!(close(d.entropy, h));
         assert!(close(d.path_starvation_index, 1.0 - h / 2f64.ln()));
         assert!(close(d.effective_num_paths, h.exp()));
@@ -321,7 +352,8 @@ mod tests {
         assert_eq!(d.branch_select_gini, 0.0);
         assert_eq!(d.branch_select_top1_share, 0.0);
         // Near one-hot energies: starvation near 1, no NaN from huge energies.
-        let d = layer_diagnostics(&[1000.0, 0.0, 0.0], &identity_cos(3), &[true; 3], &[1; 3]).unwrap();
+        let d =
+            layer_diagnostics(&[1000.0, 0.0, 0.0], &identity_cos(3), &[true; 3], &[1; 3]).unwrap();
         assert!(d.path_starvation_index > 0.999 && d.path_starvation_index <= 1.0);
         assert!(close(d.effective_num_paths, 1.0));
         assert!(close(d.gini_concentration, 2.0 / 3.0));

@@ -14,7 +14,9 @@
 //!
 //! The tokenizer is trained once and then frozen. It is stored in the standard Hugging Face
 //! `tokenizer.json` format, loadable unchanged by Python `tokenizers`
-//! (`Tokenizer.from_file("tokenizer.json")`).
+//! (`Tokenizer.from_file("tokenizer.json")`); set `tok.encode_special_tokens = True` there to
+//! get exactly the ids of [`Tokenizer::encode`] (otherwise Python turns the literal text
+//! `<|endoftext|>` into the special id).
 
 use std::path::{Path, PathBuf};
 
@@ -272,6 +274,27 @@ impl Tokenizer {
 
     /// Parses a `tokenizer.json` text; `source_name` says where it came from (for errors).
     pub fn from_json(json: &str, source_name: &str) -> Result<Self, TokenizerError> {
+        let bad = |reason: String| TokenizerError::Json {
+            source_name: source_name.to_string(),
+            reason,
+        };
+        // Only the byte-level BPE pipeline round-trips every string exactly.
+        let v: serde_json::Value = serde_json::from_str(json).map_err(|e| bad(e.to_string()))?;
+        for (part, want) in [
+            ("model", "BPE"),
+            ("pre_tokenizer", "ByteLevel"),
+            ("decoder", "ByteLevel"),
+        ] {
+            let got = v[part]["type"].as_str().unwrap_or("none");
+            if got != want {
+                return Err(bad(format!("{part}.type is {got:?}, expected {want:?}")));
+            }
+        }
+        if !v["normalizer"].is_null() {
+            return Err(bad(
+                "it has a normalizer (text would not round-trip)".to_string()
+            ));
+        }
         let inner: tokenizers::Tokenizer =
             json.parse()
                 .map_err(

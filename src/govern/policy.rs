@@ -1,0 +1,1331 @@
+//! The expansion governor's decision rule: when to widen which layer, how to ramp the new
+//! branches in, and whether to keep or roll back an expansion after probation.
+//!
+//! State machine (one expansion at a time):
+//! ```text
+//!   idle ──(eval: plateau ∧ a layer saturated ∧ budget ∧ no cool-down)──▶ Expand decision
+//!   caller writes the pre-expansion checkpoint, expands, calls register_expansion
+//!   ramp:  every call → SetEta{η = β·min(1, (step - start)/ramp_steps)}; at the end → probation
+//!   probation: first eval at step ≥ since + probation_steps →
+//!        gain_new = base_new - now_new ≥ min_gain  ∧  regression_old = now_old - base_old ≤ max_regression
+//!          ? Keep (cool-down, back-off reset to 1)
+//!          : Rollback to the pre-expansion checkpoint (back-off ×= backoff_factor,
+//!            cool-down = cooldown_steps · back-off, counted from the expansion's start step,
+//!            which is the step the restored checkpoint resumes at)
+//! ```
+//! Plateau: over the last `patience + 1` evals of the monitored loss (`control_loss_new` when
+//! every one of them has it, else the train loss EMA), the relative improvement
+//! `(x_ref - min(x_last patience)) / |x_ref|` of the best recent value over the oldest one is
+//! below `plateau_tolerance`. Saturation of layer `l`: `effective_num_paths / K_l`; a layer
+//! whose branches all carry energy (ratio ≥ `saturation_threshold`) uses its width and is the
+//! one to widen; the most saturated eligible layer wins (lowest index on ties).
+//!
+//! Expansions are proposed only on calls that carry a fresh eval, so a caller that registers
+//! the expansion before its next eval never gets the same proposal twice.
+//! After a governor rollback the caller restores the checkpoint's weights but must keep this
+//! live `GovernorState` (it records the back-off), not the one stored in the checkpoint.
+
+use serde::{Deserialize, Serialize};
+
+/// Most evals kept in [`GovernorState::history`].
+pub const HISTORY_CAP: usize = 64;
+/// Most decisions kept in [`GovernorState::last_decisions`].
+pub const DECISIONS_CAP: usize = 32;
+
+/// Governor settings (`[governor]` in the daemon config).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GovernorConfig {
+    /// Automatic expansion on; manual expansions go through ramp and probation regardless.
+    pub enabled: bool,
+    /// Evals without enough improvement that make a plateau.
+    pub patience: usize,
+    /// Relative improvement over `patience` evals below which the loss has plateaued.
+    pub plateau_tolerance: f64,
+    /// A layer is saturated when `effective_num_paths / K ≥` this.
+    pub saturation_threshold: f64,
+    /// Steps after an expansion outcome before the same layer may grow again.
+    pub cooldown_steps: u64,
+    /// Most branches a layer may have.
+    pub max_branches_per_layer: usize,
+    /// Most parameters the model may have.
+    pub max_params: u64,
+    /// Branches added per expansion.
+    pub branches_per_expansion: usize,
+    /// Injection rate `β`: the total aggregation weight the new branches reach.
+    pub beta: f64,
+    /// Steps over which `η` ramps linearly from 0 to `β`.
+    pub ramp_steps: u64,
+    /// Steps after the ramp before the expansion is judged.
+    pub probation_steps: u64,
+    /// Least decrease of the new-data control loss (nats) for an expansion to be kept.
+    pub min_gain: f64,
+    /// Most increase of the old-data control loss (nats) tolerated.
+    pub max_regression: f64,
+    /// A rolled-back layer's cool-down multiplier grows by this factor.
+    pub backoff_factor: f64,
+}
+
+impl Default for GovernorConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            patience: 3,
+            plateau_tolerance: 0.005,
+            saturation_threshold: 0.75,
+            cooldown_steps: 2000,
+            max_branches_per_layer: 8,
+            max_params: 50_000_000,
+            branches_per_expansion: 1,
+            beta: 0.1,
+            ramp_steps: 500,
+            probation_steps: 2000,
+            min_gain: 0.0,
+            max_regression: 0.05,
+            backoff_factor: 2.0,
+        }
+    }
+}
+
+impl GovernorConfig {
+    /// Checks every field; the error names the field and its allowed range.
+    pub fn validate(&self) -> Result<(), String> {
+        let range = |name: &str, v: f64, lo: f64, hi: f64| {
+            if v.is_finite() && (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "governor.{name} = {v} is out of range: allowed {lo}..={hi}"
+                ))
+            }
+        };
+        if !(1..=1000).contains(&self.patience) {
+            return Err(format!(
+                "governor.patience = {} is out of range: allowed 1..=1000",
+                self.patience
+            ));
+        }
+        range("plateau_tolerance", self.plateau_tolerance, 0.0, 1.0)?;
+        range("saturation_threshold", self.saturation_threshold, 0.0, 1.0)?;
+        if !(1..=1024).contains(&self.max_branches_per_layer) {
+            return Err(format!(
+                "governor.max_branches_per_layer = {} is out of range: allowed 1..=1024",
+                self.max_branches_per_layer
+            ));
+        }
+        if self.max_params == 0 {
+            return Err("governor.max_params = 0: must be >= 1".to_string());
+        }
+        if !(1..=64).contains(&self.branches_per_expansion) {
+            return Err(format!(
+                "governor.branches_per_expansion = {} is out of range: allowed 1..=64",
+                self.branches_per_expansion
+            ));
+        }
+        if !(self.beta > 0.0 && self.beta < 1.0) {
+            return Err(format!(
+                "governor.beta = {} is out of range: allowed 0 < beta < 1",
+                self.beta
+            ));
+        }
+        range("min_gain", self.min_gain, -10.0, 10.0)?;
+        range("max_regression", self.max_regression, 0.0, 10.0)?;
+        range("backoff_factor", self.backoff_factor, 1.0, 100.0)?;
+        Ok(())
+    }
+}
+
+/// One evaluation on the held-out control set.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EvalPoint {
+    /// Step of the eval.
+    pub step: u64,
+    /// Control loss on data that arrived before the current era (`loss_control_old`).
+    pub control_old: Option<f64>,
+    /// Control loss on recent data (`loss_control_new`).
+    pub control_new: Option<f64>,
+    /// EMA of the training loss.
+    pub train_loss_ema: f64,
+}
+
+/// What the governor knows about one layer at a call.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LayerInput {
+    /// Branches `K`.
+    pub branches: usize,
+    /// `effective_num_paths` of the layer (see [`super::diagnostics`]).
+    pub effective_paths: f64,
+    /// Parameters one more branch in this layer adds.
+    pub branch_params: u64,
+}
+
+/// Inputs of one [`decide`] call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GovernorInputs {
+    /// Current step.
+    pub step: u64,
+    /// A fresh eval taken at this step, if any.
+    pub eval: Option<EvalPoint>,
+    /// Per-layer view.
+    pub layers: Vec<LayerInput>,
+    /// Current parameter count.
+    pub params: u64,
+}
+
+/// Per-layer governor memory.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LayerState {
+    /// The layer may not grow before this step.
+    pub cooldown_until: u64,
+    /// Cool-down multiplier; ×`backoff_factor` per rollback, back to 1 on a kept expansion.
+    pub backoff: f64,
+    /// Expansions kept.
+    pub kept: u32,
+    /// Expansions rolled back.
+    pub rolled_back: u32,
+}
+
+impl Default for LayerState {
+    fn default() -> Self {
+        Self {
+            cooldown_until: 0,
+            backoff: 1.0,
+            kept: 0,
+            rolled_back: 0,
+        }
+    }
+}
+
+/// Phase of the expansion in progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "snake_case")]
+pub enum Phase {
+    /// `η` is ramping up.
+    Ramp,
+    /// `η = β`; judged at the first eval at or after `since + probation_steps`.
+    Probation {
+        /// Step the probation began.
+        since: u64,
+    },
+}
+
+/// The expansion in progress.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Expansion {
+    /// Layer widened.
+    pub layer: usize,
+    /// Branches added.
+    pub branches: usize,
+    /// Step the new branches were added (= step of the pre-expansion checkpoint).
+    pub start_step: u64,
+    /// Ramp or probation.
+    pub phase: Phase,
+    /// Checkpoint written just before the expansion (the rollback target).
+    pub checkpoint_id: String,
+    /// The eval the outcome is compared against.
+    pub baseline: Option<EvalPoint>,
+    /// Requested by the operator.
+    pub manual: bool,
+    /// Injection rate reached at the end of the ramp.
+    pub beta: f64,
+    /// Ramp length.
+    pub ramp_steps: u64,
+}
+
+impl Expansion {
+    /// `η` at `step`: `β · min(1, (step - start_step) / ramp_steps)` (`β` if `ramp_steps = 0`).
+    pub fn eta_at(&self, step: u64) -> f64 {
+        if self.ramp_steps == 0 {
+            return self.beta;
+        }
+        let done = step.saturating_sub(self.start_step).min(self.ramp_steps);
+        self.beta * done as f64 / self.ramp_steps as f64
+    }
+}
+
+/// The plateau test and its numbers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlateauCheck {
+    /// `control_loss_new` or `train_loss_ema`.
+    pub metric: String,
+    /// The `patience + 1` values tested, oldest first.
+    pub window: Vec<f64>,
+    /// Relative improvement of the best recent value over the oldest.
+    pub relative_improvement: f64,
+    /// The tolerance it is compared with.
+    pub tolerance: f64,
+    /// Whether it is a plateau.
+    pub plateau: bool,
+}
+
+/// Why a layer can or cannot grow now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerCheck {
+    /// Layer index.
+    pub layer: usize,
+    /// Branches now.
+    pub branches: usize,
+    /// Effective number of paths.
+    pub effective_paths: f64,
+    /// `effective_paths / branches`.
+    pub saturation: f64,
+    /// Cool-down end.
+    pub cooldown_until: u64,
+    /// Branches that could be added within the budgets.
+    pub addable: usize,
+    /// Why it cannot grow (`None`: eligible).
+    pub blocked: Option<String>,
+}
+
+/// The numbers a no-op or expansion decision was based on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Basis {
+    /// The plateau test (`None` with fewer than `patience + 1` evals).
+    pub plateau: Option<PlateauCheck>,
+    /// Per-layer eligibility.
+    pub layers: Vec<LayerCheck>,
+    /// Parameters now.
+    pub params: u64,
+    /// Parameter budget.
+    pub max_params: u64,
+}
+
+/// The numbers a probation outcome was based on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Judgement {
+    /// `control` (control losses) or `train_loss_ema` (fallback when control losses are
+    /// missing), or `none` (no baseline eval: the expansion is kept).
+    pub metric: String,
+    /// Baseline old-era loss.
+    pub baseline_old: Option<f64>,
+    /// Baseline new-era loss (or train EMA).
+    pub baseline_new: Option<f64>,
+    /// Old-era loss now.
+    pub now_old: Option<f64>,
+    /// New-era loss (or train EMA) now.
+    pub now_new: f64,
+    /// `baseline_new - now_new`.
+    pub gain_new: f64,
+    /// `now_old - baseline_old` (0 when unknown).
+    pub regression_old: f64,
+    /// Required gain.
+    pub min_gain: f64,
+    /// Tolerated regression.
+    pub max_regression: f64,
+}
+
+/// A governor decision; every variant carries the step and the numbers behind it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "decision", rename_all = "snake_case")]
+pub enum Decision {
+    /// Nothing to do.
+    None {
+        /// Step.
+        step: u64,
+        /// Why.
+        reason: String,
+        /// The numbers (absent during an expansion).
+        basis: Option<Basis>,
+    },
+    /// Add `branches` branches to `layer` (write a pre-expansion checkpoint first, then call
+    /// [`GovernorState::register_expansion`]).
+    Expand {
+        /// Step.
+        step: u64,
+        /// Layer to widen.
+        layer: usize,
+        /// Branches to add.
+        branches: usize,
+        /// Injection rate.
+        beta: f64,
+        /// Ramp length.
+        ramp_steps: u64,
+        /// Why.
+        reason: String,
+        /// The numbers.
+        basis: Basis,
+    },
+    /// Set the new branches' share `η` of `layer`.
+    SetEta {
+        /// Step.
+        step: u64,
+        /// Layer.
+        layer: usize,
+        /// `η`.
+        eta: f64,
+    },
+    /// Probation passed: the expansion stays.
+    Keep {
+        /// Step.
+        step: u64,
+        /// Layer.
+        layer: usize,
+        /// Branches added.
+        branches: usize,
+        /// The numbers.
+        judgement: Judgement,
+    },
+    /// Probation failed: restore `checkpoint_id`.
+    Rollback {
+        /// Step.
+        step: u64,
+        /// Checkpoint to restore.
+        checkpoint_id: String,
+        /// Layer whose expansion failed.
+        layer: usize,
+        /// Why.
+        reason: String,
+        /// The numbers.
+        judgement: Judgement,
+    },
+}
+
+/// Errors of the governor's state changes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GovernorError {
+    /// Another expansion is still in ramp or probation.
+    #[error(
+        "an expansion of layer {layer} (started at step {start_step}) is still in progress; wait for its probation to end or abort it"
+    )]
+    Busy {
+        /// Layer of the running expansion.
+        layer: usize,
+        /// Its start step.
+        start_step: u64,
+    },
+    /// A requested manual expansion is not allowed.
+    #[error("expansion of layer {layer} by {branches} branches refused: {reason}")]
+    Refused {
+        /// Layer.
+        layer: usize,
+        /// Branches asked for.
+        branches: usize,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What [`GovernorState::register_expansion`] needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExpansionStart {
+    /// Layer widened.
+    pub layer: usize,
+    /// Branches added.
+    pub branches: usize,
+    /// Step at which they were added.
+    pub step: u64,
+    /// The pre-expansion checkpoint.
+    pub checkpoint_id: String,
+    /// Operator-requested.
+    pub manual: bool,
+    /// Baseline eval (default: the latest eval the governor saw).
+    pub baseline: Option<EvalPoint>,
+}
+
+/// Everything the governor remembers (serde: stored in checkpoints' `state`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct GovernorState {
+    /// Evals since the last expansion outcome, oldest first (at most [`HISTORY_CAP`]).
+    pub history: Vec<EvalPoint>,
+    /// Per-layer memory.
+    pub layers: Vec<LayerState>,
+    /// The expansion in progress.
+    pub in_progress: Option<Expansion>,
+    /// Recent decisions other than `SetEta` and eval-less `None`s, oldest first.
+    pub last_decisions: Vec<Decision>,
+    /// Expansions registered (metric `expansion_events_total`).
+    pub expansions_total: u64,
+    /// Rollbacks decided (metric `rollbacks_total`).
+    pub rollbacks_total: u64,
+}
+
+fn push_capped<T>(v: &mut Vec<T>, x: T, cap: usize) {
+    v.push(x);
+    if v.len() > cap {
+        v.drain(..v.len() - cap);
+    }
+}
+
+impl GovernorState {
+    fn layer_mut(&mut self, layer: usize) -> &mut LayerState {
+        if self.layers.len() <= layer {
+            self.layers.resize(layer + 1, LayerState::default());
+        }
+        &mut self.layers[layer]
+    }
+
+    /// Starts the ramp and probation of an expansion that the caller has performed (after
+    /// an `Expand` decision or an operator's `expand`).
+    pub fn register_expansion(
+        &mut self,
+        start: ExpansionStart,
+        cfg: &GovernorConfig,
+    ) -> Result<(), GovernorError> {
+        if let Some(e) = &self.in_progress {
+            return Err(GovernorError::Busy {
+                layer: e.layer,
+                start_step: e.start_step,
+            });
+        }
+        let baseline = start.baseline.or_else(|| self.history.last().copied());
+        self.layer_mut(start.layer);
+        self.in_progress = Some(Expansion {
+            layer: start.layer,
+            branches: start.branches,
+            start_step: start.step,
+            phase: Phase::Ramp,
+            checkpoint_id: start.checkpoint_id,
+            baseline,
+            manual: start.manual,
+            beta: cfg.beta,
+            ramp_steps: cfg.ramp_steps,
+        });
+        self.history.clear();
+        self.expansions_total += 1;
+        Ok(())
+    }
+
+    /// Drops the expansion in progress (e.g. the operator rolled back by hand) and returns it.
+    pub fn abort_expansion(&mut self) -> Option<Expansion> {
+        self.history.clear();
+        self.in_progress.take()
+    }
+
+    /// Whether the operator may add `branches` to `layer` now: no expansion in progress,
+    /// the layer exists, and the width and parameter budgets hold (cool-downs do not apply
+    /// to manual expansions).
+    pub fn check_manual(
+        &self,
+        layer: usize,
+        branches: usize,
+        inputs: &GovernorInputs,
+        cfg: &GovernorConfig,
+    ) -> Result<(), GovernorError> {
+        if let Some(e) = &self.in_progress {
+            return Err(GovernorError::Busy {
+                layer: e.layer,
+                start_step: e.start_step,
+            });
+        }
+        let refuse = |reason: String| {
+            Err(GovernorError::Refused {
+                layer,
+                branches,
+                reason,
+            })
+        };
+        let Some(l) = inputs.layers.get(layer) else {
+            return refuse(format!("the model has {} layers", inputs.layers.len()));
+        };
+        if branches == 0 {
+            return refuse("add at least 1 branch".to_string());
+        }
+        if l.branches + branches > cfg.max_branches_per_layer {
+            return refuse(format!(
+                "{} + {branches} branches exceeds governor.max_branches_per_layer = {}",
+                l.branches, cfg.max_branches_per_layer
+            ));
+        }
+        let after = inputs.params + l.branch_params * branches as u64;
+        if after > cfg.max_params {
+            return refuse(format!(
+                "{after} parameters would exceed governor.max_params = {}",
+                cfg.max_params
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn plateau_check(history: &[EvalPoint], cfg: &GovernorConfig) -> Option<PlateauCheck> {
+    let n = cfg.patience + 1;
+    if history.len() < n {
+        return None;
+    }
+    let window = &history[history.len() - n..];
+    let control: Option<Vec<f64>> = window.iter().map(|e| e.control_new).collect();
+    let (metric, values) = match control {
+        Some(v) => ("control_loss_new", v),
+        None => (
+            "train_loss_ema",
+            window.iter().map(|e| e.train_loss_ema).collect(),
+        ),
+    };
+    let reference = values[0];
+    let best = values[1..].iter().copied().fold(f64::INFINITY, f64::min);
+    let scale = if reference.abs() > 0.0 {
+        reference.abs()
+    } else {
+        1.0
+    };
+    let rel = (reference - best) / scale;
+    Some(PlateauCheck {
+        metric: metric.to_string(),
+        window: values,
+        relative_improvement: rel,
+        tolerance: cfg.plateau_tolerance,
+        // NaN (a diverged loss) is never a plateau.
+        plateau: rel < cfg.plateau_tolerance,
+    })
+}
+
+fn layer_checks(
+    state: &GovernorState,
+    inputs: &GovernorInputs,
+    cfg: &GovernorConfig,
+) -> Vec<LayerCheck> {
+    inputs
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let ls = state.layers.get(i).copied().unwrap_or_default();
+            let saturation = if l.branches > 0 {
+                l.effective_paths / l.branches as f64
+            } else {
+                0.0
+            };
+            let room_width = cfg.max_branches_per_layer.saturating_sub(l.branches);
+            let room_params = cfg.max_params.saturating_sub(inputs.params) / l.branch_params.max(1);
+            let addable = cfg
+                .branches_per_expansion
+                .min(room_width)
+                .min(usize::try_from(room_params).unwrap_or(usize::MAX));
+            let blocked = if room_width == 0 {
+                Some(format!(
+                    "at governor.max_branches_per_layer = {}",
+                    cfg.max_branches_per_layer
+                ))
+            } else if addable == 0 {
+                Some(format!(
+                    "one more branch ({} params) would exceed governor.max_params = {} (now {})",
+                    l.branch_params, cfg.max_params, inputs.params
+                ))
+            } else if inputs.step < ls.cooldown_until {
+                Some(format!("cooling down until step {}", ls.cooldown_until))
+            } else if saturation.is_nan() || saturation < cfg.saturation_threshold {
+                Some(format!(
+                    "not saturated: {saturation:.3} < governor.saturation_threshold = {}",
+                    cfg.saturation_threshold
+                ))
+            } else {
+                None
+            };
+            LayerCheck {
+                layer: i,
+                branches: l.branches,
+                effective_paths: l.effective_paths,
+                saturation,
+                cooldown_until: ls.cooldown_until,
+                addable,
+                blocked,
+            }
+        })
+        .collect()
+}
+
+fn consider_expansion(
+    state: &GovernorState,
+    inputs: &GovernorInputs,
+    cfg: &GovernorConfig,
+) -> Decision {
+    let step = inputs.step;
+    let basis = Basis {
+        plateau: plateau_check(&state.history, cfg),
+        layers: layer_checks(state, inputs, cfg),
+        params: inputs.params,
+        max_params: cfg.max_params,
+    };
+    let none = |reason: String, basis: Basis| Decision::None {
+        step,
+        reason,
+        basis: Some(basis),
+    };
+    if !cfg.enabled {
+        return none(
+            "automatic expansion is off (governor.enabled = false)".to_string(),
+            basis,
+        );
+    }
+    let Some(p) = &basis.plateau else {
+        return none(
+            format!(
+                "{} of {} evals needed for the plateau test",
+                state.history.len(),
+                cfg.patience + 1
+            ),
+            basis,
+        );
+    };
+    if !p.plateau {
+        return none(
+            format!(
+                "no plateau: {} improved by {:.5} (relative) over {} evals, tolerance {}",
+                p.metric, p.relative_improvement, cfg.patience, p.tolerance
+            ),
+            basis,
+        );
+    }
+    let best =
+        basis
+            .layers
+            .iter()
+            .filter(|l| l.blocked.is_none())
+            .fold(None::<&LayerCheck>, |acc, l| match acc {
+                Some(a) if a.saturation >= l.saturation => Some(a),
+                _ => Some(l),
+            });
+    let Some(l) = best else {
+        return none(
+            "loss plateau, but no layer can grow (see basis.layers)".to_string(),
+            basis,
+        );
+    };
+    let reason = format!(
+        "loss plateau ({} improved {:.5} < {} over {} evals) and layer {} saturated (effective paths {:.2} / {} = {:.3} >= {})",
+        p.metric,
+        p.relative_improvement,
+        p.tolerance,
+        cfg.patience,
+        l.layer,
+        l.effective_paths,
+        l.branches,
+        l.saturation,
+        cfg.saturation_threshold
+    );
+    Decision::Expand {
+        step,
+        layer: l.layer,
+        branches: l.addable,
+        beta: cfg.beta,
+        ramp_steps: cfg.ramp_steps,
+        reason,
+        basis,
+    }
+}
+
+fn judge(exp: &Expansion, now: &EvalPoint, cfg: &GovernorConfig) -> Judgement {
+    let base = exp.baseline;
+    let control = base.and_then(|b| b.control_new).zip(now.control_new);
+    let (metric, baseline_new, now_new) = match (base, control) {
+        (_, Some((b, n))) => ("control", Some(b), n),
+        (Some(b), None) => ("train_loss_ema", Some(b.train_loss_ema), now.train_loss_ema),
+        (None, None) => ("none", None, now.control_new.unwrap_or(now.train_loss_ema)),
+    };
+    let baseline_old = base.and_then(|b| b.control_old);
+    let regression_old = match (baseline_old, now.control_old) {
+        (Some(b), Some(n)) if metric == "control" => n - b,
+        _ => 0.0,
+    };
+    Judgement {
+        metric: metric.to_string(),
+        baseline_old,
+        baseline_new,
+        now_old: now.control_old,
+        now_new,
+        gain_new: baseline_new.map_or(0.0, |b| b - now_new),
+        regression_old,
+        min_gain: cfg.min_gain,
+        max_regression: cfg.max_regression,
+    }
+}
+
+fn advance_expansion(
+    state: &mut GovernorState,
+    mut exp: Expansion,
+    inputs: &GovernorInputs,
+    cfg: &GovernorConfig,
+) -> Decision {
+    let step = inputs.step;
+    match exp.phase {
+        Phase::Ramp => {
+            let eta = exp.eta_at(step);
+            if step >= exp.start_step + exp.ramp_steps {
+                exp.phase = Phase::Probation { since: step };
+            }
+            let layer = exp.layer;
+            state.in_progress = Some(exp);
+            Decision::SetEta { step, layer, eta }
+        }
+        Phase::Probation { since } => {
+            let due = since + cfg.probation_steps;
+            let Some(now) = inputs.eval.filter(|_| step >= due) else {
+                return Decision::None {
+                    step,
+                    reason: format!(
+                        "expansion of layer {} in probation until the first eval at step >= {due}",
+                        exp.layer
+                    ),
+                    basis: None,
+                };
+            };
+            let j = judge(&exp, &now, cfg);
+            let gain_ok = j.metric == "none" || j.gain_new >= j.min_gain;
+            let regression_ok = j.regression_old <= j.max_regression;
+            state.in_progress = None;
+            state.history = vec![now];
+            if gain_ok && regression_ok {
+                let ls = state.layer_mut(exp.layer);
+                ls.backoff = 1.0;
+                ls.kept += 1;
+                ls.cooldown_until = step + cfg.cooldown_steps;
+                Decision::Keep {
+                    step,
+                    layer: exp.layer,
+                    branches: exp.branches,
+                    judgement: j,
+                }
+            } else {
+                let reason = if gain_ok {
+                    format!(
+                        "old-era control loss worsened by {:.5} > governor.max_regression = {}",
+                        j.regression_old, j.max_regression
+                    )
+                } else {
+                    format!(
+                        "new-era {} improved by {:.5} < governor.min_gain = {}",
+                        j.metric, j.gain_new, j.min_gain
+                    )
+                };
+                let ls = state.layer_mut(exp.layer);
+                ls.backoff *= cfg.backoff_factor;
+                ls.rolled_back += 1;
+                let cooldown =
+                    (cfg.cooldown_steps as f64 * ls.backoff).min(u64::MAX as f64 / 2.0) as u64;
+                ls.cooldown_until = exp.start_step.saturating_add(cooldown);
+                state.history.clear();
+                state.rollbacks_total += 1;
+                Decision::Rollback {
+                    step,
+                    checkpoint_id: exp.checkpoint_id,
+                    layer: exp.layer,
+                    reason,
+                    judgement: j,
+                }
+            }
+        }
+    }
+}
+
+/// The governor's decision at `inputs.step`; updates `state` (eval history, expansion
+/// phase, cool-downs, back-offs, decision log). Pure: same state and inputs, same result.
+pub fn decide(
+    state: &mut GovernorState,
+    inputs: &GovernorInputs,
+    cfg: &GovernorConfig,
+) -> Decision {
+    if let Some(e) = inputs.eval {
+        push_capped(&mut state.history, e, HISTORY_CAP);
+    }
+    let decision = match state.in_progress.clone() {
+        Some(exp) => advance_expansion(state, exp, inputs, cfg),
+        None if inputs.eval.is_some() => consider_expansion(state, inputs, cfg),
+        None => Decision::None {
+            step: inputs.step,
+            reason: "expansions are decided at evals".to_string(),
+            basis: None,
+        },
+    };
+    let log = match &decision {
+        Decision::SetEta { .. } => false,
+        Decision::None { .. } => inputs.eval.is_some(),
+        _ => true,
+    };
+    if log {
+        push_capped(&mut state.last_decisions, decision.clone(), DECISIONS_CAP);
+    }
+    decision
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> GovernorConfig {
+        GovernorConfig {
+            patience: 2,
+            plateau_tolerance: 0.01,
+            saturation_threshold: 0.7,
+            cooldown_steps: 100,
+            max_branches_per_layer: 4,
+            max_params: 10_000,
+            branches_per_expansion: 1,
+            beta: 0.2,
+            ramp_steps: 10,
+            probation_steps: 50,
+            min_gain: 0.01,
+            max_regression: 0.05,
+            backoff_factor: 2.0,
+            enabled: true,
+        }
+    }
+
+    fn eval(step: u64, old: f64, new: f64) -> EvalPoint {
+        EvalPoint {
+            step,
+            control_old: Some(old),
+            control_new: Some(new),
+            train_loss_ema: new + 0.1,
+        }
+    }
+
+    /// Layer 0 barely used (1.2 of 3 paths), layer 1 saturated (2.8 of 3).
+    fn inputs(step: u64, e: Option<EvalPoint>) -> GovernorInputs {
+        GovernorInputs {
+            step,
+            eval: e,
+            layers: vec![
+                LayerInput {
+                    branches: 3,
+                    effective_paths: 1.2,
+                    branch_params: 1000,
+                },
+                LayerInput {
+                    branches: 3,
+                    effective_paths: 2.8,
+                    branch_params: 1000,
+                },
+            ],
+            params: 6000,
+        }
+    }
+
+    /// Feeds evals with the given new-era losses at steps 10, 20, ...; returns the last decision.
+    fn feed(state: &mut GovernorState, losses: &[f64], c: &GovernorConfig) -> Decision {
+        let mut last = None;
+        for (i, &l) in losses.iter().enumerate() {
+            let step = 10 * (i as u64 + 1);
+            last = Some(decide(state, &inputs(step, Some(eval(step, 3.0, l))), c));
+        }
+        last.unwrap()
+    }
+
+    #[test]
+    fn improving_loss_does_not_expand() {
+        let mut s = GovernorState::default();
+        let d = feed(&mut s, &[4.0, 3.5, 3.0, 2.5], &cfg());
+        match d {
+            Decision::None {
+                reason,
+                basis: Some(b),
+                ..
+            } => {
+                assert!(reason.contains("no plateau"), "{reason}");
+                let p = b.plateau.unwrap();
+                assert_eq!(p.window, vec![3.5, 3.0, 2.5]);
+                assert!((p.relative_improvement - 1.0 / 3.5).abs() < 1e-12);
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut s = GovernorState::default();
+        let d = feed(&mut s, &[4.0, 4.0], &cfg());
+        assert!(
+            matches!(d, Decision::None { ref reason, .. } if reason.contains("2 of 3 evals")),
+            "{d:?}"
+        );
+    }
+
+    #[test]
+    fn plateau_expands_the_most_saturated_layer() {
+        let mut s = GovernorState::default();
+        let d = feed(&mut s, &[4.0, 3.0, 2.999, 2.998], &cfg());
+        match &d {
+            Decision::Expand {
+                step,
+                layer,
+                branches,
+                beta,
+                ramp_steps,
+                reason,
+                basis,
+            } => {
+                assert_eq!(
+                    (*step, *layer, *branches, *beta, *ramp_steps),
+                    (40, 1, 1, 0.2, 10)
+                );
+                assert!(reason.contains("layer 1 saturated"), "{reason}");
+                assert!(
+                    basis.layers[0]
+                        .blocked
+                        .as_ref()
+                        .unwrap()
+                        .contains("not saturated")
+                );
+                assert!((basis.layers[1].saturation - 2.8 / 3.0).abs() < 1e-12);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(s.last_decisions.last() == Some(&d));
+        // No new proposal on a step without eval.
+        assert!(matches!(
+            decide(&mut s, &inputs(41, None), &cfg()),
+            Decision::None { .. }
+        ));
+    }
+
+    #[test]
+    fn plateau_falls_back_to_train_loss_without_control() {
+        let mut s = GovernorState::default();
+        for step in [10, 20, 30] {
+            let e = EvalPoint {
+                step,
+                control_old: None,
+                control_new: None,
+                train_loss_ema: 2.0,
+            };
+            let d = decide(&mut s, &inputs(step, Some(e)), &cfg());
+            if step == 30 {
+                let Decision::Expand { basis, .. } = d else {
+                    panic!("{d:?}")
+                };
+                assert_eq!(basis.plateau.unwrap().metric, "train_loss_ema");
+            }
+        }
+    }
+
+    #[test]
+    fn budgets_are_respected() {
+        let c = GovernorConfig {
+            branches_per_expansion: 3,
+            ..cfg()
+        };
+        // Width: layer 1 may get only 1 more branch (3 → 4).
+        let mut s = GovernorState::default();
+        let Decision::Expand { branches, .. } = feed(&mut s, &[3.0, 3.0, 3.0], &c) else {
+            panic!()
+        };
+        assert_eq!(branches, 1);
+        // Params: 6000 + 2·1000 ≤ 8000 allows 2 with a larger width budget.
+        let c2 = GovernorConfig {
+            max_branches_per_layer: 8,
+            max_params: 8000,
+            ..c.clone()
+        };
+        let mut s = GovernorState::default();
+        let Decision::Expand { branches, .. } = feed(&mut s, &[3.0, 3.0, 3.0], &c2) else {
+            panic!()
+        };
+        assert_eq!(branches, 2);
+        // Params: no room for even one branch.
+        let c3 = GovernorConfig {
+            max_params: 6500,
+            ..c
+        };
+        let mut s = GovernorState::default();
+        match feed(&mut s, &[3.0, 3.0, 3.0], &c3) {
+            Decision::None {
+                reason,
+                basis: Some(b),
+                ..
+            } => {
+                assert!(reason.contains("no layer can grow"));
+                assert!(b.layers[1].blocked.as_ref().unwrap().contains("max_params"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Width: at the maximum.
+        let c4 = GovernorConfig {
+            max_branches_per_layer: 3,
+            ..cfg()
+        };
+        let mut s = GovernorState::default();
+        assert!(matches!(
+            feed(&mut s, &[3.0, 3.0, 3.0], &c4),
+            Decision::None { .. }
+        ));
+        // Manual checks use the same budgets.
+        let s = GovernorState::default();
+        assert!(s.check_manual(0, 1, &inputs(0, None), &cfg()).is_ok());
+        assert!(
+            s.check_manual(0, 2, &inputs(0, None), &cfg())
+                .unwrap_err()
+                .to_string()
+                .contains("max_branches_per_layer")
+        );
+        assert!(s.check_manual(5, 1, &inputs(0, None), &cfg()).is_err());
+        assert!(
+            s.check_manual(0, 1, &inputs(0, None), &c3)
+                .unwrap_err()
+                .to_string()
+                .contains("max_params")
+        );
+    }
+
+    fn start(s: &mut GovernorState, step: u64, manual: bool, c: &GovernorConfig) {
+        s.register_expansion(
+            ExpansionStart {
+                layer: 1,
+                branches: 1,
+                step,
+                checkpoint_id: "ckpt-pre".into(),
+                manual,
+                baseline: None,
+            },
+            c,
+        )
+        .unwrap();
+    }
+
+    /// Runs the ramp from `from` and probation; returns the decision at the judging eval.
+    fn run_expansion(
+        s: &mut GovernorState,
+        from: u64,
+        old: f64,
+        new: f64,
+        c: &GovernorConfig,
+    ) -> Decision {
+        let mut etas = Vec::new();
+        for step in from..=from + c.ramp_steps {
+            match decide(s, &inputs(step, None), c) {
+                Decision::SetEta { layer: 1, eta, .. } => etas.push(eta),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(etas.len() as u64, c.ramp_steps + 1);
+        assert_eq!(etas[0], 0.0);
+        assert!((etas[c.ramp_steps as usize / 2] - c.beta / 2.0).abs() < 1e-12);
+        assert_eq!(*etas.last().unwrap(), c.beta);
+        let since = from + c.ramp_steps;
+        assert_eq!(
+            s.in_progress.as_ref().unwrap().phase,
+            Phase::Probation { since }
+        );
+        // An eval before the end of probation does not judge.
+        let d = decide(s, &inputs(since + 1, Some(eval(since + 1, old, new))), c);
+        assert!(
+            matches!(d, Decision::None { ref reason, .. } if reason.contains("probation")),
+            "{d:?}"
+        );
+        let end = since + c.probation_steps;
+        assert!(matches!(
+            decide(s, &inputs(end, None), c),
+            Decision::None { .. }
+        ));
+        decide(s, &inputs(end, Some(eval(end, old, new))), c)
+    }
+
+    #[test]
+    fn probation_pass_keeps_and_cools_down() {
+        let c = cfg();
+        let mut s = GovernorState::default();
+        feed(&mut s, &[3.0, 3.0, 3.0], &c); // baseline: old 3.0, new 3.0
+        start(&mut s, 40, false, &c);
+        assert_eq!(s.expansions_total, 1);
+        let d = run_expansion(&mut s, 40, 3.02, 2.95, &c);
+        let Decision::Keep {
+            layer: 1,
+            branches: 1,
+            judgement,
+            step,
+        } = d
+        else {
+            panic!("{d:?}")
+        };
+        assert_eq!(judgement.metric, "control");
+        assert!((judgement.gain_new - 0.05).abs() < 1e-12);
+        assert!((judgement.regression_old - 0.02).abs() < 1e-12);
+        assert!(s.in_progress.is_none());
+        assert_eq!(s.layers[1].kept, 1);
+        assert_eq!(s.layers[1].cooldown_until, step + c.cooldown_steps);
+        // Cool-down: a plateau right after does not grow layer 1 again.
+        let mut last = None;
+        for i in 1..=3 {
+            let st = step + i;
+            last = Some(decide(&mut s, &inputs(st, Some(eval(st, 3.0, 2.95))), &c));
+        }
+        match last.unwrap() {
+            Decision::None { basis: Some(b), .. } => {
+                assert!(
+                    b.layers[1]
+                        .blocked
+                        .as_ref()
+                        .unwrap()
+                        .contains("cooling down")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // After the cool-down it may.
+        let later = step + c.cooldown_steps;
+        let mut last = None;
+        for i in 0..3 {
+            let st = later + i;
+            last = Some(decide(&mut s, &inputs(st, Some(eval(st, 3.0, 2.95))), &c));
+        }
+        assert!(matches!(last.unwrap(), Decision::Expand { layer: 1, .. }));
+    }
+
+    #[test]
+    fn old_era_regression_rolls_back_and_backs_off() {
+        let c = cfg();
+        let mut s = GovernorState::default();
+        feed(&mut s, &[3.0, 3.0, 3.0], &c);
+        start(&mut s, 40, false, &c);
+        let d = run_expansion(&mut s, 40, 3.2, 2.9, &c);
+        let Decision::Rollback {
+            checkpoint_id,
+            layer,
+            reason,
+            judgement,
+            ..
+        } = d
+        else {
+            panic!("{d:?}")
+        };
+        assert_eq!((checkpoint_id.as_str(), layer), ("ckpt-pre", 1));
+        assert!(reason.contains("old-era"), "{reason}");
+        assert!((judgement.regression_old - 0.2).abs() < 1e-12);
+        assert_eq!(s.rollbacks_total, 1);
+        assert_eq!(s.layers[1].backoff, 2.0);
+        // Cool-down counts from the restored step (the expansion's start).
+        assert_eq!(s.layers[1].cooldown_until, 40 + 200);
+        assert!(s.history.is_empty() && s.in_progress.is_none());
+        // A second failure doubles the back-off again; a success resets it.
+        start(&mut s, 40, false, &c);
+        s.in_progress.as_mut().unwrap().baseline = Some(eval(40, 3.0, 3.0));
+        let d = run_expansion(&mut s, 40, 3.0, 3.0, &c);
+        assert!(
+            matches!(&d, Decision::Rollback { reason, .. } if reason.contains("new-era")),
+            "{d:?}"
+        );
+        assert_eq!(s.layers[1].backoff, 4.0);
+        assert_eq!(s.layers[1].cooldown_until, 40 + 400);
+        start(&mut s, 40, false, &c);
+        s.in_progress.as_mut().unwrap().baseline = Some(eval(40, 3.0, 3.0));
+        assert!(matches!(
+            run_expansion(&mut s, 40, 3.0, 2.5, &c),
+            Decision::Keep { .. }
+        ));
+        assert_eq!(s.layers[1].backoff, 1.0);
+    }
+
+    #[test]
+    fn disabled_never_auto_expands_but_manual_goes_through_probation() {
+        let c = GovernorConfig {
+            enabled: false,
+            ..cfg()
+        };
+        let mut s = GovernorState::default();
+        let d = feed(&mut s, &[3.0; 8], &c);
+        assert!(
+            matches!(&d, Decision::None { reason, .. } if reason.contains("governor.enabled")),
+            "{d:?}"
+        );
+        assert!(
+            s.last_decisions
+                .iter()
+                .all(|d| matches!(d, Decision::None { .. }))
+        );
+        start(&mut s, 80, true, &c);
+        assert!(s.in_progress.as_ref().unwrap().manual);
+        let err = s
+            .register_expansion(
+                ExpansionStart {
+                    layer: 0,
+                    branches: 1,
+                    step: 80,
+                    checkpoint_id: "x".into(),
+                    manual: true,
+                    baseline: None,
+                },
+                &c,
+            )
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            GovernorError::Busy {
+                layer: 1,
+                start_step: 80
+            }
+        ));
+        assert!(matches!(
+            run_expansion(&mut s, 80, 3.0, 3.5, &c),
+            Decision::Rollback { .. }
+        ));
+    }
+
+    #[test]
+    fn zero_ramp_and_missing_baseline() {
+        let c = GovernorConfig {
+            ramp_steps: 0,
+            ..cfg()
+        };
+        let mut s = GovernorState::default();
+        start(&mut s, 5, true, &c);
+        assert!(
+            matches!(decide(&mut s, &inputs(5, None), &c), Decision::SetEta { eta, .. } if eta == 0.2)
+        );
+        let d = decide(&mut s, &inputs(60, Some(eval(60, 9.0, 9.0))), &c);
+        let Decision::Keep { judgement, .. } = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(judgement.metric, "none");
+        assert!(s.abort_expansion().is_none());
+    }
+
+    #[test]
+    fn state_and_decisions_round_trip_through_json() {
+        let c = cfg();
+        let mut s = GovernorState::default();
+        feed(&mut s, &[3.0, 3.0, 3.0], &c);
+        start(&mut s, 40, false, &c);
+        decide(&mut s, &inputs(45, None), &c);
+        let json = serde_json::to_string(&s).unwrap();
+        let back: GovernorState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, s);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["last_decisions"][0]["decision"], "none");
+        assert_eq!(v["last_decisions"][2]["decision"], "expand");
+        assert_eq!(v["in_progress"]["phase"]["phase"], "ramp");
+    }
+
+    #[test]
+    fn config_defaults_and_validation() {
+        assert!(GovernorConfig::default().validate().is_ok());
+        assert!(cfg().validate().is_ok());
+        for (bad, field) in [
+            (GovernorConfig { beta: 1.0, ..cfg() }, "governor.beta"),
+            (
+                GovernorConfig {
+                    patience: 0,
+                    ..cfg()
+                },
+                "governor.patience",
+            ),
+            (
+                GovernorConfig {
+                    saturation_threshold: 1.5,
+                    ..cfg()
+                },
+                "governor.saturation_threshold",
+            ),
+            (
+                GovernorConfig {
+                    backoff_factor: 0.5,
+                    ..cfg()
+                },
+                "governor.backoff_factor",
+            ),
+            (
+                GovernorConfig {
+                    max_regression: f64::NAN,
+                    ..cfg()
+                },
+                "governor.max_regression",
+            ),
+            (
+                GovernorConfig {
+                    branches_per_expansion: 0,
+                    ..cfg()
+                },
+                "governor.branches_per_expansion",
+            ),
+        ] {
+            assert!(bad.validate().unwrap_err().contains(field), "{field}");
+        }
+        let parsed: GovernorConfig = toml::from_str("enabled = false\nbeta = 0.3").unwrap();
+        assert!(!parsed.enabled);
+        assert_eq!(parsed.patience, GovernorConfig::default().patience);
+        assert!(toml::from_str::<GovernorConfig>("betta = 0.3").is_err());
+    }
+}
