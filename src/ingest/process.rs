@@ -66,17 +66,17 @@ pub struct ListedRejection {
     pub reason: String,
 }
 
-/// Timings of one file, milliseconds.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// Timings of one file, microseconds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Timings {
     /// Hashing.
-    pub hash_ms: f64,
+    pub hash_us: u64,
     /// Parsing, appending and the durable commit.
-    pub ingest_ms: f64,
-    /// Sidecar and move.
-    pub finish_ms: f64,
-    /// Whole processing.
-    pub total_ms: f64,
+    pub ingest_us: u64,
+    /// Sidecar and move (up to the sidecar write).
+    pub finish_us: u64,
+    /// Whole processing up to the sidecar write.
+    pub total_us: u64,
 }
 
 /// The JSON sidecar written next to a processed file.
@@ -114,6 +114,24 @@ pub struct Sidecar {
     pub timings: Timings,
     /// When processing finished, ms since the Unix epoch.
     pub processed_ms: u64,
+    /// blake3 (hex) of this sidecar's pretty JSON written with `checksum: null`.
+    pub checksum: Option<String>,
+}
+
+impl Sidecar {
+    fn digest(&self) -> String {
+        let bare = Sidecar {
+            checksum: None,
+            ..self.clone()
+        };
+        let json = serde_json::to_vec_pretty(&bare).expect("a sidecar always serializes");
+        blake3::hash(&json).to_hex().to_string()
+    }
+
+    /// True when `checksum` matches the content.
+    pub fn verify(&self) -> bool {
+        self.checksum.as_deref() == Some(self.digest().as_str())
+    }
 }
 
 /// What the actor needs from one processed file.
@@ -282,7 +300,11 @@ fn choose_dest(
 }
 
 fn write_sidecar(path: &Path, sidecar: &Sidecar) -> Result<(), IngestError> {
-    let json = serde_json::to_vec_pretty(sidecar).map_err(|e| IngestError::Io {
+    let sealed = Sidecar {
+        checksum: Some(sidecar.digest()),
+        ..sidecar.clone()
+    };
+    let json = serde_json::to_vec_pretty(&sealed).map_err(|e| IngestError::Io {
         what: "serialize sidecar".into(),
         path: path.to_path_buf(),
         source: std::io::Error::other(e),
@@ -318,8 +340,8 @@ fn finish(
     let dir = outcome_dir(inbox, sidecar.outcome)?;
     let (dest, side) = choose_dest(&dir, &sidecar.file, sidecar.content_hash.as_deref())?;
     sidecar.processed_ms = now_ms();
-    sidecar.timings.finish_ms = ms(t);
-    sidecar.timings.total_ms = ms(started);
+    sidecar.timings.finish_us = us(t);
+    sidecar.timings.total_us = us(started);
     write_sidecar(&side, &sidecar)?;
     move_file(path, &dest)?;
     Ok(FileOutcome {
@@ -340,6 +362,10 @@ fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
+fn us(t: Instant) -> u64 {
+    t.elapsed().as_micros() as u64
+}
+
 fn empty_sidecar(name: &str, bytes: u64) -> Sidecar {
     Sidecar {
         version: SIDECAR_VERSION,
@@ -358,6 +384,7 @@ fn empty_sidecar(name: &str, bytes: u64) -> Sidecar {
         extra_columns_ignored: Vec::new(),
         timings: Timings::default(),
         processed_ms: 0,
+        checksum: None,
     }
 }
 
@@ -414,7 +441,7 @@ pub fn process_file(
     let t = Instant::now();
     let hash = hash_file(path)?;
     sidecar.content_hash = Some(hex(&hash));
-    sidecar.timings.hash_ms = ms(t);
+    sidecar.timings.hash_us = us(t);
     let t = Instant::now();
     let s = match stream_rows(path, &name, &hash, store, cfg)? {
         StreamResult::Refused(reason) => return refuse(sidecar, reason),
@@ -426,7 +453,7 @@ pub fn process_file(
             path: path.to_path_buf(),
             source,
         })?;
-    sidecar.timings.ingest_ms = ms(t);
+    sidecar.timings.ingest_us = us(t);
     sidecar.outcome = Outcome::Done;
     sidecar.kind = Some(s.kind);
     sidecar.rows_accepted = s.accepted;
@@ -523,6 +550,12 @@ mod tests {
         assert_eq!(sc.rejections.len(), 7);
         assert_eq!(sc.rejections[0].line, 6);
         assert_eq!(sc.kind.as_deref(), Some("text"));
+        assert!(sc.verify());
+        let tampered = Sidecar {
+            rows_accepted: 49,
+            ..sc.clone()
+        };
+        assert!(!tampered.verify());
         let rows = store_rows(&st);
         assert_eq!(rows.len(), 50);
         assert!(rows.values().all(|&c| c == 1));

@@ -923,6 +923,11 @@ impl ReplayStore {
         &mut self,
         consumed_through: u64,
     ) -> Result<EvictionReport, StoreError> {
+        let within =
+            self.rows.len() as u64 <= self.cfg.max_rows && self.live_bytes <= self.cfg.max_bytes;
+        if within && self.state.tau == u64::MAX {
+            return Ok(EvictionReport::default());
+        }
         let first_partial = self
             .rows
             .iter()

@@ -63,6 +63,13 @@ fn segment_files(dir: &Path) -> Vec<PathBuf> {
 }
 
 #[test]
+fn store_can_move_into_spawn_blocking() {
+    fn assert_send<T: Send + 'static>() {}
+    assert_send::<ReplayStore>();
+    assert_send::<RecoveryReport>();
+}
+
+#[test]
 fn append_reopen_and_read_back() {
     let dir = tempfile::tempdir().unwrap();
     let c = cfg(4096);
