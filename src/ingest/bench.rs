@@ -177,6 +177,7 @@ pub fn bench_ingest(opts: &BenchIngestArgs) -> Result<serde_json::Value, IngestE
         })?;
     let mut per_file_ms = Vec::new();
     let (mut bytes, mut rows) = (0u64, 0u64);
+    let mut phases = super::process::Timings::default();
     let started = Instant::now();
     for name in &names {
         let arrived = inbox.join(name);
@@ -186,6 +187,10 @@ pub fn bench_ingest(opts: &BenchIngestArgs) -> Result<serde_json::Value, IngestE
         per_file_ms.push(t.elapsed().as_secs_f64() * 1e3);
         bytes += out.bytes;
         rows += out.rows_appended;
+        phases.hash_us += out.timings.hash_us;
+        phases.ingest_us += out.timings.ingest_us;
+        phases.commit_us += out.timings.commit_us;
+        phases.finish_us += out.timings.finish_us;
     }
     let secs = started.elapsed().as_secs_f64();
     let stats = store.stats();
@@ -207,6 +212,10 @@ pub fn bench_ingest(opts: &BenchIngestArgs) -> Result<serde_json::Value, IngestE
         "file_ms_min": per_file_ms.first(),
         "file_ms_median": per_file_ms[per_file_ms.len() / 2],
         "file_ms_max": per_file_ms.last(),
+        "hash_ms_total": phases.hash_us as f64 / 1e3,
+        "parse_append_ms_total": (phases.ingest_us - phases.commit_us) as f64 / 1e3,
+        "commit_fsync_ms_total": phases.commit_us as f64 / 1e3,
+        "sidecar_move_ms_total": phases.finish_us as f64 / 1e3,
         "replay_bytes": stats.bytes,
         "replay_segments": stats.segments,
         "prompt_response": opts.prompt_response,

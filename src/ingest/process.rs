@@ -73,6 +73,8 @@ pub struct Timings {
     pub hash_us: u64,
     /// Parsing, appending and the durable commit.
     pub ingest_us: u64,
+    /// Of which the durable commit (fsyncs, journal entry).
+    pub commit_us: u64,
     /// Sidecar and move (up to the sidecar write).
     pub finish_us: u64,
     /// Whole processing up to the sidecar write.
@@ -157,6 +159,8 @@ pub struct FileOutcome {
     pub sidecar_path: PathBuf,
     /// Whole processing time, ms.
     pub total_ms: f64,
+    /// Phase timings (as in the sidecar).
+    pub timings: Timings,
 }
 
 fn io_err(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> IngestError {
@@ -355,6 +359,7 @@ fn finish(
         moved_to: dest,
         sidecar_path: side,
         total_ms: ms(started),
+        timings: sidecar.timings,
     })
 }
 
@@ -447,12 +452,14 @@ pub fn process_file(
         StreamResult::Refused(reason) => return refuse(sidecar, reason),
         StreamResult::Rows(s) => s,
     };
+    let tc = Instant::now();
     store
         .commit_file(&hash, s.accepted, s.rejected)
         .map_err(|source| IngestError::Store {
             path: path.to_path_buf(),
             source,
         })?;
+    sidecar.timings.commit_us = us(tc);
     sidecar.timings.ingest_us = us(t);
     sidecar.outcome = Outcome::Done;
     sidecar.kind = Some(s.kind);

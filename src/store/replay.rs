@@ -30,12 +30,32 @@ use super::format::{
 };
 use super::fsutil::{fsync_dir, now_ms};
 use super::journal::{Journal, JournalEntry, JournalScan};
-use super::state::{StoreState, eviction_key};
+use super::state::{StoreState, eviction_key, splitmix64};
 use super::{ReplayConfig, SamplingMode, StoreError};
 use crate::text::csv_rows::{CsvRow, RowBody, RowKind};
 
 /// Largest encoded record accepted.
 const MAX_RECORD_BYTES: usize = 1 << 30;
+
+/// Hasher for sets of row numbers: splitmix64 of the value (fast, well mixed).
+#[derive(Default, Clone, Copy)]
+struct RowHasher(u64);
+
+impl std::hash::Hasher for RowHasher {
+    fn finish(&self) -> u64 {
+        splitmix64(self.0)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ b as u64;
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 ^= n;
+    }
+}
+
+type RowSet = HashSet<u64, std::hash::BuildHasherDefault<RowHasher>>;
 
 /// Per-row index entry.
 #[derive(Clone, Copy, Debug)]
@@ -238,15 +258,16 @@ pub struct ReplayStats {
     pub by_kind: BTreeMap<RowKind, u64>,
 }
 
-/// Is a row with this content in the control slice? True iff the first 8 bytes of
-/// blake3(kind byte | for each field: len u64 LE | bytes), read as a little-endian
-/// u64, are below `fraction · 2^64`.
+/// Is a row with this content in the control slice? With `c = crc32(kind byte |
+/// for each field: len u64 LE | bytes)` and `h = splitmix64(c | bytes << 32)` (`bytes`
+/// the total field length), a row is a control row iff `h < fraction · 2^64`. Depends
+/// only on the content, so the same row is always on the same side.
 pub fn is_control(fraction: f64, body: &RowBody) -> bool {
     let threshold = (fraction * 18_446_744_073_709_551_616.0) as u64;
     if threshold == 0 {
         return false;
     }
-    let mut h = blake3::Hasher::new();
+    let mut h = crc32fast::Hasher::new();
     let mut field = |s: &str| {
         h.update(&(s.len() as u64).to_le_bytes());
         h.update(s.as_bytes());
@@ -262,8 +283,8 @@ pub fn is_control(fraction: f64, body: &RowBody) -> bool {
             h.update(&[1]);
         }
     }
-    let d = h.finalize();
-    u64::from_le_bytes(d.as_bytes()[..8].try_into().expect("8 bytes")) < threshold
+    let bytes = body.text_bytes() as u64;
+    splitmix64(h.finalize() as u64 | bytes << 32) < threshold
 }
 
 fn segment_name(id: u32) -> String {
@@ -296,7 +317,9 @@ pub struct ReplayStore {
     kind_rows: [u64; 2],
     files: Vec<[u8; 32]>,
     file_ids: HashMap<[u8; 32], u32>,
-    partial: HashMap<u32, HashSet<u64>>,
+    partial: HashMap<u32, RowSet>,
+    /// The file of the last append: (hash, id, journaled).
+    cur_file: Option<([u8; 32], u32, bool)>,
     unsynced: Vec<u32>,
     dir_dirty: bool,
     live_bytes: u64,
@@ -382,6 +405,7 @@ impl ReplayStore {
             files: Vec::new(),
             file_ids: HashMap::new(),
             partial: HashMap::new(),
+            cur_file: None,
             unsynced: Vec::new(),
             dir_dirty: false,
             live_bytes: 0,
@@ -512,6 +536,11 @@ impl ReplayStore {
     }
 
     fn intern_source(&mut self, s: &str) -> u32 {
+        if let Some(last) = self.pending.last()
+            && self.sources[last.source as usize] == s
+        {
+            return last.source;
+        }
         if let Some(&id) = self.source_ids.get(s) {
             return id;
         }
@@ -523,6 +552,11 @@ impl ReplayStore {
     }
 
     fn intern_file(&mut self, h: &[u8; 32]) -> u32 {
+        if let Some((hash, id, _)) = &self.cur_file
+            && hash == h
+        {
+            return *id;
+        }
         if let Some(&id) = self.file_ids.get(h) {
             return id;
         }
@@ -622,7 +656,16 @@ impl ReplayStore {
         body: &RowBody,
         ingest_ms: u64,
     ) -> Result<bool, StoreError> {
-        if self.contains_row(file_hash, row) {
+        let (file, journaled) = match self.cur_file {
+            Some((h, id, done)) if &h == file_hash => (id, done),
+            _ => {
+                let id = self.intern_file(file_hash);
+                let done = self.journal.get(file_hash).is_some();
+                self.cur_file = Some((*file_hash, id, done));
+                (id, done)
+            }
+        };
+        if journaled || !self.partial.entry(file).or_default().insert(row) {
             return Ok(false);
         }
         let seq = self.state.next_seq;
@@ -643,11 +686,13 @@ impl ReplayStore {
         if must_roll {
             self.roll_segment()?;
         }
-        let file = self.intern_file(file_hash);
         let source = self.intern_source(source);
         let active = self.active.as_mut().expect("rolled above");
         if let Err(e) = active.writer.write_all(&self.buf) {
             let path = self.dir.join(segment_name(active.id));
+            if let Some(set) = self.partial.get_mut(&file) {
+                set.remove(&row);
+            }
             return Err(self.io_err("append to segment", &path, e));
         }
         let meta = RowMeta {
@@ -666,7 +711,6 @@ impl ReplayStore {
             self.unsynced.push(active.id);
         }
         self.state.next_seq += 1;
-        self.partial.entry(file).or_default().insert(row);
         self.pending.push(meta);
         Ok(true)
     }
@@ -736,6 +780,11 @@ impl ReplayStore {
         };
         self.journal.append(entry.clone())?;
         self.partial.remove(&file);
+        if let Some(cur) = self.cur_file.as_mut()
+            && cur.1 == file
+        {
+            cur.2 = true;
+        }
         Ok(entry)
     }
 

@@ -307,9 +307,17 @@ struct LineTracker<R> {
 impl<R: Read> Read for LineTracker<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
-        for (i, &b) in buf[..n].iter().enumerate() {
-            if b == b'\n' || b == b'\r' {
-                self.marks.push_back((self.delivered + i as u64, b));
+        // Most 64-byte blocks hold no control byte at all: test them with a cheap,
+        // vectorisable scan first.
+        for (c, block) in buf[..n].chunks(64).enumerate() {
+            if !block.iter().any(|&b| b <= b'\r') {
+                continue;
+            }
+            for (i, &b) in block.iter().enumerate() {
+                if b == b'\n' || b == b'\r' {
+                    self.marks
+                        .push_back((self.delivered + (c * 64 + i) as u64, b));
+                }
             }
         }
         self.delivered += n as u64;
