@@ -982,8 +982,11 @@ impl ReplayStore {
             .iter()
             .find(|m| self.partial.contains_key(&m.file))
             .map_or(u64::MAX, |m| m.seq);
+        // Never beyond the newest existing row: rows appended later must not fall
+        // under the rule before they were consumed.
         let through = consumed_through
             .min(first_partial.saturating_sub(1))
+            .min(self.last_durable_seq())
             .max(self.state.evict_through);
         let seed = self.state.seed;
         let mut evict = vec![false; self.rows.len()];
