@@ -230,13 +230,16 @@ fn corpus_cases_have_their_documented_outcomes() {
 #[test]
 #[ignore = "benchmark; run in --release"]
 fn bench_ingest_meets_the_throughput_floor() {
-    let opts = mbtd::ingest::BenchIngestArgs {
-        files: 4,
-        mib_per_file: 32,
-        ..Default::default()
-    };
-    let v = mbtd::ingest::bench_ingest(&opts).unwrap();
-    println!("{v}");
-    assert_eq!(v["rows"], v["rows_generated"]);
-    assert!(v["mb_per_s"].as_f64().unwrap() >= 50.0, "{v}");
+    for prompt_response in [false, true] {
+        let opts = mbtd::ingest::BenchIngestArgs {
+            files: 4,
+            mib_per_file: 32,
+            prompt_response,
+            ..Default::default()
+        };
+        let v = mbtd::ingest::bench_ingest(&opts).unwrap();
+        println!("{v}");
+        assert_eq!(v["rows"], v["rows_generated"]);
+        assert!(v["mb_per_s"].as_f64().unwrap() >= 50.0, "{v}");
+    }
 }

@@ -519,3 +519,37 @@ fn byte_bound_is_enforced_and_survives_reopen() {
     assert_eq!(st.stats().evicted_total, before.rows - after.rows);
     assert_eq!(st.stats().last_seq, 310);
 }
+
+#[test]
+fn crash_between_state_write_and_compaction_loses_no_eviction() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = ReplayConfig {
+        segment_bytes: 4096,
+        max_rows: 50,
+        control_fraction: 0.1,
+        ..Default::default()
+    };
+    let (mut st, _) = open(dir.path(), &c);
+    let (h, rows) = file_rows(1, 300, 30);
+    st.append_file_rows(&h, rows, 0).unwrap();
+    let saved: Vec<(PathBuf, Vec<u8>)> = segment_files(dir.path())
+        .into_iter()
+        .map(|p| {
+            let b = fs::read(&p).unwrap();
+            (p, b)
+        })
+        .collect();
+    st.enforce_capacity(u64::MAX).unwrap();
+    let kept: Vec<u64> = st.rows.iter().map(|m| m.seq).collect();
+    drop(st);
+    // Put the pre-compaction segments back, plus a half-written compaction temp file:
+    // the state of a crash after `state.bin` was written, before compaction finished.
+    for (p, b) in &saved {
+        fs::write(p, b).unwrap();
+    }
+    fs::write(dir.path().join("seg-0000000001.log.tmp"), b"partial").unwrap();
+    let (st, rep) = open(dir.path(), &c);
+    assert_eq!(rep.stale_temp_files, 1);
+    assert!(rep.evicted_on_disk > 0);
+    assert_eq!(st.rows.iter().map(|m| m.seq).collect::<Vec<_>>(), kept);
+}
