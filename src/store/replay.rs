@@ -7,9 +7,10 @@
 //! reads each record with one positioned read.
 //!
 //! Capacity: [`ReplayStore::enforce_capacity`] applies bottom-k eviction (see
-//! [`super::state`]): among training rows the trainer has already consumed it evicts
-//! those with the largest keys until `max_rows` and `max_bytes` hold, writes
-//! `state.bin` (the eviction is then durable), and compacts: a segment with no live row
+//! [`super::state`]): it lowers the key threshold until the training rows under it
+//! (plus the control rows) fit `max_rows` and `max_bytes`, evicts the rows above it
+//! that the trainer has already consumed, writes `state.bin` (the eviction is then
+//! durable), and compacts: a segment with no live row
 //! is deleted; a segment whose dead bytes are at least a quarter of its record bytes is
 //! rewritten (live frames copied to `seg-N.log.tmp`, fsync, rename over the segment,
 //! directory fsync). A crash at any point leaves either the old or the new segment,
@@ -964,70 +965,75 @@ impl ReplayStore {
         self.rows.last().map_or(0, |m| m.seq)
     }
 
-    /// Enforce `max_rows` / `max_bytes` by bottom-k eviction of training rows with
-    /// `seq <= consumed_through` (rows the trainer has seen; rows of files not yet
-    /// complete are never evicted), then compact. Control rows are never evicted, so the
-    /// bound can be exceeded by control rows and by rows not consumed yet.
+    /// Enforce `max_rows` / `max_bytes` by bottom-k eviction, then compact.
+    ///
+    /// The threshold `tau` is chosen over all training rows: the rows kept in the end
+    /// are those with the smallest keys such that the bounds hold (control rows count
+    /// but are never evicted). Only rows with `seq <= consumed_through` (rows the trainer
+    /// has seen) are evicted now; unconsumed rows above the threshold stay until a later
+    /// call with a larger cursor, so the bounds can be exceeded by them and by control
+    /// rows. A row of a file whose ingestion was interrupted can be evicted like any
+    /// other; if that file is processed again, such a row is appended again (it is never
+    /// live twice).
     pub fn enforce_capacity(
         &mut self,
         consumed_through: u64,
     ) -> Result<EvictionReport, StoreError> {
-        let within =
-            self.rows.len() as u64 <= self.cfg.max_rows && self.live_bytes <= self.cfg.max_bytes;
-        if within && self.state.tau == u64::MAX {
+        let (max_rows, max_bytes) = (self.cfg.max_rows, self.cfg.max_bytes);
+        if self.rows.len() as u64 <= max_rows
+            && self.live_bytes <= max_bytes
+            && self.state.tau == u64::MAX
+        {
             return Ok(EvictionReport::default());
         }
-        let first_partial = self
-            .rows
-            .iter()
-            .find(|m| self.partial.contains_key(&m.file))
-            .map_or(u64::MAX, |m| m.seq);
         // Never beyond the newest existing row: rows appended later must not fall
         // under the rule before they were consumed.
         let through = consumed_through
-            .min(first_partial.saturating_sub(1))
             .min(self.last_durable_seq())
             .max(self.state.evict_through);
         let seed = self.state.seed;
-        let mut evict = vec![false; self.rows.len()];
-        let mut count = 0u64;
+        let mut tau = self.state.tau;
         let mut rows_left = self.rows.len() as u64;
         let mut bytes_left = self.live_bytes;
-        let mut candidates = Vec::new();
-        for (i, m) in self.rows.iter().enumerate() {
-            if m.control || m.seq > through {
-                continue;
-            }
+        let mut below = Vec::new();
+        for m in self.rows.iter().filter(|m| !m.control) {
             let key = eviction_key(seed, m.seq);
-            if key >= self.state.tau {
-                evict[i] = true;
-                count += 1;
+            if key >= tau {
                 rows_left -= 1;
                 bytes_left -= m.len as u64;
             } else {
-                candidates.push((key, i));
+                below.push((key, m.len));
             }
         }
-        let mut tau = self.state.tau;
-        if rows_left > self.cfg.max_rows || bytes_left > self.cfg.max_bytes {
-            candidates.sort_unstable_by_key(|c| std::cmp::Reverse(c.0));
-            for (key, i) in candidates {
-                if rows_left <= self.cfg.max_rows && bytes_left <= self.cfg.max_bytes {
+        if rows_left > max_rows || bytes_left > max_bytes {
+            below.sort_unstable_by_key(|c| std::cmp::Reverse(c.0));
+            for (key, len) in below {
+                if rows_left <= max_rows && bytes_left <= max_bytes {
                     break;
                 }
-                evict[i] = true;
-                count += 1;
                 rows_left -= 1;
-                bytes_left -= self.rows[i].len as u64;
+                bytes_left -= len as u64;
                 tau = key;
             }
         }
+        let rule = StoreState {
+            tau,
+            evict_through: through,
+            ..self.state.clone()
+        };
+        let evict: Vec<bool> = self
+            .rows
+            .iter()
+            .map(|m| rule.is_evicted(m.seq, m.control))
+            .collect();
+        let count = evict.iter().filter(|&&e| e).count() as u64;
         if count == 0 {
             return Ok(EvictionReport::default());
         }
-        self.state.tau = tau;
-        self.state.evict_through = through;
-        self.state.evicted_total += count;
+        self.state = StoreState {
+            evicted_total: self.state.evicted_total + count,
+            ..rule
+        };
         self.state.save(&self.dir.join("state.bin"))?;
 
         let old = std::mem::take(&mut self.rows);
@@ -1038,6 +1044,9 @@ impl ReplayStore {
         self.kind_rows = [0; 2];
         for (m, gone) in old.into_iter().zip(evict) {
             if gone {
+                if let Some(set) = self.partial.get_mut(&m.file) {
+                    set.remove(&m.row);
+                }
                 let seg = self.segments.get_mut(&m.segment).expect("segment of a row");
                 seg.live_bytes -= m.len as u64;
                 seg.dead_bytes += m.len as u64;
