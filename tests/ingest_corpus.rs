@@ -224,3 +224,22 @@ fn corpus_cases_have_their_documented_outcomes() {
     }
     assert_eq!(store.stats().rows, 16);
 }
+
+/// Throughput of `process_file` (run with `cargo test --release --test ingest_corpus --
+/// --ignored --nocapture`): the target on the 2-core machine is at least 50 MB/s.
+#[test]
+#[ignore = "benchmark; run in --release"]
+fn bench_ingest_meets_the_throughput_floor() {
+    for prompt_response in [false, true] {
+        let opts = mbtd::ingest::BenchIngestArgs {
+            files: 4,
+            mib_per_file: 32,
+            prompt_response,
+            ..Default::default()
+        };
+        let v = mbtd::ingest::bench_ingest(&opts).unwrap();
+        println!("{v}");
+        assert_eq!(v["rows"], v["rows_generated"]);
+        assert!(v["mb_per_s"].as_f64().unwrap() >= 50.0, "{v}");
+    }
+}

@@ -4,6 +4,15 @@
 //! - [`process`]: one file → durable rows in the replay store → the file moved to
 //!   `inbox/.done/` (or `inbox/.failed/`) with a JSON sidecar.
 //! - [`bench`]: `mbtd bench ingest`.
+//!
+//! How the ingestor actor drives it (all calls blocking; run them in
+//! `spawn_blocking` with the store moved in and out, or behind a mutex):
+//! 1. on a watcher event or every `rescan_ms`: `list_inbox` → `select_candidates`
+//!    (carry the returned [`ScanMemory`]; pass names seen renamed into the inbox);
+//! 2. for each ready name, oldest first: `process_file(inbox, inbox/name, store, cfg)`;
+//!    an `Err` leaves the file for a retry on a later scan;
+//! 3. after files are processed: `store.enforce_capacity(trainer_cursor_seq)` to keep
+//!    `max_rows` / `max_bytes` (only rows the trainer has consumed are evicted).
 
 pub mod bench;
 pub mod process;

@@ -66,17 +66,19 @@ pub struct ListedRejection {
     pub reason: String,
 }
 
-/// Timings of one file, milliseconds.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// Timings of one file, microseconds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Timings {
     /// Hashing.
-    pub hash_ms: f64,
+    pub hash_us: u64,
     /// Parsing, appending and the durable commit.
-    pub ingest_ms: f64,
-    /// Sidecar and move.
-    pub finish_ms: f64,
-    /// Whole processing.
-    pub total_ms: f64,
+    pub ingest_us: u64,
+    /// Of which the durable commit (fsyncs, journal entry).
+    pub commit_us: u64,
+    /// Sidecar and move (up to the sidecar write).
+    pub finish_us: u64,
+    /// Whole processing up to the sidecar write.
+    pub total_us: u64,
 }
 
 /// The JSON sidecar written next to a processed file.
@@ -114,6 +116,24 @@ pub struct Sidecar {
     pub timings: Timings,
     /// When processing finished, ms since the Unix epoch.
     pub processed_ms: u64,
+    /// blake3 (hex) of this sidecar's pretty JSON written with `checksum: null`.
+    pub checksum: Option<String>,
+}
+
+impl Sidecar {
+    fn digest(&self) -> String {
+        let bare = Sidecar {
+            checksum: None,
+            ..self.clone()
+        };
+        let json = serde_json::to_vec_pretty(&bare).expect("a sidecar always serializes");
+        blake3::hash(&json).to_hex().to_string()
+    }
+
+    /// True when `checksum` matches the content.
+    pub fn verify(&self) -> bool {
+        self.checksum.as_deref() == Some(self.digest().as_str())
+    }
 }
 
 /// What the actor needs from one processed file.
@@ -139,6 +159,8 @@ pub struct FileOutcome {
     pub sidecar_path: PathBuf,
     /// Whole processing time, ms.
     pub total_ms: f64,
+    /// Phase timings (as in the sidecar).
+    pub timings: Timings,
 }
 
 fn io_err(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> IngestError {
@@ -282,7 +304,11 @@ fn choose_dest(
 }
 
 fn write_sidecar(path: &Path, sidecar: &Sidecar) -> Result<(), IngestError> {
-    let json = serde_json::to_vec_pretty(sidecar).map_err(|e| IngestError::Io {
+    let sealed = Sidecar {
+        checksum: Some(sidecar.digest()),
+        ..sidecar.clone()
+    };
+    let json = serde_json::to_vec_pretty(&sealed).map_err(|e| IngestError::Io {
         what: "serialize sidecar".into(),
         path: path.to_path_buf(),
         source: std::io::Error::other(e),
@@ -318,8 +344,8 @@ fn finish(
     let dir = outcome_dir(inbox, sidecar.outcome)?;
     let (dest, side) = choose_dest(&dir, &sidecar.file, sidecar.content_hash.as_deref())?;
     sidecar.processed_ms = now_ms();
-    sidecar.timings.finish_ms = ms(t);
-    sidecar.timings.total_ms = ms(started);
+    sidecar.timings.finish_us = us(t);
+    sidecar.timings.total_us = us(started);
     write_sidecar(&side, &sidecar)?;
     move_file(path, &dest)?;
     Ok(FileOutcome {
@@ -333,11 +359,16 @@ fn finish(
         moved_to: dest,
         sidecar_path: side,
         total_ms: ms(started),
+        timings: sidecar.timings,
     })
 }
 
 fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
+}
+
+fn us(t: Instant) -> u64 {
+    t.elapsed().as_micros() as u64
 }
 
 fn empty_sidecar(name: &str, bytes: u64) -> Sidecar {
@@ -358,6 +389,7 @@ fn empty_sidecar(name: &str, bytes: u64) -> Sidecar {
         extra_columns_ignored: Vec::new(),
         timings: Timings::default(),
         processed_ms: 0,
+        checksum: None,
     }
 }
 
@@ -414,19 +446,21 @@ pub fn process_file(
     let t = Instant::now();
     let hash = hash_file(path)?;
     sidecar.content_hash = Some(hex(&hash));
-    sidecar.timings.hash_ms = ms(t);
+    sidecar.timings.hash_us = us(t);
     let t = Instant::now();
     let s = match stream_rows(path, &name, &hash, store, cfg)? {
         StreamResult::Refused(reason) => return refuse(sidecar, reason),
         StreamResult::Rows(s) => s,
     };
+    let tc = Instant::now();
     store
         .commit_file(&hash, s.accepted, s.rejected)
         .map_err(|source| IngestError::Store {
             path: path.to_path_buf(),
             source,
         })?;
-    sidecar.timings.ingest_ms = ms(t);
+    sidecar.timings.commit_us = us(tc);
+    sidecar.timings.ingest_us = us(t);
     sidecar.outcome = Outcome::Done;
     sidecar.kind = Some(s.kind);
     sidecar.rows_accepted = s.accepted;
@@ -523,6 +557,12 @@ mod tests {
         assert_eq!(sc.rejections.len(), 7);
         assert_eq!(sc.rejections[0].line, 6);
         assert_eq!(sc.kind.as_deref(), Some("text"));
+        assert!(sc.verify());
+        let tampered = Sidecar {
+            rows_accepted: 49,
+            ..sc.clone()
+        };
+        assert!(!tampered.verify());
         let rows = store_rows(&st);
         assert_eq!(rows.len(), 50);
         assert!(rows.values().all(|&c| c == 1));

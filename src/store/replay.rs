@@ -7,9 +7,10 @@
 //! reads each record with one positioned read.
 //!
 //! Capacity: [`ReplayStore::enforce_capacity`] applies bottom-k eviction (see
-//! [`super::state`]): among training rows the trainer has already consumed it evicts
-//! those with the largest keys until `max_rows` and `max_bytes` hold, writes
-//! `state.bin` (the eviction is then durable), and compacts: a segment with no live row
+//! [`super::state`]): it lowers the key threshold until the training rows under it
+//! (plus the control rows) fit `max_rows` and `max_bytes`, evicts the rows above it
+//! that the trainer has already consumed, writes `state.bin` (the eviction is then
+//! durable), and compacts: a segment with no live row
 //! is deleted; a segment whose dead bytes are at least a quarter of its record bytes is
 //! rewritten (live frames copied to `seg-N.log.tmp`, fsync, rename over the segment,
 //! directory fsync). A crash at any point leaves either the old or the new segment,
@@ -30,12 +31,32 @@ use super::format::{
 };
 use super::fsutil::{fsync_dir, now_ms};
 use super::journal::{Journal, JournalEntry, JournalScan};
-use super::state::{StoreState, eviction_key};
+use super::state::{StoreState, eviction_key, splitmix64};
 use super::{ReplayConfig, SamplingMode, StoreError};
 use crate::text::csv_rows::{CsvRow, RowBody, RowKind};
 
 /// Largest encoded record accepted.
 const MAX_RECORD_BYTES: usize = 1 << 30;
+
+/// Hasher for sets of row numbers: splitmix64 of the value (fast, well mixed).
+#[derive(Default, Clone, Copy)]
+struct RowHasher(u64);
+
+impl std::hash::Hasher for RowHasher {
+    fn finish(&self) -> u64 {
+        splitmix64(self.0)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ b as u64;
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 ^= n;
+    }
+}
+
+type RowSet = HashSet<u64, std::hash::BuildHasherDefault<RowHasher>>;
 
 /// Per-row index entry.
 #[derive(Clone, Copy, Debug)]
@@ -238,15 +259,16 @@ pub struct ReplayStats {
     pub by_kind: BTreeMap<RowKind, u64>,
 }
 
-/// Is a row with this content in the control slice? True iff the first 8 bytes of
-/// blake3(kind byte | for each field: len u64 LE | bytes), read as a little-endian
-/// u64, are below `fraction · 2^64`.
+/// Is a row with this content in the control slice? With `c = crc32(kind byte |
+/// for each field: len u64 LE | bytes)` and `h = splitmix64(c | bytes << 32)` (`bytes`
+/// the total field length), a row is a control row iff `h < fraction · 2^64`. Depends
+/// only on the content, so the same row is always on the same side.
 pub fn is_control(fraction: f64, body: &RowBody) -> bool {
     let threshold = (fraction * 18_446_744_073_709_551_616.0) as u64;
     if threshold == 0 {
         return false;
     }
-    let mut h = blake3::Hasher::new();
+    let mut h = crc32fast::Hasher::new();
     let mut field = |s: &str| {
         h.update(&(s.len() as u64).to_le_bytes());
         h.update(s.as_bytes());
@@ -262,8 +284,8 @@ pub fn is_control(fraction: f64, body: &RowBody) -> bool {
             h.update(&[1]);
         }
     }
-    let d = h.finalize();
-    u64::from_le_bytes(d.as_bytes()[..8].try_into().expect("8 bytes")) < threshold
+    let bytes = body.text_bytes() as u64;
+    splitmix64(h.finalize() as u64 | bytes << 32) < threshold
 }
 
 fn segment_name(id: u32) -> String {
@@ -296,7 +318,9 @@ pub struct ReplayStore {
     kind_rows: [u64; 2],
     files: Vec<[u8; 32]>,
     file_ids: HashMap<[u8; 32], u32>,
-    partial: HashMap<u32, HashSet<u64>>,
+    partial: HashMap<u32, RowSet>,
+    /// The file of the last append: (hash, id, journaled).
+    cur_file: Option<([u8; 32], u32, bool)>,
     unsynced: Vec<u32>,
     dir_dirty: bool,
     live_bytes: u64,
@@ -382,6 +406,7 @@ impl ReplayStore {
             files: Vec::new(),
             file_ids: HashMap::new(),
             partial: HashMap::new(),
+            cur_file: None,
             unsynced: Vec::new(),
             dir_dirty: false,
             live_bytes: 0,
@@ -512,6 +537,11 @@ impl ReplayStore {
     }
 
     fn intern_source(&mut self, s: &str) -> u32 {
+        if let Some(last) = self.pending.last()
+            && self.sources[last.source as usize] == s
+        {
+            return last.source;
+        }
         if let Some(&id) = self.source_ids.get(s) {
             return id;
         }
@@ -523,6 +553,11 @@ impl ReplayStore {
     }
 
     fn intern_file(&mut self, h: &[u8; 32]) -> u32 {
+        if let Some((hash, id, _)) = &self.cur_file
+            && hash == h
+        {
+            return *id;
+        }
         if let Some(&id) = self.file_ids.get(h) {
             return id;
         }
@@ -622,7 +657,16 @@ impl ReplayStore {
         body: &RowBody,
         ingest_ms: u64,
     ) -> Result<bool, StoreError> {
-        if self.contains_row(file_hash, row) {
+        let (file, journaled) = match self.cur_file {
+            Some((h, id, done)) if &h == file_hash => (id, done),
+            _ => {
+                let id = self.intern_file(file_hash);
+                let done = self.journal.get(file_hash).is_some();
+                self.cur_file = Some((*file_hash, id, done));
+                (id, done)
+            }
+        };
+        if journaled || !self.partial.entry(file).or_default().insert(row) {
             return Ok(false);
         }
         let seq = self.state.next_seq;
@@ -643,11 +687,13 @@ impl ReplayStore {
         if must_roll {
             self.roll_segment()?;
         }
-        let file = self.intern_file(file_hash);
         let source = self.intern_source(source);
         let active = self.active.as_mut().expect("rolled above");
         if let Err(e) = active.writer.write_all(&self.buf) {
             let path = self.dir.join(segment_name(active.id));
+            if let Some(set) = self.partial.get_mut(&file) {
+                set.remove(&row);
+            }
             return Err(self.io_err("append to segment", &path, e));
         }
         let meta = RowMeta {
@@ -666,7 +712,6 @@ impl ReplayStore {
             self.unsynced.push(active.id);
         }
         self.state.next_seq += 1;
-        self.partial.entry(file).or_default().insert(row);
         self.pending.push(meta);
         Ok(true)
     }
@@ -736,6 +781,11 @@ impl ReplayStore {
         };
         self.journal.append(entry.clone())?;
         self.partial.remove(&file);
+        if let Some(cur) = self.cur_file.as_mut()
+            && cur.1 == file
+        {
+            cur.2 = true;
+        }
         Ok(entry)
     }
 
@@ -915,62 +965,75 @@ impl ReplayStore {
         self.rows.last().map_or(0, |m| m.seq)
     }
 
-    /// Enforce `max_rows` / `max_bytes` by bottom-k eviction of training rows with
-    /// `seq <= consumed_through` (rows the trainer has seen; rows of files not yet
-    /// complete are never evicted), then compact. Control rows are never evicted, so the
-    /// bound can be exceeded by control rows and by rows not consumed yet.
+    /// Enforce `max_rows` / `max_bytes` by bottom-k eviction, then compact.
+    ///
+    /// The threshold `tau` is chosen over all training rows: the rows kept in the end
+    /// are those with the smallest keys such that the bounds hold (control rows count
+    /// but are never evicted). Only rows with `seq <= consumed_through` (rows the trainer
+    /// has seen) are evicted now; unconsumed rows above the threshold stay until a later
+    /// call with a larger cursor, so the bounds can be exceeded by them and by control
+    /// rows. A row of a file whose ingestion was interrupted can be evicted like any
+    /// other; if that file is processed again, such a row is appended again (it is never
+    /// live twice).
     pub fn enforce_capacity(
         &mut self,
         consumed_through: u64,
     ) -> Result<EvictionReport, StoreError> {
-        let first_partial = self
-            .rows
-            .iter()
-            .find(|m| self.partial.contains_key(&m.file))
-            .map_or(u64::MAX, |m| m.seq);
+        let (max_rows, max_bytes) = (self.cfg.max_rows, self.cfg.max_bytes);
+        if self.rows.len() as u64 <= max_rows
+            && self.live_bytes <= max_bytes
+            && self.state.tau == u64::MAX
+        {
+            return Ok(EvictionReport::default());
+        }
+        // Never beyond the newest existing row: rows appended later must not fall
+        // under the rule before they were consumed.
         let through = consumed_through
-            .min(first_partial.saturating_sub(1))
+            .min(self.last_durable_seq())
             .max(self.state.evict_through);
         let seed = self.state.seed;
-        let mut evict = vec![false; self.rows.len()];
-        let mut count = 0u64;
+        let mut tau = self.state.tau;
         let mut rows_left = self.rows.len() as u64;
         let mut bytes_left = self.live_bytes;
-        let mut candidates = Vec::new();
-        for (i, m) in self.rows.iter().enumerate() {
-            if m.control || m.seq > through {
-                continue;
-            }
+        let mut below = Vec::new();
+        for m in self.rows.iter().filter(|m| !m.control) {
             let key = eviction_key(seed, m.seq);
-            if key >= self.state.tau {
-                evict[i] = true;
-                count += 1;
+            if key >= tau {
                 rows_left -= 1;
                 bytes_left -= m.len as u64;
             } else {
-                candidates.push((key, i));
+                below.push((key, m.len));
             }
         }
-        let mut tau = self.state.tau;
-        if rows_left > self.cfg.max_rows || bytes_left > self.cfg.max_bytes {
-            candidates.sort_unstable_by_key(|c| std::cmp::Reverse(c.0));
-            for (key, i) in candidates {
-                if rows_left <= self.cfg.max_rows && bytes_left <= self.cfg.max_bytes {
+        if rows_left > max_rows || bytes_left > max_bytes {
+            below.sort_unstable_by_key(|c| std::cmp::Reverse(c.0));
+            for (key, len) in below {
+                if rows_left <= max_rows && bytes_left <= max_bytes {
                     break;
                 }
-                evict[i] = true;
-                count += 1;
                 rows_left -= 1;
-                bytes_left -= self.rows[i].len as u64;
+                bytes_left -= len as u64;
                 tau = key;
             }
         }
+        let rule = StoreState {
+            tau,
+            evict_through: through,
+            ..self.state.clone()
+        };
+        let evict: Vec<bool> = self
+            .rows
+            .iter()
+            .map(|m| rule.is_evicted(m.seq, m.control))
+            .collect();
+        let count = evict.iter().filter(|&&e| e).count() as u64;
         if count == 0 {
             return Ok(EvictionReport::default());
         }
-        self.state.tau = tau;
-        self.state.evict_through = through;
-        self.state.evicted_total += count;
+        self.state = StoreState {
+            evicted_total: self.state.evicted_total + count,
+            ..rule
+        };
         self.state.save(&self.dir.join("state.bin"))?;
 
         let old = std::mem::take(&mut self.rows);
@@ -981,6 +1044,9 @@ impl ReplayStore {
         self.kind_rows = [0; 2];
         for (m, gone) in old.into_iter().zip(evict) {
             if gone {
+                if let Some(set) = self.partial.get_mut(&m.file) {
+                    set.remove(&m.row);
+                }
                 let seg = self.segments.get_mut(&m.segment).expect("segment of a row");
                 seg.live_bytes -= m.len as u64;
                 seg.dead_bytes += m.len as u64;

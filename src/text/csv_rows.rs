@@ -307,9 +307,22 @@ struct LineTracker<R> {
 impl<R: Read> Read for LineTracker<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
-        for (i, &b) in buf[..n].iter().enumerate() {
-            if b == b'\n' || b == b'\r' {
-                self.marks.push_back((self.delivered + i as u64, b));
+        // A 64-bit mask of the terminator bytes of each 64-byte block (built through a
+        // byte array so that the compiler vectorises it), then one step per terminator.
+        for (c, block) in buf[..n].chunks(64).enumerate() {
+            let mut hit = [0u8; 64];
+            for (h, &b) in hit.iter_mut().zip(block) {
+                *h = ((b == b'\n') | (b == b'\r')) as u8;
+            }
+            let mut mask = 0u64;
+            for (i, &h) in hit.iter().enumerate() {
+                mask |= (h as u64) << i;
+            }
+            while mask != 0 {
+                let i = mask.trailing_zeros() as usize;
+                mask &= mask - 1;
+                self.marks
+                    .push_back((self.delivered + (c * 64 + i) as u64, block[i]));
             }
         }
         self.delivered += n as u64;
