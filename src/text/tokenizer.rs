@@ -497,6 +497,23 @@ mod tests {
         assert_eq!(t.decode(&ids).unwrap(), s);
     }
 
+    #[test]
+    fn training_is_deterministic() {
+        let a = Tokenizer::train(corpus().into_iter(), 350, 2).unwrap();
+        let b = Tokenizer::train(corpus().into_iter(), 350, 2).unwrap();
+        assert_eq!(a.to_json().unwrap(), b.to_json().unwrap());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(8))]
+        #[test]
+        fn vocab_never_exceeds_the_target(target in MIN_VOCAB_SIZE..700usize) {
+            let t = Tokenizer::train(corpus().into_iter(), target, 1).unwrap();
+            prop_assert!(t.vocab_size() <= target);
+            prop_assert!(t.vocab_size() >= MIN_VOCAB_SIZE);
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
         #[test]
