@@ -173,7 +173,8 @@ impl Tokenizer {
         Self::from_inner(tokenizers::Tokenizer::from(built), "training")
     }
 
-    /// Trains with the settings of `cfg` (which must not have a `path`).
+    /// Trains with the settings of `cfg` after validating it (`cfg.path` is not looked at:
+    /// see [`Tokenizer::load_configured`]).
     pub fn train_with_config<I, S>(texts: I, cfg: &TokenizerConfig) -> Result<Self, TokenizerError>
     where
         I: Iterator<Item = S> + Send,
@@ -485,6 +486,18 @@ mod tests {
         assert_eq!(c.bootstrap_rows, TokenizerConfig::default().bootstrap_rows);
         assert!(toml::from_str::<TokenizerConfig>("vocab = 512").is_err());
         assert!(Tokenizer::train(corpus().into_iter(), 10, 2).is_err());
+        let small = TokenizerConfig {
+            vocab_size: 300,
+            ..Default::default()
+        };
+        let t = Tokenizer::train_with_config(corpus().into_iter(), &small).unwrap();
+        assert!(t.vocab_size() <= 300);
+        let bad = TokenizerConfig {
+            min_frequency: 0,
+            ..small
+        };
+        let err = Tokenizer::train_with_config(corpus().into_iter(), &bad).unwrap_err();
+        assert!(err.to_string().contains("tokenizer.min_frequency"), "{err}");
     }
 
     #[test]
