@@ -975,13 +975,25 @@ mod tests {
     }
 
     #[test]
-    fn diverged_loss_is_not_a_plateau() {
+    fn diverged_loss_is_not_a_plateau_and_state_still_round_trips() {
         let mut s = GovernorState::default();
         let d = feed(&mut s, &[3.0, f64::NAN, 3.0], &cfg());
         let Decision::None { basis: Some(b), .. } = d else {
             panic!("{d:?}")
         };
         assert!(!b.plateau.unwrap().plateau);
+        let e = EvalPoint {
+            step: 40,
+            control_old: None,
+            control_new: None,
+            train_loss_ema: f64::NAN,
+        };
+        decide(&mut s, &inputs(40, Some(e)), &cfg());
+        let json = serde_json::to_string(&s).unwrap();
+        let back: GovernorState = serde_json::from_str(&json).unwrap();
+        assert!(back.history.last().unwrap().train_loss_ema.is_nan());
+        assert_eq!(back.history.len(), s.history.len());
+        assert_eq!(back.last_decisions.len(), s.last_decisions.len());
     }
 
     #[test]

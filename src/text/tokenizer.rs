@@ -174,7 +174,7 @@ impl Tokenizer {
     }
 
     /// Trains with the settings of `cfg` after validating it (`cfg.path` is not looked at:
-    /// see [`Tokenizer::load_configured`]).
+    /// see [`Self::load_configured`]).
     pub fn train_with_config<I, S>(texts: I, cfg: &TokenizerConfig) -> Result<Self, TokenizerError>
     where
         I: Iterator<Item = S> + Send,
@@ -182,6 +182,26 @@ impl Tokenizer {
     {
         cfg.validate().map_err(TokenizerError::Config)?;
         Self::train(texts, cfg.vocab_size, cfg.min_frequency)
+    }
+
+    /// Loads `cfg.path` if set (`Ok(None)` otherwise) and checks that its ids fit the
+    /// model's `cfg.vocab_size`.
+    pub fn load_configured(cfg: &TokenizerConfig) -> Result<Option<Self>, TokenizerError> {
+        let Some(path) = &cfg.path else {
+            return Ok(None);
+        };
+        let t = Self::load(path)?;
+        if t.vocab_size() > cfg.vocab_size {
+            return Err(TokenizerError::Json {
+                source_name: path.display().to_string(),
+                reason: format!(
+                    "it has {} ids but tokenizer.vocab_size (the model's vocabulary) is {}; raise tokenizer.vocab_size",
+                    t.vocab_size(),
+                    cfg.vocab_size
+                ),
+            });
+        }
+        Ok(Some(t))
     }
 
     fn from_inner(
@@ -456,6 +476,53 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains(RESPONSE_TOKEN), "{err}");
+        // Not byte-level: refused, naming the part.
+        let mut v: serde_json::Value = serde_json::from_str(&trained().to_json().unwrap()).unwrap();
+        v["pre_tokenizer"] = serde_json::json!({"type": "Whitespace"});
+        let err = Tokenizer::from_json(&v.to_string(), "z.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("pre_tokenizer.type") && err.contains("z.json"),
+            "{err}"
+        );
+        let mut v: serde_json::Value = serde_json::from_str(&trained().to_json().unwrap()).unwrap();
+        v["normalizer"] = serde_json::json!({"type": "Lowercase"});
+        let err = Tokenizer::from_json(&v.to_string(), "n.json")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("normalizer"), "{err}");
+    }
+
+    #[test]
+    fn configured_path_must_fit_the_model_vocab() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        trained().save(&path).unwrap();
+        let n = trained().vocab_size();
+        let cfg = TokenizerConfig {
+            path: Some(path.clone()),
+            vocab_size: n,
+            ..Default::default()
+        };
+        assert_eq!(
+            Tokenizer::load_configured(&cfg)
+                .unwrap()
+                .unwrap()
+                .vocab_size(),
+            n
+        );
+        let small = TokenizerConfig {
+            vocab_size: n - 1,
+            ..cfg
+        };
+        let err = Tokenizer::load_configured(&small).unwrap_err().to_string();
+        assert!(err.contains("tokenizer.vocab_size"), "{err}");
+        assert!(
+            Tokenizer::load_configured(&TokenizerConfig::default())
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
