@@ -141,28 +141,40 @@ pub struct LayerDiagnostics {
     /// Number of active branches `K_a`.
     pub active: usize,
     /// `p = softmax(e)` over active branches, `0` for inactive ones (length `K`).
+    #[serde(with = "super::float_json::vec_nan_as_null")]
     pub energy_share: Vec<f64>,
     /// `H = -Σ p ln p`, nats.
+    #[serde(with = "super::float_json::nan_as_null")]
     pub entropy: f64,
     /// `1 - H / ln K_a`.
+    #[serde(with = "super::float_json::nan_as_null")]
     pub path_starvation_index: f64,
     /// `exp(H)`.
+    #[serde(with = "super::float_json::nan_as_null")]
     pub effective_num_paths: f64,
     /// Gini of `p` over active branches.
+    #[serde(with = "super::float_json::nan_as_null")]
     pub gini_concentration: f64,
     /// `max p`.
+    #[serde(with = "super::float_json::nan_as_null")]
     pub top1_share: f64,
     /// `p_(1) - p_(2)`.
+    #[serde(with = "super::float_json::nan_as_null")]
     pub margin_top1_top2: f64,
     /// Mean `1 - cos` over active pairs.
+    #[serde(with = "super::float_json::nan_as_null")]
     pub diversity_cosine_distance_mean: f64,
     /// Mean `cos` over active pairs.
+    #[serde(with = "super::float_json::nan_as_null")]
     pub branch_correlation_mean: f64,
     /// `std(e) / mean(e)` over active branches.
+    #[serde(with = "super::float_json::nan_as_null")]
     pub output_energy_cv: f64,
     /// Gini of activation counts over all branches.
+    #[serde(with = "super::float_json::nan_as_null")]
     pub branch_select_gini: f64,
     /// `max n / Σ n` of activation counts.
+    #[serde(with = "super::float_json::nan_as_null")]
     pub branch_select_top1_share: f64,
 }
 
@@ -208,7 +220,7 @@ pub fn layer_diagnostics(
     let p = softmax(&e_act);
     let entropy: f64 = -p
         .iter()
-        .filter(|&&x| x > 0.0)
+        .filter(|&&x| x != 0.0)
         .map(|x| x * x.ln())
         .sum::<f64>();
     let mut energy_share = vec![0.0; k];
@@ -357,6 +369,19 @@ mod tests {
         assert!(d.path_starvation_index > 0.999 && d.path_starvation_index <= 1.0);
         assert!(close(d.effective_num_paths, 1.0));
         assert!(close(d.gini_concentration, 2.0 / 3.0));
+    }
+
+    #[test]
+    fn nan_energies_give_nan_metrics_that_still_serialise() {
+        let d = layer_diagnostics(&[f64::NAN, 1.0], &identity_cos(2), &[true; 2], &[1, 1]).unwrap();
+        assert!(d.entropy.is_nan() && d.effective_num_paths.is_nan());
+        let json = serde_json::to_string(&d).unwrap();
+        let back: LayerDiagnostics = serde_json::from_str(&json).unwrap();
+        assert!(back.path_starvation_index.is_nan());
+        assert_eq!(
+            back.diversity_cosine_distance_mean,
+            d.diversity_cosine_distance_mean
+        );
     }
 
     #[test]

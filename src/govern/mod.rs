@@ -3,6 +3,7 @@
 //! Both are pure: the governor actor feeds them numbers and acts on the [`policy::Decision`].
 
 pub mod diagnostics;
+pub mod float_json;
 pub mod policy;
 
 pub use diagnostics::{LayerDiagnostics, Stats, layer_diagnostics};

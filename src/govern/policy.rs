@@ -145,6 +145,7 @@ pub struct EvalPoint {
     /// Control loss on recent data (`loss_control_new`).
     pub control_new: Option<f64>,
     /// EMA of the training loss.
+    #[serde(with = "super::float_json::nan_as_null")]
     pub train_loss_ema: f64,
 }
 
@@ -154,6 +155,7 @@ pub struct LayerInput {
     /// Branches `K`.
     pub branches: usize,
     /// `effective_num_paths` of the layer (see [`super::diagnostics`]).
+    #[serde(with = "super::float_json::nan_as_null")]
     pub effective_paths: f64,
     /// Parameters one more branch in this layer adds.
     pub branch_params: u64,
@@ -249,8 +251,10 @@ pub struct PlateauCheck {
     /// `control_loss_new` or `train_loss_ema`.
     pub metric: String,
     /// The `patience + 1` values tested, oldest first.
+    #[serde(with = "super::float_json::vec_nan_as_null")]
     pub window: Vec<f64>,
     /// Relative improvement of the best recent value over the oldest.
+    #[serde(with = "super::float_json::nan_as_null")]
     pub relative_improvement: f64,
     /// The tolerance it is compared with.
     pub tolerance: f64,
@@ -266,8 +270,10 @@ pub struct LayerCheck {
     /// Branches now.
     pub branches: usize,
     /// Effective number of paths.
+    #[serde(with = "super::float_json::nan_as_null")]
     pub effective_paths: f64,
     /// `effective_paths / branches`.
+    #[serde(with = "super::float_json::nan_as_null")]
     pub saturation: f64,
     /// Cool-down end.
     pub cooldown_until: u64,
@@ -303,10 +309,13 @@ pub struct Judgement {
     /// Old-era loss now.
     pub now_old: Option<f64>,
     /// New-era loss (or train EMA) now.
+    #[serde(with = "super::float_json::nan_as_null")]
     pub now_new: f64,
     /// `baseline_new - now_new`.
+    #[serde(with = "super::float_json::nan_as_null")]
     pub gain_new: f64,
     /// `now_old - baseline_old` (0 when unknown).
+    #[serde(with = "super::float_json::nan_as_null")]
     pub regression_old: f64,
     /// Required gain.
     pub min_gain: f64,
@@ -526,7 +535,9 @@ impl GovernorState {
                 l.branches, cfg.max_branches_per_layer
             ));
         }
-        let after = inputs.params + l.branch_params * branches as u64;
+        let after = inputs
+            .params
+            .saturating_add(l.branch_params.saturating_mul(branches as u64));
         if after > cfg.max_params {
             return refuse(format!(
                 "{after} parameters would exceed governor.max_params = {}",
@@ -561,11 +572,11 @@ fn plateau_check(history: &[EvalPoint], cfg: &GovernorConfig) -> Option<PlateauC
     let rel = (reference - best) / scale;
     Some(PlateauCheck {
         metric: metric.to_string(),
+        // A non-finite loss (diverged) is never a plateau.
+        plateau: values.iter().all(|v| v.is_finite()) && rel < cfg.plateau_tolerance,
         window: values,
         relative_improvement: rel,
         tolerance: cfg.plateau_tolerance,
-        // NaN (a diverged loss) is never a plateau.
-        plateau: rel < cfg.plateau_tolerance,
     })
 }
 
@@ -961,6 +972,28 @@ mod tests {
             decide(&mut s, &inputs(41, None), &cfg()),
             Decision::None { .. }
         ));
+    }
+
+    #[test]
+    fn diverged_loss_is_not_a_plateau_and_state_still_round_trips() {
+        let mut s = GovernorState::default();
+        let d = feed(&mut s, &[3.0, f64::NAN, 3.0], &cfg());
+        let Decision::None { basis: Some(b), .. } = d else {
+            panic!("{d:?}")
+        };
+        assert!(!b.plateau.unwrap().plateau);
+        let e = EvalPoint {
+            step: 40,
+            control_old: None,
+            control_new: None,
+            train_loss_ema: f64::NAN,
+        };
+        decide(&mut s, &inputs(40, Some(e)), &cfg());
+        let json = serde_json::to_string(&s).unwrap();
+        let back: GovernorState = serde_json::from_str(&json).unwrap();
+        assert!(back.history.last().unwrap().train_loss_ema.is_nan());
+        assert_eq!(back.history.len(), s.history.len());
+        assert_eq!(back.last_decisions.len(), s.last_decisions.len());
     }
 
     #[test]

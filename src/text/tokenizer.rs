@@ -173,7 +173,8 @@ impl Tokenizer {
         Self::from_inner(tokenizers::Tokenizer::from(built), "training")
     }
 
-    /// Trains with the settings of `cfg` (which must not have a `path`).
+    /// Trains with the settings of `cfg` after validating it (`cfg.path` is not looked at:
+    /// see [`Self::load_configured`]).
     pub fn train_with_config<I, S>(texts: I, cfg: &TokenizerConfig) -> Result<Self, TokenizerError>
     where
         I: Iterator<Item = S> + Send,
@@ -181,6 +182,26 @@ impl Tokenizer {
     {
         cfg.validate().map_err(TokenizerError::Config)?;
         Self::train(texts, cfg.vocab_size, cfg.min_frequency)
+    }
+
+    /// Loads `cfg.path` if set (`Ok(None)` otherwise) and checks that its ids fit the
+    /// model's `cfg.vocab_size`.
+    pub fn load_configured(cfg: &TokenizerConfig) -> Result<Option<Self>, TokenizerError> {
+        let Some(path) = &cfg.path else {
+            return Ok(None);
+        };
+        let t = Self::load(path)?;
+        if t.vocab_size() > cfg.vocab_size {
+            return Err(TokenizerError::Json {
+                source_name: path.display().to_string(),
+                reason: format!(
+                    "it has {} ids but tokenizer.vocab_size (the model's vocabulary) is {}; raise tokenizer.vocab_size",
+                    t.vocab_size(),
+                    cfg.vocab_size
+                ),
+            });
+        }
+        Ok(Some(t))
     }
 
     fn from_inner(
@@ -455,6 +476,53 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains(RESPONSE_TOKEN), "{err}");
+        // Not byte-level: refused, naming the part.
+        let mut v: serde_json::Value = serde_json::from_str(&trained().to_json().unwrap()).unwrap();
+        v["pre_tokenizer"] = serde_json::json!({"type": "Whitespace"});
+        let err = Tokenizer::from_json(&v.to_string(), "z.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("pre_tokenizer.type") && err.contains("z.json"),
+            "{err}"
+        );
+        let mut v: serde_json::Value = serde_json::from_str(&trained().to_json().unwrap()).unwrap();
+        v["normalizer"] = serde_json::json!({"type": "Lowercase"});
+        let err = Tokenizer::from_json(&v.to_string(), "n.json")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("normalizer"), "{err}");
+    }
+
+    #[test]
+    fn configured_path_must_fit_the_model_vocab() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        trained().save(&path).unwrap();
+        let n = trained().vocab_size();
+        let cfg = TokenizerConfig {
+            path: Some(path.clone()),
+            vocab_size: n,
+            ..Default::default()
+        };
+        assert_eq!(
+            Tokenizer::load_configured(&cfg)
+                .unwrap()
+                .unwrap()
+                .vocab_size(),
+            n
+        );
+        let small = TokenizerConfig {
+            vocab_size: n - 1,
+            ..cfg
+        };
+        let err = Tokenizer::load_configured(&small).unwrap_err().to_string();
+        assert!(err.contains("tokenizer.vocab_size"), "{err}");
+        assert!(
+            Tokenizer::load_configured(&TokenizerConfig::default())
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
@@ -485,6 +553,18 @@ mod tests {
         assert_eq!(c.bootstrap_rows, TokenizerConfig::default().bootstrap_rows);
         assert!(toml::from_str::<TokenizerConfig>("vocab = 512").is_err());
         assert!(Tokenizer::train(corpus().into_iter(), 10, 2).is_err());
+        let small = TokenizerConfig {
+            vocab_size: 300,
+            ..Default::default()
+        };
+        let t = Tokenizer::train_with_config(corpus().into_iter(), &small).unwrap();
+        assert!(t.vocab_size() <= 300);
+        let bad = TokenizerConfig {
+            min_frequency: 0,
+            ..small
+        };
+        let err = Tokenizer::train_with_config(corpus().into_iter(), &bad).unwrap_err();
+        assert!(err.to_string().contains("tokenizer.min_frequency"), "{err}");
     }
 
     #[test]
@@ -495,6 +575,23 @@ mod tests {
         let ids = t.encode(s).unwrap();
         assert_eq!(ids.len(), s.len(), "one id per byte without merges");
         assert_eq!(t.decode(&ids).unwrap(), s);
+    }
+
+    #[test]
+    fn training_is_deterministic() {
+        let a = Tokenizer::train(corpus().into_iter(), 350, 2).unwrap();
+        let b = Tokenizer::train(corpus().into_iter(), 350, 2).unwrap();
+        assert_eq!(a.to_json().unwrap(), b.to_json().unwrap());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(8))]
+        #[test]
+        fn vocab_never_exceeds_the_target(target in MIN_VOCAB_SIZE..700usize) {
+            let t = Tokenizer::train(corpus().into_iter(), target, 1).unwrap();
+            prop_assert!(t.vocab_size() <= target);
+            prop_assert!(t.vocab_size() >= MIN_VOCAB_SIZE);
+        }
     }
 
     proptest! {
