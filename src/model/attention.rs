@@ -10,7 +10,7 @@
 //! The `(b, h)` pairs run in parallel on rayon; each writes disjoint output regions, so
 //! the result does not depend on the thread count.
 
-use super::ops::{View, fast_exp, gemm_into};
+use super::ops::{View, fast_exp, gemm_into, prof};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -47,6 +47,7 @@ impl SendPtr {
 
 /// Forward: fills `probs` (`[B, H, T, T]`, upper triangle zero) and `att` (`[B·T, d]`).
 pub(crate) fn attn_fwd(att: &mut [f32], probs: &mut [f32], qkv: &[f32], s: AttnShape) {
+    let _prof = prof::scope(prof::ATTN);
     let (t, hd, d) = (s.seq, s.head_dim, s.d());
     assert!(att.len() >= s.batch * t * d && probs.len() >= s.batch * s.heads * t * t);
     assert!(qkv.len() >= s.batch * t * 3 * d);
@@ -128,6 +129,7 @@ pub(crate) fn attn_bwd(
     qkv: &[f32],
     s: AttnShape,
 ) {
+    let _prof = prof::scope(prof::ATTN);
     let (t, hd, d) = (s.seq, s.head_dim, s.d());
     assert!(dqkv.len() >= s.batch * t * 3 * d && datt.len() >= s.batch * t * d);
     assert!(dprobs.len() >= s.batch * s.heads * t * t);

@@ -154,10 +154,14 @@ pub fn bench_train(opts: &TrainBenchArgs) -> Result<Value, ModelError> {
             .map(|_| random_batch(&cfg, opts.batch, opts.seq, &mut rng))
             .collect();
         let mut times = Vec::with_capacity(opts.steps);
+        super::ops::prof::enable(opts.phases);
         let mut phases = [0.0f64; 3];
         let mut active = 0usize;
         let mut loss = 0.0;
         for s in 0..opts.warmup + opts.steps {
+            if s == opts.warmup {
+                super::ops::prof::take();
+            }
             let masks = avail.draw();
             let scales = avail.scales(trainer.optim().max_scale);
             let batch = &batches[s % batches.len()];
@@ -205,6 +209,15 @@ pub fn bench_train(opts: &TrainBenchArgs) -> Result<Value, ModelError> {
                 "backward": phases[1] / n,
                 "optimizer": phases[2] / n,
             });
+            let kernels = super::ops::prof::take();
+            super::ops::prof::enable(false);
+            let mut k = serde_json::Map::new();
+            for (name, t) in super::ops::prof::NAMES.iter().zip(kernels) {
+                k.insert(name.to_string(), json!(t / n));
+            }
+            let fb = (phases[0] + phases[1]) / n - kernels.iter().sum::<f64>() / n;
+            k.insert("other_fwd_bwd".to_string(), json!(fb));
+            out["kernel_ms"] = Value::Object(k);
         }
         Ok(out)
     })

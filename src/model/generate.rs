@@ -11,7 +11,7 @@
 //! not yielded), or when the context reaches `max_seq_len`.
 
 use super::net::{Model, Workspace};
-use super::ops::{fast_exp, gelu_fwd, layernorm_fwd};
+use super::ops::{fast_exp, gelu_fwd, layernorm_fwd, simd};
 use super::{Batch, Masks, ModelError};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -118,18 +118,21 @@ pub struct Generation<'a> {
     s: Scratch,
 }
 
-/// `y = x·W + b` for one row, `W` `[din, dout]`; columns split into fixed chunks.
+/// `y = x·W + b` for one row, `W` `[din, dout]`; columns split into fixed chunks of 128
+/// (each chunk sums the rows in order, so the result does not depend on the threads).
 fn matvec(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32]) {
     let dout = b.len();
-    y.par_chunks_mut(256).enumerate().for_each(|(c, yc)| {
-        let c0 = c * 256;
+    y.par_chunks_mut(128).enumerate().for_each(|(c, yc)| {
+        let c0 = c * 128;
         yc.copy_from_slice(&b[c0..c0 + yc.len()]);
-        for (i, &xi) in x.iter().enumerate() {
-            let row = &w[i * dout + c0..i * dout + c0 + yc.len()];
-            for (a, &wv) in yc.iter_mut().zip(row) {
-                *a += xi * wv;
+        simd(|| {
+            for (i, &xi) in x.iter().enumerate() {
+                let row = &w[i * dout + c0..i * dout + c0 + yc.len()];
+                for (a, &wv) in yc.iter_mut().zip(row) {
+                    *a += xi * wv;
+                }
             }
-        }
+        });
     });
 }
 

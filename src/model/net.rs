@@ -17,7 +17,7 @@ use super::agg::{self, AggGroups};
 use super::attention::{AttnShape, attn_bwd, attn_fwd};
 use super::ops::{
     dot_f64, embed_bwd, embed_fwd, gelu_bwd_inplace, gelu_fwd, layernorm_bwd, layernorm_fwd,
-    linear_bwd, linear_fwd, mm_nt, mm_tn, xent_fwd_bwd,
+    linear_bwd, linear_fwd, mm_nt, mm_tn, prof, xent_fwd_bwd,
 };
 use super::params::{BranchParams, Params};
 use super::{Batch, Masks, ModelConfig, ModelError};
@@ -180,6 +180,7 @@ impl Workspace {
 
 /// `dst += src` element-wise, in parallel.
 fn add_into(dst: &mut [f32], src: &[f32]) {
+    let _prof = prof::scope(prof::ELEM);
     dst.par_chunks_mut(8192)
         .zip(src.par_chunks(8192))
         .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(a, &b)| *a += b));
@@ -187,6 +188,7 @@ fn add_into(dst: &mut [f32], src: &[f32]) {
 
 /// `dst (+)= k·src` element-wise, in parallel.
 fn axpy(dst: &mut [f32], k: f32, src: &[f32], acc: bool) {
+    let _prof = prof::scope(prof::ELEM);
     dst.par_chunks_mut(8192)
         .zip(src.par_chunks(8192))
         .for_each(|(d, s)| {
@@ -357,6 +359,7 @@ impl Model {
             &p.lnf_gain,
             &p.lnf_bias,
         );
+        let _prof = prof::scope(prof::LINEAR);
         super::ops::mm(&mut ws.logits, &ws.af, &p.head_w, n, d, v, false);
         Ok(())
     }
@@ -381,8 +384,11 @@ impl Model {
         let n = ws.n;
         let nl = self.params.layers.len();
         let p = &self.params;
-        mm_tn(&mut grads.head_w, &ws.af, &ws.logits, n, d, v, false);
-        mm_nt(&mut ws.da, &ws.logits, &p.head_w, n, v, d, false);
+        {
+            let _prof = prof::scope(prof::LINEAR);
+            mm_tn(&mut grads.head_w, &ws.af, &ws.logits, n, d, v, false);
+            mm_nt(&mut ws.da, &ws.logits, &p.head_w, n, v, d, false);
+        }
         layernorm_bwd(
             &mut ws.dh,
             false,
@@ -416,6 +422,7 @@ impl Model {
         let layer = &self.params.layers[l];
         let gl = &mut grads.layers[l];
         let lw = &mut ws.layers[l];
+        let prof_agg = prof::scope(prof::ELEM);
         for i in 0..layer.branches.len() {
             lw.g[i] = if lw.computed[i] {
                 dot_f64(&ws.dh, &lw.branches[i].z) as f32
@@ -433,6 +440,7 @@ impl Model {
             &self.groups[l],
             self.config.agg_floor,
         );
+        drop(prof_agg);
         let h = &ws.hs[l];
         let mut first = true;
         for (i, bp) in layer.branches.iter().enumerate() {

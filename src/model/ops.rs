@@ -15,6 +15,64 @@ const COL_CHUNK: usize = 64;
 /// LayerNorm epsilon.
 pub const LN_EPS: f32 = 1e-5;
 
+/// Opt-in wall-clock profile of the kernels by category (for `bench train --phases`).
+/// Off by default; when off a scope costs one relaxed atomic load.
+pub mod prof {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::time::Instant;
+
+    /// Category names, indexed like [`take`]'s result.
+    pub const NAMES: [&str; 6] = [
+        "linear_gemm",
+        "attention",
+        "layernorm",
+        "gelu",
+        "xent",
+        "elementwise",
+    ];
+    /// Linear layers (gemm, bias broadcast and bias gradients).
+    pub const LINEAR: usize = 0;
+    /// Attention core (scores, softmax, weighted sums, their gradients).
+    pub const ATTN: usize = 1;
+    /// LayerNorm forward and backward.
+    pub const LN: usize = 2;
+    /// GELU forward and backward.
+    pub const GELU: usize = 3;
+    /// Softmax cross-entropy.
+    pub const XENT: usize = 4;
+    /// Embedding, residual adds, aggregation.
+    pub const ELEM: usize = 5;
+
+    static ON: AtomicBool = AtomicBool::new(false);
+    static NS: [AtomicU64; 6] = [const { AtomicU64::new(0) }; 6];
+
+    /// Turns profiling on or off (process-wide).
+    pub fn enable(on: bool) {
+        ON.store(on, Ordering::Relaxed);
+    }
+
+    /// Seconds per category since the last call; resets the counters.
+    pub fn take() -> [f64; 6] {
+        std::array::from_fn(|i| NS[i].swap(0, Ordering::Relaxed) as f64 * 1e-9)
+    }
+
+    /// Adds the time until drop to a category.
+    pub struct Scope(usize, Option<Instant>);
+
+    impl Drop for Scope {
+        fn drop(&mut self) {
+            if let Some(t) = self.1 {
+                NS[self.0].fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Starts timing category `cat` (no-op unless enabled).
+    pub fn scope(cat: usize) -> Scope {
+        Scope(cat, ON.load(Ordering::Relaxed).then(Instant::now))
+    }
+}
+
 /// `gemm` parallelism using every thread of the current rayon pool.
 pub(crate) fn par_all() -> Parallelism {
     Parallelism::Rayon(rayon::current_num_threads().max(1))
@@ -158,6 +216,7 @@ pub(crate) fn mm_nt(c: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: 
 
 /// Linear forward `y[N,out] = x[N,in]·W[in,out] + b[out]`.
 pub(crate) fn linear_fwd(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32], n: usize, din: usize) {
+    let _prof = prof::scope(prof::LINEAR);
     let dout = b.len();
     y[..n * dout]
         .par_chunks_mut(dout * ROW_CHUNK)
@@ -182,6 +241,7 @@ pub(crate) fn linear_bwd(
     n: usize,
     din: usize,
 ) {
+    let _prof = prof::scope(prof::LINEAR);
     let dout = db.len();
     mm_tn(dw, x, dy, n, din, dout, false);
     colsum(db, &dy[..n * dout], n, dout);
@@ -210,7 +270,7 @@ pub(crate) fn colsum(out: &mut [f32], x: &[f32], rows: usize, cols: usize) {
 /// Runs `f` compiled for AVX2+FMA when the CPU has it. Only element-wise code (no
 /// reassociated reductions) goes through here, so both paths give identical bits.
 #[inline(always)]
-fn simd<R>(f: impl FnOnce() -> R) -> R {
+pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx2,fma")]
@@ -229,7 +289,7 @@ fn simd<R>(f: impl FnOnce() -> R) -> R {
 /// that loops over it vectorise (Cephes `expf` polynomial).
 #[inline(always)]
 pub(crate) fn fast_exp(x: f32) -> f32 {
-    let x = x.max(-87.3).min(88.3);
+    let x = x.clamp(-87.3, 88.3);
     let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
     let r = x - n * 0.693_359_4;
     let r = r - n * -2.121_944_4e-4;
@@ -238,9 +298,12 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 0.5;
     let p = p * r * r + r + 1.0;
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n without a float→int conversion (which would not vectorise): the mantissa of
+    // n + 127 + 2^23 holds the biased exponent n + 127 exactly.
+    let biased = (n + 8_388_735.0).to_bits();
+    p * f32::from_bits(biased << 23)
 }
 
 const GELU_C: f32 = 0.797_884_6; // sqrt(2/π)
@@ -255,6 +318,7 @@ fn gelu_tanh_inner(x: f32) -> f32 {
 
 /// GELU (tanh form) `y = ½x(1 + tanh(√(2/π)(x + 0.044715x³)))`.
 pub(crate) fn gelu_fwd(y: &mut [f32], x: &[f32]) {
+    let _prof = prof::scope(prof::GELU);
     y.par_chunks_mut(4096)
         .zip(x.par_chunks(4096))
         .for_each(|(y, x)| {
@@ -269,6 +333,7 @@ pub(crate) fn gelu_fwd(y: &mut [f32], x: &[f32]) {
 /// GELU backward in place: `g ← g·gelu'(x)` with
 /// `gelu'(x) = ½(1+t) + ½x(1-t²)·√(2/π)(1 + 3·0.044715x²)`, `t` the tanh above.
 pub(crate) fn gelu_bwd_inplace(g: &mut [f32], x: &[f32]) {
+    let _prof = prof::scope(prof::GELU);
     g.par_chunks_mut(4096)
         .zip(x.par_chunks(4096))
         .for_each(|(g, x)| {
@@ -302,6 +367,24 @@ pub(crate) fn sum16(x: &[f32]) -> f32 {
         s += v;
     }
     s
+}
+
+/// Maximum with 16 independent lanes.
+#[inline(always)]
+pub(crate) fn max16(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let chunks = x.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for j in 0..16 {
+            acc[j] = if c[j] > acc[j] { c[j] } else { acc[j] };
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for a in acc.into_iter().chain(rest.iter().copied()) {
+        m = if a > m { a } else { m };
+    }
+    m
 }
 
 /// Dot product with 16 independent lanes, fixed order.
@@ -345,6 +428,7 @@ pub(crate) fn layernorm_fwd(
     g: &[f32],
     b: &[f32],
 ) {
+    let _prof = prof::scope(prof::LN);
     let d = g.len();
     y.par_chunks_mut(d * ROW_CHUNK)
         .zip(x.par_chunks(d * ROW_CHUNK))
@@ -401,6 +485,7 @@ pub(crate) fn layernorm_bwd(
     rstd: &[f32],
     g: &[f32],
 ) {
+    let _prof = prof::scope(prof::LN);
     let d = g.len();
     let rows = mean.len();
     dx[..rows * d]
@@ -419,17 +504,21 @@ pub(crate) fn layernorm_bwd(
                 {
                     let mut s1 = [0.0f32; 16];
                     let mut s2 = [0.0f32; 16];
-                    let (mut t1, mut t2) = (0.0f32, 0.0f32);
-                    for (j, ((&a, &xv), &gg)) in dy.iter().zip(x).zip(g).enumerate() {
-                        let gh = a * gg;
-                        let xh = (xv - mu) * rs;
-                        if j < d / 16 * 16 {
-                            s1[j % 16] += gh;
-                            s2[j % 16] += gh * xh;
-                        } else {
-                            t1 += gh;
-                            t2 += gh * xh;
+                    let (cd, cx, cg) =
+                        (dy.chunks_exact(16), x.chunks_exact(16), g.chunks_exact(16));
+                    let (rd, rx, rg) = (cd.remainder(), cx.remainder(), cg.remainder());
+                    for ((a, xv), gg) in cd.zip(cx).zip(cg) {
+                        for j in 0..16 {
+                            let gh = a[j] * gg[j];
+                            s1[j] += gh;
+                            s2[j] += gh * ((xv[j] - mu) * rs);
                         }
+                    }
+                    let (mut t1, mut t2) = (0.0f32, 0.0f32);
+                    for ((&a, &xv), &gg) in rd.iter().zip(rx).zip(rg) {
+                        let gh = a * gg;
+                        t1 += gh;
+                        t2 += gh * ((xv - mu) * rs);
                     }
                     let m1 = (s1.iter().sum::<f32>() + t1) / d as f32;
                     let m2 = (s2.iter().sum::<f32>() + t2) / d as f32;
@@ -476,6 +565,7 @@ pub(crate) fn xent_fwd_bwd(
     weights: &[f32],
     v: usize,
 ) -> f32 {
+    let _prof = prof::scope(prof::XENT);
     let total: f64 = weights.iter().map(|&w| w as f64).sum();
     let inv = if total > 0.0 {
         (1.0 / total) as f32
@@ -499,7 +589,7 @@ pub(crate) fn xent_fwd_bwd(
                         continue;
                     }
                     let zt = z[t as usize];
-                    let mx = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                    let mx = max16(z);
                     for e in z.iter_mut() {
                         *e = fast_exp(*e - mx);
                     }
@@ -525,6 +615,7 @@ pub(crate) fn embed_fwd(
     seq: usize,
     d: usize,
 ) {
+    let _prof = prof::scope(prof::ELEM);
     x.par_chunks_mut(d)
         .zip(ids.par_iter())
         .enumerate()
@@ -548,6 +639,7 @@ pub(crate) fn embed_bwd(
     seq: usize,
     d: usize,
 ) {
+    let _prof = prof::scope(prof::ELEM);
     dwte.par_chunks_mut(1 << 14).for_each(|c| c.fill(0.0));
     dwpe.fill(0.0);
     for (n, (&id, row)) in ids.iter().zip(dx.chunks_exact(d)).enumerate() {

@@ -659,4 +659,49 @@ mod tests {
                 .contains("inputs[0]")
         );
     }
+
+    fn train_in_pool(threads: usize) -> (Vec<u8>, Vec<u8>, Vec<f32>) {
+        let cfg = ModelConfig {
+            vocab_size: 97,
+            d_model: 64,
+            n_heads: 2,
+            n_layers: 2,
+            branches: 2,
+            max_seq_len: 32,
+            agg_floor: 0.2,
+            init_std: 0.02,
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut t = Trainer::new(Model::new(cfg.clone(), 8).unwrap(), optim()).unwrap();
+            let mut losses = Vec::new();
+            for s in 0..3u64 {
+                let batch = random_batch(&cfg, 4, 32, s);
+                let masks = vec![vec![true, s != 1], vec![s != 2, true]];
+                let scales = vec![vec![1.0, 1.5], vec![2.0, 1.0]];
+                losses.push(t.train_step(&batch, &masks, &scales).unwrap().loss);
+            }
+            (
+                t.model_bytes().unwrap(),
+                t.optimizer_bytes().unwrap(),
+                losses,
+            )
+        })
+    }
+
+    #[test]
+    fn bitwise_deterministic_across_thread_counts() {
+        let one = train_in_pool(1);
+        let two = train_in_pool(2);
+        assert_eq!(one.2, two.2);
+        assert!(one.0 == two.0, "weights differ between 1 and 2 threads");
+        assert!(
+            one.1 == two.1,
+            "optimizer state differs between 1 and 2 threads"
+        );
+        assert!(train_in_pool(3).0 == one.0);
+    }
 }
