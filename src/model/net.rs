@@ -668,7 +668,11 @@ pub(crate) mod tests {
             }
         }
         let err = rel_err(&an, &num);
-        assert!(err < 1e-2, "whole-model relative gradient error {err}");
+        eprintln!(
+            "whole-model gradient check: {} coordinates, relative error {err:.2e}",
+            num.len()
+        );
+        assert!(err < 2e-3, "whole-model relative gradient error {err}");
         assert!(num.iter().filter(|x| x.abs() > 1e-4).count() > num.len() / 2);
     }
 

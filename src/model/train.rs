@@ -704,4 +704,30 @@ mod tests {
         );
         assert!(train_in_pool(3).0 == one.0);
     }
+
+    #[test]
+    fn workspace_is_reused_across_shapes_without_stale_state() {
+        let cfg = tiny_config();
+        let model = Model::new(cfg.clone(), 6).unwrap();
+        let big = random_batch(&cfg, 3, 6, 1);
+        let small = random_batch(&cfg, 1, 2, 2);
+        let masks = model.all_active();
+        let mut fresh = Trainer::new(model.clone(), optim()).unwrap();
+        let want = fresh.eval_loss(&small, &masks).unwrap();
+        let mut t = Trainer::new(model, optim()).unwrap();
+        let scales = ones(t.model());
+        t.train_step(&big, &masks, &scales).unwrap();
+        let ptrs = (t.ws.logits.as_ptr(), t.ws.layers[1].branches[2].f.as_ptr());
+        t.model = fresh.model.clone();
+        assert_eq!(
+            t.eval_loss(&small, &masks).unwrap().to_bits(),
+            want.to_bits()
+        );
+        t.train_step(&big, &masks, &scales).unwrap();
+        assert_eq!(
+            ptrs,
+            (t.ws.logits.as_ptr(), t.ws.layers[1].branches[2].f.as_ptr()),
+            "buffers were reallocated"
+        );
+    }
 }
