@@ -23,6 +23,11 @@ enum Cmd {
 
 /// GFLOP/s of `C[m,n] = A·B` with the given strides (A `m×k`, B `k×n`).
 fn gflops(m: usize, k: usize, n: usize, a_t: bool, b_t: bool) -> f64 {
+    gflops_c(m, k, n, a_t, b_t, false)
+}
+
+/// As [`gflops`], with `C` stored column-major when `c_t`.
+fn gflops_c(m: usize, k: usize, n: usize, a_t: bool, b_t: bool, c_t: bool) -> f64 {
     let a = vec![0.5f32; m * k];
     let b = vec![0.25f32; k * n];
     let mut c = vec![0.0f32; m * n];
@@ -46,8 +51,8 @@ fn gflops(m: usize, k: usize, n: usize, a_t: bool, b_t: bool) -> f64 {
                 n,
                 k,
                 c.as_mut_ptr(),
-                1,
-                n as isize,
+                if c_t { m as isize } else { 1 },
+                if c_t { 1 } else { n as isize },
                 false,
                 a.as_ptr(),
                 a_cs,
@@ -80,6 +85,9 @@ fn main() -> anyhow::Result<()> {
                     "xt_dy_256x2048x1024": gflops(256, 2048, 1024, true, false),
                     "dy_wt_2048x1024x256": gflops(2048, 1024, 256, false, true),
                     "head_2048x256x4096": gflops(2048, 256, 4096, false, false),
+                    "dyt_x_colmajor_1024x2048x256": gflops_c(1024, 2048, 256, true, false, true),
+                    "xt_dy_256x2048x768": gflops(256, 2048, 768, true, false),
+                    "attn_qkt_128x64x128": gflops(128, 64, 128, false, true),
                 })
             })
         }

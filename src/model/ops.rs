@@ -409,12 +409,18 @@ pub(crate) fn dot16(x: &[f32], y: &[f32]) -> f32 {
     s
 }
 
-/// Dot product of long vectors accumulated in f64 over fixed 4096-element blocks.
+/// Dot product of long vectors: fixed 4096-element blocks (in parallel), each block's sum
+/// converted to f64, blocks added in order — the same bits for any thread count.
 pub(crate) fn dot_f64(x: &[f32], y: &[f32]) -> f64 {
-    x.chunks(4096)
-        .zip(y.chunks(4096))
+    if x.len() <= 4096 {
+        return simd(|| dot16(x, y)) as f64;
+    }
+    let parts: Vec<f64> = x
+        .par_chunks(4096)
+        .zip(y.par_chunks(4096))
         .map(|(a, b)| simd(|| dot16(a, b)) as f64)
-        .sum()
+        .collect();
+    parts.iter().sum()
 }
 
 /// LayerNorm forward over rows of width `d`:
