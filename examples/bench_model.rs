@@ -17,8 +17,12 @@ enum Cmd {
     Train(TrainBenchArgs),
     /// Batch-1 KV-cache generation throughput.
     Generate(GenerateBenchArgs),
-    /// Raw sgemm GFLOP/s of `gemm` on the preset's shapes (x·W, xᵀ·dy, dy·Wᵀ), 2 threads.
-    Gemm,
+    /// Raw sgemm GFLOP/s of `gemm` on the preset's shapes (x·W, xᵀ·dy, dy·Wᵀ).
+    Gemm {
+        /// Threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
 }
 
 /// GFLOP/s of `C[m,n] = A·B` with the given strides (A `m×k`, B `k×n`).
@@ -65,7 +69,7 @@ fn gflops_c(m: usize, k: usize, n: usize, a_t: bool, b_t: bool, c_t: bool) -> f6
                 false,
                 false,
                 false,
-                gemm::Parallelism::Rayon(2),
+                gemm::Parallelism::Rayon(rayon::current_num_threads()),
             )
         }
     }
@@ -76,8 +80,10 @@ fn main() -> anyhow::Result<()> {
     let out = match Cli::parse().cmd {
         Cmd::Train(a) => bench_train(&a)?,
         Cmd::Generate(a) => bench_generate(&a)?,
-        Cmd::Gemm => {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build()?;
+        Cmd::Gemm { threads } => {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()?;
             pool.install(|| {
                 serde_json::json!({
                     "x_w_2048x256x1024": gflops(2048, 256, 1024, false, false),

@@ -185,42 +185,57 @@ impl Half {
     }
 }
 
-/// Columns `j0..j0+y.len()` of `x·W` added to `y`: rows are streamed in order, four at
-/// a time, so the weights are read sequentially; each `y[j]` sums the rows in order.
+/// Columns `j0..j0+y.len()` of `x·W` added to `y`: rows are streamed in order, eight at a
+/// time, so the weights are read sequentially; every `y[j]` accumulates the rows in order
+/// with fused multiply-adds (the same operations as the portable path).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn matvec_x86(w: &[u16], dout: usize, x: &[f32], y: &mut [f32], j0: usize) {
+    let n = y.len();
+    assert!(x.len() * dout <= w.len() && j0 + n <= dout);
+    let mut i = 0;
+    while i + 8 <= x.len() {
+        // SAFETY: rows i..i+8 exist and columns j0..j0+n lie inside every row.
+        unsafe { rows_x86::<8>(w, dout, &x[i..i + 8], y, i * dout + j0) };
+        i += 8;
+    }
+    while i < x.len() {
+        // SAFETY: as above, for one row.
+        unsafe { rows_x86::<1>(w, dout, &x[i..i + 1], y, i * dout + j0) };
+        i += 1;
+    }
+}
+
+/// Adds `Σ_r x[r]·W[row r, ·]` for `R` consecutive rows starting at flat offset `off`.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; `off + (R-1)·dout + y.len() <= w.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_x86<const R: usize>(w: &[u16], dout: usize, x: &[f32], y: &mut [f32], off: usize) {
     use std::arch::x86_64::*;
     let n = y.len();
     let n8 = n / 8 * 8;
-    assert!(x.len() * dout <= w.len() && j0 + n <= dout);
+    let xv: [__m256; R] = std::array::from_fn(|r| _mm256_set1_ps(x[r]));
     let wp = w.as_ptr();
     let yp = y.as_mut_ptr();
-    let mut i = 0;
-    while i < x.len() {
-        let rows = (x.len() - i).min(4);
-        let xv: [__m256; 4] =
-            std::array::from_fn(|r| _mm256_set1_ps(if r < rows { x[i + r] } else { 0.0 }));
-        let mut j = 0;
-        while j < n8 {
-            // SAFETY: j + 8 <= n8 <= y.len(); row (i + r) < x.len() and j0 + j + 8 <= dout,
-            // so every weight load is inside `w` (asserted above).
-            unsafe {
-                let mut acc = _mm256_loadu_ps(yp.add(j));
-                for (r, xr) in xv.iter().enumerate().take(rows) {
-                    let h = _mm_loadu_si128(wp.add((i + r) * dout + j0 + j) as *const __m128i);
-                    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(h), *xr, acc);
-                }
-                _mm256_storeu_ps(yp.add(j), acc);
+    let mut j = 0;
+    while j < n8 {
+        // SAFETY: j + 8 <= n8 <= y.len(); off + r·dout + j + 8 <= w.len() (caller).
+        unsafe {
+            let mut acc = _mm256_loadu_ps(yp.add(j));
+            for (r, xr) in xv.iter().enumerate() {
+                let h = _mm_loadu_si128(wp.add(off + r * dout + j) as *const __m128i);
+                acc = _mm256_fmadd_ps(_mm256_cvtph_ps(h), *xr, acc);
             }
-            j += 8;
+            _mm256_storeu_ps(yp.add(j), acc);
         }
-        for (jj, o) in y.iter_mut().enumerate().skip(n8) {
-            for r in 0..rows {
-                *o = f16_to_f32(w[(i + r) * dout + j0 + jj]).mul_add(x[i + r], *o);
-            }
+        j += 8;
+    }
+    for (jj, o) in y.iter_mut().enumerate().skip(n8) {
+        for (r, &xr) in x.iter().enumerate() {
+            *o = f16_to_f32(w[off + r * dout + jj]).mul_add(xr, *o);
         }
-        i += rows;
     }
 }
 

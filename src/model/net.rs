@@ -17,7 +17,7 @@ use super::agg::{self, AggGroups};
 use super::attention::{AttnShape, attn_bwd, attn_fwd};
 use super::ops::{
     dot_f64, embed_bwd, embed_fwd, gelu_bwd_inplace, gelu_fwd, layernorm_bwd, layernorm_fwd,
-    linear_bwd, linear_fwd, mm_nt, mm_tn, prof, xent_fwd_bwd,
+    linear_bwd, linear_fwd, mm_nt, mm_tn, prof, residual_linear_fwd, xent_fwd_bwd,
 };
 use super::params::{BranchParams, Params};
 use super::{Batch, Masks, ModelConfig, ModelError};
@@ -215,8 +215,7 @@ pub(crate) fn branch_fwd(bp: &BranchParams, bw: &mut BranchWs, h: &[f32], s: Att
     );
     linear_fwd(&mut bw.qkv, &bw.a1, &bp.qkv_w, &bp.qkv_b, n, d);
     attn_fwd(&mut bw.att, &mut bw.probs, &bw.qkv, s);
-    linear_fwd(&mut bw.u, &bw.att, &bp.out_w, &bp.out_b, n, d);
-    add_into(&mut bw.u, h);
+    residual_linear_fwd(&mut bw.u, h, &bw.att, &bp.out_w, &bp.out_b, n, d);
     layernorm_fwd(
         &mut bw.a2,
         &mut bw.mean2,
@@ -227,8 +226,7 @@ pub(crate) fn branch_fwd(bp: &BranchParams, bw: &mut BranchWs, h: &[f32], s: Att
     );
     linear_fwd(&mut bw.f, &bw.a2, &bp.fc_w, &bp.fc_b, n, d);
     gelu_fwd(&mut bw.g, &bw.f);
-    linear_fwd(&mut bw.z, &bw.g, &bp.proj_w, &bp.proj_b, n, 4 * d);
-    add_into(&mut bw.z, &bw.u);
+    residual_linear_fwd(&mut bw.z, &bw.u, &bw.g, &bp.proj_w, &bp.proj_b, n, 4 * d);
 }
 
 impl Model {

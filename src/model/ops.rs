@@ -228,6 +228,32 @@ pub(crate) fn linear_fwd(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32], n: usiz
     mm(y, x, w, n, din, dout, true);
 }
 
+/// Residual linear forward `y[N,out] = r[N,out] + x[N,in]·W[in,out] + b[out]` (the residual
+/// and bias are written first, the product is accumulated onto them by `gemm`).
+pub(crate) fn residual_linear_fwd(
+    y: &mut [f32],
+    r: &[f32],
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    n: usize,
+    din: usize,
+) {
+    let _prof = prof::scope(prof::LINEAR);
+    let dout = b.len();
+    y[..n * dout]
+        .par_chunks_mut(dout * ROW_CHUNK)
+        .zip(r.par_chunks(dout * ROW_CHUNK))
+        .for_each(|(rows, res)| {
+            for (row, rr) in rows.chunks_exact_mut(dout).zip(res.chunks_exact(dout)) {
+                for ((o, &a), &bb) in row.iter_mut().zip(rr).zip(b) {
+                    *o = a + bb;
+                }
+            }
+        });
+    mm(y, x, w, n, din, dout, true);
+}
+
 /// Linear backward: `dW = xᵀ·dy`, `db = Σ_rows dy` (overwritten) and, when `dx` is given,
 /// `dx (+)= dy·Wᵀ`.
 #[allow(clippy::too_many_arguments)]
