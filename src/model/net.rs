@@ -16,8 +16,9 @@
 use super::agg::{self, AggGroups};
 use super::attention::{AttnShape, attn_bwd, attn_fwd};
 use super::ops::{
-    dot_f64, embed_bwd, embed_fwd, gelu_bwd_inplace, gelu_fwd, layernorm_bwd, layernorm_fwd,
-    linear_bwd, linear_fwd, mm_nt, mm_tn, prof, residual_linear_fwd, xent_fwd_bwd,
+    bias_gelu_fwd, dot_f64, embed_bwd, embed_fwd, gelu_bwd_inplace, layernorm_bwd, layernorm_fwd,
+    linear_bwd, linear_fwd, linear_nobias_fwd, mm_nt, mm_tn, prof, residual_linear_fwd,
+    xent_fwd_bwd,
 };
 use super::params::{BranchParams, Params};
 use super::{Batch, Masks, ModelConfig, ModelError};
@@ -224,8 +225,8 @@ pub(crate) fn branch_fwd(bp: &BranchParams, bw: &mut BranchWs, h: &[f32], s: Att
         &bp.ln2_gain,
         &bp.ln2_bias,
     );
-    linear_fwd(&mut bw.f, &bw.a2, &bp.fc_w, &bp.fc_b, n, d);
-    gelu_fwd(&mut bw.g, &bw.f);
+    linear_nobias_fwd(&mut bw.f, &bw.a2, &bp.fc_w, n, d, 4 * d);
+    bias_gelu_fwd(&mut bw.g, &mut bw.f, &bp.fc_b);
     residual_linear_fwd(&mut bw.z, &bw.u, &bw.g, &bp.proj_w, &bp.proj_b, n, 4 * d);
 }
 

@@ -228,6 +228,20 @@ pub(crate) fn linear_fwd(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32], n: usiz
     mm(y, x, w, n, din, dout, true);
 }
 
+/// Linear forward without bias `y[N,out] = x[N,in]·W[in,out]` (the bias is added by the
+/// consumer, e.g. [`bias_gelu_fwd`]).
+pub(crate) fn linear_nobias_fwd(
+    y: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    n: usize,
+    din: usize,
+    dout: usize,
+) {
+    let _prof = prof::scope(prof::LINEAR);
+    mm(y, x, w, n, din, dout, false);
+}
+
 /// Residual linear forward `y[N,out] = r[N,out] + x[N,in]·W[in,out] + b[out]` (the residual
 /// and bias are written first, the product is accumulated onto them by `gemm`).
 pub(crate) fn residual_linear_fwd(
@@ -351,6 +365,25 @@ pub(crate) fn gelu_fwd(y: &mut [f32], x: &[f32]) {
             simd(|| {
                 for (o, &v) in y.iter_mut().zip(x) {
                     *o = 0.5 * v * (1.0 + gelu_tanh_inner(v));
+                }
+            })
+        });
+}
+
+/// Bias then GELU: `f ← f + b` (rows of width `b.len()`, kept for the backward pass) and
+/// `y = gelu(f)`.
+pub(crate) fn bias_gelu_fwd(y: &mut [f32], f: &mut [f32], b: &[f32]) {
+    let _prof = prof::scope(prof::GELU);
+    let w = b.len();
+    y.par_chunks_mut(w * ROW_CHUNK)
+        .zip(f.par_chunks_mut(w * ROW_CHUNK))
+        .for_each(|(y, f)| {
+            simd(|| {
+                for (yr, fr) in y.chunks_exact_mut(w).zip(f.chunks_exact_mut(w)) {
+                    for ((o, v), &bb) in yr.iter_mut().zip(fr.iter_mut()).zip(b) {
+                        *v += bb;
+                        *o = 0.5 * *v * (1.0 + gelu_tanh_inner(*v));
+                    }
                 }
             })
         });
@@ -802,6 +835,22 @@ pub(crate) mod tests {
         });
         let an: Vec<f64> = g.iter().map(|&v| v as f64).collect();
         assert!(rel_err(&an, &num) < 1e-3, "{}", rel_err(&an, &num));
+    }
+
+    #[test]
+    fn bias_gelu_equals_gelu_of_shifted_input() {
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        let (rows, w) = (20, 12);
+        let f0 = randv(&mut rng, rows * w, 3.0);
+        let b = randv(&mut rng, w, 1.0);
+        let mut f = f0.clone();
+        let mut y = vec![0.0; rows * w];
+        bias_gelu_fwd(&mut y, &mut f, &b);
+        let shifted: Vec<f32> = f0.iter().enumerate().map(|(i, &v)| v + b[i % w]).collect();
+        let mut y2 = vec![0.0; rows * w];
+        gelu_fwd(&mut y2, &shifted);
+        assert_eq!(f, shifted);
+        assert_eq!(y, y2);
     }
 
     #[test]

@@ -634,6 +634,26 @@ mod tests {
         let a = t.model().alphas(1);
         assert!((a[3] + a[4] - 0.3).abs() < 1e-6);
         assert!(t.set_eta(0, 0.1).is_err());
+        // a second expansion nests a new group: again bitwise identical at η = 0
+        let before = t.logits(&batch, &masks).unwrap();
+        t.expand(1, 1, 0.0, 8).unwrap();
+        let masks = t.model().all_active();
+        let after = t.logits(&batch, &masks).unwrap();
+        assert!(
+            before
+                .iter()
+                .zip(&after)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+        assert_eq!(t.model().groups[1].start, vec![0, 3, 5]);
+        let scales = ones(t.model());
+        t.set_eta(1, 0.1).unwrap();
+        assert!(
+            t.train_step(&batch, &masks, &scales)
+                .unwrap()
+                .loss
+                .is_finite()
+        );
     }
 
     #[test]
