@@ -76,6 +76,49 @@ fn gflops_c(m: usize, k: usize, n: usize, a_t: bool, b_t: bool, c_t: bool) -> f6
     2.0 * (m * n * k * reps) as f64 / t.elapsed().as_secs_f64() / 1e9
 }
 
+/// GFLOP/s of `C = A·B` (row-major, A `m×k`) with the rows of `C` split into fixed
+/// chunks, each a single-threaded gemm, the chunks spread over the rayon pool.
+fn gflops_split(m: usize, k: usize, n: usize, chunk: usize) -> f64 {
+    use rayon::prelude::*;
+    let a = vec![0.5f32; m * k];
+    let b = vec![0.25f32; k * n];
+    let mut c = vec![0.0f32; m * n];
+    let reps = 20;
+    let t = Instant::now();
+    for _ in 0..reps {
+        c.par_chunks_mut(chunk * n)
+            .zip(a.par_chunks(chunk * k))
+            .for_each(|(c, a)| {
+                let rows = c.len() / n;
+                // SAFETY: `a` has rows×k, `b` k×n and `c` rows×n elements.
+                unsafe {
+                    gemm::gemm(
+                        rows,
+                        n,
+                        k,
+                        c.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        false,
+                        a.as_ptr(),
+                        1,
+                        k as isize,
+                        b.as_ptr(),
+                        1,
+                        n as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    )
+                }
+            });
+    }
+    2.0 * (m * n * k * reps) as f64 / t.elapsed().as_secs_f64() / 1e9
+}
+
 fn main() -> anyhow::Result<()> {
     let out = match Cli::parse().cmd {
         Cmd::Train(a) => bench_train(&a)?,
@@ -94,6 +137,9 @@ fn main() -> anyhow::Result<()> {
                     "dyt_x_colmajor_1024x2048x256": gflops_c(1024, 2048, 256, true, false, true),
                     "xt_dy_256x2048x768": gflops(256, 2048, 768, true, false),
                     "attn_qkt_128x64x128": gflops(128, 64, 128, false, true),
+                    "split256_x_w_2048x256x1024": gflops_split(2048, 256, 1024, 256),
+                    "split512_x_w_2048x256x1024": gflops_split(2048, 256, 1024, 512),
+                    "split256_x_w_2048x1024x256": gflops_split(2048, 1024, 256, 256),
                 })
             })
         }

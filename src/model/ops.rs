@@ -803,6 +803,28 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn larger_gemm_matches_naive() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let (m, k, n) = (600, 9, 5);
+        let a = randv(&mut rng, m * k, 1.0);
+        let b = randv(&mut rng, k * n, 1.0);
+        let mut c = vec![1.0; m * n];
+        mm(&mut c, &a, &b, m, k, n, true);
+        let mut d = vec![f32::NAN; m * k];
+        mm_nt(&mut d, &c, &b, m, n, k, false);
+        for i in (0..m).step_by(37) {
+            for j in 0..n {
+                let e: f32 = 1.0 + (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum::<f32>();
+                assert!((c[i * n + j] - e).abs() < 1e-4);
+            }
+            for p in 0..k {
+                let e: f32 = (0..n).map(|j| c[i * n + j] * b[p * n + j]).sum();
+                assert!((d[i * k + p] - e).abs() < 1e-3);
+            }
+        }
+    }
+
+    #[test]
     fn fast_exp_is_accurate() {
         let mut x = -80.0f32;
         while x < 80.0 {

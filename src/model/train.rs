@@ -699,7 +699,8 @@ mod tests {
             let mut t = Trainer::new(Model::new(cfg.clone(), 8).unwrap(), optim()).unwrap();
             let mut losses = Vec::new();
             for s in 0..3u64 {
-                let batch = random_batch(&cfg, 4, 32, s);
+                // 512 rows: large enough for gemm to use several threads
+                let batch = random_batch(&cfg, 16, 32, s);
                 let masks = vec![vec![true, s != 1], vec![s != 2, true]];
                 let scales = vec![vec![1.0, 1.5], vec![2.0, 1.0]];
                 losses.push(t.train_step(&batch, &masks, &scales).unwrap().loss);
