@@ -66,6 +66,18 @@ pub enum ModelError {
     /// A generation request is invalid.
     #[error("generation: {0}")]
     Generate(String),
+    /// The loss or gradient norm is not finite; the update was skipped.
+    #[error(
+        "non-finite training step {step}: loss {loss}, gradient norm {grad_norm}; the update was skipped and the weights are unchanged — lower the learning rate or roll back to a checkpoint"
+    )]
+    NonFinite {
+        /// Step counter (unchanged).
+        step: u64,
+        /// Loss of the batch.
+        loss: f32,
+        /// Scaled gradient norm.
+        grad_norm: f32,
+    },
 }
 
 /// Shape of the model. `branches` is the initial width `K` of every layer; widths grow

@@ -9,6 +9,9 @@
 //! * AdamW per tensor with `g = k·G̃`: `m ← β1 m + (1-β1) g`, `v ← β2 v + (1-β2) g²`,
 //!   `θ ← θ·(1 - lr·wd)` (2-D tensors only), `θ ← θ - lr·(m/(1-β1^{t+1}))/(√(v/(1-β2^{t+1})) + ε)`.
 //!
+//! A step whose loss or gradient norm is not finite is refused ([`ModelError::NonFinite`])
+//! before anything is updated.
+//!
 //! Inactive-branch rule: a branch that is not computed this step (masked, or of a new
 //! group at `η = 0`) is not touched at all: no decay, no update, its moments are not
 //! advanced. Bias correction uses the global step counter.
@@ -271,6 +274,13 @@ impl Trainer {
             branch_sq.push(row);
         }
         let (gn, gn_u) = (scaled.sqrt() as f32, unscaled.sqrt() as f32);
+        if !(loss.is_finite() && gn.is_finite()) {
+            return Err(ModelError::NonFinite {
+                step: self.step,
+                loss,
+                grad_norm: gn,
+            });
+        }
         let clip = if self.optim.grad_clip > 0.0 && gn > self.optim.grad_clip {
             self.optim.grad_clip / gn
         } else {
@@ -750,5 +760,29 @@ mod tests {
             (t.ws.logits.as_ptr(), t.ws.layers[1].branches[2].f.as_ptr()),
             "buffers were reallocated"
         );
+    }
+
+    #[test]
+    fn non_finite_step_is_refused_without_update() {
+        let cfg = tiny_config();
+        let mut t = Trainer::new(Model::new(cfg.clone(), 9).unwrap(), optim()).unwrap();
+        let batch = random_batch(&cfg, 1, 4, 3);
+        let masks = t.model().all_active();
+        let scales = ones(t.model());
+        t.model.params.layers[0].branches[1].fc_w[3] = f32::NAN;
+        let before = t.model().params.layers[1].clone();
+        let err = t.train_step(&batch, &masks, &scales).unwrap_err();
+        assert!(
+            matches!(err, ModelError::NonFinite { step: 0, .. }),
+            "{err}"
+        );
+        assert_eq!(t.step(), 0);
+        assert!(
+            t.moments().0.layers[1].branches[0]
+                .fc_w
+                .iter()
+                .all(|&x| x == 0.0)
+        );
+        assert_eq!(t.model().params.layers[1].alpha_logits, before.alpha_logits);
     }
 }
