@@ -12,6 +12,14 @@
 //!   single group `w_g = 1`, `K_g = K` it is the plain `floor/K + (1-floor)·softmax(s)_i`),
 //!   masked renormalisation `α̃_i = m_i α_i / Σ_j m_j α_j`, `h' = Σ_i α̃_i z_i`
 //! * `logits = LN_f(h_L)·W_out`, loss = loss-mask-weighted mean cross-entropy.
+//!
+//! Threads: every kernel (and `gemm`) runs on the *current* rayon pool, so run the trainer
+//! inside `ThreadPool::install` of the configured size. Results are bitwise identical for
+//! any pool size (fixed chunking and reduction orders; see [`ops`]).
+//!
+//! Typical use: [`Trainer::new`] (or [`Trainer::from_bytes`] to resume), per step
+//! `masks = availability.draw()`, `scales = availability.scales(optim.max_scale)`,
+//! [`Trainer::train_step`]; after [`Trainer::expand`] call [`Availability::sync_widths`].
 
 pub mod agg;
 pub mod attention;
