@@ -253,7 +253,7 @@ impl Model {
         self.widths().into_iter().map(|k| vec![true; k]).collect()
     }
 
-    /// Unmasked aggregation weights `α` of layer `l`.
+    /// Unmasked aggregation weights `α` of layer `l` (panics if `l >= n_layers`).
     pub fn alphas(&self, l: usize) -> Vec<f32> {
         let s = &self.params.layers[l].alpha_logits;
         let (mut a, mut p) = (vec![0.0; s.len()], vec![0.0; s.len()]);
