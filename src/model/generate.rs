@@ -630,7 +630,11 @@ mod tests {
         let mut ctx = prompt.to_vec();
         let mut ws = Workspace::default();
         for _ in 0..3 {
+            // greedy: the yielded token is the argmax of the current next-token logits
+            let z = gen_.next_logits().to_vec();
+            let best = (0..z.len()).fold(0, |b, i| if z[i] > z[b] { i } else { b }) as u32;
             let tok = gen_.next().unwrap();
+            assert_eq!(tok, best);
             ctx.push(tok);
             let dec = gen_.next_logits().to_vec();
             let b = Batch {
@@ -649,7 +653,6 @@ mod tests {
                     "{a} vs {b} (half-precision weights)"
                 );
             }
-            // greedy: the yielded token is the argmax of the previous logits
         }
         assert_eq!(gen_.next(), None);
     }
