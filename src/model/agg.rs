@@ -281,4 +281,34 @@ mod tests {
             .is_err()
         );
     }
+
+    proptest::proptest! {
+        #[test]
+        fn weights_are_a_distribution_over_active_branches(
+            s in proptest::collection::vec(-8.0f32..8.0, 1..12),
+            split in 0usize..12,
+            eta in 0.0f32..=1.0,
+            floor in 0.0f32..=1.0,
+            mask_bits in 0u32..4096,
+        ) {
+            let k = s.len();
+            let groups = if split > 0 && split < k {
+                AggGroups { start: vec![0, split], eta: vec![1.0, eta] }
+            } else {
+                AggGroups::single()
+            };
+            proptest::prop_assert!(groups.validate(k).is_ok());
+            let mut mask: Vec<bool> = (0..k).map(|i| mask_bits >> i & 1 == 1).collect();
+            if !mask.iter().any(|&m| m) {
+                mask[0] = true;
+            }
+            let (mut a, mut p, mut t) = (vec![0.0; k], vec![0.0; k], vec![0.0; k]);
+            alphas(&mut a, &mut p, &s, &groups, floor);
+            proptest::prop_assert!((a.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+            proptest::prop_assert!(a.iter().all(|&x| x >= 0.0));
+            renormalise(&mut t, &a, &mask);
+            proptest::prop_assert!((t.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+            proptest::prop_assert!(t.iter().zip(&mask).all(|(&x, &m)| m || x == 0.0));
+        }
+    }
 }

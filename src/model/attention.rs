@@ -10,7 +10,7 @@
 //! The `(b, h)` pairs run in parallel on rayon; each writes disjoint output regions, so
 //! the result does not depend on the thread count.
 
-use super::ops::{View, fast_exp, gemm_into};
+use super::ops::{View, dot16, fast_exp, gemm_into, max16, prof, simd, sum16};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -45,8 +45,31 @@ impl SendPtr {
     }
 }
 
+/// Query rows per causal block: block `[r0, r1)` only needs keys `0..r1`, which skips most
+/// of the masked upper triangle in the score and weighted-sum products.
+const BLOCK: usize = 64;
+
+/// Row blocks `[r0, r1)` of a sequence of length `t`.
+fn blocks(t: usize, block: usize) -> impl DoubleEndedIterator<Item = (usize, usize)> {
+    (0..t.div_ceil(block)).map(move |b| (b * block, ((b + 1) * block).min(t)))
+}
+
+/// A strided view of rows `r0..` of a `[rows, 3d]`-strided head slice.
+fn rows_of(data: &[f32], r0: usize, rs: usize) -> View<'_> {
+    View {
+        data: &data[r0 * rs..],
+        rs,
+        cs: 1,
+    }
+}
+
 /// Forward: fills `probs` (`[B, H, T, T]`, upper triangle zero) and `att` (`[B·T, d]`).
 pub(crate) fn attn_fwd(att: &mut [f32], probs: &mut [f32], qkv: &[f32], s: AttnShape) {
+    attn_fwd_blocked(att, probs, qkv, s, BLOCK);
+}
+
+fn attn_fwd_blocked(att: &mut [f32], probs: &mut [f32], qkv: &[f32], s: AttnShape, block: usize) {
+    let _prof = prof::scope(prof::ATTN);
     let (t, hd, d) = (s.seq, s.head_dim, s.d());
     assert!(att.len() >= s.batch * t * d && probs.len() >= s.batch * s.heads * t * t);
     assert!(qkv.len() >= s.batch * t * 3 * d);
@@ -59,62 +82,58 @@ pub(crate) fn attn_fwd(att: &mut [f32], probs: &mut [f32], qkv: &[f32], s: AttnS
             let (b, h) = (bh / s.heads, bh % s.heads);
             let base = b * t * 3 * d;
             let q = &qkv[base + h * hd..];
-            let k = &qkv[base + d + h * hd..];
-            let v = &qkv[base + 2 * d + h * hd..];
-            gemm_into(
-                t,
-                t,
-                hd,
-                p,
-                t,
-                false,
-                View {
-                    data: q,
-                    rs: 3 * d,
-                    cs: 1,
-                },
-                View {
-                    data: k,
-                    rs: 1,
-                    cs: 3 * d,
-                },
-                Parallelism::None,
-            );
-            for (i, row) in p.chunks_exact_mut(t).enumerate() {
-                let live = &mut row[..=i];
-                let mut mx = f32::NEG_INFINITY;
-                for e in live.iter_mut() {
-                    *e *= scale;
-                    mx = mx.max(*e);
-                }
-                let mut sum = 0.0;
-                for e in live.iter_mut() {
-                    *e = fast_exp(*e - mx);
-                    sum += *e;
-                }
-                let inv = 1.0 / sum;
-                for e in live.iter_mut() {
-                    *e *= inv;
-                }
-                row[i + 1..].fill(0.0);
-            }
+            let k = View {
+                data: &qkv[base + d + h * hd..],
+                rs: 1,
+                cs: 3 * d,
+            };
+            let v = View {
+                data: &qkv[base + 2 * d + h * hd..],
+                rs: 3 * d,
+                cs: 1,
+            };
             // SAFETY: task (b, h) alone writes rows b·T..(b+1)·T, columns h·hd..(h+1)·hd.
             let out = unsafe { att_ptr.slice(b * t * d + h * hd, (t - 1) * d + hd) };
-            gemm_into(
-                t,
-                hd,
-                t,
-                out,
-                d,
-                false,
-                View::rm(p, t),
-                View {
-                    data: v,
-                    rs: 3 * d,
-                    cs: 1,
-                },
-                Parallelism::None,
-            );
+            for (r0, r1) in blocks(t, block) {
+                let pb = &mut p[r0 * t..r1 * t];
+                gemm_into(
+                    r1 - r0,
+                    r1,
+                    hd,
+                    pb,
+                    t,
+                    false,
+                    rows_of(q, r0, 3 * d),
+                    k,
+                    Parallelism::None,
+                );
+                simd(|| {
+                    for (ii, row) in pb.chunks_exact_mut(t).enumerate() {
+                        let i = r0 + ii;
+                        let live = &mut row[..=i];
+                        let mx = max16(live) * scale;
+                        for e in live.iter_mut() {
+                            *e = fast_exp(*e * scale - mx);
+                        }
+                        let inv = 1.0 / sum16(live);
+                        for e in live.iter_mut() {
+                            *e *= inv;
+                        }
+                        row[i + 1..].fill(0.0);
+                    }
+                });
+                gemm_into(
+                    r1 - r0,
+                    hd,
+                    r1,
+                    &mut out[r0 * d..],
+                    d,
+                    false,
+                    View::rm(pb, t),
+                    v,
+                    Parallelism::None,
+                );
+            }
         });
 }
 
@@ -128,6 +147,19 @@ pub(crate) fn attn_bwd(
     qkv: &[f32],
     s: AttnShape,
 ) {
+    attn_bwd_blocked(dqkv, dprobs, datt, probs, qkv, s, BLOCK);
+}
+
+fn attn_bwd_blocked(
+    dqkv: &mut [f32],
+    dprobs: &mut [f32],
+    datt: &[f32],
+    probs: &[f32],
+    qkv: &[f32],
+    s: AttnShape,
+    block: usize,
+) {
+    let _prof = prof::scope(prof::ATTN);
     let (t, hd, d) = (s.seq, s.head_dim, s.d());
     assert!(dqkv.len() >= s.batch * t * 3 * d && datt.len() >= s.batch * t * d);
     assert!(dprobs.len() >= s.batch * s.heads * t * t);
@@ -141,13 +173,17 @@ pub(crate) fn attn_bwd(
             let (b, h) = (bh / s.heads, bh % s.heads);
             let base = b * t * 3 * d;
             let q = &qkv[base + h * hd..];
-            let k = &qkv[base + d + h * hd..];
-            let v = &qkv[base + 2 * d + h * hd..];
-            let dy = View {
-                data: &datt[b * t * d + h * hd..],
-                rs: d,
+            let k = View {
+                data: &qkv[base + d + h * hd..],
+                rs: 3 * d,
                 cs: 1,
             };
+            let vt = View {
+                data: &qkv[base + 2 * d + h * hd..],
+                rs: 1,
+                cs: 3 * d,
+            };
+            let dy = &datt[b * t * d + h * hd..];
             let span = (t - 1) * 3 * d + hd;
             // SAFETY: task (b, h) alone writes rows b·T..(b+1)·T of dqkv at the columns
             // of head h in each of the q, k, v parts; the three regions are disjoint.
@@ -158,75 +194,64 @@ pub(crate) fn attn_bwd(
                     dptr.slice(base + 2 * d + h * hd, span),
                 )
             };
-            // dV = Pᵀ·dY
-            gemm_into(
-                t,
-                hd,
-                t,
-                dv,
-                3 * d,
-                false,
-                View::tr(p, t),
-                dy,
-                Parallelism::None,
-            );
-            // dP = dY·Vᵀ
-            gemm_into(
-                t,
-                t,
-                hd,
-                dp,
-                t,
-                false,
-                dy,
-                View {
-                    data: v,
-                    rs: 1,
-                    cs: 3 * d,
-                },
-                Parallelism::None,
-            );
-            for (i, (dr, pr)) in dp.chunks_exact_mut(t).zip(p.chunks_exact(t)).enumerate() {
-                let mut dotp = 0.0;
-                for (&a, &b) in dr[..=i].iter().zip(&pr[..=i]) {
-                    dotp += a * b;
-                }
-                for (a, &b) in dr[..=i].iter_mut().zip(&pr[..=i]) {
-                    *a = b * (*a - dotp) * scale;
-                }
-                dr[i + 1..].fill(0.0);
+            // The last block spans every key: it initialises dK and dV, earlier (shorter)
+            // blocks accumulate into their prefix, always in the same order.
+            for (r0, r1) in blocks(t, block).rev() {
+                let first = r1 == t;
+                let pb = &p[r0 * t..r1 * t];
+                let dpb = &mut dp[r0 * t..r1 * t];
+                let dyb = rows_of(dy, r0, d);
+                // dV[0:r1] (+)= P[r0:r1, 0:r1]ᵀ·dY[r0:r1]
+                gemm_into(
+                    r1,
+                    hd,
+                    r1 - r0,
+                    dv,
+                    3 * d,
+                    !first,
+                    View::tr(pb, t),
+                    dyb,
+                    Parallelism::None,
+                );
+                // dP[r0:r1, 0:r1] = dY[r0:r1]·V[0:r1]ᵀ
+                gemm_into(r1 - r0, r1, hd, dpb, t, false, dyb, vt, Parallelism::None);
+                simd(|| {
+                    for (ii, (dr, pr)) in
+                        dpb.chunks_exact_mut(t).zip(pb.chunks_exact(t)).enumerate()
+                    {
+                        let i = r0 + ii;
+                        let dotp = dot16(&dr[..=i], &pr[..=i]);
+                        for (a, &b) in dr[..=i].iter_mut().zip(&pr[..=i]) {
+                            *a = b * (*a - dotp) * scale;
+                        }
+                        dr[i + 1..].fill(0.0);
+                    }
+                });
+                // dQ[r0:r1] = dS[r0:r1, 0:r1]·K[0:r1]; dK[0:r1] (+)= dS[r0:r1, 0:r1]ᵀ·Q[r0:r1]
+                // (the 1/√hd is folded into dS above)
+                gemm_into(
+                    r1 - r0,
+                    hd,
+                    r1,
+                    &mut dq[r0 * 3 * d..],
+                    3 * d,
+                    false,
+                    View::rm(dpb, t),
+                    k,
+                    Parallelism::None,
+                );
+                gemm_into(
+                    r1,
+                    hd,
+                    r1 - r0,
+                    dk,
+                    3 * d,
+                    !first,
+                    View::tr(dpb, t),
+                    rows_of(q, r0, 3 * d),
+                    Parallelism::None,
+                );
             }
-            // dQ = dS·K, dK = dSᵀ·Q (the 1/√hd is folded into dS above)
-            gemm_into(
-                t,
-                hd,
-                t,
-                dq,
-                3 * d,
-                false,
-                View::rm(dp, t),
-                View {
-                    data: k,
-                    rs: 3 * d,
-                    cs: 1,
-                },
-                Parallelism::None,
-            );
-            gemm_into(
-                t,
-                hd,
-                t,
-                dk,
-                3 * d,
-                false,
-                View::tr(dp, t),
-                View {
-                    data: q,
-                    rs: 3 * d,
-                    cs: 1,
-                },
-                Parallelism::None,
-            );
         });
 }
 
@@ -239,6 +264,13 @@ mod tests {
 
     #[test]
     fn attention_matches_naive_and_gradient() {
+        // one block (the whole sequence) and causal blocks of 2 rows
+        for block in [64, 2] {
+            check_attention(block);
+        }
+    }
+
+    fn check_attention(block: usize) {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         let s = AttnShape {
             batch: 2,
@@ -253,7 +285,7 @@ mod tests {
         let run = |qkv: &[f32]| {
             let mut att = vec![f32::NAN; n * d];
             let mut p = vec![f32::NAN; s.batch * s.heads * s.seq * s.seq];
-            attn_fwd(&mut att, &mut p, qkv, s);
+            attn_fwd_blocked(&mut att, &mut p, qkv, s, block);
             (att, p)
         };
         let (att, p) = run(&qkv);
@@ -281,7 +313,7 @@ mod tests {
         }
         let mut dqkv = vec![f32::NAN; n * 3 * d];
         let mut dp = vec![f32::NAN; p.len()];
-        attn_bwd(&mut dqkv, &mut dp, &w, &p, &qkv, s);
+        attn_bwd_blocked(&mut dqkv, &mut dp, &w, &p, &qkv, s, block);
         let idx: Vec<usize> = (0..n * 3 * d).collect();
         let num = fd(&mut qkv, &idx, 1e-2, |x| {
             run(x)

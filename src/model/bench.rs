@@ -90,6 +90,38 @@ pub fn peak_rss_kib() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// CPU seconds (user + system) used by this process so far.
+pub fn cpu_seconds() -> f64 {
+    // SAFETY: `getrusage` fills the zero-initialised struct it is given.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Share of the machine's CPU time that was idle over the last `ms` milliseconds
+/// (from `/proc/stat`), to report how loaded the machine was around a measurement.
+pub fn machine_idle_share(ms: u64) -> Option<f64> {
+    let read = || -> Option<(u64, u64)> {
+        let s = std::fs::read_to_string("/proc/stat").ok()?;
+        let v: Vec<u64> = s
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        Some((v.iter().take(8).sum(), v.get(3)? + v.get(4)?))
+    };
+    let (t1, i1) = read()?;
+    std::thread::sleep(std::time::Duration::from_millis(ms));
+    let (t2, i2) = read()?;
+    (t2 > t1).then(|| (i2 - i1) as f64 / (t2 - t1) as f64)
+}
+
 fn pool(threads: usize) -> Result<rayon::ThreadPool, ModelError> {
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
@@ -154,10 +186,16 @@ pub fn bench_train(opts: &TrainBenchArgs) -> Result<Value, ModelError> {
             .map(|_| random_batch(&cfg, opts.batch, opts.seq, &mut rng))
             .collect();
         let mut times = Vec::with_capacity(opts.steps);
+        let mut cpu0 = 0.0;
+        super::ops::prof::enable(opts.phases);
         let mut phases = [0.0f64; 3];
         let mut active = 0usize;
         let mut loss = 0.0;
         for s in 0..opts.warmup + opts.steps {
+            if s == opts.warmup {
+                super::ops::prof::take();
+                cpu0 = cpu_seconds();
+            }
             let masks = avail.draw();
             let scales = avail.scales(trainer.optim().max_scale);
             let batch = &batches[s % batches.len()];
@@ -181,6 +219,7 @@ pub fn bench_train(opts: &TrainBenchArgs) -> Result<Value, ModelError> {
             }
         }
         let total: f64 = times.iter().sum();
+        let cpu_per_step = (cpu_seconds() - cpu0) / opts.steps as f64;
         let tokens = (opts.batch * opts.seq * opts.steps) as f64;
         let (mean, p50) = stats_ms(&mut times);
         let mut out = json!({
@@ -194,6 +233,8 @@ pub fn bench_train(opts: &TrainBenchArgs) -> Result<Value, ModelError> {
             "tokens_per_sec": tokens / total,
             "step_ms_mean": mean,
             "step_ms_p50": p50,
+            "cpu_ms_per_step": cpu_per_step * 1e3,
+            "machine_idle_share_after": machine_idle_share(500),
             "active_branches_mean": active as f64 / (opts.steps * widths.len()) as f64,
             "final_loss": loss,
             "peak_rss_kib": peak_rss_kib(),
@@ -205,6 +246,15 @@ pub fn bench_train(opts: &TrainBenchArgs) -> Result<Value, ModelError> {
                 "backward": phases[1] / n,
                 "optimizer": phases[2] / n,
             });
+            let kernels = super::ops::prof::take();
+            super::ops::prof::enable(false);
+            let mut k = serde_json::Map::new();
+            for (name, t) in super::ops::prof::NAMES.iter().zip(kernels) {
+                k.insert(name.to_string(), json!(t / n));
+            }
+            let fb = (phases[0] + phases[1]) / n - kernels.iter().sum::<f64>() / n;
+            k.insert("other_fwd_bwd".to_string(), json!(fb));
+            out["kernel_ms"] = Value::Object(k);
         }
         Ok(out)
     })
@@ -245,6 +295,7 @@ pub fn bench_generate(opts: &GenerateBenchArgs) -> Result<Value, ModelError> {
         }
         let dt = t1.elapsed().as_secs_f64();
         Ok(json!({
+            "machine_idle_share_after": machine_idle_share(500),
             "bench": "generate",
             "threads": opts.threads,
             "prompt": opts.prompt,

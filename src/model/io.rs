@@ -182,7 +182,11 @@ pub fn model_from_bytes(config: ModelConfig, bytes: &[u8]) -> Result<Model, Mode
                 let n = t.shape().first().copied().unwrap_or(0);
                 let start: Vec<usize> = read_tensor(&st, &sname, Dtype::I64, &[n])?
                     .chunks_exact(8)
-                    .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")).max(0) as usize)
+                    .map(|b| {
+                        // a negative start becomes usize::MAX and fails validation below
+                        usize::try_from(i64::from_le_bytes(b.try_into().expect("8 bytes")))
+                            .unwrap_or(usize::MAX)
+                    })
                     .collect();
                 let eta = read_f32(&st, &format!("layers.{l}.agg.group_eta"), &[n])?;
                 AggGroups { start, eta }

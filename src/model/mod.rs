@@ -12,6 +12,14 @@
 //!   single group `w_g = 1`, `K_g = K` it is the plain `floor/K + (1-floor)·softmax(s)_i`),
 //!   masked renormalisation `α̃_i = m_i α_i / Σ_j m_j α_j`, `h' = Σ_i α̃_i z_i`
 //! * `logits = LN_f(h_L)·W_out`, loss = loss-mask-weighted mean cross-entropy.
+//!
+//! Threads: every kernel (and `gemm`) runs on the *current* rayon pool, so run the trainer
+//! inside `ThreadPool::install` of the configured size. Results are bitwise identical for
+//! any pool size (fixed chunking and reduction orders; see [`ops`]).
+//!
+//! Typical use: [`Trainer::new`] (or [`Trainer::from_bytes`] to resume), per step
+//! `masks = availability.draw()`, `scales = availability.scales(optim.max_scale)`,
+//! [`Trainer::train_step`]; after [`Trainer::expand`] call [`Availability::sync_widths`].
 
 pub mod agg;
 pub mod attention;
@@ -66,6 +74,18 @@ pub enum ModelError {
     /// A generation request is invalid.
     #[error("generation: {0}")]
     Generate(String),
+    /// The loss or gradient norm is not finite; the update was skipped.
+    #[error(
+        "non-finite training step {step}: loss {loss}, gradient norm {grad_norm}; the update was skipped and the weights are unchanged — lower the learning rate or roll back to a checkpoint"
+    )]
+    NonFinite {
+        /// Step counter (unchanged).
+        step: u64,
+        /// Loss of the batch.
+        loss: f32,
+        /// Scaled gradient norm.
+        grad_norm: f32,
+    },
 }
 
 /// Shape of the model. `branches` is the initial width `K` of every layer; widths grow
@@ -243,7 +263,7 @@ impl OptimConfig {
 
     /// Learning rate of the 0-based step `t`: linear warm-up, then constant forever.
     pub fn lr_at(&self, t: u64) -> f32 {
-        if self.warmup_steps == 0 || t + 1 >= self.warmup_steps {
+        if self.warmup_steps == 0 || t.saturating_add(1) >= self.warmup_steps {
             self.lr
         } else {
             self.lr * ((t + 1) as f32 / self.warmup_steps as f32)
@@ -322,3 +342,103 @@ pub type Masks = Vec<Vec<bool>>;
 
 /// Per layer, per branch gradient multipliers (inverse participation scaling).
 pub type BranchScales = Vec<Vec<f32>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configs_parse_with_defaults_and_reject_unknown_fields() {
+        let m: ModelConfig = toml::from_str("d_model = 128\nn_heads = 2").unwrap();
+        assert_eq!((m.d_model, m.n_heads, m.vocab_size), (128, 2, 4096));
+        assert!(m.validate().is_ok());
+        assert!(toml::from_str::<ModelConfig>("width = 3").is_err());
+        let bad = ModelConfig {
+            d_model: 30,
+            n_heads: 4,
+            ..ModelConfig::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("model.d_model"));
+        let bad = ModelConfig {
+            agg_floor: 1.5,
+            ..ModelConfig::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("model.agg_floor"));
+        let o: OptimConfig = toml::from_str("lr = 0.001\nwarmup_steps = 4").unwrap();
+        assert!(o.validate().is_ok());
+        assert!(toml::from_str::<OptimConfig>("lr_decay = 1").is_err());
+        let bad = OptimConfig {
+            beta2: 1.0,
+            ..OptimConfig::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("optim.beta2"));
+    }
+
+    #[test]
+    fn learning_rate_warms_up_then_stays_constant() {
+        let o = OptimConfig {
+            lr: 1.0,
+            warmup_steps: 4,
+            ..OptimConfig::default()
+        };
+        let lrs: Vec<f32> = (0..6).map(|t| o.lr_at(t)).collect();
+        assert_eq!(lrs, vec![0.25, 0.5, 0.75, 1.0, 1.0, 1.0]);
+        assert_eq!(o.lr_at(u64::MAX), 1.0);
+        let none = OptimConfig {
+            warmup_steps: 0,
+            ..o
+        };
+        assert_eq!(none.lr_at(0), 1.0);
+    }
+
+    #[test]
+    fn batch_validation_names_the_problem() {
+        let cfg = ModelConfig {
+            vocab_size: 10,
+            max_seq_len: 4,
+            ..ModelConfig::default()
+        };
+        let ok = Batch {
+            batch: 1,
+            seq: 2,
+            inputs: vec![1, 2],
+            targets: vec![2, 3],
+            loss_mask: vec![0.0, 1.0],
+        };
+        assert!(ok.validate(&cfg).is_ok());
+        let long = Batch {
+            seq: 5,
+            inputs: vec![0; 5],
+            targets: vec![0; 5],
+            loss_mask: vec![1.0; 5],
+            ..ok.clone()
+        };
+        assert!(
+            long.validate(&cfg)
+                .unwrap_err()
+                .to_string()
+                .contains("max_seq_len")
+        );
+        let short = Batch {
+            targets: vec![1],
+            ..ok.clone()
+        };
+        assert!(
+            short
+                .validate(&cfg)
+                .unwrap_err()
+                .to_string()
+                .contains("targets")
+        );
+        let neg = Batch {
+            loss_mask: vec![-1.0, 1.0],
+            ..ok
+        };
+        assert!(
+            neg.validate(&cfg)
+                .unwrap_err()
+                .to_string()
+                .contains("loss_mask[0]")
+        );
+    }
+}

@@ -16,8 +16,9 @@
 use super::agg::{self, AggGroups};
 use super::attention::{AttnShape, attn_bwd, attn_fwd};
 use super::ops::{
-    dot_f64, embed_bwd, embed_fwd, gelu_bwd_inplace, gelu_fwd, layernorm_bwd, layernorm_fwd,
-    linear_bwd, linear_fwd, mm_nt, mm_tn, xent_fwd_bwd,
+    bias_gelu_fwd, dot_f64, embed_bwd, embed_fwd, gelu_bwd_inplace, layernorm_bwd, layernorm_fwd,
+    linear_bwd, linear_fwd, linear_nobias_fwd, mm_nt, mm_tn, prof, residual_linear_fwd,
+    xent_fwd_bwd,
 };
 use super::params::{BranchParams, Params};
 use super::{Batch, Masks, ModelConfig, ModelError};
@@ -180,6 +181,7 @@ impl Workspace {
 
 /// `dst += src` element-wise, in parallel.
 fn add_into(dst: &mut [f32], src: &[f32]) {
+    let _prof = prof::scope(prof::ELEM);
     dst.par_chunks_mut(8192)
         .zip(src.par_chunks(8192))
         .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(a, &b)| *a += b));
@@ -187,6 +189,7 @@ fn add_into(dst: &mut [f32], src: &[f32]) {
 
 /// `dst (+)= k·src` element-wise, in parallel.
 fn axpy(dst: &mut [f32], k: f32, src: &[f32], acc: bool) {
+    let _prof = prof::scope(prof::ELEM);
     dst.par_chunks_mut(8192)
         .zip(src.par_chunks(8192))
         .for_each(|(d, s)| {
@@ -213,8 +216,7 @@ pub(crate) fn branch_fwd(bp: &BranchParams, bw: &mut BranchWs, h: &[f32], s: Att
     );
     linear_fwd(&mut bw.qkv, &bw.a1, &bp.qkv_w, &bp.qkv_b, n, d);
     attn_fwd(&mut bw.att, &mut bw.probs, &bw.qkv, s);
-    linear_fwd(&mut bw.u, &bw.att, &bp.out_w, &bp.out_b, n, d);
-    add_into(&mut bw.u, h);
+    residual_linear_fwd(&mut bw.u, h, &bw.att, &bp.out_w, &bp.out_b, n, d);
     layernorm_fwd(
         &mut bw.a2,
         &mut bw.mean2,
@@ -223,10 +225,9 @@ pub(crate) fn branch_fwd(bp: &BranchParams, bw: &mut BranchWs, h: &[f32], s: Att
         &bp.ln2_gain,
         &bp.ln2_bias,
     );
-    linear_fwd(&mut bw.f, &bw.a2, &bp.fc_w, &bp.fc_b, n, d);
-    gelu_fwd(&mut bw.g, &bw.f);
-    linear_fwd(&mut bw.z, &bw.g, &bp.proj_w, &bp.proj_b, n, 4 * d);
-    add_into(&mut bw.z, &bw.u);
+    linear_nobias_fwd(&mut bw.f, &bw.a2, &bp.fc_w, n, d, 4 * d);
+    bias_gelu_fwd(&mut bw.g, &mut bw.f, &bp.fc_b);
+    residual_linear_fwd(&mut bw.z, &bw.u, &bw.g, &bp.proj_w, &bp.proj_b, n, 4 * d);
 }
 
 impl Model {
@@ -252,7 +253,7 @@ impl Model {
         self.widths().into_iter().map(|k| vec![true; k]).collect()
     }
 
-    /// Unmasked aggregation weights `α` of layer `l`.
+    /// Unmasked aggregation weights `α` of layer `l` (panics if `l >= n_layers`).
     pub fn alphas(&self, l: usize) -> Vec<f32> {
         let s = &self.params.layers[l].alpha_logits;
         let (mut a, mut p) = (vec![0.0; s.len()], vec![0.0; s.len()]);
@@ -357,6 +358,7 @@ impl Model {
             &p.lnf_gain,
             &p.lnf_bias,
         );
+        let _prof = prof::scope(prof::LINEAR);
         super::ops::mm(&mut ws.logits, &ws.af, &p.head_w, n, d, v, false);
         Ok(())
     }
@@ -381,8 +383,11 @@ impl Model {
         let n = ws.n;
         let nl = self.params.layers.len();
         let p = &self.params;
-        mm_tn(&mut grads.head_w, &ws.af, &ws.logits, n, d, v, false);
-        mm_nt(&mut ws.da, &ws.logits, &p.head_w, n, v, d, false);
+        {
+            let _prof = prof::scope(prof::LINEAR);
+            mm_tn(&mut grads.head_w, &ws.af, &ws.logits, n, d, v, false);
+            mm_nt(&mut ws.da, &ws.logits, &p.head_w, n, v, d, false);
+        }
         layernorm_bwd(
             &mut ws.dh,
             false,
@@ -416,6 +421,7 @@ impl Model {
         let layer = &self.params.layers[l];
         let gl = &mut grads.layers[l];
         let lw = &mut ws.layers[l];
+        let prof_agg = prof::scope(prof::ELEM);
         for i in 0..layer.branches.len() {
             lw.g[i] = if lw.computed[i] {
                 dot_f64(&ws.dh, &lw.branches[i].z) as f32
@@ -433,6 +439,7 @@ impl Model {
             &self.groups[l],
             self.config.agg_floor,
         );
+        drop(prof_agg);
         let h = &ws.hs[l];
         let mut first = true;
         for (i, bp) in layer.branches.iter().enumerate() {
@@ -660,7 +667,11 @@ pub(crate) mod tests {
             }
         }
         let err = rel_err(&an, &num);
-        assert!(err < 1e-2, "whole-model relative gradient error {err}");
+        eprintln!(
+            "whole-model gradient check: {} coordinates, relative error {err:.2e}",
+            num.len()
+        );
+        assert!(err < 2e-3, "whole-model relative gradient error {err}");
         assert!(num.iter().filter(|x| x.abs() > 1e-4).count() > num.len() / 2);
     }
 

@@ -15,6 +15,64 @@ const COL_CHUNK: usize = 64;
 /// LayerNorm epsilon.
 pub const LN_EPS: f32 = 1e-5;
 
+/// Opt-in wall-clock profile of the kernels by category (for `bench train --phases`).
+/// Off by default; when off a scope costs one relaxed atomic load.
+pub mod prof {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::time::Instant;
+
+    /// Category names, indexed like [`take`]'s result.
+    pub const NAMES: [&str; 6] = [
+        "linear_gemm",
+        "attention",
+        "layernorm",
+        "gelu",
+        "xent",
+        "elementwise",
+    ];
+    /// Linear layers (gemm, bias broadcast and bias gradients).
+    pub const LINEAR: usize = 0;
+    /// Attention core (scores, softmax, weighted sums, their gradients).
+    pub const ATTN: usize = 1;
+    /// LayerNorm forward and backward.
+    pub const LN: usize = 2;
+    /// GELU forward and backward.
+    pub const GELU: usize = 3;
+    /// Softmax cross-entropy.
+    pub const XENT: usize = 4;
+    /// Embedding, residual adds, aggregation.
+    pub const ELEM: usize = 5;
+
+    static ON: AtomicBool = AtomicBool::new(false);
+    static NS: [AtomicU64; 6] = [const { AtomicU64::new(0) }; 6];
+
+    /// Turns profiling on or off (process-wide).
+    pub fn enable(on: bool) {
+        ON.store(on, Ordering::Relaxed);
+    }
+
+    /// Seconds per category since the last call; resets the counters.
+    pub fn take() -> [f64; 6] {
+        std::array::from_fn(|i| NS[i].swap(0, Ordering::Relaxed) as f64 * 1e-9)
+    }
+
+    /// Adds the time until drop to a category.
+    pub struct Scope(usize, Option<Instant>);
+
+    impl Drop for Scope {
+        fn drop(&mut self) {
+            if let Some(t) = self.1 {
+                NS[self.0].fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Starts timing category `cat` (no-op unless enabled).
+    pub fn scope(cat: usize) -> Scope {
+        Scope(cat, ON.load(Ordering::Relaxed).then(Instant::now))
+    }
+}
+
 /// `gemm` parallelism using every thread of the current rayon pool.
 pub(crate) fn par_all() -> Parallelism {
     Parallelism::Rayon(rayon::current_num_threads().max(1))
@@ -158,12 +216,53 @@ pub(crate) fn mm_nt(c: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: 
 
 /// Linear forward `y[N,out] = x[N,in]·W[in,out] + b[out]`.
 pub(crate) fn linear_fwd(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32], n: usize, din: usize) {
+    let _prof = prof::scope(prof::LINEAR);
     let dout = b.len();
     y[..n * dout]
         .par_chunks_mut(dout * ROW_CHUNK)
         .for_each(|rows| {
             for row in rows.chunks_exact_mut(dout) {
                 row.copy_from_slice(b);
+            }
+        });
+    mm(y, x, w, n, din, dout, true);
+}
+
+/// Linear forward without bias `y[N,out] = x[N,in]·W[in,out]` (the bias is added by the
+/// consumer, e.g. [`bias_gelu_fwd`]).
+pub(crate) fn linear_nobias_fwd(
+    y: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    n: usize,
+    din: usize,
+    dout: usize,
+) {
+    let _prof = prof::scope(prof::LINEAR);
+    mm(y, x, w, n, din, dout, false);
+}
+
+/// Residual linear forward `y[N,out] = r[N,out] + x[N,in]·W[in,out] + b[out]` (the residual
+/// and bias are written first, the product is accumulated onto them by `gemm`).
+pub(crate) fn residual_linear_fwd(
+    y: &mut [f32],
+    r: &[f32],
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    n: usize,
+    din: usize,
+) {
+    let _prof = prof::scope(prof::LINEAR);
+    let dout = b.len();
+    y[..n * dout]
+        .par_chunks_mut(dout * ROW_CHUNK)
+        .zip(r.par_chunks(dout * ROW_CHUNK))
+        .for_each(|(rows, res)| {
+            for (row, rr) in rows.chunks_exact_mut(dout).zip(res.chunks_exact(dout)) {
+                for ((o, &a), &bb) in row.iter_mut().zip(rr).zip(b) {
+                    *o = a + bb;
+                }
             }
         });
     mm(y, x, w, n, din, dout, true);
@@ -182,6 +281,7 @@ pub(crate) fn linear_bwd(
     n: usize,
     din: usize,
 ) {
+    let _prof = prof::scope(prof::LINEAR);
     let dout = db.len();
     mm_tn(dw, x, dy, n, din, dout, false);
     colsum(db, &dy[..n * dout], n, dout);
@@ -210,7 +310,7 @@ pub(crate) fn colsum(out: &mut [f32], x: &[f32], rows: usize, cols: usize) {
 /// Runs `f` compiled for AVX2+FMA when the CPU has it. Only element-wise code (no
 /// reassociated reductions) goes through here, so both paths give identical bits.
 #[inline(always)]
-fn simd<R>(f: impl FnOnce() -> R) -> R {
+pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx2,fma")]
@@ -229,7 +329,7 @@ fn simd<R>(f: impl FnOnce() -> R) -> R {
 /// that loops over it vectorise (Cephes `expf` polynomial).
 #[inline(always)]
 pub(crate) fn fast_exp(x: f32) -> f32 {
-    let x = x.max(-87.3).min(88.3);
+    let x = x.clamp(-87.3, 88.3);
     let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
     let r = x - n * 0.693_359_4;
     let r = r - n * -2.121_944_4e-4;
@@ -238,9 +338,12 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 0.5;
     let p = p * r * r + r + 1.0;
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n without a float→int conversion (which would not vectorise): the mantissa of
+    // n + 127 + 2^23 holds the biased exponent n + 127 exactly.
+    let biased = (n + 8_388_735.0).to_bits();
+    p * f32::from_bits(biased << 23)
 }
 
 const GELU_C: f32 = 0.797_884_6; // sqrt(2/π)
@@ -255,6 +358,7 @@ fn gelu_tanh_inner(x: f32) -> f32 {
 
 /// GELU (tanh form) `y = ½x(1 + tanh(√(2/π)(x + 0.044715x³)))`.
 pub(crate) fn gelu_fwd(y: &mut [f32], x: &[f32]) {
+    let _prof = prof::scope(prof::GELU);
     y.par_chunks_mut(4096)
         .zip(x.par_chunks(4096))
         .for_each(|(y, x)| {
@@ -266,9 +370,29 @@ pub(crate) fn gelu_fwd(y: &mut [f32], x: &[f32]) {
         });
 }
 
+/// Bias then GELU: `f ← f + b` (rows of width `b.len()`, kept for the backward pass) and
+/// `y = gelu(f)`.
+pub(crate) fn bias_gelu_fwd(y: &mut [f32], f: &mut [f32], b: &[f32]) {
+    let _prof = prof::scope(prof::GELU);
+    let w = b.len();
+    y.par_chunks_mut(w * ROW_CHUNK)
+        .zip(f.par_chunks_mut(w * ROW_CHUNK))
+        .for_each(|(y, f)| {
+            simd(|| {
+                for (yr, fr) in y.chunks_exact_mut(w).zip(f.chunks_exact_mut(w)) {
+                    for ((o, v), &bb) in yr.iter_mut().zip(fr.iter_mut()).zip(b) {
+                        *v += bb;
+                        *o = 0.5 * *v * (1.0 + gelu_tanh_inner(*v));
+                    }
+                }
+            })
+        });
+}
+
 /// GELU backward in place: `g ← g·gelu'(x)` with
 /// `gelu'(x) = ½(1+t) + ½x(1-t²)·√(2/π)(1 + 3·0.044715x²)`, `t` the tanh above.
 pub(crate) fn gelu_bwd_inplace(g: &mut [f32], x: &[f32]) {
+    let _prof = prof::scope(prof::GELU);
     g.par_chunks_mut(4096)
         .zip(x.par_chunks(4096))
         .for_each(|(g, x)| {
@@ -304,6 +428,24 @@ pub(crate) fn sum16(x: &[f32]) -> f32 {
     s
 }
 
+/// Maximum with 16 independent lanes.
+#[inline(always)]
+pub(crate) fn max16(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let chunks = x.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for j in 0..16 {
+            acc[j] = if c[j] > acc[j] { c[j] } else { acc[j] };
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for a in acc.into_iter().chain(rest.iter().copied()) {
+        m = if a > m { a } else { m };
+    }
+    m
+}
+
 /// Dot product with 16 independent lanes, fixed order.
 #[inline(always)]
 pub(crate) fn dot16(x: &[f32], y: &[f32]) -> f32 {
@@ -326,12 +468,18 @@ pub(crate) fn dot16(x: &[f32], y: &[f32]) -> f32 {
     s
 }
 
-/// Dot product of long vectors accumulated in f64 over fixed 4096-element blocks.
+/// Dot product of long vectors: fixed 4096-element blocks (in parallel), each block's sum
+/// converted to f64, blocks added in order — the same bits for any thread count.
 pub(crate) fn dot_f64(x: &[f32], y: &[f32]) -> f64 {
-    x.chunks(4096)
-        .zip(y.chunks(4096))
+    if x.len() <= 4096 {
+        return simd(|| dot16(x, y)) as f64;
+    }
+    let parts: Vec<f64> = x
+        .par_chunks(4096)
+        .zip(y.par_chunks(4096))
         .map(|(a, b)| simd(|| dot16(a, b)) as f64)
-        .sum()
+        .collect();
+    parts.iter().sum()
 }
 
 /// LayerNorm forward over rows of width `d`:
@@ -345,6 +493,7 @@ pub(crate) fn layernorm_fwd(
     g: &[f32],
     b: &[f32],
 ) {
+    let _prof = prof::scope(prof::LN);
     let d = g.len();
     y.par_chunks_mut(d * ROW_CHUNK)
         .zip(x.par_chunks(d * ROW_CHUNK))
@@ -401,6 +550,7 @@ pub(crate) fn layernorm_bwd(
     rstd: &[f32],
     g: &[f32],
 ) {
+    let _prof = prof::scope(prof::LN);
     let d = g.len();
     let rows = mean.len();
     dx[..rows * d]
@@ -419,17 +569,21 @@ pub(crate) fn layernorm_bwd(
                 {
                     let mut s1 = [0.0f32; 16];
                     let mut s2 = [0.0f32; 16];
-                    let (mut t1, mut t2) = (0.0f32, 0.0f32);
-                    for (j, ((&a, &xv), &gg)) in dy.iter().zip(x).zip(g).enumerate() {
-                        let gh = a * gg;
-                        let xh = (xv - mu) * rs;
-                        if j < d / 16 * 16 {
-                            s1[j % 16] += gh;
-                            s2[j % 16] += gh * xh;
-                        } else {
-                            t1 += gh;
-                            t2 += gh * xh;
+                    let (cd, cx, cg) =
+                        (dy.chunks_exact(16), x.chunks_exact(16), g.chunks_exact(16));
+                    let (rd, rx, rg) = (cd.remainder(), cx.remainder(), cg.remainder());
+                    for ((a, xv), gg) in cd.zip(cx).zip(cg) {
+                        for j in 0..16 {
+                            let gh = a[j] * gg[j];
+                            s1[j] += gh;
+                            s2[j] += gh * ((xv[j] - mu) * rs);
                         }
+                    }
+                    let (mut t1, mut t2) = (0.0f32, 0.0f32);
+                    for ((&a, &xv), &gg) in rd.iter().zip(rx).zip(rg) {
+                        let gh = a * gg;
+                        t1 += gh;
+                        t2 += gh * ((xv - mu) * rs);
                     }
                     let m1 = (s1.iter().sum::<f32>() + t1) / d as f32;
                     let m2 = (s2.iter().sum::<f32>() + t2) / d as f32;
@@ -476,6 +630,7 @@ pub(crate) fn xent_fwd_bwd(
     weights: &[f32],
     v: usize,
 ) -> f32 {
+    let _prof = prof::scope(prof::XENT);
     let total: f64 = weights.iter().map(|&w| w as f64).sum();
     let inv = if total > 0.0 {
         (1.0 / total) as f32
@@ -499,7 +654,7 @@ pub(crate) fn xent_fwd_bwd(
                         continue;
                     }
                     let zt = z[t as usize];
-                    let mx = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                    let mx = max16(z);
                     for e in z.iter_mut() {
                         *e = fast_exp(*e - mx);
                     }
@@ -525,6 +680,7 @@ pub(crate) fn embed_fwd(
     seq: usize,
     d: usize,
 ) {
+    let _prof = prof::scope(prof::ELEM);
     x.par_chunks_mut(d)
         .zip(ids.par_iter())
         .enumerate()
@@ -548,6 +704,7 @@ pub(crate) fn embed_bwd(
     seq: usize,
     d: usize,
 ) {
+    let _prof = prof::scope(prof::ELEM);
     dwte.par_chunks_mut(1 << 14).for_each(|c| c.fill(0.0));
     dwpe.fill(0.0);
     for (n, (&id, row)) in ids.iter().zip(dx.chunks_exact(d)).enumerate() {
@@ -646,6 +803,28 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn larger_gemm_matches_naive() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let (m, k, n) = (600, 9, 5);
+        let a = randv(&mut rng, m * k, 1.0);
+        let b = randv(&mut rng, k * n, 1.0);
+        let mut c = vec![1.0; m * n];
+        mm(&mut c, &a, &b, m, k, n, true);
+        let mut d = vec![f32::NAN; m * k];
+        mm_nt(&mut d, &c, &b, m, n, k, false);
+        for i in (0..m).step_by(37) {
+            for j in 0..n {
+                let e: f32 = 1.0 + (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum::<f32>();
+                assert!((c[i * n + j] - e).abs() < 1e-4);
+            }
+            for p in 0..k {
+                let e: f32 = (0..n).map(|j| c[i * n + j] * b[p * n + j]).sum();
+                assert!((d[i * k + p] - e).abs() < 1e-3);
+            }
+        }
+    }
+
+    #[test]
     fn fast_exp_is_accurate() {
         let mut x = -80.0f32;
         while x < 80.0 {
@@ -678,6 +857,22 @@ pub(crate) mod tests {
         });
         let an: Vec<f64> = g.iter().map(|&v| v as f64).collect();
         assert!(rel_err(&an, &num) < 1e-3, "{}", rel_err(&an, &num));
+    }
+
+    #[test]
+    fn bias_gelu_equals_gelu_of_shifted_input() {
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        let (rows, w) = (20, 12);
+        let f0 = randv(&mut rng, rows * w, 3.0);
+        let b = randv(&mut rng, w, 1.0);
+        let mut f = f0.clone();
+        let mut y = vec![0.0; rows * w];
+        bias_gelu_fwd(&mut y, &mut f, &b);
+        let shifted: Vec<f32> = f0.iter().enumerate().map(|(i, &v)| v + b[i % w]).collect();
+        let mut y2 = vec![0.0; rows * w];
+        gelu_fwd(&mut y2, &shifted);
+        assert_eq!(f, shifted);
+        assert_eq!(y, y2);
     }
 
     #[test]

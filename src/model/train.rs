@@ -9,6 +9,9 @@
 //! * AdamW per tensor with `g = k·G̃`: `m ← β1 m + (1-β1) g`, `v ← β2 v + (1-β2) g²`,
 //!   `θ ← θ·(1 - lr·wd)` (2-D tensors only), `θ ← θ - lr·(m/(1-β1^{t+1}))/(√(v/(1-β2^{t+1})) + ε)`.
 //!
+//! A step whose loss or gradient norm is not finite is refused ([`ModelError::NonFinite`])
+//! before anything is updated.
+//!
 //! Inactive-branch rule: a branch that is not computed this step (masked, or of a new
 //! group at `η = 0`) is not touched at all: no decay, no update, its moments are not
 //! advanced. Bias correction uses the global step counter.
@@ -271,6 +274,13 @@ impl Trainer {
             branch_sq.push(row);
         }
         let (gn, gn_u) = (scaled.sqrt() as f32, unscaled.sqrt() as f32);
+        if !(loss.is_finite() && gn.is_finite()) {
+            return Err(ModelError::NonFinite {
+                step: self.step,
+                loss,
+                grad_norm: gn,
+            });
+        }
         let clip = if self.optim.grad_clip > 0.0 && gn > self.optim.grad_clip {
             self.optim.grad_clip / gn
         } else {
@@ -634,6 +644,26 @@ mod tests {
         let a = t.model().alphas(1);
         assert!((a[3] + a[4] - 0.3).abs() < 1e-6);
         assert!(t.set_eta(0, 0.1).is_err());
+        // a second expansion nests a new group: again bitwise identical at η = 0
+        let before = t.logits(&batch, &masks).unwrap();
+        t.expand(1, 1, 0.0, 8).unwrap();
+        let masks = t.model().all_active();
+        let after = t.logits(&batch, &masks).unwrap();
+        assert!(
+            before
+                .iter()
+                .zip(&after)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+        assert_eq!(t.model().groups[1].start, vec![0, 3, 5]);
+        let scales = ones(t.model());
+        t.set_eta(1, 0.1).unwrap();
+        assert!(
+            t.train_step(&batch, &masks, &scales)
+                .unwrap()
+                .loss
+                .is_finite()
+        );
     }
 
     #[test]
@@ -658,5 +688,101 @@ mod tests {
                 .to_string()
                 .contains("inputs[0]")
         );
+    }
+
+    fn train_in_pool(threads: usize) -> (Vec<u8>, Vec<u8>, Vec<f32>) {
+        let cfg = ModelConfig {
+            vocab_size: 97,
+            d_model: 64,
+            n_heads: 2,
+            n_layers: 2,
+            branches: 2,
+            max_seq_len: 32,
+            agg_floor: 0.2,
+            init_std: 0.02,
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut t = Trainer::new(Model::new(cfg.clone(), 8).unwrap(), optim()).unwrap();
+            let mut losses = Vec::new();
+            for s in 0..3u64 {
+                // 512 rows: large enough for gemm to use several threads
+                let batch = random_batch(&cfg, 16, 32, s);
+                let masks = vec![vec![true, s != 1], vec![s != 2, true]];
+                let scales = vec![vec![1.0, 1.5], vec![2.0, 1.0]];
+                losses.push(t.train_step(&batch, &masks, &scales).unwrap().loss);
+            }
+            (
+                t.model_bytes().unwrap(),
+                t.optimizer_bytes().unwrap(),
+                losses,
+            )
+        })
+    }
+
+    #[test]
+    fn bitwise_deterministic_across_thread_counts() {
+        let one = train_in_pool(1);
+        let two = train_in_pool(2);
+        assert_eq!(one.2, two.2);
+        assert!(one.0 == two.0, "weights differ between 1 and 2 threads");
+        assert!(
+            one.1 == two.1,
+            "optimizer state differs between 1 and 2 threads"
+        );
+        assert!(train_in_pool(3).0 == one.0);
+    }
+
+    #[test]
+    fn workspace_is_reused_across_shapes_without_stale_state() {
+        let cfg = tiny_config();
+        let model = Model::new(cfg.clone(), 6).unwrap();
+        let big = random_batch(&cfg, 3, 6, 1);
+        let small = random_batch(&cfg, 1, 2, 2);
+        let masks = model.all_active();
+        let mut fresh = Trainer::new(model.clone(), optim()).unwrap();
+        let want = fresh.eval_loss(&small, &masks).unwrap();
+        let mut t = Trainer::new(model, optim()).unwrap();
+        let scales = ones(t.model());
+        t.train_step(&big, &masks, &scales).unwrap();
+        let ptrs = (t.ws.logits.as_ptr(), t.ws.layers[1].branches[2].f.as_ptr());
+        t.model = fresh.model.clone();
+        assert_eq!(
+            t.eval_loss(&small, &masks).unwrap().to_bits(),
+            want.to_bits()
+        );
+        t.train_step(&big, &masks, &scales).unwrap();
+        assert_eq!(
+            ptrs,
+            (t.ws.logits.as_ptr(), t.ws.layers[1].branches[2].f.as_ptr()),
+            "buffers were reallocated"
+        );
+    }
+
+    #[test]
+    fn non_finite_step_is_refused_without_update() {
+        let cfg = tiny_config();
+        let mut t = Trainer::new(Model::new(cfg.clone(), 9).unwrap(), optim()).unwrap();
+        let batch = random_batch(&cfg, 1, 4, 3);
+        let masks = t.model().all_active();
+        let scales = ones(t.model());
+        t.model.params.layers[0].branches[1].fc_w[3] = f32::NAN;
+        let before = t.model().params.layers[1].clone();
+        let err = t.train_step(&batch, &masks, &scales).unwrap_err();
+        assert!(
+            matches!(err, ModelError::NonFinite { step: 0, .. }),
+            "{err}"
+        );
+        assert_eq!(t.step(), 0);
+        assert!(
+            t.moments().0.layers[1].branches[0]
+                .fc_w
+                .iter()
+                .all(|&x| x == 0.0)
+        );
+        assert_eq!(t.model().params.layers[1].alpha_logits, before.alpha_logits);
     }
 }
