@@ -117,6 +117,69 @@ pub enum CtlCommand {
     PauseIngest,
     /// Take files from the inbox again.
     ResumeIngest,
+    /// Pause training (the daemon keeps ingesting).
+    Pause,
+    /// Resume training.
+    Resume,
+    /// Force an outage of one branch (it is not computed or trained until unmasked).
+    Mask {
+        #[arg(long)]
+        layer: usize,
+        #[arg(long)]
+        branch: usize,
+    },
+    /// Lift a forced outage.
+    Unmask {
+        #[arg(long)]
+        layer: usize,
+        #[arg(long)]
+        branch: usize,
+    },
+    /// Evaluate on the held-out control slice now (old/new era, per source, single-branch outages).
+    Eval,
+    /// Per-layer table: alpha, energies, starvation, effective paths, participation.
+    Diagnostics,
+    /// Generate text from a prompt, streamed as it is produced.
+    Generate {
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f64,
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Add branches to a layer (pre-expand checkpoint, eta ramps from 0 to beta).
+    Expand {
+        #[arg(long)]
+        layer: usize,
+        #[arg(long)]
+        branches: usize,
+        #[arg(long, default_value_t = 0.1)]
+        beta: f64,
+        #[arg(long, default_value_t = 100)]
+        ramp_steps: u64,
+        /// Standard deviation of the noise added to the copied weights.
+        #[arg(long, default_value_t = 1e-3)]
+        noise: f64,
+    },
+    /// Write a checkpoint now.
+    Checkpoint {
+        #[arg(long)]
+        tag: Option<String>,
+    },
+    /// List checkpoints.
+    Checkpoints,
+    /// Restore a checkpoint exactly (weights, optimizer, widths, RNG, step); replay data stays.
+    Rollback {
+        /// A checkpoint id, a tag, or `previous`.
+        target: String,
+    },
     /// Make an actor panic (test builds with the fault-injection feature only).
     #[cfg(feature = "fault-injection")]
     #[command(hide = true)]

@@ -260,6 +260,13 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub ingest: crate::ingest::IngestConfig,
     pub replay: crate::store::ReplayConfig,
+    pub model: crate::model::ModelConfig,
+    pub optim: crate::model::OptimConfig,
+    pub availability: crate::model::availability::AvailabilityConfig,
+    pub tokenizer: crate::learn::TokenizerSection,
+    pub training: crate::learn::TrainingConfig,
+    pub eval: crate::learn::EvalConfig,
+    pub checkpoints: crate::checkpoint::CheckpointConfig,
 }
 
 /// Maps a module's `validate() -> Result<(), String>` (whose message names the field) to a
@@ -316,7 +323,14 @@ impl Config {
         self.logging.validate()?;
         self.metrics.validate()?;
         section("ingest", self.ingest.validate())?;
-        section("replay", self.replay.validate())
+        section("replay", self.replay.validate())?;
+        section("model", self.model.validate())?;
+        section("optim", self.optim.validate())?;
+        section("availability", self.availability.validate())?;
+        section("tokenizer", self.tokenizer.validate())?;
+        section("training", self.training.validate(self.model.max_seq_len))?;
+        section("eval", self.eval.validate())?;
+        section("checkpoints", self.checkpoints.validate())
     }
 
     /// Resolves every relative path against `data_dir`.

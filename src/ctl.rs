@@ -19,7 +19,42 @@ pub fn socket_path(args: &CtlArgs) -> anyhow::Result<PathBuf> {
 }
 
 fn request(cmd: &CtlCommand) -> (&'static str, serde_json::Value) {
+    use serde_json::json;
     match cmd {
+        CtlCommand::Pause => ("pause", serde_json::Value::Null),
+        CtlCommand::Resume => ("resume", serde_json::Value::Null),
+        CtlCommand::Mask { layer, branch } => ("mask", json!({"layer": layer, "branch": branch})),
+        CtlCommand::Unmask { layer, branch } => {
+            ("unmask", json!({"layer": layer, "branch": branch}))
+        }
+        CtlCommand::Eval => ("eval", serde_json::Value::Null),
+        CtlCommand::Diagnostics => ("diagnostics", serde_json::Value::Null),
+        CtlCommand::Generate {
+            prompt,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+        } => (
+            "generate",
+            json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
+                "top_k": top_k, "top_p": top_p, "seed": seed}),
+        ),
+        CtlCommand::Expand {
+            layer,
+            branches,
+            beta,
+            ramp_steps,
+            noise,
+        } => (
+            "expand",
+            json!({"layer": layer, "branches": branches, "beta": beta,
+                "ramp_steps": ramp_steps, "noise": noise}),
+        ),
+        CtlCommand::Checkpoint { tag } => ("checkpoint", json!({ "tag": tag })),
+        CtlCommand::Checkpoints => ("checkpoints", serde_json::Value::Null),
+        CtlCommand::Rollback { target } => ("rollback", json!({ "target": target })),
         CtlCommand::Status => ("status", serde_json::Value::Null),
         CtlCommand::Ping => ("ping", serde_json::Value::Null),
         CtlCommand::Metrics => ("metrics", serde_json::Value::Null),
@@ -35,9 +70,14 @@ fn request(cmd: &CtlCommand) -> (&'static str, serde_json::Value) {
 pub fn run(args: &CtlArgs) -> Result<(), String> {
     let socket = socket_path(args).map_err(|e| e.to_string())?;
     let (cmd, req_args) = request(&args.command);
+    let streaming = matches!(args.command, CtlCommand::Generate { .. });
     let data = client::call(&socket, cmd, req_args, |chunk| {
         if args.json {
             println!("{chunk}");
+        } else if let Some(t) = chunk.get("text").and_then(|t| t.as_str()) {
+            use std::io::Write;
+            print!("{t}");
+            let _ = std::io::stdout().flush();
         }
     })
     .map_err(|e| match e {
@@ -46,6 +86,10 @@ pub fn run(args: &CtlArgs) -> Result<(), String> {
     })?;
     if args.json {
         println!("{data}");
+        return Ok(());
+    }
+    if streaming {
+        println!();
         return Ok(());
     }
     print!("{}", human(&args.command, &data));
@@ -63,6 +107,22 @@ fn human(cmd: &CtlCommand, data: &serde_json::Value) -> String {
         CtlCommand::PauseIngest => "ingest paused\n".to_string(),
         CtlCommand::ResumeIngest => "ingest resumed\n".to_string(),
         CtlCommand::Metrics => format_metrics(data),
+        CtlCommand::Checkpoints => {
+            match serde_json::from_value::<crate::checkpoint::CheckpointList>(data.clone()) {
+                Ok(l) => l.to_string(),
+                Err(_) => format!("{data:#}\n"),
+            }
+        }
+        CtlCommand::Diagnostics => format_diagnostics(data),
+        CtlCommand::Pause
+        | CtlCommand::Resume
+        | CtlCommand::Mask { .. }
+        | CtlCommand::Unmask { .. }
+        | CtlCommand::Eval
+        | CtlCommand::Generate { .. }
+        | CtlCommand::Expand { .. }
+        | CtlCommand::Checkpoint { .. }
+        | CtlCommand::Rollback { .. } => format!("{data:#}\n"),
         #[cfg(feature = "fault-injection")]
         CtlCommand::DebugCrash { .. } => format!("{data}\n"),
     }
@@ -117,6 +177,42 @@ fn format_metrics(data: &serde_json::Value) -> String {
         for (k, v) in obj {
             out.push_str(&format!("{k:<w$}  {}\n", scalar(v)));
         }
+    }
+    out
+}
+
+fn format_diagnostics(data: &serde_json::Value) -> String {
+    let mut out = format!(
+        "step {}  params {}  widths {}\n\n{:<6} {:<6} {:<10} {:<10} {:<10} {:<28} {}\n",
+        data["step"],
+        data["params"],
+        data["widths"],
+        "LAYER",
+        "K",
+        "STARV",
+        "EFF_PATHS",
+        "TOP1",
+        "ALPHA",
+        "PARTICIPATION"
+    );
+    let f = |v: &serde_json::Value| v.as_f64().map(|x| format!("{x:.3}")).unwrap_or("-".into());
+    let list = |v: &serde_json::Value| {
+        v.as_array()
+            .map(|a| a.iter().map(f).collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    };
+    for l in data["layers"].as_array().into_iter().flatten() {
+        let d = &l["last_step"];
+        out.push_str(&format!(
+            "{:<6} {:<6} {:<10} {:<10} {:<10} {:<28} {}\n",
+            l["layer"].to_string(),
+            l["width"].to_string(),
+            f(&d["path_starvation_index"]),
+            f(&d["effective_num_paths"]),
+            f(&d["top1_share"]),
+            list(&l["alpha"]),
+            list(&l["participation"]),
+        ));
     }
     out
 }

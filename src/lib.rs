@@ -13,6 +13,7 @@ pub mod ctl;
 pub mod daemon;
 pub mod govern;
 pub mod ingest;
+pub mod learn;
 pub mod model;
 pub mod store;
 pub mod telemetry;

@@ -4,13 +4,17 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use kameo::prelude::*;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
+use super::checkpointer::{CheckpointerActor, List};
 use super::health::HealthBoard;
 use super::ingestor::{IngestStatus, IngestorActor, SetPaused};
 use super::metrics::{GetSnapshot, MetricsActor};
 use super::replay::{ReplayActor, Stats};
+use super::trainer::{Forward, TrainerActor, TrainerStatus};
+use super::trainer_worker::Cmd;
 use crate::admin::protocol::{Request, Response, StatusReply};
+use crate::model::generate::GenerateConfig;
 
 /// Why the daemon is asked to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +31,8 @@ pub struct Dispatcher {
     pub metrics: ActorRef<MetricsActor>,
     pub replay: ActorRef<ReplayActor>,
     pub ingestor: ActorRef<IngestorActor>,
+    pub trainer: ActorRef<TrainerActor>,
+    pub checkpointer: ActorRef<CheckpointerActor>,
     pub stop: mpsc::Sender<StopRequest>,
     #[cfg(feature = "fault-injection")]
     pub crash_targets: Vec<(&'static str, Recipient<super::Crash>)>,
@@ -40,7 +46,27 @@ pub const COMMANDS: &[&str] = &[
     "shutdown",
     "pause-ingest",
     "resume-ingest",
+    "pause",
+    "resume",
+    "mask",
+    "unmask",
+    "eval",
+    "diagnostics",
+    "generate",
+    "expand",
+    "checkpoint",
+    "checkpoints",
+    "rollback",
 ];
+
+type Reply = oneshot::Sender<Result<serde_json::Value, String>>;
+
+fn arg_usize(args: &serde_json::Value, key: &str) -> Result<usize, String> {
+    args.get(key)
+        .and_then(|v| v.as_u64())
+        .map(|v| v as usize)
+        .ok_or_else(|| format!("missing or invalid argument `{key}` (a non-negative integer)"))
+}
 
 impl Dispatcher {
     /// Answers one request, sending one or more responses on `tx` (the last has `done: true`).
@@ -63,10 +89,89 @@ impl Dispatcher {
                 Ok(s) => Response::ok(id, serde_json::to_value(s).unwrap_or_default()),
                 Err(e) => Response::error(id, format!("metrics actor unavailable: {e}")),
             },
-            "shutdown" => match self.stop.send(StopRequest::Admin).await {
-                Ok(()) => Response::ok(id, serde_json::json!({"stopping": true})),
-                Err(_) => Response::error(id, "the daemon is already stopping"),
+            "shutdown" => {
+                // Stop only after this reply is on the wire.
+                let stop = self.stop.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    let _ = stop.send(StopRequest::Admin).await;
+                });
+                Response::ok(id, serde_json::json!({"stopping": true}))
+            }
+            "pause" | "resume" => {
+                let pause = req.cmd == "pause";
+                let (tx, rx) = oneshot::channel();
+                match self.trainer.ask(Forward(Cmd::Pause(pause, tx))).await {
+                    Ok(()) => match rx.await {
+                        Ok(p) => Response::ok(id, serde_json::json!({ "training_paused": p })),
+                        Err(_) => Response::error(id, "the trainer stopped before answering"),
+                    },
+                    Err(e) => Response::error(id, format!("trainer unavailable: {e}")),
+                }
+            }
+            "mask" | "unmask" => {
+                let off = req.cmd == "mask";
+                match (
+                    arg_usize(&req.args, "layer"),
+                    arg_usize(&req.args, "branch"),
+                ) {
+                    (Ok(layer), Ok(branch)) => {
+                        self.trainer_cmd(id, |reply| Cmd::Mask {
+                            layer,
+                            branch,
+                            off,
+                            reply,
+                        })
+                        .await
+                    }
+                    (Err(e), _) | (_, Err(e)) => Response::error(id, e),
+                }
+            }
+            "eval" => self.trainer_cmd(id, Cmd::Eval).await,
+            "diagnostics" => self.trainer_cmd(id, Cmd::Diagnostics).await,
+            "checkpoint" => {
+                let tag = req
+                    .args
+                    .get("tag")
+                    .and_then(|v| v.as_str())
+                    .map(String::from);
+                self.trainer_cmd(id, |r| Cmd::Checkpoint(tag, r)).await
+            }
+            "rollback" => match req.args.get("target").and_then(|v| v.as_str()) {
+                Some(t) => {
+                    let t = t.to_string();
+                    self.trainer_cmd(id, |r| Cmd::Rollback(t, r)).await
+                }
+                None => {
+                    Response::error(id, "missing argument `target` (an id, a tag or `previous`)")
+                }
             },
+            "expand" => {
+                let a = &req.args;
+                match (arg_usize(a, "layer"), arg_usize(a, "branches")) {
+                    (Ok(layer), Ok(branches)) => {
+                        let beta = a.get("beta").and_then(|v| v.as_f64()).unwrap_or(0.1) as f32;
+                        let ramp_steps =
+                            a.get("ramp_steps").and_then(|v| v.as_u64()).unwrap_or(100);
+                        let noise = a.get("noise").and_then(|v| v.as_f64()).unwrap_or(1e-3) as f32;
+                        self.trainer_cmd(id, |reply| Cmd::Expand {
+                            layer,
+                            branches,
+                            beta,
+                            ramp_steps,
+                            noise,
+                            reply,
+                        })
+                        .await
+                    }
+                    (Err(e), _) | (_, Err(e)) => Response::error(id, e),
+                }
+            }
+            "checkpoints" => match self.checkpointer.ask(List).await {
+                Ok(l) => Response::ok(id, serde_json::to_value(l).unwrap_or_default()),
+                Err(e) => Response::error(id, format!("cannot list checkpoints: {e}")),
+            },
+            "generate" => return self.generate(id, &req.args, tx).await,
             #[cfg(feature = "fault-injection")]
             "debug-crash" => self.crash(id, &req.args).await,
             other => Response::error(
@@ -78,6 +183,73 @@ impl Dispatcher {
             ),
         };
         let _ = tx.send(resp).await;
+    }
+
+    /// Sends a command to the trainer thread and waits for its answer.
+    async fn trainer_cmd(&self, id: u64, make: impl FnOnce(Reply) -> Cmd) -> Response {
+        let (tx, rx) = oneshot::channel();
+        if let Err(e) = self.trainer.ask(Forward(make(tx))).await {
+            return Response::error(id, format!("trainer unavailable: {e}"));
+        }
+        match rx.await {
+            Ok(Ok(v)) => Response::ok(id, v),
+            Ok(Err(e)) => Response::error(id, e),
+            Err(_) => Response::error(id, "the trainer stopped before answering"),
+        }
+    }
+
+    /// Streams generated text: `{"text": piece}` chunks, then the summary.
+    async fn generate(&self, id: u64, args: &serde_json::Value, tx: mpsc::Sender<Response>) {
+        let prompt = args
+            .get("prompt")
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string();
+        let mut cfg = GenerateConfig::default();
+        if let Some(v) = args.get("max_tokens").and_then(|v| v.as_u64()) {
+            cfg.max_tokens = v as usize;
+        }
+        if let Some(v) = args.get("temperature").and_then(|v| v.as_f64()) {
+            cfg.temperature = v as f32;
+        }
+        if let Some(v) = args.get("top_k").and_then(|v| v.as_u64()) {
+            cfg.top_k = v as usize;
+        }
+        if let Some(v) = args.get("top_p").and_then(|v| v.as_f64()) {
+            cfg.top_p = v as f32;
+        }
+        if let Some(v) = args.get("seed").and_then(|v| v.as_u64()) {
+            cfg.seed = v;
+        }
+        if let Err(e) = cfg.validate() {
+            let _ = tx.send(Response::error(id, e)).await;
+            return;
+        }
+        let (chunk_tx, mut chunk_rx) = mpsc::channel::<String>(256);
+        let (rtx, rrx) = oneshot::channel();
+        let cmd = Cmd::Generate {
+            prompt,
+            cfg,
+            chunks: chunk_tx,
+            reply: rtx,
+        };
+        if let Err(e) = self.trainer.ask(Forward(cmd)).await {
+            let _ = tx
+                .send(Response::error(id, format!("trainer unavailable: {e}")))
+                .await;
+            return;
+        }
+        while let Some(piece) = chunk_rx.recv().await {
+            let _ = tx
+                .send(Response::chunk(id, serde_json::json!({ "text": piece })))
+                .await;
+        }
+        let last = match rrx.await {
+            Ok(Ok(v)) => Response::ok(id, v),
+            Ok(Err(e)) => Response::error(id, e),
+            Err(_) => Response::error(id, "the trainer stopped before answering"),
+        };
+        let _ = tx.send(last).await;
     }
 
     async fn status(&self) -> StatusReply {
@@ -102,6 +274,11 @@ impl Dispatcher {
             Err(e) => unavailable(e.to_string()),
         };
         sections.push(("replay".to_string(), replay));
+        let trainer = match self.trainer.ask(TrainerStatus).reply_timeout(timeout).await {
+            Ok(v) => v,
+            Err(e) => unavailable(e.to_string()),
+        };
+        sections.push(("trainer".to_string(), trainer));
         StatusReply {
             version: env!("CARGO_PKG_VERSION").to_string(),
             pid: std::process::id(),

@@ -2,12 +2,15 @@
 //! root supervisor that restarts them with back-off.
 
 pub mod admin;
+pub mod checkpointer;
 pub mod dispatch;
 pub mod health;
 pub mod ingestor;
 pub mod metrics;
 pub mod replay;
 pub mod supervisor;
+pub mod trainer;
+pub mod trainer_worker;
 
 /// Test-only fault: makes the receiving actor panic (compiled with `--features fault-injection`).
 #[cfg(feature = "fault-injection")]

@@ -12,11 +12,13 @@ use kameo::supervision::RestartPolicy;
 use tokio::sync::mpsc;
 
 use super::admin::{AdminActor, AdminArgs};
+use super::checkpointer::{CheckpointerActor, CheckpointerArgs};
 use super::dispatch::{Dispatcher, StopRequest};
 use super::health::HealthBoard;
 use super::ingestor::{IngestorActor, IngestorArgs};
 use super::metrics::{MetricsActor, MetricsArgs};
 use super::replay::{ReplayActor, ReplayArgs};
+use super::trainer::{TrainerActor, TrainerArgs};
 use crate::config::Config;
 use crate::telemetry::SnapshotRecorder;
 use crate::telemetry::names::events;
@@ -41,6 +43,8 @@ pub enum Child {
     Admin(ActorRef<AdminActor>),
     Replay(ActorRef<ReplayActor>),
     Ingestor(ActorRef<IngestorActor>),
+    Checkpointer(ActorRef<CheckpointerActor>),
+    Trainer(ActorRef<TrainerActor>),
 }
 
 macro_rules! stop_and_wait {
@@ -55,11 +59,32 @@ impl Child {
     /// Must not run inside the supervisor's own handler: the supervisor has to process the
     /// child's exit signal for the stop to complete.
     pub async fn stop(&self) {
+        if let Child::Trainer(r) = self {
+            // The trainer finishes its step and writes the final checkpoint before it stops.
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let stop = super::trainer_worker::Cmd::Stop(tx);
+            if r.ask(super::trainer::Forward(stop)).await.is_ok() {
+                match rx.await {
+                    Ok(Ok(v)) => {
+                        tracing::info!(actor = "trainer", checkpoint = %v, "final checkpoint written")
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(actor = "trainer", error = %e, "final checkpoint failed")
+                    }
+                    Err(_) => tracing::warn!(
+                        actor = "trainer",
+                        "trainer thread ended before the final checkpoint"
+                    ),
+                }
+            }
+        }
         match self {
             Child::Metrics(r) => stop_and_wait!(r),
             Child::Admin(r) => stop_and_wait!(r),
             Child::Replay(r) => stop_and_wait!(r),
             Child::Ingestor(r) => stop_and_wait!(r),
+            Child::Checkpointer(r) => stop_and_wait!(r),
+            Child::Trainer(r) => stop_and_wait!(r),
         }
     }
 }
@@ -131,12 +156,43 @@ impl Actor for Root {
         .await;
         names.insert(ingestor.id(), "ingestor");
 
+        let checkpointer = CheckpointerActor::supervise(
+            &me,
+            CheckpointerArgs {
+                root: args.cfg.paths.checkpoints.clone(),
+                cfg: args.cfg.checkpoints.clone(),
+                health: args.board.register("checkpointer", d),
+            },
+        )
+        .restart_policy(RestartPolicy::Transient)
+        .restart_limit(limit, window)
+        .spawn()
+        .await;
+        names.insert(checkpointer.id(), "checkpointer");
+
+        let trainer = TrainerActor::supervise(
+            &me,
+            TrainerArgs {
+                cfg: args.cfg.clone(),
+                replay: replay.clone(),
+                checkpointer: checkpointer.clone(),
+                health: args.board.register("trainer", d),
+            },
+        )
+        .restart_policy(RestartPolicy::Transient)
+        .restart_limit(limit, window)
+        .spawn()
+        .await;
+        names.insert(trainer.id(), "trainer");
+
         let admin_health = args.board.register("admin", d);
         #[cfg(feature = "fault-injection")]
         let crash_targets = vec![
             ("metrics", metrics.clone().recipient()),
             ("replay", replay.clone().recipient()),
             ("ingestor", ingestor.clone().recipient()),
+            ("checkpointer", checkpointer.clone().recipient()),
+            ("trainer", trainer.clone().recipient()),
         ];
         let dispatcher = Dispatcher {
             board: args.board.clone(),
@@ -145,6 +201,8 @@ impl Actor for Root {
             metrics: metrics.clone(),
             replay: replay.clone(),
             ingestor: ingestor.clone(),
+            trainer: trainer.clone(),
+            checkpointer: checkpointer.clone(),
             stop: args.stop_tx.clone(),
             #[cfg(feature = "fault-injection")]
             crash_targets,
@@ -168,6 +226,8 @@ impl Actor for Root {
         Ok(Root {
             stop_order: vec![
                 Child::Ingestor(ingestor),
+                Child::Trainer(trainer),
+                Child::Checkpointer(checkpointer),
                 Child::Replay(replay),
                 Child::Admin(admin),
                 Child::Metrics(metrics),

@@ -32,6 +32,17 @@ pub mod events {
     pub const INGEST_ERROR: &str = "ingest_error";
     pub const INGEST_PAUSED: &str = "ingest_paused";
     pub const INGEST_RESUMED: &str = "ingest_resumed";
+    pub const CHECKPOINT_WRITTEN: &str = "checkpoint_written";
+    pub const CHECKPOINT_FAILED: &str = "checkpoint_failed";
+    pub const CHECKPOINT_REJECTED: &str = "checkpoint_rejected";
+    pub const TOKENIZER_READY: &str = "tokenizer_ready";
+    pub const TRAINER_RESUMED: &str = "trainer_resumed";
+    pub const TRAINER_STARTED_FRESH: &str = "trainer_started_fresh";
+    pub const TRAIN_STEP_FAILED: &str = "train_step_failed";
+    pub const EVAL_DONE: &str = "eval_done";
+    pub const EXPANSION: &str = "expansion";
+    pub const ROLLBACK: &str = "rollback";
+    pub const BRANCH_MASKED: &str = "branch_masked";
 }
 
 /// Ingestion (ARCHITECTURE.md "Metrics").
@@ -47,3 +58,63 @@ pub const INGEST_PENDING_EVENTS_OBSERVED_PEAK: &str = "ingest_pending_events_obs
 pub const REPLAY_ROWS: &str = "replay_rows";
 pub const REPLAY_BYTES: &str = "replay_bytes";
 pub const REPLAY_EVICTED_TOTAL: &str = "replay_evicted_total";
+
+/// Checkpoints.
+pub const CHECKPOINTS_TOTAL: &str = "checkpoints_total";
+pub const CHECKPOINT_FAILURES_TOTAL: &str = "checkpoint_failures_total";
+pub const CHECKPOINTS_REJECTED_TOTAL: &str = "checkpoints_rejected_total";
+pub const CHECKPOINT_WRITE_SECONDS: &str = "checkpoint_write_seconds";
+pub const CHECKPOINT_BYTES: &str = "checkpoint_bytes";
+pub const ROLLBACKS_TOTAL: &str = "rollbacks_total";
+
+/// Training.
+pub const TRAIN_STEPS_TOTAL: &str = "train_steps_total";
+pub const TRAIN_TOKENS_PER_SEC: &str = "train_tokens_per_sec";
+pub const LOSS: &str = "loss";
+pub const GRAD_NORM: &str = "grad_norm";
+pub const ACTIVE_BRANCHES_MEAN: &str = "active_branches_mean";
+pub const ACTIVE_BRANCHES_STD: &str = "active_branches_std";
+pub const ACTIVE_BRANCHES_MIN: &str = "active_branches_min";
+pub const ACTIVE_BRANCHES_MAX: &str = "active_branches_max";
+pub const MASK_SPARSITY_MEAN: &str = "mask_sparsity_mean";
+pub const MASK_SPARSITY_STD: &str = "mask_sparsity_std";
+pub const STEPS_AT_MIN_ACTIVE_SHARE: &str = "steps_at_min_active_share";
+pub const GRAD_NORM_RATIO_MEAN: &str = "grad_norm_ratio_scaled_over_unscaled_mean";
+pub const GRAD_NORM_RATIO_STD: &str = "grad_norm_ratio_scaled_over_unscaled_std";
+pub const COVERAGE_RATIO: &str = "coverage_ratio_used_over_available";
+pub const NEW_DATA_RATIO: &str = "new_data_ratio_in_available";
+pub const REPLAY_SHARE: &str = "replay_share";
+pub const REPLAY_DELTA_LOSS_MEAN: &str = "replay_delta_loss_mean";
+pub const REPLAY_DELTA_LOSS_STD: &str = "replay_delta_loss_std";
+
+/// Per layer (label `layer`; `alpha` also `branch`).
+pub const PATH_STARVATION_INDEX: &str = "path_starvation_index";
+pub const EFFECTIVE_NUM_PATHS: &str = "effective_num_paths";
+pub const GINI_CONCENTRATION: &str = "gini_concentration";
+pub const TOP1_SHARE: &str = "top1_share";
+pub const MARGIN_TOP1_TOP2: &str = "margin_top1_top2";
+pub const DIVERSITY_COSINE_DISTANCE_MEAN: &str = "diversity_cosine_distance_mean";
+pub const BRANCH_CORRELATION_MEAN: &str = "branch_correlation_mean";
+pub const OUTPUT_ENERGY_CV: &str = "output_energy_cv";
+pub const ALPHA: &str = "alpha";
+pub const BRANCH_SELECT_GINI: &str = "branch_select_gini";
+pub const BRANCH_SELECT_TOP1_SHARE: &str = "branch_select_top1_share";
+
+/// Continual learning (control slice).
+pub const LOSS_CONTROL_OLD: &str = "loss_control_old";
+pub const LOSS_CONTROL_NEW: &str = "loss_control_new";
+pub const RETENTION_DELTA_OLD: &str = "retention_delta_old";
+pub const RETENTION_DELTA_NEW: &str = "retention_delta_new";
+/// Per source (label `source`).
+pub const LOSS_CONTROL_SOURCE: &str = "loss_control_source";
+/// Control loss with one branch masked (labels `layer`, `branch`).
+pub const LOSS_CONTROL_BRANCH_OUT: &str = "loss_control_branch_out";
+
+/// Expansion.
+pub const EXPANSION_EVENTS_TOTAL: &str = "expansion_events_total";
+pub const ETA_INJECTION_LAST: &str = "eta_injection_last";
+pub const SUM_W_NEW_LAST: &str = "sum_w_new_last";
+pub const EXPAND_DRIFT_L2_MEAN: &str = "expand_drift_logits_l2_mean";
+pub const EXPAND_DRIFT_L2_STD: &str = "expand_drift_logits_l2_std";
+pub const EXPAND_DRIFT_COS_MEAN: &str = "expand_drift_logits_cos_dist_mean";
+pub const EXPAND_DRIFT_COS_STD: &str = "expand_drift_logits_cos_dist_std";

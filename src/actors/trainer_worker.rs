@@ -1,0 +1,1137 @@
+//! The trainer's compute thread: owns the model, the optimizer, the tokenizer and the
+//! availability model, runs training steps back to back, and handles operator commands
+//! between steps (so a step never blocks the async runtime or the admin socket).
+
+use std::collections::VecDeque;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant, SystemTime};
+
+use kameo::prelude::*;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::checkpointer::{CheckpointerActor, Load, Snapshot, Target, Write};
+use super::replay::{ControlRows, FirstRows, ReplayActor, TrainRows};
+use crate::checkpoint::{LoadedCheckpoint, Manifest};
+use crate::config::Config;
+use crate::govern::diagnostics::{layer_diagnostics, stats};
+use crate::learn::batch::{Window, assemble, tokenize, windows};
+use crate::model::generate::GenerateConfig;
+use crate::model::{Masks, Model, Trainer, availability::Availability};
+use crate::store::replay::Era;
+use crate::store::state::splitmix64;
+use crate::telemetry::names::{self as n, events};
+use crate::text::csv_rows::RowBody;
+use crate::text::tokenizer::Tokenizer;
+
+/// Operator commands, answered between steps.
+pub enum Cmd {
+    Pause(bool, oneshot::Sender<bool>),
+    Mask {
+        layer: usize,
+        branch: usize,
+        off: bool,
+        reply: oneshot::Sender<Result<serde_json::Value, String>>,
+    },
+    Eval(oneshot::Sender<Result<serde_json::Value, String>>),
+    Diagnostics(oneshot::Sender<Result<serde_json::Value, String>>),
+    Generate {
+        prompt: String,
+        cfg: GenerateConfig,
+        chunks: mpsc::Sender<String>,
+        reply: oneshot::Sender<Result<serde_json::Value, String>>,
+    },
+    Expand {
+        layer: usize,
+        branches: usize,
+        beta: f32,
+        ramp_steps: u64,
+        noise: f32,
+        reply: oneshot::Sender<Result<serde_json::Value, String>>,
+    },
+    Checkpoint(
+        Option<String>,
+        oneshot::Sender<Result<serde_json::Value, String>>,
+    ),
+    Rollback(String, oneshot::Sender<Result<serde_json::Value, String>>),
+    /// Final checkpoint, then the thread ends.
+    Stop(oneshot::Sender<Result<serde_json::Value, String>>),
+}
+
+/// An expansion whose `η` is still ramping.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Ramp {
+    pub layer: usize,
+    pub first_new: usize,
+    pub beta: f32,
+    pub start_step: u64,
+    pub ramp_steps: u64,
+}
+
+/// Loop state that is saved in every checkpoint's manifest (`state`), for exact resume.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LoopState {
+    /// Highest replay sequence number already queued for training as new data.
+    pub cursor: u64,
+    pub tokens_total: u64,
+    pub availability: crate::model::availability::AvailabilityState,
+    /// First sequence number of the "new" era of the control slice.
+    pub eval_boundary: u64,
+    pub ramps: Vec<Ramp>,
+    /// Per layer and branch, steps in which the branch was active.
+    pub select_counts: Vec<Vec<u64>>,
+    pub steps_at_min_active: u64,
+    pub last_control: Option<(f64, f64)>,
+}
+
+pub struct WorkerArgs {
+    pub cfg: Config,
+    pub replay: ActorRef<ReplayActor>,
+    pub checkpointer: ActorRef<CheckpointerActor>,
+    pub cmds: Receiver<Cmd>,
+    pub status: watch::Sender<serde_json::Value>,
+}
+
+struct Live {
+    tok: Tokenizer,
+    trainer: Trainer,
+    avail: Availability,
+    st: LoopState,
+    parent: Option<String>,
+}
+
+struct Worker {
+    a: WorkerArgs,
+    live: Option<Live>,
+    paused: bool,
+    pending: VecDeque<Window>,
+    last_seq: u64,
+    training_rows: u64,
+    ratios: VecDeque<f64>,
+    replay_deltas: VecDeque<f64>,
+    last_loss: Option<f32>,
+    tok_rate: f64,
+    last_ckpt: (u64, Instant),
+    last_idle_step: Instant,
+    state_name: &'static str,
+    last_event: String,
+    probe: Option<crate::model::Batch>,
+    pre_expand_logits: Option<Vec<f32>>,
+    last_diag: Vec<serde_json::Value>,
+}
+
+fn ask_blocking<A, M>(r: &ActorRef<A>, m: M) -> Result<<A::Reply as Reply>::Ok, String>
+where
+    A: Actor + Message<M>,
+    M: Send + 'static,
+    <A::Reply as Reply>::Error: std::fmt::Display,
+{
+    r.ask(m).blocking_send().map_err(|e| e.to_string())
+}
+
+/// Seed of step `t`'s sampling: independent of thread timing, so resume is exact.
+fn step_seed(seed: u64, t: u64) -> u64 {
+    splitmix64(seed ^ splitmix64(t.wrapping_add(0x9e37)))
+}
+
+/// Runs until `Cmd::Stop` or the command channel closes.
+pub fn run(a: WorkerArgs) {
+    let mut w = Worker {
+        a,
+        live: None,
+        paused: false,
+        pending: VecDeque::new(),
+        last_seq: 0,
+        training_rows: 0,
+        ratios: VecDeque::new(),
+        replay_deltas: VecDeque::new(),
+        last_loss: None,
+        tok_rate: 0.0,
+        last_ckpt: (0, Instant::now()),
+        last_idle_step: Instant::now() - Duration::from_secs(3600),
+        state_name: "starting",
+        last_event: String::new(),
+        probe: None,
+        pre_expand_logits: None,
+        last_diag: Vec::new(),
+    };
+    w.init_metrics();
+    if let Err(e) = w.resume() {
+        panic!("trainer cannot resume from its checkpoint: {e}");
+    }
+    loop {
+        w.publish();
+        let wait = if w.can_work_now() {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(200)
+        };
+        match w.a.cmds.recv_timeout(wait) {
+            Ok(cmd) => {
+                if w.handle(cmd) {
+                    return;
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        if w.paused {
+            continue;
+        }
+        if w.live.is_none() {
+            w.bootstrap();
+            continue;
+        }
+        w.train_once();
+    }
+}
+
+impl Worker {
+    fn init_metrics(&self) {
+        for c in [
+            n::TRAIN_STEPS_TOTAL,
+            n::EXPANSION_EVENTS_TOTAL,
+            n::ROLLBACKS_TOTAL,
+        ] {
+            metrics::counter!(c).absolute(0);
+        }
+        for g in [
+            n::ETA_INJECTION_LAST,
+            n::SUM_W_NEW_LAST,
+            n::EXPAND_DRIFT_L2_MEAN,
+            n::EXPAND_DRIFT_L2_STD,
+            n::EXPAND_DRIFT_COS_MEAN,
+            n::EXPAND_DRIFT_COS_STD,
+        ] {
+            metrics::gauge!(g).set(0.0);
+        }
+    }
+
+    fn can_work_now(&self) -> bool {
+        !self.paused && self.live.is_some() && self.state_name == "training"
+    }
+
+    /// Loads LATEST (or the newest valid checkpoint) if there is one.
+    fn resume(&mut self) -> Result<(), String> {
+        let loaded = ask_blocking(&self.a.checkpointer, Load(Target::Resume))?;
+        match loaded {
+            Some(c) => {
+                let id = c.manifest.id.clone();
+                self.restore(c)?;
+                self.last_event = format!("resumed from checkpoint {id}");
+                tracing::info!(event = events::TRAINER_RESUMED, actor = "trainer", id = %id,
+                    step = self.live.as_ref().map(|l| l.trainer.step()).unwrap_or(0));
+            }
+            None => {
+                self.state_name = "waiting_for_tokenizer";
+                tracing::info!(event = events::TRAINER_STARTED_FRESH, actor = "trainer");
+            }
+        }
+        Ok(())
+    }
+
+    /// Rebuilds everything from a checkpoint (resume and rollback).
+    fn restore(&mut self, c: LoadedCheckpoint) -> Result<(), String> {
+        let f = |name: &str| {
+            c.file(name)
+                .ok_or_else(|| format!("checkpoint {} lacks {name}", c.manifest.id))
+        };
+        let tok_json = std::str::from_utf8(f("tokenizer.json")?).map_err(|e| e.to_string())?;
+        let tok = Tokenizer::from_json(tok_json, "tokenizer.json").map_err(|e| e.to_string())?;
+        let trainer = Trainer::from_bytes(
+            self.a.cfg.model.clone(),
+            self.a.cfg.optim.clone(),
+            f("model.safetensors")?,
+            Some(f("optimizer.safetensors")?),
+        )
+        .map_err(|e| e.to_string())?;
+        if trainer.model().widths() != c.manifest.widths {
+            return Err(format!(
+                "checkpoint {}: widths in model.safetensors {:?} disagree with the manifest {:?}",
+                c.manifest.id,
+                trainer.model().widths(),
+                c.manifest.widths
+            ));
+        }
+        let st: LoopState =
+            serde_json::from_value(c.manifest.state.clone()).map_err(|e| e.to_string())?;
+        let avail = Availability::try_from(st.availability.clone()).map_err(|e| e.to_string())?;
+        self.pending.clear();
+        self.live = Some(Live {
+            tok,
+            trainer,
+            avail,
+            st,
+            parent: Some(c.manifest.id.clone()),
+        });
+        self.last_ckpt = (self.live.as_ref().unwrap().trainer.step(), Instant::now());
+        self.state_name = "training";
+        Ok(())
+    }
+
+    /// Trains the tokenizer once the store holds `tokenizer.bootstrap_rows` rows (or loads
+    /// `tokenizer.path`), then builds a fresh model.
+    fn bootstrap(&mut self) {
+        let cfg = &self.a.cfg;
+        let tok = if let Some(p) = &cfg.tokenizer.path {
+            match Tokenizer::load(p) {
+                Ok(t) => t,
+                Err(e) => {
+                    self.last_event = format!("cannot load tokenizer {}: {e}", p.display());
+                    std::thread::sleep(Duration::from_secs(1));
+                    return;
+                }
+            }
+        } else {
+            let rows = match ask_blocking(&self.a.replay, FirstRows(cfg.tokenizer.bootstrap_rows)) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.last_event = format!("replay unavailable: {e}");
+                    std::thread::sleep(Duration::from_millis(500));
+                    return;
+                }
+            };
+            if rows.len() < cfg.tokenizer.bootstrap_rows {
+                self.last_event = format!(
+                    "waiting for {} rows to train the tokenizer ({} so far)",
+                    cfg.tokenizer.bootstrap_rows,
+                    rows.len()
+                );
+                std::thread::sleep(Duration::from_millis(300));
+                return;
+            }
+            let texts = rows.into_iter().map(|r| match r.body {
+                RowBody::Text { text } => text,
+                RowBody::PromptResponse { prompt, response } => format!("{prompt} {response}"),
+            });
+            match Tokenizer::train(texts, cfg.model.vocab_size, cfg.tokenizer.min_frequency) {
+                Ok(t) => t,
+                Err(e) => {
+                    self.last_event = format!("tokenizer training failed: {e}");
+                    std::thread::sleep(Duration::from_secs(1));
+                    return;
+                }
+            }
+        };
+        let seed = cfg.training.seed;
+        let model = Model::new(cfg.model.clone(), seed).expect("model config validated at load");
+        let widths = model.widths();
+        let trainer = Trainer::new(model, cfg.optim.clone()).expect("optim config validated");
+        let avail = Availability::new(cfg.availability.clone(), &widths, splitmix64(seed))
+            .expect("availability config validated");
+        tracing::info!(
+            event = events::TOKENIZER_READY,
+            actor = "trainer",
+            vocab = tok.vocab_size()
+        );
+        self.live = Some(Live {
+            tok,
+            trainer,
+            st: LoopState {
+                cursor: 0,
+                tokens_total: 0,
+                availability: avail.clone().into(),
+                eval_boundary: 0,
+                ramps: Vec::new(),
+                select_counts: widths.iter().map(|&k| vec![0; k]).collect(),
+                steps_at_min_active: 0,
+                last_control: None,
+            },
+            avail,
+            parent: None,
+        });
+        self.state_name = "training";
+        self.last_event = "tokenizer trained; training started".into();
+    }
+
+    /// One training step (or nothing, when there is no data and idle steps are not due).
+    fn train_once(&mut self) {
+        let cfg = self.a.cfg.clone();
+        let tc = &cfg.training;
+        let live = self.live.as_mut().expect("live");
+        let t = live.trainer.step();
+        let seed = step_seed(tc.seed, t);
+        let b = tc.batch_size;
+        let rows = match ask_blocking(
+            &self.a.replay,
+            TrainRows {
+                cursor: live.st.cursor,
+                n_new: if self.pending.len() >= b { 0 } else { b },
+                n_replay: b,
+                seed,
+            },
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                self.last_event = format!("replay unavailable: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+                return;
+            }
+        };
+        self.last_seq = rows.last_seq;
+        self.training_rows = rows.training_rows;
+        for r in &rows.new {
+            if let Ok(tk) = tokenize(&live.tok, &r.body) {
+                self.pending.extend(windows(&tk, tc.seq_len));
+            }
+            live.st.cursor = live.st.cursor.max(r.seq);
+        }
+        let history = rows.training_rows > 0 && !rows.replay.is_empty();
+        let has_new = !self.pending.is_empty();
+        if !has_new {
+            let per_min = tc.idle_steps_per_min;
+            if !history
+                || per_min == 0
+                || self.last_idle_step.elapsed() < Duration::from_secs_f64(60.0 / per_min as f64)
+            {
+                self.state_name = "training";
+                std::thread::sleep(Duration::from_millis(100));
+                return;
+            }
+            self.last_idle_step = Instant::now();
+        }
+        let n_replay_target = if history && has_new {
+            ((b as f64) * tc.replay_share).round() as usize
+        } else if history {
+            b
+        } else {
+            0
+        };
+        let n_new = (b - n_replay_target.min(b)).min(self.pending.len());
+        let new_ws: Vec<Window> = self.pending.drain(..n_new).collect();
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
+        let mut replay_ws = Vec::new();
+        for r in rows.replay.iter() {
+            if new_ws.len() + replay_ws.len() >= b {
+                break;
+            }
+            if let Ok(tk) = tokenize(&live.tok, &r.body) {
+                let ws = windows(&tk, tc.seq_len);
+                if !ws.is_empty() {
+                    let i = rng.random_range(0..ws.len());
+                    replay_ws.push(ws[i].clone());
+                }
+            }
+        }
+        let all: Vec<&Window> = new_ws.iter().chain(replay_ws.iter()).collect();
+        if all.is_empty() {
+            std::thread::sleep(Duration::from_millis(100));
+            return;
+        }
+        let batch = assemble(&all, tc.seq_len, live.tok.eot_id());
+        self.apply_ramps();
+        let live = self.live.as_mut().expect("live");
+        let masks = live.avail.draw();
+        let scales = live.avail.scales(cfg.optim.max_scale);
+        let started = Instant::now();
+        let report = match live.trainer.train_step(&batch, &masks, &scales) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(event = events::TRAIN_STEP_FAILED, actor = "trainer", error = %e,
+                    "training step refused; the batch is skipped");
+                self.last_event = format!("step refused: {e}");
+                return;
+            }
+        };
+        let secs = started.elapsed().as_secs_f64();
+        live.st.tokens_total += report.loss_tokens as u64;
+        self.tok_rate = report.tokens as f64 / secs.max(1e-9);
+        self.last_loss = Some(report.loss);
+        if self.probe.is_none() {
+            self.probe = Some(batch.clone());
+        }
+        // Replay-vs-new loss gap, measured every 10th step that has both.
+        if report.step.is_multiple_of(10) && !new_ws.is_empty() && !replay_ws.is_empty() {
+            let all_on = live.trainer.model().all_active();
+            let nb: Vec<&Window> = new_ws.iter().collect();
+            let rb: Vec<&Window> = replay_ws.iter().collect();
+            let eot = live.tok.eot_id();
+            if let (Ok(ln), Ok(lr)) = (
+                live.trainer
+                    .eval_loss(&assemble(&nb, tc.seq_len, eot), &all_on),
+                live.trainer
+                    .eval_loss(&assemble(&rb, tc.seq_len, eot), &all_on),
+            ) {
+                push_window(&mut self.replay_deltas, (lr - ln) as f64, 100);
+            }
+        }
+        push_window(&mut self.ratios, report.grad_norm_ratio as f64, 100);
+        self.step_metrics(&report, &masks, all.len(), replay_ws.len());
+        let live = self.live.as_ref().expect("live");
+        let step = live.trainer.step();
+        if step.is_multiple_of(cfg.eval.every_steps) {
+            let _ = self.evaluate();
+        }
+        let (last_step, last_time) = self.last_ckpt;
+        if cfg
+            .checkpoints
+            .is_due(step - last_step, last_time.elapsed().as_secs_f64())
+        {
+            let _ = self.checkpoint(None);
+        }
+    }
+
+    fn apply_ramps(&mut self) {
+        let live = self.live.as_mut().expect("live");
+        let t = live.trainer.step();
+        let mut done = Vec::new();
+        for (i, r) in live.st.ramps.iter().enumerate() {
+            let frac = if r.ramp_steps == 0 {
+                1.0
+            } else {
+                ((t.saturating_sub(r.start_step)) as f32 / r.ramp_steps as f32).min(1.0)
+            };
+            let eta = r.beta * frac;
+            if live.trainer.set_eta(r.layer, eta).is_ok() {
+                metrics::gauge!(n::ETA_INJECTION_LAST).set(eta as f64);
+                let alphas = live.trainer.model().alphas(r.layer);
+                let sum_new: f32 = alphas[r.first_new..].iter().sum();
+                metrics::gauge!(n::SUM_W_NEW_LAST).set(sum_new as f64);
+            }
+            if frac >= 1.0 {
+                done.push(i);
+            }
+        }
+        if !done.is_empty() {
+            for i in done.into_iter().rev() {
+                live.st.ramps.remove(i);
+            }
+            if let Some(probe) = &self.probe {
+                let all_on = live.trainer.model().all_active();
+                if let Ok(after) = live.trainer.logits(probe, &all_on)
+                    && let Some(before) = &self.pre_expand_logits
+                {
+                    publish_drift(before, &after, live.trainer.model().config.vocab_size);
+                }
+            }
+        }
+    }
+}
+
+fn push_window(q: &mut VecDeque<f64>, v: f64, cap: usize) {
+    if v.is_finite() {
+        q.push_back(v);
+        if q.len() > cap {
+            q.pop_front();
+        }
+    }
+}
+
+/// Drift of logits per position (`[positions, V]` rows): L2 distance and cosine distance,
+/// mean and std over positions.
+pub fn drift(before: &[f32], after: &[f32], v: usize) -> (f64, f64, f64, f64) {
+    let mut l2 = Vec::new();
+    let mut cos = Vec::new();
+    for (a, b) in before.chunks(v).zip(after.chunks(v)) {
+        let (mut d, mut ab, mut aa, mut bb) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+        for (&x, &y) in a.iter().zip(b) {
+            let (x, y) = (x as f64, y as f64);
+            d += (x - y) * (x - y);
+            ab += x * y;
+            aa += x * x;
+            bb += y * y;
+        }
+        l2.push(d.sqrt());
+        let denom = (aa.sqrt() * bb.sqrt()).max(1e-30);
+        cos.push(1.0 - ab / denom);
+    }
+    let s1 = stats(&l2);
+    let s2 = stats(&cos);
+    (s1.mean, s1.std, s2.mean, s2.std)
+}
+
+fn publish_drift(before: &[f32], after: &[f32], v: usize) -> serde_json::Value {
+    let (lm, ls, cm, cs) = drift(before, after, v);
+    metrics::gauge!(n::EXPAND_DRIFT_L2_MEAN).set(lm);
+    metrics::gauge!(n::EXPAND_DRIFT_L2_STD).set(ls);
+    metrics::gauge!(n::EXPAND_DRIFT_COS_MEAN).set(cm);
+    metrics::gauge!(n::EXPAND_DRIFT_COS_STD).set(cs);
+    serde_json::json!({"l2_mean": lm, "l2_std": ls, "cos_dist_mean": cm, "cos_dist_std": cs})
+}
+
+impl Worker {
+    fn step_metrics(
+        &mut self,
+        r: &crate::model::train::StepReport,
+        masks: &Masks,
+        windows: usize,
+        replay_windows: usize,
+    ) {
+        let live = self.live.as_mut().expect("live");
+        metrics::counter!(n::TRAIN_STEPS_TOTAL).absolute(r.step);
+        metrics::gauge!(n::TRAIN_TOKENS_PER_SEC).set(self.tok_rate);
+        metrics::gauge!(n::LOSS).set(r.loss as f64);
+        metrics::gauge!(n::GRAD_NORM).set(r.grad_norm as f64);
+        let active: Vec<f64> = masks
+            .iter()
+            .map(|m| m.iter().filter(|&&b| b).count() as f64)
+            .collect();
+        let sparsity: Vec<f64> = masks
+            .iter()
+            .map(|m| m.iter().filter(|&&b| !b).count() as f64 / m.len() as f64)
+            .collect();
+        let sa = stats(&active);
+        metrics::gauge!(n::ACTIVE_BRANCHES_MEAN).set(sa.mean);
+        metrics::gauge!(n::ACTIVE_BRANCHES_STD).set(sa.std);
+        metrics::gauge!(n::ACTIVE_BRANCHES_MIN).set(sa.min);
+        metrics::gauge!(n::ACTIVE_BRANCHES_MAX).set(sa.max);
+        let ss = stats(&sparsity);
+        metrics::gauge!(n::MASK_SPARSITY_MEAN).set(ss.mean);
+        metrics::gauge!(n::MASK_SPARSITY_STD).set(ss.std);
+        let min_active = live.avail.config().min_active;
+        if masks
+            .iter()
+            .any(|m| m.len() > min_active && m.iter().filter(|&&b| b).count() <= min_active)
+        {
+            live.st.steps_at_min_active += 1;
+        }
+        metrics::gauge!(n::STEPS_AT_MIN_ACTIVE_SHARE)
+            .set(live.st.steps_at_min_active as f64 / r.step.max(1) as f64);
+        let rs = stats(&self.ratios.iter().copied().collect::<Vec<_>>());
+        metrics::gauge!(n::GRAD_NORM_RATIO_MEAN).set(rs.mean);
+        metrics::gauge!(n::GRAD_NORM_RATIO_STD).set(rs.std);
+        let consumed = live.st.cursor.min(self.last_seq) as f64;
+        let avail_rows = self.training_rows.max(1) as f64;
+        metrics::gauge!(n::COVERAGE_RATIO).set((consumed / avail_rows).min(1.0));
+        let unseen =
+            self.pending.len() as f64 + (self.last_seq - live.st.cursor.min(self.last_seq)) as f64;
+        metrics::gauge!(n::NEW_DATA_RATIO).set((unseen / avail_rows).min(1.0));
+        metrics::gauge!(n::REPLAY_SHARE).set(replay_windows as f64 / windows.max(1) as f64);
+        let ds = stats(&self.replay_deltas.iter().copied().collect::<Vec<_>>());
+        metrics::gauge!(n::REPLAY_DELTA_LOSS_MEAN).set(ds.mean);
+        metrics::gauge!(n::REPLAY_DELTA_LOSS_STD).set(ds.std);
+        // Per-layer diagnostics.
+        self.last_diag.clear();
+        for (l, m) in masks.iter().enumerate() {
+            let counts = &mut live.st.select_counts[l];
+            counts.resize(m.len(), 0);
+            for (c, &on) in counts.iter_mut().zip(m) {
+                *c += on as u64;
+            }
+            let k = m.len();
+            let e: Vec<f64> = r.branch_energy[l]
+                .iter()
+                .map(|x| x.unwrap_or(0.0) as f64)
+                .collect();
+            let cos: Vec<f64> = r.branch_cosine[l]
+                .iter()
+                .map(|x| x.unwrap_or(0.0) as f64)
+                .collect();
+            let Ok(d) = layer_diagnostics(&e, &cos, &r.computed[l], counts) else {
+                continue;
+            };
+            let lab = l.to_string();
+            let mut dj = serde_json::to_value(&d).unwrap_or_default();
+            dj["energy"] = serde_json::json!(e);
+            self.last_diag.push(dj);
+            for (name, v) in [
+                (n::PATH_STARVATION_INDEX, d.path_starvation_index),
+                (n::EFFECTIVE_NUM_PATHS, d.effective_num_paths),
+                (n::GINI_CONCENTRATION, d.gini_concentration),
+                (n::TOP1_SHARE, d.top1_share),
+                (n::MARGIN_TOP1_TOP2, d.margin_top1_top2),
+                (
+                    n::DIVERSITY_COSINE_DISTANCE_MEAN,
+                    d.diversity_cosine_distance_mean,
+                ),
+                (n::BRANCH_CORRELATION_MEAN, d.branch_correlation_mean),
+                (n::OUTPUT_ENERGY_CV, d.output_energy_cv),
+                (n::BRANCH_SELECT_GINI, d.branch_select_gini),
+                (n::BRANCH_SELECT_TOP1_SHARE, d.branch_select_top1_share),
+            ] {
+                metrics::gauge!(name, "layer" => lab.clone()).set(v);
+            }
+            for i in 0..k {
+                metrics::gauge!(n::ALPHA, "layer" => lab.clone(), "branch" => i.to_string())
+                    .set(r.alpha[l][i] as f64);
+            }
+        }
+    }
+
+    /// Control-slice evaluation: loss per (source, era) group, old/new means, retention
+    /// deltas, and the loss with each single branch masked.
+    fn evaluate(&mut self) -> Result<serde_json::Value, String> {
+        let cfg = &self.a.cfg;
+        let live = self
+            .live
+            .as_mut()
+            .ok_or("the model does not exist yet (waiting for the tokenizer)")?;
+        let groups = ask_blocking(
+            &self.a.replay,
+            ControlRows {
+                boundary: live.st.eval_boundary,
+                max_per_group: cfg.eval.max_rows_per_group,
+            },
+        )?;
+        let seq = cfg.training.seq_len;
+        let eot = live.tok.eot_id();
+        let all_on = live.trainer.model().all_active();
+        let mut by_era = [(0.0f64, 0.0f64), (0.0, 0.0)];
+        let mut per_source = serde_json::Map::new();
+        let mut pooled: Vec<Window> = Vec::new();
+        for g in &groups {
+            let ws: Vec<Window> = g
+                .records
+                .iter()
+                .filter_map(|r| tokenize(&live.tok, &r.body).ok())
+                .filter_map(|t| windows(&t, seq).into_iter().next())
+                .collect();
+            let (mut sum, mut w) = (0.0f64, 0.0f64);
+            for chunk in ws.chunks(cfg.training.batch_size) {
+                let refs: Vec<&Window> = chunk.iter().collect();
+                let b = assemble(&refs, seq, eot);
+                let weight: f64 = b.loss_mask.iter().map(|&x| x as f64).sum();
+                let loss = live
+                    .trainer
+                    .eval_loss(&b, &all_on)
+                    .map_err(|e| e.to_string())?;
+                sum += loss as f64 * weight;
+                w += weight;
+            }
+            if w == 0.0 {
+                continue;
+            }
+            let loss = sum / w;
+            let era = if g.era == Era::Old { 0 } else { 1 };
+            by_era[era].0 += sum;
+            by_era[era].1 += w;
+            let key = format!("{}/{}", g.source, if era == 0 { "old" } else { "new" });
+            per_source.insert(key, serde_json::json!(loss));
+            metrics::gauge!(n::LOSS_CONTROL_SOURCE, "source" => g.source.clone(),
+                "era" => if era == 0 { "old" } else { "new" })
+            .set(loss);
+            pooled.extend(ws.into_iter().take(2));
+        }
+        let mean = |(s, w): (f64, f64)| if w > 0.0 { Some(s / w) } else { None };
+        let old = mean(by_era[0]);
+        let new = mean(by_era[1]);
+        let (prev_old, prev_new) = live.st.last_control.unwrap_or((f64::NAN, f64::NAN));
+        let cur_old = old.unwrap_or(prev_old);
+        let cur_new = new.unwrap_or(prev_new);
+        if cur_old.is_finite() {
+            metrics::gauge!(n::LOSS_CONTROL_OLD).set(cur_old);
+            metrics::gauge!(n::RETENTION_DELTA_OLD).set(if prev_old.is_finite() {
+                cur_old - prev_old
+            } else {
+                0.0
+            });
+        }
+        if cur_new.is_finite() {
+            metrics::gauge!(n::LOSS_CONTROL_NEW).set(cur_new);
+            metrics::gauge!(n::RETENTION_DELTA_NEW).set(if prev_new.is_finite() {
+                cur_new - prev_new
+            } else {
+                0.0
+            });
+        }
+        // Robustness to an outage: each single branch masked, on a pooled sample.
+        let mut outage = Vec::new();
+        pooled.truncate(cfg.training.batch_size);
+        if !pooled.is_empty() {
+            let refs: Vec<&Window> = pooled.iter().collect();
+            let b = assemble(&refs, seq, eot);
+            for (l, &k) in live.trainer.model().widths().iter().enumerate() {
+                for i in 0..k {
+                    if k < 2 {
+                        continue;
+                    }
+                    let mut m = all_on.clone();
+                    m[l][i] = false;
+                    if let Ok(loss) = live.trainer.eval_loss(&b, &m) {
+                        metrics::gauge!(n::LOSS_CONTROL_BRANCH_OUT, "layer" => l.to_string(),
+                            "branch" => i.to_string())
+                        .set(loss as f64);
+                        outage.push(serde_json::json!({"layer": l, "branch": i, "loss": loss}));
+                    }
+                }
+            }
+        }
+        live.st.last_control = Some((cur_old, cur_new));
+        live.st.eval_boundary = self.last_seq + 1;
+        let step = live.trainer.step();
+        tracing::info!(
+            event = events::EVAL_DONE,
+            actor = "trainer",
+            step,
+            loss_control_old = cur_old,
+            loss_control_new = cur_new
+        );
+        Ok(serde_json::json!({
+            "step": step,
+            "loss_control_old": old,
+            "loss_control_new": new,
+            "retention_delta_old": if prev_old.is_finite() { old.map(|o| o - prev_old) } else { None },
+            "retention_delta_new": if prev_new.is_finite() { new.map(|o| o - prev_new) } else { None },
+            "per_source": per_source,
+            "branch_out": outage,
+        }))
+    }
+
+    /// Takes a snapshot between steps and has the checkpointer write it. The trainer waits
+    /// for the write only when `wait` (tagged/manual checkpoints, shutdown, pre-expansion).
+    fn checkpoint(&mut self, tag: Option<String>) -> Result<serde_json::Value, String> {
+        let live = self
+            .live
+            .as_mut()
+            .ok_or("nothing to checkpoint yet (waiting for the tokenizer)")?;
+        live.st.availability = live.avail.clone().into();
+        let t = live.trainer.step();
+        let mut m = Manifest::new(SystemTime::now(), t, live.st.tokens_total);
+        m.parent = live.parent.clone();
+        m.tag = tag;
+        m.widths = live.trainer.model().widths();
+        m.config = serde_json::to_value(&self.a.cfg).unwrap_or_default();
+        m.state = serde_json::to_value(&live.st).map_err(|e| e.to_string())?;
+        m.control_loss = live.st.last_control.map(|(o, _)| o as f32);
+        let files = vec![
+            (
+                "model.safetensors",
+                live.trainer.model_bytes().map_err(|e| e.to_string())?,
+            ),
+            (
+                "optimizer.safetensors",
+                live.trainer.optimizer_bytes().map_err(|e| e.to_string())?,
+            ),
+            (
+                "tokenizer.json",
+                live.tok.to_json().map_err(|e| e.to_string())?.into_bytes(),
+            ),
+        ];
+        let id = m.id.clone();
+        self.last_ckpt = (t, Instant::now());
+        let r = ask_blocking(&self.a.checkpointer, Write(Snapshot { manifest: m, files }))?;
+        if let Some(live) = self.live.as_mut() {
+            live.parent = Some(id);
+        }
+        self.last_event = format!("checkpoint at step {t}");
+        Ok(r)
+    }
+
+    fn diagnostics(&mut self) -> Result<serde_json::Value, String> {
+        let live = self
+            .live
+            .as_mut()
+            .ok_or("the model does not exist yet (waiting for the tokenizer)")?;
+        let model = live.trainer.model();
+        let widths = model.widths();
+        let etas = model.etas();
+        let mut layers = Vec::new();
+        for (l, &k) in widths.iter().enumerate() {
+            layers.push(serde_json::json!({
+                "layer": l,
+                "width": k,
+                "alpha": model.alphas(l),
+                "eta": etas.get(l),
+                "participation": live.avail.participation().get(l),
+                "forced_off": live.avail.forced_off().get(l),
+                "select_counts": live.st.select_counts.get(l),
+            }));
+        }
+        for (entry, d) in layers.iter_mut().zip(&self.last_diag) {
+            entry["last_step"] = d.clone();
+        }
+        Ok(serde_json::json!({
+            "step": live.trainer.step(),
+            "params": live.trainer.model().num_params(),
+            "widths": widths,
+            "layers": layers,
+        }))
+    }
+}
+
+impl Worker {
+    /// Handles one command; true when the thread must end.
+    fn handle(&mut self, cmd: Cmd) -> bool {
+        match cmd {
+            Cmd::Pause(p, reply) => {
+                self.paused = p;
+                self.last_event = if p {
+                    "training paused"
+                } else {
+                    "training resumed"
+                }
+                .into();
+                let _ = reply.send(p);
+            }
+            Cmd::Mask {
+                layer,
+                branch,
+                off,
+                reply,
+            } => {
+                let r = match self.live.as_mut() {
+                    None => Err("the model does not exist yet (waiting for the tokenizer)".into()),
+                    Some(l) => l
+                        .avail
+                        .set_forced_off(layer, branch, off)
+                        .map(|_| {
+                            tracing::info!(
+                                event = events::BRANCH_MASKED,
+                                actor = "trainer",
+                                layer,
+                                branch,
+                                off
+                            );
+                            serde_json::json!({"layer": layer, "branch": branch, "masked": off,
+                                "forced_off": l.avail.forced_off()})
+                        })
+                        .map_err(|e| e.to_string()),
+                };
+                let _ = reply.send(r);
+            }
+            Cmd::Eval(reply) => {
+                let _ = reply.send(self.evaluate());
+            }
+            Cmd::Diagnostics(reply) => {
+                let _ = reply.send(self.diagnostics());
+            }
+            Cmd::Generate {
+                prompt,
+                cfg,
+                chunks,
+                reply,
+            } => {
+                let _ = reply.send(self.generate(&prompt, cfg, &chunks));
+            }
+            Cmd::Expand {
+                layer,
+                branches,
+                beta,
+                ramp_steps,
+                noise,
+                reply,
+            } => {
+                let _ = reply.send(self.expand(layer, branches, beta, ramp_steps, noise));
+            }
+            Cmd::Checkpoint(tag, reply) => {
+                let _ = reply.send(self.checkpoint(tag));
+            }
+            Cmd::Rollback(target, reply) => {
+                let _ = reply.send(self.rollback(target));
+            }
+            Cmd::Stop(reply) => {
+                let r = if self.live.is_some() {
+                    self.checkpoint(Some("shutdown".into()))
+                } else {
+                    Ok(serde_json::json!({"checkpoint": null, "why": "no model yet"}))
+                };
+                let _ = reply.send(r);
+                return true;
+            }
+        }
+        false
+    }
+
+    fn publish(&self) {
+        let v = match &self.live {
+            None => serde_json::json!({
+                "state": if self.paused { "paused" } else { self.state_name },
+                "last_event": self.last_event,
+            }),
+            Some(l) => serde_json::json!({
+                "state": if self.paused { "paused" } else if self.pending.is_empty() { "training (idle: replay only)" } else { "training" },
+                "step": l.trainer.step(),
+                "tokens": l.st.tokens_total,
+                "loss": self.last_loss,
+                "tokens_per_sec": self.tok_rate,
+                "widths": l.trainer.model().widths(),
+                "params": l.trainer.model().num_params(),
+                "cursor": l.st.cursor,
+                "pending_windows": self.pending.len(),
+                "loss_control_old": l.st.last_control.map(|c| c.0),
+                "loss_control_new": l.st.last_control.map(|c| c.1),
+                "forced_off": l.avail.forced_off(),
+                "last_checkpoint": l.parent,
+                "last_event": self.last_event,
+            }),
+        };
+        let _ = self.a.status.send(v);
+    }
+
+    fn generate(
+        &mut self,
+        prompt: &str,
+        mut cfg: GenerateConfig,
+        chunks: &mpsc::Sender<String>,
+    ) -> Result<serde_json::Value, String> {
+        let live = self
+            .live
+            .as_mut()
+            .ok_or("the model does not exist yet (waiting for the tokenizer)")?;
+        let mut ids = live.tok.encode(prompt).map_err(|e| e.to_string())?;
+        if ids.is_empty() {
+            ids.push(live.tok.eot_id());
+        }
+        let max_ctx = live
+            .trainer
+            .model()
+            .config
+            .max_seq_len
+            .saturating_sub(1)
+            .max(1);
+        if ids.len() > max_ctx {
+            ids.drain(..ids.len() - max_ctx);
+        }
+        cfg.end_token = Some(live.tok.eot_id());
+        cfg.max_tokens = cfg
+            .max_tokens
+            .min(live.trainer.model().config.max_seq_len - ids.len());
+        let masks = live.trainer.model().all_active();
+        let gen_ = live
+            .trainer
+            .model()
+            .generate(&ids, &masks, &cfg)
+            .map_err(|e| e.to_string())?;
+        let mut out: Vec<u32> = Vec::new();
+        let mut sent = String::new();
+        for id in gen_ {
+            out.push(id);
+            let text = live.tok.decode(&out).unwrap_or_default();
+            if text.len() > sent.len() && text.starts_with(&sent) && !text.ends_with('\u{fffd}') {
+                let piece = text[sent.len()..].to_string();
+                sent = text;
+                if chunks.blocking_send(piece).is_err() {
+                    break;
+                }
+            }
+        }
+        let text = live.tok.decode(&out).unwrap_or_default();
+        if text.len() > sent.len() && text.starts_with(&sent) {
+            let _ = chunks.blocking_send(text[sent.len()..].to_string());
+        }
+        Ok(serde_json::json!({"tokens": out.len(), "text": text}))
+    }
+
+    fn expand(
+        &mut self,
+        layer: usize,
+        branches: usize,
+        beta: f32,
+        ramp_steps: u64,
+        noise: f32,
+    ) -> Result<serde_json::Value, String> {
+        if self.live.is_none() {
+            return Err("the model does not exist yet (waiting for the tokenizer)".into());
+        }
+        if !(0.0..=1.0).contains(&beta) {
+            return Err(format!("beta = {beta}: must be in 0 ..= 1"));
+        }
+        let pre = self.checkpoint(Some("pre-expand".into()))?;
+        let live = self.live.as_mut().expect("live");
+        let probe = match &self.probe {
+            Some(p) => p.clone(),
+            None => return Err("no probe batch yet: let the trainer take one step first".into()),
+        };
+        let all_on = live.trainer.model().all_active();
+        let before = live
+            .trainer
+            .logits(&probe, &all_on)
+            .map_err(|e| e.to_string())?;
+        let seed = step_seed(self.a.cfg.training.seed ^ 0xe8a, live.trainer.step());
+        let rep = live
+            .trainer
+            .expand(layer, branches, noise, seed)
+            .map_err(|e| e.to_string())?;
+        let widths = live.trainer.model().widths();
+        live.avail.sync_widths(&widths);
+        live.st.select_counts[layer].resize(rep.width, 0);
+        let after = live
+            .trainer
+            .logits(&probe, &live.trainer.model().all_active())
+            .map_err(|e| e.to_string())?;
+        let bitwise_equal = before.len() == after.len()
+            && before
+                .iter()
+                .zip(&after)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+        let v = live.trainer.model().config.vocab_size;
+        let drift0 = publish_drift(&before, &after, v);
+        live.st.ramps.push(Ramp {
+            layer,
+            first_new: rep.first_new,
+            beta,
+            start_step: live.trainer.step(),
+            ramp_steps,
+        });
+        self.pre_expand_logits = Some(before);
+        metrics::counter!(n::EXPANSION_EVENTS_TOTAL).increment(1);
+        metrics::gauge!(n::ETA_INJECTION_LAST).set(0.0);
+        metrics::gauge!(n::SUM_W_NEW_LAST).set(0.0);
+        tracing::info!(
+            event = events::EXPANSION,
+            actor = "trainer",
+            layer,
+            branches,
+            width = rep.width,
+            beta,
+            ramp_steps,
+            bitwise_equal
+        );
+        self.last_event = format!("layer {layer} expanded to {} branches", rep.width);
+        Ok(serde_json::json!({
+            "layer": layer,
+            "width": rep.width,
+            "sources": rep.sources,
+            "pre_expand_checkpoint": pre["id"],
+            "logits_bitwise_equal_at_eta0": bitwise_equal,
+            "drift_at_eta0": drift0,
+            "widths": widths,
+        }))
+    }
+
+    fn rollback(&mut self, target: String) -> Result<serde_json::Value, String> {
+        let loaded = ask_blocking(&self.a.checkpointer, Load(Target::Named(target.clone())))?
+            .ok_or_else(|| format!("no checkpoint `{target}`"))?;
+        let id = loaded.manifest.id.clone();
+        let step = loaded.manifest.step;
+        self.restore(loaded)?;
+        self.pre_expand_logits = None;
+        metrics::counter!(n::ROLLBACKS_TOTAL).increment(1);
+        tracing::info!(event = events::ROLLBACK, actor = "trainer", id = %id, step);
+        self.last_event = format!("rolled back to {id}");
+        let live = self.live.as_mut().expect("restored");
+        let probe_logits = match &self.probe {
+            Some(p) => {
+                let m = live.trainer.model().all_active();
+                live.trainer.logits(p, &m).ok().map(|l| {
+                    let mut h = blake3::Hasher::new();
+                    for x in l {
+                        h.update(&x.to_le_bytes());
+                    }
+                    h.finalize().to_hex().to_string()
+                })
+            }
+            None => None,
+        };
+        Ok(serde_json::json!({
+            "id": id,
+            "step": step,
+            "widths": live.trainer.model().widths(),
+            "probe_logits_blake3": probe_logits,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drift_is_zero_for_identical_logits_and_positive_otherwise() {
+        let a = vec![1.0, 2.0, 3.0, 4.0];
+        assert_eq!(drift(&a, &a, 2), (0.0, 0.0, 0.0, 0.0));
+        let b = vec![1.0, 2.0, 3.0, 5.0];
+        let (l2, _, cos, _) = drift(&a, &b, 2);
+        assert!((l2 - 0.5).abs() < 1e-12);
+        assert!(cos > 0.0);
+    }
+
+    #[test]
+    fn step_seeds_differ_by_step_and_repeat() {
+        assert_eq!(step_seed(1, 5), step_seed(1, 5));
+        assert_ne!(step_seed(1, 5), step_seed(1, 6));
+    }
+}

@@ -1,0 +1,136 @@
+//! Configuration of the training loop, the evaluation and the tokenizer bootstrap.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// `[training]`: how batches are made and how fast an idle daemon consolidates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainingConfig {
+    /// Windows per step.
+    pub batch_size: usize,
+    /// Tokens per window (at most `model.max_seq_len`).
+    pub seq_len: usize,
+    /// Share of each batch drawn from history once there is history (0 ..= 1); the rest are
+    /// newly arrived rows, each seen once before it counts as history.
+    pub replay_share: f64,
+    /// Steps per minute when nothing new arrives (0 = sleep until new rows arrive).
+    pub idle_steps_per_min: u32,
+    /// Seed of the model initialisation, masks and sampling.
+    pub seed: u64,
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 16,
+            seq_len: 128,
+            replay_share: 0.5,
+            idle_steps_per_min: 60,
+            seed: 42,
+        }
+    }
+}
+
+impl TrainingConfig {
+    pub fn validate(&self, max_seq_len: usize) -> Result<(), String> {
+        if !(1..=1024).contains(&self.batch_size) {
+            return Err(format!(
+                "training.batch_size = {}: must be in 1 ..= 1024",
+                self.batch_size
+            ));
+        }
+        if self.seq_len < 2 || self.seq_len > max_seq_len {
+            return Err(format!(
+                "training.seq_len = {}: must be in 2 ..= model.max_seq_len ({max_seq_len})",
+                self.seq_len
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.replay_share) {
+            return Err(format!(
+                "training.replay_share = {}: must be in 0 ..= 1",
+                self.replay_share
+            ));
+        }
+        if self.idle_steps_per_min > 60_000 {
+            return Err(format!(
+                "training.idle_steps_per_min = {}: must be in 0 ..= 60000",
+                self.idle_steps_per_min
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `[eval]`: control-slice evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Evaluate every this many steps (and on `ctl eval`).
+    pub every_steps: u64,
+    /// Control rows per (source, era) group used by an evaluation.
+    pub max_rows_per_group: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self {
+            every_steps: 200,
+            max_rows_per_group: 64,
+        }
+    }
+}
+
+impl EvalConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.every_steps == 0 {
+            return Err("eval.every_steps = 0: must be >= 1".into());
+        }
+        if !(1..=100_000).contains(&self.max_rows_per_group) {
+            return Err(format!(
+                "eval.max_rows_per_group = {}: must be in 1 ..= 100000",
+                self.max_rows_per_group
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `[tokenizer]`: trained once from the first rows, or loaded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenizerSection {
+    /// Load this `tokenizer.json` instead of training one (its vocabulary must fit
+    /// `model.vocab_size`).
+    pub path: Option<PathBuf>,
+    /// Rows the replay store must hold before the tokenizer is trained.
+    pub bootstrap_rows: usize,
+    /// A pair must occur this often in the bootstrap rows to become a merge.
+    pub min_frequency: u64,
+}
+
+impl Default for TokenizerSection {
+    fn default() -> Self {
+        Self {
+            path: None,
+            bootstrap_rows: 2000,
+            min_frequency: 2,
+        }
+    }
+}
+
+impl TokenizerSection {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=10_000_000).contains(&self.bootstrap_rows) {
+            return Err(format!(
+                "tokenizer.bootstrap_rows = {}: must be in 1 ..= 10000000",
+                self.bootstrap_rows
+            ));
+        }
+        if self.min_frequency == 0 {
+            return Err("tokenizer.min_frequency = 0: must be >= 1".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,7 @@
+//! The continual-learning core (pure, no async): turning stored rows into training windows
+//! and batches, and the loop's configuration. The trainer actor drives it.
+
+pub mod batch;
+pub mod config;
+
+pub use config::{EvalConfig, TokenizerSection, TrainingConfig};
