@@ -252,11 +252,58 @@ fn gen_files(rng: &mut Rng) -> Vec<GenFile> {
     (0..20)
         .map(|i| {
             let rows = 200 + rng.below(1801);
-            let pad = if i % 7 == 3 { 700 } else { 0 };
+            let pad = if i % 7 == 3 { 1500 } else { 0 };
             let rows = if pad > 0 { 2000 } else { rows };
             gen_file(i, rows, i % 3 == 0, i % 5 == 4, pad)
         })
         .collect()
+}
+
+/// (bytes of all segments, bytes of the journal) of the replay store.
+fn store_sizes(data_dir: &Path) -> (u64, u64) {
+    let (mut seg, mut journal) = (0, 0);
+    if let Ok(rd) = fs::read_dir(data_dir.join("replay")) {
+        for e in rd.flatten() {
+            let n = e.file_name().into_string().unwrap_or_default();
+            let len = e.metadata().map_or(0, |m| m.len());
+            if n == "journal.log" {
+                journal = len;
+            } else if n.starts_with("seg-") {
+                seg += len;
+            }
+        }
+    }
+    (seg, journal)
+}
+
+/// Kills the daemon the moment segment bytes grow while the journal does not, i.e. rows of
+/// a file are on disk but the file is not committed yet (a store write-buffer flush in the
+/// middle of a large file, or the commit's flush before its journal entry). Returns whether
+/// that moment was caught (else it kills once all `dropped` files are done, or at `within`).
+fn kill_mid_append(d: &mut Daemon, dropped: usize, within: Duration) -> bool {
+    let t = Instant::now();
+    let (mut seg0, mut j0) = store_sizes(d.path());
+    let mut polls = 0u64;
+    while t.elapsed() < within {
+        let (seg, j) = store_sizes(d.path());
+        if j != j0 {
+            // A commit happened: new baseline, segments read after the journal.
+            j0 = j;
+            seg0 = store_sizes(d.path()).0;
+            continue;
+        }
+        if seg > seg0 {
+            d.kill9();
+            return true;
+        }
+        polls += 1;
+        if polls % 64 == 0 && done_and_failed(d) >= dropped {
+            break; // nothing left to catch
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    d.kill9();
+    false
 }
 
 #[test]
@@ -265,41 +312,60 @@ fn exactly_once_under_repeated_kill_9() {
     let mut rng = Rng(seed());
     let files = gen_files(&mut rng);
     let mut d = Daemon::start(CFG);
-    let mut next = 0usize;
+    // Files not dropped yet; `dropped` counts the others.
+    let mut queue: std::collections::VecDeque<usize> = (0..files.len()).collect();
+    let mut dropped = 0usize;
     let mut kills = 0;
-    // Five rounds: drop a batch (mixed producer styles), wait until the daemon has moved
-    // a file or two of it, kill -9 at a random moment, drop another file while it is down,
-    // restart on the same directory.
-    for round in 0..5 {
-        let batch = 3 + rng.below(2) as usize;
-        let target_done = next + 1 + rng.below(2) as usize;
+    let mut caught_mid_append = 0;
+    // Six rounds: drop a batch (mixed producer styles); kill -9 either at a random moment
+    // after the daemon has moved a file or two of it, or (odd rounds, a large file first in
+    // the batch) at the moment rows of an uncommitted file reach the disk; drop another
+    // file while it is down; restart on the same directory.
+    for round in 0..6 {
+        let mid_append = round % 2 == 1;
+        if mid_append && let Some(pos) = queue.iter().position(|&i| files[i].bytes.len() > 2 << 20)
+        {
+            let big = queue.remove(pos).unwrap();
+            queue.push_front(big);
+        }
+        let batch = 2 + rng.below(2) as usize;
+        let target_done = dropped + 1 + rng.below(2) as usize;
         for _ in 0..batch {
-            if next == files.len() {
-                break;
-            }
-            let f = &files[next];
+            let Some(i) = queue.pop_front() else { break };
+            let f = &files[i];
             if rng.below(3) == 0 {
                 drop_in_place(&d, &f.name, &f.bytes);
             } else {
                 drop_renamed(&d, &f.name, &f.bytes);
             }
-            next += 1;
+            dropped += 1;
         }
-        let target_done = target_done.min(next);
-        d.wait_for(Duration::from_secs(30), "files moved before a kill", || {
-            (done_and_failed(&d) >= target_done).then_some(())
-        });
-        std::thread::sleep(Duration::from_millis(rng.below(25)));
-        d.kill9();
+        let how = if mid_append {
+            let caught = kill_mid_append(&mut d, dropped, Duration::from_secs(10));
+            caught_mid_append += caught as usize;
+            if caught {
+                "mid-append"
+            } else {
+                "mid-append missed"
+            }
+        } else {
+            let target_done = target_done.min(dropped);
+            d.wait_for(Duration::from_secs(30), "files moved before a kill", || {
+                (done_and_failed(&d) >= target_done).then_some(())
+            });
+            std::thread::sleep(Duration::from_millis(rng.below(25)));
+            d.kill9();
+            "random"
+        };
         kills += 1;
-        if next < files.len() {
-            let f = &files[next];
+        let done_at_kill = done_and_failed(&d);
+        if let Some(i) = queue.pop_front() {
+            let f = &files[i];
             drop_renamed(&d, &f.name, &f.bytes);
-            next += 1;
+            dropped += 1;
         }
         eprintln!(
-            "round {round}: killed with {} of {next} dropped files done",
-            done_and_failed(&d)
+            "round {round}: killed ({how}) with {done_at_kill} of {dropped} dropped files done"
         );
         d = d.restart_with(CFG);
         if round == 2 {
@@ -311,14 +377,13 @@ fn exactly_once_under_repeated_kill_9() {
         }
     }
     // The rest arrive while the daemon runs undisturbed.
-    while next < files.len() {
-        let f = &files[next];
-        if next % 2 == 0 {
+    while let Some(i) = queue.pop_front() {
+        let f = &files[i];
+        if i % 2 == 0 {
             drop_in_place(&d, &f.name, &f.bytes);
         } else {
             drop_renamed(&d, &f.name, &f.bytes);
         }
-        next += 1;
     }
     d.wait_for(Duration::from_secs(60), "a sidecar for every file", || {
         (sidecars(&inbox(&d), ".done").len() == files.len()).then_some(())
@@ -428,9 +493,13 @@ fn exactly_once_under_repeated_kill_9() {
     );
     assert!(seen.is_empty(), "{} unexpected rows", seen.len());
     assert_eq!(recs.len(), total);
+    assert!(
+        caught_mid_append >= 1,
+        "no kill landed while rows of an uncommitted file were on disk"
+    );
     eprintln!(
-        "exactly-once: {} files, {total} rows, {kills} kills, {resumed} files resumed with rows \
-         already present, {:.1} s",
+        "exactly-once: {} files, {total} rows, {kills} kills ({caught_mid_append} caught \
+         mid-append), {resumed} files resumed with rows already present, {:.1} s",
         files.len(),
         t0.elapsed().as_secs_f64()
     );
