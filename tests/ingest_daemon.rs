@@ -780,3 +780,105 @@ fn ingest_metrics_match_the_files() {
         assert!(human.contains(name), "{human}");
     }
 }
+
+/// A pause asked while the daemon works through a backlog takes effect after the file in
+/// hand, not after the whole backlog: the reply is prompt and the rest stays in the inbox.
+#[test]
+fn pause_during_a_backlog_stops_after_the_file_in_hand() {
+    let d = Daemon::start(CFG);
+    let n = 40;
+    let files: Vec<GenFile> = (0..n).map(|i| gen_file(i, 1500, false, false, 0)).collect();
+    // Staged first, then renamed in as one burst: the whole backlog is ready at once.
+    for f in &files {
+        fs::write(staging(&d).join(&f.name), &f.bytes).unwrap();
+    }
+    for f in &files {
+        fs::rename(staging(&d).join(&f.name), inbox(&d).join(&f.name)).unwrap();
+    }
+    d.wait_for(Duration::from_secs(20), "the first file done", || {
+        (done_and_failed(&d) >= 1).then_some(())
+    });
+    let t = Instant::now();
+    let out = d.ctl(&["pause-ingest"]);
+    let reply_ms = t.elapsed().as_millis();
+    assert!(out.status.success(), "{out:?}");
+    let at_pause = done_and_failed(&d);
+    std::thread::sleep(Duration::from_millis(800));
+    let later = done_and_failed(&d);
+    eprintln!("pause replied in {reply_ms} ms with {at_pause} of {n} done, {later} after 800 ms");
+    assert_eq!(
+        later, at_pause,
+        "files were still taken after the pause reply"
+    );
+    assert!(
+        at_pause < n,
+        "the pause only took effect after the whole backlog ({reply_ms} ms)"
+    );
+    let out = d.ctl(&["resume-ingest"]);
+    assert!(out.status.success(), "{out:?}");
+    d.wait_for(Duration::from_secs(30), "the backlog after resume", || {
+        (sidecars(&inbox(&d), ".done").len() == n).then_some(())
+    });
+    assert_all_running_no_restarts(&d);
+}
+
+/// A file moved out of the inbox (to `.done/`) is not a file "renamed in": a producer that
+/// writes the same name again in place right after gets the settle time, not a
+/// half-written file taken at once.
+#[test]
+fn same_name_written_in_place_after_the_move_waits_to_settle() {
+    let d = Daemon::start("[ingest]\nsettle_ms = 2000\nrescan_ms = 200\n");
+    let first = small_csv("first", 20);
+    drop_renamed(&d, "again.csv", &first);
+    let t = Instant::now();
+    while inbox(&d).join("again.csv").exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "first delivery not taken"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    // Second delivery, written in place in two parts 500 ms apart (well within settle_ms).
+    let second = small_csv("second", 400);
+    let cut = second.len() / 2;
+    let cut = cut + second[cut..].iter().position(|&b| b == b'\n').unwrap() + 1;
+    let mut f = fs::File::create(inbox(&d).join("again.csv")).unwrap();
+    f.write_all(&second[..cut]).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    f.write_all(&second[cut..]).unwrap();
+    drop(f);
+    d.wait_for(Duration::from_secs(20), "the second delivery", || {
+        (sidecars(&inbox(&d), ".done").len() == 2).then_some(())
+    });
+    let scs = sidecars(&inbox(&d), ".done");
+    assert_eq!(scs["again.csv"].rows_accepted, 20);
+    assert_eq!(
+        scs["again.csv.1"].rows_accepted, 400,
+        "the second delivery was taken half-written"
+    );
+    assert_eq!(
+        fs::read(inbox(&d).join(".done/again.csv.1")).unwrap(),
+        second
+    );
+
+    // A rename inside the inbox (an upload finished as `*.part`) is still taken at once,
+    // well before settle_ms.
+    fs::write(inbox(&d).join("upload.csv.part"), small_csv("upload", 30)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    fs::rename(
+        inbox(&d).join("upload.csv.part"),
+        inbox(&d).join("upload.csv"),
+    )
+    .unwrap();
+    d.wait_for(Duration::from_secs(20), "the renamed upload", || {
+        sidecars(&inbox(&d), ".done")
+            .contains_key("upload.csv")
+            .then_some(())
+    });
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "a file renamed inside the inbox waited {:?} (settle_ms = 2000)",
+        t.elapsed()
+    );
+}
