@@ -882,3 +882,72 @@ fn same_name_written_in_place_after_the_move_waits_to_settle() {
         t.elapsed()
     );
 }
+
+/// Supervision during a backlog: the replay and ingestor actors crash (fault injection)
+/// while files are being taken; each comes back once, and every file is ingested exactly
+/// once.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn actor_crashes_during_a_backlog_lose_and_duplicate_nothing() {
+    let mut d = Daemon::start(&format!("{CFG}[daemon]\nrestart_backoff_initial_ms = 10\n"));
+    let files: Vec<GenFile> = (0..40)
+        .map(|i| gen_file(i, 1500, i % 2 == 0, false, 0))
+        .collect();
+    for f in &files {
+        drop_renamed(&d, &f.name, &f.bytes);
+    }
+    d.wait_for(Duration::from_secs(20), "the first file done", || {
+        (done_and_failed(&d) >= 1).then_some(())
+    });
+    for actor in ["replay", "ingestor"] {
+        let out = d.ctl(&["debug-crash", "--actor", actor]);
+        assert!(out.status.success(), "{out:?}");
+        eprintln!(
+            "{actor} crashed with {} of 40 files done",
+            done_and_failed(&d)
+        );
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    d.wait_for(
+        Duration::from_secs(30),
+        "every file after the crashes",
+        || (sidecars(&inbox(&d), ".done").len() == files.len()).then_some(()),
+    );
+    // The restarted ingestor keeps watching: a file dropped now is taken too.
+    let late = gen_file(40, 100, false, false, 0);
+    drop_renamed(&d, &late.name, &late.bytes);
+    d.wait_for(
+        Duration::from_secs(10),
+        "a file dropped after the restarts",
+        || {
+            sidecars(&inbox(&d), ".done")
+                .contains_key(&late.name)
+                .then_some(())
+        },
+    );
+    let files: Vec<GenFile> = files.into_iter().chain([late]).collect();
+    let s = d.data("status", Value::Null);
+    for a in s["actors"].as_array().unwrap() {
+        let want = if a["name"] == "replay" || a["name"] == "ingestor" {
+            1
+        } else {
+            0
+        };
+        assert_eq!(a["state"], "running", "{s}");
+        assert_eq!(a["restarts"], want, "{s}");
+    }
+    shutdown(&mut d);
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for r in all_records(d.path()) {
+        *seen.entry(body_text(&r.body)).or_default() += 1;
+    }
+    let total: usize = files.iter().map(|f| f.valid.len()).sum();
+    assert_eq!(seen.len(), total);
+    assert!(seen.values().all(|&n| n == 1));
+    for f in &files {
+        for (_, _, text) in &f.valid {
+            assert!(seen.contains_key(text), "{}: {text} missing", f.name);
+        }
+    }
+    assert!(inspect(d.path()).ok);
+}

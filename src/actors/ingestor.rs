@@ -100,7 +100,10 @@ impl Actor for IngestorActor {
         };
         let rescan = Duration::from_millis(args.cfg.rescan_ms);
         let settle = Duration::from_millis(args.cfg.settle_ms.max(50));
-        let weak = me.downgrade();
+        // A strong reference: after a supervisor restart, `me` is a fresh `ActorRef` (same
+        // mailbox) that nobody else holds, so a weak one would stop upgrading as soon as
+        // `on_start` returns and the restarted ingestor would never scan again. The task is
+        // aborted when this state is dropped, which releases the reference.
         let pump = tokio::spawn(async move {
             let mut renamed_in = HashSet::new();
             let mut events = 0u64;
@@ -123,7 +126,6 @@ impl Actor for IngestorActor {
                         deadline = deadline.min(soon);
                     }
                     _ = tokio::time::sleep_until(deadline) => {
-                        let Some(me) = weak.upgrade() else { return };
                         let scan = Scan { renamed_in: std::mem::take(&mut renamed_in), events };
                         events = 0;
                         // `ask`, not `tell`: the next file is taken only once this one is
