@@ -1,7 +1,7 @@
 //! The ingestor actor: watches the inbox (notify, debounced), rescans it periodically as a
 //! fallback and at start-up, picks files once complete, and has the replay actor append them.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,6 +37,13 @@ pub struct IngestorActor {
     files_done: u64,
     files_failed: u64,
     last_file: Option<String>,
+    /// Ready files not taken yet, oldest first. One file is taken per [`Scan`] message, so
+    /// that a pause (or a stop) asked during a backlog takes effect after the file in hand.
+    queue: VecDeque<String>,
+    /// Names the watcher saw renamed in, kept until the next listing.
+    renamed_in: HashSet<String>,
+    /// When the inbox was last listed.
+    last_listing: Option<Instant>,
     _watcher: Option<notify::RecommendedWatcher>,
     _pump: AbortOnDrop,
 }
@@ -59,11 +66,20 @@ impl Actor for IngestorActor {
         args.health.on_start().await;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(bool, Vec<PathBuf>)>();
         let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            if let Ok(ev) = ev {
-                let renamed = matches!(
-                    ev.kind,
-                    notify::EventKind::Modify(notify::event::ModifyKind::Name(_))
-                );
+            if let Ok(mut ev) = ev {
+                use notify::event::{ModifyKind, RenameMode};
+                // Only the destination of a rename is a file renamed *in*: a name moved out
+                // (to `.done/`, or away by a producer) must not make a new file written in
+                // place under that name ready before it settles.
+                let renamed = match ev.kind {
+                    notify::EventKind::Modify(ModifyKind::Name(RenameMode::From)) => false,
+                    notify::EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
+                        ev.paths.drain(..ev.paths.len().saturating_sub(1));
+                        true
+                    }
+                    notify::EventKind::Modify(ModifyKind::Name(_)) => true,
+                    _ => false,
+                };
                 let _ = tx.send((renamed, ev.paths));
             }
         })
@@ -84,7 +100,10 @@ impl Actor for IngestorActor {
         };
         let rescan = Duration::from_millis(args.cfg.rescan_ms);
         let settle = Duration::from_millis(args.cfg.settle_ms.max(50));
-        let weak = me.downgrade();
+        // A strong reference: after a supervisor restart, `me` is a fresh `ActorRef` (same
+        // mailbox) that nobody else holds, so a weak one would stop upgrading as soon as
+        // `on_start` returns and the restarted ingestor would never scan again. The task is
+        // aborted when this state is dropped, which releases the reference.
         let pump = tokio::spawn(async move {
             let mut renamed_in = HashSet::new();
             let mut events = 0u64;
@@ -107,14 +126,21 @@ impl Actor for IngestorActor {
                         deadline = deadline.min(soon);
                     }
                     _ = tokio::time::sleep_until(deadline) => {
-                        let Some(me) = weak.upgrade() else { return };
                         let scan = Scan { renamed_in: std::mem::take(&mut renamed_in), events };
                         events = 0;
-                        if me.tell(scan).await.is_err() {
-                            return;
-                        }
-                        // Files still settling need another look after `settle`.
-                        deadline = tokio::time::Instant::now() + rescan.min(settle);
+                        // `ask`, not `tell`: the next file is taken only once this one is
+                        // done, so requests queued meanwhile (pause, stop) come first.
+                        let more = match me.ask(scan).await {
+                            Ok(more) => more,
+                            Err(_) => return,
+                        };
+                        deadline = if more {
+                            // More files are queued: take the next one at once.
+                            tokio::time::Instant::now()
+                        } else {
+                            // Files still settling need another look after `settle`.
+                            tokio::time::Instant::now() + rescan.min(settle)
+                        };
                     }
                 }
             }
@@ -130,6 +156,9 @@ impl Actor for IngestorActor {
             files_done: 0,
             files_failed: 0,
             last_file: None,
+            queue: VecDeque::new(),
+            renamed_in: HashSet::new(),
+            last_listing: None,
             _watcher: watcher,
             _pump: AbortOnDrop(pump),
         })
@@ -146,16 +175,36 @@ impl Actor for IngestorActor {
 }
 
 impl Message<Scan> for IngestorActor {
-    type Reply = ();
+    /// True when more ready files are queued (the pump then sends the next scan at once).
+    type Reply = bool;
 
-    async fn handle(&mut self, scan: Scan, _: &mut Context<Self, Self::Reply>) {
+    async fn handle(&mut self, scan: Scan, _: &mut Context<Self, Self::Reply>) -> bool {
         let now = Instant::now();
         metrics::gauge!(names::INGEST_EVENTS_PER_SEC_WINDOW)
             .set(self.events_rate.add(now, scan.events));
         metrics::gauge!(names::INGEST_ROWS_PER_SEC_WINDOW).set(self.rows_rate.rate(now));
+        self.renamed_in.extend(scan.renamed_in);
         if self.paused {
-            return;
+            return false;
         }
+        // List the inbox when nothing is queued, else at most once per scan period (a long
+        // backlog is not listed again for every file).
+        let period =
+            Duration::from_millis(self.args.cfg.rescan_ms.min(self.args.cfg.settle_ms.max(50)));
+        if self.queue.is_empty() || self.last_listing.is_none_or(|t| t.elapsed() >= period) {
+            self.last_listing = Some(now);
+            self.list_and_select();
+        }
+        if let Some(name) = self.queue.pop_front() {
+            self.ingest(name).await;
+        }
+        !self.queue.is_empty()
+    }
+}
+
+impl IngestorActor {
+    /// Lists the inbox and queues the files that became ready.
+    fn list_and_select(&mut self) {
         let listing = match list_inbox(&self.args.inbox) {
             Ok(l) => l,
             Err(e) => {
@@ -172,12 +221,18 @@ impl Message<Scan> for IngestorActor {
         let (sel, memory) = select_candidates(
             &listing,
             &self.memory,
-            &scan.renamed_in,
+            &std::mem::take(&mut self.renamed_in),
             now_ms(),
             self.args.cfg.settle_ms,
         );
         self.memory = memory;
-        let pending = (sel.ready.len() + sel.waiting.len()) as u64;
+        let queued: HashSet<String> = self.queue.iter().cloned().collect();
+        for name in sel.ready {
+            if !queued.contains(&name) {
+                self.queue.push_back(name);
+            }
+        }
+        let pending = (self.queue.len() + sel.waiting.len()) as u64;
         if pending > self.pending_peak {
             self.pending_peak = pending;
             metrics::gauge!(names::INGEST_PENDING_EVENTS_OBSERVED_PEAK).set(pending as f64);
@@ -193,18 +248,14 @@ impl Message<Scan> for IngestorActor {
                 );
             }
         }
-        for name in sel.ready {
-            if self.paused {
-                break;
-            }
-            self.ingest(name).await;
-        }
     }
-}
 
-impl IngestorActor {
     async fn ingest(&mut self, name: String) {
         let path = self.args.inbox.join(&name);
+        if path.symlink_metadata().is_err() {
+            // Queued, then removed by someone else before its turn.
+            return;
+        }
         let out = match self.args.replay.ask(IngestFile(path)).await {
             Ok(o) => o,
             Err(e) => {
