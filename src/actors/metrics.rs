@@ -43,14 +43,13 @@ impl Actor for MetricsActor {
 
     async fn on_start(args: Self::Args, actor_ref: ActorRef<Self>) -> Result<Self, Self::Error> {
         args.health.on_start().await;
-        let weak = actor_ref.downgrade();
+        let me = actor_ref.clone();
         let every = args.log_every;
         let ticker = AbortOnDrop(tokio::spawn(async move {
             let mut iv = tokio::time::interval(every);
             iv.tick().await;
             loop {
                 iv.tick().await;
-                let Some(me) = weak.upgrade() else { return };
                 if me.tell(LogSnapshot).await.is_err() {
                     return;
                 }

@@ -444,7 +444,7 @@ impl Worker {
             self.probe = Some(batch.clone());
         }
         // Replay-vs-new loss gap, measured every 10th step that has both.
-        if report.step.is_multiple_of(10) && !new_ws.is_empty() && !replay_ws.is_empty() {
+        if report.step % 10 == 0 && !new_ws.is_empty() && !replay_ws.is_empty() {
             let all_on = live.trainer.model().all_active();
             let nb: Vec<&Window> = new_ws.iter().collect();
             let rb: Vec<&Window> = replay_ws.iter().collect();
@@ -462,7 +462,7 @@ impl Worker {
         self.step_metrics(&report, &masks, all.len(), replay_ws.len());
         let live = self.live.as_ref().expect("live");
         let step = live.trainer.step();
-        if step.is_multiple_of(cfg.eval.every_steps) {
+        if step % cfg.eval.every_steps == 0 {
             let _ = self.evaluate();
         }
         let (last_step, last_time) = self.last_ckpt;
@@ -802,12 +802,27 @@ impl Worker {
         ];
         let id = m.id.clone();
         self.last_ckpt = (t, Instant::now());
-        let r = ask_blocking(&self.a.checkpointer, Write(Snapshot { manifest: m, files }))?;
+        let mut r = ask_blocking(&self.a.checkpointer, Write(Snapshot { manifest: m, files }))?;
+        r["probe_logits_blake3"] = serde_json::json!(self.probe_hash());
         if let Some(live) = self.live.as_mut() {
             live.parent = Some(id);
         }
         self.last_event = format!("checkpoint at step {t}");
         Ok(r)
+    }
+
+    /// blake3 of the logits of the fixed probe batch (all branches): equal hashes mean
+    /// bitwise-equal logits.
+    fn probe_hash(&mut self) -> Option<String> {
+        let live = self.live.as_mut()?;
+        let p = self.probe.as_ref()?;
+        let m = live.trainer.model().all_active();
+        let l = live.trainer.logits(p, &m).ok()?;
+        let mut h = blake3::Hasher::new();
+        for x in l {
+            h.update(&x.to_le_bytes());
+        }
+        Some(h.finalize().to_hex().to_string())
     }
 
     fn diagnostics(&mut self) -> Result<serde_json::Value, String> {
@@ -1092,20 +1107,8 @@ impl Worker {
         metrics::counter!(n::ROLLBACKS_TOTAL).increment(1);
         tracing::info!(event = events::ROLLBACK, actor = "trainer", id = %id, step);
         self.last_event = format!("rolled back to {id}");
+        let probe_logits = self.probe_hash();
         let live = self.live.as_mut().expect("restored");
-        let probe_logits = match &self.probe {
-            Some(p) => {
-                let m = live.trainer.model().all_active();
-                live.trainer.logits(p, &m).ok().map(|l| {
-                    let mut h = blake3::Hasher::new();
-                    for x in l {
-                        h.update(&x.to_le_bytes());
-                    }
-                    h.finalize().to_hex().to_string()
-                })
-            }
-            None => None,
-        };
         Ok(serde_json::json!({
             "id": id,
             "step": step,
