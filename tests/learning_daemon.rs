@@ -288,13 +288,11 @@ fn stream(d: &Daemon, line: &str) -> (usize, Value) {
     use std::io::{BufRead, BufReader, Write};
     let mut s = std::os::unix::net::UnixStream::connect(d.socket()).unwrap();
     s.write_all(format!("{line}\n").as_bytes()).unwrap();
-    let mut chunks = 0;
-    for l in BufReader::new(s).lines() {
+    for (chunks, l) in BufReader::new(s).lines().enumerate() {
         let v: Value = serde_json::from_str(&l.unwrap()).unwrap();
         if v["done"] == true {
             return (chunks, v);
         }
-        chunks += 1;
     }
     panic!("stream ended without done");
 }

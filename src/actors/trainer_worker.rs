@@ -536,7 +536,7 @@ pub fn drift(before: &[f32], after: &[f32], v: usize) -> (f64, f64, f64, f64) {
         }
         l2.push(d.sqrt());
         let denom = (aa.sqrt() * bb.sqrt()).max(1e-30);
-        cos.push(1.0 - ab / denom);
+        cos.push((1.0 - ab / denom).max(0.0));
     }
     let s1 = stats(&l2);
     let s2 = stats(&cos);
@@ -1125,7 +1125,9 @@ mod tests {
     #[test]
     fn drift_is_zero_for_identical_logits_and_positive_otherwise() {
         let a = vec![1.0, 2.0, 3.0, 4.0];
-        assert_eq!(drift(&a, &a, 2), (0.0, 0.0, 0.0, 0.0));
+        let (l2, l2s, cos, coss) = drift(&a, &a, 2);
+        assert_eq!((l2, l2s), (0.0, 0.0));
+        assert!(cos.abs() < 1e-12 && coss.abs() < 1e-12);
         let b = vec![1.0, 2.0, 3.0, 5.0];
         let (l2, _, cos, _) = drift(&a, &b, 2);
         assert!((l2 - 0.5).abs() < 1e-12);
