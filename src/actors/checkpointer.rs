@@ -23,6 +23,10 @@ pub struct CheckpointerArgs {
 
 pub struct CheckpointerActor {
     args: CheckpointerArgs,
+    /// Checkpoints found corrupt or partial when resuming (shown by `ctl status`).
+    rejected: Vec<String>,
+    last_written: Option<String>,
+    last_error: Option<String>,
 }
 
 impl Actor for CheckpointerActor {
@@ -38,11 +42,17 @@ impl Actor for CheckpointerActor {
         std::fs::create_dir_all(&args.root).map_err(|e| {
             CheckpointError::InvalidInput(format!("cannot create {}: {e}", args.root.display()))
         })?;
-        metrics::counter!(names::CHECKPOINTS_TOTAL).absolute(0);
-        metrics::counter!(names::CHECKPOINT_FAILURES_TOTAL).absolute(0);
+        metrics::counter!(names::CHECKPOINTS_TOTAL).increment(0);
+        metrics::counter!(names::CHECKPOINT_FAILURES_TOTAL).increment(0);
+        metrics::counter!(names::CHECKPOINTS_REJECTED_TOTAL).increment(0);
         metrics::gauge!(names::CHECKPOINT_WRITE_SECONDS).set(0.0);
         metrics::gauge!(names::CHECKPOINT_BYTES).set(0.0);
-        Ok(Self { args })
+        Ok(Self {
+            args,
+            rejected: Vec::new(),
+            last_written: None,
+            last_error: None,
+        })
     }
 
     async fn on_stop(
@@ -89,6 +99,8 @@ impl Message<Write> for CheckpointerActor {
                     seconds = info.seconds
                 );
                 self.retain();
+                self.last_written = Some(info.id.clone());
+                self.last_error = None;
                 Ok(serde_json::json!({
                     "id": info.id,
                     "step": s.manifest.step,
@@ -105,6 +117,7 @@ impl Message<Write> for CheckpointerActor {
                     error = %e,
                     "checkpoint write failed; previous checkpoints are intact, will retry at the next trigger"
                 );
+                self.last_error = Some(e.to_string());
                 Err(e.to_string())
             }
         }
@@ -160,11 +173,35 @@ impl Message<Load> for CheckpointerActor {
 
     async fn handle(&mut self, Load(t): Load, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
         let root = self.args.root.clone();
-        tokio::task::block_in_place(|| load(&root, t))
+        tokio::task::block_in_place(|| load(&root, t, &mut self.rejected))
     }
 }
 
-fn load(root: &std::path::Path, t: Target) -> Result<Option<LoadedCheckpoint>, String> {
+/// The checkpoints line of `ctl status`.
+pub struct CheckpointStatus;
+
+impl Message<CheckpointStatus> for CheckpointerActor {
+    type Reply = Result<serde_json::Value, kameo::error::Infallible>;
+
+    async fn handle(
+        &mut self,
+        _: CheckpointStatus,
+        _: &mut Context<Self, Self::Reply>,
+    ) -> Self::Reply {
+        Ok(serde_json::json!({
+            "latest": checkpoint::read_latest(&self.args.root).ok().flatten(),
+            "last_written": self.last_written,
+            "last_error": self.last_error,
+            "rejected_at_start": self.rejected,
+        }))
+    }
+}
+
+fn load(
+    root: &std::path::Path,
+    t: Target,
+    rejected: &mut Vec<String>,
+) -> Result<Option<LoadedCheckpoint>, String> {
     match t {
         Target::Resume => {
             let r = checkpoint::open_latest(root).map_err(|e| e.to_string())?;
@@ -177,6 +214,7 @@ fn load(root: &std::path::Path, t: Target) -> Result<Option<LoadedCheckpoint>, S
                     reason = %rej.reason,
                     "checkpoint is corrupt or partial; falling back to an older valid one"
                 );
+                rejected.push(format!("{}: {}", rej.id, rej.reason));
             }
             Ok(r.checkpoint)
         }

@@ -6,7 +6,7 @@ use std::time::Instant;
 use kameo::prelude::*;
 use tokio::sync::{mpsc, oneshot};
 
-use super::checkpointer::{CheckpointerActor, List};
+use super::checkpointer::{CheckpointStatus, CheckpointerActor, List};
 use super::health::HealthBoard;
 use super::ingestor::{IngestStatus, IngestorActor, SetPaused};
 use super::metrics::{GetSnapshot, MetricsActor};
@@ -279,6 +279,16 @@ impl Dispatcher {
             Err(e) => unavailable(e.to_string()),
         };
         sections.push(("trainer".to_string(), trainer));
+        let ck = match self
+            .checkpointer
+            .ask(CheckpointStatus)
+            .reply_timeout(timeout)
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => unavailable(e.to_string()),
+        };
+        sections.push(("checkpoints".to_string(), ck));
         StatusReply {
             version: env!("CARGO_PKG_VERSION").to_string(),
             pid: std::process::id(),

@@ -122,7 +122,7 @@ impl HealthBoard {
         let mut map = self.children.lock().unwrap_or_else(|e| e.into_inner());
         let idx = map.len();
         map.insert(idx, h.clone());
-        metrics::counter!(names::ACTOR_RESTARTS_TOTAL, "actor" => name).absolute(0);
+        metrics::counter!(names::ACTOR_RESTARTS_TOTAL, "actor" => name).increment(0);
         h
     }
 

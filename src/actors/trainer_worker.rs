@@ -73,8 +73,11 @@ pub struct Ramp {
 /// Loop state that is saved in every checkpoint's manifest (`state`), for exact resume.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LoopState {
-    /// Highest replay sequence number already queued for training as new data.
+    /// Every new row with a sequence number up to `cursor` has been trained on.
     pub cursor: u64,
+    /// The next row, when some of its windows were already trained: (seq, windows done).
+    #[serde(default)]
+    pub partial: Option<(u64, usize)>,
     pub tokens_total: u64,
     pub availability: crate::model::availability::AvailabilityState,
     /// First sequence number of the "new" era of the control slice.
@@ -83,7 +86,8 @@ pub struct LoopState {
     /// Per layer and branch, steps in which the branch was active.
     pub select_counts: Vec<Vec<u64>>,
     pub steps_at_min_active: u64,
-    pub last_control: Option<(f64, f64)>,
+    /// Last control losses (old era, new era); `None` where an era had no rows.
+    pub last_control: (Option<f64>, Option<f64>),
 }
 
 pub struct WorkerArgs {
@@ -106,7 +110,10 @@ struct Worker {
     a: WorkerArgs,
     live: Option<Live>,
     paused: bool,
-    pending: VecDeque<Window>,
+    /// Windows of new rows not trained yet: (row seq, window index, window).
+    pending: VecDeque<(u64, usize, Window)>,
+    /// Highest row sequence number already turned into pending windows.
+    fetch_cursor: u64,
     last_seq: u64,
     training_rows: u64,
     ratios: VecDeque<f64>,
@@ -143,6 +150,7 @@ pub fn run(a: WorkerArgs) {
         live: None,
         paused: false,
         pending: VecDeque::new(),
+        fetch_cursor: 0,
         last_seq: 0,
         training_rows: 0,
         ratios: VecDeque::new(),
@@ -196,7 +204,7 @@ impl Worker {
             n::EXPANSION_EVENTS_TOTAL,
             n::ROLLBACKS_TOTAL,
         ] {
-            metrics::counter!(c).absolute(0);
+            metrics::counter!(c).increment(0);
         }
         for g in [
             n::ETA_INJECTION_LAST,
@@ -260,6 +268,7 @@ impl Worker {
             serde_json::from_value(c.manifest.state.clone()).map_err(|e| e.to_string())?;
         let avail = Availability::try_from(st.availability.clone()).map_err(|e| e.to_string())?;
         self.pending.clear();
+        self.fetch_cursor = st.cursor;
         self.live = Some(Live {
             tok,
             trainer,
@@ -332,13 +341,14 @@ impl Worker {
             trainer,
             st: LoopState {
                 cursor: 0,
+                partial: None,
                 tokens_total: 0,
                 availability: avail.clone().into(),
                 eval_boundary: 0,
                 ramps: Vec::new(),
                 select_counts: widths.iter().map(|&k| vec![0; k]).collect(),
                 steps_at_min_active: 0,
-                last_control: None,
+                last_control: (None, None),
             },
             avail,
             parent: None,
@@ -355,30 +365,61 @@ impl Worker {
         let t = live.trainer.step();
         let seed = step_seed(tc.seed, t);
         let b = tc.batch_size;
-        let rows = match ask_blocking(
-            &self.a.replay,
-            TrainRows {
-                cursor: live.st.cursor,
-                n_new: if self.pending.len() >= b { 0 } else { b },
-                n_replay: b,
-                seed,
-            },
-        ) {
-            Ok(r) => r,
-            Err(e) => {
-                self.last_event = format!("replay unavailable: {e}");
-                std::thread::sleep(Duration::from_millis(200));
-                return;
-            }
-        };
-        self.last_seq = rows.last_seq;
-        self.training_rows = rows.training_rows;
-        for r in &rows.new {
-            if let Ok(tk) = tokenize(&live.tok, &r.body) {
-                self.pending.extend(windows(&tk, tc.seq_len));
-            }
-            live.st.cursor = live.st.cursor.max(r.seq);
+        if tc.max_steps > 0 && t >= tc.max_steps {
+            self.last_event = format!("stopped at training.max_steps = {}", tc.max_steps);
+            std::thread::sleep(Duration::from_millis(200));
+            return;
         }
+        // Top the queue of new windows up to a batch (the same windows whatever the fetch
+        // history, so a resumed run trains exactly what a straight run would).
+        let mut first = true;
+        let mut replay_rows = Vec::new();
+        loop {
+            let want_new = if self.pending.len() >= b { 0 } else { b };
+            let rows = match ask_blocking(
+                &self.a.replay,
+                TrainRows {
+                    cursor: self.fetch_cursor,
+                    n_new: want_new,
+                    n_replay: if first { b } else { 0 },
+                    seed,
+                },
+            ) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.last_event = format!("replay unavailable: {e}");
+                    std::thread::sleep(Duration::from_millis(200));
+                    return;
+                }
+            };
+            if first {
+                replay_rows = rows.replay;
+                self.last_seq = rows.last_seq;
+                self.training_rows = rows.training_rows;
+                first = false;
+            }
+            for r in &rows.new {
+                if let Ok(tk) = tokenize(&live.tok, &r.body) {
+                    let skip = match live.st.partial {
+                        Some((seq, k)) if seq == r.seq => k,
+                        _ => 0,
+                    };
+                    for (i, w) in windows(&tk, tc.seq_len).into_iter().enumerate().skip(skip) {
+                        self.pending.push_back((r.seq, i, w));
+                    }
+                }
+                self.fetch_cursor = self.fetch_cursor.max(r.seq);
+            }
+            if self.pending.len() >= b || rows.new.len() < want_new || want_new == 0 {
+                break;
+            }
+        }
+        let rows = super::replay::TrainRowsReply {
+            new: Vec::new(),
+            replay: replay_rows,
+            training_rows: self.training_rows,
+            last_seq: self.last_seq,
+        };
         let history = rows.training_rows > 0 && !rows.replay.is_empty();
         let has_new = !self.pending.is_empty();
         if !has_new {
@@ -401,7 +442,17 @@ impl Worker {
             0
         };
         let n_new = (b - n_replay_target.min(b)).min(self.pending.len());
-        let new_ws: Vec<Window> = self.pending.drain(..n_new).collect();
+        let new_ws: Vec<Window> = self.pending.drain(..n_new).map(|(_, _, w)| w).collect();
+        match self.pending.front() {
+            None => {
+                live.st.cursor = self.fetch_cursor;
+                live.st.partial = None;
+            }
+            Some(&(seq, i, _)) => {
+                live.st.cursor = seq - 1;
+                live.st.partial = (i > 0).then_some((seq, i));
+            }
+        }
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
         let mut replay_ws = Vec::new();
         for r in rows.replay.iter() {
@@ -708,7 +759,8 @@ impl Worker {
         let mean = |(s, w): (f64, f64)| if w > 0.0 { Some(s / w) } else { None };
         let old = mean(by_era[0]);
         let new = mean(by_era[1]);
-        let (prev_old, prev_new) = live.st.last_control.unwrap_or((f64::NAN, f64::NAN));
+        let prev_old = live.st.last_control.0.unwrap_or(f64::NAN);
+        let prev_new = live.st.last_control.1.unwrap_or(f64::NAN);
         let cur_old = old.unwrap_or(prev_old);
         let cur_new = new.unwrap_or(prev_new);
         if cur_old.is_finite() {
@@ -749,7 +801,10 @@ impl Worker {
                 }
             }
         }
-        live.st.last_control = Some((cur_old, cur_new));
+        live.st.last_control = (
+            cur_old.is_finite().then_some(cur_old),
+            cur_new.is_finite().then_some(cur_new),
+        );
         live.st.eval_boundary = self.last_seq + 1;
         let step = live.trainer.step();
         tracing::info!(
@@ -785,7 +840,7 @@ impl Worker {
         m.widths = live.trainer.model().widths();
         m.config = serde_json::to_value(&self.a.cfg).unwrap_or_default();
         m.state = serde_json::to_value(&live.st).map_err(|e| e.to_string())?;
-        m.control_loss = live.st.last_control.map(|(o, _)| o as f32);
+        m.control_loss = live.st.last_control.0.map(|o| o as f32);
         let files = vec![
             (
                 "model.safetensors",
@@ -956,8 +1011,8 @@ impl Worker {
                 "params": l.trainer.model().num_params(),
                 "cursor": l.st.cursor,
                 "pending_windows": self.pending.len(),
-                "loss_control_old": l.st.last_control.map(|c| c.0),
-                "loss_control_new": l.st.last_control.map(|c| c.1),
+                "loss_control_old": l.st.last_control.0,
+                "loss_control_new": l.st.last_control.1,
                 "forced_off": l.avail.forced_off(),
                 "last_checkpoint": l.parent,
                 "last_event": self.last_event,
@@ -1132,6 +1187,24 @@ mod tests {
         let (l2, _, cos, _) = drift(&a, &b, 2);
         assert!((l2 - 0.5).abs() < 1e-12);
         assert!(cos > 0.0);
+    }
+
+    #[test]
+    fn loop_state_with_missing_eras_round_trips_through_json() {
+        let av = Availability::new(Default::default(), &[2], 1).unwrap();
+        let st = LoopState {
+            cursor: 3,
+            partial: Some((4, 1)),
+            tokens_total: 9,
+            availability: av.into(),
+            eval_boundary: 2,
+            ramps: Vec::new(),
+            select_counts: vec![vec![1, 2]],
+            steps_at_min_active: 0,
+            last_control: (None, Some(1.5)),
+        };
+        let back: LoopState = serde_json::from_value(serde_json::to_value(&st).unwrap()).unwrap();
+        assert_eq!(back, st);
     }
 
     #[test]

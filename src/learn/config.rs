@@ -19,6 +19,8 @@ pub struct TrainingConfig {
     pub idle_steps_per_min: u32,
     /// Seed of the model initialisation, masks and sampling.
     pub seed: u64,
+    /// Stop training (the daemon keeps running) once this many steps are done; 0 = never.
+    pub max_steps: u64,
 }
 
 impl Default for TrainingConfig {
@@ -29,6 +31,7 @@ impl Default for TrainingConfig {
             replay_share: 0.5,
             idle_steps_per_min: 60,
             seed: 42,
+            max_steps: 0,
         }
     }
 }

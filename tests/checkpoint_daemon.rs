@@ -1,0 +1,212 @@
+//! Checkpoints with the real daemon: bitwise-exact resume, corruption fallback, kill -9
+//! during checkpoint writes.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+fn config(max_steps: u64, every_steps: u64) -> String {
+    format!(
+        r#"
+[ingest]
+settle_ms = 50
+rescan_ms = 200
+[model]
+vocab_size = 300
+d_model = 32
+n_heads = 2
+n_layers = 2
+branches = 3
+max_seq_len = 16
+[optim]
+lr = 0.003
+warmup_steps = 5
+[availability]
+p = 0.75
+[tokenizer]
+bootstrap_rows = 100
+[training]
+batch_size = 4
+seq_len = 16
+idle_steps_per_min = 60000
+max_steps = {max_steps}
+[eval]
+every_steps = 7
+[replay]
+control_fraction = 0.1
+[checkpoints]
+every_steps = {every_steps}
+every_seconds = 0
+keep_last = 3
+keep_daily = 0
+"#
+    )
+}
+
+fn write_data(d: &Daemon) {
+    let mut s = String::from("prompt,response,source\n");
+    for i in 0..300u32 {
+        s.push_str(&format!("\"what is {i} times 3\",\"{}\",m\n", i * 3));
+    }
+    let tmp = d.path().join("d.tmp");
+    std::fs::write(&tmp, s).unwrap();
+    std::fs::rename(&tmp, d.path().join("inbox/d.csv")).unwrap();
+}
+
+fn trainer(d: &Daemon) -> Value {
+    let st = d.data("status", Value::Null);
+    st["sections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s[0] == "trainer")
+        .unwrap()[1]
+        .clone()
+}
+
+fn wait_step(d: &Daemon, n: u64) {
+    d.wait_for(Duration::from_secs(120), "step", || {
+        (trainer(d)["step"].as_u64() == Some(n)).then_some(())
+    });
+}
+
+fn latest_files(d: &Daemon) -> (Value, Vec<u8>, Vec<u8>) {
+    let root = d.path().join("checkpoints");
+    let id = std::fs::read_to_string(root.join("LATEST")).unwrap();
+    let dir = root.join(id.trim());
+    let m: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    (
+        m,
+        std::fs::read(dir.join("model.safetensors")).unwrap(),
+        std::fs::read(dir.join("optimizer.safetensors")).unwrap(),
+    )
+}
+
+fn stop(d: &mut Daemon) {
+    d.signal(libc::SIGTERM);
+    assert_eq!(
+        d.wait_exit(Duration::from_secs(60)).code(),
+        Some(0),
+        "{}",
+        d.log_text()
+    );
+}
+
+#[test]
+fn resume_is_bitwise_exact() {
+    // Straight: 40 steps.
+    let mut a = Daemon::start(&config(40, 1_000_000));
+    write_data(&a);
+    wait_step(&a, 40);
+    stop(&mut a);
+    let (ma, wa, oa) = latest_files(&a);
+    assert_eq!(ma["step"], 40);
+
+    // 20 steps, stop, start, 20 more.
+    let mut b = Daemon::start(&config(20, 1_000_000));
+    write_data(&b);
+    wait_step(&b, 20);
+    stop(&mut b);
+    let mut b = b.restart_with(&config(40, 1_000_000));
+    wait_step(&b, 40);
+    stop(&mut b);
+    let (mb, wb, ob) = latest_files(&b);
+    assert_eq!(mb["step"], 40);
+    assert!(wa == wb, "model weights differ after resume");
+    assert!(oa == ob, "optimizer state differs after resume");
+}
+
+#[test]
+fn corrupt_latest_falls_back_to_the_previous_checkpoint_and_is_reported() {
+    let mut d = Daemon::start(&config(30, 10));
+    write_data(&d);
+    wait_step(&d, 30);
+    stop(&mut d);
+    let (m, _, _) = latest_files(&d);
+    let root = d.path().join("checkpoints");
+    let bad = root
+        .join(m["id"].as_str().unwrap())
+        .join("model.safetensors");
+    let mut bytes = std::fs::read(&bad).unwrap();
+    let n = bytes.len();
+    bytes[n - 10] ^= 0xff;
+    std::fs::write(&bad, bytes).unwrap();
+
+    let d = d.restart_with(&config(30, 10));
+    let t = d.wait_for(Duration::from_secs(30), "resume", || {
+        let t = trainer(&d);
+        t["last_event"]
+            .as_str()?
+            .starts_with("resumed")
+            .then_some(t)
+    });
+    assert_eq!(
+        t["step"], 30,
+        "previous checkpoint (step 30 by every_steps) expected: {t}"
+    );
+    let st = d.data("status", Value::Null);
+    let ck = &st["sections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s[0] == "checkpoints")
+        .unwrap()[1];
+    let rejected = ck["rejected_at_start"].as_array().unwrap();
+    assert_eq!(rejected.len(), 1, "{ck}");
+    assert!(
+        rejected[0].as_str().unwrap().contains("model.safetensors"),
+        "{ck}"
+    );
+    let metrics = d.data("metrics", Value::Null);
+    assert_eq!(metrics["checkpoints_rejected_total"], 1);
+    assert!(d.log_text().contains("checkpoint_rejected"));
+}
+
+#[test]
+fn kill_9_during_checkpoint_writes_leaves_a_valid_checkpoint_and_no_tmp() {
+    let mut d = Daemon::start(&config(0, 1));
+    write_data(&d);
+    for delay_ms in [150u64, 230, 310] {
+        d.wait_for(Duration::from_secs(60), "checkpoints", || {
+            (trainer(&d)["step"].as_u64().unwrap_or(0) > 3).then_some(())
+        });
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        d.kill9();
+        // Restart with max_steps = 1: it resumes but writes no new checkpoint, so any
+        // `.tmp-` dir would be a leftover of the killed write.
+        d = d.restart_with(&config(1, 1_000_000));
+        let root = d.path().join("checkpoints");
+        let t = d.wait_for(Duration::from_secs(30), "resume", || {
+            let t = trainer(&d);
+            t["last_event"]
+                .as_str()?
+                .starts_with("resumed")
+                .then_some(t)
+        });
+        assert!(t["step"].as_u64().unwrap() > 0);
+        let tmp: Vec<_> = std::fs::read_dir(&root)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
+            .map(|e| e.file_name())
+            .collect();
+        assert!(tmp.is_empty(), "leftover tmp dirs: {tmp:?}");
+        let id = std::fs::read_to_string(root.join("LATEST")).unwrap();
+        let out = std::process::Command::new(BIN)
+            .args(["inspect", "checkpoint"])
+            .arg(root.join(id.trim()))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        d.kill9();
+        d = d.restart_with(&config(0, 1));
+    }
+}
