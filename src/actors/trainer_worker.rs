@@ -521,7 +521,7 @@ impl Worker {
             .checkpoints
             .is_due(step - last_step, last_time.elapsed().as_secs_f64())
         {
-            let _ = self.checkpoint(None);
+            let _ = self.checkpoint_with(None, true);
         }
     }
 
@@ -825,9 +825,18 @@ impl Worker {
         }))
     }
 
-    /// Takes a snapshot between steps and has the checkpointer write it. The trainer waits
-    /// for the write only when `wait` (tagged/manual checkpoints, shutdown, pre-expansion).
+    /// Takes a snapshot between steps and has the checkpointer write it, waiting for the
+    /// write (manual and tagged checkpoints, shutdown, pre-expansion).
     fn checkpoint(&mut self, tag: Option<String>) -> Result<serde_json::Value, String> {
+        self.checkpoint_with(tag, false)
+    }
+
+    /// `periodic`: the trainer does not wait for the write (it keeps training meanwhile).
+    fn checkpoint_with(
+        &mut self,
+        tag: Option<String>,
+        periodic: bool,
+    ) -> Result<serde_json::Value, String> {
         let live = self
             .live
             .as_mut()
@@ -857,7 +866,20 @@ impl Worker {
         ];
         let id = m.id.clone();
         self.last_ckpt = (t, Instant::now());
-        let mut r = ask_blocking(&self.a.checkpointer, Write(Snapshot { manifest: m, files }))?;
+        let snapshot = Write(Snapshot { manifest: m, files });
+        if periodic {
+            // Periodic: hand the snapshot over and keep training while it is written.
+            self.a
+                .checkpointer
+                .tell(snapshot)
+                .blocking_send()
+                .map_err(|e| e.to_string())?;
+            if let Some(live) = self.live.as_mut() {
+                live.parent = Some(id.clone());
+            }
+            return Ok(serde_json::json!({ "id": id, "step": t, "queued": true }));
+        }
+        let mut r = ask_blocking(&self.a.checkpointer, snapshot)?;
         r["probe_logits_blake3"] = serde_json::json!(self.probe_hash());
         if let Some(live) = self.live.as_mut() {
             live.parent = Some(id);
