@@ -19,6 +19,9 @@ pub struct CheckpointerArgs {
     pub root: PathBuf,
     pub cfg: CheckpointConfig,
     pub health: Arc<ChildHealth>,
+    /// Where the checkpoints line of `ctl status` is published (read without asking the
+    /// actor, which may be busy writing).
+    pub status: Arc<tokio::sync::watch::Sender<serde_json::Value>>,
 }
 
 pub struct CheckpointerActor {
@@ -47,12 +50,14 @@ impl Actor for CheckpointerActor {
         metrics::counter!(names::CHECKPOINTS_REJECTED_TOTAL).increment(0);
         metrics::gauge!(names::CHECKPOINT_WRITE_SECONDS).set(0.0);
         metrics::gauge!(names::CHECKPOINT_BYTES).set(0.0);
-        Ok(Self {
+        let me = Self {
             args,
             rejected: Vec::new(),
             last_written: None,
             last_error: None,
-        })
+        };
+        me.publish();
+        Ok(me)
     }
 
     async fn on_stop(
@@ -101,6 +106,7 @@ impl Message<Write> for CheckpointerActor {
                 self.retain();
                 self.last_written = Some(info.id.clone());
                 self.last_error = None;
+                self.publish();
                 Ok(serde_json::json!({
                     "id": info.id,
                     "step": s.manifest.step,
@@ -118,6 +124,7 @@ impl Message<Write> for CheckpointerActor {
                     "checkpoint write failed; previous checkpoints are intact, will retry at the next trigger"
                 );
                 self.last_error = Some(e.to_string());
+                self.publish();
                 Err(e.to_string())
             }
         }
@@ -125,6 +132,15 @@ impl Message<Write> for CheckpointerActor {
 }
 
 impl CheckpointerActor {
+    fn publish(&self) {
+        let _ = self.args.status.send(serde_json::json!({
+            "latest": checkpoint::read_latest(&self.args.root).ok().flatten(),
+            "last_written": self.last_written,
+            "last_error": self.last_error,
+            "rejected_at_start": self.rejected,
+        }));
+    }
+
     fn retain(&self) {
         let root = &self.args.root;
         let Ok(list) = checkpoint::list(root) else {
@@ -173,27 +189,9 @@ impl Message<Load> for CheckpointerActor {
 
     async fn handle(&mut self, Load(t): Load, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
         let root = self.args.root.clone();
-        tokio::task::block_in_place(|| load(&root, t, &mut self.rejected))
-    }
-}
-
-/// The checkpoints line of `ctl status`.
-pub struct CheckpointStatus;
-
-impl Message<CheckpointStatus> for CheckpointerActor {
-    type Reply = Result<serde_json::Value, kameo::error::Infallible>;
-
-    async fn handle(
-        &mut self,
-        _: CheckpointStatus,
-        _: &mut Context<Self, Self::Reply>,
-    ) -> Self::Reply {
-        Ok(serde_json::json!({
-            "latest": checkpoint::read_latest(&self.args.root).ok().flatten(),
-            "last_written": self.last_written,
-            "last_error": self.last_error,
-            "rejected_at_start": self.rejected,
-        }))
+        let r = tokio::task::block_in_place(|| load(&root, t, &mut self.rejected));
+        self.publish();
+        r
     }
 }
 

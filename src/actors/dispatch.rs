@@ -6,7 +6,7 @@ use std::time::Instant;
 use kameo::prelude::*;
 use tokio::sync::{mpsc, oneshot};
 
-use super::checkpointer::{CheckpointStatus, CheckpointerActor, List};
+use super::checkpointer::{CheckpointerActor, List};
 use super::health::HealthBoard;
 use super::ingestor::{IngestStatus, IngestorActor, SetPaused};
 use super::metrics::{GetSnapshot, MetricsActor};
@@ -33,6 +33,7 @@ pub struct Dispatcher {
     pub ingestor: ActorRef<IngestorActor>,
     pub trainer: ActorRef<TrainerActor>,
     pub checkpointer: ActorRef<CheckpointerActor>,
+    pub checkpoint_status: tokio::sync::watch::Receiver<serde_json::Value>,
     pub stop: mpsc::Sender<StopRequest>,
     #[cfg(feature = "fault-injection")]
     pub crash_targets: Vec<(&'static str, Recipient<super::Crash>)>,
@@ -279,15 +280,7 @@ impl Dispatcher {
             Err(e) => unavailable(e.to_string()),
         };
         sections.push(("trainer".to_string(), trainer));
-        let ck = match self
-            .checkpointer
-            .ask(CheckpointStatus)
-            .reply_timeout(timeout)
-            .await
-        {
-            Ok(v) => v,
-            Err(e) => unavailable(e.to_string()),
-        };
+        let ck = self.checkpoint_status.borrow().clone();
         sections.push(("checkpoints".to_string(), ck));
         StatusReply {
             version: env!("CARGO_PKG_VERSION").to_string(),

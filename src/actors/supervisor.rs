@@ -156,12 +156,14 @@ impl Actor for Root {
         .await;
         names.insert(ingestor.id(), "ingestor");
 
+        let (ck_tx, ck_rx) = tokio::sync::watch::channel(serde_json::json!({"state": "starting"}));
         let checkpointer = CheckpointerActor::supervise(
             &me,
             CheckpointerArgs {
                 root: args.cfg.paths.checkpoints.clone(),
                 cfg: args.cfg.checkpoints.clone(),
                 health: args.board.register("checkpointer", d),
+                status: std::sync::Arc::new(ck_tx),
             },
         )
         .restart_policy(RestartPolicy::Transient)
@@ -203,6 +205,7 @@ impl Actor for Root {
             ingestor: ingestor.clone(),
             trainer: trainer.clone(),
             checkpointer: checkpointer.clone(),
+            checkpoint_status: ck_rx,
             stop: args.stop_tx.clone(),
             #[cfg(feature = "fault-injection")]
             crash_targets,
