@@ -191,7 +191,11 @@ pub fn run(a: WorkerArgs) {
                 if w.handle(cmd) {
                     return;
                 }
-                continue;
+                // Commands queued behind it go first, but a steady stream of them (an
+                // operator polling `ctl governor`) must not starve the tokenizer bootstrap.
+                if w.live.is_some() {
+                    continue;
+                }
             }
             Err(RecvTimeoutError::Disconnected) => return,
             Err(RecvTimeoutError::Timeout) => {}
@@ -504,14 +508,13 @@ impl Worker {
         // A governor rollback may have moved the step back.
         let step = self.live.as_ref().expect("live").trainer.step();
         let (last_step, last_time) = self.last_ckpt;
-        if cfg
-            .checkpoints
-            .is_due(step.saturating_sub(last_step), last_time.elapsed().as_secs_f64())
-        {
+        if cfg.checkpoints.is_due(
+            step.saturating_sub(last_step),
+            last_time.elapsed().as_secs_f64(),
+        ) {
             let _ = self.checkpoint(None);
         }
     }
-
 }
 
 /// Exponential moving average: `x` alone when there is no finite previous value.
@@ -1226,8 +1229,11 @@ impl Worker {
     /// Restores checkpoint `target` (id, tag or `previous`): weights, optimizer, widths,
     /// loop state and step exactly; replay data stays.
     fn restore_named(&mut self, target: &str) -> Result<serde_json::Value, String> {
-        let loaded = ask_blocking(&self.a.checkpointer, Load(Target::Named(target.to_string())))?
-            .ok_or_else(|| format!("no checkpoint `{target}`"))?;
+        let loaded = ask_blocking(
+            &self.a.checkpointer,
+            Load(Target::Named(target.to_string())),
+        )?
+        .ok_or_else(|| format!("no checkpoint `{target}`"))?;
         let id = loaded.manifest.id.clone();
         let step = loaded.manifest.step;
         self.restore(loaded)?;
@@ -1307,7 +1313,8 @@ impl Worker {
         let was_ramp = phase(&live.st.governor) == Some(Phase::Ramp);
         let inputs = governor_inputs(live, eval);
         let d = policy::decide(&mut live.st.governor, &inputs, &cfg);
-        let ramp_done = was_ramp && matches!(phase(&live.st.governor), Some(Phase::Probation { .. }));
+        let ramp_done =
+            was_ramp && matches!(phase(&live.st.governor), Some(Phase::Probation { .. }));
         let outcome = match &d {
             Decision::None { .. } if eval.is_none() => return,
             Decision::None { .. } | Decision::Keep { .. } => None,
@@ -1318,10 +1325,15 @@ impl Worker {
                 beta,
                 ramp_steps,
                 ..
-            } => Some(self.expand(*layer, *branches, *beta, *ramp_steps, AUTO_EXPAND_NOISE, false)),
-            Decision::Rollback { checkpoint_id, .. } => {
-                Some(self.governor_rollback(checkpoint_id))
-            }
+            } => Some(self.expand(
+                *layer,
+                *branches,
+                *beta,
+                *ramp_steps,
+                AUTO_EXPAND_NOISE,
+                false,
+            )),
+            Decision::Rollback { checkpoint_id, .. } => Some(self.governor_rollback(checkpoint_id)),
         };
         self.record_decision(&d, outcome, ramp_done);
     }
@@ -1487,7 +1499,8 @@ impl Worker {
             v["eta_now"] = serde_json::json!(etas.get(e.layer));
             v["eta_scheduled"] = serde_json::json!(e.eta_at(step));
             if let Phase::Probation { since } = e.phase {
-                v["judged_at_first_eval_from_step"] = serde_json::json!(since + cfg.probation_steps);
+                v["judged_at_first_eval_from_step"] =
+                    serde_json::json!(since + cfg.probation_steps);
             }
             v
         });
