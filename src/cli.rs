@@ -139,6 +139,8 @@ pub enum CtlCommand {
     Eval,
     /// Per-layer table: alpha, energies, starvation, effective paths, participation.
     Diagnostics,
+    /// The expansion governor: expansion in progress, cool-downs, back-offs, recent decisions.
+    Governor,
     /// Generate text from a prompt, streamed as it is produced.
     Generate {
         #[arg(long)]
@@ -154,16 +156,19 @@ pub enum CtlCommand {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
-    /// Add branches to a layer (pre-expand checkpoint, eta ramps from 0 to beta).
+    /// Add branches to a layer (pre-expand checkpoint, eta ramps from 0 to beta, then the
+    /// governor's probation keeps it or rolls it back).
     Expand {
         #[arg(long)]
         layer: usize,
         #[arg(long)]
         branches: usize,
-        #[arg(long, default_value_t = 0.1)]
-        beta: f64,
-        #[arg(long, default_value_t = 100)]
-        ramp_steps: u64,
+        /// Injection rate the new branches reach (default: governor.beta).
+        #[arg(long)]
+        beta: Option<f64>,
+        /// Steps of the linear eta ramp (default: governor.ramp_steps).
+        #[arg(long)]
+        ramp_steps: Option<u64>,
         /// Standard deviation of the noise added to the copied weights.
         #[arg(long, default_value_t = 1e-3)]
         noise: f64,

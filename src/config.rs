@@ -267,6 +267,7 @@ pub struct Config {
     pub training: crate::learn::TrainingConfig,
     pub eval: crate::learn::EvalConfig,
     pub checkpoints: crate::checkpoint::CheckpointConfig,
+    pub governor: crate::govern::policy::GovernorConfig,
 }
 
 /// Maps a module's `validate() -> Result<(), String>` (whose message names the field) to a
@@ -330,7 +331,8 @@ impl Config {
         section("tokenizer", self.tokenizer.validate())?;
         section("training", self.training.validate(self.model.max_seq_len))?;
         section("eval", self.eval.validate())?;
-        section("checkpoints", self.checkpoints.validate())
+        section("checkpoints", self.checkpoints.validate())?;
+        section("governor", self.governor.validate())
     }
 
     /// Resolves every relative path against `data_dir`.

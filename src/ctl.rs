@@ -29,6 +29,7 @@ fn request(cmd: &CtlCommand) -> (&'static str, serde_json::Value) {
         }
         CtlCommand::Eval => ("eval", serde_json::Value::Null),
         CtlCommand::Diagnostics => ("diagnostics", serde_json::Value::Null),
+        CtlCommand::Governor => ("governor", serde_json::Value::Null),
         CtlCommand::Generate {
             prompt,
             max_tokens,
@@ -119,6 +120,7 @@ fn human(cmd: &CtlCommand, data: &serde_json::Value) -> String {
         | CtlCommand::Mask { .. }
         | CtlCommand::Unmask { .. }
         | CtlCommand::Eval
+        | CtlCommand::Governor
         | CtlCommand::Generate { .. }
         | CtlCommand::Expand { .. }
         | CtlCommand::Checkpoint { .. }

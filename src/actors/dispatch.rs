@@ -58,6 +58,7 @@ pub const COMMANDS: &[&str] = &[
     "checkpoint",
     "checkpoints",
     "rollback",
+    "governor",
 ];
 
 type Reply = oneshot::Sender<Result<serde_json::Value, String>>;
@@ -130,6 +131,7 @@ impl Dispatcher {
             }
             "eval" => self.trainer_cmd(id, Cmd::Eval).await,
             "diagnostics" => self.trainer_cmd(id, Cmd::Diagnostics).await,
+            "governor" => self.trainer_cmd(id, Cmd::Governor).await,
             "checkpoint" => {
                 let tag = req
                     .args
@@ -151,9 +153,9 @@ impl Dispatcher {
                 let a = &req.args;
                 match (arg_usize(a, "layer"), arg_usize(a, "branches")) {
                     (Ok(layer), Ok(branches)) => {
-                        let beta = a.get("beta").and_then(|v| v.as_f64()).unwrap_or(0.1) as f32;
-                        let ramp_steps =
-                            a.get("ramp_steps").and_then(|v| v.as_u64()).unwrap_or(100);
+                        // Absent: the governor's `beta` / `ramp_steps`.
+                        let beta = a.get("beta").and_then(|v| v.as_f64()).map(|b| b as f32);
+                        let ramp_steps = a.get("ramp_steps").and_then(|v| v.as_u64());
                         let noise = a.get("noise").and_then(|v| v.as_f64()).unwrap_or(1e-3) as f32;
                         self.trainer_cmd(id, |reply| Cmd::Expand {
                             layer,

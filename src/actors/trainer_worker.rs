@@ -17,6 +17,9 @@ use super::replay::{ControlRows, FirstRows, ReplayActor, TrainRows};
 use crate::checkpoint::{LoadedCheckpoint, Manifest};
 use crate::config::Config;
 use crate::govern::diagnostics::{layer_diagnostics, stats};
+use crate::govern::policy::{
+    self, Decision, EvalPoint, ExpansionStart, GovernorInputs, GovernorState, LayerInput, Phase,
+};
 use crate::learn::batch::{Window, assemble, tokenize, windows};
 use crate::model::generate::GenerateConfig;
 use crate::model::{Masks, Model, Trainer, availability::Availability};
@@ -43,14 +46,17 @@ pub enum Cmd {
         chunks: mpsc::Sender<String>,
         reply: oneshot::Sender<Result<serde_json::Value, String>>,
     },
+    /// Manual expansion; `beta` / `ramp_steps` default to `governor.beta` / `.ramp_steps`.
     Expand {
         layer: usize,
         branches: usize,
-        beta: f32,
-        ramp_steps: u64,
+        beta: Option<f32>,
+        ramp_steps: Option<u64>,
         noise: f32,
         reply: oneshot::Sender<Result<serde_json::Value, String>>,
     },
+    /// The governor's state, recent decisions and actions.
+    Governor(oneshot::Sender<Result<serde_json::Value, String>>),
     Checkpoint(
         Option<String>,
         oneshot::Sender<Result<serde_json::Value, String>>,
@@ -60,15 +66,14 @@ pub enum Cmd {
     Stop(oneshot::Sender<Result<serde_json::Value, String>>),
 }
 
-/// An expansion whose `η` is still ramping.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Ramp {
-    pub layer: usize,
-    pub first_new: usize,
-    pub beta: f32,
-    pub start_step: u64,
-    pub ramp_steps: u64,
-}
+/// Decay per step of the training-loss EMA fed to the governor (horizon about 20 steps).
+const TRAIN_LOSS_EMA_DECAY: f64 = 0.95;
+/// Decay per step of the per-layer `effective_num_paths` EMA fed to the governor.
+const EFF_PATHS_EMA_DECAY: f64 = 0.95;
+/// Noise standard deviation of the copied weights in automatic expansions (as `ctl expand`).
+const AUTO_EXPAND_NOISE: f32 = 1e-3;
+/// Most governor actions (expansions, keeps, rollbacks with their outcomes) kept for `ctl governor`.
+const ACTIONS_CAP: usize = 32;
 
 /// Loop state that is saved in every checkpoint's manifest (`state`), for exact resume.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -82,12 +87,22 @@ pub struct LoopState {
     pub availability: crate::model::availability::AvailabilityState,
     /// First sequence number of the "new" era of the control slice.
     pub eval_boundary: u64,
-    pub ramps: Vec<Ramp>,
     /// Per layer and branch, steps in which the branch was active.
     pub select_counts: Vec<Vec<u64>>,
     pub steps_at_min_active: u64,
     /// Last control losses (old era, new era); `None` where an era had no rows.
     pub last_control: (Option<f64>, Option<f64>),
+    /// The expansion governor's memory: the expansion in ramp or probation (its `η` ramp is
+    /// the only one applied), cool-downs, back-offs, recent decisions. After a governor
+    /// rollback the live copy is kept, not this checkpoint's (it holds the back-off).
+    #[serde(default)]
+    pub governor: GovernorState,
+    /// EMA of the training loss (a governor input).
+    #[serde(default)]
+    pub train_loss_ema: Option<f64>,
+    /// Per layer, EMA of `effective_num_paths` (a governor input).
+    #[serde(default)]
+    pub eff_paths_ema: Vec<Option<f64>>,
 }
 
 pub struct WorkerArgs {
@@ -127,6 +142,8 @@ struct Worker {
     probe: Option<crate::model::Batch>,
     pre_expand_logits: Option<Vec<f32>>,
     last_diag: Vec<serde_json::Value>,
+    /// Recent governor actions and manual expansions with their outcomes (not checkpointed).
+    gov_actions: VecDeque<serde_json::Value>,
 }
 
 fn ask_blocking<A, M>(r: &ActorRef<A>, m: M) -> Result<<A::Reply as Reply>::Ok, String>
@@ -164,6 +181,7 @@ pub fn run(a: WorkerArgs) {
         probe: None,
         pre_expand_logits: None,
         last_diag: Vec::new(),
+        gov_actions: VecDeque::new(),
     };
     w.init_metrics();
     if let Err(e) = w.resume() {
@@ -181,7 +199,11 @@ pub fn run(a: WorkerArgs) {
                 if w.handle(cmd) {
                     return;
                 }
-                continue;
+                // Commands queued behind it go first, but a steady stream of them (an
+                // operator polling `ctl governor`) must not starve the tokenizer bootstrap.
+                if w.live.is_some() {
+                    continue;
+                }
             }
             Err(RecvTimeoutError::Disconnected) => return,
             Err(RecvTimeoutError::Timeout) => {}
@@ -206,6 +228,10 @@ impl Worker {
         ] {
             metrics::counter!(c).increment(0);
         }
+        for d in ["none", "expand", "set_eta", "keep", "rollback"] {
+            metrics::counter!(n::GOVERNOR_DECISIONS_TOTAL, "decision" => d).absolute(0);
+        }
+        metrics::gauge!(n::GOVERNOR_EXPANSION_IN_PROGRESS).set(0.0);
         for g in [
             n::ETA_INJECTION_LAST,
             n::SUM_W_NEW_LAST,
@@ -345,10 +371,12 @@ impl Worker {
                 tokens_total: 0,
                 availability: avail.clone().into(),
                 eval_boundary: 0,
-                ramps: Vec::new(),
                 select_counts: widths.iter().map(|&k| vec![0; k]).collect(),
                 steps_at_min_active: 0,
                 last_control: (None, None),
+                governor: GovernorState::default(),
+                train_loss_ema: None,
+                eff_paths_ema: Vec::new(),
             },
             avail,
             parent: None,
@@ -473,7 +501,8 @@ impl Worker {
             return;
         }
         let batch = assemble(&all, tc.seq_len, live.tok.eot_id());
-        self.apply_ramps();
+        // The governor's η ramp of an expansion in progress (no-op otherwise).
+        self.govern(None);
         let live = self.live.as_mut().expect("live");
         let masks = live.avail.draw();
         let scales = live.avail.scales(cfg.optim.max_scale);
@@ -491,6 +520,13 @@ impl Worker {
         live.st.tokens_total += report.loss_tokens as u64;
         self.tok_rate = report.tokens as f64 / secs.max(1e-9);
         self.last_loss = Some(report.loss);
+        if report.loss.is_finite() {
+            live.st.train_loss_ema = Some(ema(
+                live.st.train_loss_ema,
+                report.loss as f64,
+                TRAIN_LOSS_EMA_DECAY,
+            ));
+        }
         if self.probe.is_none() {
             self.probe = Some(batch.clone());
         }
@@ -514,51 +550,79 @@ impl Worker {
         let live = self.live.as_ref().expect("live");
         let step = live.trainer.step();
         if step % cfg.eval.every_steps == 0 {
-            let _ = self.evaluate();
+            // Scheduled evaluations (evenly spaced, unlike `ctl eval`) feed the governor.
+            if let Ok(v) = self.evaluate() {
+                let e = self.eval_point(&v);
+                self.govern(e);
+            }
         }
+        // A governor rollback may have moved the step back.
+        let step = self.live.as_ref().expect("live").trainer.step();
         let (last_step, last_time) = self.last_ckpt;
-        if cfg
-            .checkpoints
-            .is_due(step - last_step, last_time.elapsed().as_secs_f64())
-        {
+        if cfg.checkpoints.is_due(
+            step.saturating_sub(last_step),
+            last_time.elapsed().as_secs_f64(),
+        ) {
             let _ = self.checkpoint_with(None, true);
         }
     }
+}
 
-    fn apply_ramps(&mut self) {
-        let live = self.live.as_mut().expect("live");
-        let t = live.trainer.step();
-        let mut done = Vec::new();
-        for (i, r) in live.st.ramps.iter().enumerate() {
-            let frac = if r.ramp_steps == 0 {
-                1.0
-            } else {
-                ((t.saturating_sub(r.start_step)) as f32 / r.ramp_steps as f32).min(1.0)
-            };
-            let eta = r.beta * frac;
-            if live.trainer.set_eta(r.layer, eta).is_ok() {
-                metrics::gauge!(n::ETA_INJECTION_LAST).set(eta as f64);
-                let alphas = live.trainer.model().alphas(r.layer);
-                let sum_new: f32 = alphas[r.first_new..].iter().sum();
-                metrics::gauge!(n::SUM_W_NEW_LAST).set(sum_new as f64);
-            }
-            if frac >= 1.0 {
-                done.push(i);
-            }
-        }
-        if !done.is_empty() {
-            for i in done.into_iter().rev() {
-                live.st.ramps.remove(i);
-            }
-            if let Some(probe) = &self.probe {
-                let all_on = live.trainer.model().all_active();
-                if let Ok(after) = live.trainer.logits(probe, &all_on)
-                    && let Some(before) = &self.pre_expand_logits
-                {
-                    publish_drift(before, &after, live.trainer.model().config.vocab_size);
-                }
-            }
-        }
+/// Exponential moving average: `x` alone when there is no finite previous value.
+fn ema(prev: Option<f64>, x: f64, decay: f64) -> f64 {
+    match prev {
+        Some(p) if p.is_finite() => decay * p + (1.0 - decay) * x,
+        _ => x,
+    }
+}
+
+/// Parameters one more branch of width `d` adds: its block tensors and its aggregation logit.
+pub fn branch_params(d: usize) -> u64 {
+    (0..crate::model::params::BRANCH_TENSORS.len())
+        .map(|i| {
+            crate::model::params::branch_shape(i, d)
+                .iter()
+                .product::<usize>() as u64
+        })
+        .sum::<u64>()
+        + 1
+}
+
+/// What the governor sees of the model now (`eval`: a fresh scheduled evaluation).
+fn governor_inputs(live: &Live, eval: Option<EvalPoint>) -> GovernorInputs {
+    let model = live.trainer.model();
+    let per_branch = branch_params(model.config.d_model);
+    GovernorInputs {
+        step: live.trainer.step(),
+        eval,
+        layers: model
+            .widths()
+            .iter()
+            .enumerate()
+            .map(|(l, &k)| LayerInput {
+                branches: k,
+                effective_paths: live
+                    .st
+                    .eff_paths_ema
+                    .get(l)
+                    .copied()
+                    .flatten()
+                    .unwrap_or(f64::NAN),
+                branch_params: per_branch,
+            })
+            .collect(),
+        params: model.num_params() as u64,
+    }
+}
+
+/// The `decision` label of a governor decision.
+fn decision_kind(d: &Decision) -> &'static str {
+    match d {
+        Decision::None { .. } => "none",
+        Decision::Expand { .. } => "expand",
+        Decision::SetEta { .. } => "set_eta",
+        Decision::Keep { .. } => "keep",
+        Decision::Rollback { .. } => "rollback",
     }
 }
 
@@ -674,6 +738,13 @@ impl Worker {
             let Ok(d) = layer_diagnostics(&e, &cos, &r.computed[l], counts) else {
                 continue;
             };
+            if d.effective_num_paths.is_finite() {
+                let emas = &mut live.st.eff_paths_ema;
+                if emas.len() <= l {
+                    emas.resize(l + 1, None);
+                }
+                emas[l] = Some(ema(emas[l], d.effective_num_paths, EFF_PATHS_EMA_DECAY));
+            }
             let lab = l.to_string();
             let mut dj = serde_json::to_value(&d).unwrap_or_default();
             dj["energy"] = serde_json::json!(e);
@@ -996,7 +1067,13 @@ impl Worker {
                 noise,
                 reply,
             } => {
-                let _ = reply.send(self.expand(layer, branches, beta, ramp_steps, noise));
+                let g = &self.a.cfg.governor;
+                let beta = beta.map_or(g.beta, f64::from);
+                let ramp_steps = ramp_steps.unwrap_or(g.ramp_steps);
+                let _ = reply.send(self.expand(layer, branches, beta, ramp_steps, noise, true));
+            }
+            Cmd::Governor(reply) => {
+                let _ = reply.send(self.governor_report());
             }
             Cmd::Checkpoint(tag, reply) => {
                 let _ = reply.send(self.checkpoint(tag));
@@ -1036,6 +1113,8 @@ impl Worker {
                 "loss_control_old": l.st.last_control.0,
                 "loss_control_new": l.st.last_control.1,
                 "forced_off": l.avail.forced_off(),
+                "governor_expansion": l.st.governor.in_progress.as_ref()
+                    .map(|e| serde_json::json!({"layer": e.layer, "branches": e.branches, "phase": e.phase, "manual": e.manual})),
                 "last_checkpoint": l.parent,
                 "last_event": self.last_event,
             }),
@@ -1097,26 +1176,46 @@ impl Worker {
         Ok(serde_json::json!({"tokens": out.len(), "text": text}))
     }
 
+    /// Widens `layer` by `branches`: a fresh baseline eval (manual expansions), the
+    /// pre-expansion checkpoint, the expansion at `η = 0` with a bitwise check, then
+    /// registration with the governor, whose ramp (`β` over `ramp_steps`) and probation apply.
     fn expand(
         &mut self,
         layer: usize,
         branches: usize,
-        beta: f32,
+        beta: f64,
         ramp_steps: u64,
         noise: f32,
+        manual: bool,
     ) -> Result<serde_json::Value, String> {
-        if self.live.is_none() {
-            return Err("the model does not exist yet (waiting for the tokenizer)".into());
-        }
+        let gcfg = self.a.cfg.governor.clone();
+        let live = self
+            .live
+            .as_ref()
+            .ok_or("the model does not exist yet (waiting for the tokenizer)")?;
         if !(0.0..=1.0).contains(&beta) {
             return Err(format!("beta = {beta}: must be in 0 ..= 1"));
         }
-        let pre = self.checkpoint(Some("pre-expand".into()))?;
-        let live = self.live.as_mut().expect("live");
-        let probe = match &self.probe {
-            Some(p) => p.clone(),
-            None => return Err("no probe batch yet: let the trainer take one step first".into()),
+        if self.probe.is_none() {
+            return Err("no probe batch yet: let the trainer take one step first".into());
+        }
+        // Budgets and "one expansion at a time" (cool-downs bind automatic expansions only).
+        live.st
+            .governor
+            .check_manual(layer, branches, &governor_inputs(live, None), &gcfg)
+            .map_err(|e| e.to_string())?;
+        // The outcome is judged against an eval at the expansion step; an automatic
+        // expansion was decided at one (the governor's latest).
+        // (Without a control slice: the governor's latest eval.)
+        let baseline = if manual {
+            self.evaluate().ok().and_then(|v| self.eval_point(&v))
+        } else {
+            None
         };
+        let pre = self.checkpoint(Some("pre-expand".into()))?;
+        let pre_id = pre["id"].as_str().unwrap_or_default().to_string();
+        let live = self.live.as_mut().expect("live");
+        let probe = self.probe.clone().expect("checked above");
         let all_on = live.trainer.model().all_active();
         let before = live
             .trainer
@@ -1141,17 +1240,32 @@ impl Worker {
                 .all(|(a, b)| a.to_bits() == b.to_bits());
         let v = live.trainer.model().config.vocab_size;
         let drift0 = publish_drift(&before, &after, v);
-        live.st.ramps.push(Ramp {
-            layer,
-            first_new: rep.first_new,
-            beta,
-            start_step: live.trainer.step(),
-            ramp_steps,
-        });
+        let step = live.trainer.step();
+        live.st
+            .governor
+            .register_expansion(
+                ExpansionStart {
+                    layer,
+                    branches,
+                    step,
+                    checkpoint_id: pre_id.clone(),
+                    manual,
+                    baseline,
+                },
+                &gcfg,
+            )
+            .map_err(|e| e.to_string())?;
+        // The operator's β and ramp length (automatic: the config's, already set).
+        if let Some(e) = live.st.governor.in_progress.as_mut() {
+            e.beta = beta;
+            e.ramp_steps = ramp_steps;
+        }
+        let expansion = serde_json::to_value(&live.st.governor.in_progress).unwrap_or_default();
         self.pre_expand_logits = Some(before);
         metrics::counter!(n::EXPANSION_EVENTS_TOTAL).increment(1);
         metrics::gauge!(n::ETA_INJECTION_LAST).set(0.0);
         metrics::gauge!(n::SUM_W_NEW_LAST).set(0.0);
+        metrics::gauge!(n::GOVERNOR_EXPANSION_IN_PROGRESS).set(1.0);
         tracing::info!(
             event = events::EXPANSION,
             actor = "trainer",
@@ -1160,29 +1274,48 @@ impl Worker {
             width = rep.width,
             beta,
             ramp_steps,
+            manual,
             bitwise_equal
         );
         self.last_event = format!("layer {layer} expanded to {} branches", rep.width);
-        Ok(serde_json::json!({
+        let reply = serde_json::json!({
+            "step": step,
             "layer": layer,
             "width": rep.width,
             "sources": rep.sources,
-            "pre_expand_checkpoint": pre["id"],
+            "manual": manual,
+            "beta": beta,
+            "ramp_steps": ramp_steps,
+            "pre_expand_checkpoint": pre_id,
+            "pre_expand_probe_logits_blake3": pre["probe_logits_blake3"],
             "logits_bitwise_equal_at_eta0": bitwise_equal,
             "drift_at_eta0": drift0,
             "widths": widths,
-        }))
+            "governor_expansion": expansion,
+        });
+        if manual {
+            self.push_action(serde_json::json!({
+                "step": step,
+                "action": "manual_expand",
+                "outcome": reply,
+            }));
+        }
+        Ok(reply)
     }
 
-    fn rollback(&mut self, target: String) -> Result<serde_json::Value, String> {
-        let loaded = ask_blocking(&self.a.checkpointer, Load(Target::Named(target.clone())))?
-            .ok_or_else(|| format!("no checkpoint `{target}`"))?;
+    /// Restores checkpoint `target` (id, tag or `previous`): weights, optimizer, widths,
+    /// loop state and step exactly; replay data stays.
+    fn restore_named(&mut self, target: &str) -> Result<serde_json::Value, String> {
+        let loaded = ask_blocking(
+            &self.a.checkpointer,
+            Load(Target::Named(target.to_string())),
+        )?
+        .ok_or_else(|| format!("no checkpoint `{target}`"))?;
         let id = loaded.manifest.id.clone();
         let step = loaded.manifest.step;
         self.restore(loaded)?;
         self.pre_expand_logits = None;
         metrics::counter!(n::ROLLBACKS_TOTAL).increment(1);
-        tracing::info!(event = events::ROLLBACK, actor = "trainer", id = %id, step);
         self.last_event = format!("rolled back to {id}");
         let probe_logits = self.probe_hash();
         let live = self.live.as_mut().expect("restored");
@@ -1191,6 +1324,278 @@ impl Worker {
             "step": step,
             "widths": live.trainer.model().widths(),
             "probe_logits_blake3": probe_logits,
+        }))
+    }
+
+    /// The operator's rollback. The governor keeps its live memory (cool-downs, back-offs,
+    /// decisions); an expansion in progress is aborted unless the restored checkpoint was
+    /// itself taken during one (its widths include the new branches, so that one goes on).
+    fn rollback(&mut self, target: String) -> Result<serde_json::Value, String> {
+        let live_gov = self.live.as_ref().map(|l| l.st.governor.clone());
+        let mut r = self.restore_named(&target)?;
+        let live = self.live.as_mut().expect("restored");
+        if let Some(mut g) = live_gov {
+            let restored = std::mem::take(&mut live.st.governor);
+            let aborted = g.abort_expansion();
+            if let Some(e) = restored.in_progress {
+                g.in_progress = Some(e);
+                g.history = restored.history;
+            }
+            r["governor_aborted_expansion"] = serde_json::to_value(&aborted).unwrap_or_default();
+            r["governor_expansion"] = serde_json::to_value(&g.in_progress).unwrap_or_default();
+            metrics::gauge!(n::GOVERNOR_EXPANSION_IN_PROGRESS)
+                .set(g.in_progress.is_some() as u8 as f64);
+            live.st.governor = g;
+        }
+        tracing::info!(event = events::ROLLBACK, actor = "trainer", id = %r["id"].as_str().unwrap_or_default(),
+            step = r["step"].as_u64().unwrap_or(0), manual = true,
+            aborted_expansion = !r["governor_aborted_expansion"].is_null());
+        if !r["governor_aborted_expansion"].is_null() {
+            self.push_action(serde_json::json!({
+                "step": r["step"],
+                "action": "expansion_aborted_by_manual_rollback",
+                "outcome": r.clone(),
+            }));
+        }
+        Ok(r)
+    }
+}
+
+impl Worker {
+    /// Builds the governor's view of an evaluation reply (only freshly measured control
+    /// losses; a missing era is `None`, never a stale value).
+    fn eval_point(&self, v: &serde_json::Value) -> Option<EvalPoint> {
+        let live = self.live.as_ref()?;
+        let fresh = |k: &str| v[k].as_f64().filter(|x| x.is_finite());
+        Some(EvalPoint {
+            step: v["step"].as_u64()?,
+            control_old: fresh("loss_control_old"),
+            control_new: fresh("loss_control_new"),
+            train_loss_ema: live.st.train_loss_ema.unwrap_or(f64::NAN),
+        })
+    }
+
+    /// Asks the governor and carries out its decision. `eval`: a scheduled evaluation just
+    /// taken (expansions are proposed and judged only then); `None`: the per-step call that
+    /// advances the `η` ramp of an expansion in progress (nothing happens without one).
+    fn govern(&mut self, eval: Option<EvalPoint>) {
+        let cfg = self.a.cfg.governor.clone();
+        let Some(live) = self.live.as_mut() else {
+            return;
+        };
+        if eval.is_none() && live.st.governor.in_progress.is_none() {
+            return;
+        }
+        let phase = |g: &GovernorState| g.in_progress.as_ref().map(|e| e.phase);
+        let was_ramp = phase(&live.st.governor) == Some(Phase::Ramp);
+        let inputs = governor_inputs(live, eval);
+        let d = policy::decide(&mut live.st.governor, &inputs, &cfg);
+        let ramp_done =
+            was_ramp && matches!(phase(&live.st.governor), Some(Phase::Probation { .. }));
+        let outcome = match &d {
+            Decision::None { .. } if eval.is_none() => return,
+            Decision::None { .. } | Decision::Keep { .. } => None,
+            Decision::SetEta { layer, eta, .. } => Some(self.apply_eta(*layer, *eta, ramp_done)),
+            Decision::Expand {
+                layer,
+                branches,
+                beta,
+                ramp_steps,
+                ..
+            } => Some(self.expand(
+                *layer,
+                *branches,
+                *beta,
+                *ramp_steps,
+                AUTO_EXPAND_NOISE,
+                false,
+            )),
+            Decision::Rollback { checkpoint_id, .. } => Some(self.governor_rollback(checkpoint_id)),
+        };
+        self.record_decision(&d, outcome, ramp_done);
+    }
+
+    /// Sets `η` of the newest group of `layer`; at the end of the ramp, the logits drift
+    /// against the pre-expansion model is published.
+    fn apply_eta(
+        &mut self,
+        layer: usize,
+        eta: f64,
+        ramp_done: bool,
+    ) -> Result<serde_json::Value, String> {
+        let live = self.live.as_mut().expect("live");
+        live.trainer
+            .set_eta(layer, eta as f32)
+            .map_err(|e| e.to_string())?;
+        metrics::gauge!(n::ETA_INJECTION_LAST).set(eta);
+        let alphas = live.trainer.model().alphas(layer);
+        let added = live
+            .st
+            .governor
+            .in_progress
+            .as_ref()
+            .map_or(0, |e| e.branches)
+            .min(alphas.len());
+        let sum_new: f32 = alphas[alphas.len() - added..].iter().sum();
+        metrics::gauge!(n::SUM_W_NEW_LAST).set(sum_new as f64);
+        let mut out = serde_json::json!({"eta": eta, "sum_w_new": sum_new});
+        if ramp_done
+            && let Some(probe) = &self.probe
+            && let Some(before) = &self.pre_expand_logits
+        {
+            let all_on = live.trainer.model().all_active();
+            if let Ok(after) = live.trainer.logits(probe, &all_on) {
+                out["drift_at_beta"] =
+                    publish_drift(before, &after, live.trainer.model().config.vocab_size);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Restores the pre-expansion checkpoint after a failed probation, keeping the live
+    /// governor state (it holds the back-off), as the policy requires.
+    fn governor_rollback(&mut self, checkpoint_id: &str) -> Result<serde_json::Value, String> {
+        let gov = self
+            .live
+            .as_ref()
+            .map(|l| l.st.governor.clone())
+            .unwrap_or_default();
+        let r = self.restore_named(checkpoint_id)?;
+        self.live.as_mut().expect("restored").st.governor = gov;
+        tracing::info!(event = events::ROLLBACK, actor = "trainer", id = %checkpoint_id,
+            step = r["step"].as_u64().unwrap_or(0), manual = false);
+        Ok(r)
+    }
+
+    /// Logs a decision (`governor_decision`, its numbers and the outcome as JSON), counts it,
+    /// and keeps expansions, keeps and rollbacks for `ctl governor`.
+    fn record_decision(
+        &mut self,
+        d: &Decision,
+        outcome: Option<Result<serde_json::Value, String>>,
+        ramp_done: bool,
+    ) {
+        let kind = decision_kind(d);
+        metrics::counter!(n::GOVERNOR_DECISIONS_TOTAL, "decision" => kind).increment(1);
+        let in_progress = self
+            .live
+            .as_ref()
+            .is_some_and(|l| l.st.governor.in_progress.is_some());
+        metrics::gauge!(n::GOVERNOR_EXPANSION_IN_PROGRESS).set(in_progress as u8 as f64);
+        let mut detail = serde_json::to_value(d).unwrap_or_default();
+        let failed = match &outcome {
+            Some(Ok(v)) => {
+                detail["outcome"] = v.clone();
+                None
+            }
+            Some(Err(e)) => {
+                detail["outcome"] = serde_json::json!({ "error": e });
+                Some(e.clone())
+            }
+            None => None,
+        };
+        let json = detail.to_string();
+        if let Some(e) = &failed {
+            tracing::warn!(event = events::GOVERNOR_DECISION, actor = "trainer", decision = kind,
+                error = %e, detail = %json, "the governor's decision could not be carried out");
+        } else if kind == "set_eta" && !ramp_done {
+            tracing::debug!(event = events::GOVERNOR_DECISION, actor = "trainer", decision = kind, detail = %json);
+        } else {
+            tracing::info!(event = events::GOVERNOR_DECISION, actor = "trainer", decision = kind, detail = %json);
+        }
+        match d {
+            Decision::Expand { step, layer, .. }
+            | Decision::Keep { step, layer, .. }
+            | Decision::Rollback { step, layer, .. } => {
+                self.last_event = match &failed {
+                    Some(e) => format!("governor {kind} of layer {layer} failed: {e}"),
+                    None => format!("governor: {kind} (layer {layer}) at step {step}"),
+                };
+                self.push_action(serde_json::json!({
+                    "step": step,
+                    "action": kind,
+                    "decision": detail,
+                }));
+            }
+            _ => {}
+        }
+    }
+
+    fn push_action(&mut self, v: serde_json::Value) {
+        self.gov_actions.push_back(v);
+        while self.gov_actions.len() > ACTIONS_CAP {
+            self.gov_actions.pop_front();
+        }
+    }
+
+    /// `ctl governor`: config, expansion in progress, per-layer cool-downs and back-offs,
+    /// the inputs it sees now, recent decisions and actions.
+    fn governor_report(&self) -> Result<serde_json::Value, String> {
+        let cfg = &self.a.cfg.governor;
+        let last_rollback = self
+            .gov_actions
+            .iter()
+            .rev()
+            .find(|a| a["action"] == "rollback")
+            .cloned();
+        let Some(live) = self.live.as_ref() else {
+            return Ok(serde_json::json!({
+                "enabled": cfg.enabled,
+                "config": cfg,
+                "state": null,
+                "why": "the model does not exist yet (waiting for the tokenizer)",
+            }));
+        };
+        let g = &live.st.governor;
+        let step = live.trainer.step();
+        let inputs = governor_inputs(live, None);
+        let etas = live.trainer.model().etas();
+        let layers: Vec<serde_json::Value> = inputs
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(l, li)| {
+                let ls = g.layers.get(l).copied().unwrap_or_default();
+                serde_json::json!({
+                    "layer": l,
+                    "width": li.branches,
+                    "effective_paths_ema": li.effective_paths.is_finite().then_some(li.effective_paths),
+                    "saturation": (li.effective_paths / li.branches as f64).is_finite()
+                        .then_some(li.effective_paths / li.branches as f64),
+                    "eta": etas.get(l),
+                    "cooldown_until": ls.cooldown_until,
+                    "cooling_down": step < ls.cooldown_until,
+                    "backoff": ls.backoff,
+                    "kept": ls.kept,
+                    "rolled_back": ls.rolled_back,
+                })
+            })
+            .collect();
+        let in_progress = g.in_progress.as_ref().map(|e| {
+            let mut v = serde_json::to_value(e).unwrap_or_default();
+            v["eta_now"] = serde_json::json!(etas.get(e.layer));
+            v["eta_scheduled"] = serde_json::json!(e.eta_at(step));
+            if let Phase::Probation { since } = e.phase {
+                v["judged_at_first_eval_from_step"] =
+                    serde_json::json!(since + cfg.probation_steps);
+            }
+            v
+        });
+        Ok(serde_json::json!({
+            "enabled": cfg.enabled,
+            "step": step,
+            "params": inputs.params,
+            "branch_params": inputs.layers.first().map(|l| l.branch_params),
+            "train_loss_ema": live.st.train_loss_ema,
+            "in_progress": in_progress,
+            "layers": layers,
+            "expansions_total": g.expansions_total,
+            "rollbacks_total": g.rollbacks_total,
+            "history": g.history,
+            "last_decisions": g.last_decisions,
+            "last_actions": self.gov_actions,
+            "last_rollback": last_rollback,
+            "config": cfg,
         }))
     }
 }
@@ -1220,13 +1625,63 @@ mod tests {
             tokens_total: 9,
             availability: av.into(),
             eval_boundary: 2,
-            ramps: Vec::new(),
             select_counts: vec![vec![1, 2]],
             steps_at_min_active: 0,
             last_control: (None, Some(1.5)),
+            governor: GovernorState::default(),
+            train_loss_ema: None,
+            eff_paths_ema: Vec::new(),
         };
         let back: LoopState = serde_json::from_value(serde_json::to_value(&st).unwrap()).unwrap();
         assert_eq!(back, st);
+    }
+
+    #[test]
+    fn branch_params_is_what_one_more_branch_adds() {
+        let cfg = crate::model::ModelConfig {
+            vocab_size: 50,
+            d_model: 16,
+            n_heads: 2,
+            n_layers: 2,
+            branches: 2,
+            max_seq_len: 8,
+            ..Default::default()
+        };
+        let mut m = Model::new(cfg, 1).unwrap();
+        let before = m.num_params() as u64;
+        m.expand(1, 1, 0.0, 7).unwrap();
+        assert_eq!(m.num_params() as u64 - before, branch_params(16));
+    }
+
+    #[test]
+    fn ema_starts_at_the_first_value() {
+        assert_eq!(ema(None, 3.0, 0.9), 3.0);
+        assert_eq!(ema(Some(f64::NAN), 3.0, 0.9), 3.0);
+        assert!((ema(Some(1.0), 3.0, 0.9) - 1.2).abs() < 1e-12);
+    }
+
+    #[test]
+    fn loop_state_of_older_checkpoints_still_loads() {
+        // Written before the governor was wired in (with the old `ramps` list).
+        let old = serde_json::json!({
+            "cursor": 5, "tokens_total": 10,
+            "availability": serde_json::to_value(
+                crate::model::availability::AvailabilityState::from(
+                    Availability::new(Default::default(), &[2, 2], 1).unwrap()
+                )
+            ).unwrap(),
+            "eval_boundary": 0, "ramps": [], "select_counts": [[0, 0], [0, 0]],
+            "steps_at_min_active": 0, "last_control": [null, null]
+        });
+        let st: LoopState = serde_json::from_value(old).unwrap();
+        assert!(st.governor.in_progress.is_none());
+        assert!(st.train_loss_ema.is_none() && st.eff_paths_ema.is_empty());
+        // And the new state round-trips through the manifest's JSON, NaN EMA inputs included.
+        let mut st2 = st.clone();
+        st2.eff_paths_ema = vec![Some(1.5), None];
+        st2.train_loss_ema = Some(2.0);
+        let back: LoopState = serde_json::from_value(serde_json::to_value(&st2).unwrap()).unwrap();
+        assert_eq!(back, st2);
     }
 
     #[test]

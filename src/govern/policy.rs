@@ -67,9 +67,12 @@ pub struct GovernorConfig {
 }
 
 impl Default for GovernorConfig {
+    /// Automatic expansion is off by default (`enabled = false`): growing the model changes
+    /// its step time and memory on its own, so it is opted into once the budgets fit the
+    /// machine. Manual expansions are judged by probation either way.
     fn default() -> Self {
         Self {
-            enabled: true,
+            enabled: false,
             patience: 3,
             plateau_tolerance: 0.005,
             saturation_threshold: 0.75,

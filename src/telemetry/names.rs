@@ -43,6 +43,8 @@ pub mod events {
     pub const EXPANSION: &str = "expansion";
     pub const ROLLBACK: &str = "rollback";
     pub const BRANCH_MASKED: &str = "branch_masked";
+    /// Every governor decision (`detail`: the decision and its numbers as JSON).
+    pub const GOVERNOR_DECISION: &str = "governor_decision";
 }
 
 /// Ingestion (ARCHITECTURE.md "Metrics").
@@ -118,3 +120,8 @@ pub const EXPAND_DRIFT_L2_MEAN: &str = "expand_drift_logits_l2_mean";
 pub const EXPAND_DRIFT_L2_STD: &str = "expand_drift_logits_l2_std";
 pub const EXPAND_DRIFT_COS_MEAN: &str = "expand_drift_logits_cos_dist_mean";
 pub const EXPAND_DRIFT_COS_STD: &str = "expand_drift_logits_cos_dist_std";
+
+/// Governor: decisions by kind (label `decision` = none | expand | set_eta | keep | rollback).
+pub const GOVERNOR_DECISIONS_TOTAL: &str = "governor_decisions_total";
+/// Governor: 1 while an expansion is in ramp or probation, else 0.
+pub const GOVERNOR_EXPANSION_IN_PROGRESS: &str = "governor_expansion_in_progress";
