@@ -60,6 +60,8 @@ pub enum BenchCommand {
     Generate(crate::model::bench::GenerateBenchArgs),
     /// Ingestion throughput: file arrival to durable append.
     Ingest(crate::ingest::BenchIngestArgs),
+    /// Control loss with branches removed, after training with availability p = 1 … 0.5.
+    Outage(crate::learn::outage_bench::OutageBenchArgs),
 }
 
 #[derive(Debug, Args)]

@@ -3,5 +3,6 @@
 
 pub mod batch;
 pub mod config;
+pub mod outage_bench;
 
 pub use config::{EvalConfig, TokenizerSection, TrainingConfig};
