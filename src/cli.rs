@@ -62,6 +62,8 @@ pub enum BenchCommand {
     Ingest(crate::ingest::BenchIngestArgs),
     /// Control loss with branches removed, after training with availability p = 1 … 0.5.
     Outage(crate::learn::outage_bench::OutageBenchArgs),
+    /// Forgetting of task A after task B, with replay shares 0 / 0.25 / 0.5.
+    Continual(crate::learn::cl_bench::ContinualBenchArgs),
 }
 
 #[derive(Debug, Args)]

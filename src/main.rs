@@ -138,6 +138,9 @@ fn bench(cmd: BenchCommand) -> ExitCode {
             mbtd::model::bench::bench_generate(a).map_err(|e| e.to_string())
         }
         BenchCommand::Ingest(a) => mbtd::ingest::bench_ingest(a).map_err(|e| e.to_string()),
+        BenchCommand::Continual(a) => {
+            mbtd::learn::cl_bench::bench_continual(a).map_err(|e| e.to_string())
+        }
         BenchCommand::Outage(a) => {
             mbtd::learn::outage_bench::bench_outage(a).map_err(|e| e.to_string())
         }

@@ -2,6 +2,7 @@
 //! and batches, and the loop's configuration. The trainer actor drives it.
 
 pub mod batch;
+pub mod cl_bench;
 pub mod config;
 pub mod outage_bench;
 

@@ -34,19 +34,19 @@ pub struct OutageBenchArgs {
 }
 
 const VOCAB: usize = 256;
-const FANOUT: usize = 4;
+pub(crate) const FANOUT: usize = 4;
 const SEQ: usize = 32;
-const BATCH: usize = 16;
+pub(crate) const BATCH: usize = 16;
 
 /// The chain: `next[t]` lists the successors of token `t`.
-fn chain(seed: u64) -> Vec<[u32; FANOUT]> {
+pub(crate) fn chain(seed: u64) -> Vec<[u32; FANOUT]> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     (0..VOCAB)
         .map(|_| std::array::from_fn(|_| rng.random_range(0..VOCAB as u32)))
         .collect()
 }
 
-fn batch(next: &[[u32; FANOUT]], rng: &mut ChaCha8Rng, n: usize) -> Batch {
+pub(crate) fn batch(next: &[[u32; FANOUT]], rng: &mut ChaCha8Rng, n: usize) -> Batch {
     let mut inputs = Vec::with_capacity(n * SEQ);
     let mut targets = Vec::with_capacity(n * SEQ);
     for _ in 0..n {
@@ -67,7 +67,7 @@ fn batch(next: &[[u32; FANOUT]], rng: &mut ChaCha8Rng, n: usize) -> Batch {
     }
 }
 
-fn model_config(branches: usize) -> ModelConfig {
+pub(crate) fn model_config(branches: usize) -> ModelConfig {
     ModelConfig {
         vocab_size: VOCAB,
         d_model: 64,
