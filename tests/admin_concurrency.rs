@@ -115,3 +115,48 @@ keep_daily = 0
         .count();
     assert_eq!(tmp, 0, "a write in flight at SIGTERM was left half-done");
 }
+
+#[test]
+fn garbage_huge_lines_and_half_closed_connections_do_not_hurt_the_daemon() {
+    use std::net::Shutdown;
+    let d = Daemon::start("[admin]\nmax_request_bytes = 4096\n");
+    let sock = d.socket();
+    let mut x: u64 = 0x1234_5678;
+    for round in 0..30 {
+        let mut s = UnixStream::connect(&sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let bytes: Vec<u8> = (0..(round * 97 + 1))
+            .map(|_| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                (x >> 56) as u8
+            })
+            .collect();
+        let _ = s.write_all(&bytes);
+        match round % 3 {
+            // Half-close: the daemon sees EOF after the garbage.
+            0 => {
+                let _ = s.shutdown(Shutdown::Write);
+            }
+            // A huge line without a newline.
+            1 => {
+                let _ = s.write_all(&vec![b'a'; 100_000]);
+            }
+            // Drop mid-line.
+            _ => {}
+        }
+        drop(s);
+    }
+    // Still serving, nothing restarted.
+    for _ in 0..5 {
+        assert_eq!(d.request("ping", serde_json::Value::Null)["ok"], true);
+    }
+    let st = d.data("status", serde_json::Value::Null);
+    assert!(
+        st["actors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["restarts"] == 0 && a["state"] == "running"),
+        "{st}"
+    );
+}
