@@ -108,11 +108,7 @@ keep_daily = 0
         manifest.contains("\"shutdown\""),
         "final checkpoint is LATEST"
     );
-    let tmp = std::fs::read_dir(&root)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
-        .count();
+    let tmp = tmp_entries(&root).len();
     assert_eq!(tmp, 0, "a write in flight at SIGTERM was left half-done");
 }
 

@@ -56,20 +56,9 @@ fn write_data(d: &Daemon) {
     std::fs::rename(&tmp, d.path().join("inbox/d.csv")).unwrap();
 }
 
-fn trainer(d: &Daemon) -> Value {
-    let st = d.data("status", Value::Null);
-    st["sections"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s[0] == "trainer")
-        .unwrap()[1]
-        .clone()
-}
-
 fn wait_step(d: &Daemon, n: u64) {
     d.wait_for(Duration::from_secs(120), "step", || {
-        (trainer(d)["step"].as_u64() == Some(n)).then_some(())
+        (d.section("trainer")["step"].as_u64() == Some(n)).then_some(())
     });
 }
 
@@ -138,7 +127,7 @@ fn corrupt_latest_falls_back_to_the_previous_checkpoint_and_is_reported() {
 
     let d = d.restart_with(&config(30, 10));
     let t = d.wait_for(Duration::from_secs(30), "resume", || {
-        let t = trainer(&d);
+        let t = d.section("trainer");
         t["last_event"]
             .as_str()?
             .starts_with("resumed")
@@ -148,13 +137,7 @@ fn corrupt_latest_falls_back_to_the_previous_checkpoint_and_is_reported() {
         t["step"], 30,
         "previous checkpoint (step 30 by every_steps) expected: {t}"
     );
-    let st = d.data("status", Value::Null);
-    let ck = &st["sections"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s[0] == "checkpoints")
-        .unwrap()[1];
+    let ck = &d.section("checkpoints");
     let rejected = ck["rejected_at_start"].as_array().unwrap();
     assert_eq!(rejected.len(), 1, "{ck}");
     assert!(
@@ -172,7 +155,7 @@ fn kill_9_during_checkpoint_writes_leaves_a_valid_checkpoint_and_no_tmp() {
     write_data(&d);
     for delay_ms in [150u64, 230, 310] {
         d.wait_for(Duration::from_secs(60), "checkpoints", || {
-            (trainer(&d)["step"].as_u64().unwrap_or(0) > 3).then_some(())
+            (d.section("trainer")["step"].as_u64().unwrap_or(0) > 3).then_some(())
         });
         std::thread::sleep(Duration::from_millis(delay_ms));
         d.kill9();
@@ -181,19 +164,14 @@ fn kill_9_during_checkpoint_writes_leaves_a_valid_checkpoint_and_no_tmp() {
         d = d.restart_with(&config(1, 1_000_000));
         let root = d.path().join("checkpoints");
         let t = d.wait_for(Duration::from_secs(30), "resume", || {
-            let t = trainer(&d);
+            let t = d.section("trainer");
             t["last_event"]
                 .as_str()?
                 .starts_with("resumed")
                 .then_some(t)
         });
         assert!(t["step"].as_u64().unwrap() > 0);
-        let tmp: Vec<_> = std::fs::read_dir(&root)
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
-            .map(|e| e.file_name())
-            .collect();
+        let tmp = tmp_entries(&root);
         assert!(tmp.is_empty(), "leftover tmp dirs: {tmp:?}");
         let id = std::fs::read_to_string(root.join("LATEST")).unwrap();
         let out = std::process::Command::new(BIN)

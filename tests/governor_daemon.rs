@@ -63,31 +63,6 @@ fn write_task(d: &Daemon, name: &str, rows: usize) {
     std::fs::rename(&tmp, d.path().join("inbox").join(name)).unwrap();
 }
 
-fn step(d: &Daemon) -> u64 {
-    d.data("status", Value::Null)["sections"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s[0] == "trainer")
-        .and_then(|s| s[1]["step"].as_u64())
-        .unwrap_or(0)
-}
-
-fn wait_steps(d: &Daemon, n: u64) -> u64 {
-    let start = step(d);
-    d.wait_for(Duration::from_secs(40), "training steps", || {
-        let s = step(d);
-        (s >= start + n).then_some(s)
-    })
-}
-
-fn metric(d: &Daemon, name: &str) -> f64 {
-    let m = d.data("metrics", Value::Null);
-    m[name]
-        .as_f64()
-        .unwrap_or_else(|| panic!("no metric {name} in {m}"))
-}
-
 /// `mbtd ctl --json …`, parsed.
 fn ctl_json(d: &Daemon, args: &[&str]) -> Value {
     let mut all = args.to_vec();
@@ -106,7 +81,7 @@ fn manual_expand_is_exact_at_eta0_ramped_by_the_governor_and_aborted_by_a_manual
     // Long probation: this test is about the ramp, not the verdict.
     let d = Daemon::start(&config("probation_steps = 100000\n"));
     write_task(&d, "a.csv", 300);
-    wait_steps(&d, 10);
+    d.wait_steps(10, Duration::from_secs(40));
 
     let e = ctl_json(
         &d,
@@ -140,18 +115,18 @@ fn manual_expand_is_exact_at_eta0_ramped_by_the_governor_and_aborted_by_a_manual
     assert!((g["in_progress"]["beta"].as_f64().unwrap() - 0.3).abs() < 1e-6);
 
     // Training goes on at the new width; after the ramp η = β and probation runs.
-    wait_steps(&d, 15);
+    d.wait_steps(15, Duration::from_secs(40));
     let diag = d.data("diagnostics", Value::Null);
     assert_eq!(diag["widths"], json!([2, 3]));
     assert!(
         (diag["layers"][1]["eta"].as_f64().unwrap() - 0.3).abs() < 1e-6,
         "{diag}"
     );
-    assert!(metric(&d, "loss").is_finite());
-    assert!((metric(&d, "eta_injection_last") - 0.3).abs() < 1e-6);
+    assert!(d.metric("loss").is_finite());
+    assert!((d.metric("eta_injection_last") - 0.3).abs() < 1e-6);
     let g = d.data("governor", Value::Null);
     assert_eq!(g["in_progress"]["phase"]["phase"], "probation", "{g}");
-    assert_eq!(metric(&d, "governor_expansion_in_progress"), 1.0);
+    assert_eq!(d.metric("governor_expansion_in_progress"), 1.0);
 
     // One expansion at a time.
     let busy = d.request("expand", json!({"layer": 0, "branches": 1}));
@@ -168,8 +143,8 @@ fn manual_expand_is_exact_at_eta0_ramped_by_the_governor_and_aborted_by_a_manual
     assert_eq!(r["governor_aborted_expansion"]["layer"], 1, "{r}");
     let g = d.data("governor", Value::Null);
     assert!(g["in_progress"].is_null(), "{g}");
-    assert_eq!(metric(&d, "governor_expansion_in_progress"), 0.0);
-    wait_steps(&d, 5);
+    assert_eq!(d.metric("governor_expansion_in_progress"), 0.0);
+    d.wait_steps(5, Duration::from_secs(40));
 }
 
 #[test]
@@ -180,7 +155,7 @@ fn harmful_expansion_is_rolled_back_bitwise_by_the_probation_gate() {
     write_task(&d, "a.csv", 300);
     // Past the steep part of the learning curve, so that the expansion's harm is not
     // hidden by the progress the model is still making.
-    wait_steps(&d, 150);
+    d.wait_steps(150, Duration::from_secs(40));
 
     // Freeze the state, take its fingerprint, expand with huge noise at η → 0.95.
     d.data("pause", Value::Null);
@@ -230,9 +205,9 @@ fn harmful_expansion_is_rolled_back_bitwise_by_the_probation_gate() {
     assert_eq!(g["expansions_total"], 1);
 
     assert_eq!(d.data("diagnostics", Value::Null)["widths"], json!([2, 2]));
-    assert_eq!(metric(&d, "rollbacks_total"), 1.0);
+    assert_eq!(d.metric("rollbacks_total"), 1.0);
     assert_eq!(
-        metric(&d, "governor_decisions_total{decision=\"rollback\"}"),
+        d.metric("governor_decisions_total{decision=\"rollback\"}"),
         1.0
     );
     let log = d.log_text();
@@ -242,8 +217,8 @@ fn harmful_expansion_is_rolled_back_bitwise_by_the_probation_gate() {
         "no governor_decision rollback log line"
     );
     // Training goes on from the restored state.
-    wait_steps(&d, 5);
-    assert!(metric(&d, "loss").is_finite());
+    d.wait_steps(5, Duration::from_secs(40));
+    assert!(d.metric("loss").is_finite());
 }
 
 #[test]
@@ -293,5 +268,5 @@ fn plateau_with_saturated_layers_expands_automatically_and_probation_keeps_it() 
         3,
         "kept expansion lost"
     );
-    assert_eq!(metric(&d, "rollbacks_total"), 0.0);
+    assert_eq!(d.metric("rollbacks_total"), 0.0);
 }

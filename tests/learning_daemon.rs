@@ -65,24 +65,6 @@ fn write_task(d: &Daemon, name: &str, task: char, rows: usize) {
     std::fs::rename(&tmp, d.path().join("inbox").join(name)).unwrap();
 }
 
-fn step(d: &Daemon) -> u64 {
-    d.data("status", Value::Null)["sections"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s[0] == "trainer")
-        .and_then(|s| s[1]["step"].as_u64())
-        .unwrap_or(0)
-}
-
-fn wait_steps(d: &Daemon, n: u64) -> u64 {
-    let start = step(d);
-    d.wait_for(Duration::from_secs(120), "training steps", || {
-        let s = step(d);
-        (s >= start + n).then_some(s)
-    })
-}
-
 /// Control loss of a source (either era).
 fn source_loss(eval: &Value, src: &str) -> f64 {
     let per = eval["per_source"].as_object().unwrap();
@@ -95,20 +77,13 @@ fn source_loss(eval: &Value, src: &str) -> f64 {
     vals.iter().sum::<f64>() / vals.len() as f64
 }
 
-fn metric(d: &Daemon, name: &str) -> f64 {
-    let m = d.data("metrics", Value::Null);
-    m[name]
-        .as_f64()
-        .unwrap_or_else(|| panic!("no metric {name} in {m}"))
-}
-
 #[test]
 fn learns_two_tasks_in_sequence_and_keeps_the_first_with_replay() {
     let d = Daemon::start(CONFIG);
     write_task(&d, "a.csv", 'a', 600);
-    wait_steps(&d, 1);
+    d.wait_steps(1, Duration::from_secs(120));
     let a0 = source_loss(&d.data("eval", Value::Null), "a");
-    wait_steps(&d, 250);
+    d.wait_steps(250, Duration::from_secs(120));
     let a1 = source_loss(&d.data("eval", Value::Null), "a");
     eprintln!("task A control loss: start {a0:.3}, after 250 steps {a1:.3}");
     assert!(a1 < 0.7 * a0, "task A did not learn: {a0} -> {a1}");
@@ -124,7 +99,7 @@ fn learns_two_tasks_in_sequence_and_keeps_the_first_with_replay() {
             .then_some(())
     });
     let b0 = source_loss(&d.data("eval", Value::Null), "b");
-    wait_steps(&d, 250);
+    d.wait_steps(250, Duration::from_secs(120));
     let e = d.data("eval", Value::Null);
     let (a2, b1) = (source_loss(&e, "a"), source_loss(&e, "b"));
     eprintln!("task B control loss: start {b0:.3}, after 250 steps {b1:.3}; task A now {a2:.3}");
@@ -137,7 +112,7 @@ fn learns_two_tasks_in_sequence_and_keeps_the_first_with_replay() {
 fn mask_freezes_a_branch_generate_streams_and_metrics_are_complete() {
     let d = Daemon::start(CONFIG);
     write_task(&d, "a.csv", 'a', 400);
-    wait_steps(&d, 5);
+    d.wait_steps(5, Duration::from_secs(120));
 
     // Status answers quickly while steps run.
     for _ in 0..10 {
@@ -152,9 +127,9 @@ fn mask_freezes_a_branch_generate_streams_and_metrics_are_complete() {
 
     d.data("mask", json!({"layer": 0, "branch": 1}));
     let c1 = d.data("checkpoint", json!({"tag": "masked-1"}));
-    wait_steps(&d, 30);
+    d.wait_steps(30, Duration::from_secs(120));
     let c2 = d.data("checkpoint", json!({"tag": "masked-2"}));
-    assert_eq!(metric(&d, "active_branches_min"), 1.0);
+    assert_eq!(d.metric("active_branches_min"), 1.0);
     let frozen = |c: &Value| branch_bytes(&d, c["id"].as_str().unwrap(), 0, 1);
     assert_eq!(frozen(&c1), frozen(&c2), "masked branch changed");
     assert_ne!(
@@ -163,7 +138,7 @@ fn mask_freezes_a_branch_generate_streams_and_metrics_are_complete() {
         "active branch did not train"
     );
     d.data("unmask", json!({"layer": 0, "branch": 1}));
-    wait_steps(&d, 30);
+    d.wait_steps(30, Duration::from_secs(120));
     let c3 = d.data("checkpoint", json!({"tag": "unmasked"}));
     assert_ne!(
         frozen(&c2),
@@ -200,7 +175,7 @@ fn mask_freezes_a_branch_generate_streams_and_metrics_are_complete() {
 fn expand_is_exact_at_eta0_rollback_restores_bitwise_and_sigterm_checkpoints() {
     let mut d = Daemon::start(CONFIG);
     write_task(&d, "a.csv", 'a', 300);
-    wait_steps(&d, 10);
+    d.wait_steps(10, Duration::from_secs(120));
     let tagged = d.data("checkpoint", json!({"tag": "before"}));
     let h_before = tagged["probe_logits_blake3"].as_str().unwrap().to_string();
 
@@ -210,11 +185,11 @@ fn expand_is_exact_at_eta0_rollback_restores_bitwise_and_sigterm_checkpoints() {
     );
     assert_eq!(e["logits_bitwise_equal_at_eta0"], true, "{e}");
     assert_eq!(e["widths"], json!([2, 3]));
-    wait_steps(&d, 20);
+    d.wait_steps(20, Duration::from_secs(120));
     let diag = d.data("diagnostics", Value::Null);
     assert_eq!(diag["widths"], json!([2, 3]));
-    assert!(metric(&d, "loss").is_finite());
-    assert_eq!(metric(&d, "expansion_events_total"), 1.0);
+    assert!(d.metric("loss").is_finite());
+    assert_eq!(d.metric("expansion_events_total"), 1.0);
 
     let r = d.data("rollback", json!({"target": "before"}));
     assert_eq!(
@@ -223,9 +198,9 @@ fn expand_is_exact_at_eta0_rollback_restores_bitwise_and_sigterm_checkpoints() {
         "rollback not bitwise"
     );
     assert_eq!(r["widths"], json!([2, 2]));
-    assert_eq!(metric(&d, "rollbacks_total"), 1.0);
+    assert_eq!(d.metric("rollbacks_total"), 1.0);
 
-    wait_steps(&d, 5);
+    d.wait_steps(5, Duration::from_secs(120));
     d.signal(libc::SIGTERM);
     assert_eq!(d.wait_exit(Duration::from_secs(30)).code(), Some(0));
     let root = d.path().join("checkpoints");
@@ -240,13 +215,7 @@ fn expand_is_exact_at_eta0_rollback_restores_bitwise_and_sigterm_checkpoints() {
     // Restart resumes exactly there.
     let d = d.restart_with(CONFIG);
     let s = d.wait_for(Duration::from_secs(30), "resume", || {
-        let st = d.data("status", Value::Null);
-        let t = st["sections"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s[0] == "trainer")?[1]
-            .clone();
+        let t = d.section("trainer");
         t["last_event"]
             .as_str()?
             .starts_with("resumed")

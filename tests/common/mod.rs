@@ -199,3 +199,48 @@ pub fn raw_exchange(socket: &Path, bytes: &[u8]) -> std::io::Result<serde_json::
         }
     }
 }
+
+impl Daemon {
+    /// A section (`trainer`, `checkpoints`, …) of `status`.
+    pub fn section(&self, name: &str) -> serde_json::Value {
+        self.data("status", serde_json::Value::Null)["sections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s[0] == name)
+            .map(|s| s[1].clone())
+            .unwrap_or_else(|| panic!("no status section {name}"))
+    }
+
+    /// The trainer's step (0 before the model exists).
+    pub fn step(&self) -> u64 {
+        self.section("trainer")["step"].as_u64().unwrap_or(0)
+    }
+
+    /// Waits until `n` more steps are done; returns the step reached.
+    pub fn wait_steps(&self, n: u64, within: Duration) -> u64 {
+        let start = self.step();
+        self.wait_for(within, "training steps", || {
+            let s = self.step();
+            (s >= start + n).then_some(s)
+        })
+    }
+
+    /// A metric's value as f64.
+    pub fn metric(&self, name: &str) -> f64 {
+        let m = self.data("metrics", serde_json::Value::Null);
+        m[name]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no metric {name} in {m}"))
+    }
+}
+
+/// Names of leftover `.tmp-*` entries under a checkpoint root.
+pub fn tmp_entries(root: &Path) -> Vec<std::ffi::OsString> {
+    std::fs::read_dir(root)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().starts_with(".tmp-"))
+        .collect()
+}
