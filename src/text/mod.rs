@@ -1,4 +1,5 @@
-//! Text handling: CSV rows and the tokenizer.
+//! Text handling: CSV rows, the tokenizer, and the synthetic data of the demo.
 
 pub mod csv_rows;
+pub mod synth;
 pub mod tokenizer;
