@@ -30,6 +30,10 @@ pub enum Command {
     /// Benchmarks; each prints one JSON line.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// The daemon on ./mbtd-demo with a producer, a live view and every feature exercised.
+    Demo(crate::demo::DemoArgs),
+    /// PNG plots of a data dir's metrics history and checkpoints (to <data-dir>/report/).
+    Report(crate::report::ReportArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -159,6 +163,10 @@ pub enum CtlCommand {
         top_p: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Answer the prompt as an instruction row is trained (prompt, then the response
+        /// token), instead of continuing it as text.
+        #[arg(long)]
+        respond: bool,
     },
     /// Add branches to a layer (pre-expand checkpoint, eta ramps from 0 to beta, then the
     /// governor's probation keeps it or rolls it back).

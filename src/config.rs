@@ -217,6 +217,12 @@ pub struct MetricsConfig {
     pub log_every_s: u64,
     /// Optional Prometheus endpoint, e.g. "127.0.0.1:9464"; off when left out.
     pub prometheus_listen: Option<String>,
+    /// Metrics history for `mbtd report`: one JSON line per snapshot (relative to the data dir).
+    pub history_file: PathBuf,
+    /// Seconds between history lines; 0 turns the history off.
+    pub history_every_s: u64,
+    /// Size bound of the history file; beyond it the file is rotated (one rotated file kept).
+    pub history_max_bytes: u64,
 }
 
 impl Default for MetricsConfig {
@@ -224,6 +230,9 @@ impl Default for MetricsConfig {
         Self {
             log_every_s: 60,
             prometheus_listen: None,
+            history_file: "metrics.jsonl".into(),
+            history_every_s: 30,
+            history_max_bytes: 64 << 20,
         }
     }
 }
@@ -231,6 +240,13 @@ impl Default for MetricsConfig {
 impl MetricsConfig {
     fn validate(&self) -> Result<(), FieldError> {
         check_range("metrics.log_every_s", self.log_every_s, 1, 86_400)?;
+        check_range("metrics.history_every_s", self.history_every_s, 0, 86_400)?;
+        check_range(
+            "metrics.history_max_bytes",
+            self.history_max_bytes,
+            64 << 10,
+            16 << 30,
+        )?;
         if let Some(addr) = &self.prometheus_listen {
             let parsed: std::net::SocketAddr = addr.parse().map_err(|_| {
                 FieldError::new(
@@ -342,6 +358,7 @@ impl Config {
             &mut self.paths.replay,
             &mut self.paths.checkpoints,
             &mut self.admin.socket,
+            &mut self.metrics.history_file,
         ] {
             if p.is_relative() {
                 *p = data_dir.join(&*p);

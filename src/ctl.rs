@@ -37,10 +37,11 @@ fn request(cmd: &CtlCommand) -> (&'static str, serde_json::Value) {
             top_k,
             top_p,
             seed,
+            respond,
         } => (
             "generate",
             json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
-                "top_k": top_k, "top_p": top_p, "seed": seed}),
+                "top_k": top_k, "top_p": top_p, "seed": seed, "respond": respond}),
         ),
         CtlCommand::Expand {
             layer,

@@ -2,7 +2,7 @@
 //!
 //! Layers of the code: the pure core (`model`, `text`, `store`, `ingest`, `checkpoint`,
 //! `govern`, `config`), thin kameo actors (`actors`), and the edges (`admin`, `daemon`,
-//! `ctl`, `cli`, `telemetry`).
+//! `ctl`, `cli`, `telemetry`, `demo`, `report`).
 
 pub mod actors;
 pub mod admin;
@@ -11,10 +11,12 @@ pub mod cli;
 pub mod config;
 pub mod ctl;
 pub mod daemon;
+pub mod demo;
 pub mod govern;
 pub mod ingest;
 pub mod learn;
 pub mod model;
+pub mod report;
 pub mod store;
 pub mod telemetry;
 pub mod text;

@@ -75,6 +75,30 @@ fn main() -> ExitCode {
         }
         Command::Inspect(cmd) => inspect(cmd),
         Command::Bench(cmd) => bench(cmd),
+        Command::Demo(args) => match mbtd::demo::run::run(&args) {
+            Ok(summary) => {
+                print!("{summary}");
+                if summary.all_ok() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => {
+                eprintln!("mbtd demo: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Report(args) => match mbtd::report::run(&args) {
+            Ok(report) => {
+                print!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("mbtd report: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Ctl(args) => match mbtd::ctl::run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(msg) => {

@@ -208,6 +208,10 @@ impl Dispatcher {
             .and_then(|v| v.as_str())
             .unwrap_or("")
             .to_string();
+        let respond = args
+            .get("respond")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
         let mut cfg = GenerateConfig::default();
         if let Some(v) = args.get("max_tokens").and_then(|v| v.as_u64()) {
             cfg.max_tokens = v as usize;
@@ -232,6 +236,7 @@ impl Dispatcher {
         let (rtx, rrx) = oneshot::channel();
         let cmd = Cmd::Generate {
             prompt,
+            respond,
             cfg,
             chunks: chunk_tx,
             reply: rtx,

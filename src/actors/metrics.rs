@@ -1,5 +1,6 @@
 //! The metrics actor: owns the snapshot side of the recorder, logs a JSON snapshot line every
-//! `metrics.log_every_s`, and answers `ctl metrics`.
+//! `metrics.log_every_s`, appends one to the history file every `metrics.history_every_s`,
+//! and answers `ctl metrics`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,6 +9,8 @@ use kameo::error::Infallible;
 use kameo::prelude::*;
 
 use super::health::ChildHealth;
+use crate::store::fsutil::now_ms;
+use crate::telemetry::history::{HistoryRecord, HistoryWriter};
 use crate::telemetry::names::{self, events};
 use crate::telemetry::{Snapshot, SnapshotRecorder};
 
@@ -17,11 +20,23 @@ pub struct MetricsArgs {
     pub log_every: Duration,
     pub started: Instant,
     pub health: Arc<ChildHealth>,
+    /// The history file, its period and size bound; `None` when the history is off.
+    pub history: Option<HistoryArgs>,
+}
+
+#[derive(Clone)]
+pub struct HistoryArgs {
+    pub path: std::path::PathBuf,
+    pub every: Duration,
+    pub max_bytes: u64,
 }
 
 pub struct MetricsActor {
     args: MetricsArgs,
-    ticker: AbortOnDrop,
+    tickers: Vec<AbortOnDrop>,
+    history: Option<HistoryWriter>,
+    /// Whether the last history append failed (logged once until one succeeds again).
+    history_failing: bool,
 }
 
 /// Aborts a background task when its owner (an actor's state) is dropped, e.g. on restart.
@@ -43,19 +58,19 @@ impl Actor for MetricsActor {
 
     async fn on_start(args: Self::Args, actor_ref: ActorRef<Self>) -> Result<Self, Self::Error> {
         args.health.on_start().await;
-        let me = actor_ref.clone();
-        let every = args.log_every;
-        let ticker = AbortOnDrop(tokio::spawn(async move {
-            let mut iv = tokio::time::interval(every);
-            iv.tick().await;
-            loop {
-                iv.tick().await;
-                if me.tell(LogSnapshot).await.is_err() {
-                    return;
-                }
-            }
-        }));
-        Ok(Self { args, ticker })
+        let mut tickers = vec![tick(&actor_ref, args.log_every, || LogSnapshot)];
+        let history = args.history.as_ref().map(|h| {
+            tickers.push(tick(&actor_ref, h.every, || AppendHistory));
+            HistoryWriter::new(h.path.clone(), h.max_bytes)
+        });
+        let mut me = Self {
+            args,
+            tickers,
+            history,
+            history_failing: false,
+        };
+        me.append_history();
+        Ok(me)
     }
 
     async fn on_stop(
@@ -63,8 +78,9 @@ impl Actor for MetricsActor {
         _: WeakActorRef<Self>,
         reason: ActorStopReason,
     ) -> Result<(), Self::Error> {
-        self.ticker.0.abort();
+        self.tickers.clear();
         self.log_snapshot();
+        self.append_history();
         self.args.health.on_stop(&reason.to_string());
         Ok(())
     }
@@ -81,6 +97,54 @@ impl MetricsActor {
         let json = serde_json::to_string(&snap).unwrap_or_default();
         tracing::info!(event = events::METRICS_SNAPSHOT, actor = "metrics", metrics = %json);
     }
+
+    /// Appends one snapshot to the history file (a failure is logged once, not fatal: the
+    /// history serves reports, the daemon goes on without it).
+    fn append_history(&mut self) {
+        let rec = HistoryRecord::from_snapshot(
+            now_ms(),
+            self.args.started.elapsed().as_secs_f64(),
+            &self.snapshot(),
+        );
+        let Some(w) = self.history.as_mut() else {
+            return;
+        };
+        match w.append(&rec) {
+            Ok(()) => self.history_failing = false,
+            Err(e) => {
+                if !self.history_failing {
+                    tracing::warn!(event = events::METRICS_HISTORY_FAILED, actor = "metrics",
+                        file = %w.path().display(), error = %e,
+                        "cannot append to the metrics history; check the disk and the file's permissions");
+                }
+                self.history_failing = true;
+            }
+        }
+    }
+}
+
+/// Sends `msg()` to `me` every `every` (first after one period) until the actor is gone.
+fn tick<M>(
+    me: &ActorRef<MetricsActor>,
+    every: Duration,
+    msg: impl Fn() -> M + Send + 'static,
+) -> AbortOnDrop
+where
+    MetricsActor: Message<M>,
+    M: Send + 'static,
+{
+    let me = me.clone();
+    AbortOnDrop(tokio::spawn(async move {
+        let mut iv = tokio::time::interval(every);
+        iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        iv.tick().await;
+        loop {
+            iv.tick().await;
+            if me.tell(msg()).await.is_err() {
+                return;
+            }
+        }
+    }))
 }
 
 /// Asks for a copy of every metric.
@@ -102,6 +166,17 @@ impl Message<LogSnapshot> for MetricsActor {
 
     async fn handle(&mut self, _: LogSnapshot, _: &mut Context<Self, Self::Reply>) {
         self.log_snapshot();
+    }
+}
+
+/// Appends one history line now.
+pub struct AppendHistory;
+
+impl Message<AppendHistory> for MetricsActor {
+    type Reply = ();
+
+    async fn handle(&mut self, _: AppendHistory, _: &mut Context<Self, Self::Reply>) {
+        self.append_history();
     }
 }
 

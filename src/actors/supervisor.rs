@@ -16,7 +16,7 @@ use super::checkpointer::{CheckpointerActor, CheckpointerArgs};
 use super::dispatch::{Dispatcher, StopRequest};
 use super::health::HealthBoard;
 use super::ingestor::{IngestorActor, IngestorArgs};
-use super::metrics::{MetricsActor, MetricsArgs};
+use super::metrics::{HistoryArgs, MetricsActor, MetricsArgs};
 use super::replay::{ReplayActor, ReplayArgs};
 use super::trainer::{TrainerActor, TrainerArgs};
 use crate::config::Config;
@@ -117,6 +117,11 @@ impl Actor for Root {
                 log_every: Duration::from_secs(args.cfg.metrics.log_every_s),
                 started: args.started,
                 health: args.board.register("metrics", d),
+                history: (args.cfg.metrics.history_every_s > 0).then(|| HistoryArgs {
+                    path: args.cfg.metrics.history_file.clone(),
+                    every: Duration::from_secs(args.cfg.metrics.history_every_s),
+                    max_bytes: args.cfg.metrics.history_max_bytes,
+                }),
             },
         )
         .restart_policy(RestartPolicy::Transient)

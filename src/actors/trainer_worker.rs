@@ -42,6 +42,8 @@ pub enum Cmd {
     Diagnostics(oneshot::Sender<Result<serde_json::Value, String>>),
     Generate {
         prompt: String,
+        /// Answer the prompt as an instruction: `enc(prompt) ‖ <|response|>`, as trained.
+        respond: bool,
         cfg: GenerateConfig,
         chunks: mpsc::Sender<String>,
         reply: oneshot::Sender<Result<serde_json::Value, String>>,
@@ -658,6 +660,16 @@ pub fn drift(before: &[f32], after: &[f32], v: usize) -> (f64, f64, f64, f64) {
     (s1.mean, s1.std, s2.mean, s2.std)
 }
 
+/// Number of branches under an operator's forced outage.
+fn publish_forced_off(avail: &Availability) {
+    let n_off: usize = avail
+        .forced_off()
+        .iter()
+        .map(|l| l.iter().filter(|&&b| b).count())
+        .sum();
+    metrics::gauge!(n::BRANCHES_FORCED_OFF).set(n_off as f64);
+}
+
 fn publish_drift(before: &[f32], after: &[f32], v: usize) -> serde_json::Value {
     let (lm, ls, cm, cs) = drift(before, after, v);
     metrics::gauge!(n::EXPAND_DRIFT_L2_MEAN).set(lm);
@@ -677,6 +689,14 @@ impl Worker {
     ) {
         let live = self.live.as_mut().expect("live");
         metrics::counter!(n::TRAIN_STEPS_TOTAL).absolute(r.step);
+        metrics::gauge!(n::TRAIN_STEP).set(r.step as f64);
+        publish_forced_off(&live.avail);
+        for (l, m) in masks.iter().enumerate() {
+            let lab = l.to_string();
+            metrics::gauge!(n::LAYER_WIDTH, "layer" => lab.clone()).set(m.len() as f64);
+            let on = m.iter().filter(|&&b| b).count();
+            metrics::gauge!(n::LAYER_ACTIVE_BRANCHES, "layer" => lab).set(on as f64);
+        }
         metrics::gauge!(n::TRAIN_TOKENS_PER_SEC).set(self.tok_rate);
         metrics::gauge!(n::LOSS).set(r.loss as f64);
         metrics::gauge!(n::GRAD_NORM).set(r.grad_norm as f64);
@@ -1031,6 +1051,7 @@ impl Worker {
                         .avail
                         .set_forced_off(layer, branch, off)
                         .map(|_| {
+                            publish_forced_off(&l.avail);
                             tracing::info!(
                                 event = events::BRANCH_MASKED,
                                 actor = "trainer",
@@ -1053,11 +1074,12 @@ impl Worker {
             }
             Cmd::Generate {
                 prompt,
+                respond,
                 cfg,
                 chunks,
                 reply,
             } => {
-                let _ = reply.send(self.generate(&prompt, cfg, &chunks));
+                let _ = reply.send(self.generate(&prompt, respond, cfg, &chunks));
             }
             Cmd::Expand {
                 layer,
@@ -1125,6 +1147,7 @@ impl Worker {
     fn generate(
         &mut self,
         prompt: &str,
+        respond: bool,
         mut cfg: GenerateConfig,
         chunks: &mpsc::Sender<String>,
     ) -> Result<serde_json::Value, String> {
@@ -1133,7 +1156,9 @@ impl Worker {
             .as_mut()
             .ok_or("the model does not exist yet (waiting for the tokenizer)")?;
         let mut ids = live.tok.encode(prompt).map_err(|e| e.to_string())?;
-        if ids.is_empty() {
+        if respond {
+            ids.push(live.tok.response_id());
+        } else if ids.is_empty() {
             ids.push(live.tok.eot_id());
         }
         let max_ctx = live

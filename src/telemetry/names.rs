@@ -22,6 +22,7 @@ pub mod events {
     pub const ADMIN_REQUEST_REFUSED: &str = "admin_request_refused";
     pub const ADMIN_PEER_REFUSED: &str = "admin_peer_refused";
     pub const METRICS_SNAPSHOT: &str = "metrics_snapshot";
+    pub const METRICS_HISTORY_FAILED: &str = "metrics_history_failed";
     pub const PROMETHEUS_LISTENING: &str = "prometheus_listening";
     pub const REPLAY_OPENED: &str = "replay_opened";
     pub const REPLAY_RECOVERED: &str = "replay_recovered";
@@ -71,6 +72,14 @@ pub const ROLLBACKS_TOTAL: &str = "rollbacks_total";
 
 /// Training.
 pub const TRAIN_STEPS_TOTAL: &str = "train_steps_total";
+/// The trainer's step now (goes back on a rollback; `train_steps_total` never does).
+pub const TRAIN_STEP: &str = "train_step";
+/// Branches of a layer (label `layer`).
+pub const LAYER_WIDTH: &str = "layer_width";
+/// Branches of a layer active in the last step's mask (label `layer`).
+pub const LAYER_ACTIVE_BRANCHES: &str = "layer_active_branches";
+/// Branches under an operator's forced outage (`ctl mask`).
+pub const BRANCHES_FORCED_OFF: &str = "branches_forced_off";
 pub const TRAIN_TOKENS_PER_SEC: &str = "train_tokens_per_sec";
 pub const LOSS: &str = "loss";
 pub const GRAD_NORM: &str = "grad_norm";
