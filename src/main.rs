@@ -9,6 +9,8 @@ use mbtd::daemon::Exit;
 
 /// Exit code for a configuration that cannot be used.
 const EXIT_CONFIG: u8 = 2;
+/// Exit code of a demo stopped by Ctrl-C (128 + SIGINT).
+const EXIT_INTERRUPTED: u8 = 130;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -78,7 +80,9 @@ fn main() -> ExitCode {
         Command::Demo(args) => match mbtd::demo::run::run(&args) {
             Ok(summary) => {
                 print!("{summary}");
-                if summary.all_ok() {
+                if summary.interrupted {
+                    ExitCode::from(EXIT_INTERRUPTED)
+                } else if summary.all_ok() {
                     ExitCode::SUCCESS
                 } else {
                     ExitCode::FAILURE

@@ -4,7 +4,9 @@
 use serde_json::{Value, json};
 
 use super::daemon::DaemonChild;
+use super::producer::RealText;
 use super::timeline::{Action, DEMO_TAG, OUTAGE};
+use crate::text::csv_rows::RowBody;
 use crate::text::synth::{Synth, Task, solve};
 
 /// What one action did.
@@ -17,35 +19,90 @@ pub struct Exercised {
     pub detail: String,
 }
 
-/// One `generate` of the demo: a prompt of a task, the right answer, the model's.
+/// A prompt the demo asks the model about.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Probe {
+    /// The task (synthetic) or the row's source (real text).
+    pub label: String,
+    pub prompt: String,
+    /// Answer as an instruction (prompt, then the response token), or continue the text.
+    pub respond: bool,
+    /// The right answer, when there is one.
+    pub expected: Option<String>,
+}
+
+/// One unseen prompt of each synthetic task (from a seed the producer does not use).
+pub fn synthetic_probes(seed: u64) -> Vec<Probe> {
+    let mut g = Synth::new(seed);
+    Task::ALL
+        .iter()
+        .map(|&task| {
+            let row = g.row(task);
+            Probe {
+                label: task.name().to_string(),
+                expected: Some(solve(task, &row.prompt).unwrap_or(row.response)),
+                prompt: row.prompt,
+                respond: true,
+            }
+        })
+        .collect()
+}
+
+/// `n` rows spread over a real-text file: a prompt and its response, or the first words of a
+/// text (at most a third of them, at most 6) to be continued.
+pub fn real_probes(text: &RealText, n: usize) -> Vec<Probe> {
+    let len = text.rows.len();
+    (0..n.min(len))
+        .map(|i| &text.rows[i * len / n.min(len)])
+        .map(|row| match &row.body {
+            RowBody::PromptResponse { prompt, response } => Probe {
+                label: row.source.clone(),
+                prompt: prompt.clone(),
+                respond: true,
+                expected: Some(response.clone()),
+            },
+            RowBody::Text { text } => {
+                let words: Vec<&str> = text.split_whitespace().collect();
+                let k = words.len().div_ceil(3).clamp(1, 6);
+                Probe {
+                    label: row.source.clone(),
+                    prompt: words[..k.min(words.len())].join(" "),
+                    respond: false,
+                    expected: None,
+                }
+            }
+        })
+        .collect()
+}
+
+/// One `generate` of the demo: the probe and the model's answer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Generated {
-    pub task: Task,
-    pub prompt: String,
-    pub expected: String,
+    pub probe: Probe,
     pub got: String,
 }
 
 impl Generated {
-    pub fn correct(&self) -> bool {
-        self.got == self.expected
+    /// Right or wrong; `None` when there is no right answer (a text continuation).
+    pub fn correct(&self) -> Option<bool> {
+        self.probe.expected.as_ref().map(|e| *e == self.got)
     }
 }
 
 /// State carried between actions.
 pub struct Actions {
     pub last_layer: usize,
-    pub prompt_seed: u64,
+    probes: Vec<Probe>,
     /// The probe-logits hash of the demo's checkpoint (compared after the rollback).
     checkpoint_probe: Option<String>,
     pub generated: Vec<Generated>,
 }
 
 impl Actions {
-    pub fn new(n_layers: usize, prompt_seed: u64) -> Self {
+    pub fn new(n_layers: usize, probes: Vec<Probe>) -> Self {
         Self {
             last_layer: n_layers.saturating_sub(1),
-            prompt_seed,
+            probes,
             checkpoint_probe: None,
             generated: Vec::new(),
         }
@@ -120,32 +177,32 @@ impl Actions {
         }
     }
 
-    /// Greedy answers to one unseen prompt of each task.
+    /// Greedy answers to the probes.
     fn generate(&mut self, d: &DaemonChild) -> Result<String, crate::admin::client::ClientError> {
-        let mut g = Synth::new(self.prompt_seed);
-        let mut right = 0;
-        for task in Task::ALL {
-            let row = g.row(task);
+        let (mut right, mut judged) = (0, 0);
+        for probe in &self.probes {
             let v = d.call_stream(
                 "generate",
-                json!({"prompt": row.prompt, "respond": true, "max_tokens": 32, "temperature": 0.0}),
+                json!({"prompt": probe.prompt, "respond": probe.respond, "max_tokens": 32,
+                    "temperature": 0.0}),
                 |_| {},
             )?;
-            let got = answer(v["text"].as_str().unwrap_or(""));
-            let expected = solve(task, &row.prompt).unwrap_or(row.response);
-            let gen_ = Generated {
-                task,
-                prompt: row.prompt,
-                expected,
-                got,
+            let g = Generated {
+                probe: probe.clone(),
+                got: answer(v["text"].as_str().unwrap_or("")),
             };
-            right += gen_.correct() as usize;
-            self.generated.push(gen_);
+            if let Some(ok) = g.correct() {
+                judged += 1;
+                right += ok as usize;
+            }
+            self.generated.push(g);
         }
-        Ok(format!(
-            "generate: {right} of {} answers right (greedy, one unseen prompt per task)",
-            Task::ALL.len()
-        ))
+        let n = self.probes.len();
+        Ok(if judged > 0 {
+            format!("generate: {right} of {judged} answers right (greedy, {n} unseen prompts)")
+        } else {
+            format!("generate: {n} continuations of real-text prompts (greedy; see below)")
+        })
     }
 }
 
@@ -166,6 +223,41 @@ pub fn answer(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn synthetic_probes_cover_every_task_with_the_right_answer() {
+        let p = synthetic_probes(5);
+        assert_eq!(p.len(), Task::ALL.len());
+        for (probe, task) in p.iter().zip(Task::ALL) {
+            assert_eq!(probe.label, task.name());
+            assert!(probe.respond);
+            assert_eq!(probe.expected, solve(task, &probe.prompt));
+        }
+    }
+
+    #[test]
+    fn real_probes_spread_over_the_file() {
+        use crate::text::csv_rows::{CsvRow, RowKind};
+        let rows: Vec<CsvRow> = (0..8)
+            .map(|i| CsvRow {
+                line: i + 2,
+                source: "s".into(),
+                body: RowBody::Text {
+                    text: format!("row {i} has exactly six words"),
+                },
+            })
+            .collect();
+        let t = RealText {
+            file: "f.csv".into(),
+            kind: RowKind::Text,
+            rows,
+        };
+        let p = real_probes(&t, 4);
+        let prompts: Vec<&str> = p.iter().map(|p| p.prompt.as_str()).collect();
+        assert_eq!(prompts, vec!["row 0", "row 2", "row 4", "row 6"]);
+        assert!(p.iter().all(|p| !p.respond && p.expected.is_none()));
+        assert_eq!(real_probes(&t, 20).len(), 8);
+    }
 
     #[test]
     fn answer_stops_at_the_end_token() {

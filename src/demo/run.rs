@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-use super::actions::{Actions, Exercised};
+use super::actions::{Actions, Exercised, real_probes, synthetic_probes};
 use super::daemon::DaemonChild;
 use super::producer::{Producer, RealText};
 use super::progress::{Progress, View, alphas, render};
@@ -22,8 +22,9 @@ use crate::text::synth::{PHASES, phase_index};
 pub const MARKER: &str = ".mbtd-demo";
 /// Seconds between two files of the producer.
 const DROP_EVERY: Duration = Duration::from_millis(1500);
-/// Rows per synthetic file after the first (≈ 40 rows/s).
-const CHUNK_ROWS: usize = 60;
+/// Rows per synthetic file after the first: 200 rows/s, about what the demo model takes in
+/// (≈ 25 steps/s × 8 new windows), so that replay does not repeat few rows to memorisation.
+const CHUNK_ROWS: usize = 300;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -95,6 +96,11 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<Summary> {
             )
         })
         .transpose()?;
+    // Prompts for `generate`: unseen synthetic rows (another seed), or rows of the file.
+    let probes = match &real {
+        Some(t) => real_probes(t, 4),
+        None => synthetic_probes(args.seed.wrapping_add(1_000_003)),
+    };
     let data_dir = prepare_data_dir(&args.data_dir, args.fresh)?;
     let cfg_path = data_dir.join("demo.toml");
     std::fs::write(&cfg_path, DEMO_TOML)?;
@@ -137,7 +143,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<Summary> {
     };
     let progress = Progress::new(total);
     let say = |line: String| progress.println(&format!("[{}] {line}", mmss(start.elapsed())));
-    let mut actions = Actions::new(cfg.model.n_layers, args.seed.wrapping_add(1_000_003));
+    let mut actions = Actions::new(cfg.model.n_layers, probes);
     let mut exercised: Vec<Exercised> = Vec::new();
     let mut view = View::default();
     let mut alpha: Vec<Vec<f64>> = Vec::new();

@@ -105,21 +105,27 @@ impl fmt::Display for Summary {
                     if e.ok { "ok    " } else { "FAILED" },
                     e.detail
                 )?,
-                None => writeln!(f, "  [--:--] not reached ({a:?}): the demo ended first")?,
+                None => writeln!(
+                    f,
+                    "  [--:--] not reached ({a:?}): the demo stopped before it"
+                )?,
             }
         }
         if !self.generated.is_empty() {
-            writeln!(f, "generate (greedy, prompt then the response token):")?;
+            writeln!(f, "generate (greedy):")?;
             for g in &self.generated {
-                writeln!(
-                    f,
-                    "  {:<9} {:?} → {:?} (expected {:?}) {}",
-                    g.task.name(),
-                    g.prompt,
-                    g.got,
-                    g.expected,
-                    if g.correct() { "right" } else { "wrong" }
-                )?;
+                let p = &g.probe;
+                match (&p.expected, g.correct()) {
+                    (Some(e), Some(ok)) => writeln!(
+                        f,
+                        "  {:<9} {:?} → {:?} (expected {e:?}) {}",
+                        p.label,
+                        p.prompt,
+                        g.got,
+                        if ok { "right" } else { "wrong" }
+                    )?,
+                    _ => writeln!(f, "  {:<9} {:?} → {:?}", p.label, p.prompt, g.got)?,
+                }
             }
         }
         writeln!(
@@ -186,7 +192,10 @@ mod tests {
         let t = s.to_string();
         assert!(t.contains("stopped by Ctrl-C after 01:15"), "{t}");
         assert!(t.contains("[00:20] ok     outage"), "{t}");
-        assert!(t.contains("not reached (Rollback)"), "{t}");
+        assert!(
+            t.contains("not reached (Rollback): the demo stopped before it"),
+            "{t}"
+        );
         assert!(t.contains("report FAILED: no history"), "{t}");
         assert!(!s.all_ok());
     }

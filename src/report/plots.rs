@@ -304,8 +304,9 @@ pub fn loss_plot(path: &Path, s: &Series, ckpts: &[CheckpointSummary]) -> Result
             .legend(|(x, y)| TriangleMarker::new((x + 10, y), 6, CKPT.filled()));
         chart
             .draw_series(marks.iter().enumerate().filter_map(|(i, &(st, tag))| {
-                let y = y1 * (0.04 + 0.035 * (i % 3) as f64);
-                tag.map(|t| Text::new(t.to_string(), (st, y), (FONT, 12).into_font().color(&CKPT)))
+                // Beside the triangle, clear of an event line at the same step.
+                let (x, y) = (st + (x1 - x0) * 0.006, y1 * (0.04 + 0.035 * (i % 3) as f64));
+                tag.map(|t| Text::new(t.to_string(), (x, y), (FONT, 12).into_font().color(&CKPT)))
             }))
             .map_err(|x| e(x.to_string()))?;
     }
@@ -376,8 +377,11 @@ fn time_panel(
         .iter()
         .map(|l| time_runs(&s.points, unit, &l.value))
         .collect();
-    let (y0, y1) = y_fixed
-        .unwrap_or_else(|| value_range(runs.iter().flatten().flatten().map(|&(_, y)| y), true));
+    // Auto range: from 0, with headroom above the lines for the legend.
+    let (y0, y1) = y_fixed.unwrap_or_else(|| {
+        let (lo, hi) = value_range(runs.iter().flatten().flatten().map(|&(_, y)| y), true);
+        (lo, lo + (hi - lo) * LEGEND_HEADROOM)
+    });
     let mut chart = ChartBuilder::on(area)
         .caption(caption, (FONT, 18))
         .margin(10)
@@ -417,6 +421,9 @@ fn time_panel(
     }
     legend_box(&mut chart, legend_at)
 }
+
+/// Auto-ranged panels reach this multiple of their largest value (room for the legend).
+const LEGEND_HEADROOM: f64 = 1.5;
 
 /// Pixel heights of the branches panel and of each α panel.
 const TOP_PANEL: u32 = 380;
@@ -503,7 +510,7 @@ pub fn branches_plot(path: &Path, s: &Series) -> Result<(), ReportError> {
                 lines,
                 y_fixed: None,
                 legend_events: false,
-                legend_at: SeriesLabelPosition::LowerRight,
+                legend_at: SeriesLabelPosition::UpperRight,
             },
         )
         .map_err(&e)?;
@@ -535,7 +542,7 @@ pub fn throughput_plot(path: &Path, s: &Series) -> Result<(), ReportError> {
             }],
             y_fixed: None,
             legend_events: true,
-            legend_at: SeriesLabelPosition::LowerRight,
+            legend_at: SeriesLabelPosition::UpperRight,
         },
     )
     .map_err(&e)?;
@@ -553,7 +560,7 @@ pub fn throughput_plot(path: &Path, s: &Series) -> Result<(), ReportError> {
             }],
             y_fixed: None,
             legend_events: false,
-            legend_at: SeriesLabelPosition::LowerRight,
+            legend_at: SeriesLabelPosition::UpperRight,
         },
     )
     .map_err(&e)?;
