@@ -11,6 +11,8 @@ pub mod cli;
 pub mod config;
 pub mod ctl;
 pub mod daemon;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod govern;
 pub mod ingest;
 pub mod learn;

@@ -18,6 +18,50 @@ pub struct Request {
     pub args: serde_json::Value,
 }
 
+impl Request {
+    /// The line sent on the wire (with its trailing newline).
+    pub fn to_line(&self) -> String {
+        let mut s = serde_json::to_string(self).expect("a request serialises");
+        s.push('\n');
+        s
+    }
+}
+
+/// What one request line (without its `\n`) is to the server.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Incoming {
+    /// Empty or only ASCII whitespace: ignored.
+    Blank,
+    /// A well-formed request.
+    Request(Request),
+    /// Not a request; the error response to send (the connection stays usable).
+    Malformed(Response),
+}
+
+/// Decodes one request line. Pure: the server's only decision about a line's content.
+pub fn decode_line(line: &[u8]) -> Incoming {
+    if line.iter().all(|b| b.is_ascii_whitespace()) {
+        return Incoming::Blank;
+    }
+    match serde_json::from_slice::<Request>(line) {
+        Ok(r) => Incoming::Request(r),
+        Err(e) => Incoming::Malformed(Response::error(
+            0,
+            format!(
+                "malformed request: {e}; expected one JSON object per line like {{\"id\":1,\"cmd\":\"status\",\"args\":{{}}}}"
+            ),
+        )),
+    }
+}
+
+/// The error response to a request line longer than `max` bytes (the connection is closed).
+pub fn too_large_response(max: usize) -> Response {
+    Response::error(
+        0,
+        format!("request larger than {max} bytes (admin.max_request_bytes); connection closed"),
+    )
+}
+
 /// One response line.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Response {

@@ -1,4 +1,5 @@
-//! Text handling: CSV rows and the tokenizer.
+//! Text handling: CSV rows (reading and writing) and the tokenizer.
 
 pub mod csv_rows;
+pub mod csv_write;
 pub mod tokenizer;
