@@ -17,6 +17,7 @@ pub mod govern;
 pub mod ingest;
 pub mod learn;
 pub mod model;
+pub mod soak;
 pub mod store;
 pub mod telemetry;
 pub mod text;
