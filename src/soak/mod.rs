@@ -262,7 +262,6 @@ pub fn bench_soak(a: &SoakArgs) -> Result<Value, SoakError> {
     }
     let drain_s = drain.elapsed().as_secs_f64();
     let m = d.call("metrics")?;
-    let st = d.status()?;
     let exit_code = d.shutdown(Duration::from_secs(cfg.daemon.shutdown_timeout_s + 30))?;
     if exit_code != 0 {
         return Err(SoakError::Daemon {
@@ -294,7 +293,7 @@ pub fn bench_soak(a: &SoakArgs) -> Result<Value, SoakError> {
             "p50": ms("p50"), "p90": ms("p90"), "p99": ms("p99"), "max": ms("max"),
             "count": m["train_step_seconds_count"],
         },
-        "steps": section(&st, "trainer")["step"],
+        "steps": m["train_steps_total"],
         "rows_produced": produced.rows,
         "files_produced": produced.files,
         "bytes_produced": produced.bytes,
