@@ -1,6 +1,7 @@
 //! `mbtd run`: the daemon's lifecycle — lock the data dir, start the actor tree, tell systemd,
 //! wait for a signal or `ctl shutdown`, stop in order within `daemon.shutdown_timeout_s`.
 
+pub mod child;
 pub mod lock;
 pub mod systemd;
 

@@ -3,9 +3,9 @@
 
 use serde_json::{Value, json};
 
-use super::daemon::DaemonChild;
 use super::producer::RealText;
 use super::timeline::{Action, DEMO_TAG, OUTAGE};
+use crate::daemon::child::DaemonChild;
 use crate::text::csv_rows::RowBody;
 use crate::text::synth::{Synth, Task, solve};
 

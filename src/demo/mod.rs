@@ -5,7 +5,6 @@
 //! report's plots and a summary.
 
 pub mod actions;
-pub mod daemon;
 pub mod producer;
 pub mod progress;
 pub mod run;

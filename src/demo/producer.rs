@@ -2,10 +2,11 @@
 //! dot-file, fsynced, renamed in), from the synthetic generator or from a user's CSV file.
 
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::text::csv_rows::{CsvError, CsvRow, CsvRowReader, RowBody, RowKind};
+use crate::store::fsutil::write_atomic;
+use crate::text::csv_rows::{CsvError, CsvRow, CsvRowReader, RowKind};
+use crate::text::csv_write::{CsvWriteError, csv_bytes};
 use crate::text::synth::{PHASES, Synth, phase_index, to_csv};
 
 /// Why the producer cannot go on.
@@ -23,6 +24,8 @@ pub enum ProducerError {
     },
     #[error("--real-text {file}: {why}")]
     RealText { file: String, why: String },
+    #[error("cannot render an inbox file: {0}")]
+    Csv(#[from] CsvWriteError),
     #[error("cannot write {path} into the inbox: {source}")]
     Write {
         path: PathBuf,
@@ -78,26 +81,6 @@ impl RealText {
         }
         Ok(Self { file, kind, rows })
     }
-}
-
-/// Renders rows of one kind as an inbox CSV file (with their `source`).
-pub fn rows_to_csv(kind: RowKind, rows: &[CsvRow]) -> String {
-    let mut w = csv::Writer::from_writer(Vec::new());
-    let header: &[&str] = match kind {
-        RowKind::Text => &["text", "source"],
-        RowKind::PromptResponse => &["prompt", "response", "source"],
-    };
-    w.write_record(header).expect("writing to memory");
-    for r in rows {
-        match &r.body {
-            RowBody::Text { text } => w.write_record([text.as_str(), r.source.as_str()]),
-            RowBody::PromptResponse { prompt, response } => {
-                w.write_record([prompt.as_str(), response.as_str(), r.source.as_str()])
-            }
-        }
-        .expect("writing to memory");
-    }
-    String::from_utf8(w.into_inner().expect("writing to memory")).expect("rows are UTF-8")
 }
 
 enum Source {
@@ -173,31 +156,23 @@ impl Producer {
                     return Ok(None);
                 }
                 let end = (*next + n).min(text.rows.len());
-                let csv = rows_to_csv(text.kind, &text.rows[*next..end]);
+                let csv = csv_bytes(
+                    text.kind,
+                    text.rows[*next..end]
+                        .iter()
+                        .map(|r| (r.source.as_str(), &r.body)),
+                )?;
                 let rows = end - *next;
                 *next = end;
                 (csv, rows, "real text")
             }
         };
         let name = format!("demo-{:05}.csv", self.files + 1);
-        self.write(&name, csv.as_bytes())?;
+        let dest = self.inbox.join(&name);
+        write_atomic(&dest, &csv).map_err(|source| ProducerError::Write { path: dest, source })?;
         self.files += 1;
         self.rows += rows;
         Ok(Some(Dropped { name, rows, phase }))
-    }
-
-    /// Writes `.name.part` in the inbox (ignored by the daemon), fsyncs, renames it in.
-    fn write(&self, name: &str, bytes: &[u8]) -> Result<(), ProducerError> {
-        let tmp = self.inbox.join(format!(".{name}.part"));
-        let dest = self.inbox.join(name);
-        let err = |source| ProducerError::Write {
-            path: dest.clone(),
-            source,
-        };
-        let mut f = File::create(&tmp).map_err(err)?;
-        f.write_all(bytes).map_err(err)?;
-        f.sync_all().map_err(err)?;
-        std::fs::rename(&tmp, &dest).map_err(err)
     }
 }
 
@@ -205,6 +180,7 @@ impl Producer {
 mod tests {
     use super::*;
 
+    use crate::text::csv_rows::RowBody;
     fn read_back(path: &Path) -> Vec<CsvRow> {
         let f = File::open(path).unwrap();
         let mut rd = CsvRowReader::new(f, "x", "stem", 1 << 20).unwrap();

@@ -9,12 +9,12 @@ use anyhow::{Context, bail};
 use serde_json::Value;
 
 use super::actions::{Actions, Exercised, real_probes, synthetic_probes};
-use super::daemon::DaemonChild;
 use super::producer::{Producer, RealText};
 use super::progress::{Progress, View, alphas, render};
 use super::summary::Summary;
 use super::timeline::{TIMELINE, due};
 use super::{DEMO_TOML, DemoArgs, demo_config};
+use crate::daemon::child::DaemonChild;
 use crate::report::write_report;
 use crate::text::synth::{PHASES, phase_index};
 

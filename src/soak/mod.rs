@@ -12,7 +12,6 @@
 //! Rows come from any iterator of (source, body) ([`producer::Producer`]); the soak uses the
 //! small seeded [`producer::local_rows`].
 
-pub mod child;
 pub mod procfs;
 pub mod producer;
 pub mod stats;
@@ -24,11 +23,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use self::child::{DaemonChild, section};
 use self::producer::{Dropped, Producer, local_rows};
 use self::stats::{Sample, summarize};
 use crate::admin::client::ClientError;
+use crate::admin::protocol::StatusReply;
 use crate::config::Config;
+use crate::daemon::child::{ChildError, DaemonChild};
 use crate::text::csv_write::CsvWriteError;
 
 /// The daemon configuration of the soak.
@@ -82,6 +82,9 @@ pub enum SoakError {
     /// The daemon misbehaved (did not start, died, did not stop, exited non-zero).
     #[error("bench soak: the daemon {what}; see its log {}", log.display())]
     Daemon { what: String, log: PathBuf },
+    /// The child daemon did not start, died or did not stop.
+    #[error("bench soak: {0}")]
+    Child(#[from] ChildError),
     /// An admin request failed.
     #[error("bench soak: admin request failed: {0}")]
     Client(#[from] ClientError),
@@ -158,7 +161,7 @@ fn sample(d: &mut DaemonChild, t_s: f64) -> Result<Sample, SoakError> {
     let proc_path = PathBuf::from(format!("/proc/{pid}"));
     let rss_kib = procfs::rss_kib(pid).map_err(SoakError::io("read RSS of", &proc_path))?;
     let fds = procfs::open_fds(pid).map_err(SoakError::io("count descriptors of", &proc_path))?;
-    let st = d.status()?;
+    let st = status(d)?;
     let trainer = section(&st, "trainer");
     Ok(Sample {
         t_s,
@@ -170,9 +173,26 @@ fn sample(d: &mut DaemonChild, t_s: f64) -> Result<Sample, SoakError> {
     })
 }
 
+/// `status`, parsed.
+fn status(d: &DaemonChild) -> Result<StatusReply, SoakError> {
+    let v = d.call("status", Value::Null)?;
+    serde_json::from_value(v).map_err(|e| SoakError::Daemon {
+        what: format!("sent a status that does not parse: {e}"),
+        log: d.log.clone(),
+    })
+}
+
+/// A status section by name (`trainer`, `ingest`, …); `Null` when absent.
+fn section<'a>(s: &'a StatusReply, name: &str) -> &'a Value {
+    s.sections
+        .iter()
+        .find(|(n, _)| n == name)
+        .map_or(&Value::Null, |(_, v)| v)
+}
+
 /// Files the ingestor has finished (done or failed).
 fn files_finished(d: &DaemonChild) -> Result<u64, SoakError> {
-    let st = d.status()?;
+    let st = status(d)?;
     let ing = section(&st, "ingest");
     Ok(ing["files_done"].as_u64().unwrap_or(0) + ing["files_failed"].as_u64().unwrap_or(0))
 }
@@ -202,22 +222,26 @@ pub fn bench_soak(a: &SoakArgs) -> Result<Value, SoakError> {
             p
         }
     };
-    let mut cfg =
-        Config::load(Some(&config_path)).map_err(|e| SoakError::Config(e.to_string()))?;
+    let mut cfg = Config::load(Some(&config_path)).map_err(|e| SoakError::Config(e.to_string()))?;
     cfg.resolve_paths(&dir);
     let exe = std::env::current_exe().map_err(SoakError::io("locate", Path::new("mbtd")))?;
-    let mut d = DaemonChild::start(
+    let mut d = DaemonChild::spawn(
         &exe,
         &config_path,
         &dir,
-        &cfg.admin.socket,
-        Duration::from_secs(60),
+        cfg.admin.socket.clone(),
+        dir.join("daemon.log"),
     )?;
+    d.wait_ready(Duration::from_secs(60))?;
 
     let t0 = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let _stop_guard = StopOnDrop(stop.clone());
-    let prod = Producer::new(local_rows(a.seed), &dir.join("soak-staging"), &cfg.paths.inbox)?;
+    let prod = Producer::new(
+        local_rows(a.seed),
+        &dir.join("soak-staging"),
+        &cfg.paths.inbox,
+    )?;
     let (rows_per_batch, rows_per_sec) = (a.rows_per_batch, a.rows_per_sec);
     let flag = stop.clone();
     let producer = std::thread::Builder::new()
@@ -261,17 +285,21 @@ pub fn bench_soak(a: &SoakArgs) -> Result<Value, SoakError> {
         std::thread::sleep(Duration::from_millis(200));
     }
     let drain_s = drain.elapsed().as_secs_f64();
-    let m = d.call("metrics")?;
-    let exit_code = d.shutdown(Duration::from_secs(cfg.daemon.shutdown_timeout_s + 30))?;
-    if exit_code != 0 {
+    let m = d.call("metrics", Value::Null)?;
+    let exit = d.shutdown(Duration::from_secs(cfg.daemon.shutdown_timeout_s + 30))?;
+    if !exit.success() {
         return Err(SoakError::Daemon {
-            what: format!("exited with code {exit_code} after `ctl shutdown`"),
+            what: format!("ended with {exit} after `ctl shutdown`"),
             log: dir.join("daemon.log"),
         });
     }
     let warmup = a.warmup_secs.min(duration / 2.0);
     let summary = summarize(&samples, warmup);
-    let ms = |k: &str| m[format!("train_step_seconds_{k}")].as_f64().map(|s| s * 1e3);
+    let ms = |k: &str| {
+        m[format!("train_step_seconds_{k}")]
+            .as_f64()
+            .map(|s| s * 1e3)
+    };
     let col = |f: fn(&Sample) -> Value| samples.iter().map(f).collect::<Vec<Value>>();
     let report = json!({
         "bench": "soak",
@@ -303,7 +331,7 @@ pub fn bench_soak(a: &SoakArgs) -> Result<Value, SoakError> {
         "replay_evicted_total": m["replay_evicted_total"],
         "checkpoints_written": m["checkpoints_total"],
         "drain_s": drain_s,
-        "daemon_exit_code": exit_code,
+        "daemon_exit_code": exit.code(),
         "data_dir": if temp { Value::Null } else { json!(dir.display().to_string()) },
         "wall_s": started.elapsed().as_secs_f64(),
     });
@@ -339,7 +367,12 @@ mod tests {
             minutes: 0.0,
             ..ok.clone()
         };
-        assert!(validate(&bad).unwrap_err().to_string().contains("--minutes"));
+        assert!(
+            validate(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("--minutes")
+        );
         let bad = SoakArgs {
             rows_per_batch: 0,
             ..ok

@@ -13,6 +13,8 @@
 //! slice is chosen by a row's content hash, so a row repeated verbatim is always held out or
 //! always trained on.
 
+use crate::text::csv_rows::{RowBody, RowKind};
+use crate::text::csv_write::csv_bytes;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -64,6 +66,16 @@ pub struct SynthRow {
     pub task: Task,
     pub prompt: String,
     pub response: String,
+}
+
+impl SynthRow {
+    /// The row as the inbox reads it.
+    pub fn body(&self) -> RowBody {
+        RowBody::PromptResponse {
+            prompt: self.prompt.clone(),
+            response: self.response.clone(),
+        }
+    }
 }
 
 /// A stage of the stream: the probability of each task (same order as [`Task::ALL`]).
@@ -275,16 +287,14 @@ pub fn solve(task: Task, prompt: &str) -> Option<String> {
     }
 }
 
-/// The rows as an inbox CSV file: header `prompt,response,source`, RFC 4180 quoting.
-pub fn to_csv(rows: &[SynthRow]) -> String {
-    let mut w = csv::Writer::from_writer(Vec::new());
-    w.write_record(["prompt", "response", "source"])
-        .expect("writing to memory");
-    for r in rows {
-        w.write_record([r.prompt.as_str(), r.response.as_str(), r.task.name()])
-            .expect("writing to memory");
-    }
-    String::from_utf8(w.into_inner().expect("writing to memory")).expect("rows are UTF-8")
+/// The rows as an inbox CSV file: header `prompt,response,source` (the task's name).
+pub fn to_csv(rows: &[SynthRow]) -> Vec<u8> {
+    let bodies: Vec<RowBody> = rows.iter().map(SynthRow::body).collect();
+    csv_bytes(
+        RowKind::PromptResponse,
+        rows.iter().map(|r| r.task.name()).zip(&bodies),
+    )
+    .expect("prompt/response rows into a prompt/response file in memory")
 }
 
 /// Share of each task (order of [`Task::ALL`]) among `rows`.
@@ -300,7 +310,7 @@ pub fn task_shares(rows: &[SynthRow]) -> [f64; 4] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::text::csv_rows::{CsvRowReader, RowBody};
+    use crate::text::csv_rows::CsvRowReader;
     use std::collections::HashSet;
 
     #[test]
@@ -428,7 +438,7 @@ mod tests {
     fn csv_is_read_back_by_the_inbox_reader() {
         let rows = Synth::new(9).rows(&PHASES[2], 100);
         let text = to_csv(&rows);
-        let mut rd = CsvRowReader::new(text.as_bytes(), "synth.csv", "synth", 1 << 20).unwrap();
+        let mut rd = CsvRowReader::new(text.as_slice(), "synth.csv", "synth", 1 << 20).unwrap();
         let mut back = Vec::new();
         while let Some(r) = rd.next_row().unwrap() {
             back.push(r.expect("row accepted"));
