@@ -8,12 +8,16 @@ prompt/response pairs (loss on the value and the end token only, so the loss is 
 down to ~0 and differences are memorisation capacity, not irreducible noise). Each fact is
 asked with one of 8 wordings, so the content-hash control slice holds rows whose facts also
 occur in training. Each phase arrives as several files spread over its steps, so new-era
-control rows keep appearing. Every run: fresh data dir, same seed for data and training, the
-same file schedule by trainer step, training stops at --steps; then `ctl eval` twice (all
-control rows "old") and the numbers.
+control rows keep appearing. Every run: fresh data dir, the same file schedule by trainer
+step, training stops at --steps; then `ctl eval` twice (all control rows "old") and the
+numbers. By default every run gets the same stream (tables and rows from --data-seed 1) and
+the seeds vary training (initialisation, sampling); `--data-seed same` draws the stream from
+each run's seed instead (other tables and other control rows per seed).
 
-Usage: python3 bench/growth.py [--steps N] [--seeds 1,2,3] [--out bench/growth-raw.json]
-(the reported run: `nice -n 19 python3 bench/growth.py`, all defaults).
+Usage: python3 bench/growth.py [--steps N] [--seeds 1,2,3] [--data-seed 1|same]
+                               [--out bench/growth-raw.json]
+(the reported runs: `nice -n 19 python3 bench/growth.py`, all defaults, and
+`nice -n 19 python3 bench/growth.py --data-seed same --out bench/growth-raw-dataseeds.json`).
 """
 import argparse, json, os, random, statistics, subprocess, sys, tempfile, time
 
@@ -173,7 +177,7 @@ def decisions(data):
     return out
 
 
-def run(enabled, seed, steps, files, rows, every, branches):
+def run(enabled, seed, data_seed, steps, files, rows, every, branches):
     label = f"governor from K={branches}" if enabled else f"fixed K={branches}"
     data = tempfile.mkdtemp(prefix=f"growth-{'gov' if enabled else 'fix'}{branches}-{seed}-")
     os.makedirs(os.path.join(data, "inbox"))
@@ -189,7 +193,7 @@ def run(enabled, seed, steps, files, rows, every, branches):
                 break
             time.sleep(0.1)
         t0 = time.time()
-        todo = schedule(seed, steps, files, rows)
+        todo = schedule(data_seed, steps, files, rows)
         step, tps, dropped = 0, [], []
         while step < steps:
             while todo and step >= todo[0][0]:
@@ -212,7 +216,8 @@ def run(enabled, seed, steps, files, rows, every, branches):
         gov = unwrap(ctl(data, "governor"))
         layers = gov.get("layers") or []
         return dict(
-            run=label, seed=seed, steps=st["trainer"]["step"], drops=dropped,
+            run=label, seed=seed, data_seed=data_seed, steps=st["trainer"]["step"],
+            drops=dropped,
             loss_control=ev.get("loss_control_old"),
             per_source={k.split("/")[0]: v for k, v in (ev.get("per_source") or {}).items()},
             widths=st["trainer"].get("widths"), params=st["trainer"].get("params"),
@@ -255,7 +260,9 @@ def summary(results):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=4500)
-    ap.add_argument("--seeds", default="1,2,3")
+    ap.add_argument("--seeds", default="1,2,3", help="training seeds")
+    ap.add_argument("--data-seed", default="1",
+                    help="seed of the stream, or 'same': each run's training seed")
     ap.add_argument("--files", type=int, default=6, help="files per phase")
     ap.add_argument("--rows", type=int, default=600, help="rows per file")
     ap.add_argument("--every", type=int, default=50, help="eval.every_steps")
@@ -267,7 +274,8 @@ def main():
     for seed in [int(s) for s in a.seeds.split(",")]:
         # Interleaved per seed, so that the three share the machine's load alike.
         for enabled, k in ((False, 2), (True, 2), (False, 4)):
-            r = run(enabled, seed, a.steps, a.files, a.rows, a.every, k)
+            ds = seed if a.data_seed == "same" else int(a.data_seed)
+            r = run(enabled, seed, ds, a.steps, a.files, a.rows, a.every, k)
             print(json.dumps({k: v for k, v in r.items() if k not in ("decisions", "drops")}),
                   flush=True)
             results.append(r)
