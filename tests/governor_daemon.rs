@@ -186,7 +186,7 @@ fn harmful_expansion_is_rolled_back_bitwise_by_the_probation_gate() {
     let j = &rb["judgement"];
     eprintln!("probation judgement: {j}");
     assert!(
-        j["gain_new"].as_f64().unwrap() < 0.0,
+        j["gain"].as_f64().unwrap() < 0.0,
         "the harmful expansion should have raised the loss: {j}"
     );
     let out = &rb["outcome"];

@@ -16,6 +16,7 @@ use super::checkpointer::{CheckpointerActor, Load, Snapshot, Target, Write};
 use super::replay::{ControlRows, FirstRows, ReplayActor, TrainRows};
 use crate::checkpoint::{LoadedCheckpoint, Manifest};
 use crate::config::Config;
+use crate::govern::SourceLoss;
 use crate::govern::diagnostics::{layer_diagnostics, stats};
 use crate::govern::policy::{
     self, Decision, EvalPoint, ExpansionStart, GovernorInputs, GovernorState, LayerInput, Phase,
@@ -814,6 +815,7 @@ impl Worker {
         let all_on = live.trainer.model().all_active();
         let mut by_era = [(0.0f64, 0.0f64), (0.0, 0.0)];
         let mut per_source = serde_json::Map::new();
+        let mut group_losses = Vec::new();
         let mut pooled: Vec<Window> = Vec::new();
         for g in &groups {
             let ws: Vec<Window> = g
@@ -841,8 +843,15 @@ impl Worker {
             let era = if g.era == Era::Old { 0 } else { 1 };
             by_era[era].0 += sum;
             by_era[era].1 += w;
-            let key = format!("{}/{}", g.source, if era == 0 { "old" } else { "new" });
+            let era_name = if era == 0 { "old" } else { "new" };
+            let key = format!("{}/{era_name}", g.source);
             per_source.insert(key, serde_json::json!(loss));
+            // Which rows were measured, so that the governor compares like with like.
+            group_losses.push(serde_json::json!({
+                "source": g.source, "era": era_name, "rows": g.records.len(),
+                "last_seq": g.records.last().map_or(0, |r| r.seq), "tokens": w as u64,
+                "loss": loss,
+            }));
             metrics::gauge!(n::LOSS_CONTROL_SOURCE, "source" => g.source.clone(),
                 "era" => if era == 0 { "old" } else { "new" })
             .set(loss);
@@ -913,6 +922,7 @@ impl Worker {
             "retention_delta_old": if prev_old.is_finite() { old.map(|o| o - prev_old) } else { None },
             "retention_delta_new": if prev_new.is_finite() { new.map(|o| o - prev_new) } else { None },
             "per_source": per_source,
+            "groups": group_losses,
             "branch_out": outage,
         }))
     }
@@ -1393,11 +1403,27 @@ impl Worker {
     fn eval_point(&self, v: &serde_json::Value) -> Option<EvalPoint> {
         let live = self.live.as_ref()?;
         let fresh = |k: &str| v[k].as_f64().filter(|x| x.is_finite());
+        let old_sources = v["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|g| g["era"] == "old")
+            .filter_map(|g| {
+                Some(SourceLoss {
+                    source: g["source"].as_str()?.to_string(),
+                    rows: g["rows"].as_u64()?,
+                    last_seq: g["last_seq"].as_u64()?,
+                    tokens: g["tokens"].as_u64()?,
+                    loss: g["loss"].as_f64()?,
+                })
+            })
+            .collect();
         Some(EvalPoint {
             step: v["step"].as_u64()?,
             control_old: fresh("loss_control_old"),
             control_new: fresh("loss_control_new"),
             train_loss_ema: live.st.train_loss_ema.unwrap_or(f64::NAN),
+            old_sources,
         })
     }
 
@@ -1414,12 +1440,13 @@ impl Worker {
         }
         let phase = |g: &GovernorState| g.in_progress.as_ref().map(|e| e.phase);
         let was_ramp = phase(&live.st.governor) == Some(Phase::Ramp);
+        let scheduled = eval.is_some();
         let inputs = governor_inputs(live, eval);
         let d = policy::decide(&mut live.st.governor, &inputs, &cfg);
         let ramp_done =
             was_ramp && matches!(phase(&live.st.governor), Some(Phase::Probation { .. }));
         let outcome = match &d {
-            Decision::None { .. } if eval.is_none() => return,
+            Decision::None { .. } if !scheduled => return,
             Decision::None { .. } | Decision::Keep { .. } => None,
             Decision::SetEta { layer, eta, .. } => Some(self.apply_eta(*layer, *eta, ramp_done)),
             Decision::Expand {

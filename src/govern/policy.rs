@@ -7,18 +7,31 @@
 //!   caller writes the pre-expansion checkpoint, expands, calls register_expansion
 //!   ramp:  every call → SetEta{η = β·min(1, (step - start)/ramp_steps)}; at the end → probation
 //!   probation: first eval at step ≥ since + probation_steps →
-//!        gain_new = base_new - now_new ≥ min_gain  ∧  regression_old = now_old - base_old ≤ max_regression
+//!        gain = L_base - L_now ≥ min_gain  ∧  regression ≤ max_regression
 //!          ? Keep (cool-down, back-off reset to 1)
 //!          : Rollback to the pre-expansion checkpoint (back-off ×= backoff_factor,
 //!            cool-down = cooldown_steps · back-off, counted from the expansion's start step,
 //!            which is the step the restored checkpoint resumes at)
 //! ```
-//! Plateau: over the last `patience + 1` evals of the monitored loss (`control_loss_new` when
-//! every one of them has it, else the train loss EMA), the relative improvement
-//! `(x_ref - min(x_last patience)) / |x_ref|` of the best recent value over the oldest one is
-//! below `plateau_tolerance`. Saturation of layer `l`: `effective_num_paths / K_l`; a layer
-//! whose branches all carry energy (ratio ≥ `saturation_threshold`) uses its width and is the
-//! one to widen; the most saturated eligible layer wins (lowest index on ties).
+//! The judged loss `L` is, in order of preference (see [`super::compare`] for why):
+//! * `control_same_rows`: the control loss on the held-out rows measured at both the
+//!   baseline and the judging eval (old-era groups of the same rows, token-weighted);
+//!   `regression` is the largest increase of one source's loss on them;
+//! * `control`: the new-era control loss (`regression`: increase of the old-era one);
+//! * `train_loss_ema` (`regression` 0); with no baseline at all the expansion is kept.
+//!
+//! Plateau: over the last `patience + 1` evals the monitored series `x` is, in order of
+//! preference, the control loss on the same rows (every old-era source of the latest eval
+//! measured on the same rows throughout the window), `control_loss_new` (every eval has it),
+//! the train loss EMA. With `x_ref` the oldest value, the relative improvement is
+//! `(x_ref - min(x_later)) / |x_ref|` and the relative rise `(x_last - x_ref) / |x_ref|`.
+//! It is a plateau when the improvement is below `plateau_tolerance` and, for the two
+//! series measured on changing data, the rise is not above it either: a jump of the new-era
+//! or training loss means harder data arrived, not that learning stalled, so the governor
+//! waits until the model has worked on it. On the same rows a rise is a plateau (the model
+//! is losing ground on fixed data). Saturation of layer `l`: `effective_num_paths / K_l`; a
+//! layer whose branches all carry energy (ratio ≥ `saturation_threshold`) uses its width
+//! and is the one to widen; the most saturated eligible layer wins (lowest index on ties).
 //!
 //! Expansions are proposed only on calls that carry a fresh eval, so a caller that registers
 //! the expansion before its next eval never gets the same proposal twice.
@@ -26,6 +39,8 @@
 //! live `GovernorState` (it records the back-off), not the one stored in the checkpoint.
 
 use serde::{Deserialize, Serialize};
+
+use super::compare::{self, SourceChange, SourceLoss};
 
 /// Most evals kept in [`GovernorState::history`].
 pub const HISTORY_CAP: usize = 64;
@@ -139,7 +154,7 @@ impl GovernorConfig {
 }
 
 /// One evaluation on the held-out control set.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalPoint {
     /// Step of the eval.
     pub step: u64,
@@ -150,6 +165,9 @@ pub struct EvalPoint {
     /// EMA of the training loss.
     #[serde(with = "super::float_json::nan_as_null")]
     pub train_loss_ema: f64,
+    /// Control loss per source on its old-era rows (empty in states written before it).
+    #[serde(default)]
+    pub old_sources: Vec<SourceLoss>,
 }
 
 /// What the governor knows about one layer at a call.
@@ -251,7 +269,7 @@ impl Expansion {
 /// The plateau test and its numbers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PlateauCheck {
-    /// `control_loss_new` or `train_loss_ema`.
+    /// `control_same_rows`, `control_loss_new` or `train_loss_ema`.
     pub metric: String,
     /// The `patience + 1` values tested, oldest first.
     #[serde(with = "super::float_json::vec_nan_as_null")]
@@ -259,6 +277,9 @@ pub struct PlateauCheck {
     /// Relative improvement of the best recent value over the oldest.
     #[serde(with = "super::float_json::nan_as_null")]
     pub relative_improvement: f64,
+    /// Relative rise of the latest value over the oldest.
+    #[serde(with = "super::float_json::nan_as_null")]
+    pub relative_rise: f64,
     /// The tolerance it is compared with.
     pub tolerance: f64,
     /// Whether it is a plateau.
@@ -302,24 +323,28 @@ pub struct Basis {
 /// The numbers a probation outcome was based on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Judgement {
-    /// `control` (control losses) or `train_loss_ema` (fallback when control losses are
-    /// missing), or `none` (no baseline eval: the expansion is kept).
+    /// The judged loss: `control_same_rows`, `control` (new-era control loss),
+    /// `train_loss_ema` (no control loss at both evals), or `none` (no baseline eval: the
+    /// expansion is kept).
     pub metric: String,
-    /// Baseline old-era loss.
+    /// Judged loss at the baseline eval.
+    pub baseline: Option<f64>,
+    /// Judged loss now.
+    #[serde(with = "super::float_json::nan_as_null")]
+    pub now: f64,
+    /// `baseline - now` (0 without a baseline).
+    #[serde(with = "super::float_json::nan_as_null")]
+    pub gain: f64,
+    /// Compared with `max_regression`: the largest per-source increase on the same rows
+    /// (`control_same_rows`), the old-era control increase (`control`), else 0.
+    #[serde(with = "super::float_json::nan_as_null")]
+    pub regression: f64,
+    /// Per-source losses on the same rows (`control_same_rows`).
+    pub sources: Vec<SourceChange>,
+    /// Old-era control loss at the baseline (as reported; its rows may differ from now).
     pub baseline_old: Option<f64>,
-    /// Baseline new-era loss (or train EMA).
-    pub baseline_new: Option<f64>,
-    /// Old-era loss now.
+    /// Old-era control loss now.
     pub now_old: Option<f64>,
-    /// New-era loss (or train EMA) now.
-    #[serde(with = "super::float_json::nan_as_null")]
-    pub now_new: f64,
-    /// `baseline_new - now_new`.
-    #[serde(with = "super::float_json::nan_as_null")]
-    pub gain_new: f64,
-    /// `now_old - baseline_old` (0 when unknown).
-    #[serde(with = "super::float_json::nan_as_null")]
-    pub regression_old: f64,
     /// Required gain.
     pub min_gain: f64,
     /// Tolerated regression.
@@ -479,7 +504,7 @@ impl GovernorState {
                 start_step: e.start_step,
             });
         }
-        let baseline = start.baseline.or_else(|| self.history.last().copied());
+        let baseline = start.baseline.or_else(|| self.history.last().cloned());
         self.layer_mut(start.layer);
         self.in_progress = Some(Expansion {
             layer: start.layer,
@@ -557,12 +582,15 @@ fn plateau_check(history: &[EvalPoint], cfg: &GovernorConfig) -> Option<PlateauC
         return None;
     }
     let window = &history[history.len() - n..];
+    let groups: Vec<&[SourceLoss]> = window.iter().map(|e| e.old_sources.as_slice()).collect();
     let control: Option<Vec<f64>> = window.iter().map(|e| e.control_new).collect();
-    let (metric, values) = match control {
-        Some(v) => ("control_loss_new", v),
-        None => (
+    let (metric, values, same_rows) = match (compare::same_rows_series(&groups), control) {
+        (Some(v), _) => ("control_same_rows", v, true),
+        (None, Some(v)) => ("control_loss_new", v, false),
+        (None, None) => (
             "train_loss_ema",
             window.iter().map(|e| e.train_loss_ema).collect(),
+            false,
         ),
     };
     let reference = values[0];
@@ -573,12 +601,16 @@ fn plateau_check(history: &[EvalPoint], cfg: &GovernorConfig) -> Option<PlateauC
         1.0
     };
     let rel = (reference - best) / scale;
+    let rise = (values[n - 1] - reference) / scale;
     Some(PlateauCheck {
         metric: metric.to_string(),
         // A non-finite loss (diverged) is never a plateau.
-        plateau: values.iter().all(|v| v.is_finite()) && rel < cfg.plateau_tolerance,
+        plateau: values.iter().all(|v| v.is_finite())
+            && rel < cfg.plateau_tolerance
+            && (same_rows || rise <= cfg.plateau_tolerance),
         window: values,
         relative_improvement: rel,
+        relative_rise: rise,
         tolerance: cfg.plateau_tolerance,
     })
 }
@@ -719,26 +751,49 @@ fn consider_expansion(
 }
 
 fn judge(exp: &Expansion, now: &EvalPoint, cfg: &GovernorConfig) -> Judgement {
-    let base = exp.baseline;
+    let base = exp.baseline.as_ref();
+    let sources = base.map_or_else(Vec::new, |b| {
+        compare::changes(&b.old_sources, &now.old_sources)
+    });
     let control = base.and_then(|b| b.control_new).zip(now.control_new);
-    let (metric, baseline_new, now_new) = match (base, control) {
-        (_, Some((b, n))) => ("control", Some(b), n),
-        (Some(b), None) => ("train_loss_ema", Some(b.train_loss_ema), now.train_loss_ema),
-        (None, None) => ("none", None, now.control_new.unwrap_or(now.train_loss_ema)),
-    };
-    let baseline_old = base.and_then(|b| b.control_old);
-    let regression_old = match (baseline_old, now.control_old) {
-        (Some(b), Some(n)) if metric == "control" => n - b,
-        _ => 0.0,
+    let (metric, baseline, now_loss, regression) = match (base, control) {
+        (Some(_), _) if !sources.is_empty() => {
+            let (b, n) = compare::means(&sources);
+            let worst = sources
+                .iter()
+                .map(|c| c.after - c.before)
+                .fold(f64::NEG_INFINITY, f64::max);
+            ("control_same_rows", Some(b), n, worst)
+        }
+        (Some(b), Some((bn, nn))) => {
+            let regression = b
+                .control_old
+                .zip(now.control_old)
+                .map_or(0.0, |(bo, no)| no - bo);
+            ("control", Some(bn), nn, regression)
+        }
+        (Some(b), None) => (
+            "train_loss_ema",
+            Some(b.train_loss_ema),
+            now.train_loss_ema,
+            0.0,
+        ),
+        (None, _) => (
+            "none",
+            None,
+            now.control_new.unwrap_or(now.train_loss_ema),
+            0.0,
+        ),
     };
     Judgement {
         metric: metric.to_string(),
-        baseline_old,
-        baseline_new,
+        baseline,
+        now: now_loss,
+        gain: baseline.map_or(0.0, |b| b - now_loss),
+        regression,
+        sources,
+        baseline_old: base.and_then(|b| b.control_old),
         now_old: now.control_old,
-        now_new,
-        gain_new: baseline_new.map_or(0.0, |b| b - now_new),
-        regression_old,
         min_gain: cfg.min_gain,
         max_regression: cfg.max_regression,
     }
@@ -763,7 +818,7 @@ fn advance_expansion(
         }
         Phase::Probation { since } => {
             let due = since + cfg.probation_steps;
-            let Some(now) = inputs.eval.filter(|_| step >= due) else {
+            let Some(now) = inputs.eval.as_ref().filter(|_| step >= due) else {
                 return Decision::None {
                     step,
                     reason: format!(
@@ -773,11 +828,12 @@ fn advance_expansion(
                     basis: None,
                 };
             };
-            let j = judge(&exp, &now, cfg);
-            let gain_ok = j.metric == "none" || j.gain_new >= j.min_gain;
-            let regression_ok = j.regression_old <= j.max_regression;
+            let j = judge(&exp, now, cfg);
+            let gain_ok = j.metric == "none" || j.gain >= j.min_gain;
+            // NaN (a diverged loss) passes neither test.
+            let regression_ok = j.regression <= j.max_regression;
             state.in_progress = None;
-            state.history = vec![now];
+            state.history = vec![now.clone()];
             if gain_ok && regression_ok {
                 let ls = state.layer_mut(exp.layer);
                 ls.backoff = 1.0;
@@ -792,13 +848,13 @@ fn advance_expansion(
             } else {
                 let reason = if gain_ok {
                     format!(
-                        "old-era control loss worsened by {:.5} > governor.max_regression = {}",
-                        j.regression_old, j.max_regression
+                        "{} regression {:.5} > governor.max_regression = {}",
+                        j.metric, j.regression, j.max_regression
                     )
                 } else {
                     format!(
-                        "new-era {} improved by {:.5} < governor.min_gain = {}",
-                        j.metric, j.gain_new, j.min_gain
+                        "{} improved by {:.5} < governor.min_gain = {}",
+                        j.metric, j.gain, j.min_gain
                     )
                 };
                 let ls = state.layer_mut(exp.layer);
@@ -828,8 +884,8 @@ pub fn decide(
     inputs: &GovernorInputs,
     cfg: &GovernorConfig,
 ) -> Decision {
-    if let Some(e) = inputs.eval {
-        push_capped(&mut state.history, e, HISTORY_CAP);
+    if let Some(e) = &inputs.eval {
+        push_capped(&mut state.history, e.clone(), HISTORY_CAP);
     }
     let decision = match state.in_progress.clone() {
         Some(exp) => advance_expansion(state, exp, inputs, cfg),
@@ -880,6 +936,7 @@ mod tests {
             control_old: Some(old),
             control_new: Some(new),
             train_loss_ema: new + 0.1,
+            old_sources: vec![],
         }
     }
 
@@ -990,6 +1047,7 @@ mod tests {
             control_old: None,
             control_new: None,
             train_loss_ema: f64::NAN,
+            old_sources: vec![],
         };
         decide(&mut s, &inputs(40, Some(e)), &cfg());
         let json = serde_json::to_string(&s).unwrap();
@@ -1008,6 +1066,7 @@ mod tests {
                 control_old: None,
                 control_new: None,
                 train_loss_ema: 2.0,
+                old_sources: vec![],
             };
             let d = decide(&mut s, &inputs(step, Some(e)), &cfg());
             if step == 30 {
@@ -1158,8 +1217,8 @@ mod tests {
             panic!("{d:?}")
         };
         assert_eq!(judgement.metric, "control");
-        assert!((judgement.gain_new - 0.05).abs() < 1e-12);
-        assert!((judgement.regression_old - 0.02).abs() < 1e-12);
+        assert!((judgement.gain - 0.05).abs() < 1e-12);
+        assert!((judgement.regression - 0.02).abs() < 1e-12);
         assert!(s.in_progress.is_none());
         assert_eq!(s.layers[1].kept, 1);
         assert_eq!(s.layers[1].cooldown_until, step + c.cooldown_steps);
@@ -1209,8 +1268,8 @@ mod tests {
             panic!("{d:?}")
         };
         assert_eq!((checkpoint_id.as_str(), layer), ("ckpt-pre", 1));
-        assert!(reason.contains("old-era"), "{reason}");
-        assert!((judgement.regression_old - 0.2).abs() < 1e-12);
+        assert!(reason.contains("control regression 0.2"), "{reason}");
+        assert!((judgement.regression - 0.2).abs() < 1e-12);
         assert_eq!(s.rollbacks_total, 1);
         assert_eq!(s.layers[1].backoff, 2.0);
         // Cool-down counts from the restored step (the expansion's start).
@@ -1221,7 +1280,7 @@ mod tests {
         s.in_progress.as_mut().unwrap().baseline = Some(eval(40, 3.0, 3.0));
         let d = run_expansion(&mut s, 40, 3.0, 3.0, &c);
         assert!(
-            matches!(&d, Decision::Rollback { reason, .. } if reason.contains("new-era")),
+            matches!(&d, Decision::Rollback { reason, .. } if reason.contains("control improved by")),
             "{d:?}"
         );
         assert_eq!(s.layers[1].backoff, 4.0);
@@ -1278,6 +1337,196 @@ mod tests {
             run_expansion(&mut s, 80, 3.0, 3.5, &c),
             Decision::Rollback { .. }
         ));
+    }
+
+    fn src(source: &str, rows: u64, loss: f64) -> SourceLoss {
+        SourceLoss {
+            source: source.into(),
+            rows,
+            last_seq: 100 + rows,
+            tokens: 5 * rows,
+            loss,
+        }
+    }
+
+    /// An eval without new-era rows: old-era groups and a train EMA only.
+    fn eval_rows(step: u64, train: f64, old_sources: Vec<SourceLoss>) -> EvalPoint {
+        EvalPoint {
+            step,
+            control_old: None,
+            control_new: None,
+            train_loss_ema: train,
+            old_sources,
+        }
+    }
+
+    #[test]
+    fn a_jump_of_the_training_or_new_era_loss_is_harder_data_not_a_plateau() {
+        let c = GovernorConfig {
+            plateau_tolerance: 0.05,
+            ..cfg()
+        };
+        // New data arrived at the third eval: the train EMA jumps (seen in a benchmark run).
+        let mut s = GovernorState::default();
+        let mut last = None;
+        for (i, t) in [0.102, 0.107, 2.818].into_iter().enumerate() {
+            let step = 10 * (i as u64 + 1);
+            last = Some(decide(
+                &mut s,
+                &inputs(step, Some(eval_rows(step, t, vec![]))),
+                &c,
+            ));
+        }
+        let Some(Decision::None {
+            basis: Some(b),
+            reason,
+            ..
+        }) = last
+        else {
+            panic!("{last:?}")
+        };
+        let p = b.plateau.unwrap();
+        assert_eq!(p.metric, "train_loss_ema");
+        assert!(
+            p.relative_improvement < 0.05 && p.relative_rise > 20.0,
+            "{p:?}"
+        );
+        assert!(!p.plateau && reason.contains("no plateau"), "{reason}");
+        // Same for the new-era control loss.
+        let mut s = GovernorState::default();
+        assert!(matches!(
+            feed(&mut s, &[2.0, 2.0, 2.5], &c),
+            Decision::None { .. }
+        ));
+        // Once the model has worked on it and stalled, it is one.
+        assert!(matches!(
+            feed(&mut s, &[2.5, 2.5], &c),
+            Decision::Expand { .. }
+        ));
+    }
+
+    #[test]
+    fn the_plateau_is_measured_on_the_same_rows_when_every_source_has_them() {
+        let c = GovernorConfig {
+            plateau_tolerance: 0.05,
+            ..cfg()
+        };
+        let a = |l| src("a", 64, l);
+        // The train EMA still falls fast (new rows of b keep arriving), but on the same
+        // held-out rows of a and b nothing improves: a plateau on control_same_rows.
+        let mut s = GovernorState::default();
+        let evals = [
+            eval_rows(10, 3.0, vec![a(1.0), src("b", 30, 2.0)]),
+            eval_rows(20, 2.5, vec![a(1.0), src("b", 30, 2.01)]),
+            eval_rows(30, 2.0, vec![a(1.02), src("b", 30, 2.0)]),
+        ];
+        let mut last = None;
+        for e in evals {
+            last = Some(decide(&mut s, &inputs(e.step, Some(e)), &c));
+        }
+        let Some(Decision::Expand { ref basis, .. }) = last else {
+            panic!("{last:?}")
+        };
+        let p = basis.plateau.clone().unwrap();
+        assert_eq!(p.metric, "control_same_rows");
+        // Token-weighted: a has 320 tokens, b 150.
+        assert!((p.window[0] - (320.0 + 150.0 * 2.0) / 470.0).abs() < 1e-12);
+        // A rise on the same rows (forgetting) counts as a plateau too.
+        let mut s = GovernorState::default();
+        for (i, l) in [1.0, 1.1, 1.2].into_iter().enumerate() {
+            let step = 10 * (i as u64 + 1);
+            last = Some(decide(
+                &mut s,
+                &inputs(step, Some(eval_rows(step, 2.0, vec![a(l)]))),
+                &c,
+            ));
+        }
+        assert!(matches!(last, Some(Decision::Expand { .. })), "{last:?}");
+        // b's rows changed inside the window: fall back to the train EMA (falling fast).
+        let mut s = GovernorState::default();
+        let evals = [
+            eval_rows(10, 3.0, vec![a(1.0), src("b", 10, 2.0)]),
+            eval_rows(20, 2.5, vec![a(1.0), src("b", 30, 2.0)]),
+            eval_rows(30, 2.0, vec![a(1.0), src("b", 30, 2.0)]),
+        ];
+        for e in evals {
+            last = Some(decide(&mut s, &inputs(e.step, Some(e)), &c));
+        }
+        let Some(Decision::None { basis: Some(b), .. }) = last else {
+            panic!("{last:?}")
+        };
+        assert_eq!(b.plateau.unwrap().metric, "train_loss_ema");
+    }
+
+    #[test]
+    fn probation_judges_on_the_same_rows_so_harder_new_data_is_not_blamed() {
+        let c = GovernorConfig {
+            min_gain: 0.0,
+            max_regression: 0.05,
+            ..cfg()
+        };
+        let base = eval_rows(40, 1.0, vec![src("a", 64, 1.0), src("b", 64, 2.0)]);
+        let judged = |now: Vec<SourceLoss>, train: f64| {
+            let mut s = GovernorState::default();
+            s.register_expansion(
+                ExpansionStart {
+                    layer: 1,
+                    branches: 1,
+                    step: 40,
+                    checkpoint_id: "pre".into(),
+                    manual: false,
+                    baseline: Some(base.clone()),
+                },
+                &c,
+            )
+            .unwrap();
+            decide(&mut s, &inputs(50, None), &c);
+            let end = 50 + c.probation_steps;
+            let mut e = eval_rows(end, train, now);
+            // The old-era mean now includes the hard new source c.
+            e.control_old = Some(3.0);
+            decide(&mut s, &inputs(end, Some(e)), &c)
+        };
+        // Source c arrived during probation (train EMA and old-era mean jump); on the rows
+        // measured at both evals the loss fell: kept.
+        let d = judged(
+            vec![src("a", 64, 0.98), src("b", 64, 1.9), src("c", 64, 5.0)],
+            4.0,
+        );
+        let Decision::Keep { judgement: j, .. } = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(j.metric, "control_same_rows");
+        assert_eq!(j.sources.len(), 2);
+        let b = (320.0 * 1.0 + 320.0 * 2.0) / 640.0;
+        let n = (320.0 * 0.98 + 320.0 * 1.9) / 640.0;
+        assert!((j.gain - (b - n)).abs() < 1e-12, "{j:?}");
+        assert!((j.regression - -0.02).abs() < 1e-12, "{j:?}");
+        // One source worse by more than max_regression: rolled back, although the mean fell.
+        let d = judged(vec![src("a", 64, 1.1), src("b", 64, 1.5)], 0.5);
+        let Decision::Rollback {
+            reason,
+            judgement: j,
+            ..
+        } = d
+        else {
+            panic!("{d:?}")
+        };
+        assert!(j.gain > 0.0 && (j.regression - 0.1).abs() < 1e-12, "{j:?}");
+        assert!(reason.contains("control_same_rows regression"), "{reason}");
+        // No gain on the same rows: rolled back although the train EMA fell.
+        let d = judged(vec![src("a", 64, 1.0), src("b", 64, 2.01)], 0.1);
+        assert!(
+            matches!(&d, Decision::Rollback { reason, .. } if reason.contains("improved by")),
+            "{d:?}"
+        );
+    }
+
+    #[test]
+    fn states_written_before_per_source_losses_still_load() {
+        let old = r#"{"step": 5, "control_old": 1.0, "control_new": null, "train_loss_ema": 2.0}"#;
+        let e: EvalPoint = serde_json::from_str(old).unwrap();
+        assert!(e.old_sources.is_empty() && e.control_new.is_none());
     }
 
     #[test]
