@@ -167,9 +167,9 @@ fn sample(d: &mut DaemonChild, t_s: f64) -> Result<Sample, SoakError> {
         t_s,
         rss_kib,
         fds,
-        step: trainer["step"].as_u64().unwrap_or(0),
-        tokens_per_sec: trainer["tokens_per_sec"].as_f64().unwrap_or(0.0),
-        replay_rows: section(&st, "replay")["rows"].as_u64().unwrap_or(0),
+        step: trainer["step"].as_u64(),
+        tokens_per_sec: trainer["tokens_per_sec"].as_f64(),
+        replay_rows: section(&st, "replay")["rows"].as_u64(),
     })
 }
 
@@ -313,7 +313,7 @@ pub fn bench_soak(a: &SoakArgs) -> Result<Value, SoakError> {
             "rss_kib": col(|s| json!(s.rss_kib)),
             "fds": col(|s| json!(s.fds)),
             "step": col(|s| json!(s.step)),
-            "tokens_per_sec": col(|s| json!(s.tokens_per_sec.round())),
+            "tokens_per_sec": col(|s| json!(s.tokens_per_sec.map(f64::round))),
             "replay_rows": col(|s| json!(s.replay_rows)),
         },
         "summary": summary,

@@ -11,12 +11,13 @@ pub struct Sample {
     pub rss_kib: u64,
     /// Open file descriptors.
     pub fds: u64,
-    /// Trainer step (0 before the model exists).
-    pub step: u64,
-    /// Tokens/s of the trainer's last step.
-    pub tokens_per_sec: f64,
-    /// Rows in the replay store.
-    pub replay_rows: u64,
+    /// Trainer step (`None` before the model exists, or when the trainer's status section
+    /// was unavailable at that moment).
+    pub step: Option<u64>,
+    /// Tokens/s of the trainer's last step (`None` as `step`).
+    pub tokens_per_sec: Option<f64>,
+    /// Rows in the replay store (`None` when its section was unavailable).
+    pub replay_rows: Option<u64>,
 }
 
 /// Least-squares slope of `y` over `x`: `Σ(x-x̄)(y-ȳ) / Σ(x-x̄)²`; `None` with fewer than two
@@ -53,9 +54,9 @@ pub struct Summary {
     pub fds_final: u64,
     pub fds_min_after_warmup: u64,
     pub fds_max_after_warmup: u64,
-    /// Steps per second between the first sample after warm-up and the last.
+    /// Steps per second between the first and the last sample after warm-up with a step.
     pub steps_per_sec_after_warmup: Option<f64>,
-    /// Mean of the sampled tokens/s after warm-up (samples with a step).
+    /// Mean of the sampled tokens/s after warm-up.
     pub tokens_per_sec_mean_after_warmup: Option<f64>,
 }
 
@@ -67,12 +68,15 @@ pub fn summarize(samples: &[Sample], warmup_s: f64) -> Option<Summary> {
         .iter()
         .map(|s| (s.t_s / 60.0, s.rss_kib as f64))
         .collect();
-    let dt = last.t_s - first.t_s;
-    let rates: Vec<f64> = after
+    let stepped: Vec<(f64, u64)> = after
         .iter()
-        .filter(|s| s.step > 0)
-        .map(|s| s.tokens_per_sec)
+        .filter_map(|s| s.step.map(|k| (s.t_s, k)))
         .collect();
+    let steps_per_sec = match (stepped.first(), stepped.last()) {
+        (Some(a), Some(b)) if b.0 > a.0 => Some(b.1.saturating_sub(a.1) as f64 / (b.0 - a.0)),
+        _ => None,
+    };
+    let rates: Vec<f64> = after.iter().filter_map(|s| s.tokens_per_sec).collect();
     Some(Summary {
         samples_after_warmup: after.len(),
         rss_warmup_kib: first.rss_kib,
@@ -85,8 +89,7 @@ pub fn summarize(samples: &[Sample], warmup_s: f64) -> Option<Summary> {
         fds_final: last.fds,
         fds_min_after_warmup: after.iter().map(|s| s.fds).min().unwrap_or(0),
         fds_max_after_warmup: after.iter().map(|s| s.fds).max().unwrap_or(0),
-        steps_per_sec_after_warmup: (dt > 0.0)
-            .then(|| last.step.saturating_sub(first.step) as f64 / dt),
+        steps_per_sec_after_warmup: steps_per_sec,
         tokens_per_sec_mean_after_warmup: (!rates.is_empty())
             .then(|| rates.iter().sum::<f64>() / rates.len() as f64),
     })
@@ -101,9 +104,9 @@ mod tests {
             t_s,
             rss_kib,
             fds,
-            step,
-            tokens_per_sec: 100.0 + step as f64,
-            replay_rows: 0,
+            step: Some(step),
+            tokens_per_sec: Some(100.0 + step as f64),
+            replay_rows: None,
         }
     }
 
@@ -136,5 +139,15 @@ mod tests {
         assert!((m.steps_per_sec_after_warmup.unwrap() - 2.0).abs() < 1e-9);
         assert!((m.tokens_per_sec_mean_after_warmup.unwrap() - 260.0).abs() < 1e-9);
         assert_eq!(summarize(&s, 1000.0), None);
+        // A sample whose status was unavailable counts for memory, not for rates.
+        s.push(Sample {
+            t_s: 130.0,
+            step: None,
+            tokens_per_sec: None,
+            ..sample(130.0, 5070, 14, 0)
+        });
+        let m = summarize(&s, 60.0).unwrap();
+        assert_eq!(m.rss_final_kib, 5070);
+        assert!((m.steps_per_sec_after_warmup.unwrap() - 2.0).abs() < 1e-9);
     }
 }
