@@ -68,6 +68,8 @@ pub enum BenchCommand {
     Outage(crate::learn::outage_bench::OutageBenchArgs),
     /// Forgetting of task A after task B, with replay shares 0 / 0.25 / 0.5.
     Continual(crate::learn::cl_bench::ContinualBenchArgs),
+    /// The daemon for N minutes under a steady inbox stream: RSS, descriptors, step times.
+    Soak(crate::soak::SoakArgs),
 }
 
 #[derive(Debug, Args)]

@@ -12,11 +12,14 @@ pub mod config;
 pub mod ctl;
 pub mod daemon;
 pub mod demo;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod govern;
 pub mod ingest;
 pub mod learn;
 pub mod model;
 pub mod report;
+pub mod soak;
 pub mod store;
 pub mod telemetry;
 pub mod text;

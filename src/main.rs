@@ -169,6 +169,7 @@ fn bench(cmd: BenchCommand) -> ExitCode {
         BenchCommand::Continual(a) => {
             mbtd::learn::cl_bench::bench_continual(a).map_err(|e| e.to_string())
         }
+        BenchCommand::Soak(a) => mbtd::soak::bench_soak(a).map_err(|e| e.to_string()),
         BenchCommand::Outage(a) => {
             mbtd::learn::outage_bench::bench_outage(a).map_err(|e| e.to_string())
         }

@@ -173,17 +173,7 @@ fn kill_9_during_checkpoint_writes_leaves_a_valid_checkpoint_and_no_tmp() {
         assert!(t["step"].as_u64().unwrap() > 0);
         let tmp = tmp_entries(&root);
         assert!(tmp.is_empty(), "leftover tmp dirs: {tmp:?}");
-        let id = std::fs::read_to_string(root.join("LATEST")).unwrap();
-        let out = std::process::Command::new(BIN)
-            .args(["inspect", "checkpoint"])
-            .arg(root.join(id.trim()))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        latest_checkpoint_valid(&root).unwrap();
         d.kill9();
         d = d.restart_with(&config(0, 1));
     }

@@ -11,9 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
-use mbtd::ingest::{Outcome, Sidecar};
-use mbtd::store::{InspectReport, Record, ReplayConfig, ReplayStore};
-use mbtd::text::csv_rows::RowBody;
+use mbtd::ingest::Outcome;
 use serde_json::Value;
 
 /// Small timings: a file written in place is taken after 250 ms without change (long
@@ -23,37 +21,6 @@ const CFG: &str = "[ingest]\nsettle_ms = 250\nrescan_ms = 200\n";
 // ---------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------
-
-/// A tiny deterministic generator (SplitMix64); the seed is printed so a failure replays.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-fn seed() -> u64 {
-    let s = std::env::var("MBTD_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    eprintln!("MBTD_TEST_SEED={s}");
-    s
-}
 
 fn inbox(d: &Daemon) -> PathBuf {
     d.path().join("inbox")
@@ -81,26 +48,6 @@ fn drop_in_place(d: &Daemon, name: &str, bytes: &[u8]) {
     f.write_all(bytes).unwrap();
 }
 
-/// Sidecars of `inbox/<sub>/` by original file name (`<name>.json` → `name`).
-fn sidecars(inbox: &Path, sub: &str) -> BTreeMap<String, Sidecar> {
-    let mut m = BTreeMap::new();
-    let Ok(rd) = fs::read_dir(inbox.join(sub)) else {
-        return m;
-    };
-    for e in rd {
-        let e = e.unwrap();
-        let n = e.file_name().into_string().unwrap();
-        // Sidecars are written atomically; skip anything else (temp files, data files).
-        if let Some(stem) = n.strip_suffix(".json")
-            && let Ok(bytes) = fs::read(e.path())
-            && let Ok(sc) = serde_json::from_slice::<Sidecar>(&bytes)
-        {
-            m.insert(stem.to_string(), sc);
-        }
-    }
-    m
-}
-
 /// Names in a directory (empty when it does not exist).
 fn names_in(dir: &Path) -> BTreeSet<String> {
     match fs::read_dir(dir) {
@@ -113,40 +60,6 @@ fn names_in(dir: &Path) -> BTreeSet<String> {
 
 fn done_and_failed(d: &Daemon) -> usize {
     sidecars(&inbox(d), ".done").len() + sidecars(&inbox(d), ".failed").len()
-}
-
-/// Every record of a (stopped) daemon's replay store, training and control rows.
-fn all_records(data_dir: &Path) -> Vec<Record> {
-    let (store, _) = ReplayStore::open(&data_dir.join("replay"), &ReplayConfig::default()).unwrap();
-    let mut v = store.rows_after(0, usize::MAX).unwrap();
-    for g in store.control_groups(0, usize::MAX).unwrap() {
-        v.extend(g.records);
-    }
-    v.sort_by_key(|r| r.seq);
-    v
-}
-
-fn body_text(b: &RowBody) -> String {
-    match b {
-        RowBody::Text { text } => text.clone(),
-        RowBody::PromptResponse { prompt, response } => format!("{prompt}|{response}"),
-    }
-}
-
-/// `mbtd inspect replay --json` on a data dir (the daemon may be stopped).
-fn inspect(data_dir: &Path) -> InspectReport {
-    let out = std::process::Command::new(BIN)
-        .args(["inspect", "replay", "--json", "--data-dir"])
-        .arg(data_dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "inspect failed: {out:?}");
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "inspect output is not a report ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
 }
 
 /// Asserts every actor of the daemon runs and none was ever restarted.
@@ -436,7 +349,7 @@ fn exactly_once_under_repeated_kill_9() {
 
     // The store, read-only first: every CRC verifies, the counts are those of the files.
     let total: usize = files.iter().map(|f| f.valid.len()).sum();
-    let rep = inspect(d.path());
+    let rep = inspect_replay(d.path());
     assert!(rep.ok, "inspect found damage: {rep:?}");
     assert_eq!(rep.rows, total as u64);
     assert_eq!(rep.journal.entries, files.len());
@@ -686,7 +599,7 @@ fn bad_input_corpus_through_the_daemon() {
     );
     assert_eq!(texts("quoted_newlines"), ["q4|a4"]);
     assert_eq!(texts("huge_row")[1].len(), 59_999);
-    assert!(inspect(d.path()).ok);
+    assert!(inspect_replay(d.path()).ok);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -949,5 +862,5 @@ fn actor_crashes_during_a_backlog_lose_and_duplicate_nothing() {
             assert!(seen.contains_key(text), "{}: {text} missing", f.name);
         }
     }
-    assert!(inspect(d.path()).ok);
+    assert!(inspect_replay(d.path()).ok);
 }

@@ -169,6 +169,11 @@ fn mask_freezes_a_branch_generate_streams_and_metrics_are_complete() {
             assert!(v.as_f64().is_some_and(f64::is_finite), "{k} = {v}");
         }
     }
+    // Step-time quantiles: one sample per step, ordered, positive.
+    let q = |s: &str| m[format!("train_step_seconds{s}")].as_f64().unwrap();
+    assert!(q("_count") >= 1.0 && q("_count") <= m["train_steps_total"].as_f64().unwrap());
+    assert!(0.0 < q("_p50") && q("_p50") <= q("_p90") && q("_p90") <= q("_p99"));
+    assert!(q("_p99") <= q("_max") * 1.011, "{m}");
 }
 
 #[test]

@@ -519,6 +519,7 @@ impl Worker {
             }
         };
         let secs = started.elapsed().as_secs_f64();
+        metrics::histogram!(n::TRAIN_STEP_SECONDS).record(secs);
         live.st.tokens_total += report.loss_tokens as u64;
         self.tok_rate = report.tokens as f64 / secs.max(1e-9);
         self.last_loss = Some(report.loss);

@@ -47,9 +47,7 @@ pub fn call(
         cmd: cmd.to_string(),
         args,
     };
-    let mut line = serde_json::to_string(&req).expect("request serialises");
-    line.push('\n');
-    (&stream).write_all(line.as_bytes())?;
+    (&stream).write_all(req.to_line().as_bytes())?;
     let mut rd = BufReader::new(&stream);
     loop {
         let mut buf = String::new();

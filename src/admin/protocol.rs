@@ -18,6 +18,57 @@ pub struct Request {
     pub args: serde_json::Value,
 }
 
+impl Request {
+    /// The line sent on the wire (with its trailing newline).
+    pub fn to_line(&self) -> String {
+        let mut s = serde_json::to_string(self).expect("a request serialises");
+        s.push('\n');
+        s
+    }
+}
+
+/// What one request line (without its `\n`) is to the server.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Incoming {
+    /// Empty or only ASCII whitespace: ignored.
+    Blank,
+    /// A well-formed request.
+    Request(Request),
+    /// Not a request; the error response to send (the connection stays usable).
+    Malformed(Response),
+}
+
+/// Decodes one request line. Pure: the server's only decision about a line's content.
+pub fn decode_line(line: &[u8]) -> Incoming {
+    if line.iter().all(|b| b.is_ascii_whitespace()) {
+        return Incoming::Blank;
+    }
+    // serde's derived struct decoding also takes a JSON array (`[1,"ping",{}]`); the
+    // protocol is objects only.
+    let first = line.iter().find(|b| !b.is_ascii_whitespace());
+    let decoded = match first {
+        Some(b'{') => serde_json::from_slice::<Request>(line).map_err(|e| e.to_string()),
+        _ => Err("a request must be a JSON object".to_string()),
+    };
+    match decoded {
+        Ok(r) => Incoming::Request(r),
+        Err(e) => Incoming::Malformed(Response::error(
+            0,
+            format!(
+                "malformed request: {e}; expected one JSON object per line like {{\"id\":1,\"cmd\":\"status\",\"args\":{{}}}}"
+            ),
+        )),
+    }
+}
+
+/// The error response to a request line longer than `max` bytes (the connection is closed).
+pub fn too_large_response(max: usize) -> Response {
+    Response::error(
+        0,
+        format!("request larger than {max} bytes (admin.max_request_bytes); connection closed"),
+    )
+}
+
 /// One response line.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Response {
@@ -94,6 +145,22 @@ mod tests {
         let back: Request = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back, r);
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"x","bogus":1}"#).is_err());
+    }
+
+    #[test]
+    fn decode_line_takes_objects_only() {
+        assert_eq!(decode_line(b" \t\r"), Incoming::Blank);
+        let Incoming::Request(r) = decode_line(br#" {"id":2,"cmd":"ping"}"#) else {
+            panic!("an object is a request")
+        };
+        assert_eq!((r.id, r.cmd.as_str()), (2, "ping"));
+        // serde's derive would take the array form; the protocol does not.
+        for bad in [&br#"[1,"ping",{}]"#[..], b"\"ping\"", b"{\"cmd\":"] {
+            let Incoming::Malformed(resp) = decode_line(bad) else {
+                panic!("{} accepted", String::from_utf8_lossy(bad))
+            };
+            assert!(resp.error.unwrap().starts_with("malformed request"));
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use super::protocol::{Request, Response};
+use super::protocol::{Incoming, Response, decode_line, too_large_response};
 use crate::actors::dispatch::Dispatcher;
 use crate::telemetry::names::{self, events};
 
@@ -193,30 +193,17 @@ async fn connection(
                     max_bytes = max,
                     "admin request larger than the limit; connection closed"
                 );
-                let r = Response::error(
-                    0,
-                    format!(
-                        "request larger than {max} bytes (admin.max_request_bytes); connection closed"
-                    ),
-                );
-                wr.write_all(r.to_line().as_bytes()).await?;
+                wr.write_all(too_large_response(max).to_line().as_bytes())
+                    .await?;
                 return Ok(());
             }
             LineRead::Line(l) => l,
         };
-        if line.iter().all(|b| b.is_ascii_whitespace()) {
-            continue;
-        }
-        let req: Request = match serde_json::from_slice(&line) {
-            Ok(r) => r,
-            Err(e) => {
+        let req = match decode_line(&line) {
+            Incoming::Blank => continue,
+            Incoming::Request(r) => r,
+            Incoming::Malformed(r) => {
                 metrics::counter!(names::ADMIN_REQUESTS_TOTAL, "outcome" => "error").increment(1);
-                let r = Response::error(
-                    0,
-                    format!(
-                        "malformed request: {e}; expected one JSON object per line like {{\"id\":1,\"cmd\":\"status\",\"args\":{{}}}}"
-                    ),
-                );
                 wr.write_all(r.to_line().as_bytes()).await?;
                 continue;
             }

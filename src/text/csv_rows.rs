@@ -13,7 +13,8 @@
 //!   (or blank) required field, or more than `max_row_bytes` bytes of field data. A
 //!   rejection carries the 1-based physical line where the record starts.
 //! - RFC 4180 quoting: quoted fields may hold commas, doubled quotes, CR, LF and CRLF;
-//!   line ends may be LF or CRLF. Blank lines are skipped. Texts are kept whole.
+//!   line ends may be LF, CRLF or a lone CR (each one line end, also for line numbers).
+//!   Blank lines are skipped. Texts are kept whole.
 //!
 //! The reader holds one record in memory at a time, never the whole file.
 
@@ -300,8 +301,8 @@ struct LineTracker<R> {
     delivered: u64,
     /// Offsets of `\r` / `\n` bytes not yet passed, with the byte.
     marks: VecDeque<(u64, u8)>,
-    /// `\n` bytes already passed.
-    lf_passed: u64,
+    /// Line ends already passed (LF, CRLF counted once, lone CR).
+    breaks_passed: u64,
 }
 
 impl<R: Read> Read for LineTracker<R> {
@@ -334,22 +335,30 @@ impl<R> LineTracker<R> {
     /// 1-based line of the first byte of a record whose read started at `start`
     /// (skipping the terminators of the previous line and blank lines).
     fn line_at(&mut self, start: u64) -> u64 {
-        while let Some(&(o, b)) = self.marks.front() {
+        while let Some(&(o, _)) = self.marks.front() {
             if o >= start {
                 break;
             }
-            self.lf_passed += (b == b'\n') as u64;
+            self.breaks_passed += self.ends_line(0) as u64;
             self.marks.pop_front();
         }
-        let (mut pos, mut lf) = (start, self.lf_passed);
-        for &(o, b) in &self.marks {
+        let (mut pos, mut breaks) = (start, self.breaks_passed);
+        for (i, &(o, _)) in self.marks.iter().enumerate() {
             if o != pos {
                 break;
             }
-            lf += (b == b'\n') as u64;
+            breaks += self.ends_line(i) as u64;
             pos += 1;
         }
-        lf + 1
+        breaks + 1
+    }
+
+    /// Whether mark `i` ends a line: every LF, and a CR not directly followed by an LF (the
+    /// CR of a CRLF does not count; its LF does). The byte after a mark below a record's
+    /// start has been read, so a missing LF mark means no LF.
+    fn ends_line(&self, i: usize) -> bool {
+        let (o, b) = self.marks[i];
+        b == b'\n' || self.marks.get(i + 1) != Some(&(o + 1, b'\n'))
     }
 }
 
@@ -392,7 +401,7 @@ impl<R: Read> CsvRowReader<R> {
                 inner: buffered,
                 delivered: 0,
                 marks: VecDeque::new(),
-                lf_passed: 0,
+                breaks_passed: 0,
             });
         let mut header = csv::ByteRecord::new();
         let got = reader
@@ -637,6 +646,22 @@ mod tests {
         let (_, rows) = read_all(b"text\n\n\r\nfoo\n\n\"a\nb\"\n", 100).unwrap();
         let lines: Vec<u64> = rows.iter().map(|r| r.as_ref().unwrap().line).collect();
         assert_eq!(lines, vec![4, 6]);
+    }
+
+    /// Found by the `csv_rows` fuzz target: with lone-CR line ends every record was
+    /// reported on line 1 (only LF bytes were counted).
+    #[test]
+    fn lone_cr_line_ends_count_as_lines() {
+        let (_, rows) = read_all(b"text\rfoo\r\rbar\r\n\r\n baz\ra,b\r", 100).unwrap();
+        let lines: Vec<u64> = rows
+            .iter()
+            .map(|r| match r {
+                Ok(r) => r.line,
+                Err(r) => r.line,
+            })
+            .collect();
+        assert_eq!(lines, vec![2, 4, 6, 7]);
+        assert!(rows[3].is_err());
     }
 
     fn nonblank() -> impl Strategy<Value = String> {

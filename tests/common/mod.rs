@@ -2,11 +2,17 @@
 //! real admin socket.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
+use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+
+use mbtd::ingest::Sidecar;
+use mbtd::store::{InspectReport, Record, ReplayConfig, ReplayStore};
+use mbtd::text::csv_rows::RowBody;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_mbtd");
 
@@ -243,4 +249,112 @@ pub fn tmp_entries(root: &Path) -> Vec<std::ffi::OsString> {
         .map(|e| e.file_name())
         .filter(|n| n.to_string_lossy().starts_with(".tmp-"))
         .collect()
+}
+
+/// A tiny deterministic generator (SplitMix64); the seed is printed so a failure replays.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+pub fn seed() -> u64 {
+    let s = std::env::var("MBTD_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("MBTD_TEST_SEED={s}");
+    s
+}
+
+/// Sidecars of `inbox/<sub>/` by original file name (`<name>.json` → `name`).
+pub fn sidecars(inbox: &Path, sub: &str) -> BTreeMap<String, Sidecar> {
+    let mut m = BTreeMap::new();
+    let Ok(rd) = fs::read_dir(inbox.join(sub)) else {
+        return m;
+    };
+    for e in rd {
+        let e = e.unwrap();
+        let n = e.file_name().into_string().unwrap();
+        // Sidecars are written atomically; skip anything else (temp files, data files).
+        if let Some(stem) = n.strip_suffix(".json")
+            && let Ok(bytes) = fs::read(e.path())
+            && let Ok(sc) = serde_json::from_slice::<Sidecar>(&bytes)
+        {
+            m.insert(stem.to_string(), sc);
+        }
+    }
+    m
+}
+
+/// Every record of a (stopped) daemon's replay store, training and control rows (opening
+/// the store repairs a torn tail, as the daemon's start does).
+pub fn all_records(data_dir: &Path) -> Vec<Record> {
+    let (store, _) = ReplayStore::open(&data_dir.join("replay"), &ReplayConfig::default()).unwrap();
+    let mut v = store.rows_after(0, usize::MAX).unwrap();
+    for g in store.control_groups(0, usize::MAX).unwrap() {
+        v.extend(g.records);
+    }
+    v.sort_by_key(|r| r.seq);
+    v
+}
+
+/// A row's text as one string (`prompt|response` for instruction rows).
+pub fn body_text(b: &RowBody) -> String {
+    match b {
+        RowBody::Text { text } => text.clone(),
+        RowBody::PromptResponse { prompt, response } => format!("{prompt}|{response}"),
+    }
+}
+
+/// `mbtd inspect replay --json` on a data dir (the daemon may be stopped).
+pub fn inspect_replay(data_dir: &Path) -> InspectReport {
+    let out = std::process::Command::new(BIN)
+        .args(["inspect", "replay", "--json", "--data-dir"])
+        .arg(data_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "inspect failed: {out:?}");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "inspect output is not a report ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// `mbtd inspect checkpoint` of the checkpoint `LATEST` names under `root`: `Err` with the
+/// tool's output when LATEST is missing or the checkpoint does not verify.
+pub fn latest_checkpoint_valid(root: &Path) -> Result<String, String> {
+    let id = std::fs::read_to_string(root.join("LATEST"))
+        .map_err(|e| format!("no LATEST in {}: {e}", root.display()))?;
+    let out = Command::new(BIN)
+        .args(["inspect", "checkpoint"])
+        .arg(root.join(id.trim()))
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(id.trim().to_string())
+    } else {
+        Err(format!(
+            "checkpoint {} does not verify: {}",
+            id.trim(),
+            String::from_utf8_lossy(&out.stdout)
+        ))
+    }
 }
