@@ -5,7 +5,8 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::text::csv_rows::{CsvError, CsvRow, CsvRowReader, RowBody, RowKind};
+use crate::text::csv_rows::{CsvError, CsvRow, CsvRowReader, RowKind};
+use crate::text::csv_write::{CsvRowWriter, CsvWriteError};
 use crate::text::synth::{PHASES, Synth, phase_index, to_csv};
 
 /// Why the producer cannot go on.
@@ -23,6 +24,8 @@ pub enum ProducerError {
     },
     #[error("--real-text {file}: {why}")]
     RealText { file: String, why: String },
+    #[error("--real-text: {0}")]
+    RealTextWrite(#[from] CsvWriteError),
     #[error("cannot write {path} into the inbox: {source}")]
     Write {
         path: PathBuf,
@@ -81,23 +84,12 @@ impl RealText {
 }
 
 /// Renders rows of one kind as an inbox CSV file (with their `source`).
-pub fn rows_to_csv(kind: RowKind, rows: &[CsvRow]) -> String {
-    let mut w = csv::Writer::from_writer(Vec::new());
-    let header: &[&str] = match kind {
-        RowKind::Text => &["text", "source"],
-        RowKind::PromptResponse => &["prompt", "response", "source"],
-    };
-    w.write_record(header).expect("writing to memory");
+fn rows_to_csv(kind: RowKind, rows: &[CsvRow]) -> Result<Vec<u8>, CsvWriteError> {
+    let mut w = CsvRowWriter::new(Vec::new(), kind)?;
     for r in rows {
-        match &r.body {
-            RowBody::Text { text } => w.write_record([text.as_str(), r.source.as_str()]),
-            RowBody::PromptResponse { prompt, response } => {
-                w.write_record([prompt.as_str(), response.as_str(), r.source.as_str()])
-            }
-        }
-        .expect("writing to memory");
+        w.write(&r.source, &r.body)?;
     }
-    String::from_utf8(w.into_inner().expect("writing to memory")).expect("rows are UTF-8")
+    w.finish()
 }
 
 enum Source {
@@ -166,21 +158,21 @@ impl Producer {
         let (csv, rows, phase) = match &mut self.source {
             Source::Synth(g) => {
                 let p = &PHASES[phase_index(fraction, PHASES.len())];
-                (to_csv(&g.rows(p, n)), n, p.name)
+                (to_csv(&g.rows(p, n)).into_bytes(), n, p.name)
             }
             Source::Real { text, next } => {
                 if *next >= text.rows.len() {
                     return Ok(None);
                 }
                 let end = (*next + n).min(text.rows.len());
-                let csv = rows_to_csv(text.kind, &text.rows[*next..end]);
+                let csv = rows_to_csv(text.kind, &text.rows[*next..end])?;
                 let rows = end - *next;
                 *next = end;
                 (csv, rows, "real text")
             }
         };
         let name = format!("demo-{:05}.csv", self.files + 1);
-        self.write(&name, csv.as_bytes())?;
+        self.write(&name, &csv)?;
         self.files += 1;
         self.rows += rows;
         Ok(Some(Dropped { name, rows, phase }))
@@ -204,6 +196,7 @@ impl Producer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::text::csv_rows::RowBody;
 
     fn read_back(path: &Path) -> Vec<CsvRow> {
         let f = File::open(path).unwrap();

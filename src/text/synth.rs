@@ -16,6 +16,9 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::csv_rows::{RowBody, RowKind};
+use super::csv_write::CsvRowWriter;
+
 /// One of the four synthetic tasks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Task {
@@ -277,14 +280,15 @@ pub fn solve(task: Task, prompt: &str) -> Option<String> {
 
 /// The rows as an inbox CSV file: header `prompt,response,source`, RFC 4180 quoting.
 pub fn to_csv(rows: &[SynthRow]) -> String {
-    let mut w = csv::Writer::from_writer(Vec::new());
-    w.write_record(["prompt", "response", "source"])
-        .expect("writing to memory");
+    let mut w = CsvRowWriter::new(Vec::new(), RowKind::PromptResponse).expect("writing to memory");
     for r in rows {
-        w.write_record([r.prompt.as_str(), r.response.as_str(), r.task.name()])
-            .expect("writing to memory");
+        let body = RowBody::PromptResponse {
+            prompt: r.prompt.clone(),
+            response: r.response.clone(),
+        };
+        w.write(r.task.name(), &body).expect("one kind, in memory");
     }
-    String::from_utf8(w.into_inner().expect("writing to memory")).expect("rows are UTF-8")
+    String::from_utf8(w.finish().expect("writing to memory")).expect("rows are UTF-8")
 }
 
 /// Share of each task (order of [`Task::ALL`]) among `rows`.
@@ -300,7 +304,7 @@ pub fn task_shares(rows: &[SynthRow]) -> [f64; 4] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::text::csv_rows::{CsvRowReader, RowBody};
+    use crate::text::csv_rows::CsvRowReader;
     use std::collections::HashSet;
 
     #[test]
