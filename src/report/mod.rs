@@ -50,6 +50,11 @@ pub enum ReportError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot draw {path}: {why}")]
     Draw { path: PathBuf, why: String },
     #[error("the embedded plot font could not be loaded (a build problem)")]
@@ -117,14 +122,21 @@ pub fn write_report(cfg: &Config, out: &Path) -> Result<Report, ReportError> {
         path: out.to_path_buf(),
         source,
     })?;
-    let plots = vec![
-        out.join("loss.png"),
-        out.join("branches.png"),
-        out.join("throughput.png"),
-    ];
-    plots::loss_plot(&plots[0], &s, &checkpoints)?;
-    plots::branches_plot(&plots[1], &s)?;
-    plots::throughput_plot(&plots[2], &s)?;
+    // Each drawn to a temporary name, then renamed: a reader never sees half a PNG.
+    let mut plots = Vec::new();
+    for name in ["loss.png", "branches.png", "throughput.png"] {
+        let (tmp, path) = (out.join(format!(".tmp-{name}")), out.join(name));
+        match name {
+            "loss.png" => plots::loss_plot(&tmp, &s, &checkpoints)?,
+            "branches.png" => plots::branches_plot(&tmp, &s)?,
+            _ => plots::throughput_plot(&tmp, &s)?,
+        }
+        std::fs::rename(&tmp, &path).map_err(|source| ReportError::Write {
+            path: path.clone(),
+            source,
+        })?;
+        plots.push(path);
+    }
     let mut events = BTreeMap::new();
     for e in &s.events {
         *events.entry(e.kind).or_insert(0) += e.count;
@@ -278,6 +290,11 @@ mod tests {
         }
         let out = dir.path().join("report");
         let r = write_report(&cfg, &out).unwrap();
+        let names: Vec<_> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 3, "no temporary file left: {names:?}");
         for p in &r.plots {
             let bytes = std::fs::read(p).unwrap();
             assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "{}", p.display());
