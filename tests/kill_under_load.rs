@@ -105,13 +105,19 @@ fn check_stopped(dir: &Path, produced: &HashMap<String, Vec<(String, String)>>) 
             "unexpected row {text:?} (source {})",
             r.source
         );
-        assert!(seen.insert(text.clone()), "row twice in the store: {text:?}");
+        assert!(
+            seen.insert(text.clone()),
+            "row twice in the store: {text:?}"
+        );
     }
     for (name, sc) in sidecars(&dir.join("inbox"), ".done") {
         let rows = &produced[&name];
         assert_eq!(sc.rows_accepted, rows.len() as u64, "{name}");
         let missing = rows.iter().filter(|(_, t)| !seen.contains(t)).count();
-        assert_eq!(missing, 0, "{name} is done but {missing} of its rows are missing");
+        assert_eq!(
+            missing, 0,
+            "{name} is done but {missing} of its rows are missing"
+        );
     }
     recs.len()
 }
@@ -166,9 +172,11 @@ fn kill_9_under_ingestion_training_and_checkpointing_keeps_rows_once_and_latest_
     let (mut in_flight_files, mut in_flight_ckpts) = (0, 0);
     for (round, moment) in plan.iter().enumerate() {
         // Training runs and a checkpoint exists before any kill.
-        d.wait_for(Duration::from_secs(30), "training with a checkpoint", || {
-            (d.step() >= 2 && dir.join("checkpoints/LATEST").exists()).then_some(())
-        });
+        d.wait_for(
+            Duration::from_secs(30),
+            "training with a checkpoint",
+            || (d.step() >= 2 && dir.join("checkpoints/LATEST").exists()).then_some(()),
+        );
         let step = d.wait_steps(1, Duration::from_secs(30));
         let what = match moment {
             Moment::Ingestion => {

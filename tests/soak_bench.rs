@@ -35,15 +35,33 @@ fn a_short_soak_reports_consistent_figures_and_a_clean_exit() {
     for k in ["rss_kib", "fds", "step", "tokens_per_sec", "replay_rows"] {
         assert_eq!(series[k].as_array().unwrap().len(), n, "{k}");
     }
-    assert!(series["rss_kib"].as_array().unwrap().iter().all(|v| v.as_u64() > Some(0)));
-    assert!(series["fds"].as_array().unwrap().iter().all(|v| v.as_u64() > Some(2)));
+    assert!(
+        series["rss_kib"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v.as_u64() > Some(0))
+    );
+    assert!(
+        series["fds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v.as_u64() > Some(2))
+    );
     let s = &r["summary"];
     assert!(s["samples_after_warmup"].as_u64().unwrap() >= 4, "{r}");
     assert!(s["rss_growth_kib_per_min"].as_f64().is_some(), "{r}");
     let q = |k: &str| r["step_ms"][k].as_f64().unwrap();
-    assert!(0.0 < q("p50") && q("p50") <= q("p90") && q("p90") <= q("p99"), "{r}");
+    assert!(
+        0.0 < q("p50") && q("p50") <= q("p90") && q("p90") <= q("p99"),
+        "{r}"
+    );
     // One sample per step of this run (the two counters are updated a moment apart).
-    let (count, steps) = (r["step_ms"]["count"].as_i64().unwrap(), r["steps"].as_i64().unwrap());
+    let (count, steps) = (
+        r["step_ms"]["count"].as_i64().unwrap(),
+        r["steps"].as_i64().unwrap(),
+    );
     assert!((count - steps).abs() <= 1, "{r}");
     // The daemon's data dir: LATEST from its periodic and final checkpoints verifies.
     common::latest_checkpoint_valid(&dir.path().join("checkpoints")).unwrap();

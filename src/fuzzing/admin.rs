@@ -67,7 +67,9 @@ fn check_line(line: &[u8]) {
         Incoming::Request(r) => {
             agrees_with_generic_json(line, &r);
             let wire = r.to_line();
-            let body = wire.strip_suffix('\n').expect("a request line ends with \\n");
+            let body = wire
+                .strip_suffix('\n')
+                .expect("a request line ends with \\n");
             assert!(!body.contains('\n'), "an encoded request spans lines");
             assert_eq!(
                 decode_line(body.as_bytes()),
@@ -80,7 +82,9 @@ fn check_line(line: &[u8]) {
             assert!(!resp.ok && resp.done && resp.data.is_none());
             assert!(resp.error.as_deref().is_some_and(|e| !e.is_empty()));
             let wire = resp.to_line();
-            let body = wire.strip_suffix('\n').expect("a response line ends with \\n");
+            let body = wire
+                .strip_suffix('\n')
+                .expect("a response line ends with \\n");
             assert!(!body.contains('\n'), "an error response spans lines");
             assert_eq!(serde_json::from_str::<Response>(body).ok(), Some(resp));
         }
@@ -94,11 +98,15 @@ fn agrees_with_generic_json(line: &[u8], r: &Request) {
         .as_object()
         .unwrap_or_else(|| panic!("a decoded request is not a JSON object: {v}"));
     assert!(
-        obj.keys().all(|k| ["id", "cmd", "args"].contains(&k.as_str())),
+        obj.keys()
+            .all(|k| ["id", "cmd", "args"].contains(&k.as_str())),
         "unknown key accepted: {v}"
     );
     assert_eq!(obj.get("id").map_or(Some(0), |i| i.as_u64()), Some(r.id));
-    assert_eq!(obj.get("cmd").and_then(|c| c.as_str()), Some(r.cmd.as_str()));
+    assert_eq!(
+        obj.get("cmd").and_then(|c| c.as_str()),
+        Some(r.cmd.as_str())
+    );
     assert_eq!(obj.get("args").unwrap_or(&serde_json::Value::Null), &r.args);
 }
 

@@ -93,7 +93,11 @@ fn blank(s: &str) -> bool {
 }
 
 fn check_accepted(schema: &CsvSchema, source: &str, body: &RowBody, max: usize) {
-    assert_eq!(body.kind(), schema.kind, "row kind differs from the header's");
+    assert_eq!(
+        body.kind(),
+        schema.kind,
+        "row kind differs from the header's"
+    );
     match body {
         RowBody::Text { text } => assert!(!blank(text), "blank text accepted"),
         RowBody::PromptResponse { prompt, response } => {
@@ -122,8 +126,10 @@ fn check_rejected(schema: &CsvSchema, reason: &RejectReason, max: usize) {
 }
 
 fn round_trip(schema: &CsvSchema, outcomes: &[Outcome]) {
-    let accepted: Vec<&(String, RowBody)> =
-        outcomes.iter().filter_map(|(_, o)| o.as_ref().ok()).collect();
+    let accepted: Vec<&(String, RowBody)> = outcomes
+        .iter()
+        .filter_map(|(_, o)| o.as_ref().ok())
+        .collect();
     let mut w = CsvRowWriter::new(Vec::new(), schema.kind).expect("writing to memory");
     for (source, body) in &accepted {
         w.write(source, body).expect("an accepted row is writable");
@@ -174,7 +180,9 @@ fn physical_lines(data: &[u8]) -> Vec<(u64, &[u8])> {
 /// lines skipped, fields split at commas. `None` when the header refuses the file.
 fn reference_read(data: &[u8], max: usize) -> Option<(RowKind, Vec<Outcome>)> {
     let data = data.strip_prefix(BOM).unwrap_or(data);
-    let mut lines = physical_lines(data).into_iter().filter(|(_, l)| !l.is_empty());
+    let mut lines = physical_lines(data)
+        .into_iter()
+        .filter(|(_, l)| !l.is_empty());
     let (_, header) = lines.next()?;
     let names = header
         .split(|&b| b == b',')
@@ -196,7 +204,10 @@ fn reference_read(data: &[u8], max: usize) -> Option<(RowKind, Vec<Outcome>)> {
     let rows = lines
         .map(|(line, l)| {
             let fields: Vec<&[u8]> = l.split(|&b| b == b',').collect();
-            (line, reference_row(&schema, &fields, &required, source, max))
+            (
+                line,
+                reference_row(&schema, &fields, &required, source, max),
+            )
         })
         .collect();
     Some((schema.kind, rows))

@@ -202,8 +202,7 @@ pub fn bench_soak(a: &SoakArgs) -> Result<Value, SoakError> {
             p
         }
     };
-    let mut cfg =
-        Config::load(Some(&config_path)).map_err(|e| SoakError::Config(e.to_string()))?;
+    let mut cfg = Config::load(Some(&config_path)).map_err(|e| SoakError::Config(e.to_string()))?;
     cfg.resolve_paths(&dir);
     let exe = std::env::current_exe().map_err(SoakError::io("locate", Path::new("mbtd")))?;
     let mut d = DaemonChild::start(
@@ -217,7 +216,11 @@ pub fn bench_soak(a: &SoakArgs) -> Result<Value, SoakError> {
     let t0 = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let _stop_guard = StopOnDrop(stop.clone());
-    let prod = Producer::new(local_rows(a.seed), &dir.join("soak-staging"), &cfg.paths.inbox)?;
+    let prod = Producer::new(
+        local_rows(a.seed),
+        &dir.join("soak-staging"),
+        &cfg.paths.inbox,
+    )?;
     let (rows_per_batch, rows_per_sec) = (a.rows_per_batch, a.rows_per_sec);
     let flag = stop.clone();
     let producer = std::thread::Builder::new()
@@ -271,7 +274,11 @@ pub fn bench_soak(a: &SoakArgs) -> Result<Value, SoakError> {
     }
     let warmup = a.warmup_secs.min(duration / 2.0);
     let summary = summarize(&samples, warmup);
-    let ms = |k: &str| m[format!("train_step_seconds_{k}")].as_f64().map(|s| s * 1e3);
+    let ms = |k: &str| {
+        m[format!("train_step_seconds_{k}")]
+            .as_f64()
+            .map(|s| s * 1e3)
+    };
     let col = |f: fn(&Sample) -> Value| samples.iter().map(f).collect::<Vec<Value>>();
     let report = json!({
         "bench": "soak",
@@ -339,7 +346,12 @@ mod tests {
             minutes: 0.0,
             ..ok.clone()
         };
-        assert!(validate(&bad).unwrap_err().to_string().contains("--minutes"));
+        assert!(
+            validate(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("--minutes")
+        );
         let bad = SoakArgs {
             rows_per_batch: 0,
             ..ok

@@ -15,9 +15,8 @@ pub fn parse_vm_rss_kib(status: &str) -> Option<u64> {
 pub fn rss_kib(pid: u32) -> std::io::Result<u64> {
     let path = PathBuf::from(format!("/proc/{pid}/status"));
     let text = std::fs::read_to_string(&path)?;
-    parse_vm_rss_kib(&text).ok_or_else(|| {
-        std::io::Error::other(format!("no VmRSS line in {}", path.display()))
-    })
+    parse_vm_rss_kib(&text)
+        .ok_or_else(|| std::io::Error::other(format!("no VmRSS line in {}", path.display())))
 }
 
 /// Number of open file descriptors of `pid` (entries of `/proc/<pid>/fd`).

@@ -66,8 +66,7 @@ impl<I: Iterator<Item = SourcedRow>> Producer<I> {
             let name = format!("soak-{:06}-{kind}.csv", self.next_file);
             self.next_file += 1;
             let staged = self.staging.join(&name);
-            let file =
-                std::fs::File::create(&staged).map_err(SoakError::io("create", &staged))?;
+            let file = std::fs::File::create(&staged).map_err(SoakError::io("create", &staged))?;
             let mut w = CsvRowWriter::new(std::io::BufWriter::new(file), kind)?;
             for (source, body) in &rows {
                 w.write(source, body)?;
@@ -109,7 +108,10 @@ pub fn local_rows(seed: u64) -> impl Iterator<Item = SourcedRow> {
                 },
             )
         } else {
-            let (a, b) = (rng.random_range(0..10_000u32), rng.random_range(0..10_000u32));
+            let (a, b) = (
+                rng.random_range(0..10_000u32),
+                rng.random_range(0..10_000u32),
+            );
             (
                 "add".to_string(),
                 RowBody::Text {

@@ -132,7 +132,10 @@ mod tests {
         }
         let m = summarize(&s, 60.0).unwrap();
         assert_eq!(m.samples_after_warmup, 7);
-        assert_eq!((m.rss_warmup_kib, m.rss_final_kib, m.rss_max_kib), (5000, 5060, 5060));
+        assert_eq!(
+            (m.rss_warmup_kib, m.rss_final_kib, m.rss_max_kib),
+            (5000, 5060, 5060)
+        );
         assert!((m.rss_growth_kib_per_min.unwrap() - 60.0).abs() < 1e-9);
         assert!((m.rss_growth_kib_per_min_later_half.unwrap() - 60.0).abs() < 1e-9);
         assert!((m.rss_growth_pct - 1.2).abs() < 1e-9);

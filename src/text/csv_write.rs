@@ -18,9 +18,7 @@ pub enum CsvWriteError {
     #[error("writing CSV rows: {0}; check free space and permissions of the destination")]
     Io(#[from] std::io::Error),
     /// A row of the other kind was given to a writer of one kind.
-    #[error(
-        "a {found} row cannot go into a {expected} CSV file; write each kind to its own file"
-    )]
+    #[error("a {found} row cannot go into a {expected} CSV file; write each kind to its own file")]
     KindMismatch {
         /// The writer's kind.
         expected: RowKind,
@@ -64,7 +62,9 @@ impl<W: Write> CsvRowWriter<W> {
             RowBody::Text { text } if self.kind == RowKind::Text => {
                 self.out.write_record([text.as_str(), source])?
             }
-            RowBody::PromptResponse { prompt, response } if self.kind == RowKind::PromptResponse => {
+            RowBody::PromptResponse { prompt, response }
+                if self.kind == RowKind::PromptResponse =>
+            {
                 self.out
                     .write_record([prompt.as_str(), response.as_str(), source])?
             }
