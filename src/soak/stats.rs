@@ -47,6 +47,9 @@ pub struct Summary {
     pub rss_max_kib: u64,
     /// Least-squares slope of RSS over time after warm-up, KiB per minute.
     pub rss_growth_kib_per_min: Option<f64>,
+    /// The same slope over the later half of the samples after warm-up (whether growth goes
+    /// on or has levelled off).
+    pub rss_growth_kib_per_min_later_half: Option<f64>,
     /// (final − warm-up) / warm-up RSS, percent.
     pub rss_growth_pct: f64,
     /// Descriptors at the first sample after warm-up and at the last one; range after warm-up.
@@ -83,6 +86,7 @@ pub fn summarize(samples: &[Sample], warmup_s: f64) -> Option<Summary> {
         rss_final_kib: last.rss_kib,
         rss_max_kib: samples.iter().map(|s| s.rss_kib).max().unwrap_or(0),
         rss_growth_kib_per_min: slope(&points),
+        rss_growth_kib_per_min_later_half: slope(&points[points.len() / 2..]),
         rss_growth_pct: 100.0 * (last.rss_kib as f64 - first.rss_kib as f64)
             / (first.rss_kib.max(1) as f64),
         fds_warmup: first.fds,
@@ -133,6 +137,7 @@ mod tests {
             (5000, 5060, 5060)
         );
         assert!((m.rss_growth_kib_per_min.unwrap() - 60.0).abs() < 1e-9);
+        assert!((m.rss_growth_kib_per_min_later_half.unwrap() - 60.0).abs() < 1e-9);
         assert!((m.rss_growth_pct - 1.2).abs() < 1e-9);
         assert_eq!((m.fds_warmup, m.fds_final), (14, 14));
         assert_eq!((m.fds_min_after_warmup, m.fds_max_after_warmup), (14, 15));
@@ -148,6 +153,9 @@ mod tests {
         });
         let m = summarize(&s, 60.0).unwrap();
         assert_eq!(m.rss_final_kib, 5070);
+        // Later half: 100, 110, 120, 130 s at 5040, 5050, 5060, 5070 KiB.
+        let later = m.rss_growth_kib_per_min_later_half.unwrap();
+        assert!((later - 60.0).abs() < 1e-9, "{later}");
         assert!((m.steps_per_sec_after_warmup.unwrap() - 2.0).abs() < 1e-9);
     }
 }
