@@ -214,6 +214,15 @@ fn load(
                 );
                 rejected.push(format!("{}: {}", rej.id, rej.reason));
             }
+            if let Some(id) = checkpoint::repair_latest(root, &r).map_err(|e| e.to_string())? {
+                tracing::warn!(
+                    event = events::CHECKPOINT_LATEST_REPAIRED,
+                    actor = "checkpointer",
+                    id = %id,
+                    was = ?r.latest_pointer,
+                    "LATEST was missing or bad; it now names the checkpoint resumed from"
+                );
+            }
             Ok(r.checkpoint)
         }
         Target::Named(name) => {

@@ -29,7 +29,7 @@ pub use retention::{RetentionPolicy, apply_retention, plan_retention};
 pub use store::{
     CheckpointInfo, CheckpointList, CheckpointSummary, FileCheck, Inspection, LoadedCheckpoint,
     Rejected, Resume, TensorSummary, inspect, list, load_checkpoint, open_latest, read_latest,
-    set_latest, write_checkpoint, write_checkpoint_with_faults,
+    repair_latest, set_latest, write_checkpoint, write_checkpoint_with_faults,
 };
 
 /// Errors of the checkpoint module. Each names the path and says what to do.

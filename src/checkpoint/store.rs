@@ -448,6 +448,20 @@ pub fn read_latest(root: &Path) -> Result<Option<String>, CheckpointError> {
     }
 }
 
+/// After [`open_latest`] fell back (LATEST missing, e.g. a kill between a checkpoint's
+/// directory rename and its pointer write, or naming a bad checkpoint): points LATEST at the
+/// checkpoint resumed from, so the next start and `inspect` agree with what runs. Returns the
+/// id it now names, `None` when nothing needed repair.
+pub fn repair_latest(root: &Path, resume: &Resume) -> Result<Option<String>, CheckpointError> {
+    match &resume.checkpoint {
+        Some(c) if !resume.from_latest => {
+            set_latest(root, &c.manifest.id)?;
+            Ok(Some(c.manifest.id.clone()))
+        }
+        _ => Ok(None),
+    }
+}
+
 /// Points `root/LATEST` at the existing checkpoint `id` atomically (used after a rollback,
 /// so that a restart resumes from the restored state).
 pub fn set_latest(root: &Path, id: &str) -> Result<(), CheckpointError> {
@@ -861,6 +875,22 @@ mod tests {
         let p = payload(step);
         let files: Vec<(&str, &[u8])> = p.iter().map(|(n, b)| (n.as_str(), b.as_slice())).collect();
         write_checkpoint(root, &manifest(ms, step), &files).unwrap()
+    }
+
+    #[test]
+    fn a_missing_latest_is_repaired_to_the_checkpoint_resumed_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        write(root, 0, 1);
+        let newest = write(root, 10, 2);
+        fs::remove_file(root.join(LATEST_FILE)).unwrap();
+        let r = open_latest(root).unwrap();
+        assert!(!r.from_latest);
+        assert_eq!(repair_latest(root, &r).unwrap(), Some(newest.id.clone()));
+        assert_eq!(read_latest(root).unwrap(), Some(newest.id));
+        let again = open_latest(root).unwrap();
+        assert!(again.from_latest);
+        assert_eq!(repair_latest(root, &again).unwrap(), None);
     }
 
     fn dir_names(root: &Path) -> Vec<String> {

@@ -36,6 +36,7 @@ pub mod events {
     pub const CHECKPOINT_WRITTEN: &str = "checkpoint_written";
     pub const CHECKPOINT_FAILED: &str = "checkpoint_failed";
     pub const CHECKPOINT_REJECTED: &str = "checkpoint_rejected";
+    pub const CHECKPOINT_LATEST_REPAIRED: &str = "checkpoint_latest_repaired";
     pub const TOKENIZER_READY: &str = "tokenizer_ready";
     pub const TRAINER_RESUMED: &str = "trainer_resumed";
     pub const TRAINER_STARTED_FRESH: &str = "trainer_started_fresh";
