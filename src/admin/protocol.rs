@@ -133,6 +133,14 @@ pub struct StatusReply {
     pub sections: Vec<(String, serde_json::Value)>,
 }
 
+/// A section (`trainer`, `replay`, …) of a `status` reply as JSON (`Null` when absent).
+pub fn status_section<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    status["sections"]
+        .as_array()
+        .and_then(|s| s.iter().find(|e| e[0] == name))
+        .map_or(&serde_json::Value::Null, |e| &e[1])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use crate::admin::protocol::status_section;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 
@@ -25,18 +26,10 @@ pub struct View {
     pub trainer_event: String,
 }
 
-/// A section (`trainer`, `replay`, …) of a `status` reply (`Null` when absent).
-pub fn section<'a>(status: &'a Value, name: &str) -> &'a Value {
-    status["sections"]
-        .as_array()
-        .and_then(|s| s.iter().find(|e| e[0] == name))
-        .map_or(&Value::Null, |e| &e[1])
-}
-
 impl View {
     pub fn from_status(status: &Value) -> Self {
-        let tr = section(status, "trainer");
-        let ing = section(status, "ingest");
+        let tr = status_section(status, "trainer");
+        let ing = status_section(status, "ingest");
         let forced_off = tr["forced_off"]
             .as_array()
             .map(|layers| {
@@ -65,7 +58,7 @@ impl View {
                 .as_array()
                 .map(|w| w.iter().filter_map(Value::as_u64).collect())
                 .unwrap_or_default(),
-            replay_rows: section(status, "replay")["rows"].as_u64(),
+            replay_rows: status_section(status, "replay")["rows"].as_u64(),
             files_done: ing["files_done"].as_u64().unwrap_or(0),
             files_failed: ing["files_failed"].as_u64().unwrap_or(0),
             forced_off,

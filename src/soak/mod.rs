@@ -26,7 +26,7 @@ use serde_json::{Value, json};
 use self::producer::{Dropped, Producer, local_rows};
 use self::stats::{Sample, summarize};
 use crate::admin::client::ClientError;
-use crate::admin::protocol::StatusReply;
+use crate::admin::protocol::status_section;
 use crate::config::Config;
 use crate::daemon::child::{ChildError, DaemonChild};
 use crate::text::csv_write::CsvWriteError;
@@ -161,39 +161,22 @@ fn sample(d: &mut DaemonChild, t_s: f64) -> Result<Sample, SoakError> {
     let proc_path = PathBuf::from(format!("/proc/{pid}"));
     let rss_kib = procfs::rss_kib(pid).map_err(SoakError::io("read RSS of", &proc_path))?;
     let fds = procfs::open_fds(pid).map_err(SoakError::io("count descriptors of", &proc_path))?;
-    let st = status(d)?;
-    let trainer = section(&st, "trainer");
+    let st = d.call("status", Value::Null)?;
+    let trainer = status_section(&st, "trainer");
     Ok(Sample {
         t_s,
         rss_kib,
         fds,
         step: trainer["step"].as_u64(),
         tokens_per_sec: trainer["tokens_per_sec"].as_f64(),
-        replay_rows: section(&st, "replay")["rows"].as_u64(),
+        replay_rows: status_section(&st, "replay")["rows"].as_u64(),
     })
-}
-
-/// `status`, parsed.
-fn status(d: &DaemonChild) -> Result<StatusReply, SoakError> {
-    let v = d.call("status", Value::Null)?;
-    serde_json::from_value(v).map_err(|e| SoakError::Daemon {
-        what: format!("sent a status that does not parse: {e}"),
-        log: d.log.clone(),
-    })
-}
-
-/// A status section by name (`trainer`, `ingest`, …); `Null` when absent.
-fn section<'a>(s: &'a StatusReply, name: &str) -> &'a Value {
-    s.sections
-        .iter()
-        .find(|(n, _)| n == name)
-        .map_or(&Value::Null, |(_, v)| v)
 }
 
 /// Files the ingestor has finished (done or failed).
 fn files_finished(d: &DaemonChild) -> Result<u64, SoakError> {
-    let st = status(d)?;
-    let ing = section(&st, "ingest");
+    let st = d.call("status", Value::Null)?;
+    let ing = status_section(&st, "ingest");
     Ok(ing["files_done"].as_u64().unwrap_or(0) + ing["files_failed"].as_u64().unwrap_or(0))
 }
 
