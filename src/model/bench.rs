@@ -70,6 +70,9 @@ pub struct GenerateBenchArgs {
     /// Seed of the model, prompt and sampling.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Generations timed (each from its own random prompt); the figure is their median.
+    #[arg(long, default_value_t = 7)]
+    pub repeats: usize,
 }
 
 impl Default for GenerateBenchArgs {
@@ -79,6 +82,7 @@ impl Default for GenerateBenchArgs {
             prompt: 16,
             threads: 2,
             seed: 1,
+            repeats: 7,
         }
     }
 }
@@ -274,9 +278,6 @@ pub fn bench_generate(opts: &GenerateBenchArgs) -> Result<Value, ModelError> {
     pool(opts.threads)?.install(|| {
         let model = Model::new(cfg.clone(), opts.seed)?;
         let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
-        let prompt: Vec<u32> = (0..opts.prompt)
-            .map(|_| rng.random_range(0..cfg.vocab_size as u32))
-            .collect();
         let gcfg = GenerateConfig {
             max_tokens: opts.tokens,
             temperature: 1.0,
@@ -285,24 +286,33 @@ pub fn bench_generate(opts: &GenerateBenchArgs) -> Result<Value, ModelError> {
             ..GenerateConfig::default()
         };
         let masks = model.all_active();
-        let t0 = Instant::now();
-        let mut generation = model.generate(&prompt, &masks, &gcfg)?;
-        let t_prefill = t0.elapsed().as_secs_f64();
-        let t1 = Instant::now();
-        let mut n = 0usize;
-        for _ in generation.by_ref() {
-            n += 1;
+        let (mut rates, mut prefill, mut n) = (Vec::new(), Vec::new(), 0);
+        for _ in 0..opts.repeats.max(1) {
+            let prompt: Vec<u32> = (0..opts.prompt)
+                .map(|_| rng.random_range(0..cfg.vocab_size as u32))
+                .collect();
+            let t0 = Instant::now();
+            let mut generation = model.generate(&prompt, &masks, &gcfg)?;
+            prefill.push(t0.elapsed().as_secs_f64());
+            let t1 = Instant::now();
+            n = generation.by_ref().count();
+            rates.push(n as f64 / t1.elapsed().as_secs_f64());
         }
-        let dt = t1.elapsed().as_secs_f64();
+        let (_, prefill_ms) = stats_ms(&mut prefill);
+        rates.sort_by(f64::total_cmp);
+        let median = rates[rates.len() / 2];
         Ok(json!({
             "machine_idle_share_after": machine_idle_share(500),
             "bench": "generate",
             "threads": opts.threads,
             "prompt": opts.prompt,
             "tokens": n,
-            "tokens_per_sec": n as f64 / dt,
-            "prefill_ms": t_prefill * 1e3,
-            "ms_per_token": dt * 1e3 / n.max(1) as f64,
+            "repeats": rates.len(),
+            "tokens_per_sec": median,
+            "tokens_per_sec_min": rates[0],
+            "tokens_per_sec_max": rates[rates.len() - 1],
+            "prefill_ms_p50": prefill_ms,
+            "ms_per_token": 1e3 / median,
             "params": model.num_params(),
             "peak_rss_kib": peak_rss_kib(),
         }))

@@ -4,8 +4,8 @@
 //! values of every computed branch are kept in a cache of `max_seq_len` rows per branch.
 //! Each further token is one decode step over the cache. Batch-1 decoding is bound by
 //! memory bandwidth (every weight is read once per token), so the decode step reads the
-//! matrices as IEEE half precision (converted once when the generation starts;
-//! accumulation stays fp32): the next-token logits differ from the
+//! matrices as IEEE half precision in column panels ([`HalfPanels`], converted once when
+//! the generation starts; accumulation stays fp32): the next-token logits differ from the
 //! fp32 [`Model::logits`] by about 1e-3 relative. The branches of a layer run in
 //! parallel, each on one thread; their outputs are summed in branch order. Sampling of the next token from the
 //! logits `z`: repetition penalty `ρ` on every token already in the context
@@ -15,14 +15,18 @@
 //! seeded ChaCha8 stream. Generation stops after `max_tokens`, at `end_token` (which is
 //! not yielded), or when the context reaches `max_seq_len`.
 
+use super::half::{HalfPanels, PANEL};
 use super::net::{Model, Workspace};
-use super::ops::{dot16, fast_exp, gelu_fwd, layernorm_fwd};
+use super::ops::{dot16, fast_exp, gelu_fwd, layernorm_fwd, max16, simd, sum16};
 use super::params::BranchParams;
 use super::{Batch, Masks, ModelError};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+
+/// Panels of the output head per parallel task of a decode step.
+const HEAD_PANELS: usize = 8;
 
 /// Sampling settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -83,169 +87,15 @@ impl GenerateConfig {
     }
 }
 
-/// Round-to-nearest-even conversion of an `f32` to IEEE half-precision bits.
-pub(crate) fn f32_to_f16(x: f32) -> u16 {
-    let b = x.to_bits();
-    let sign = ((b >> 16) & 0x8000) as u16;
-    let exp = ((b >> 23) & 0xff) as i32;
-    let man = b & 0x7f_ffff;
-    if exp == 0xff {
-        return sign | 0x7c00 | if man != 0 { 0x200 } else { 0 };
-    }
-    let e = exp - 127 + 15;
-    if e >= 0x1f {
-        return sign | 0x7c00;
-    }
-    if e <= 0 {
-        if e < -10 {
-            return sign;
-        }
-        let m = man | 0x80_0000;
-        let shift = (14 - e) as u32;
-        let half = 1u32 << (shift - 1);
-        let rem = m & ((1 << shift) - 1);
-        let mut h = m >> shift;
-        if rem > half || (rem == half && h & 1 == 1) {
-            h += 1;
-        }
-        return sign | h as u16;
-    }
-    let mut h = ((e as u32) << 10) | (man >> 13);
-    let rem = man & 0x1fff;
-    if rem > 0x1000 || (rem == 0x1000 && h & 1 == 1) {
-        h += 1;
-    }
-    sign | h as u16
-}
-
-/// IEEE half-precision bits to `f32` (exact).
-pub(crate) fn f16_to_f32(h: u16) -> f32 {
-    let sign = ((h & 0x8000) as u32) << 16;
-    let exp = ((h >> 10) & 0x1f) as u32;
-    let man = (h & 0x3ff) as u32;
-    if exp == 0 {
-        let v = man as f32 * (1.0 / 16_777_216.0);
-        return if sign != 0 { -v } else { v };
-    }
-    let bits = if exp == 0x1f {
-        sign | 0x7f80_0000 | (man << 13)
-    } else {
-        sign | ((exp + 112) << 23) | (man << 13)
-    };
-    f32::from_bits(bits)
-}
-
-/// A matrix `W` `[din, dout]` in half precision (same layout as the fp32 tensor).
-#[derive(Debug)]
-struct Half {
-    w: Vec<u16>,
-    dout: usize,
-}
-
-fn has_f16c() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-impl Half {
-    fn new(w: &[f32], dout: usize) -> Self {
-        let mut h = vec![0u16; w.len()];
-        h.par_chunks_mut(1 << 16)
-            .zip(w.par_chunks(1 << 16))
-            .for_each(|(h, w)| h.iter_mut().zip(w).for_each(|(o, &x)| *o = f32_to_f16(x)));
-        Self { w: h, dout }
-    }
-
-    /// `y[j] = b[j] + Σ_i W[i, j0 + j]·x[i]` (rows summed in order) for `j < y.len()`.
-    fn matvec(&self, y: &mut [f32], x: &[f32], b: Option<&[f32]>, j0: usize) {
-        match b {
-            Some(b) => y.copy_from_slice(&b[j0..j0 + y.len()]),
-            None => y.fill(0.0),
-        }
-        #[cfg(target_arch = "x86_64")]
-        if has_f16c() {
-            // SAFETY: the CPU supports the features enabled on the callee (checked above).
-            unsafe { matvec_x86(&self.w, self.dout, x, y, j0) };
-            return;
-        }
-        for (i, &xi) in x.iter().enumerate() {
-            let row = &self.w[i * self.dout + j0..i * self.dout + j0 + y.len()];
-            for (a, &h) in y.iter_mut().zip(row) {
-                *a = f16_to_f32(h).mul_add(xi, *a);
-            }
-        }
-    }
-}
-
-/// Columns `j0..j0+y.len()` of `x·W` added to `y`: rows are streamed in order, eight at a
-/// time, so the weights are read sequentially; every `y[j]` accumulates the rows in order
-/// with fused multiply-adds (the same operations as the portable path).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn matvec_x86(w: &[u16], dout: usize, x: &[f32], y: &mut [f32], j0: usize) {
-    let n = y.len();
-    assert!(x.len() * dout <= w.len() && j0 + n <= dout);
-    let mut i = 0;
-    while i + 8 <= x.len() {
-        // SAFETY: rows i..i+8 exist and columns j0..j0+n lie inside every row.
-        unsafe { rows_x86::<8>(w, dout, &x[i..i + 8], y, i * dout + j0) };
-        i += 8;
-    }
-    while i < x.len() {
-        // SAFETY: as above, for one row.
-        unsafe { rows_x86::<1>(w, dout, &x[i..i + 1], y, i * dout + j0) };
-        i += 1;
-    }
-}
-
-/// Adds `Σ_r x[r]·W[row r, ·]` for `R` consecutive rows starting at flat offset `off`.
-///
-/// # Safety
-/// The CPU must support AVX2, FMA and F16C; `off + (R-1)·dout + y.len() <= w.len()`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows_x86<const R: usize>(w: &[u16], dout: usize, x: &[f32], y: &mut [f32], off: usize) {
-    use std::arch::x86_64::*;
-    let n = y.len();
-    let n8 = n / 8 * 8;
-    let xv: [__m256; R] = std::array::from_fn(|r| _mm256_set1_ps(x[r]));
-    let wp = w.as_ptr();
-    let yp = y.as_mut_ptr();
-    let mut j = 0;
-    while j < n8 {
-        // SAFETY: j + 8 <= n8 <= y.len(); off + r·dout + j + 8 <= w.len() (caller).
-        unsafe {
-            let mut acc = _mm256_loadu_ps(yp.add(j));
-            for (r, xr) in xv.iter().enumerate() {
-                let h = _mm_loadu_si128(wp.add(off + r * dout + j) as *const __m128i);
-                acc = _mm256_fmadd_ps(_mm256_cvtph_ps(h), *xr, acc);
-            }
-            _mm256_storeu_ps(yp.add(j), acc);
-        }
-        j += 8;
-    }
-    for (jj, o) in y.iter_mut().enumerate().skip(n8) {
-        for (r, &xr) in x.iter().enumerate() {
-            *o = f16_to_f32(w[off + r * dout + jj]).mul_add(xr, *o);
-        }
-    }
-}
-
 /// Decode state of one computed branch: weights, KV cache, scratch and its output `z`.
 #[derive(Debug)]
 struct BranchDecode {
-    qkv: Half,
-    out: Half,
-    fc: Half,
-    proj: Half,
+    qkv: HalfPanels,
+    out: HalfPanels,
+    fc: HalfPanels,
+    proj: HalfPanels,
+    /// This position's `q | k | v` row.
+    qkv_row: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
     a: Vec<f32>,
@@ -259,52 +109,51 @@ struct BranchDecode {
 }
 
 impl BranchDecode {
+    /// Attention of this position's query over the cached keys `0..=pos`, per head:
+    /// `att = Σ_j softmax(q·k_j/√hd)_j · v_j` (exponentials summed in 16 fixed lanes, the
+    /// weighted sum normalised once at the end). Compiled for AVX2 where the CPU has it.
+    fn attend(&mut self, pos: usize, heads: usize) {
+        let d = self.q.len();
+        let hd = d / heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let scores = &mut self.scores[..=pos];
+        let (q, k, v) = (&self.q, &self.k, &self.v);
+        simd(|| {
+            for (h, att) in self.att.chunks_exact_mut(hd).enumerate() {
+                let q = &q[h * hd..(h + 1) * hd];
+                for (sc, key) in scores.iter_mut().zip(k.chunks_exact(d)) {
+                    *sc = dot16(q, &key[h * hd..(h + 1) * hd]) * scale;
+                }
+                let mx = max16(scores);
+                for sc in scores.iter_mut() {
+                    *sc = fast_exp(*sc - mx);
+                }
+                let inv = 1.0 / sum16(scores);
+                att.fill(0.0);
+                for (&w, value) in scores.iter().zip(v.chunks_exact(d)) {
+                    for (a, &b) in att.iter_mut().zip(&value[h * hd..(h + 1) * hd]) {
+                        *a += w * b;
+                    }
+                }
+                for a in att.iter_mut() {
+                    *a *= inv;
+                }
+            }
+        });
+    }
+
     /// One token through the block: `z = u + gelu(LN2(u)·W1 + b1)·W2 + b2` with
     /// `u = x + Attn(LN1(x))·Wo + bo`, appending this position's key and value.
     fn step(&mut self, bp: &BranchParams, x: &[f32], pos: usize, heads: usize) {
         let d = x.len();
-        let hd = d / heads;
         let (mut mu, mut rs) = ([0.0f32], [0.0f32]);
         layernorm_fwd(&mut self.a, &mut mu, &mut rs, x, &bp.ln1_gain, &bp.ln1_bias);
-        self.qkv.matvec(&mut self.q, &self.a, Some(&bp.qkv_b), 0);
-        self.qkv.matvec(
-            &mut self.k[pos * d..(pos + 1) * d],
-            &self.a,
-            Some(&bp.qkv_b),
-            d,
-        );
-        self.qkv.matvec(
-            &mut self.v[pos * d..(pos + 1) * d],
-            &self.a,
-            Some(&bp.qkv_b),
-            2 * d,
-        );
-        let scale = 1.0 / (hd as f32).sqrt();
-        let scores = &mut self.scores[..=pos];
-        for h in 0..heads {
-            let q = &self.q[h * hd..(h + 1) * hd];
-            let mut mx = f32::NEG_INFINITY;
-            for (j, sc) in scores.iter_mut().enumerate() {
-                *sc = dot16(q, &self.k[j * d + h * hd..j * d + (h + 1) * hd]) * scale;
-                mx = mx.max(*sc);
-            }
-            let mut z = 0.0;
-            for sc in scores.iter_mut() {
-                *sc = fast_exp(*sc - mx);
-                z += *sc;
-            }
-            let att = &mut self.att[h * hd..(h + 1) * hd];
-            att.fill(0.0);
-            for (j, &w) in scores.iter().enumerate() {
-                let w = w / z;
-                for (a, &b) in att
-                    .iter_mut()
-                    .zip(&self.v[j * d + h * hd..j * d + (h + 1) * hd])
-                {
-                    *a += w * b;
-                }
-            }
-        }
+        self.qkv
+            .matvec(&mut self.qkv_row, &self.a, Some(&bp.qkv_b), 0);
+        self.q.copy_from_slice(&self.qkv_row[..d]);
+        self.k[pos * d..(pos + 1) * d].copy_from_slice(&self.qkv_row[d..2 * d]);
+        self.v[pos * d..(pos + 1) * d].copy_from_slice(&self.qkv_row[2 * d..]);
+        self.attend(pos, heads);
         self.out.matvec(&mut self.u, &self.att, Some(&bp.out_b), 0);
         for (a, &b) in self.u.iter_mut().zip(x) {
             *a += b;
@@ -334,6 +183,7 @@ struct Scratch {
     a: Vec<f32>,
     probs: Vec<f32>,
     order: Vec<u32>,
+    weights: Vec<f64>,
     seen: Vec<bool>,
 }
 
@@ -344,7 +194,7 @@ pub struct Generation<'a> {
     cfg: GenerateConfig,
     alpha_t: Vec<Vec<f32>>,
     branches: Vec<Vec<Option<BranchDecode>>>,
-    head: Half,
+    head: HalfPanels,
     pos: usize,
     logits: Vec<f32>,
     pending: Option<u32>,
@@ -391,10 +241,11 @@ impl Model {
                     .map(|((bw, &on), bp)| {
                         on.then(|| {
                             let mut st = BranchDecode {
-                                qkv: Half::new(&bp.qkv_w, 3 * d),
-                                out: Half::new(&bp.out_w, d),
-                                fc: Half::new(&bp.fc_w, 4 * d),
-                                proj: Half::new(&bp.proj_w, d),
+                                qkv: HalfPanels::new(&bp.qkv_w, d, 3 * d),
+                                out: HalfPanels::new(&bp.out_w, d, d),
+                                fc: HalfPanels::new(&bp.fc_w, d, 4 * d),
+                                proj: HalfPanels::new(&bp.proj_w, 4 * d, d),
+                                qkv_row: vec![0.0; 3 * d],
                                 k: vec![0.0; t_max * d],
                                 v: vec![0.0; t_max * d],
                                 a: vec![0.0; d],
@@ -437,7 +288,7 @@ impl Model {
             cfg: cfg.clone(),
             alpha_t,
             branches,
-            head: Half::new(&self.params.head_w, v),
+            head: HalfPanels::new(&self.params.head_w, d, v),
             pos: p,
             logits,
             pending: None,
@@ -499,9 +350,9 @@ impl Generation<'_> {
         layernorm_fwd(&mut s.a, &mut mu, &mut rs, &s.x, &p.lnf_gain, &p.lnf_bias);
         let (head, a) = (&self.head, &s.a);
         self.logits
-            .par_chunks_mut(512)
+            .par_chunks_mut(HEAD_PANELS * PANEL)
             .enumerate()
-            .for_each(|(c, y)| head.matvec(y, a, None, c * 512));
+            .for_each(|(c, y)| head.matvec(y, a, None, c * HEAD_PANELS));
         self.pos += 1;
     }
 
@@ -551,10 +402,13 @@ impl Generation<'_> {
         let mx = s.order[..keep]
             .iter()
             .fold(f32::NEG_INFINITY, |m, &i| m.max(z[i as usize]));
-        let mut weights: Vec<f64> = s.order[..keep]
-            .iter()
-            .map(|&i| ((z[i as usize] - mx) / cfg.temperature).exp() as f64)
-            .collect();
+        let weights = &mut s.weights;
+        weights.clear();
+        weights.extend(
+            s.order[..keep]
+                .iter()
+                .map(|&i| ((z[i as usize] - mx) / cfg.temperature).exp() as f64),
+        );
         let total: f64 = weights.iter().sum();
         let mut cum = 0.0;
         let mut n = weights.len();
@@ -655,45 +509,6 @@ mod tests {
             }
         }
         assert_eq!(gen_.next(), None);
-    }
-
-    #[test]
-    fn half_precision_conversion() {
-        for h in 0u16..=0xffff {
-            let x = f16_to_f32(h);
-            if x.is_nan() {
-                assert!(f32_to_f16(x) & 0x7c00 == 0x7c00 && f32_to_f16(x) & 0x3ff != 0);
-            } else {
-                assert_eq!(f32_to_f16(x), h, "{h:#x} -> {x}");
-            }
-        }
-        assert_eq!(f32_to_f16(1.0 + 1.0 / 4096.0), 0x3c00, "ties to even");
-        assert_eq!(f32_to_f16(1e6), 0x7c00);
-        assert_eq!(f32_to_f16(1e-9), 0);
-        let mut rng = ChaCha8Rng::seed_from_u64(1);
-        for _ in 0..10000 {
-            let x: f32 = rng.random_range(-10.0..10.0);
-            let r = f16_to_f32(f32_to_f16(x));
-            assert!(
-                (r - x).abs() <= x.abs() * (1.0 / 2048.0) + 1e-7,
-                "{x} -> {r}"
-            );
-        }
-        let (din, dout) = (5, 150);
-        let w: Vec<f32> = (0..din * dout).map(|i| (i as f32 * 0.013).sin()).collect();
-        let x: Vec<f32> = (0..din).map(|i| (i as f32 * 0.37).cos()).collect();
-        let b: Vec<f32> = (0..dout).map(|j| j as f32 * 0.001).collect();
-        let half = Half::new(&w, dout);
-        let mut y = vec![f32::NAN; 140];
-        half.matvec(&mut y, &x, Some(&b), 7);
-        for (jj, &got) in y.iter().enumerate() {
-            let j = jj + 7;
-            let want: f32 = b[j]
-                + (0..din)
-                    .map(|i| f16_to_f32(half.w[i * dout + j]) * x[i])
-                    .sum::<f32>();
-            assert!((got - want).abs() < 1e-5, "column {j}: {got} vs {want}");
-        }
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub mod attention;
 pub mod availability;
 pub mod bench;
 pub mod generate;
+mod half;
 pub mod io;
 pub mod net;
 pub mod ops;
