@@ -48,7 +48,8 @@ pub(crate) struct BranchWs {
     pub mean2: Vec<f32>,
     pub rstd2: Vec<f32>,
     pub a2: Vec<f32>,
-    pub f: Vec<f32>,
+    /// `gelu'(a2·W1 + b1)`: the pre-activation itself is not needed by backward.
+    pub dgelu: Vec<f32>,
     pub g: Vec<f32>,
     pub z: Vec<f32>,
 }
@@ -107,7 +108,7 @@ impl BranchWs {
             (&mut self.mean2, n),
             (&mut self.rstd2, n),
             (&mut self.a2, n * d),
-            (&mut self.f, n * 4 * d),
+            (&mut self.dgelu, n * 4 * d),
             (&mut self.g, n * 4 * d),
             (&mut self.z, n * d),
         ] {
@@ -225,8 +226,8 @@ pub(crate) fn branch_fwd(bp: &BranchParams, bw: &mut BranchWs, h: &[f32], s: Att
         &bp.ln2_gain,
         &bp.ln2_bias,
     );
-    linear_nobias_fwd(&mut bw.f, &bw.a2, &bp.fc_w, n, d, 4 * d);
-    bias_gelu_fwd(&mut bw.g, &mut bw.f, &bp.fc_b);
+    linear_nobias_fwd(&mut bw.dgelu, &bw.a2, &bp.fc_w, n, d, 4 * d);
+    bias_gelu_fwd(&mut bw.g, &mut bw.dgelu, &bp.fc_b);
     residual_linear_fwd(&mut bw.z, &bw.u, &bw.g, &bp.proj_w, &bp.proj_b, n, 4 * d);
 }
 
@@ -460,7 +461,7 @@ impl Model {
                 n,
                 4 * d,
             );
-            gelu_bwd_inplace(&mut ws.dbig, &bw.f);
+            gelu_bwd_inplace(&mut ws.dbig, &bw.dgelu);
             // f = a2·W1 + b1
             linear_bwd(
                 Some((&mut ws.da, false)),

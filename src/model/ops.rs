@@ -370,8 +370,19 @@ pub(crate) fn gelu_fwd(y: &mut [f32], x: &[f32]) {
         });
 }
 
-/// Bias then GELU: `f ← f + b` (rows of width `b.len()`, kept for the backward pass) and
-/// `y = gelu(f)`.
+/// GELU and its derivative at `x`: `(gelu(x), gelu'(x))` with
+/// `gelu'(x) = ½(1+t) + ½x(1-t²)·√(2/π)(1 + 3·0.044715x²)`, `t` the tanh above.
+#[inline(always)]
+fn gelu_and_grad(x: f32) -> (f32, f32) {
+    let t = gelu_tanh_inner(x);
+    let y = 0.5 * x * (1.0 + t);
+    let d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * GELU_A * x * x);
+    (y, d)
+}
+
+/// Bias, GELU and its derivative in one pass (rows of width `b.len()`): with
+/// `x = f + b`, `y = gelu(x)` and `f ← gelu'(x)`, all the backward pass needs
+/// ([`gelu_bwd_inplace`]), so the tanh is evaluated once per element per step.
 pub(crate) fn bias_gelu_fwd(y: &mut [f32], f: &mut [f32], b: &[f32]) {
     let _prof = prof::scope(prof::GELU);
     let w = b.len();
@@ -381,30 +392,20 @@ pub(crate) fn bias_gelu_fwd(y: &mut [f32], f: &mut [f32], b: &[f32]) {
             simd(|| {
                 for (yr, fr) in y.chunks_exact_mut(w).zip(f.chunks_exact_mut(w)) {
                     for ((o, v), &bb) in yr.iter_mut().zip(fr.iter_mut()).zip(b) {
-                        *v += bb;
-                        *o = 0.5 * *v * (1.0 + gelu_tanh_inner(*v));
+                        (*o, *v) = gelu_and_grad(*v + bb);
                     }
                 }
             })
         });
 }
 
-/// GELU backward in place: `g ← g·gelu'(x)` with
-/// `gelu'(x) = ½(1+t) + ½x(1-t²)·√(2/π)(1 + 3·0.044715x²)`, `t` the tanh above.
-pub(crate) fn gelu_bwd_inplace(g: &mut [f32], x: &[f32]) {
+/// GELU backward in place from the derivative kept by [`bias_gelu_fwd`]:
+/// `g ← g ⊙ gelu'(x)`.
+pub(crate) fn gelu_bwd_inplace(g: &mut [f32], dgelu: &[f32]) {
     let _prof = prof::scope(prof::GELU);
-    g.par_chunks_mut(4096)
-        .zip(x.par_chunks(4096))
-        .for_each(|(g, x)| {
-            simd(|| {
-                for (o, &v) in g.iter_mut().zip(x) {
-                    let t = gelu_tanh_inner(v);
-                    let d = 0.5 * (1.0 + t)
-                        + 0.5 * v * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * GELU_A * v * v);
-                    *o *= d;
-                }
-            })
-        });
+    g.par_chunks_mut(8192)
+        .zip(dgelu.par_chunks(8192))
+        .for_each(|(g, d)| simd(|| g.iter_mut().zip(d).for_each(|(a, &b)| *a *= b)));
 }
 
 /// Sum with 16 independent lanes (vectorisable, fixed order), lanes added at the end.
@@ -846,9 +847,13 @@ pub(crate) mod tests {
             let r = 0.5 * v * (1.0 + (GELU_C * (v + GELU_A * v * v * v)).tanh());
             assert!((a - r).abs() < 2e-6, "gelu({v}) = {a} vs {r}");
         }
+        // the fused forward keeps gelu'(x); backward multiplies the incoming gradient by it
+        let (mut y2, mut dg) = (vec![0.0; 64], x.clone());
+        bias_gelu_fwd(&mut y2, &mut dg, &[0.0]);
+        assert_eq!(y, y2);
         let w = randv(&mut rng, 64, 1.0);
         let mut g = w.clone();
-        gelu_bwd_inplace(&mut g, &x);
+        gelu_bwd_inplace(&mut g, &dg);
         let idx: Vec<usize> = (0..64).collect();
         let num = fd(&mut x, &idx, 1e-3, |x| {
             let mut y = vec![0.0; 64];
@@ -871,8 +876,10 @@ pub(crate) mod tests {
         let shifted: Vec<f32> = f0.iter().enumerate().map(|(i, &v)| v + b[i % w]).collect();
         let mut y2 = vec![0.0; rows * w];
         gelu_fwd(&mut y2, &shifted);
-        assert_eq!(f, shifted);
         assert_eq!(y, y2);
+        let (mut y3, mut dg) = (vec![0.0; rows * w], shifted.clone());
+        bias_gelu_fwd(&mut y3, &mut dg, &vec![0.0; w]);
+        assert_eq!(f, dg, "f holds gelu'(f + b)");
     }
 
     #[test]

@@ -748,7 +748,10 @@ mod tests {
         let mut t = Trainer::new(model, optim()).unwrap();
         let scales = ones(t.model());
         t.train_step(&big, &masks, &scales).unwrap();
-        let ptrs = (t.ws.logits.as_ptr(), t.ws.layers[1].branches[2].f.as_ptr());
+        let ptrs = (
+            t.ws.logits.as_ptr(),
+            t.ws.layers[1].branches[2].dgelu.as_ptr(),
+        );
         t.model = fresh.model.clone();
         assert_eq!(
             t.eval_loss(&small, &masks).unwrap().to_bits(),
@@ -757,7 +760,10 @@ mod tests {
         t.train_step(&big, &masks, &scales).unwrap();
         assert_eq!(
             ptrs,
-            (t.ws.logits.as_ptr(), t.ws.layers[1].branches[2].f.as_ptr()),
+            (
+                t.ws.logits.as_ptr(),
+                t.ws.layers[1].branches[2].dgelu.as_ptr()
+            ),
             "buffers were reallocated"
         );
     }
