@@ -107,21 +107,24 @@ fn attn_fwd_blocked(att: &mut [f32], probs: &mut [f32], qkv: &[f32], s: AttnShap
                     k,
                     Parallelism::None,
                 );
-                simd(|| {
-                    for (ii, row) in pb.chunks_exact_mut(t).enumerate() {
-                        let i = r0 + ii;
-                        let live = &mut row[..=i];
-                        let mx = max16(live) * scale;
-                        for e in live.iter_mut() {
-                            *e = fast_exp(*e * scale - mx);
+                simd(
+                    #[inline(always)]
+                    || {
+                        for (ii, row) in pb.chunks_exact_mut(t).enumerate() {
+                            let i = r0 + ii;
+                            let live = &mut row[..=i];
+                            let mx = max16(live) * scale;
+                            for e in live.iter_mut() {
+                                *e = fast_exp(*e * scale - mx);
+                            }
+                            let inv = 1.0 / sum16(live);
+                            for e in live.iter_mut() {
+                                *e *= inv;
+                            }
+                            row[i + 1..].fill(0.0);
                         }
-                        let inv = 1.0 / sum16(live);
-                        for e in live.iter_mut() {
-                            *e *= inv;
-                        }
-                        row[i + 1..].fill(0.0);
-                    }
-                });
+                    },
+                );
                 gemm_into(
                     r1 - r0,
                     hd,
@@ -215,18 +218,21 @@ fn attn_bwd_blocked(
                 );
                 // dP[r0:r1, 0:r1] = dY[r0:r1]·V[0:r1]ᵀ
                 gemm_into(r1 - r0, r1, hd, dpb, t, false, dyb, vt, Parallelism::None);
-                simd(|| {
-                    for (ii, (dr, pr)) in
-                        dpb.chunks_exact_mut(t).zip(pb.chunks_exact(t)).enumerate()
-                    {
-                        let i = r0 + ii;
-                        let dotp = dot16(&dr[..=i], &pr[..=i]);
-                        for (a, &b) in dr[..=i].iter_mut().zip(&pr[..=i]) {
-                            *a = b * (*a - dotp) * scale;
+                simd(
+                    #[inline(always)]
+                    || {
+                        for (ii, (dr, pr)) in
+                            dpb.chunks_exact_mut(t).zip(pb.chunks_exact(t)).enumerate()
+                        {
+                            let i = r0 + ii;
+                            let dotp = dot16(&dr[..=i], &pr[..=i]);
+                            for (a, &b) in dr[..=i].iter_mut().zip(&pr[..=i]) {
+                                *a = b * (*a - dotp) * scale;
+                            }
+                            dr[i + 1..].fill(0.0);
                         }
-                        dr[i + 1..].fill(0.0);
-                    }
-                });
+                    },
+                );
                 // dQ[r0:r1] = dS[r0:r1, 0:r1]·K[0:r1]; dK[0:r1] (+)= dS[r0:r1, 0:r1]ᵀ·Q[r0:r1]
                 // (the 1/√hd is folded into dS above)
                 gemm_into(

@@ -118,28 +118,31 @@ impl BranchDecode {
         let scale = 1.0 / (hd as f32).sqrt();
         let scores = &mut self.scores[..=pos];
         let (q, k, v) = (&self.q, &self.k, &self.v);
-        simd(|| {
-            for (h, att) in self.att.chunks_exact_mut(hd).enumerate() {
-                let q = &q[h * hd..(h + 1) * hd];
-                for (sc, key) in scores.iter_mut().zip(k.chunks_exact(d)) {
-                    *sc = dot16(q, &key[h * hd..(h + 1) * hd]) * scale;
-                }
-                let mx = max16(scores);
-                for sc in scores.iter_mut() {
-                    *sc = fast_exp(*sc - mx);
-                }
-                let inv = 1.0 / sum16(scores);
-                att.fill(0.0);
-                for (&w, value) in scores.iter().zip(v.chunks_exact(d)) {
-                    for (a, &b) in att.iter_mut().zip(&value[h * hd..(h + 1) * hd]) {
-                        *a += w * b;
+        simd(
+            #[inline(always)]
+            || {
+                for (h, att) in self.att.chunks_exact_mut(hd).enumerate() {
+                    let q = &q[h * hd..(h + 1) * hd];
+                    for (sc, key) in scores.iter_mut().zip(k.chunks_exact(d)) {
+                        *sc = dot16(q, &key[h * hd..(h + 1) * hd]) * scale;
+                    }
+                    let mx = max16(scores);
+                    for sc in scores.iter_mut() {
+                        *sc = fast_exp(*sc - mx);
+                    }
+                    let inv = 1.0 / sum16(scores);
+                    att.fill(0.0);
+                    for (&w, value) in scores.iter().zip(v.chunks_exact(d)) {
+                        for (a, &b) in att.iter_mut().zip(&value[h * hd..(h + 1) * hd]) {
+                            *a += w * b;
+                        }
+                    }
+                    for a in att.iter_mut() {
+                        *a *= inv;
                     }
                 }
-                for a in att.iter_mut() {
-                    *a *= inv;
-                }
-            }
-        });
+            },
+        );
     }
 
     /// One token through the block: `z = u + gelu(LN2(u)·W1 + b1)·W2 + b2` with

@@ -309,6 +309,8 @@ pub(crate) fn colsum(out: &mut [f32], x: &[f32], rows: usize, cols: usize) {
 
 /// Runs `f` compiled for AVX2+FMA when the CPU has it. Only element-wise code (no
 /// reassociated reductions) goes through here, so both paths give identical bits.
+/// Pass a closure marked `#[inline(always)]`: a closure compiled as a function of its
+/// own does not inherit the target features and stays SSE2.
 #[inline(always)]
 pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
@@ -362,11 +364,14 @@ pub(crate) fn gelu_fwd(y: &mut [f32], x: &[f32]) {
     y.par_chunks_mut(4096)
         .zip(x.par_chunks(4096))
         .for_each(|(y, x)| {
-            simd(|| {
-                for (o, &v) in y.iter_mut().zip(x) {
-                    *o = 0.5 * v * (1.0 + gelu_tanh_inner(v));
-                }
-            })
+            simd(
+                #[inline(always)]
+                || {
+                    for (o, &v) in y.iter_mut().zip(x) {
+                        *o = 0.5 * v * (1.0 + gelu_tanh_inner(v));
+                    }
+                },
+            )
         });
 }
 
@@ -389,13 +394,16 @@ pub(crate) fn bias_gelu_fwd(y: &mut [f32], f: &mut [f32], b: &[f32]) {
     y.par_chunks_mut(w * ROW_CHUNK)
         .zip(f.par_chunks_mut(w * ROW_CHUNK))
         .for_each(|(y, f)| {
-            simd(|| {
-                for (yr, fr) in y.chunks_exact_mut(w).zip(f.chunks_exact_mut(w)) {
-                    for ((o, v), &bb) in yr.iter_mut().zip(fr.iter_mut()).zip(b) {
-                        (*o, *v) = gelu_and_grad(*v + bb);
+            simd(
+                #[inline(always)]
+                || {
+                    for (yr, fr) in y.chunks_exact_mut(w).zip(f.chunks_exact_mut(w)) {
+                        for ((o, v), &bb) in yr.iter_mut().zip(fr.iter_mut()).zip(b) {
+                            (*o, *v) = gelu_and_grad(*v + bb);
+                        }
                     }
-                }
-            })
+                },
+            )
         });
 }
 
@@ -405,7 +413,12 @@ pub(crate) fn gelu_bwd_inplace(g: &mut [f32], dgelu: &[f32]) {
     let _prof = prof::scope(prof::GELU);
     g.par_chunks_mut(8192)
         .zip(dgelu.par_chunks(8192))
-        .for_each(|(g, d)| simd(|| g.iter_mut().zip(d).for_each(|(a, &b)| *a *= b)));
+        .for_each(|(g, d)| {
+            simd(
+                #[inline(always)]
+                || g.iter_mut().zip(d).for_each(|(a, &b)| *a *= b),
+            )
+        });
 }
 
 /// Sum with 16 independent lanes (vectorisable, fixed order), lanes added at the end.
@@ -473,12 +486,20 @@ pub(crate) fn dot16(x: &[f32], y: &[f32]) -> f32 {
 /// converted to f64, blocks added in order — the same bits for any thread count.
 pub(crate) fn dot_f64(x: &[f32], y: &[f32]) -> f64 {
     if x.len() <= 4096 {
-        return simd(|| dot16(x, y)) as f64;
+        return simd(
+            #[inline(always)]
+            || dot16(x, y),
+        ) as f64;
     }
     let parts: Vec<f64> = x
         .par_chunks(4096)
         .zip(y.par_chunks(4096))
-        .map(|(a, b)| simd(|| dot16(a, b)) as f64)
+        .map(|(a, b)| {
+            simd(
+                #[inline(always)]
+                || dot16(a, b),
+            ) as f64
+        })
         .collect();
     parts.iter().sum()
 }
@@ -501,38 +522,41 @@ pub(crate) fn layernorm_fwd(
         .zip(mean.par_chunks_mut(ROW_CHUNK))
         .zip(rstd.par_chunks_mut(ROW_CHUNK))
         .for_each(|(((y, x), mean), rstd)| {
-            simd(|| {
-                for (((y, x), m), r) in y
-                    .chunks_exact_mut(d)
-                    .zip(x.chunks_exact(d))
-                    .zip(mean.iter_mut())
-                    .zip(rstd.iter_mut())
-                {
-                    let mu = sum16(x) / d as f32;
-                    let mut acc = [0.0f32; 16];
-                    let cx = x.chunks_exact(16);
-                    let rest = cx.remainder();
-                    for c in cx {
-                        for j in 0..16 {
-                            let t = c[j] - mu;
-                            acc[j] += t * t;
+            simd(
+                #[inline(always)]
+                || {
+                    for (((y, x), m), r) in y
+                        .chunks_exact_mut(d)
+                        .zip(x.chunks_exact(d))
+                        .zip(mean.iter_mut())
+                        .zip(rstd.iter_mut())
+                    {
+                        let mu = sum16(x) / d as f32;
+                        let mut acc = [0.0f32; 16];
+                        let cx = x.chunks_exact(16);
+                        let rest = cx.remainder();
+                        for c in cx {
+                            for j in 0..16 {
+                                let t = c[j] - mu;
+                                acc[j] += t * t;
+                            }
+                        }
+                        let mut var = 0.0;
+                        for a in acc {
+                            var += a;
+                        }
+                        for &v in rest {
+                            var += (v - mu) * (v - mu);
+                        }
+                        let rs = 1.0 / (var / d as f32 + LN_EPS).sqrt();
+                        *m = mu;
+                        *r = rs;
+                        for (((o, &v), &gg), &bb) in y.iter_mut().zip(x).zip(g).zip(b) {
+                            *o = (v - mu) * rs * gg + bb;
                         }
                     }
-                    let mut var = 0.0;
-                    for a in acc {
-                        var += a;
-                    }
-                    for &v in rest {
-                        var += (v - mu) * (v - mu);
-                    }
-                    let rs = 1.0 / (var / d as f32 + LN_EPS).sqrt();
-                    *m = mu;
-                    *r = rs;
-                    for (((o, &v), &gg), &bb) in y.iter_mut().zip(x).zip(g).zip(b) {
-                        *o = (v - mu) * rs * gg + bb;
-                    }
-                }
-            })
+                },
+            )
         });
 }
 
@@ -560,45 +584,48 @@ pub(crate) fn layernorm_bwd(
         .zip(x.par_chunks(d * ROW_CHUNK))
         .zip(mean.par_chunks(ROW_CHUNK).zip(rstd.par_chunks(ROW_CHUNK)))
         .for_each(|(((dx, dy), x), (mean, rstd))| {
-            simd(|| {
-                for ((((dx, dy), x), &mu), &rs) in dx
-                    .chunks_exact_mut(d)
-                    .zip(dy.chunks_exact(d))
-                    .zip(x.chunks_exact(d))
-                    .zip(mean)
-                    .zip(rstd)
-                {
-                    let mut s1 = [0.0f32; 16];
-                    let mut s2 = [0.0f32; 16];
-                    let (cd, cx, cg) =
-                        (dy.chunks_exact(16), x.chunks_exact(16), g.chunks_exact(16));
-                    let (rd, rx, rg) = (cd.remainder(), cx.remainder(), cg.remainder());
-                    for ((a, xv), gg) in cd.zip(cx).zip(cg) {
-                        for j in 0..16 {
-                            let gh = a[j] * gg[j];
-                            s1[j] += gh;
-                            s2[j] += gh * ((xv[j] - mu) * rs);
+            simd(
+                #[inline(always)]
+                || {
+                    for ((((dx, dy), x), &mu), &rs) in dx
+                        .chunks_exact_mut(d)
+                        .zip(dy.chunks_exact(d))
+                        .zip(x.chunks_exact(d))
+                        .zip(mean)
+                        .zip(rstd)
+                    {
+                        let mut s1 = [0.0f32; 16];
+                        let mut s2 = [0.0f32; 16];
+                        let (cd, cx, cg) =
+                            (dy.chunks_exact(16), x.chunks_exact(16), g.chunks_exact(16));
+                        let (rd, rx, rg) = (cd.remainder(), cx.remainder(), cg.remainder());
+                        for ((a, xv), gg) in cd.zip(cx).zip(cg) {
+                            for j in 0..16 {
+                                let gh = a[j] * gg[j];
+                                s1[j] += gh;
+                                s2[j] += gh * ((xv[j] - mu) * rs);
+                            }
+                        }
+                        let (mut t1, mut t2) = (0.0f32, 0.0f32);
+                        for ((&a, &xv), &gg) in rd.iter().zip(rx).zip(rg) {
+                            let gh = a * gg;
+                            t1 += gh;
+                            t2 += gh * ((xv - mu) * rs);
+                        }
+                        let m1 = (s1.iter().sum::<f32>() + t1) / d as f32;
+                        let m2 = (s2.iter().sum::<f32>() + t2) / d as f32;
+                        for (((o, &a), &xv), &gg) in dx.iter_mut().zip(dy).zip(x).zip(g) {
+                            let xh = (xv - mu) * rs;
+                            let v = rs * (a * gg - m1 - xh * m2);
+                            if acc {
+                                *o += v;
+                            } else {
+                                *o = v;
+                            }
                         }
                     }
-                    let (mut t1, mut t2) = (0.0f32, 0.0f32);
-                    for ((&a, &xv), &gg) in rd.iter().zip(rx).zip(rg) {
-                        let gh = a * gg;
-                        t1 += gh;
-                        t2 += gh * ((xv - mu) * rs);
-                    }
-                    let m1 = (s1.iter().sum::<f32>() + t1) / d as f32;
-                    let m2 = (s2.iter().sum::<f32>() + t2) / d as f32;
-                    for (((o, &a), &xv), &gg) in dx.iter_mut().zip(dy).zip(x).zip(g) {
-                        let xh = (xv - mu) * rs;
-                        let v = rs * (a * gg - m1 - xh * m2);
-                        if acc {
-                            *o += v;
-                        } else {
-                            *o = v;
-                        }
-                    }
-                }
-            })
+                },
+            )
         });
     dg.par_chunks_mut(COL_CHUNK)
         .zip(db.par_chunks_mut(COL_CHUNK))
@@ -647,27 +674,30 @@ pub(crate) fn xent_fwd_bwd(
                 .zip(weights.par_chunks(ROW_CHUNK)),
         )
         .for_each(|((z, loss), (t, w))| {
-            simd(|| {
-                for (((z, l), &t), &w) in z.chunks_exact_mut(v).zip(loss).zip(t).zip(w) {
-                    if w == 0.0 {
-                        z.fill(0.0);
-                        *l = 0.0;
-                        continue;
+            simd(
+                #[inline(always)]
+                || {
+                    for (((z, l), &t), &w) in z.chunks_exact_mut(v).zip(loss).zip(t).zip(w) {
+                        if w == 0.0 {
+                            z.fill(0.0);
+                            *l = 0.0;
+                            continue;
+                        }
+                        let zt = z[t as usize];
+                        let mx = max16(z);
+                        for e in z.iter_mut() {
+                            *e = fast_exp(*e - mx);
+                        }
+                        let s = sum16(z);
+                        *l = w as f64 * ((s.ln() + mx - zt) as f64);
+                        let k = w * inv / s;
+                        for e in z.iter_mut() {
+                            *e *= k;
+                        }
+                        z[t as usize] -= w * inv;
                     }
-                    let zt = z[t as usize];
-                    let mx = max16(z);
-                    for e in z.iter_mut() {
-                        *e = fast_exp(*e - mx);
-                    }
-                    let s = sum16(z);
-                    *l = w as f64 * ((s.ln() + mx - zt) as f64);
-                    let k = w * inv / s;
-                    for e in z.iter_mut() {
-                        *e *= k;
-                    }
-                    z[t as usize] -= w * inv;
-                }
-            })
+                },
+            )
         });
     (row_loss.iter().sum::<f64>() * inv as f64) as f32
 }
