@@ -17,7 +17,7 @@ use super::agg::{self, AggGroups};
 use super::attention::{AttnShape, attn_bwd, attn_fwd};
 use super::ops::{
     bias_gelu_fwd, dot_f64, embed_bwd, embed_fwd, gelu_bwd_inplace, layernorm_bwd, layernorm_fwd,
-    linear_bwd, linear_fwd, linear_nobias_fwd, mm_nt, mm_tn, prof, residual_linear_fwd,
+    linear_bwd, linear_fwd, linear_nobias_fwd, mm_nt, mm_tn, prof, residual_linear_fwd, simd,
     xent_fwd_bwd,
 };
 use super::params::{BranchParams, Params};
@@ -185,7 +185,12 @@ fn add_into(dst: &mut [f32], src: &[f32]) {
     let _prof = prof::scope(prof::ELEM);
     dst.par_chunks_mut(8192)
         .zip(src.par_chunks(8192))
-        .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(a, &b)| *a += b));
+        .for_each(|(d, s)| {
+            simd(
+                #[inline(always)]
+                || d.iter_mut().zip(s).for_each(|(a, &b)| *a += b),
+            )
+        });
 }
 
 /// `dst (+)= k·src` element-wise, in parallel.
@@ -194,11 +199,16 @@ fn axpy(dst: &mut [f32], k: f32, src: &[f32], acc: bool) {
     dst.par_chunks_mut(8192)
         .zip(src.par_chunks(8192))
         .for_each(|(d, s)| {
-            if acc {
-                d.iter_mut().zip(s).for_each(|(a, &b)| *a += k * b);
-            } else {
-                d.iter_mut().zip(s).for_each(|(a, &b)| *a = k * b);
-            }
+            simd(
+                #[inline(always)]
+                || {
+                    if acc {
+                        d.iter_mut().zip(s).for_each(|(a, &b)| *a += k * b);
+                    } else {
+                        d.iter_mut().zip(s).for_each(|(a, &b)| *a = k * b);
+                    }
+                },
+            )
         });
 }
 

@@ -259,11 +259,16 @@ pub(crate) fn residual_linear_fwd(
         .par_chunks_mut(dout * ROW_CHUNK)
         .zip(r.par_chunks(dout * ROW_CHUNK))
         .for_each(|(rows, res)| {
-            for (row, rr) in rows.chunks_exact_mut(dout).zip(res.chunks_exact(dout)) {
-                for ((o, &a), &bb) in row.iter_mut().zip(rr).zip(b) {
-                    *o = a + bb;
-                }
-            }
+            simd(
+                #[inline(always)]
+                || {
+                    for (row, rr) in rows.chunks_exact_mut(dout).zip(res.chunks_exact(dout)) {
+                        for ((o, &a), &bb) in row.iter_mut().zip(rr).zip(b) {
+                            *o = a + bb;
+                        }
+                    }
+                },
+            )
         });
     mm(y, x, w, n, din, dout, true);
 }
@@ -298,12 +303,17 @@ pub(crate) fn colsum(out: &mut [f32], x: &[f32], rows: usize, cols: usize) {
         .for_each(|(ci, o)| {
             let c0 = ci * COL_CHUNK;
             o.fill(0.0);
-            for r in 0..rows {
-                let src = &x[r * cols + c0..r * cols + c0 + o.len()];
-                for (a, &v) in o.iter_mut().zip(src) {
-                    *a += v;
-                }
-            }
+            simd(
+                #[inline(always)]
+                || {
+                    for r in 0..rows {
+                        let src = &x[r * cols + c0..r * cols + c0 + o.len()];
+                        for (a, &v) in o.iter_mut().zip(src) {
+                            *a += v;
+                        }
+                    }
+                },
+            )
         });
 }
 

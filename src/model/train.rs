@@ -19,7 +19,7 @@
 use super::agg::AggGroups;
 use super::io;
 use super::net::{Model, Workspace};
-use super::ops::dot_f64;
+use super::ops::{dot_f64, simd};
 use super::params::{BranchParams, Params, TensorId, normal};
 use super::{Batch, BranchScales, Masks, ModelConfig, ModelError, OptimConfig};
 use rand::SeedableRng;
@@ -109,13 +109,19 @@ fn adamw(
         .zip(g.par_chunks(16384))
         .zip(m.par_chunks_mut(16384).zip(v.par_chunks_mut(16384)))
         .for_each(|((p, g), (m, v))| {
-            for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-                let g = g * k;
-                *m = b1 * *m + (1.0 - b1) * g;
-                *v = b2 * *v + (1.0 - b2) * g * g;
-                *p *= shrink;
-                *p -= lr * (*m / bc1) / ((*v / bc2).sqrt() + eps);
-            }
+            simd(
+                #[inline(always)]
+                || {
+                    let it = p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut());
+                    for (((p, &g), m), v) in it {
+                        let g = g * k;
+                        *m = b1 * *m + (1.0 - b1) * g;
+                        *v = b2 * *v + (1.0 - b2) * g * g;
+                        *p *= shrink;
+                        *p -= lr * (*m / bc1) / ((*v / bc2).sqrt() + eps);
+                    }
+                },
+            )
         });
 }
 
