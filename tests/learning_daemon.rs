@@ -290,6 +290,7 @@ const ARCHITECTURE_METRICS: &[&str] = &[
     "ingest_rows_rejected_total",
     "ingest_files_total",
     "ingest_pending_events_observed_peak",
+    "ingest_held_back",
     "train_steps_total",
     "train_tokens_per_sec",
     "loss",

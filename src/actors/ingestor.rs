@@ -12,7 +12,7 @@ use notify::Watcher;
 
 use super::health::ChildHealth;
 use super::metrics::AbortOnDrop;
-use super::replay::{IngestFile, ReplayActor};
+use super::replay::{IngestFile, ReplayActor, Room, RoomReply};
 use crate::ingest::{IngestConfig, Outcome, ScanMemory, list_inbox, select_candidates};
 use crate::store::fsutil::now_ms;
 use crate::telemetry::names::{self, events};
@@ -30,6 +30,8 @@ pub struct IngestorActor {
     args: IngestorArgs,
     memory: ScanMemory,
     paused: bool,
+    /// Set while the replay store is full of rows not trained on yet (see [`Room`]).
+    held_back: Option<RoomReply>,
     refused_logged: HashSet<String>,
     rows_rate: RateWindow,
     events_rate: RateWindow,
@@ -149,6 +151,7 @@ impl Actor for IngestorActor {
             args,
             memory: ScanMemory::default(),
             paused: false,
+            held_back: None,
             refused_logged: HashSet::new(),
             rows_rate: RateWindow::new(Duration::from_secs(10)),
             events_rate: RateWindow::new(Duration::from_secs(10)),
@@ -194,6 +197,9 @@ impl Message<Scan> for IngestorActor {
         if self.queue.is_empty() || self.last_listing.is_none_or(|t| t.elapsed() >= period) {
             self.last_listing = Some(now);
             self.list_and_select();
+        }
+        if self.queue.is_empty() || !self.has_room().await {
+            return false;
         }
         if let Some(name) = self.queue.pop_front() {
             self.ingest(name).await;
@@ -248,6 +254,37 @@ impl IngestorActor {
                 );
             }
         }
+    }
+
+    /// Asks the replay actor for room; logs and flags the transitions into and out of
+    /// holding files back. An unreachable replay actor counts as room (the ingestion
+    /// itself then fails and the file stays for a retry).
+    async fn has_room(&mut self) -> bool {
+        let Ok(r) = self.args.replay.ask(Room).await else {
+            return true;
+        };
+        match (r.room, self.held_back.is_some()) {
+            (false, false) => tracing::warn!(
+                event = events::INGEST_HELD_BACK,
+                actor = "ingestor",
+                rows = r.rows,
+                max_rows = r.max_rows,
+                untrained_rows = r.backlog,
+                waiting_files = self.queue.len(),
+                "replay store full of rows not trained on yet; files wait in the inbox until training catches up"
+            ),
+            (true, true) => tracing::info!(
+                event = events::INGEST_HOLD_RELEASED,
+                actor = "ingestor",
+                rows = r.rows,
+                untrained_rows = r.backlog,
+                "training caught up; taking files from the inbox again"
+            ),
+            _ => {}
+        }
+        self.held_back = (!r.room).then_some(r);
+        metrics::gauge!(names::INGEST_HELD_BACK).set(if r.room { 0.0 } else { 1.0 });
+        r.room
     }
 
     async fn ingest(&mut self, name: String) {
@@ -335,7 +372,12 @@ impl Message<IngestStatus> for IngestorActor {
 
     async fn handle(&mut self, _: IngestStatus, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
         Ok(serde_json::json!({
-            "state": if self.paused { "paused" } else { "watching" },
+            "state": match (self.paused, &self.held_back) {
+                (true, _) => "paused",
+                (false, Some(_)) => "held back: replay store full of rows not trained on yet",
+                (false, None) => "watching",
+            },
+            "waiting_files": self.queue.len(),
             "inbox": self.args.inbox.display().to_string(),
             "files_done": self.files_done,
             "files_failed": self.files_failed,

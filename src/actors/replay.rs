@@ -187,6 +187,37 @@ impl Message<ControlRows> for ReplayActor {
     }
 }
 
+/// Whether the store can take another inbox file now (asked by the ingestor before each
+/// file). It cannot when it is at `max_rows` / `max_bytes` and rows the trainer has not
+/// consumed yet are what keeps it there: eviction only takes consumed rows, so appending
+/// more would pass the bound. The file then waits in the inbox (durable, nothing lost)
+/// until training catches up. Before the trainer has consumed anything (tokenizer
+/// bootstrap) there is always room, so the first rows can arrive.
+pub struct Room;
+
+/// Reply to [`Room`].
+#[derive(Debug, Clone, Copy, Reply)]
+pub struct RoomReply {
+    pub room: bool,
+    pub rows: u64,
+    pub max_rows: u64,
+    pub backlog: u64,
+}
+
+impl Message<Room> for ReplayActor {
+    type Reply = RoomReply;
+
+    async fn handle(&mut self, _: Room, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
+        let backlog = self.store.backlog(self.consumed_through);
+        RoomReply {
+            room: self.consumed_through == 0 || backlog == 0 || !self.store.at_capacity(),
+            rows: self.store.stats().rows,
+            max_rows: self.store.config().max_rows,
+            backlog,
+        }
+    }
+}
+
 /// Counters of the store.
 pub struct Stats;
 

@@ -898,6 +898,18 @@ impl ReplayStore {
             .collect()
     }
 
+    /// Training rows after `cursor` (not handed to the trainer yet).
+    pub fn backlog(&self, cursor: u64) -> u64 {
+        let start = self.rows.partition_point(|m| m.seq <= cursor);
+        (self.train.len() - self.train.partition_point(|&p| (p as usize) < start)) as u64
+    }
+
+    /// True when the live rows (control rows included) reach `max_rows` or their bytes
+    /// reach `max_bytes`.
+    pub fn at_capacity(&self) -> bool {
+        self.rows.len() as u64 >= self.cfg.max_rows || self.live_bytes >= self.cfg.max_bytes
+    }
+
     /// Control rows grouped by source and era (`Old`: seq < `boundary`, `New`: seq >=
     /// `boundary`), each group with its first `max_per_group` rows by sequence number.
     pub fn control_groups(

@@ -279,8 +279,17 @@ fn eviction_waits_for_the_consumer_cursor_and_handles_incomplete_files() {
         st.append_row(&h2, r.line, &r.source, &r.body, 1).unwrap();
     }
     st.sync().unwrap();
+    assert_eq!(st.backlog(0), 50);
+    assert_eq!(st.backlog(20), 30);
+    assert!(st.at_capacity());
     let rep = st.enforce_capacity(20).unwrap();
     assert!(rep.evicted > 0);
+    assert_eq!(
+        st.backlog(20),
+        30,
+        "eviction never takes rows the trainer has not seen"
+    );
+    assert!(st.at_capacity(), "the backlog alone fills the store");
     assert_eq!(
         st.rows.iter().filter(|m| m.seq > 20).count(),
         30,
@@ -292,6 +301,7 @@ fn eviction_waits_for_the_consumer_cursor_and_handles_incomplete_files() {
         10,
         "exactly the bound once all is consumed"
     );
+    assert_eq!(st.backlog(st.last_durable_seq()), 0);
     // Completing the interrupted file appends its evicted rows again, never twice.
     let live_of_2 = st
         .rows
@@ -332,6 +342,13 @@ fn control_rows_are_held_out_and_grouped() {
     );
     let training = st.rows_after(0, usize::MAX).unwrap();
     assert_eq!(training.len() + control.len(), 300);
+    assert_eq!(
+        st.backlog(0),
+        training.len() as u64,
+        "control rows are no backlog"
+    );
+    let last_training = st.rows.iter().rfind(|m| !m.control).unwrap().seq;
+    assert_eq!(st.backlog(last_training), 0);
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     for r in training
         .iter()

@@ -33,6 +33,8 @@ pub mod events {
     pub const INGEST_ERROR: &str = "ingest_error";
     pub const INGEST_PAUSED: &str = "ingest_paused";
     pub const INGEST_RESUMED: &str = "ingest_resumed";
+    pub const INGEST_HELD_BACK: &str = "ingest_held_back";
+    pub const INGEST_HOLD_RELEASED: &str = "ingest_hold_released";
     pub const CHECKPOINT_WRITTEN: &str = "checkpoint_written";
     pub const CHECKPOINT_FAILED: &str = "checkpoint_failed";
     pub const CHECKPOINT_REJECTED: &str = "checkpoint_rejected";
@@ -58,6 +60,8 @@ pub const INGEST_BYTES_TOTAL: &str = "ingest_bytes_total";
 pub const INGEST_ROWS_PER_SEC_WINDOW: &str = "ingest_rows_per_sec_window";
 pub const INGEST_EVENTS_PER_SEC_WINDOW: &str = "ingest_events_per_sec_window";
 pub const INGEST_PENDING_EVENTS_OBSERVED_PEAK: &str = "ingest_pending_events_observed_peak";
+/// 1 while files wait because the replay store is full of rows not trained on yet.
+pub const INGEST_HELD_BACK: &str = "ingest_held_back";
 /// Replay store.
 pub const REPLAY_ROWS: &str = "replay_rows";
 pub const REPLAY_BYTES: &str = "replay_bytes";
