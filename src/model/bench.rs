@@ -318,3 +318,33 @@ pub fn bench_generate(opts: &GenerateBenchArgs) -> Result<Value, ModelError> {
         }))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generate_bench_reports_the_median_of_its_repeats() {
+        let out = bench_generate(&GenerateBenchArgs {
+            tokens: 4,
+            repeats: 3,
+            ..GenerateBenchArgs::default()
+        })
+        .unwrap();
+        assert_eq!(out["bench"], "generate");
+        assert_eq!(
+            (out["tokens"].as_u64(), out["repeats"].as_u64()),
+            (Some(4), Some(3))
+        );
+        let rate = |k: &str| out[k].as_f64().unwrap();
+        assert!(rate("tokens_per_sec_min") <= rate("tokens_per_sec"));
+        assert!(rate("tokens_per_sec") <= rate("tokens_per_sec_max"));
+        assert!((rate("ms_per_token") - 1e3 / rate("tokens_per_sec")).abs() < 1e-9);
+        assert_eq!(out["params"], 14_766_608);
+        let too_long = GenerateBenchArgs {
+            tokens: 200,
+            ..GenerateBenchArgs::default()
+        };
+        assert!(bench_generate(&too_long).is_err());
+    }
+}
