@@ -86,6 +86,11 @@ fn files_wait_in_the_inbox_while_the_store_is_full_of_untrained_rows() {
         "store at {rows} rows, bound {MAX_ROWS}"
     );
     assert!(held["waiting_files"].as_u64().unwrap() >= 1, "{held}");
+    assert_eq!(held["held_back"]["max_rows"], MAX_ROWS, "{held}");
+    assert!(
+        held["held_back"]["untrained_rows"].as_u64().unwrap() > 0,
+        "{held}"
+    );
     assert_eq!(d.metric("ingest_held_back"), 1.0);
     std::thread::sleep(Duration::from_millis(800));
     let inbox = d.path().join("inbox");

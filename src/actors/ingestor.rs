@@ -378,6 +378,11 @@ impl Message<IngestStatus> for IngestorActor {
                 (false, None) => "watching",
             },
             "waiting_files": self.queue.len(),
+            "held_back": self.held_back.map(|r| serde_json::json!({
+                "store_rows": r.rows,
+                "max_rows": r.max_rows,
+                "untrained_rows": r.backlog,
+            })),
             "inbox": self.args.inbox.display().to_string(),
             "files_done": self.files_done,
             "files_failed": self.files_failed,
