@@ -6,8 +6,9 @@
 //! across evals mixes the model's progress with the change of data. What does not change is
 //! one source's old-era group once it is measured on the same rows: the store hands out the
 //! first `eval.max_rows_per_group` control rows of a source by sequence number (control rows
-//! are never evicted), so two evals measured the same rows of source `s` exactly when the
-//! group's row count `n_s` and last sequence number agree.
+//! are only ever removed by eviction, and new ones come with larger sequence numbers), so two
+//! evals measured the same rows of source `s` exactly when the group's row count `n_s` and
+//! last sequence number agree.
 //!
 //! Over a set `S` of such sources, the loss at an eval is the token-weighted mean
 //! `L = Σ_{s∈S} τ_s ℓ_s / Σ_{s∈S} τ_s` (`ℓ_s`: the group's mean loss per target token,

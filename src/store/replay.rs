@@ -977,43 +977,63 @@ impl ReplayStore {
         self.rows.last().map_or(0, |m| m.seq)
     }
 
+    /// Most control rows kept: `control_fraction` of `max_rows` (at least one).
+    fn control_budget(&self) -> u64 {
+        ((self.state.control_fraction * self.cfg.max_rows as f64).ceil() as u64).max(1)
+    }
+
     /// Enforce `max_rows` / `max_bytes` by bottom-k eviction, then compact.
     ///
-    /// The threshold `tau` is chosen over all training rows: the rows kept in the end
-    /// are those with the smallest keys such that the bounds hold (control rows count
-    /// but are never evicted). Only rows with `seq <= consumed_through` (rows the trainer
-    /// has seen) are evicted now; unconsumed rows above the threshold stay until a later
-    /// call with a larger cursor, so the bounds can be exceeded by them and by control
-    /// rows. A row of a file whose ingestion was interrupted can be evicted like any
-    /// other; if that file is processed again, such a row is appended again (it is never
-    /// live twice).
+    /// Control rows are held to their own budget first (`control_fraction` of `max_rows`):
+    /// the ones with the smallest keys stay, a uniform sample of every control row so far.
+    /// Then the threshold `tau` is chosen over all training rows: the rows kept in the end
+    /// are those with the smallest keys such that the bounds hold (the kept control rows
+    /// count). Only training rows with `seq <= consumed_through` (rows the trainer has
+    /// seen) are evicted now; unconsumed rows above the threshold stay until a later call
+    /// with a larger cursor, so the bounds can be exceeded by them (the ingestor then holds
+    /// files back, see `backlog`). A row of a file whose ingestion was interrupted can be
+    /// evicted like any other; if that file is processed again, such a row is appended
+    /// again (it is never live twice).
     pub fn enforce_capacity(
         &mut self,
         consumed_through: u64,
     ) -> Result<EvictionReport, StoreError> {
         let (max_rows, max_bytes) = (self.cfg.max_rows, self.cfg.max_bytes);
+        let control_max = self.control_budget();
         if self.rows.len() as u64 <= max_rows
             && self.live_bytes <= max_bytes
+            && self.control_rows <= control_max
             && self.state.tau == u64::MAX
         {
             return Ok(EvictionReport::default());
         }
         // Never beyond the newest existing row: rows appended later must not fall
         // under the rule before they were consumed.
-        let through = consumed_through
-            .min(self.last_durable_seq())
-            .max(self.state.evict_through);
+        let last = self.last_durable_seq();
+        let through = consumed_through.min(last).max(self.state.evict_through);
         let seed = self.state.seed;
+        let mut control_tau = self.state.control_tau;
+        let mut control_keys: Vec<u64> = self
+            .rows
+            .iter()
+            .filter(|m| m.control)
+            .map(|m| eviction_key(seed, m.seq))
+            .filter(|&k| k < control_tau)
+            .collect();
+        if control_keys.len() as u64 > control_max {
+            let (_, &mut nth, _) = control_keys.select_nth_unstable(control_max as usize);
+            control_tau = nth;
+        }
         let mut tau = self.state.tau;
         let mut rows_left = self.rows.len() as u64;
         let mut bytes_left = self.live_bytes;
         let mut below = Vec::new();
-        for m in self.rows.iter().filter(|m| !m.control) {
+        for m in &self.rows {
             let key = eviction_key(seed, m.seq);
-            if key >= tau {
+            if key >= if m.control { control_tau } else { tau } {
                 rows_left -= 1;
                 bytes_left -= m.len as u64;
-            } else {
+            } else if !m.control {
                 below.push((key, m.len));
             }
         }
@@ -1031,6 +1051,8 @@ impl ReplayStore {
         let rule = StoreState {
             tau,
             evict_through: through,
+            control_tau,
+            control_through: last.max(self.state.control_through),
             ..self.state.clone()
         };
         let evict: Vec<bool> = self

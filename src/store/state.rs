@@ -1,17 +1,22 @@
 //! `replay/state.bin`: the store's identity and eviction state, rewritten atomically.
 //!
 //! ```text
-//! magic "MBTDSTAT" (8) | version u32 LE (= 1) | seed u64 | control_fraction f64
-//! | tau u64 | evict_through u64 | next_seq u64 | evicted_total u64 | crc32 of all before
+//! magic "MBTDSTAT" (8) | version u32 LE (= 2) | seed u64 | control_fraction f64
+//! | tau u64 | evict_through u64 | next_seq u64 | evicted_total u64
+//! | control_tau u64 | control_through u64 | crc32 of all before
 //! ```
+//! Version 1 (without the two control fields) is still read: nothing of its control rows
+//! was evicted (`control_tau = u64::MAX`, `control_through = 0`).
 //!
-//! Eviction rule (bottom-k sampling): every training row has the key
-//! `k(seq) = splitmix64(seed ^ seq)`. A row is evicted iff it is not a control row,
-//! `seq <= evict_through` and `k(seq) >= tau`. `tau` only decreases and `evict_through`
-//! only increases, so the kept rows among `seq <= evict_through` are exactly those with
-//! the smallest keys: a uniform random sample of that history, deterministic given the
-//! seed, whatever the arrival pattern. Writing this file is what makes an eviction
-//! durable; compaction only reclaims the bytes of rows the rule already evicts.
+//! Eviction rule (bottom-k sampling): every row has the key
+//! `k(seq) = splitmix64(seed ^ seq)`. A training row is evicted iff
+//! `seq <= evict_through` and `k(seq) >= tau`; a control row iff
+//! `seq <= control_through` and `k(seq) >= control_tau`. The thresholds only decrease and
+//! the `through` marks only increase, so the kept rows of each kind among those reached
+//! are exactly the ones with the smallest keys: a uniform random sample of that history,
+//! deterministic given the seed, whatever the arrival pattern. Writing this file is what
+//! makes an eviction durable; compaction only reclaims the bytes of rows the rule already
+//! evicts.
 
 use std::path::Path;
 
@@ -19,8 +24,10 @@ use super::StoreError;
 use super::fsutil::write_atomic;
 
 const MAGIC: &[u8; 8] = b"MBTDSTAT";
-const VERSION: u32 = 1;
-const LEN: usize = 8 + 4 + 8 * 6 + 4;
+const VERSION: u32 = 2;
+/// Encoded length of a version-1 file (six u64 fields).
+const LEN_V1: usize = 8 + 4 + 8 * 6 + 4;
+const LEN: usize = 8 + 4 + 8 * 8 + 4;
 
 /// Persistent state of a store.
 #[derive(Clone, Debug, PartialEq)]
@@ -37,6 +44,10 @@ pub struct StoreState {
     pub next_seq: u64,
     /// Rows evicted so far.
     pub evicted_total: u64,
+    /// Eviction threshold on the keys of control rows.
+    pub control_tau: u64,
+    /// Control rows with larger seq are not subject to eviction yet.
+    pub control_through: u64,
 }
 
 impl StoreState {
@@ -49,12 +60,19 @@ impl StoreState {
             evict_through: 0,
             next_seq: 1,
             evicted_total: 0,
+            control_tau: u64::MAX,
+            control_through: 0,
         }
     }
 
     /// Whether a row is evicted by the rule.
     pub fn is_evicted(&self, seq: u64, control: bool) -> bool {
-        !control && seq <= self.evict_through && eviction_key(self.seed, seq) >= self.tau
+        let (tau, through) = if control {
+            (self.control_tau, self.control_through)
+        } else {
+            (self.tau, self.evict_through)
+        };
+        seq <= through && eviction_key(self.seed, seq) >= tau
     }
 
     /// Serialize.
@@ -69,6 +87,8 @@ impl StoreState {
             self.evict_through,
             self.next_seq,
             self.evicted_total,
+            self.control_tau,
+            self.control_through,
         ] {
             b.extend_from_slice(&n.to_le_bytes());
         }
@@ -85,20 +105,28 @@ impl StoreState {
                 "{detail}; restore it from a backup, or move the replay directory away to start a new store"
             ),
         };
-        if b.len() != LEN || &b[..8] != MAGIC {
+        if b.len() < 12 || &b[..8] != MAGIC {
             return Err(corrupt("wrong length or magic"));
         }
-        let crc = u32::from_le_bytes(b[LEN - 4..].try_into().expect("4"));
-        if crc != crc32fast::hash(&b[..LEN - 4]) {
+        let version = u32::from_le_bytes(b[8..12].try_into().expect("4"));
+        let len = match version {
+            1 => LEN_V1,
+            VERSION => LEN,
+            v => {
+                return Err(corrupt(&format!(
+                    "format version {v}, this build reads 1 and {VERSION}"
+                )));
+            }
+        };
+        if b.len() != len {
+            return Err(corrupt("wrong length for its version"));
+        }
+        let crc = u32::from_le_bytes(b[len - 4..].try_into().expect("4"));
+        if crc != crc32fast::hash(&b[..len - 4]) {
             return Err(corrupt("checksum mismatch"));
         }
-        let version = u32::from_le_bytes(b[8..12].try_into().expect("4"));
-        if version != VERSION {
-            return Err(corrupt(&format!(
-                "format version {version}, this build reads {VERSION}"
-            )));
-        }
         let n = |i: usize| u64::from_le_bytes(b[12 + 8 * i..20 + 8 * i].try_into().expect("8"));
+        let v2 = version == VERSION;
         Ok(StoreState {
             seed: n(0),
             control_fraction: f64::from_bits(n(1)),
@@ -106,6 +134,8 @@ impl StoreState {
             evict_through: n(3),
             next_seq: n(4),
             evicted_total: n(5),
+            control_tau: if v2 { n(6) } else { u64::MAX },
+            control_through: if v2 { n(7) } else { 0 },
         })
     }
 
@@ -145,21 +175,58 @@ mod tests {
             evict_through: 7,
             next_seq: 12,
             evicted_total: 3,
+            control_tau: 55,
+            control_through: 9,
         };
         let p = Path::new("state.bin");
         let mut b = s.encode();
+        assert_eq!(b.len(), LEN);
         assert_eq!(StoreState::decode(p, &b).unwrap(), s);
         b[20] ^= 1;
         assert!(StoreState::decode(p, &b).is_err());
     }
 
     #[test]
-    fn eviction_rule_spares_control_and_unreached_rows() {
+    fn version_1_files_are_read_with_no_control_eviction() {
+        let s = StoreState {
+            seed: 4,
+            control_fraction: 0.1,
+            tau: 77,
+            evict_through: 5,
+            next_seq: 9,
+            evicted_total: 2,
+            ..StoreState::new(0, 0.0)
+        };
+        let mut b = s.encode();
+        b[8..12].copy_from_slice(&1u32.to_le_bytes());
+        b.truncate(LEN_V1 - 4);
+        let crc = crc32fast::hash(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        let got = StoreState::decode(Path::new("state.bin"), &b).unwrap();
+        assert_eq!(got, s);
+        assert_eq!((got.control_tau, got.control_through), (u64::MAX, 0));
+        b[8] = 3;
+        let err = StoreState::decode(Path::new("state.bin"), &b).unwrap_err();
+        assert!(err.to_string().contains("version 3"), "{err}");
+    }
+
+    #[test]
+    fn eviction_rule_per_kind_and_unreached_rows() {
         let mut s = StoreState::new(3, 0.1);
         s.tau = 0;
         s.evict_through = 10;
         assert!(s.is_evicted(5, false));
-        assert!(!s.is_evicted(5, true));
+        assert!(
+            !s.is_evicted(5, true),
+            "control rows have their own threshold"
+        );
         assert!(!s.is_evicted(11, false));
+        s.control_tau = 0;
+        s.control_through = 4;
+        assert!(s.is_evicted(4, true));
+        assert!(
+            !s.is_evicted(5, true),
+            "not reached by the control rule yet"
+        );
     }
 }
