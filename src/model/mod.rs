@@ -25,6 +25,7 @@ pub mod agg;
 pub mod attention;
 pub mod availability;
 pub mod bench;
+mod block;
 pub mod generate;
 mod half;
 pub mod io;

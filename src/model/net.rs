@@ -14,15 +14,14 @@
 //! sum over computed branches in branch order.
 
 use super::agg::{self, AggGroups};
-use super::attention::{AttnShape, attn_bwd, attn_fwd};
+use super::attention::AttnShape;
+use super::block::{BranchWs, BwdScratch, branch_bwd, branch_fwd, run_pairwise};
 use super::ops::{
-    bias_gelu_fwd, dot_f64, embed_bwd, embed_fwd, gelu_bwd_inplace, layernorm_bwd, layernorm_fwd,
-    linear_bwd, linear_fwd, linear_nobias_fwd, mm_nt, mm_tn, prof, residual_linear_fwd, simd,
-    xent_fwd_bwd,
+    add_into, axpy, dot_f64, embed_bwd, embed_fwd, layernorm_bwd, layernorm_fwd, mm_nt, mm_tn,
+    prof, xent_fwd_bwd,
 };
 use super::params::{BranchParams, Params};
 use super::{Batch, Masks, ModelConfig, ModelError};
-use rayon::prelude::*;
 
 /// The model: configuration, parameters and per-layer aggregation groups.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,25 +32,6 @@ pub struct Model {
     pub params: Params,
     /// Expansion groups of each layer (see [`super::agg`]).
     pub groups: Vec<AggGroups>,
-}
-
-/// Activations kept for the backward pass of one branch.
-#[derive(Debug, Default)]
-pub(crate) struct BranchWs {
-    pub mean1: Vec<f32>,
-    pub rstd1: Vec<f32>,
-    pub a1: Vec<f32>,
-    pub qkv: Vec<f32>,
-    pub probs: Vec<f32>,
-    pub att: Vec<f32>,
-    pub u: Vec<f32>,
-    pub mean2: Vec<f32>,
-    pub rstd2: Vec<f32>,
-    pub a2: Vec<f32>,
-    /// `gelu'(a2·W1 + b1)`: the pre-activation itself is not needed by backward.
-    pub dgelu: Vec<f32>,
-    pub g: Vec<f32>,
-    pub z: Vec<f32>,
 }
 
 /// Aggregation state of one layer for the current batch.
@@ -82,46 +62,18 @@ pub struct Workspace {
     row_loss: Vec<f64>,
     dh: Vec<f32>,
     dh_prev: Vec<f32>,
-    dz: Vec<f32>,
-    du: Vec<f32>,
-    dbig: Vec<f32>,
     da: Vec<f32>,
-    datt: Vec<f32>,
-    dqkv: Vec<f32>,
-    dprobs: Vec<f32>,
+    scratch: [BwdScratch; 2],
 }
 
 fn fit(v: &mut Vec<f32>, n: usize) {
     v.resize(n, 0.0);
 }
 
-impl BranchWs {
-    fn fit(&mut self, n: usize, d: usize, probs: usize) {
-        for (v, len) in [
-            (&mut self.mean1, n),
-            (&mut self.rstd1, n),
-            (&mut self.a1, n * d),
-            (&mut self.qkv, n * 3 * d),
-            (&mut self.probs, probs),
-            (&mut self.att, n * d),
-            (&mut self.u, n * d),
-            (&mut self.mean2, n),
-            (&mut self.rstd2, n),
-            (&mut self.a2, n * d),
-            (&mut self.dgelu, n * 4 * d),
-            (&mut self.g, n * 4 * d),
-            (&mut self.z, n * d),
-        ] {
-            fit(v, len);
-        }
-    }
-}
-
 impl Workspace {
     /// Sizes the shared buffers for a batch (branch buffers are sized on use).
     fn prepare(&mut self, cfg: &ModelConfig, widths: &[usize], batch: usize, seq: usize) {
         let (n, d, v) = (batch * seq, cfg.d_model, cfg.vocab_size);
-        let probs = batch * cfg.n_heads * seq * seq;
         self.n = n;
         self.batch = batch;
         self.seq = seq;
@@ -145,13 +97,7 @@ impl Workspace {
             (&mut self.logits, n * v),
             (&mut self.dh, n * d),
             (&mut self.dh_prev, n * d),
-            (&mut self.dz, n * d),
-            (&mut self.du, n * d),
-            (&mut self.dbig, n * 4 * d),
             (&mut self.da, n * d),
-            (&mut self.datt, n * d),
-            (&mut self.dqkv, n * 3 * d),
-            (&mut self.dprobs, probs),
         ] {
             fit(b, len);
         }
@@ -178,67 +124,6 @@ impl Workspace {
     pub fn alpha_tilde(&self, l: usize) -> &[f32] {
         &self.layers[l].alpha_t
     }
-}
-
-/// `dst += src` element-wise, in parallel.
-fn add_into(dst: &mut [f32], src: &[f32]) {
-    let _prof = prof::scope(prof::ELEM);
-    dst.par_chunks_mut(8192)
-        .zip(src.par_chunks(8192))
-        .for_each(|(d, s)| {
-            simd(
-                #[inline(always)]
-                || d.iter_mut().zip(s).for_each(|(a, &b)| *a += b),
-            )
-        });
-}
-
-/// `dst (+)= k·src` element-wise, in parallel.
-fn axpy(dst: &mut [f32], k: f32, src: &[f32], acc: bool) {
-    let _prof = prof::scope(prof::ELEM);
-    dst.par_chunks_mut(8192)
-        .zip(src.par_chunks(8192))
-        .for_each(|(d, s)| {
-            simd(
-                #[inline(always)]
-                || {
-                    if acc {
-                        d.iter_mut().zip(s).for_each(|(a, &b)| *a += k * b);
-                    } else {
-                        d.iter_mut().zip(s).for_each(|(a, &b)| *a = k * b);
-                    }
-                },
-            )
-        });
-}
-
-/// Forward of one branch block on input `h` (`[n, d]`), filling `bw`.
-pub(crate) fn branch_fwd(bp: &BranchParams, bw: &mut BranchWs, h: &[f32], s: AttnShape) {
-    let d = s.heads * s.head_dim;
-    let n = s.batch * s.seq;
-    bw.fit(n, d, s.batch * s.heads * s.seq * s.seq);
-    layernorm_fwd(
-        &mut bw.a1,
-        &mut bw.mean1,
-        &mut bw.rstd1,
-        h,
-        &bp.ln1_gain,
-        &bp.ln1_bias,
-    );
-    linear_fwd(&mut bw.qkv, &bw.a1, &bp.qkv_w, &bp.qkv_b, n, d);
-    attn_fwd(&mut bw.att, &mut bw.probs, &bw.qkv, s);
-    residual_linear_fwd(&mut bw.u, h, &bw.att, &bp.out_w, &bp.out_b, n, d);
-    layernorm_fwd(
-        &mut bw.a2,
-        &mut bw.mean2,
-        &mut bw.rstd2,
-        &bw.u,
-        &bp.ln2_gain,
-        &bp.ln2_bias,
-    );
-    linear_nobias_fwd(&mut bw.dgelu, &bw.a2, &bp.fc_w, n, d, 4 * d);
-    bias_gelu_fwd(&mut bw.g, &mut bw.dgelu, &bp.fc_b);
-    residual_linear_fwd(&mut bw.z, &bw.u, &bw.g, &bp.proj_w, &bp.proj_b, n, 4 * d);
 }
 
 impl Model {
@@ -348,16 +233,25 @@ impl Model {
                 cfg.agg_floor,
             );
             agg::renormalise(&mut lw.alpha_t, &lw.alpha, &lw.mask);
+            for i in 0..layer.branches.len() {
+                lw.computed[i] = lw.mask[i] && lw.alpha_t[i] > 0.0;
+            }
+            let mut todo: Vec<(&BranchParams, &mut BranchWs)> = layer
+                .branches
+                .iter()
+                .zip(lw.branches.iter_mut())
+                .zip(&lw.computed)
+                .filter_map(|(pair, &on)| on.then_some(pair))
+                .collect();
+            run_pairwise(&mut todo, &mut [(), ()], |(bp, bw), _| {
+                branch_fwd(bp, bw, h, shape)
+            });
             let mut first = true;
-            for (i, bp) in layer.branches.iter().enumerate() {
-                let on = lw.mask[i] && lw.alpha_t[i] > 0.0;
-                lw.computed[i] = on;
-                if !on {
-                    continue;
+            for (i, bw) in lw.branches.iter().enumerate() {
+                if lw.computed[i] {
+                    axpy(out, lw.alpha_t[i], &bw.z, !first);
+                    first = false;
                 }
-                branch_fwd(bp, &mut lw.branches[i], h, shape);
-                axpy(out, lw.alpha_t[i], &lw.branches[i].z, !first);
-                first = false;
             }
         }
         let p = &self.params;
@@ -427,8 +321,6 @@ impl Model {
 
     /// Backward of layer `l`: `ws.dh` (gradient of its output) → `ws.dh_prev`.
     fn layer_bwd(&self, ws: &mut Workspace, l: usize, s: AttnShape, grads: &mut Params) {
-        let d = self.config.d_model;
-        let n = ws.n;
         let layer = &self.params.layers[l];
         let gl = &mut grads.layers[l];
         let lw = &mut ws.layers[l];
@@ -451,97 +343,30 @@ impl Model {
             self.config.agg_floor,
         );
         drop(prof_agg);
-        let h = &ws.hs[l];
+        let (h, dh) = (&ws.hs[l], &ws.dh);
+        let alpha_t = &lw.alpha_t;
+        let mut todo: Vec<(f32, &BranchParams, &mut BranchWs, &mut BranchParams)> = layer
+            .branches
+            .iter()
+            .zip(lw.branches.iter_mut())
+            .zip(gl.branches.iter_mut())
+            .enumerate()
+            .filter(|(i, _)| lw.computed[*i])
+            .map(|(i, ((bp, bw), gb))| (alpha_t[i], bp, bw, gb))
+            .collect();
+        run_pairwise(&mut todo, &mut ws.scratch, |(alpha, bp, bw, gb), sc| {
+            branch_bwd(bp, bw, gb, sc, dh, *alpha, h, s)
+        });
         let mut first = true;
-        for (i, bp) in layer.branches.iter().enumerate() {
-            if !lw.computed[i] {
-                continue;
+        for (i, bw) in lw.branches.iter().enumerate() {
+            if lw.computed[i] {
+                if first {
+                    ws.dh_prev.copy_from_slice(&bw.dh);
+                } else {
+                    add_into(&mut ws.dh_prev, &bw.dh);
+                }
+                first = false;
             }
-            let bw = &lw.branches[i];
-            let gb = &mut gl.branches[i];
-            axpy(&mut ws.dz, lw.alpha_t[i], &ws.dh, false);
-            // z = u + g·W2 + b2
-            linear_bwd(
-                Some((&mut ws.dbig, false)),
-                &mut gb.proj_w,
-                &mut gb.proj_b,
-                &bw.g,
-                &bp.proj_w,
-                &ws.dz,
-                n,
-                4 * d,
-            );
-            gelu_bwd_inplace(&mut ws.dbig, &bw.dgelu);
-            // f = a2·W1 + b1
-            linear_bwd(
-                Some((&mut ws.da, false)),
-                &mut gb.fc_w,
-                &mut gb.fc_b,
-                &bw.a2,
-                &bp.fc_w,
-                &ws.dbig,
-                n,
-                d,
-            );
-            // u → a2 = LN2(u), plus the residual path dz
-            ws.du.copy_from_slice(&ws.dz);
-            layernorm_bwd(
-                &mut ws.du,
-                true,
-                &mut gb.ln2_gain,
-                &mut gb.ln2_bias,
-                &ws.da,
-                &bw.u,
-                &bw.mean2,
-                &bw.rstd2,
-                &bp.ln2_gain,
-            );
-            // u = h + att·Wo + bo
-            linear_bwd(
-                Some((&mut ws.datt, false)),
-                &mut gb.out_w,
-                &mut gb.out_b,
-                &bw.att,
-                &bp.out_w,
-                &ws.du,
-                n,
-                d,
-            );
-            attn_bwd(
-                &mut ws.dqkv,
-                &mut ws.dprobs,
-                &ws.datt,
-                &bw.probs,
-                &bw.qkv,
-                s,
-            );
-            linear_bwd(
-                Some((&mut ws.da, false)),
-                &mut gb.qkv_w,
-                &mut gb.qkv_b,
-                &bw.a1,
-                &bp.qkv_w,
-                &ws.dqkv,
-                n,
-                d,
-            );
-            if first {
-                ws.dh_prev.copy_from_slice(&ws.du);
-            } else {
-                add_into(&mut ws.dh_prev, &ws.du);
-            }
-            first = false;
-            layernorm_bwd(
-                &mut ws.dh_prev,
-                true,
-                &mut gb.ln1_gain,
-                &mut gb.ln1_bias,
-                &ws.da,
-                h,
-                &bw.mean1,
-                &bw.rstd1,
-                &bp.ln1_gain,
-            );
         }
     }
 

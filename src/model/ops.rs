@@ -73,9 +73,30 @@ pub mod prof {
     }
 }
 
-/// `gemm` parallelism using every thread of the current rayon pool.
+thread_local! {
+    /// Set while this thread runs one of several independent tasks side by side (see
+    /// [`serial_gemm`]): its products then stay on this thread.
+    static SERIAL_GEMM: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with this thread's `gemm` calls single-threaded: for tasks that already run
+/// in parallel with each other, where splitting every product across threads would only
+/// add synchronisation. The products' results do not depend on it.
+pub(crate) fn serial_gemm<R>(f: impl FnOnce() -> R) -> R {
+    let old = SERIAL_GEMM.with(|s| s.replace(true));
+    let r = f();
+    SERIAL_GEMM.with(|s| s.set(old));
+    r
+}
+
+/// `gemm` parallelism using every thread of the current rayon pool (one thread inside
+/// [`serial_gemm`]).
 pub(crate) fn par_all() -> Parallelism {
-    Parallelism::Rayon(rayon::current_num_threads().max(1))
+    if SERIAL_GEMM.with(|s| s.get()) {
+        Parallelism::None
+    } else {
+        Parallelism::Rayon(rayon::current_num_threads().max(1))
+    }
 }
 
 /// Highest index touched by a strided `rows × cols` view, plus one.
@@ -293,6 +314,38 @@ pub(crate) fn linear_bwd(
     if let Some((dx, acc)) = dx {
         mm_nt(dx, dy, w, n, dout, din, acc);
     }
+}
+
+/// `dst += src` element-wise, in parallel.
+pub(crate) fn add_into(dst: &mut [f32], src: &[f32]) {
+    let _prof = prof::scope(prof::ELEM);
+    dst.par_chunks_mut(8192)
+        .zip(src.par_chunks(8192))
+        .for_each(|(d, s)| {
+            simd(
+                #[inline(always)]
+                || d.iter_mut().zip(s).for_each(|(a, &b)| *a += b),
+            )
+        });
+}
+
+/// `dst (+)= k·src` element-wise, in parallel.
+pub(crate) fn axpy(dst: &mut [f32], k: f32, src: &[f32], acc: bool) {
+    let _prof = prof::scope(prof::ELEM);
+    dst.par_chunks_mut(8192)
+        .zip(src.par_chunks(8192))
+        .for_each(|(d, s)| {
+            simd(
+                #[inline(always)]
+                || {
+                    if acc {
+                        d.iter_mut().zip(s).for_each(|(a, &b)| *a += k * b);
+                    } else {
+                        d.iter_mut().zip(s).for_each(|(a, &b)| *a = k * b);
+                    }
+                },
+            )
+        });
 }
 
 /// `out[c] = Σ_r x[r, c]` over a row-major `[rows, cols]` buffer, rows summed in order.
@@ -841,6 +894,34 @@ pub(crate) mod tests {
                 assert!((u[i * k + p] - e).abs() < 1e-4);
             }
         }
+    }
+
+    #[test]
+    fn serial_gemm_gives_the_same_bits_as_threaded_gemm() {
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        let (m, k, n) = (512, 300, 257);
+        let a = randv(&mut rng, m * k, 1.0);
+        let b = randv(&mut rng, k * n, 1.0);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let (threaded, serial) = pool.install(|| {
+            let mut c = vec![0.5; m * n];
+            let mut e = vec![0.5; k * n];
+            mm(&mut c, &a, &b, m, k, n, true);
+            mm_tn(&mut e, &a, &c, m, k, n, false);
+            let mut c2 = vec![0.5; m * n];
+            let mut e2 = vec![0.5; k * n];
+            serial_gemm(|| {
+                assert!(matches!(par_all(), Parallelism::None));
+                mm(&mut c2, &a, &b, m, k, n, true);
+                mm_tn(&mut e2, &a, &c2, m, k, n, false);
+            });
+            assert!(matches!(par_all(), Parallelism::Rayon(2)));
+            ((c, e), (c2, e2))
+        });
+        assert!(threaded == serial, "serial and threaded gemm differ");
     }
 
     #[test]

@@ -1,0 +1,249 @@
+//! One branch: a pre-LN GPT block, its forward and backward pass, and the scheduler that
+//! runs a layer's branches two at a time.
+//!
+//! Forward on input `h` (`[n, d]`): `a1 = LN1(h)`, `qkv = a1·Wqkv + bqkv`,
+//! `att = Attn(qkv)`, `u = h + att·Wo + bo`, `a2 = LN2(u)`, `f = a2·W1 + b1`,
+//! `g = gelu(f)`, `z = u + g·W2 + b2`.
+//!
+//! Backward from `∂L/∂z = α̃·∂L/∂h'`: `∂L/∂u = ∂L/∂z + LN2ᵀ(W1ᵀ(gelu'(f) ⊙ W2ᵀ∂L/∂z))`,
+//! `∂L/∂h = ∂L/∂u + LN1ᵀ(Wqkvᵀ Attnᵀ(Woᵀ ∂L/∂u))`, with every weight gradient `xᵀ·dy`
+//! on the way.
+//!
+//! Branches are independent given `h` (forward) and `∂L/∂h'` (backward), so
+//! [`run_pairwise`] computes them two at a time, one per thread with single-threaded
+//! products: on two cores this beats splitting every product across both threads
+//! (no barrier per product, no packing shared between cores). The result does not
+//! depend on the pairing or the thread count: each branch's arithmetic is the same
+//! whichever thread runs it, and the layer sums the branches in branch order.
+
+use super::attention::{AttnShape, attn_bwd, attn_fwd};
+use super::ops::{
+    axpy, bias_gelu_fwd, gelu_bwd_inplace, layernorm_bwd, layernorm_fwd, linear_bwd, linear_fwd,
+    linear_nobias_fwd, residual_linear_fwd, serial_gemm,
+};
+use super::params::BranchParams;
+
+/// Activations kept for the backward pass of one branch.
+#[derive(Debug, Default)]
+pub(crate) struct BranchWs {
+    pub mean1: Vec<f32>,
+    pub rstd1: Vec<f32>,
+    pub a1: Vec<f32>,
+    pub qkv: Vec<f32>,
+    pub probs: Vec<f32>,
+    pub att: Vec<f32>,
+    pub u: Vec<f32>,
+    pub mean2: Vec<f32>,
+    pub rstd2: Vec<f32>,
+    pub a2: Vec<f32>,
+    /// `gelu'(a2·W1 + b1)`: the pre-activation itself is not needed by backward.
+    pub dgelu: Vec<f32>,
+    pub g: Vec<f32>,
+    pub z: Vec<f32>,
+    /// This branch's part of `∂L/∂h` after the backward pass.
+    pub dh: Vec<f32>,
+}
+
+/// Scratch of one branch's backward pass (one per branch computed side by side).
+#[derive(Debug, Default)]
+pub(crate) struct BwdScratch {
+    dz: Vec<f32>,
+    dbig: Vec<f32>,
+    da: Vec<f32>,
+    datt: Vec<f32>,
+    dqkv: Vec<f32>,
+    dprobs: Vec<f32>,
+}
+
+fn fit(v: &mut Vec<f32>, n: usize) {
+    v.resize(n, 0.0);
+}
+
+impl BranchWs {
+    fn fit(&mut self, n: usize, d: usize, probs: usize) {
+        for (v, len) in [
+            (&mut self.mean1, n),
+            (&mut self.rstd1, n),
+            (&mut self.a1, n * d),
+            (&mut self.qkv, n * 3 * d),
+            (&mut self.probs, probs),
+            (&mut self.att, n * d),
+            (&mut self.u, n * d),
+            (&mut self.mean2, n),
+            (&mut self.rstd2, n),
+            (&mut self.a2, n * d),
+            (&mut self.dgelu, n * 4 * d),
+            (&mut self.g, n * 4 * d),
+            (&mut self.z, n * d),
+        ] {
+            fit(v, len);
+        }
+    }
+}
+
+impl BwdScratch {
+    fn fit(&mut self, n: usize, d: usize, probs: usize) {
+        for (v, len) in [
+            (&mut self.dz, n * d),
+            (&mut self.dbig, n * 4 * d),
+            (&mut self.da, n * d),
+            (&mut self.datt, n * d),
+            (&mut self.dqkv, n * 3 * d),
+            (&mut self.dprobs, probs),
+        ] {
+            fit(v, len);
+        }
+    }
+}
+
+fn sizes(s: AttnShape) -> (usize, usize, usize) {
+    let d = s.heads * s.head_dim;
+    (s.batch * s.seq, d, s.batch * s.heads * s.seq * s.seq)
+}
+
+/// Forward of one branch block on input `h` (`[n, d]`), filling `bw`.
+pub(crate) fn branch_fwd(bp: &BranchParams, bw: &mut BranchWs, h: &[f32], s: AttnShape) {
+    let (n, d, probs) = sizes(s);
+    bw.fit(n, d, probs);
+    layernorm_fwd(
+        &mut bw.a1,
+        &mut bw.mean1,
+        &mut bw.rstd1,
+        h,
+        &bp.ln1_gain,
+        &bp.ln1_bias,
+    );
+    linear_fwd(&mut bw.qkv, &bw.a1, &bp.qkv_w, &bp.qkv_b, n, d);
+    attn_fwd(&mut bw.att, &mut bw.probs, &bw.qkv, s);
+    residual_linear_fwd(&mut bw.u, h, &bw.att, &bp.out_w, &bp.out_b, n, d);
+    layernorm_fwd(
+        &mut bw.a2,
+        &mut bw.mean2,
+        &mut bw.rstd2,
+        &bw.u,
+        &bp.ln2_gain,
+        &bp.ln2_bias,
+    );
+    linear_nobias_fwd(&mut bw.dgelu, &bw.a2, &bp.fc_w, n, d, 4 * d);
+    bias_gelu_fwd(&mut bw.g, &mut bw.dgelu, &bp.fc_b);
+    residual_linear_fwd(&mut bw.z, &bw.u, &bw.g, &bp.proj_w, &bp.proj_b, n, 4 * d);
+}
+
+/// Backward of one branch after [`branch_fwd`]: `dh_out` (`∂L/∂h'`, scaled by `alpha`)
+/// → `bw.dh` (this branch's part of `∂L/∂h`) and the branch's gradients `gb`
+/// (overwritten). `h` is the block's input.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn branch_bwd(
+    bp: &BranchParams,
+    bw: &mut BranchWs,
+    gb: &mut BranchParams,
+    sc: &mut BwdScratch,
+    dh_out: &[f32],
+    alpha: f32,
+    h: &[f32],
+    s: AttnShape,
+) {
+    let (n, d, probs) = sizes(s);
+    sc.fit(n, d, probs);
+    fit(&mut bw.dh, n * d);
+    axpy(&mut sc.dz, alpha, dh_out, false);
+    // z = u + g·W2 + b2
+    linear_bwd(
+        Some((&mut sc.dbig, false)),
+        &mut gb.proj_w,
+        &mut gb.proj_b,
+        &bw.g,
+        &bp.proj_w,
+        &sc.dz,
+        n,
+        4 * d,
+    );
+    gelu_bwd_inplace(&mut sc.dbig, &bw.dgelu);
+    // f = a2·W1 + b1
+    linear_bwd(
+        Some((&mut sc.da, false)),
+        &mut gb.fc_w,
+        &mut gb.fc_b,
+        &bw.a2,
+        &bp.fc_w,
+        &sc.dbig,
+        n,
+        d,
+    );
+    // u → a2 = LN2(u), plus the residual path dz; `bw.dh` holds ∂L/∂u from here on.
+    bw.dh.copy_from_slice(&sc.dz);
+    layernorm_bwd(
+        &mut bw.dh,
+        true,
+        &mut gb.ln2_gain,
+        &mut gb.ln2_bias,
+        &sc.da,
+        &bw.u,
+        &bw.mean2,
+        &bw.rstd2,
+        &bp.ln2_gain,
+    );
+    // u = h + att·Wo + bo
+    linear_bwd(
+        Some((&mut sc.datt, false)),
+        &mut gb.out_w,
+        &mut gb.out_b,
+        &bw.att,
+        &bp.out_w,
+        &bw.dh,
+        n,
+        d,
+    );
+    attn_bwd(
+        &mut sc.dqkv,
+        &mut sc.dprobs,
+        &sc.datt,
+        &bw.probs,
+        &bw.qkv,
+        s,
+    );
+    linear_bwd(
+        Some((&mut sc.da, false)),
+        &mut gb.qkv_w,
+        &mut gb.qkv_b,
+        &bw.a1,
+        &bp.qkv_w,
+        &sc.dqkv,
+        n,
+        d,
+    );
+    // h → a1 = LN1(h), plus the residual path ∂L/∂u.
+    layernorm_bwd(
+        &mut bw.dh,
+        true,
+        &mut gb.ln1_gain,
+        &mut gb.ln1_bias,
+        &sc.da,
+        h,
+        &bw.mean1,
+        &bw.rstd1,
+        &bp.ln1_gain,
+    );
+}
+
+/// Runs `f(item, scratch)` on every item: two items side by side (one on each of two
+/// threads, their products single-threaded, scratch `0` and `1`), an odd last item
+/// alone with every thread (scratch `0`).
+pub(crate) fn run_pairwise<T: Send, S: Send>(
+    items: &mut [T],
+    scratch: &mut [S; 2],
+    f: impl Fn(&mut T, &mut S) + Sync,
+) {
+    let [s0, s1] = scratch;
+    let mut pairs = items.chunks_exact_mut(2);
+    for pair in &mut pairs {
+        let (a, b) = pair.split_at_mut(1);
+        rayon::join(
+            || serial_gemm(|| f(&mut a[0], s0)),
+            || serial_gemm(|| f(&mut b[0], s1)),
+        );
+    }
+    if let Some(last) = pairs.into_remainder().first_mut() {
+        f(last, s0);
+    }
+}
