@@ -7,11 +7,13 @@
 //! `dV = Pᵀ·dY`, `dP = dY·Vᵀ`, `dS = P ⊙ (dP - rowsum(dP ⊙ P))`,
 //! `dQ = dS·K/√hd`, `dK = dSᵀ·Q/√hd`.
 //!
-//! The `(b, h)` pairs run in parallel on rayon; each writes disjoint output regions, so
-//! the result does not depend on the thread count.
+//! Every product runs in register tiles of 6 rows ([`super::tile`]) that stop at the
+//! causal boundary: a tile of query rows `[i0, i1)` reads keys `< i1` only, so about half
+//! of the `T×T` work is skipped. The `(b, h)` pairs run in parallel on rayon; each writes
+//! disjoint output regions, so the result does not depend on the thread count.
 
-use super::ops::{View, dot16, fast_exp, gemm_into, max16, prof, simd, sum16};
-use gemm::Parallelism;
+use super::ops::{View, dot16, fast_exp, max16, prof, simd, sum16};
+use super::tile::{TileRange, product};
 use rayon::prelude::*;
 
 /// Shape of one attention call.
@@ -45,30 +47,90 @@ impl SendPtr {
     }
 }
 
-/// Query rows per causal block: block `[r0, r1)` only needs keys `0..r1`, which skips most
-/// of the masked upper triangle in the score and weighted-sum products.
-const BLOCK: usize = 64;
-
-/// Row blocks `[r0, r1)` of a sequence of length `t`.
-fn blocks(t: usize, block: usize) -> impl DoubleEndedIterator<Item = (usize, usize)> {
-    (0..t.div_ceil(block)).map(move |b| (b * block, ((b + 1) * block).min(t)))
+/// `n` rounded up to whole register tiles of 16 columns, at most `t` (the extra columns
+/// of a causal row tile lie in the masked upper triangle and are overwritten).
+fn causal_cols(n: usize, t: usize) -> usize {
+    n.next_multiple_of(16).min(t)
 }
 
-/// A strided view of rows `r0..` of a `[rows, 3d]`-strided head slice.
-fn rows_of(data: &[f32], r0: usize, rs: usize) -> View<'_> {
+thread_local! {
+    /// A transposed `[hd, T]` copy of one head's keys or values.
+    static TRANSPOSED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with `out[c·t + j] = x[j·rs + c]` for `j < t`, `c < hd` (a per-thread buffer).
+fn with_transposed<R>(x: &[f32], rs: usize, t: usize, hd: usize, f: impl FnOnce(&[f32]) -> R) -> R {
+    TRANSPOSED.with(|buf| {
+        let mut out = buf.borrow_mut();
+        out.resize(t * hd, 0.0);
+        for j in 0..t {
+            for (c, &v) in x[j * rs..j * rs + hd].iter().enumerate() {
+                out[c * t + j] = v;
+            }
+        }
+        f(&out)
+    })
+}
+
+/// Head `h`'s rows of part `part` (0 = q, 1 = k, 2 = v) of batch row `b`'s `qkv` block.
+fn head<'a>(qkv: &'a [f32], s: AttnShape, b: usize, part: usize, h: usize) -> View<'a> {
+    let d = s.d();
     View {
-        data: &data[r0 * rs..],
-        rs,
+        data: &qkv[b * s.seq * 3 * d + part * d + h * s.head_dim..],
+        rs: 3 * d,
         cs: 1,
     }
 }
 
-/// Forward: fills `probs` (`[B, H, T, T]`, upper triangle zero) and `att` (`[B·T, d]`).
-pub(crate) fn attn_fwd(att: &mut [f32], probs: &mut [f32], qkv: &[f32], s: AttnShape) {
-    attn_fwd_blocked(att, probs, qkv, s, BLOCK);
+/// Row `i`'s causal prefix `0..=i` rounded up to whole 16-lane chunks (at most `t`):
+/// the score products computed at least these columns, so every value in it is fresh.
+fn padded(i: usize, t: usize) -> usize {
+    (i + 1).next_multiple_of(16).min(t)
 }
 
-fn attn_fwd_blocked(att: &mut [f32], probs: &mut [f32], qkv: &[f32], s: AttnShape, block: usize) {
+/// In place over the `[t, t]` scores of one head: row `i` becomes
+/// `softmax(scale·S[i, 0..=i])` followed by zeros. Whole 16-lane chunks, masked lanes
+/// cleared, so that no scalar tail runs per row.
+fn softmax_rows(p: &mut [f32], t: usize, scale: f32) {
+    simd(
+        #[inline(always)]
+        || {
+            for (i, row) in p.chunks_exact_mut(t).enumerate() {
+                let w = padded(i, t);
+                let mx = max16(&row[..=i]) * scale;
+                for e in &mut row[..w] {
+                    *e = fast_exp(*e * scale - mx);
+                }
+                row[i + 1..].fill(0.0);
+                let inv = 1.0 / sum16(&row[..w]);
+                for e in &mut row[..w] {
+                    *e *= inv;
+                }
+            }
+        },
+    )
+}
+
+/// In place over one head's `dP` given `P`: `dS = scale·P ⊙ (dP − rowsum(dP ⊙ P))`
+/// (zero above the diagonal, where `P` is zero).
+fn softmax_bwd_rows(dp: &mut [f32], p: &[f32], t: usize, scale: f32) {
+    simd(
+        #[inline(always)]
+        || {
+            for (i, (dr, pr)) in dp.chunks_exact_mut(t).zip(p.chunks_exact(t)).enumerate() {
+                let w = padded(i, t);
+                let dotp = dot16(&dr[..w], &pr[..w]);
+                for (a, &b) in dr[..w].iter_mut().zip(&pr[..w]) {
+                    *a = b * (*a - dotp) * scale;
+                }
+                dr[w..].fill(0.0);
+            }
+        },
+    )
+}
+
+/// Forward: fills `probs` (`[B, H, T, T]`, upper triangle zero) and `att` (`[B·T, d]`).
+pub(crate) fn attn_fwd(att: &mut [f32], probs: &mut [f32], qkv: &[f32], s: AttnShape) {
     let _prof = prof::scope(prof::ATTN);
     let (t, hd, d) = (s.seq, s.head_dim, s.d());
     assert!(att.len() >= s.batch * t * d && probs.len() >= s.batch * s.heads * t * t);
@@ -80,63 +142,26 @@ fn attn_fwd_blocked(att: &mut [f32], probs: &mut [f32], qkv: &[f32], s: AttnShap
         .enumerate()
         .for_each(|(bh, p)| {
             let (b, h) = (bh / s.heads, bh % s.heads);
-            let base = b * t * 3 * d;
-            let q = &qkv[base + h * hd..];
-            let k = View {
-                data: &qkv[base + d + h * hd..],
-                rs: 1,
-                cs: 3 * d,
-            };
-            let v = View {
-                data: &qkv[base + 2 * d + h * hd..],
-                rs: 3 * d,
-                cs: 1,
-            };
+            let (q, k, v) = (
+                head(qkv, s, b, 0, h),
+                head(qkv, s, b, 1, h),
+                head(qkv, s, b, 2, h),
+            );
+            // S = Q·Kᵀ, row tile [i0, i1) needs keys < i1
+            with_transposed(k.data, k.rs, t, hd, |kt| {
+                product(p, t, t, q, View::rm(kt, t), false, |_, i1| TileRange {
+                    cols: causal_cols(i1, t),
+                    red: (0, hd),
+                })
+            });
+            softmax_rows(p, t, scale);
             // SAFETY: task (b, h) alone writes rows b·T..(b+1)·T, columns h·hd..(h+1)·hd.
             let out = unsafe { att_ptr.slice(b * t * d + h * hd, (t - 1) * d + hd) };
-            for (r0, r1) in blocks(t, block) {
-                let pb = &mut p[r0 * t..r1 * t];
-                gemm_into(
-                    r1 - r0,
-                    r1,
-                    hd,
-                    pb,
-                    t,
-                    false,
-                    rows_of(q, r0, 3 * d),
-                    k,
-                    Parallelism::None,
-                );
-                simd(
-                    #[inline(always)]
-                    || {
-                        for (ii, row) in pb.chunks_exact_mut(t).enumerate() {
-                            let i = r0 + ii;
-                            let live = &mut row[..=i];
-                            let mx = max16(live) * scale;
-                            for e in live.iter_mut() {
-                                *e = fast_exp(*e * scale - mx);
-                            }
-                            let inv = 1.0 / sum16(live);
-                            for e in live.iter_mut() {
-                                *e *= inv;
-                            }
-                            row[i + 1..].fill(0.0);
-                        }
-                    },
-                );
-                gemm_into(
-                    r1 - r0,
-                    hd,
-                    r1,
-                    &mut out[r0 * d..],
-                    d,
-                    false,
-                    View::rm(pb, t),
-                    v,
-                    Parallelism::None,
-                );
-            }
+            // Y = P·V over keys < i1
+            product(out, d, t, View::rm(p, t), v, false, |_, i1| TileRange {
+                cols: hd,
+                red: (0, i1),
+            });
         });
 }
 
@@ -150,18 +175,6 @@ pub(crate) fn attn_bwd(
     qkv: &[f32],
     s: AttnShape,
 ) {
-    attn_bwd_blocked(dqkv, dprobs, datt, probs, qkv, s, BLOCK);
-}
-
-fn attn_bwd_blocked(
-    dqkv: &mut [f32],
-    dprobs: &mut [f32],
-    datt: &[f32],
-    probs: &[f32],
-    qkv: &[f32],
-    s: AttnShape,
-    block: usize,
-) {
     let _prof = prof::scope(prof::ATTN);
     let (t, hd, d) = (s.seq, s.head_dim, s.d());
     assert!(dqkv.len() >= s.batch * t * 3 * d && datt.len() >= s.batch * t * d);
@@ -174,19 +187,17 @@ fn attn_bwd_blocked(
         .enumerate()
         .for_each(|(bh, (dp, p))| {
             let (b, h) = (bh / s.heads, bh % s.heads);
-            let base = b * t * 3 * d;
-            let q = &qkv[base + h * hd..];
-            let k = View {
-                data: &qkv[base + d + h * hd..],
-                rs: 3 * d,
+            let (q, k, v) = (
+                head(qkv, s, b, 0, h),
+                head(qkv, s, b, 1, h),
+                head(qkv, s, b, 2, h),
+            );
+            let dy = View {
+                data: &datt[b * t * d + h * hd..],
+                rs: d,
                 cs: 1,
             };
-            let vt = View {
-                data: &qkv[base + 2 * d + h * hd..],
-                rs: 1,
-                cs: 3 * d,
-            };
-            let dy = &datt[b * t * d + h * hd..];
+            let base = b * t * 3 * d;
             let span = (t - 1) * 3 * d + hd;
             // SAFETY: task (b, h) alone writes rows b·T..(b+1)·T of dqkv at the columns
             // of head h in each of the q, k, v parts; the three regions are disjoint.
@@ -197,67 +208,28 @@ fn attn_bwd_blocked(
                     dptr.slice(base + 2 * d + h * hd, span),
                 )
             };
-            // The last block spans every key: it initialises dK and dV, earlier (shorter)
-            // blocks accumulate into their prefix, always in the same order.
-            for (r0, r1) in blocks(t, block).rev() {
-                let first = r1 == t;
-                let pb = &p[r0 * t..r1 * t];
-                let dpb = &mut dp[r0 * t..r1 * t];
-                let dyb = rows_of(dy, r0, d);
-                // dV[0:r1] (+)= P[r0:r1, 0:r1]ᵀ·dY[r0:r1]
-                gemm_into(
-                    r1,
-                    hd,
-                    r1 - r0,
-                    dv,
-                    3 * d,
-                    !first,
-                    View::tr(pb, t),
-                    dyb,
-                    Parallelism::None,
-                );
-                // dP[r0:r1, 0:r1] = dY[r0:r1]·V[0:r1]ᵀ
-                gemm_into(r1 - r0, r1, hd, dpb, t, false, dyb, vt, Parallelism::None);
-                simd(
-                    #[inline(always)]
-                    || {
-                        for (ii, (dr, pr)) in
-                            dpb.chunks_exact_mut(t).zip(pb.chunks_exact(t)).enumerate()
-                        {
-                            let i = r0 + ii;
-                            let dotp = dot16(&dr[..=i], &pr[..=i]);
-                            for (a, &b) in dr[..=i].iter_mut().zip(&pr[..=i]) {
-                                *a = b * (*a - dotp) * scale;
-                            }
-                            dr[i + 1..].fill(0.0);
-                        }
-                    },
-                );
-                // dQ[r0:r1] = dS[r0:r1, 0:r1]·K[0:r1]; dK[0:r1] (+)= dS[r0:r1, 0:r1]ᵀ·Q[r0:r1]
-                // (the 1/√hd is folded into dS above)
-                gemm_into(
-                    r1 - r0,
-                    hd,
-                    r1,
-                    &mut dq[r0 * 3 * d..],
-                    3 * d,
-                    false,
-                    View::rm(dpb, t),
-                    k,
-                    Parallelism::None,
-                );
-                gemm_into(
-                    r1,
-                    hd,
-                    r1 - r0,
-                    dk,
-                    3 * d,
-                    !first,
-                    View::tr(dpb, t),
-                    rows_of(q, r0, 3 * d),
-                    Parallelism::None,
-                );
-            }
+            // Row tiles of Pᵀ / dSᵀ start at key j0: only queries i ≥ j0 see it.
+            let after = |j0: usize, _| TileRange {
+                cols: hd,
+                red: (j0, t),
+            };
+            // dV = Pᵀ·dY
+            product(dv, 3 * d, t, View::tr(p, t), dy, false, after);
+            // dP = dY·Vᵀ (keys < i1)
+            with_transposed(v.data, v.rs, t, hd, |vt| {
+                product(dp, t, t, dy, View::rm(vt, t), false, |_, i1| TileRange {
+                    cols: causal_cols(i1, t),
+                    red: (0, hd),
+                })
+            });
+            // dS = P ⊙ (dP − rowsum(dP ⊙ P)), with the 1/√hd of S folded in
+            softmax_bwd_rows(dp, p, t, scale);
+            // dQ = dS·K (keys < i1), dK = dSᵀ·Q
+            product(dq, 3 * d, t, View::rm(dp, t), k, false, |_, i1| TileRange {
+                cols: hd,
+                red: (0, i1),
+            });
+            product(dk, 3 * d, t, View::tr(dp, t), q, false, after);
         });
 }
 
@@ -270,28 +242,28 @@ mod tests {
 
     #[test]
     fn attention_matches_naive_and_gradient() {
-        // one block (the whole sequence) and causal blocks of 2 rows
-        for block in [64, 2] {
-            check_attention(block);
+        // head_dim 3: every column outside the 16-wide register tiles; head_dim 16 and 13
+        // rows: full tiles, a short last row tile and causal column rounding.
+        for (seq, head_dim) in [(5, 3), (13, 16)] {
+            check_attention(AttnShape {
+                batch: 2,
+                seq,
+                heads: 2,
+                head_dim,
+            });
         }
     }
 
-    fn check_attention(block: usize) {
+    fn check_attention(s: AttnShape) {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
-        let s = AttnShape {
-            batch: 2,
-            seq: 5,
-            heads: 2,
-            head_dim: 3,
-        };
-        let d = 6;
+        let (d, hd) = (s.d(), s.head_dim);
         let n = s.batch * s.seq;
         let mut qkv = randv(&mut rng, n * 3 * d, 1.5);
         let w = randv(&mut rng, n * d, 1.0);
         let run = |qkv: &[f32]| {
             let mut att = vec![f32::NAN; n * d];
             let mut p = vec![f32::NAN; s.batch * s.heads * s.seq * s.seq];
-            attn_fwd_blocked(&mut att, &mut p, qkv, s, block);
+            attn_fwd(&mut att, &mut p, qkv, s);
             (att, p)
         };
         let (att, p) = run(&qkv);
@@ -300,18 +272,19 @@ mod tests {
             for h in 0..s.heads {
                 for i in 0..s.seq {
                     let row = |j: usize, part: usize, c: usize| {
-                        qkv[(b * s.seq + j) * 3 * d + part * d + h * 3 + c] as f64
+                        qkv[(b * s.seq + j) * 3 * d + part * d + h * hd + c] as f64
                     };
                     let sc: Vec<f64> = (0..=i)
                         .map(|j| {
-                            (0..3).map(|c| row(i, 0, c) * row(j, 1, c)).sum::<f64>() / 3f64.sqrt()
+                            (0..hd).map(|c| row(i, 0, c) * row(j, 1, c)).sum::<f64>()
+                                / (hd as f64).sqrt()
                         })
                         .collect();
                     let mx = sc.iter().cloned().fold(f64::MIN, f64::max);
                     let z: f64 = sc.iter().map(|a| (a - mx).exp()).sum();
-                    for c in 0..3 {
+                    for c in 0..hd {
                         let y: f64 = (0..=i).map(|j| (sc[j] - mx).exp() / z * row(j, 2, c)).sum();
-                        let got = att[(b * s.seq + i) * d + h * 3 + c] as f64;
+                        let got = att[(b * s.seq + i) * d + h * hd + c] as f64;
                         assert!((got - y).abs() < 1e-5, "{got} vs {y}");
                     }
                 }
@@ -319,7 +292,7 @@ mod tests {
         }
         let mut dqkv = vec![f32::NAN; n * 3 * d];
         let mut dp = vec![f32::NAN; p.len()];
-        attn_bwd_blocked(&mut dqkv, &mut dp, &w, &p, &qkv, s, block);
+        attn_bwd(&mut dqkv, &mut dp, &w, &p, &qkv, s);
         let idx: Vec<usize> = (0..n * 3 * d).collect();
         let num = fd(&mut qkv, &idx, 1e-2, |x| {
             run(x)

@@ -32,6 +32,7 @@ pub mod io;
 pub mod net;
 pub mod ops;
 pub mod params;
+mod tile;
 pub mod train;
 
 pub use availability::{Availability, AvailabilityConfig, AvailabilityError, BranchP};

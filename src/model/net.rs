@@ -18,7 +18,7 @@ use super::attention::AttnShape;
 use super::block::{BranchWs, BwdScratch, branch_bwd, branch_fwd, run_pairwise};
 use super::ops::{
     add_into, axpy, dot_f64, embed_bwd, embed_fwd, layernorm_bwd, layernorm_fwd, mm_nt, mm_tn,
-    prof, xent_fwd_bwd,
+    prof, serial_gemm, xent_fwd_bwd,
 };
 use super::params::{BranchParams, Params};
 use super::{Batch, Masks, ModelConfig, ModelError};
@@ -290,8 +290,11 @@ impl Model {
         let p = &self.params;
         {
             let _prof = prof::scope(prof::LINEAR);
-            mm_tn(&mut grads.head_w, &ws.af, &ws.logits, n, d, v, false);
-            mm_nt(&mut ws.da, &ws.logits, &p.head_w, n, v, d, false);
+            let (af, dlogits, da) = (&ws.af, &ws.logits, &mut ws.da);
+            rayon::join(
+                || serial_gemm(|| mm_tn(&mut grads.head_w, af, dlogits, n, d, v, false)),
+                || serial_gemm(|| mm_nt(da, dlogits, &p.head_w, n, v, d, false)),
+            );
         }
         layernorm_bwd(
             &mut ws.dh,
