@@ -230,20 +230,17 @@ pub(crate) fn branch_bwd(
 /// threads, their products single-threaded, scratch `0` and `1`), an odd last item
 /// alone with every thread (scratch `0`).
 pub(crate) fn run_pairwise<T: Send, S: Send>(
-    items: &mut [T],
+    mut items: impl Iterator<Item = T>,
     scratch: &mut [S; 2],
-    f: impl Fn(&mut T, &mut S) + Sync,
+    f: impl Fn(T, &mut S) + Sync,
 ) {
     let [s0, s1] = scratch;
-    let mut pairs = items.chunks_exact_mut(2);
-    for pair in &mut pairs {
-        let (a, b) = pair.split_at_mut(1);
-        rayon::join(
-            || serial_gemm(|| f(&mut a[0], s0)),
-            || serial_gemm(|| f(&mut b[0], s1)),
-        );
-    }
-    if let Some(last) = pairs.into_remainder().first_mut() {
-        f(last, s0);
+    while let Some(a) = items.next() {
+        match items.next() {
+            Some(b) => {
+                rayon::join(|| serial_gemm(|| f(a, s0)), || serial_gemm(|| f(b, s1)));
+            }
+            None => f(a, s0),
+        }
     }
 }

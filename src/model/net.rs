@@ -17,10 +17,10 @@ use super::agg::{self, AggGroups};
 use super::attention::AttnShape;
 use super::block::{BranchWs, BwdScratch, branch_bwd, branch_fwd, run_pairwise};
 use super::ops::{
-    add_into, axpy, dot_f64, embed_bwd, embed_fwd, layernorm_bwd, layernorm_fwd, mm_nt, mm_tn,
-    prof, serial_gemm, xent_fwd_bwd,
+    dot_f64, embed_bwd, embed_fwd, layernorm_bwd, layernorm_fwd, mm_nt, mm_tn, prof, serial_gemm,
+    weighted_sum, xent_fwd_bwd,
 };
-use super::params::{BranchParams, Params};
+use super::params::Params;
 use super::{Batch, Masks, ModelConfig, ModelError};
 
 /// The model: configuration, parameters and per-layer aggregation groups.
@@ -236,23 +236,22 @@ impl Model {
             for i in 0..layer.branches.len() {
                 lw.computed[i] = lw.mask[i] && lw.alpha_t[i] > 0.0;
             }
-            let mut todo: Vec<(&BranchParams, &mut BranchWs)> = layer
+            let todo = layer
                 .branches
                 .iter()
                 .zip(lw.branches.iter_mut())
                 .zip(&lw.computed)
-                .filter_map(|(pair, &on)| on.then_some(pair))
-                .collect();
-            run_pairwise(&mut todo, &mut [(), ()], |(bp, bw), _| {
+                .filter_map(|(pair, &on)| on.then_some(pair));
+            run_pairwise(todo, &mut [(), ()], |(bp, bw), _| {
                 branch_fwd(bp, bw, h, shape)
             });
-            let mut first = true;
-            for (i, bw) in lw.branches.iter().enumerate() {
-                if lw.computed[i] {
-                    axpy(out, lw.alpha_t[i], &bw.z, !first);
-                    first = false;
-                }
-            }
+            let (branches, computed, alpha_t) = (&lw.branches, &lw.computed, &lw.alpha_t);
+            weighted_sum(out, || {
+                branches
+                    .iter()
+                    .zip(computed.iter().zip(alpha_t))
+                    .filter_map(|(bw, (&on, &a))| on.then_some((a, bw.z.as_slice())))
+            });
         }
         let p = &self.params;
         layernorm_fwd(
@@ -327,14 +326,24 @@ impl Model {
         let layer = &self.params.layers[l];
         let gl = &mut grads.layers[l];
         let lw = &mut ws.layers[l];
-        let prof_agg = prof::scope(prof::ELEM);
-        for i in 0..layer.branches.len() {
-            lw.g[i] = if lw.computed[i] {
-                dot_f64(&ws.dh, &lw.branches[i].z) as f32
-            } else {
-                0.0
-            };
-        }
+        let (h, dh) = (&ws.hs[l], &ws.dh);
+        let alpha_t = &lw.alpha_t;
+        let todo = layer
+            .branches
+            .iter()
+            .zip(lw.branches.iter_mut())
+            .zip(gl.branches.iter_mut())
+            .zip(lw.g.iter_mut())
+            .enumerate()
+            .filter_map(|(i, (((bp, bw), gb), g))| {
+                *g = 0.0;
+                lw.computed[i].then_some((alpha_t[i], bp, bw, gb, g))
+            });
+        run_pairwise(todo, &mut ws.scratch, |(alpha, bp, bw, gb, g), sc| {
+            // the aggregation logits' input: g_i = ⟨∂L/∂h', z_i⟩
+            *g = dot_f64(dh, &bw.z) as f32;
+            branch_bwd(bp, bw, gb, sc, dh, alpha, h, s)
+        });
         agg::logits_grad(
             &mut gl.alpha_logits,
             &lw.g,
@@ -345,32 +354,13 @@ impl Model {
             &self.groups[l],
             self.config.agg_floor,
         );
-        drop(prof_agg);
-        let (h, dh) = (&ws.hs[l], &ws.dh);
-        let alpha_t = &lw.alpha_t;
-        let mut todo: Vec<(f32, &BranchParams, &mut BranchWs, &mut BranchParams)> = layer
-            .branches
-            .iter()
-            .zip(lw.branches.iter_mut())
-            .zip(gl.branches.iter_mut())
-            .enumerate()
-            .filter(|(i, _)| lw.computed[*i])
-            .map(|(i, ((bp, bw), gb))| (alpha_t[i], bp, bw, gb))
-            .collect();
-        run_pairwise(&mut todo, &mut ws.scratch, |(alpha, bp, bw, gb), sc| {
-            branch_bwd(bp, bw, gb, sc, dh, *alpha, h, s)
+        let (branches, computed) = (&lw.branches, &lw.computed);
+        weighted_sum(&mut ws.dh_prev, || {
+            branches
+                .iter()
+                .zip(computed)
+                .filter_map(|(bw, &on)| on.then_some((1.0, bw.dh.as_slice())))
         });
-        let mut first = true;
-        for (i, bw) in lw.branches.iter().enumerate() {
-            if lw.computed[i] {
-                if first {
-                    ws.dh_prev.copy_from_slice(&bw.dh);
-                } else {
-                    add_into(&mut ws.dh_prev, &bw.dh);
-                }
-                first = false;
-            }
-        }
     }
 
     /// Mean loss of a batch without updating anything.

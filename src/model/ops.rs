@@ -316,17 +316,30 @@ pub(crate) fn linear_bwd(
     }
 }
 
-/// `dst += src` element-wise, in parallel.
-pub(crate) fn add_into(dst: &mut [f32], src: &[f32]) {
+/// `out = Σ_k w_k·x_k` over `parts()` in order (`out = w_0·x_0`, then `out += w_k·x_k`),
+/// chunk by chunk so that each output chunk stays in cache while every part is added:
+/// one pass over memory instead of one per part. `parts` is called once per chunk.
+pub(crate) fn weighted_sum<'a, I>(out: &mut [f32], parts: impl Fn() -> I + Sync)
+where
+    I: Iterator<Item = (f32, &'a [f32])>,
+{
     let _prof = prof::scope(prof::ELEM);
-    dst.par_chunks_mut(8192)
-        .zip(src.par_chunks(8192))
-        .for_each(|(d, s)| {
-            simd(
-                #[inline(always)]
-                || d.iter_mut().zip(s).for_each(|(a, &b)| *a += b),
-            )
-        });
+    out.par_chunks_mut(8192).enumerate().for_each(|(c, o)| {
+        let at = c * 8192;
+        simd(
+            #[inline(always)]
+            || {
+                for (k, (w, x)) in parts().enumerate() {
+                    let x = &x[at..at + o.len()];
+                    if k == 0 {
+                        o.iter_mut().zip(x).for_each(|(a, &b)| *a = w * b);
+                    } else {
+                        o.iter_mut().zip(x).for_each(|(a, &b)| *a += w * b);
+                    }
+                }
+            },
+        )
+    });
 }
 
 /// `dst (+)= k·src` element-wise, in parallel.
