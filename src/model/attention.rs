@@ -63,9 +63,11 @@ fn with_transposed<R>(x: &[f32], rs: usize, t: usize, hd: usize, f: impl FnOnce(
     TRANSPOSED.with(|buf| {
         let mut out = buf.borrow_mut();
         out.resize(t * hd, 0.0);
-        for j in 0..t {
-            for (c, &v) in x[j * rs..j * rs + hd].iter().enumerate() {
-                out[c * t + j] = v;
+        assert!(t == 0 || (t - 1) * rs + hd <= x.len());
+        // column by column: contiguous writes, and the `t` source lines stay in L1
+        for (c, col) in out.chunks_exact_mut(t).enumerate() {
+            for (j, o) in col.iter_mut().enumerate() {
+                *o = x[j * rs + c];
             }
         }
         f(&out)
