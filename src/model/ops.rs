@@ -404,20 +404,21 @@ pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
 }
 
 /// `e^x` to about 2 ulp for `x` in `[-87.3, 88.3]` (clamped outside), branch-free so
-/// that loops over it vectorise (Cephes `expf` polynomial).
+/// that loops over it vectorise (Cephes `expf` polynomial in fused multiply-adds: call it
+/// under [`simd`], where they are single instructions).
 #[inline(always)]
 pub(crate) fn fast_exp(x: f32) -> f32 {
     let x = x.clamp(-87.3, 88.3);
     let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
-    let r = x - n * 0.693_359_4;
-    let r = r - n * -2.121_944_4e-4;
-    let p = 1.987_569_1e-4;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 0.5;
-    let p = p * r * r + r + 1.0;
+    let r = n.mul_add(-0.693_359_4, x);
+    let r = n.mul_add(2.121_944_4e-4, r);
+    let p = 1.987_569_1e-4f32;
+    let p = p.mul_add(r, 1.398_199_9e-3);
+    let p = p.mul_add(r, 8.333_452e-3);
+    let p = p.mul_add(r, 4.166_579_6e-2);
+    let p = p.mul_add(r, 1.666_666_5e-1);
+    let p = p.mul_add(r, 0.5);
+    let p = (p * r).mul_add(r, r) + 1.0;
     // 2^n without a float→int conversion (which would not vectorise): the mantissa of
     // n + 127 + 2^23 holds the biased exponent n + 127 exactly.
     let biased = (n + 8_388_735.0).to_bits();
@@ -426,13 +427,6 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
 
 const GELU_C: f32 = 0.797_884_6; // sqrt(2/π)
 const GELU_A: f32 = 0.044_715;
-
-/// `tanh(c·(x + a·x³))` of the GELU approximation.
-#[inline(always)]
-fn gelu_tanh_inner(x: f32) -> f32 {
-    let y = GELU_C * (x + GELU_A * x * x * x);
-    1.0 - 2.0 / (fast_exp(2.0 * y) + 1.0)
-}
 
 /// GELU (tanh form) `y = ½x(1 + tanh(√(2/π)(x + 0.044715x³)))`.
 pub(crate) fn gelu_fwd(y: &mut [f32], x: &[f32]) {
@@ -444,20 +438,24 @@ pub(crate) fn gelu_fwd(y: &mut [f32], x: &[f32]) {
                 #[inline(always)]
                 || {
                     for (o, &v) in y.iter_mut().zip(x) {
-                        *o = 0.5 * v * (1.0 + gelu_tanh_inner(v));
+                        *o = gelu_and_grad(v).0;
                     }
                 },
             )
         });
 }
 
-/// GELU and its derivative at `x`: `(gelu(x), gelu'(x))` with
-/// `gelu'(x) = ½(1+t) + ½x(1-t²)·√(2/π)(1 + 3·0.044715x²)`, `t` the tanh above.
+/// GELU and its derivative at `x`, through `½(1 + tanh(w/2)) = σ(w)`:
+/// `gelu(x) = x·σ(z)` with `z = 2c(x + a·x³)`, `c = √(2/π)`, `a = 0.044715`, and
+/// `gelu'(x) = σ(z) + x·σ(z)(1 − σ(z))·2c(1 + 3a·x²)`. Fused multiply-adds: call it
+/// under [`simd`].
 #[inline(always)]
 fn gelu_and_grad(x: f32) -> (f32, f32) {
-    let t = gelu_tanh_inner(x);
-    let y = 0.5 * x * (1.0 + t);
-    let d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * GELU_A * x * x);
+    let u = x * x;
+    let z = x * u.mul_add(2.0 * GELU_C * GELU_A, 2.0 * GELU_C);
+    let s = 1.0 / (1.0 + fast_exp(-z));
+    let y = x * s;
+    let d = (y * (1.0 - s)).mul_add(u.mul_add(6.0 * GELU_C * GELU_A, 2.0 * GELU_C), s);
     (y, d)
 }
 
