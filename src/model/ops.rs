@@ -709,15 +709,22 @@ pub(crate) fn layernorm_bwd(
             let w = dg.len();
             dg.fill(0.0);
             db.fill(0.0);
-            for r in 0..rows {
-                let (mu, rs) = (mean[r], rstd[r]);
-                let dyr = &dy[r * d + c0..r * d + c0 + w];
-                let xr = &x[r * d + c0..r * d + c0 + w];
-                for (((a, bb), &dv), &xv) in dg.iter_mut().zip(db.iter_mut()).zip(dyr).zip(xr) {
-                    *a += dv * (xv - mu) * rs;
-                    *bb += dv;
-                }
-            }
+            simd(
+                #[inline(always)]
+                || {
+                    for r in 0..rows {
+                        let (mu, rs) = (mean[r], rstd[r]);
+                        let dyr = &dy[r * d + c0..r * d + c0 + w];
+                        let xr = &x[r * d + c0..r * d + c0 + w];
+                        for (((a, bb), &dv), &xv) in
+                            dg.iter_mut().zip(db.iter_mut()).zip(dyr).zip(xr)
+                        {
+                            *a += dv * (xv - mu) * rs;
+                            *bb += dv;
+                        }
+                    }
+                },
+            )
         });
 }
 
