@@ -15,8 +15,10 @@ const COL_CHUNK: usize = 64;
 /// LayerNorm epsilon.
 pub const LN_EPS: f32 = 1e-5;
 
-/// Opt-in wall-clock profile of the kernels by category (for `bench train --phases`).
-/// Off by default; when off a scope costs one relaxed atomic load.
+/// Opt-in profile of the kernels by category (for `bench train --phases`): the time spent
+/// in each, summed over the threads that ran it (a layer's branches run two at a time, so
+/// the sum exceeds the wall time). Off by default; when off a scope costs one relaxed
+/// atomic load.
 pub mod prof {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::time::Instant;
