@@ -7,7 +7,7 @@
 //! `dV = Pᵀ·dY`, `dP = dY·Vᵀ`, `dS = P ⊙ (dP - rowsum(dP ⊙ P))`,
 //! `dQ = dS·K/√hd`, `dK = dSᵀ·Q/√hd`.
 //!
-//! Every product runs in register tiles of 6 rows ([`super::tile`]) that stop at the
+//! Every product runs in register tiles of 6 rows (`tile.rs`) that stop at the
 //! causal boundary: a tile of query rows `[i0, i1)` reads keys `< i1` only, so about half
 //! of the `T×T` work is skipped. The `(b, h)` pairs run in parallel on rayon; each writes
 //! disjoint output regions, so the result does not depend on the thread count.

@@ -14,8 +14,9 @@
 //! * `logits = LN_f(h_L)·W_out`, loss = loss-mask-weighted mean cross-entropy.
 //!
 //! Threads: every kernel (and `gemm`) runs on the *current* rayon pool, so run the trainer
-//! inside `ThreadPool::install` of the configured size. Results are bitwise identical for
-//! any pool size (fixed chunking and reduction orders; see [`ops`]).
+//! inside `ThreadPool::install` of the configured size. A layer's branches run two at a
+//! time, one per thread, with single-threaded products (see `block.rs`). Results are
+//! bitwise identical for any pool size (fixed chunking and reduction orders; see [`ops`]).
 //!
 //! Typical use: [`Trainer::new`] (or [`Trainer::from_bytes`] to resume), per step
 //! `masks = availability.draw()`, `scales = availability.scales(optim.max_scale)`,

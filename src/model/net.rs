@@ -12,6 +12,10 @@
 //! logits ([`super::agg::logits_grad`]); each computed branch receives
 //! `∂L/∂z_i = α̃_i ∂L/∂h'` and its gradients flow back through the block; `∂L/∂h` is the
 //! sum over computed branches in branch order.
+//!
+//! The computed branches of a layer run two at a time, one per thread
+//! (`block::run_pairwise`); each keeps its own output and its own part of `∂L/∂h`,
+//! and the layer combines them in branch order, so the pairing never changes a bit.
 
 use super::agg::{self, AggGroups};
 use super::attention::AttnShape;
