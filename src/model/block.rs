@@ -55,7 +55,8 @@ pub(crate) struct BwdScratch {
     dprobs: Vec<f32>,
 }
 
-fn fit(v: &mut Vec<f32>, n: usize) {
+/// Resizes a reusable buffer to `n` elements (no allocation once it has been that large).
+pub(crate) fn fit(v: &mut Vec<f32>, n: usize) {
     v.resize(n, 0.0);
 }
 

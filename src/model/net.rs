@@ -19,7 +19,7 @@
 
 use super::agg::{self, AggGroups};
 use super::attention::AttnShape;
-use super::block::{BranchWs, BwdScratch, branch_bwd, branch_fwd, run_pairwise};
+use super::block::{BranchWs, BwdScratch, branch_bwd, branch_fwd, fit, run_pairwise};
 use super::ops::{
     dot_f64, embed_bwd, embed_fwd, layernorm_bwd, layernorm_fwd, mm_nt, mm_tn, prof, serial_gemm,
     weighted_sum, xent_fwd_bwd,
@@ -68,10 +68,6 @@ pub struct Workspace {
     dh_prev: Vec<f32>,
     da: Vec<f32>,
     scratch: [BwdScratch; 2],
-}
-
-fn fit(v: &mut Vec<f32>, n: usize) {
-    v.resize(n, 0.0);
 }
 
 impl Workspace {
