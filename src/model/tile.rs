@@ -84,19 +84,20 @@ pub(crate) fn product(
                 let i1 = (i0 + MR).min(m);
                 let TileRange { cols, red } = range(i0, i1);
                 let rows = i1 - i0;
-                if cols > 0 && red.0 < red.1 {
+                if cols == 0 || red.0 >= red.1 {
+                    // an empty sum
+                    if !acc {
+                        for i in i0..i1 {
+                            c[i * crs..i * crs + cols].fill(0.0);
+                        }
+                    }
+                } else {
                     assert!(
                         (i1 - 1) * crs + cols <= c.len()
                             && (i1 - 1) * a.rs + (red.1 - 1) * a.cs < a.data.len()
                             && (red.1 - 1) * b.rs + cols <= b.data.len(),
                         "tile::product: operand too small"
                     );
-                } else if !acc {
-                    for i in i0..i1 {
-                        c[i * crs..i * crs + cols].fill(0.0);
-                    }
-                }
-                if cols > 0 && red.0 < red.1 {
                     row_tile(c, crs, i0, rows, a, b, cols, red, acc);
                 }
                 i0 = i1;
