@@ -18,8 +18,8 @@
 
 use super::attention::{AttnShape, attn_bwd, attn_fwd};
 use super::ops::{
-    axpy, bias_gelu_fwd, gelu_bwd_inplace, layernorm_bwd, layernorm_fwd, linear_bwd, linear_fwd,
-    linear_nobias_fwd, residual_linear_fwd, serial_gemm,
+    bias_gelu_fwd, gelu_bwd_inplace, layernorm_bwd, layernorm_fwd, linear_bwd, linear_fwd,
+    linear_nobias_fwd, residual_linear_fwd, serial_gemm, weighted_sum,
 };
 use super::params::BranchParams;
 
@@ -147,7 +147,7 @@ pub(crate) fn branch_bwd(
     let (n, d, probs) = sizes(s);
     sc.fit(n, d, probs);
     fit(&mut bw.dh, n * d);
-    axpy(&mut sc.dz, alpha, dh_out, false);
+    weighted_sum(&mut sc.dz, || std::iter::once((alpha, dh_out)));
     // z = u + g·W2 + b2
     linear_bwd(
         Some((&mut sc.dbig, false)),

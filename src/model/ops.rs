@@ -102,7 +102,7 @@ pub(crate) fn par_all() -> Parallelism {
 }
 
 /// Highest index touched by a strided `rows × cols` view, plus one.
-fn span(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
+pub(crate) fn span(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
     if rows == 0 || cols == 0 {
         0
     } else {
@@ -342,25 +342,6 @@ where
             },
         )
     });
-}
-
-/// `dst (+)= k·src` element-wise, in parallel.
-pub(crate) fn axpy(dst: &mut [f32], k: f32, src: &[f32], acc: bool) {
-    let _prof = prof::scope(prof::ELEM);
-    dst.par_chunks_mut(8192)
-        .zip(src.par_chunks(8192))
-        .for_each(|(d, s)| {
-            simd(
-                #[inline(always)]
-                || {
-                    if acc {
-                        d.iter_mut().zip(s).for_each(|(a, &b)| *a += k * b);
-                    } else {
-                        d.iter_mut().zip(s).for_each(|(a, &b)| *a = k * b);
-                    }
-                },
-            )
-        });
 }
 
 /// `out[c] = Σ_r x[r, c]` over a row-major `[rows, cols]` buffer, rows summed in order.

@@ -7,7 +7,7 @@
 //! product term, in reduction order, so the result does not depend on threads. No
 //! packing: `A` values are broadcast from where they lie, `B` rows are read directly.
 
-use super::ops::{View, simd};
+use super::ops::{View, simd, span};
 
 /// Rows per register tile.
 const MR: usize = 6;
@@ -93,9 +93,9 @@ pub(crate) fn product(
                     }
                 } else {
                     assert!(
-                        (i1 - 1) * crs + cols <= c.len()
-                            && (i1 - 1) * a.rs + (red.1 - 1) * a.cs < a.data.len()
-                            && (red.1 - 1) * b.rs + cols <= b.data.len(),
+                        span(i1, cols, crs, 1) <= c.len()
+                            && span(i1, red.1, a.rs, a.cs) <= a.data.len()
+                            && span(red.1, cols, b.rs, 1) <= b.data.len(),
                         "tile::product: operand too small"
                     );
                     row_tile(c, crs, i0, rows, a, b, cols, red, acc);
