@@ -53,27 +53,6 @@ fn causal_cols(n: usize, t: usize) -> usize {
     n.next_multiple_of(16).min(t)
 }
 
-thread_local! {
-    /// A transposed `[hd, T]` copy of one head's keys or values.
-    static TRANSPOSED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Runs `f` with `out[c·t + j] = x[j·rs + c]` for `j < t`, `c < hd` (a per-thread buffer).
-fn with_transposed<R>(x: &[f32], rs: usize, t: usize, hd: usize, f: impl FnOnce(&[f32]) -> R) -> R {
-    TRANSPOSED.with(|buf| {
-        let mut out = buf.borrow_mut();
-        out.resize(t * hd, 0.0);
-        assert!(t == 0 || (t - 1) * rs + hd <= x.len());
-        // column by column: contiguous writes, and the `t` source lines stay in L1
-        for (c, col) in out.chunks_exact_mut(t).enumerate() {
-            for (j, o) in col.iter_mut().enumerate() {
-                *o = x[j * rs + c];
-            }
-        }
-        f(&out)
-    })
-}
-
 /// Head `h`'s rows of part `part` (0 = q, 1 = k, 2 = v) of batch row `b`'s `qkv` block.
 fn head<'a>(qkv: &'a [f32], s: AttnShape, b: usize, part: usize, h: usize) -> View<'a> {
     let d = s.d();
@@ -150,19 +129,19 @@ pub(crate) fn attn_fwd(att: &mut [f32], probs: &mut [f32], qkv: &[f32], s: AttnS
                 head(qkv, s, b, 2, h),
             );
             // S = Q·Kᵀ, row tile [i0, i1) needs keys < i1
-            with_transposed(k.data, k.rs, t, hd, |kt| {
-                product(p, t, t, q, View::rm(kt, t), false, |_, i1| TileRange {
-                    cols: causal_cols(i1, t),
-                    red: (0, hd),
-                })
+            product(p, t, t, q, k.t(), (hd, t), false, |_, i1| TileRange {
+                cols: causal_cols(i1, t),
+                red: (0, hd),
             });
             softmax_rows(p, t, scale);
             // SAFETY: task (b, h) alone writes rows b·T..(b+1)·T, columns h·hd..(h+1)·hd.
             let out = unsafe { att_ptr.slice(b * t * d + h * hd, (t - 1) * d + hd) };
             // Y = P·V over keys < i1
-            product(out, d, t, View::rm(p, t), v, false, |_, i1| TileRange {
-                cols: hd,
-                red: (0, i1),
+            product(out, d, t, View::rm(p, t), v, (t, hd), false, |_, i1| {
+                TileRange {
+                    cols: hd,
+                    red: (0, i1),
+                }
             });
         });
 }
@@ -216,22 +195,22 @@ pub(crate) fn attn_bwd(
                 red: (j0, t),
             };
             // dV = Pᵀ·dY
-            product(dv, 3 * d, t, View::tr(p, t), dy, false, after);
+            product(dv, 3 * d, t, View::tr(p, t), dy, (t, hd), false, after);
             // dP = dY·Vᵀ (keys < i1)
-            with_transposed(v.data, v.rs, t, hd, |vt| {
-                product(dp, t, t, dy, View::rm(vt, t), false, |_, i1| TileRange {
-                    cols: causal_cols(i1, t),
-                    red: (0, hd),
-                })
+            product(dp, t, t, dy, v.t(), (hd, t), false, |_, i1| TileRange {
+                cols: causal_cols(i1, t),
+                red: (0, hd),
             });
             // dS = P ⊙ (dP − rowsum(dP ⊙ P)), with the 1/√hd of S folded in
             softmax_bwd_rows(dp, p, t, scale);
             // dQ = dS·K (keys < i1), dK = dSᵀ·Q
-            product(dq, 3 * d, t, View::rm(dp, t), k, false, |_, i1| TileRange {
-                cols: hd,
-                red: (0, i1),
+            product(dq, 3 * d, t, View::rm(dp, t), k, (t, hd), false, |_, i1| {
+                TileRange {
+                    cols: hd,
+                    red: (0, i1),
+                }
             });
-            product(dk, 3 * d, t, View::tr(dp, t), q, false, after);
+            product(dk, 3 * d, t, View::tr(dp, t), q, (t, hd), false, after);
         });
 }
 

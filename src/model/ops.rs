@@ -11,7 +11,7 @@ use rayon::prelude::*;
 /// Rows per parallel task in row-wise kernels.
 const ROW_CHUNK: usize = 16;
 /// Columns per parallel task in column reductions.
-const COL_CHUNK: usize = 64;
+const COL_CHUNK: usize = 512;
 /// LayerNorm epsilon.
 pub const LN_EPS: f32 = 1e-5;
 
@@ -133,6 +133,14 @@ impl<'a> View<'a> {
             data,
             rs: 1,
             cs: cols,
+        }
+    }
+    /// The transpose of this view (the same elements, strides swapped).
+    pub fn t(self) -> Self {
+        Self {
+            data: self.data,
+            rs: self.cs,
+            cs: self.rs,
         }
     }
 }
