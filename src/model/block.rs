@@ -18,8 +18,8 @@
 
 use super::attention::{AttnShape, attn_bwd, attn_fwd};
 use super::ops::{
-    bias_gelu_fwd, gelu_bwd_inplace, layernorm_bwd, layernorm_fwd, linear_bwd, linear_fwd,
-    linear_nobias_fwd, residual_linear_fwd, serial_gemm, weighted_sum,
+    ColSums, bias_gelu_fwd, gelu_bwd_colsum, layernorm_bwd, layernorm_fwd, linear_bwd, linear_fwd,
+    linear_nobias_fwd, residual_linear_fwd, scale_colsum, serial_gemm,
 };
 use super::params::BranchParams;
 
@@ -53,6 +53,7 @@ pub(crate) struct BwdScratch {
     datt: Vec<f32>,
     dqkv: Vec<f32>,
     dprobs: Vec<f32>,
+    sums: ColSums,
 }
 
 /// Resizes a reusable buffer to `n` elements (no allocation once it has been that large).
@@ -147,30 +148,14 @@ pub(crate) fn branch_bwd(
     let (n, d, probs) = sizes(s);
     sc.fit(n, d, probs);
     fit(&mut bw.dh, n * d);
-    weighted_sum(&mut sc.dz, || std::iter::once((alpha, dh_out)));
+    scale_colsum(&mut sc.dz, alpha, dh_out, &mut gb.proj_b, &mut sc.sums);
     // z = u + g·W2 + b2
-    linear_bwd(
-        Some((&mut sc.dbig, false)),
-        &mut gb.proj_w,
-        &mut gb.proj_b,
-        &bw.g,
-        &bp.proj_w,
-        &sc.dz,
-        n,
-        4 * d,
-    );
-    gelu_bwd_inplace(&mut sc.dbig, &bw.dgelu);
+    let dbig = Some((&mut sc.dbig[..], false));
+    linear_bwd(dbig, &mut gb.proj_w, &bw.g, &bp.proj_w, &sc.dz, n, 4 * d, d);
+    gelu_bwd_colsum(&mut sc.dbig, &bw.dgelu, &mut gb.fc_b, &mut sc.sums);
     // f = a2·W1 + b1
-    linear_bwd(
-        Some((&mut sc.da, false)),
-        &mut gb.fc_w,
-        &mut gb.fc_b,
-        &bw.a2,
-        &bp.fc_w,
-        &sc.dbig,
-        n,
-        d,
-    );
+    let da = Some((&mut sc.da[..], false));
+    linear_bwd(da, &mut gb.fc_w, &bw.a2, &bp.fc_w, &sc.dbig, n, d, 4 * d);
     // u → a2 = LN2(u), plus the residual path dz; `bw.dh` holds ∂L/∂u from here on.
     bw.dh.copy_from_slice(&sc.dz);
     layernorm_bwd(
@@ -185,16 +170,9 @@ pub(crate) fn branch_bwd(
         &bp.ln2_gain,
     );
     // u = h + att·Wo + bo
-    linear_bwd(
-        Some((&mut sc.datt, false)),
-        &mut gb.out_w,
-        &mut gb.out_b,
-        &bw.att,
-        &bp.out_w,
-        &bw.dh,
-        n,
-        d,
-    );
+    sc.sums.of(&mut gb.out_b, &bw.dh);
+    let datt = Some((&mut sc.datt[..], false));
+    linear_bwd(datt, &mut gb.out_w, &bw.att, &bp.out_w, &bw.dh, n, d, d);
     attn_bwd(
         &mut sc.dqkv,
         &mut sc.dprobs,
@@ -203,16 +181,9 @@ pub(crate) fn branch_bwd(
         &bw.qkv,
         s,
     );
-    linear_bwd(
-        Some((&mut sc.da, false)),
-        &mut gb.qkv_w,
-        &mut gb.qkv_b,
-        &bw.a1,
-        &bp.qkv_w,
-        &sc.dqkv,
-        n,
-        d,
-    );
+    sc.sums.of(&mut gb.qkv_b, &sc.dqkv);
+    let da = Some((&mut sc.da[..], false));
+    linear_bwd(da, &mut gb.qkv_w, &bw.a1, &bp.qkv_w, &sc.dqkv, n, d, 3 * d);
     // h → a1 = LN1(h), plus the residual path ∂L/∂u.
     layernorm_bwd(
         &mut bw.dh,

@@ -304,23 +304,22 @@ pub(crate) fn residual_linear_fwd(
     mm(y, x, w, n, din, dout, true);
 }
 
-/// Linear backward: `dW = xᵀ·dy`, `db = Σ_rows dy` (overwritten) and, when `dx` is given,
-/// `dx (+)= dy·Wᵀ`.
+/// Linear backward: `dW = xᵀ·dy` and, when `dx` is given, `dx (+)= dy·Wᵀ` (the bias
+/// gradient `Σ_rows dy` comes from [`ColSums`], fused with the pass that produced `dy`
+/// where there is one).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_bwd(
     dx: Option<(&mut [f32], bool)>,
     dw: &mut [f32],
-    db: &mut [f32],
     x: &[f32],
     w: &[f32],
     dy: &[f32],
     n: usize,
     din: usize,
+    dout: usize,
 ) {
     let _prof = prof::scope(prof::LINEAR);
-    let dout = db.len();
     mm_tn(dw, x, dy, n, din, dout, false);
-    colsum(db, &dy[..n * dout], n, dout);
     if let Some((dx, acc)) = dx {
         mm_nt(dx, dy, w, n, dout, din, acc);
     }
@@ -352,26 +351,86 @@ where
     });
 }
 
-/// `out[c] = Σ_r x[r, c]` over a row-major `[rows, cols]` buffer, rows summed in order.
-pub(crate) fn colsum(out: &mut [f32], x: &[f32], rows: usize, cols: usize) {
-    out[..cols]
-        .par_chunks_mut(COL_CHUNK)
-        .enumerate()
-        .for_each(|(ci, o)| {
-            let c0 = ci * COL_CHUNK;
-            o.fill(0.0);
-            simd(
-                #[inline(always)]
-                || {
-                    for r in 0..rows {
-                        let src = &x[r * cols + c0..r * cols + c0 + o.len()];
-                        for (a, &v) in o.iter_mut().zip(src) {
-                            *a += v;
-                        }
-                    }
-                },
-            )
-        });
+/// Rows per block of a [`ColSums`] sum.
+const SUM_ROWS: usize = 64;
+
+/// Column sums `sum[c] = Σ_r x[r, c]` of a row-major `[rows, cols]` buffer, in fixed
+/// blocks of [`SUM_ROWS`] rows: each block sums its rows in order, then the block sums
+/// are added in order, so the bits do not depend on the thread count. Holds the
+/// per-block partial sums (reused: no allocation in the steady state).
+#[derive(Debug, Default)]
+pub(crate) struct ColSums {
+    partials: Vec<f32>,
+}
+
+impl ColSums {
+    /// `sum = Σ_rows x` (`cols = sum.len()`).
+    pub fn of(&mut self, sum: &mut [f32], x: &[f32]) {
+        let cols = sum.len();
+        self.prepare(x.len(), cols);
+        x.par_chunks(SUM_ROWS * cols)
+            .zip(self.partials.par_chunks_mut(cols))
+            .for_each(|(block, part)| add_rows(part, block));
+        self.combine(sum);
+    }
+
+    /// Rewrites each block of rows of `x` with `f(first_row, block)`, then sums its
+    /// columns as [`ColSums::of`] while the block is still in cache: one pass over memory
+    /// for an element-wise producer of `dy` and its bias gradient `Σ_rows dy`. Pass an
+    /// `#[inline(always)]` closure: it runs under [`simd`].
+    pub fn map(&mut self, sum: &mut [f32], x: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
+        let cols = sum.len();
+        self.prepare(x.len(), cols);
+        x.par_chunks_mut(SUM_ROWS * cols)
+            .zip(self.partials.par_chunks_mut(cols))
+            .enumerate()
+            .for_each(|(k, (block, part))| {
+                simd(
+                    #[inline(always)]
+                    || f(k * SUM_ROWS, block),
+                );
+                add_rows(part, block);
+            });
+        self.combine(sum);
+    }
+
+    fn prepare(&mut self, len: usize, cols: usize) {
+        assert!(
+            cols > 0 && len % cols == 0,
+            "column sum: {len} values are not whole rows of {cols}"
+        );
+        let blocks = (len / cols).div_ceil(SUM_ROWS);
+        self.partials.resize(blocks * cols, 0.0);
+    }
+
+    fn combine(&self, sum: &mut [f32]) {
+        let _prof = prof::scope(prof::ELEM);
+        let cols = sum.len();
+        sum.fill(0.0);
+        simd(
+            #[inline(always)]
+            || {
+                for part in self.partials.chunks_exact(cols) {
+                    sum.iter_mut().zip(part).for_each(|(s, &p)| *s += p);
+                }
+            },
+        )
+    }
+}
+
+/// `part = Σ_r block[r, ·]` over the rows of `block` in order.
+fn add_rows(part: &mut [f32], block: &[f32]) {
+    let _prof = prof::scope(prof::ELEM);
+    let cols = part.len();
+    part.copy_from_slice(&block[..cols]);
+    simd(
+        #[inline(always)]
+        || {
+            for row in block.chunks_exact(cols).skip(1) {
+                part.iter_mut().zip(row).for_each(|(s, &v)| *s += v);
+            }
+        },
+    )
 }
 
 /// Runs `f` compiled for AVX2+FMA when the CPU has it. Only element-wise code (no
@@ -452,7 +511,7 @@ fn gelu_and_grad(x: f32) -> (f32, f32) {
 
 /// Bias, GELU and its derivative in one pass (rows of width `b.len()`): with
 /// `x = f + b`, `y = gelu(x)` and `f ← gelu'(x)`, all the backward pass needs
-/// ([`gelu_bwd_inplace`]), so the tanh is evaluated once per element per step.
+/// ([`gelu_bwd_colsum`]), so the tanh is evaluated once per element per step.
 pub(crate) fn bias_gelu_fwd(y: &mut [f32], f: &mut [f32], b: &[f32]) {
     let _prof = prof::scope(prof::GELU);
     let w = b.len();
@@ -472,18 +531,40 @@ pub(crate) fn bias_gelu_fwd(y: &mut [f32], f: &mut [f32], b: &[f32]) {
         });
 }
 
-/// GELU backward in place from the derivative kept by [`bias_gelu_fwd`]:
-/// `g ← g ⊙ gelu'(x)`.
-pub(crate) fn gelu_bwd_inplace(g: &mut [f32], dgelu: &[f32]) {
+/// GELU backward in place from the derivative kept by [`bias_gelu_fwd`],
+/// `g ← g ⊙ gelu'(x)`, and the bias gradient `db = Σ_rows g` in the same pass.
+pub(crate) fn gelu_bwd_colsum(g: &mut [f32], dgelu: &[f32], db: &mut [f32], sums: &mut ColSums) {
     let _prof = prof::scope(prof::GELU);
-    g.par_chunks_mut(8192)
-        .zip(dgelu.par_chunks(8192))
-        .for_each(|(g, d)| {
-            simd(
-                #[inline(always)]
-                || g.iter_mut().zip(d).for_each(|(a, &b)| *a *= b),
-            )
-        });
+    let w = db.len();
+    sums.map(
+        db,
+        g,
+        #[inline(always)]
+        |r0, rows| {
+            let d = &dgelu[r0 * w..r0 * w + rows.len()];
+            rows.iter_mut().zip(d).for_each(|(a, &b)| *a *= b);
+        },
+    );
+}
+
+/// `out = α·x` and `sum = Σ_rows out` in one pass (`cols = sum.len()`).
+pub(crate) fn scale_colsum(
+    out: &mut [f32],
+    alpha: f32,
+    x: &[f32],
+    sum: &mut [f32],
+    sums: &mut ColSums,
+) {
+    let w = sum.len();
+    sums.map(
+        sum,
+        out,
+        #[inline(always)]
+        |r0, rows| {
+            let x = &x[r0 * w..r0 * w + rows.len()];
+            rows.iter_mut().zip(x).for_each(|(a, &b)| *a = alpha * b);
+        },
+    );
 }
 
 /// Sum with 16 independent lanes (vectorisable, fixed order), lanes added at the end.
@@ -983,7 +1064,13 @@ pub(crate) mod tests {
         assert_eq!(y, y2);
         let w = randv(&mut rng, 64, 1.0);
         let mut g = w.clone();
-        gelu_bwd_inplace(&mut g, &dg);
+        // as 4 rows of 16: the fused bias gradient is the column sum of the result
+        let mut db = vec![f32::NAN; 16];
+        gelu_bwd_colsum(&mut g, &dg, &mut db, &mut ColSums::default());
+        for (c, &v) in db.iter().enumerate() {
+            let want: f32 = (0..4).map(|r| g[r * 16 + c]).sum();
+            assert!((v - want).abs() < 1e-6, "db[{c}] = {v} vs {want}");
+        }
         let idx: Vec<usize> = (0..64).collect();
         let num = fd(&mut x, &idx, 1e-3, |x| {
             let mut y = vec![0.0; 64];
@@ -1061,16 +1148,8 @@ pub(crate) mod tests {
         };
         let mut dx = vec![0.0; n * din];
         let (mut dw, mut db) = (vec![0.0; din * dout], vec![0.0; dout]);
-        linear_bwd(
-            Some((&mut dx, false)),
-            &mut dw,
-            &mut db,
-            &x,
-            &w,
-            &wt,
-            n,
-            din,
-        );
+        linear_bwd(Some((&mut dx, false)), &mut dw, &x, &w, &wt, n, din, dout);
+        ColSums::default().of(&mut db, &wt);
         let (xc, wc, bc) = (x.clone(), w.clone(), b.clone());
         let to64 = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<_>>();
         let num = fd(&mut x, &(0..n * din).collect::<Vec<_>>(), 1e-2, |x| {
@@ -1085,6 +1164,29 @@ pub(crate) mod tests {
             run(&xc, &wc, b)
         });
         assert!(rel_err(&to64(&db), &num) < 1e-3);
+    }
+
+    #[test]
+    fn column_sums_match_f64_sums_for_any_row_count() {
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let mut sums = ColSums::default();
+        for rows in [1, SUM_ROWS - 1, SUM_ROWS, 3 * SUM_ROWS + 5] {
+            let cols = 7;
+            let x = randv(&mut rng, rows * cols, 1.0);
+            let mut got = vec![f32::NAN; cols];
+            sums.of(&mut got, &x);
+            let mut doubled = x.clone();
+            let mut mapped = vec![f32::NAN; cols];
+            sums.map(&mut mapped, &mut doubled, |_, r| {
+                r.iter_mut().for_each(|v| *v *= 2.0)
+            });
+            for c in 0..cols {
+                let want: f64 = (0..rows).map(|r| x[r * cols + c] as f64).sum();
+                assert!((got[c] as f64 - want).abs() < 1e-4, "{rows} rows, col {c}");
+                assert_eq!(mapped[c], 2.0 * got[c], "{rows} rows, col {c}");
+            }
+            assert!(doubled.iter().zip(&x).all(|(&d, &v)| d == 2.0 * v));
+        }
     }
 
     #[test]
