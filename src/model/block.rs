@@ -10,7 +10,7 @@
 //! on the way.
 //!
 //! Branches are independent given `h` (forward) and `∂L/∂h'` (backward), so
-//! [`run_pairwise`] computes them two at a time, one per thread with single-threaded
+//! [`run_pairwise`] computes them side by side, one per thread with single-threaded
 //! products: on two cores this beats splitting every product across both threads
 //! (no barrier per product, no packing shared between cores). The result does not
 //! depend on the pairing or the thread count: each branch's arithmetic is the same
@@ -22,6 +22,7 @@ use super::ops::{
     linear_nobias_fwd, residual_linear_fwd, scale_colsum, serial_gemm,
 };
 use super::params::BranchParams;
+use std::sync::Mutex;
 
 /// Activations kept for the backward pass of one branch.
 #[derive(Debug, Default)]
@@ -198,21 +199,32 @@ pub(crate) fn branch_bwd(
     );
 }
 
-/// Runs `f(item, scratch)` on every item: two items side by side (one on each of two
-/// threads, their products single-threaded, scratch `0` and `1`), an odd last item
-/// alone with every thread (scratch `0`).
+/// Runs `f(item, scratch)` on every item, `count` of them: two threads take items from
+/// a shared queue one at a time (their products single-threaded, scratch `0` and `1`),
+/// so the layer waits once for the slower thread rather than once per pair; an odd last
+/// item runs alone with every thread (scratch `0`).
 pub(crate) fn run_pairwise<T: Send, S: Send>(
-    mut items: impl Iterator<Item = T>,
+    mut items: impl Iterator<Item = T> + Send,
+    count: usize,
     scratch: &mut [S; 2],
     f: impl Fn(T, &mut S) + Sync,
 ) {
     let [s0, s1] = scratch;
-    while let Some(a) = items.next() {
-        match items.next() {
-            Some(b) => {
-                rayon::join(|| serial_gemm(|| f(a, s0)), || serial_gemm(|| f(b, s1)));
-            }
-            None => f(a, s0),
-        }
+    let paired = count / 2 * 2;
+    if paired > 0 {
+        let queue = Mutex::new(items.by_ref().take(paired));
+        // a poisoned queue means the other thread panicked; its panic propagates from join
+        let next = || queue.lock().ok().and_then(|mut q| q.next());
+        let work = |s: &mut S| {
+            serial_gemm(|| {
+                while let Some(item) = next() {
+                    f(item, s);
+                }
+            })
+        };
+        rayon::join(|| work(s0), || work(s1));
+    }
+    for item in items {
+        f(item, s0);
     }
 }

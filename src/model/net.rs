@@ -13,7 +13,7 @@
 //! `∂L/∂z_i = α̃_i ∂L/∂h'` and its gradients flow back through the block; `∂L/∂h` is the
 //! sum over computed branches in branch order.
 //!
-//! The computed branches of a layer run two at a time, one per thread
+//! The computed branches of a layer run side by side, one per thread
 //! (`block::run_pairwise`); each keeps its own output and its own part of `∂L/∂h`,
 //! and the layer combines them in branch order, so the pairing never changes a bit.
 
@@ -242,7 +242,8 @@ impl Model {
                 .zip(lw.branches.iter_mut())
                 .zip(&lw.computed)
                 .filter_map(|(pair, &on)| on.then_some(pair));
-            run_pairwise(todo, &mut [(), ()], |(bp, bw), _| {
+            let count = lw.computed.iter().filter(|&&on| on).count();
+            run_pairwise(todo, count, &mut [(), ()], |(bp, bw), _| {
                 branch_fwd(bp, bw, h, shape)
             });
             let (branches, computed, alpha_t) = (&lw.branches, &lw.computed, &lw.alpha_t);
@@ -339,11 +340,17 @@ impl Model {
                 *g = 0.0;
                 lw.computed[i].then_some((alpha_t[i], bp, bw, gb, g))
             });
-        run_pairwise(todo, &mut ws.scratch, |(alpha, bp, bw, gb, g), sc| {
-            // the aggregation logits' input: g_i = ⟨∂L/∂h', z_i⟩
-            *g = dot_f64(dh, &bw.z) as f32;
-            branch_bwd(bp, bw, gb, sc, dh, alpha, h, s)
-        });
+        let count = lw.computed.iter().filter(|&&on| on).count();
+        run_pairwise(
+            todo,
+            count,
+            &mut ws.scratch,
+            |(alpha, bp, bw, gb, g), sc| {
+                // the aggregation logits' input: g_i = ⟨∂L/∂h', z_i⟩
+                *g = dot_f64(dh, &bw.z) as f32;
+                branch_bwd(bp, bw, gb, sc, dh, alpha, h, s)
+            },
+        );
         agg::logits_grad(
             &mut gl.alpha_logits,
             &lw.g,
