@@ -54,7 +54,8 @@ pub(crate) struct BwdScratch {
     datt: Vec<f32>,
     dqkv: Vec<f32>,
     dprobs: Vec<f32>,
-    sums: ColSums,
+    /// Bias and LayerNorm gradient sums.
+    pub sums: ColSums,
 }
 
 /// Resizes a reusable buffer to `n` elements (no allocation once it has been that large).
@@ -169,6 +170,7 @@ pub(crate) fn branch_bwd(
         &bw.mean2,
         &bw.rstd2,
         &bp.ln2_gain,
+        &mut sc.sums,
     );
     // u = h + att·Wo + bo
     sc.sums.of(&mut gb.out_b, &bw.dh);
@@ -196,6 +198,7 @@ pub(crate) fn branch_bwd(
         &bw.mean1,
         &bw.rstd1,
         &bp.ln1_gain,
+        &mut sc.sums,
     );
 }
 

@@ -306,6 +306,7 @@ impl Model {
             &ws.meanf,
             &ws.rstdf,
             &p.lnf_gain,
+            &mut ws.scratch[0].sums,
         );
         let shape = self.attn_shape(ws.batch, ws.seq);
         for l in (0..nl).rev() {

@@ -10,8 +10,6 @@ use rayon::prelude::*;
 
 /// Rows per parallel task in row-wise kernels.
 const ROW_CHUNK: usize = 16;
-/// Columns per parallel task in column reductions.
-const COL_CHUNK: usize = 512;
 /// LayerNorm epsilon.
 pub const LN_EPS: f32 = 1e-5;
 
@@ -371,7 +369,7 @@ impl ColSums {
         x.par_chunks(SUM_ROWS * cols)
             .zip(self.partials.par_chunks_mut(cols))
             .for_each(|(block, part)| add_rows(part, block));
-        self.combine(sum);
+        self.combine(&mut [sum]);
     }
 
     /// Rewrites each block of rows of `x` with `f(first_row, block)`, then sums its
@@ -391,7 +389,7 @@ impl ColSums {
                 );
                 add_rows(part, block);
             });
-        self.combine(sum);
+        self.combine(&mut [sum]);
     }
 
     fn prepare(&mut self, len: usize, cols: usize) {
@@ -399,19 +397,33 @@ impl ColSums {
             cols > 0 && len % cols == 0,
             "column sum: {len} values are not whole rows of {cols}"
         );
-        let blocks = (len / cols).div_ceil(SUM_ROWS);
-        self.partials.resize(blocks * cols, 0.0);
+        self.slots(len / cols, cols);
     }
 
-    fn combine(&self, sum: &mut [f32]) {
+    /// One slot of `width` sums per block of [`SUM_ROWS`] rows (block `k` covers rows
+    /// `k·SUM_ROWS..`), for kernels that fill them themselves before [`ColSums::combine`].
+    fn slots(&mut self, rows: usize, width: usize) -> &mut [f32] {
+        self.partials.resize(rows.div_ceil(SUM_ROWS) * width, 0.0);
+        &mut self.partials
+    }
+
+    /// `outs = Σ_blocks slot` in block order, each slot split into `outs` by their lengths.
+    fn combine(&self, outs: &mut [&mut [f32]]) {
         let _prof = prof::scope(prof::ELEM);
-        let cols = sum.len();
-        sum.fill(0.0);
+        let width: usize = outs.iter().map(|o| o.len()).sum();
+        for o in outs.iter_mut() {
+            o.fill(0.0);
+        }
         simd(
             #[inline(always)]
             || {
-                for part in self.partials.chunks_exact(cols) {
-                    sum.iter_mut().zip(part).for_each(|(s, &p)| *s += p);
+                for slot in self.partials.chunks_exact(width) {
+                    let mut rest = slot;
+                    for o in outs.iter_mut() {
+                        let (part, tail) = rest.split_at(o.len());
+                        o.iter_mut().zip(part).for_each(|(s, &p)| *s += p);
+                        rest = tail;
+                    }
                 }
             },
         )
@@ -720,16 +732,22 @@ pub(crate) fn layernorm_bwd(
     mean: &[f32],
     rstd: &[f32],
     g: &[f32],
+    sums: &mut ColSums,
 ) {
     let _prof = prof::scope(prof::LN);
     let d = g.len();
     let rows = mean.len();
+    let slots = sums.slots(rows, 2 * d);
     dx[..rows * d]
-        .par_chunks_mut(d * ROW_CHUNK)
-        .zip(dy.par_chunks(d * ROW_CHUNK))
-        .zip(x.par_chunks(d * ROW_CHUNK))
-        .zip(mean.par_chunks(ROW_CHUNK).zip(rstd.par_chunks(ROW_CHUNK)))
-        .for_each(|(((dx, dy), x), (mean, rstd))| {
+        .par_chunks_mut(d * SUM_ROWS)
+        .zip(dy.par_chunks(d * SUM_ROWS))
+        .zip(x.par_chunks(d * SUM_ROWS))
+        .zip(mean.par_chunks(SUM_ROWS).zip(rstd.par_chunks(SUM_ROWS)))
+        .zip(slots.par_chunks_mut(2 * d))
+        .for_each(|((((dx, dy), x), (mean, rstd)), slot)| {
+            let (sg, sb) = slot.split_at_mut(d);
+            sg.fill(0.0);
+            sb.fill(0.0);
             simd(
                 #[inline(always)]
                 || {
@@ -760,7 +778,10 @@ pub(crate) fn layernorm_bwd(
                         }
                         let m1 = (s1.iter().sum::<f32>() + t1) / d as f32;
                         let m2 = (s2.iter().sum::<f32>() + t2) / d as f32;
-                        for (((o, &a), &xv), &gg) in dx.iter_mut().zip(dy).zip(x).zip(g) {
+                        let sums = sg.iter_mut().zip(sb.iter_mut());
+                        for ((((o, &a), &xv), &gg), (sgj, sbj)) in
+                            dx.iter_mut().zip(dy).zip(x).zip(g).zip(sums)
+                        {
                             let xh = (xv - mu) * rs;
                             let v = rs * (a * gg - m1 - xh * m2);
                             if acc {
@@ -768,36 +789,14 @@ pub(crate) fn layernorm_bwd(
                             } else {
                                 *o = v;
                             }
+                            *sgj += a * xh;
+                            *sbj += a;
                         }
                     }
                 },
             )
         });
-    dg.par_chunks_mut(COL_CHUNK)
-        .zip(db.par_chunks_mut(COL_CHUNK))
-        .enumerate()
-        .for_each(|(ci, (dg, db))| {
-            let c0 = ci * COL_CHUNK;
-            let w = dg.len();
-            dg.fill(0.0);
-            db.fill(0.0);
-            simd(
-                #[inline(always)]
-                || {
-                    for r in 0..rows {
-                        let (mu, rs) = (mean[r], rstd[r]);
-                        let dyr = &dy[r * d + c0..r * d + c0 + w];
-                        let xr = &x[r * d + c0..r * d + c0 + w];
-                        for (((a, bb), &dv), &xv) in
-                            dg.iter_mut().zip(db.iter_mut()).zip(dyr).zip(xr)
-                        {
-                            *a += dv * (xv - mu) * rs;
-                            *bb += dv;
-                        }
-                    }
-                },
-            )
-        });
+    sums.combine(&mut [dg, db]);
 }
 
 /// Fused softmax cross-entropy over rows of `logits` (`[N, V]`), in place:
@@ -1116,7 +1115,18 @@ pub(crate) mod tests {
         let (_, m, r) = run(&x, &g, &b);
         let mut dx = vec![0.5; rows * d];
         let (mut dg, mut db) = (vec![9.0; d], vec![9.0; d]);
-        layernorm_bwd(&mut dx, true, &mut dg, &mut db, &w, &x, &m, &r, &g);
+        layernorm_bwd(
+            &mut dx,
+            true,
+            &mut dg,
+            &mut db,
+            &w,
+            &x,
+            &m,
+            &r,
+            &g,
+            &mut ColSums::default(),
+        );
         let idx: Vec<usize> = (0..rows * d).collect();
         let (gc, bc) = (g.clone(), b.clone());
         let num = fd(&mut x, &idx, 1e-2, |x| weighted(&run(x, &gc, &bc).0, &w));
