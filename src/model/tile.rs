@@ -41,27 +41,40 @@ fn pack(out: &mut Vec<f32>, b: View<'_>, k: usize, n: usize) {
         span(k, n, b.rs, b.cs) <= b.data.len(),
         "tile::pack: B too small"
     );
-    for (q, panel) in out[..len].chunks_exact_mut(NR * k).enumerate() {
-        let width = (n - q * NR).min(NR);
-        if width < NR {
-            panel.fill(0.0);
-        }
-        if b.cs == 1 && width == NR {
-            for (p, row) in panel.chunks_exact_mut(NR).enumerate() {
-                let src = p * b.rs + q * NR;
-                let src: &[f32; NR] = b.data[src..src + NR].try_into().expect("16 values");
-                row.copy_from_slice(src);
-            }
-        } else {
-            // column by column: each source column is read contiguously when `rs == 1`
-            for j in 0..width {
-                let col = &b.data[(q * NR + j) * b.cs..];
-                for (p, o) in panel.iter_mut().skip(j).step_by(NR).enumerate() {
-                    *o = col[p * b.rs];
+    simd(
+        #[inline(always)]
+        || {
+            for (q, panel) in out[..len].chunks_exact_mut(NR * k).enumerate() {
+                let width = (n - q * NR).min(NR);
+                if width < NR {
+                    panel.fill(0.0);
+                }
+                if b.cs == 1 && width == NR {
+                    for (p, row) in panel.chunks_exact_mut(NR).enumerate() {
+                        let src = p * b.rs + q * NR;
+                        let src: &[f32; NR] = b.data[src..src + NR].try_into().expect("16");
+                        row.copy_from_slice(src);
+                    }
+                } else if width == NR {
+                    // 16 source columns side by side, each read at stride `rs`
+                    let cols: [&[f32]; NR] =
+                        std::array::from_fn(|j| &b.data[(q * NR + j) * b.cs..]);
+                    for (p, row) in panel.chunks_exact_mut(NR).enumerate() {
+                        for (o, col) in row.iter_mut().zip(&cols) {
+                            *o = col[p * b.rs];
+                        }
+                    }
+                } else {
+                    for j in 0..width {
+                        let col = &b.data[(q * NR + j) * b.cs..];
+                        for (p, o) in panel.iter_mut().skip(j).step_by(NR).enumerate() {
+                            *o = col[p * b.rs];
+                        }
+                    }
                 }
             }
-        }
-    }
+        },
+    )
 }
 
 /// One `R × NR` tile: `C[r, 0..w] (+)= Σ_{p∈p0..p1} A(r, p)·B[p, 0..w]` (`B` a panel).

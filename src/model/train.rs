@@ -89,7 +89,9 @@ pub struct Trainer {
     ws: Workspace,
 }
 
-/// One AdamW update of a tensor, element-wise in fixed chunks.
+/// One AdamW update of a tensor, element-wise in fixed chunks: with `g ← k·g`,
+/// `m ← β1·m + (1−β1)·g`, `v ← β2·v + (1−β2)·g²`,
+/// `p ← p·(1 − lr·λ) − (lr/bc1)·m / (√(v/bc2) + ε)`.
 #[allow(clippy::too_many_arguments)]
 fn adamw(
     p: &mut [f32],
@@ -105,6 +107,9 @@ fn adamw(
     let (b1, b2, eps) = (o.beta1, o.beta2, o.eps);
     let shrink = 1.0 - lr * decay;
     let (bc1, bc2) = bc;
+    // m̂/(√v̂ + ε) with m̂ = m/bc1, v̂ = v/bc2: the constant divisions as products, so
+    // that one square root and one division per element remain
+    let (step, inv_bc2) = (lr / bc1, 1.0 / bc2);
     p.par_chunks_mut(16384)
         .zip(g.par_chunks(16384))
         .zip(m.par_chunks_mut(16384).zip(v.par_chunks_mut(16384)))
@@ -118,7 +123,7 @@ fn adamw(
                         *m = b1 * *m + (1.0 - b1) * g;
                         *v = b2 * *v + (1.0 - b2) * g * g;
                         *p *= shrink;
-                        *p -= lr * (*m / bc1) / ((*v / bc2).sqrt() + eps);
+                        *p -= step * *m / ((*v * inv_bc2).sqrt() + eps);
                     }
                 },
             )
