@@ -173,12 +173,33 @@ pub(crate) fn gemm_into(
     }
     // SAFETY: the asserts above bound every element the strided views address, `c`
     // is exclusively borrowed and does not alias `a`/`b` (Rust borrow rules).
+    unsafe { gemm_raw(m, n, k, c.as_mut_ptr(), c_rs, acc, a, b, par) }
+}
+
+/// [`gemm_into`] on a raw `C` pointer, `k > 0`.
+///
+/// # Safety
+/// `C` rows `0..m`, columns `0..n` at `c + i·c_rs + j` must be valid for writes and
+/// touched by nothing else meanwhile; `a`, `b` must cover `m × k`, `k × n`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    c_rs: usize,
+    acc: bool,
+    a: View<'_>,
+    b: View<'_>,
+    par: Parallelism,
+) {
+    // SAFETY: the caller's contract.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            c,
             1,
             c_rs as isize,
             acc,
@@ -213,19 +234,49 @@ pub(crate) fn mm(c: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usi
     );
 }
 
-/// `C[k,n] (+)= A[m,k]ᵀ·B[m,n]` (weight gradient `dW = xᵀ·dy`).
+/// Output columns per task of [`mm_tn`].
+const DW_COLS: usize = 128;
+
+/// `C[k,n] (+)= A[m,k]ᵀ·B[m,n]` (weight gradient `dW = xᵀ·dy`), in tasks of
+/// [`DW_COLS`] output columns, each a single-threaded `gemm` (rayon spreads the
+/// tasks; a branch pair's idle thread takes some). `gemm` runs these long reductions
+/// 3–15 % faster per 128 columns than on the whole width (measured on our shapes), and
+/// every element's arithmetic is the same whoever runs its task.
 pub(crate) fn mm_tn(c: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize, acc: bool) {
-    gemm_into(
-        k,
-        n,
-        m,
-        c,
-        n,
-        acc,
-        View::tr(a, k),
-        View::rm(b, n),
-        par_all(),
-    );
+    let (av, bv) = (View::tr(a, k), View::rm(b, n));
+    assert!(span(k, n, n, 1) <= c.len(), "gemm: C too small");
+    assert!(span(k, m, av.rs, av.cs) <= a.len(), "gemm: A too small");
+    assert!(span(m, n, bv.rs, bv.cs) <= b.len(), "gemm: B too small");
+    if m == 0 || k == 0 {
+        return gemm_into(k, n, m, c, n, acc, av, bv, Parallelism::None);
+    }
+    let cp = SharedOut(c.as_mut_ptr());
+    (0..n.div_ceil(DW_COLS)).into_par_iter().for_each(|q| {
+        let j0 = q * DW_COLS;
+        let w = DW_COLS.min(n - j0);
+        let bq = View {
+            data: &b[j0..],
+            ..bv
+        };
+        // SAFETY: task `q` alone writes columns `j0..j0 + w` of `C` (bounded by the
+        // assert above); `A` and this `B` view are in bounds by the asserts above.
+        unsafe { gemm_raw(k, w, m, cp.at(j0), n, acc, av, bq, Parallelism::None) }
+    });
+}
+
+/// The output of a product whose tasks write disjoint columns.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: used only by tasks that write disjoint elements (see `mm_tn`).
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// # Safety
+    /// `off` must lie within the original buffer.
+    unsafe fn at(self, off: usize) -> *mut f32 {
+        unsafe { self.0.add(off) }
+    }
 }
 
 /// `C[m,n] (+)= A[m,k]·B[n,k]ᵀ` (input gradient `dx = dy·Wᵀ`).
