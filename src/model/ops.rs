@@ -415,6 +415,7 @@ pub(crate) struct ColSums {
 impl ColSums {
     /// `sum = Σ_rows x` (`cols = sum.len()`).
     pub fn of(&mut self, sum: &mut [f32], x: &[f32]) {
+        let _prof = prof::scope(prof::ELEM);
         let cols = sum.len();
         self.prepare(x.len(), cols);
         x.par_chunks(SUM_ROWS * cols)
@@ -460,7 +461,6 @@ impl ColSums {
 
     /// `outs = Σ_blocks slot` in block order, each slot split into `outs` by their lengths.
     fn combine(&self, outs: &mut [&mut [f32]]) {
-        let _prof = prof::scope(prof::ELEM);
         let width: usize = outs.iter().map(|o| o.len()).sum();
         for o in outs.iter_mut() {
             o.fill(0.0);
@@ -483,7 +483,6 @@ impl ColSums {
 
 /// `part = Σ_r block[r, ·]` over the rows of `block` in order.
 fn add_rows(part: &mut [f32], block: &[f32]) {
-    let _prof = prof::scope(prof::ELEM);
     let cols = part.len();
     part.copy_from_slice(&block[..cols]);
     simd(
@@ -618,6 +617,7 @@ pub(crate) fn scale_colsum(
     sum: &mut [f32],
     sums: &mut ColSums,
 ) {
+    let _prof = prof::scope(prof::ELEM);
     let w = sum.len();
     sums.map(
         sum,
@@ -771,7 +771,8 @@ pub(crate) fn layernorm_fwd(
 
 /// LayerNorm backward. With `x̂ = (x-μ)·r` and `ĝ = dy·g`:
 /// `dx (+)= r·(ĝ - mean(ĝ) - x̂·mean(ĝ·x̂))`, `dg = Σ_rows dy·x̂`, `db = Σ_rows dy`
-/// (`dg`, `db` overwritten).
+/// (`dg`, `db` overwritten; summed in the same pass as `dx`, in the row blocks of
+/// [`ColSums`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn layernorm_bwd(
     dx: &mut [f32],
