@@ -50,6 +50,13 @@ pub(crate) struct LayerWs {
     pub g: Vec<f32>,
 }
 
+impl LayerWs {
+    /// Branches computed in the current pass.
+    fn computed_count(&self) -> usize {
+        self.computed.iter().filter(|&&on| on).count()
+    }
+}
+
 /// Reusable buffers for forward and backward. Buffers grow to the largest shape seen
 /// and are then reused: steady-state steps allocate nothing.
 #[derive(Debug, Default)]
@@ -236,13 +243,13 @@ impl Model {
             for i in 0..layer.branches.len() {
                 lw.computed[i] = lw.mask[i] && lw.alpha_t[i] > 0.0;
             }
+            let count = lw.computed_count();
             let todo = layer
                 .branches
                 .iter()
                 .zip(lw.branches.iter_mut())
                 .zip(&lw.computed)
                 .filter_map(|(pair, &on)| on.then_some(pair));
-            let count = lw.computed.iter().filter(|&&on| on).count();
             run_pairwise(todo, count, &mut [(), ()], |(bp, bw), _| {
                 branch_fwd(bp, bw, h, shape)
             });
@@ -330,6 +337,7 @@ impl Model {
         let lw = &mut ws.layers[l];
         let (h, dh) = (&ws.hs[l], &ws.dh);
         let alpha_t = &lw.alpha_t;
+        let count = lw.computed_count();
         let todo = layer
             .branches
             .iter()
@@ -341,7 +349,6 @@ impl Model {
                 *g = 0.0;
                 lw.computed[i].then_some((alpha_t[i], bp, bw, gb, g))
             });
-        let count = lw.computed.iter().filter(|&&on| on).count();
         run_pairwise(
             todo,
             count,
