@@ -1,6 +1,6 @@
 //! Speed benchmarks of the model core (`mbtd bench train|generate`), each returning one
-//! JSON object. The preset is ARCHITECTURE.md's: V 4096, d 256, 4 heads, L 4, K 4,
-//! T 128, batch 16, random tokens, AdamW + clipping.
+//! JSON object. The `default` preset is ARCHITECTURE.md's: V 4096, d 256, 4 heads, L 4,
+//! K 4, T 128, batch 16, random tokens, AdamW + clipping.
 
 use super::generate::GenerateConfig;
 use super::{
@@ -11,9 +11,50 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::{Value, json};
 use std::time::Instant;
 
+/// The model a speed benchmark runs on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchPreset {
+    /// ARCHITECTURE.md's yardstick: V 4096, d 256, 4 heads, L 4, K 4 (14.77 M params).
+    #[default]
+    Default,
+    /// A quick check: V 512, d 64, 2 heads, L 2, K 2 (0.27 M params).
+    Small,
+}
+
+impl BenchPreset {
+    /// The preset's model, with room for sequences of `seq` tokens.
+    pub fn config(self, seq: usize) -> ModelConfig {
+        let base = match self {
+            Self::Default => ModelConfig::default(),
+            Self::Small => ModelConfig {
+                vocab_size: 512,
+                d_model: 64,
+                n_heads: 2,
+                n_layers: 2,
+                branches: 2,
+                ..ModelConfig::default()
+            },
+        };
+        ModelConfig {
+            max_seq_len: seq.max(base.max_seq_len),
+            ..base
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Default => "default",
+            Self::Small => "small",
+        }
+    }
+}
+
 /// Options of `mbtd bench train`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct TrainBenchArgs {
+    /// Model to train.
+    #[arg(long, value_enum, default_value_t = BenchPreset::Default)]
+    pub preset: BenchPreset,
     /// Timed training steps (after the warm-up steps).
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
@@ -44,6 +85,7 @@ pub struct TrainBenchArgs {
 impl Default for TrainBenchArgs {
     fn default() -> Self {
         Self {
+            preset: BenchPreset::Default,
             steps: 10,
             warmup: 2,
             threads: 2,
@@ -59,6 +101,9 @@ impl Default for TrainBenchArgs {
 /// Options of `mbtd bench generate`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct GenerateBenchArgs {
+    /// Model to generate with.
+    #[arg(long, value_enum, default_value_t = BenchPreset::Default)]
+    pub preset: BenchPreset,
     /// Tokens to generate (batch 1).
     #[arg(long, default_value_t = 100)]
     pub tokens: usize,
@@ -79,6 +124,7 @@ pub struct GenerateBenchArgs {
 impl Default for GenerateBenchArgs {
     fn default() -> Self {
         Self {
+            preset: BenchPreset::Default,
             tokens: 100,
             prompt: 16,
             threads: 2,
@@ -157,7 +203,7 @@ fn stats_ms(times: &mut [f64]) -> (f64, f64) {
     (mean * 1e3, p50 * 1e3)
 }
 
-/// Training-step throughput on the preset model.
+/// Training-step throughput on the chosen preset's model.
 pub fn bench_train(opts: &TrainBenchArgs) -> Result<Value, ModelError> {
     if opts.steps == 0 || !(0.0..=1.0).contains(&opts.p_active) {
         return Err(ModelError::Config(format!(
@@ -165,10 +211,7 @@ pub fn bench_train(opts: &TrainBenchArgs) -> Result<Value, ModelError> {
             opts.steps, opts.p_active
         )));
     }
-    let cfg = ModelConfig {
-        max_seq_len: opts.seq.max(128),
-        ..ModelConfig::default()
-    };
+    let cfg = opts.preset.config(opts.seq);
     pool(opts.threads)?.install(|| {
         let model = Model::new(cfg.clone(), opts.seed)?;
         let params = model.num_params();
@@ -229,6 +272,7 @@ pub fn bench_train(opts: &TrainBenchArgs) -> Result<Value, ModelError> {
         let (mean, p50) = stats_ms(&mut times);
         let mut out = json!({
             "bench": "train",
+            "preset": opts.preset.name(),
             "threads": opts.threads,
             "p_active": opts.p_active,
             "batch": opts.batch,
@@ -263,9 +307,9 @@ pub fn bench_train(opts: &TrainBenchArgs) -> Result<Value, ModelError> {
     })
 }
 
-/// Batch-1 KV-cache generation throughput on the preset model.
+/// Batch-1 KV-cache generation throughput on the chosen preset's model.
 pub fn bench_generate(opts: &GenerateBenchArgs) -> Result<Value, ModelError> {
-    let cfg = ModelConfig::default();
+    let cfg = opts.preset.config(0);
     if opts.prompt == 0 || opts.prompt + opts.tokens > cfg.max_seq_len {
         return Err(ModelError::Config(format!(
             "bench: prompt = {} must be >= 1 and prompt + tokens = {} <= max_seq_len = {}",
@@ -303,6 +347,7 @@ pub fn bench_generate(opts: &GenerateBenchArgs) -> Result<Value, ModelError> {
         Ok(json!({
             "machine_idle_share_after": machine_idle_share(500),
             "bench": "generate",
+            "preset": opts.preset.name(),
             "threads": opts.threads,
             "prompt": opts.prompt,
             "tokens": n,
@@ -345,5 +390,34 @@ mod tests {
             ..GenerateBenchArgs::default()
         };
         assert!(bench_generate(&too_long).is_err());
+    }
+
+    #[test]
+    fn train_bench_runs_the_chosen_preset() {
+        let opts = TrainBenchArgs {
+            preset: BenchPreset::Small,
+            steps: 2,
+            warmup: 1,
+            batch: 2,
+            seq: 16,
+            phases: true,
+            ..TrainBenchArgs::default()
+        };
+        let out = bench_train(&opts).unwrap();
+        assert_eq!(
+            (out["bench"].as_str(), out["preset"].as_str()),
+            (Some("train"), Some("small"))
+        );
+        let small = Model::new(BenchPreset::Small.config(16), 1).unwrap();
+        assert_eq!(out["params"].as_u64(), Some(small.num_params() as u64));
+        assert!(out["tokens_per_sec"].as_f64().unwrap() > 0.0);
+        assert!(out["final_loss"].as_f64().unwrap().is_finite());
+        assert!(out["kernel_thread_ms"]["linear_gemm"].as_f64().unwrap() > 0.0);
+        assert_eq!(out["active_branches_mean"].as_f64(), Some(2.0));
+        let bad = TrainBenchArgs {
+            p_active: 1.5,
+            ..opts
+        };
+        assert!(bench_train(&bad).is_err());
     }
 }
