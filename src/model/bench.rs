@@ -12,10 +12,9 @@ use serde_json::{Value, json};
 use std::time::Instant;
 
 /// The model a speed benchmark runs on.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum BenchPreset {
     /// ARCHITECTURE.md's yardstick: V 4096, d 256, 4 heads, L 4, K 4 (14.77 M params).
-    #[default]
     Default,
     /// A quick check: V 512, d 64, 2 heads, L 2, K 2 (0.27 M params).
     Small,
@@ -41,11 +40,13 @@ impl BenchPreset {
         }
     }
 
-    fn name(self) -> &'static str {
-        match self {
-            Self::Default => "default",
-            Self::Small => "small",
-        }
+    /// The name `--preset` takes.
+    fn name(self) -> String {
+        use clap::ValueEnum;
+        self.to_possible_value()
+            .expect("every preset has a name")
+            .get_name()
+            .to_owned()
     }
 }
 
