@@ -498,7 +498,7 @@ fn add_rows(part: &mut [f32], block: &[f32]) {
 /// Runs `f` compiled for AVX-512 (F, VL) or else AVX2+FMA, whichever the CPU has. Only
 /// element-wise code and reductions written lane by lane go through here (nothing the
 /// compiler may reassociate), so every path gives identical bits; AVX-512 lets the
-/// compiler use 32 vector registers and 16-lane vectors (GELU 39 → 27 ms per step).
+/// compiler use 32 vector registers and 16-lane vectors.
 /// Pass a closure marked `#[inline(always)]`: a closure compiled as a function of its
 /// own does not inherit the target features and stays SSE2.
 #[inline(always)]
