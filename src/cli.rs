@@ -1,4 +1,4 @@
-//! The command line (clap derive): `run`, `config`, `ctl`.
+//! The command line (clap derive): `run`, `config`, `ctl`, `chat`, …
 
 use std::path::PathBuf;
 
@@ -24,6 +24,9 @@ pub enum Command {
     Config(ConfigCommand),
     /// Control a running daemon over its admin socket.
     Ctl(CtlArgs),
+    /// Chat with the running daemon's model (streamed replies, templates, stop sequences,
+    /// /save and /load of the conversation as an inbox CSV).
+    Chat(crate::chat::ChatArgs),
     /// Look at on-disk state offline (works with the daemon stopped).
     #[command(subcommand)]
     Inspect(InspectCommand),

@@ -145,6 +145,11 @@ pub struct AdminConfig {
     pub group: Option<String>,
     /// Largest request line accepted, in bytes; a larger one gets an error and is closed.
     pub max_request_bytes: usize,
+    /// Connections served at once; one more gets an error line and is closed.
+    pub max_connections: usize,
+    /// Seconds a connection may wait without sending a request (or taking a response)
+    /// before it is closed.
+    pub idle_timeout_s: u64,
 }
 
 impl Default for AdminConfig {
@@ -153,6 +158,8 @@ impl Default for AdminConfig {
             socket: "mbtd.sock".into(),
             group: None,
             max_request_bytes: 1 << 20,
+            max_connections: 64,
+            idle_timeout_s: 600,
         }
     }
 }
@@ -165,6 +172,8 @@ impl AdminConfig {
             1024,
             64 << 20,
         )?;
+        check_range("admin.max_connections", self.max_connections, 1, 65_536)?;
+        check_range("admin.idle_timeout_s", self.idle_timeout_s, 1, 86_400)?;
         if let Some(g) = &self.group
             && g.is_empty()
         {

@@ -1,35 +1,54 @@
 //! `mbtd ctl`: turns a subcommand into a request, prints the answer as a table or JSON.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::admin::client::{self, ClientError};
-use crate::admin::protocol::StatusReply;
+use crate::admin::protocol::{
+    BranchArgs, CheckpointArgs, CheckpointRef, CheckpointTag, ExpandArgs,
+    GenerateArgs, NoArgs, Request, RollbackArgs, StatusReply,
+};
 use crate::cli::{CtlArgs, CtlCommand};
 use crate::config::Config;
 
 /// Finds the socket: `--socket`, else `admin.socket` of `--config` (or the default config)
 /// resolved against `--data-dir`.
 pub fn socket_path(args: &CtlArgs) -> anyhow::Result<PathBuf> {
-    if let Some(s) = &args.socket {
-        return Ok(s.clone());
+    resolve_socket(args.socket.as_deref(), args.config.as_deref(), &args.data_dir)
+}
+
+/// The socket given, else `admin.socket` of `config` (or the default config) resolved
+/// against `data_dir`.
+pub fn resolve_socket(
+    socket: Option<&Path>,
+    config: Option<&Path>,
+    data_dir: &Path,
+) -> anyhow::Result<PathBuf> {
+    if let Some(s) = socket {
+        return Ok(s.to_path_buf());
     }
-    let mut cfg = Config::load(args.config.as_deref())?;
-    cfg.resolve_paths(&args.data_dir);
+    let mut cfg = Config::load(config)?;
+    cfg.resolve_paths(data_dir);
     Ok(cfg.admin.socket)
 }
 
-fn request(cmd: &CtlCommand) -> (&'static str, serde_json::Value) {
-    use serde_json::json;
-    match cmd {
-        CtlCommand::Pause => ("pause", serde_json::Value::Null),
-        CtlCommand::Resume => ("resume", serde_json::Value::Null),
-        CtlCommand::Mask { layer, branch } => ("mask", json!({"layer": layer, "branch": branch})),
-        CtlCommand::Unmask { layer, branch } => {
-            ("unmask", json!({"layer": layer, "branch": branch}))
-        }
-        CtlCommand::Eval => ("eval", serde_json::Value::Null),
-        CtlCommand::Diagnostics => ("diagnostics", serde_json::Value::Null),
-        CtlCommand::Governor => ("governor", serde_json::Value::Null),
+/// The typed request of a subcommand. Tags and targets are checked here by the protocol's
+/// rules, so a bad one is refused before anything is sent.
+fn request(cmd: &CtlCommand) -> Result<Request, String> {
+    let none = NoArgs {};
+    Ok(match cmd {
+        CtlCommand::Pause => Request::Pause(none),
+        CtlCommand::Resume => Request::Resume(none),
+        CtlCommand::Mask { layer, branch } => Request::Mask(BranchArgs {
+            layer: *layer,
+            branch: *branch,
+        }),
+        CtlCommand::Unmask { layer, branch } => Request::Unmask(BranchArgs {
+            layer: *layer,
+            branch: *branch,
+        }),
+        CtlCommand::Eval => Request::Eval(none),
+        CtlCommand::Diagnostics => Request::Diagnostics(none),
+        CtlCommand::Governor => Request::Governor(none),
         CtlCommand::Generate {
             prompt,
             max_tokens,
@@ -38,42 +57,59 @@ fn request(cmd: &CtlCommand) -> (&'static str, serde_json::Value) {
             top_p,
             seed,
             respond,
-        } => (
-            "generate",
-            json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
-                "top_k": top_k, "top_p": top_p, "seed": seed, "respond": respond}),
-        ),
+        } => Request::Generate(GenerateArgs {
+            prompt: prompt.clone(),
+            max_tokens: *max_tokens,
+            temperature: *temperature as f32,
+            top_k: *top_k,
+            top_p: *top_p as f32,
+            seed: *seed,
+            respond: *respond,
+        }),
         CtlCommand::Expand {
             layer,
             branches,
             beta,
             ramp_steps,
             noise,
-        } => (
-            "expand",
-            json!({"layer": layer, "branches": branches, "beta": beta,
-                "ramp_steps": ramp_steps, "noise": noise}),
-        ),
-        CtlCommand::Checkpoint { tag } => ("checkpoint", json!({ "tag": tag })),
-        CtlCommand::Checkpoints => ("checkpoints", serde_json::Value::Null),
-        CtlCommand::Rollback { target } => ("rollback", json!({ "target": target })),
-        CtlCommand::Status => ("status", serde_json::Value::Null),
-        CtlCommand::Ping => ("ping", serde_json::Value::Null),
-        CtlCommand::Metrics => ("metrics", serde_json::Value::Null),
-        CtlCommand::Shutdown => ("shutdown", serde_json::Value::Null),
-        CtlCommand::PauseIngest => ("pause-ingest", serde_json::Value::Null),
-        CtlCommand::ResumeIngest => ("resume-ingest", serde_json::Value::Null),
+        } => Request::Expand(ExpandArgs {
+            layer: *layer,
+            branches: *branches,
+            beta: beta.map(|b| b as f32),
+            ramp_steps: *ramp_steps,
+            noise: *noise as f32,
+        }),
+        CtlCommand::Checkpoint { tag } => Request::Checkpoint(CheckpointArgs {
+            tag: tag
+                .clone()
+                .map(CheckpointTag::try_from)
+                .transpose()
+                .map_err(|e| format!("mbtd ctl checkpoint: {e}"))?,
+        }),
+        CtlCommand::Checkpoints => Request::Checkpoints(none),
+        CtlCommand::Rollback { target } => Request::Rollback(RollbackArgs {
+            target: CheckpointRef::try_from(target.clone())
+                .map_err(|e| format!("mbtd ctl rollback: {e}"))?,
+        }),
+        CtlCommand::Status => Request::Status(none),
+        CtlCommand::Ping => Request::Ping(none),
+        CtlCommand::Metrics => Request::Metrics(none),
+        CtlCommand::Shutdown => Request::Shutdown(none),
+        CtlCommand::PauseIngest => Request::PauseIngest(none),
+        CtlCommand::ResumeIngest => Request::ResumeIngest(none),
         #[cfg(feature = "fault-injection")]
-        CtlCommand::DebugCrash { actor } => ("debug-crash", serde_json::json!({ "actor": actor })),
-    }
+        CtlCommand::DebugCrash { actor } => Request::DebugCrash(crate::admin::protocol::DebugCrashArgs {
+            actor: actor.clone(),
+        }),
+    })
 }
 
 /// Runs the command; `Err` carries the message for stderr (exit code 1).
 pub fn run(args: &CtlArgs) -> Result<(), String> {
     let socket = socket_path(args).map_err(|e| e.to_string())?;
-    let (cmd, req_args) = request(&args.command);
+    let req = request(&args.command)?;
     let streaming = matches!(args.command, CtlCommand::Generate { .. });
-    let data = client::call(&socket, cmd, req_args, |chunk| {
+    let data = client::call(&socket, &req, |chunk| {
         if args.json {
             println!("{chunk}");
         } else if let Some(t) = chunk.get("text").and_then(|t| t.as_str()) {

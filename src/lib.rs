@@ -2,10 +2,11 @@
 //!
 //! Layers of the code: the pure core (`model`, `text`, `store`, `ingest`, `checkpoint`,
 //! `govern`, `config`), thin kameo actors (`actors`), and the edges (`admin`, `daemon`,
-//! `ctl`, `cli`, `telemetry`, `demo`, `report`).
+//! `ctl`, `chat`, `cli`, `telemetry`, `demo`, `report`).
 
 pub mod actors;
 pub mod admin;
+pub mod chat;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;

@@ -110,6 +110,13 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Chat(args) => match mbtd::chat::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(msg) => {
+                eprintln!("mbtd chat: {msg}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 

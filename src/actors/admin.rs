@@ -15,7 +15,7 @@ use crate::telemetry::names::events;
 pub struct AdminArgs {
     pub socket: PathBuf,
     pub group_gid: Option<u32>,
-    pub max_request_bytes: usize,
+    pub limits: server::Limits,
     pub dispatcher: Dispatcher,
     pub health: Arc<ChildHealth>,
 }
@@ -46,7 +46,7 @@ impl Actor for AdminActor {
         let accept = tokio::spawn(server::serve(
             listener,
             args.dispatcher.clone(),
-            args.max_request_bytes,
+            args.limits,
             args.group_gid,
         ));
         Ok(Self {

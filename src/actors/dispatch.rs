@@ -13,7 +13,12 @@ use super::metrics::{GetSnapshot, MetricsActor};
 use super::replay::{ReplayActor, Stats};
 use super::trainer::{Forward, TrainerActor, TrainerStatus};
 use super::trainer_worker::Cmd;
-use crate::admin::protocol::{Request, Response, StatusReply};
+use crate::admin::protocol::{
+    BranchArgs, CheckpointArgs, Envelope, GenerateArgs, Request, Response, RollbackArgs,
+    StatusReply,
+};
+use crate::admin::server_events::GenerateCancelled;
+use crate::telemetry::event::InternalEvent;
 use crate::model::generate::GenerateConfig;
 
 /// Why the daemon is asked to stop.
@@ -39,59 +44,26 @@ pub struct Dispatcher {
     pub crash_targets: Vec<(&'static str, Recipient<super::Crash>)>,
 }
 
-/// The commands this daemon answers, for the "unknown command" message.
-pub const COMMANDS: &[&str] = &[
-    "ping",
-    "status",
-    "metrics",
-    "shutdown",
-    "pause-ingest",
-    "resume-ingest",
-    "pause",
-    "resume",
-    "mask",
-    "unmask",
-    "eval",
-    "diagnostics",
-    "generate",
-    "expand",
-    "checkpoint",
-    "checkpoints",
-    "rollback",
-    "governor",
-];
-
 type Reply = oneshot::Sender<Result<serde_json::Value, String>>;
-
-fn arg_usize(args: &serde_json::Value, key: &str) -> Result<usize, String> {
-    args.get(key)
-        .and_then(|v| v.as_u64())
-        .map(|v| v as usize)
-        .ok_or_else(|| format!("missing or invalid argument `{key}` (a non-negative integer)"))
-}
 
 impl Dispatcher {
     /// Answers one request, sending one or more responses on `tx` (the last has `done: true`).
-    pub async fn handle(&self, req: Request, tx: mpsc::Sender<Response>) {
-        let id = req.id;
-        let resp = match req.cmd.as_str() {
-            "ping" => Response::ok(id, serde_json::json!({"pong": true})),
-            "status" => Response::ok(
+    /// When `tx` closes (the client went away) a stream stops early.
+    pub async fn handle(&self, env: Envelope, tx: mpsc::Sender<Response>) {
+        let id = env.id;
+        let resp = match env.request {
+            Request::Ping(_) => Response::ok(id, serde_json::json!({"pong": true})),
+            Request::Status(_) => Response::ok(
                 id,
                 serde_json::to_value(self.status().await).unwrap_or_default(),
             ),
-            "pause-ingest" | "resume-ingest" => {
-                let pause = req.cmd == "pause-ingest";
-                match self.ingestor.ask(SetPaused(pause)).await {
-                    Ok(p) => Response::ok(id, serde_json::json!({ "ingest_paused": p })),
-                    Err(e) => Response::error(id, format!("ingestor unavailable: {e}")),
-                }
-            }
-            "metrics" => match self.metrics.ask(GetSnapshot).await {
+            Request::PauseIngest(_) => self.set_ingest_paused(id, true).await,
+            Request::ResumeIngest(_) => self.set_ingest_paused(id, false).await,
+            Request::Metrics(_) => match self.metrics.ask(GetSnapshot).await {
                 Ok(s) => Response::ok(id, serde_json::to_value(s).unwrap_or_default()),
                 Err(e) => Response::error(id, format!("metrics actor unavailable: {e}")),
             },
-            "shutdown" => {
+            Request::Shutdown(_) => {
                 // Stop only after this reply is on the wire.
                 let stop = self.stop.clone();
                 tokio::spawn(async move {
@@ -100,92 +72,74 @@ impl Dispatcher {
                 });
                 Response::ok(id, serde_json::json!({"stopping": true}))
             }
-            "pause" | "resume" => {
-                let pause = req.cmd == "pause";
-                let (tx, rx) = oneshot::channel();
-                match self.trainer.ask(Forward(Cmd::Pause(pause, tx))).await {
-                    Ok(()) => match rx.await {
-                        Ok(p) => Response::ok(id, serde_json::json!({ "training_paused": p })),
-                        Err(_) => Response::error(id, "the trainer stopped before answering"),
-                    },
-                    Err(e) => Response::error(id, format!("trainer unavailable: {e}")),
-                }
+            Request::Pause(_) => self.set_training_paused(id, true).await,
+            Request::Resume(_) => self.set_training_paused(id, false).await,
+            Request::Mask(BranchArgs { layer, branch }) => {
+                self.trainer_cmd(id, |reply| Cmd::Mask {
+                    layer,
+                    branch,
+                    off: true,
+                    reply,
+                })
+                .await
             }
-            "mask" | "unmask" => {
-                let off = req.cmd == "mask";
-                match (
-                    arg_usize(&req.args, "layer"),
-                    arg_usize(&req.args, "branch"),
-                ) {
-                    (Ok(layer), Ok(branch)) => {
-                        self.trainer_cmd(id, |reply| Cmd::Mask {
-                            layer,
-                            branch,
-                            off,
-                            reply,
-                        })
-                        .await
-                    }
-                    (Err(e), _) | (_, Err(e)) => Response::error(id, e),
-                }
+            Request::Unmask(BranchArgs { layer, branch }) => {
+                self.trainer_cmd(id, |reply| Cmd::Mask {
+                    layer,
+                    branch,
+                    off: false,
+                    reply,
+                })
+                .await
             }
-            "eval" => self.trainer_cmd(id, Cmd::Eval).await,
-            "diagnostics" => self.trainer_cmd(id, Cmd::Diagnostics).await,
-            "governor" => self.trainer_cmd(id, Cmd::Governor).await,
-            "checkpoint" => {
-                let tag = req
-                    .args
-                    .get("tag")
-                    .and_then(|v| v.as_str())
-                    .map(String::from);
+            Request::Eval(_) => self.trainer_cmd(id, Cmd::Eval).await,
+            Request::Diagnostics(_) => self.trainer_cmd(id, Cmd::Diagnostics).await,
+            Request::Governor(_) => self.trainer_cmd(id, Cmd::Governor).await,
+            Request::Checkpoint(CheckpointArgs { tag }) => {
+                let tag = tag.map(String::from);
                 self.trainer_cmd(id, |r| Cmd::Checkpoint(tag, r)).await
             }
-            "rollback" => match req.args.get("target").and_then(|v| v.as_str()) {
-                Some(t) => {
-                    let t = t.to_string();
-                    self.trainer_cmd(id, |r| Cmd::Rollback(t, r)).await
-                }
-                None => {
-                    Response::error(id, "missing argument `target` (an id, a tag or `previous`)")
-                }
-            },
-            "expand" => {
-                let a = &req.args;
-                match (arg_usize(a, "layer"), arg_usize(a, "branches")) {
-                    (Ok(layer), Ok(branches)) => {
-                        // Absent: the governor's `beta` / `ramp_steps`.
-                        let beta = a.get("beta").and_then(|v| v.as_f64()).map(|b| b as f32);
-                        let ramp_steps = a.get("ramp_steps").and_then(|v| v.as_u64());
-                        let noise = a.get("noise").and_then(|v| v.as_f64()).unwrap_or(1e-3) as f32;
-                        self.trainer_cmd(id, |reply| Cmd::Expand {
-                            layer,
-                            branches,
-                            beta,
-                            ramp_steps,
-                            noise,
-                            reply,
-                        })
-                        .await
-                    }
-                    (Err(e), _) | (_, Err(e)) => Response::error(id, e),
-                }
+            Request::Rollback(RollbackArgs { target }) => {
+                let t = String::from(target);
+                self.trainer_cmd(id, |r| Cmd::Rollback(t, r)).await
             }
-            "checkpoints" => match self.checkpointer.ask(List).await {
+            Request::Expand(a) => {
+                self.trainer_cmd(id, |reply| Cmd::Expand {
+                    layer: a.layer,
+                    branches: a.branches,
+                    beta: a.beta,
+                    ramp_steps: a.ramp_steps,
+                    noise: a.noise,
+                    reply,
+                })
+                .await
+            }
+            Request::Checkpoints(_) => match self.checkpointer.ask(List).await {
                 Ok(l) => Response::ok(id, serde_json::to_value(l).unwrap_or_default()),
                 Err(e) => Response::error(id, format!("cannot list checkpoints: {e}")),
             },
-            "generate" => return self.generate(id, &req.args, tx).await,
-            #[cfg(feature = "fault-injection")]
-            "debug-crash" => self.crash(id, &req.args).await,
-            other => Response::error(
-                id,
-                format!(
-                    "unknown command `{other}`; known commands: {}",
-                    COMMANDS.join(", ")
-                ),
-            ),
+            Request::Generate(a) => return self.generate(id, a, tx).await,
+            Request::DebugCrash(a) => self.crash(id, &a.actor).await,
         };
         let _ = tx.send(resp).await;
+    }
+
+    async fn set_ingest_paused(&self, id: u64, pause: bool) -> Response {
+        match self.ingestor.ask(SetPaused(pause)).await {
+            Ok(p) => Response::ok(id, serde_json::json!({ "ingest_paused": p })),
+            Err(e) => Response::error(id, format!("ingestor unavailable: {e}")),
+        }
+    }
+
+    async fn set_training_paused(&self, id: u64, pause: bool) -> Response {
+        let (tx, rx) = oneshot::channel();
+        match self.trainer.ask(Forward(Cmd::Pause(pause, tx))).await {
+            Ok(()) => match rx.await {
+                Ok(p) => Response::ok(id, serde_json::json!({ "training_paused": p })),
+                Err(_) => Response::error(id, "the trainer stopped before answering"),
+            },
+            Err(e) => Response::error(id, format!("trainer unavailable: {e}")),
+        }
     }
 
     /// Sends a command to the trainer thread and waits for its answer.
@@ -201,33 +155,18 @@ impl Dispatcher {
         }
     }
 
-    /// Streams generated text: `{"text": piece}` chunks, then the summary.
-    async fn generate(&self, id: u64, args: &serde_json::Value, tx: mpsc::Sender<Response>) {
-        let prompt = args
-            .get("prompt")
-            .and_then(|v| v.as_str())
-            .unwrap_or("")
-            .to_string();
-        let respond = args
-            .get("respond")
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false);
-        let mut cfg = GenerateConfig::default();
-        if let Some(v) = args.get("max_tokens").and_then(|v| v.as_u64()) {
-            cfg.max_tokens = v as usize;
-        }
-        if let Some(v) = args.get("temperature").and_then(|v| v.as_f64()) {
-            cfg.temperature = v as f32;
-        }
-        if let Some(v) = args.get("top_k").and_then(|v| v.as_u64()) {
-            cfg.top_k = v as usize;
-        }
-        if let Some(v) = args.get("top_p").and_then(|v| v.as_f64()) {
-            cfg.top_p = v as f32;
-        }
-        if let Some(v) = args.get("seed").and_then(|v| v.as_u64()) {
-            cfg.seed = v;
-        }
+    /// Streams generated text: `{"text": piece}` chunks, then the summary. When the client
+    /// goes away mid-stream, the chunk receiver is dropped, which stops the trainer's
+    /// generation at its next token; the tokens it produced are logged with the cancel.
+    async fn generate(&self, id: u64, a: GenerateArgs, tx: mpsc::Sender<Response>) {
+        let cfg = GenerateConfig {
+            max_tokens: a.max_tokens,
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            seed: a.seed,
+            ..GenerateConfig::default()
+        };
         if let Err(e) = cfg.validate() {
             let _ = tx.send(Response::error(id, e)).await;
             return;
@@ -235,8 +174,8 @@ impl Dispatcher {
         let (chunk_tx, mut chunk_rx) = mpsc::channel::<String>(256);
         let (rtx, rrx) = oneshot::channel();
         let cmd = Cmd::Generate {
-            prompt,
-            respond,
+            prompt: a.prompt,
+            respond: a.respond,
             cfg,
             chunks: chunk_tx,
             reply: rtx,
@@ -247,7 +186,21 @@ impl Dispatcher {
                 .await;
             return;
         }
-        while let Some(piece) = chunk_rx.recv().await {
+        loop {
+            let piece = tokio::select! {
+                biased;
+                p = chunk_rx.recv() => p,
+                () = tx.closed() => {
+                    drop(chunk_rx);
+                    let tokens = match rrx.await {
+                        Ok(Ok(v)) => v["tokens"].as_u64(),
+                        _ => None,
+                    };
+                    GenerateCancelled { id, tokens, max_tokens: a.max_tokens }.emit();
+                    return;
+                }
+            };
+            let Some(piece) = piece else { break };
             let _ = tx
                 .send(Response::chunk(id, serde_json::json!({ "text": piece })))
                 .await;
@@ -300,8 +253,7 @@ impl Dispatcher {
     }
 
     #[cfg(feature = "fault-injection")]
-    async fn crash(&self, id: u64, args: &serde_json::Value) -> Response {
-        let name = args.get("actor").and_then(|v| v.as_str()).unwrap_or("");
+    async fn crash(&self, id: u64, name: &str) -> Response {
         match self.crash_targets.iter().find(|(n, _)| *n == name) {
             Some((_, r)) => match r.tell(super::Crash).await {
                 Ok(()) => Response::ok(id, serde_json::json!({"crashed": name})),
@@ -309,5 +261,13 @@ impl Dispatcher {
             },
             None => Response::error(id, format!("no crashable actor named `{name}`")),
         }
+    }
+
+    #[cfg(not(feature = "fault-injection"))]
+    async fn crash(&self, id: u64, _name: &str) -> Response {
+        Response::error(
+            id,
+            "debug-crash is answered only by builds with the fault-injection feature",
+        )
     }
 }

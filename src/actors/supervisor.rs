@@ -220,7 +220,7 @@ impl Actor for Root {
             AdminArgs {
                 socket: args.cfg.admin.socket.clone(),
                 group_gid: args.admin_gid,
-                max_request_bytes: args.cfg.admin.max_request_bytes,
+                limits: crate::admin::server::Limits::from(&args.cfg.admin),
                 dispatcher,
                 health: admin_health,
             },

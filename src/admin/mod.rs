@@ -3,4 +3,6 @@
 
 pub mod client;
 pub mod protocol;
+pub mod request;
 pub mod server;
+pub mod server_events;

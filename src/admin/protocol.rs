@@ -7,18 +7,28 @@
 
 use serde::{Deserialize, Serialize};
 
-/// A request from a client.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub use super::request::*;
+
+/// A request line as framed on the wire, before its command is decoded.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Request {
+struct Frame {
     #[serde(default)]
-    pub id: u64,
-    pub cmd: String,
+    id: u64,
+    cmd: String,
     #[serde(default)]
-    pub args: serde_json::Value,
+    args: serde_json::Value,
 }
 
-impl Request {
+/// A request with the id its responses carry.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Envelope {
+    pub id: u64,
+    #[serde(flatten)]
+    pub request: Request,
+}
+
+impl Envelope {
     /// The line sent on the wire (with its trailing newline).
     pub fn to_line(&self) -> String {
         let mut s = serde_json::to_string(self).expect("a request serialises");
@@ -33,8 +43,10 @@ pub enum Incoming {
     /// Empty or only ASCII whitespace: ignored.
     Blank,
     /// A well-formed request.
-    Request(Request),
-    /// Not a request; the error response to send (the connection stays usable).
+    Request(Envelope),
+    /// Not a request, or a request whose command or arguments are refused; the error
+    /// response to send (with the request's id when it could be read; the connection stays
+    /// usable).
     Malformed(Response),
 }
 
@@ -47,11 +59,14 @@ pub fn decode_line(line: &[u8]) -> Incoming {
     // protocol is objects only.
     let first = line.iter().find(|b| !b.is_ascii_whitespace());
     let decoded = match first {
-        Some(b'{') => serde_json::from_slice::<Request>(line).map_err(|e| e.to_string()),
+        Some(b'{') => serde_json::from_slice::<Frame>(line).map_err(|e| e.to_string()),
         _ => Err("a request must be a JSON object".to_string()),
     };
     match decoded {
-        Ok(r) => Incoming::Request(r),
+        Ok(f) => match Request::from_parts(&f.cmd, f.args) {
+            Ok(request) => Incoming::Request(Envelope { id: f.id, request }),
+            Err(e) => Incoming::Malformed(Response::error(f.id, e.to_string())),
+        },
         Err(e) => Incoming::Malformed(Response::error(
             0,
             format!(
@@ -127,10 +142,18 @@ pub struct StatusReply {
     pub pid: u32,
     pub uptime_s: f64,
     pub data_dir: String,
-    pub actors: Vec<crate::actors::health::ActorStatus>,
+    pub actors: Vec<ActorStatus>,
     /// Extra sections contributed by actors (ingest, replay, trainer, …), in order.
     #[serde(default)]
     pub sections: Vec<(String, serde_json::Value)>,
+}
+
+/// What `ctl status` shows for one actor.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ActorStatus {
+    pub name: String,
+    pub state: String,
+    pub restarts: u64,
 }
 
 /// A section (`trainer`, `replay`, …) of a `status` reply as JSON (`Null` when absent).
@@ -146,13 +169,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn request_round_trip_and_defaults() {
-        let r: Request = serde_json::from_str(r#"{"cmd":"ping"}"#).unwrap();
-        assert_eq!(r.id, 0);
-        assert_eq!(r.args, serde_json::Value::Null);
-        let back: Request = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
-        assert_eq!(back, r);
-        assert!(serde_json::from_str::<Request>(r#"{"cmd":"x","bogus":1}"#).is_err());
+    fn request_lines_round_trip_and_default_id() {
+        let Incoming::Request(e) = decode_line(br#"{"cmd":"ping"}"#) else {
+            panic!("ping is a request")
+        };
+        assert_eq!(e.id, 0);
+        assert_eq!(e.request, Request::Ping(NoArgs {}));
+        let line = Envelope {
+            id: 9,
+            request: Request::Checkpoint(CheckpointArgs {
+                tag: Some(CheckpointTag::try_from("nightly".to_string()).unwrap()),
+            }),
+        }
+        .to_line();
+        assert_eq!(line, "{\"id\":9,\"cmd\":\"checkpoint\",\"args\":{\"tag\":\"nightly\"}}\n");
+        let Incoming::Request(back) = decode_line(line.trim_end().as_bytes()) else {
+            panic!("{line}")
+        };
+        assert_eq!(back.id, 9);
+        assert!(matches!(decode_line(br#"{"cmd":"x","bogus":1}"#), Incoming::Malformed(_)));
     }
 
     #[test]
@@ -161,7 +196,7 @@ mod tests {
         let Incoming::Request(r) = decode_line(br#" {"id":2,"cmd":"ping"}"#) else {
             panic!("an object is a request")
         };
-        assert_eq!((r.id, r.cmd.as_str()), (2, "ping"));
+        assert_eq!((r.id, r.request.name()), (2, "ping"));
         // serde's derive would take the array form; the protocol does not.
         for bad in [&br#"[1,"ping",{}]"#[..], b"\"ping\"", b"{\"cmd\":"] {
             let Incoming::Malformed(resp) = decode_line(bad) else {
@@ -169,6 +204,22 @@ mod tests {
             };
             assert!(resp.error.unwrap().starts_with("malformed request"));
         }
+    }
+
+    #[test]
+    fn refused_arguments_answer_with_the_request_id() {
+        let Incoming::Malformed(resp) =
+            decode_line(br#"{"id":41,"cmd":"generate","args":{"max_tokens":"5"}}"#)
+        else {
+            panic!("a string count was accepted")
+        };
+        assert_eq!(resp.id, 41);
+        assert!(resp.error.unwrap().contains("`max_tokens`"));
+        let Incoming::Malformed(resp) = decode_line(br#"{"id":42,"cmd":"nope"}"#) else {
+            panic!("an unknown command was accepted")
+        };
+        assert_eq!(resp.id, 42);
+        assert!(resp.error.unwrap().starts_with("unknown command `nope`"));
     }
 
     #[test]

@@ -1,15 +1,25 @@
-//! The admin socket server: binding with safe permissions, peer-credential checks, bounded
-//! request lines, and one task per connection that hands requests to the [`Dispatcher`].
+//! The admin socket server: binding with safe permissions, peer-credential checks, a cap on
+//! open connections, an idle timeout, bounded request lines, and one task per connection
+//! that hands requests to the [`Dispatcher`].
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
 
 use super::protocol::{Incoming, Response, decode_line, too_large_response};
+use super::server_events::{
+    AcceptFailed, ConnectionRefused, IdleClosed, PeerRefused, RequestTooLarge,
+};
 use crate::actors::dispatch::Dispatcher;
-use crate::telemetry::names::{self, events};
+use crate::config::AdminConfig;
+use crate::telemetry::event::{InternalEvent, RateLimit};
+use crate::telemetry::names;
 
 /// Why the admin socket could not be served.
 #[derive(Debug, thiserror::Error)]
@@ -132,91 +142,196 @@ pub async fn read_line_bounded<R: AsyncBufRead + Unpin>(
     }
 }
 
-/// Accepts connections forever, one task each.
-pub async fn serve(
-    listener: UnixListener,
-    dispatcher: Dispatcher,
-    max_request_bytes: usize,
-    group: Option<u32>,
-) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let d = dispatcher.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = connection(stream, d, max_request_bytes, group).await {
-                        tracing::debug!(actor = "admin", error = %e, "admin connection ended");
-                    }
-                });
-            }
-            Err(e) => {
-                tracing::warn!(actor = "admin", error = %e, "accept failed on the admin socket");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
+/// The limits one admin socket enforces (from `[admin]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest request line; a longer one gets an error and the connection closes.
+    pub max_request_bytes: usize,
+    /// Connections served at once; one more is answered with an error and closed.
+    pub max_connections: usize,
+    /// A connection that sends no request for this long (or does not take a response for
+    /// this long) is closed.
+    pub idle_timeout: Duration,
+}
+
+impl From<&AdminConfig> for Limits {
+    fn from(c: &AdminConfig) -> Self {
+        Self {
+            max_request_bytes: c.max_request_bytes,
+            max_connections: c.max_connections,
+            idle_timeout: Duration::from_secs(c.idle_timeout_s),
         }
     }
 }
 
+/// Interval of the log lines of repeating refusals and accept errors (all are counted).
+const LOG_EVERY: Duration = Duration::from_secs(10);
+/// Pause after a failed `accept` (e.g. out of descriptors: nothing succeeds until one frees).
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+
+/// The answer to a connection over `admin.max_connections`.
+pub fn too_many_connections_response(limits: &Limits) -> Response {
+    Response::error(
+        0,
+        format!(
+            "too many admin connections: admin.max_connections = {} are open; this one is \
+             closed. Idle connections close after admin.idle_timeout_s = {} s; close unused \
+             clients or raise admin.max_connections",
+            limits.max_connections,
+            limits.idle_timeout.as_secs()
+        ),
+    )
+}
+
+/// Accepts connections forever, one task each, at most `limits.max_connections` at once.
+pub async fn serve(
+    listener: UnixListener,
+    dispatcher: Dispatcher,
+    limits: Limits,
+    group: Option<u32>,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let open_gauge = metrics::gauge!(names::ADMIN_CONNECTIONS);
+    open_gauge.set(0.0);
+    let mut refused_log = RateLimit::new(LOG_EVERY);
+    let mut peer_log = RateLimit::new(LOG_EVERY);
+    let mut accept_log = RateLimit::new(LOG_EVERY);
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                let admitted = accept_log.admit(Instant::now());
+                AcceptFailed {
+                    error: &error,
+                    suppressed: admitted.unwrap_or(0),
+                    logged: admitted.is_some(),
+                }
+                .emit();
+                tokio::time::sleep(ACCEPT_RETRY).await;
+                continue;
+            }
+        };
+        // A refused connection gets one line (written without waiting: a fresh socket's
+        // buffer takes it) and is closed when `stream` drops.
+        let refuse = |stream: &UnixStream, r: Response| {
+            let _ = stream.try_write(r.to_line().as_bytes());
+        };
+        match stream.peer_cred() {
+            Ok(cred) if peer_allowed(cred.uid(), cred.gid(), group) => {}
+            Ok(cred) => {
+                let admitted = peer_log.admit(Instant::now());
+                PeerRefused {
+                    uid: cred.uid(),
+                    gid: cred.gid(),
+                    pid: cred.pid(),
+                    suppressed: admitted.unwrap_or(0),
+                    logged: admitted.is_some(),
+                }
+                .emit();
+                refuse(
+                    &stream,
+                    Response::error(
+                        0,
+                        "permission denied: only root, the daemon's user or admin.group may use this socket",
+                    ),
+                );
+                continue;
+            }
+            Err(e) => {
+                tracing::debug!(actor = "admin", error = %e, "no peer credentials; connection dropped");
+                continue;
+            }
+        }
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            let admitted = refused_log.admit(Instant::now());
+            ConnectionRefused {
+                max: limits.max_connections,
+                suppressed: admitted.unwrap_or(0),
+                logged: admitted.is_some(),
+            }
+            .emit();
+            refuse(&stream, too_many_connections_response(&limits));
+            continue;
+        };
+        open_gauge.set((limits.max_connections - slots.available_permits()) as f64);
+        let d = dispatcher.clone();
+        let (slots, open_gauge) = (slots.clone(), open_gauge.clone());
+        tokio::spawn(async move {
+            if let Err(e) = connection(stream, d, &limits).await {
+                tracing::debug!(actor = "admin", error = %e, "admin connection ended");
+            }
+            drop(permit);
+            open_gauge.set((limits.max_connections - slots.available_permits()) as f64);
+        });
+    }
+}
+
+/// Writes one response, giving up (an error) when the client takes none of it for
+/// `limits.idle_timeout`.
+async fn send(wr: &mut OwnedWriteHalf, r: &Response, limits: &Limits) -> std::io::Result<()> {
+    match tokio::time::timeout(limits.idle_timeout, wr.write_all(r.to_line().as_bytes())).await {
+        Ok(res) => res,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the client took no response for admin.idle_timeout_s",
+        )),
+    }
+}
+
+/// Serves one connection's requests in order, each in its own task. When the client goes
+/// away mid-response this returns, dropping the response channel: a stream (`generate`)
+/// sees it closed and cancels its work; other commands finish and their answer is dropped.
 async fn connection(
     stream: UnixStream,
     dispatcher: Dispatcher,
-    max: usize,
-    group: Option<u32>,
+    limits: &Limits,
 ) -> std::io::Result<()> {
-    let cred = stream.peer_cred()?;
     let (rd, mut wr) = stream.into_split();
-    if !peer_allowed(cred.uid(), cred.gid(), group) {
-        tracing::warn!(
-            event = events::ADMIN_PEER_REFUSED,
-            actor = "admin",
-            uid = cred.uid(),
-            gid = cred.gid(),
-            pid = cred.pid(),
-            "refused an admin connection from an unauthorised user"
-        );
-        let r = Response::error(
-            0,
-            "permission denied: only root, the daemon's user or admin.group may use this socket",
-        );
-        wr.write_all(r.to_line().as_bytes()).await?;
-        return Ok(());
-    }
+    let max = limits.max_request_bytes;
     let mut rd = BufReader::new(rd);
     loop {
-        let line = match read_line_bounded(&mut rd, max).await? {
-            LineRead::Eof => return Ok(()),
-            LineRead::TooLarge => {
-                metrics::counter!(names::ADMIN_REQUESTS_TOTAL, "outcome" => "error").increment(1);
-                tracing::warn!(
-                    event = events::ADMIN_REQUEST_REFUSED,
-                    actor = "admin",
-                    max_bytes = max,
-                    "admin request larger than the limit; connection closed"
+        let read = tokio::time::timeout(limits.idle_timeout, read_line_bounded(&mut rd, max));
+        let line = match read.await {
+            Err(_) => {
+                IdleClosed {
+                    idle_s: limits.idle_timeout.as_secs(),
+                }
+                .emit();
+                let r = Response::error(
+                    0,
+                    format!(
+                        "no request for admin.idle_timeout_s = {} s; connection closed",
+                        limits.idle_timeout.as_secs()
+                    ),
                 );
-                wr.write_all(too_large_response(max).to_line().as_bytes())
-                    .await?;
-                return Ok(());
+                return send(&mut wr, &r, limits).await;
             }
-            LineRead::Line(l) => l,
+            Ok(read) => match read? {
+                LineRead::Eof => return Ok(()),
+                LineRead::TooLarge => {
+                    RequestTooLarge { max_bytes: max }.emit();
+                    return send(&mut wr, &too_large_response(max), limits).await;
+                }
+                LineRead::Line(l) => l,
+            },
         };
         let req = match decode_line(&line) {
             Incoming::Blank => continue,
             Incoming::Request(r) => r,
             Incoming::Malformed(r) => {
                 metrics::counter!(names::ADMIN_REQUESTS_TOTAL, "outcome" => "error").increment(1);
-                wr.write_all(r.to_line().as_bytes()).await?;
+                send(&mut wr, &r, limits).await?;
                 continue;
             }
         };
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Response>(64);
         let d = dispatcher.clone();
-        let job = tokio::spawn(async move { d.handle(req, tx).await });
+        tokio::spawn(async move { d.handle(req, tx).await });
         let mut ok = true;
         while let Some(resp) = rx.recv().await {
             ok &= resp.ok;
-            wr.write_all(resp.to_line().as_bytes()).await?;
+            send(&mut wr, &resp, limits).await?;
         }
-        let _ = job.await;
         let outcome = if ok { "ok" } else { "error" };
         metrics::counter!(names::ADMIN_REQUESTS_TOTAL, "outcome" => outcome).increment(1);
     }

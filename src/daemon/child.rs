@@ -126,7 +126,7 @@ impl DaemonChild {
 
     /// One request; the final response's data.
     pub fn call(&self, cmd: &str, args: Value) -> Result<Value, ClientError> {
-        client::call(&self.socket, cmd, args, |_| {})
+        client::call_json(&self.socket, cmd, args, |_| {})
     }
 
     /// A streaming request (`generate`): `on_chunk` sees each chunk.
@@ -136,7 +136,7 @@ impl DaemonChild {
         args: Value,
         on_chunk: impl FnMut(&Value),
     ) -> Result<Value, ClientError> {
-        client::call(&self.socket, cmd, args, on_chunk)
+        client::call_json(&self.socket, cmd, args, on_chunk)
     }
 
     /// The exit status, once the process has ended (reaps it).

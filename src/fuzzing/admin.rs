@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::task::{Context, Poll, Waker};
 
-use crate::admin::protocol::{Incoming, Request, Response, decode_line};
+use crate::admin::protocol::{Envelope, Incoming, Request, Response, decode_line};
 use crate::admin::server::{LineRead, read_line_bounded};
 
 /// Fuzzer entry point: byte 0 sets the line limit (1, 3, …, 511 bytes), byte 1 the read
@@ -21,7 +21,8 @@ pub fn admin_lines(input: &[u8]) {
 ///    the first piece longer than `max` bytes gives `TooLarge` (and the connection ends), the
 ///    end of the stream gives `Eof`;
 /// 2. decoding: a line of ASCII blanks is ignored; a decoded request agrees with the line as
-///    a generic JSON object (only `id`, `cmd`, `args`; `id` 0 and `args` null when absent),
+///    a generic JSON object (only `id`, `cmd`, `args`; `id` 0 when absent; the typed command
+///    is what `Request::from_parts` makes of `cmd` and `args`),
 ///    and re-encodes as one line that decodes to an equal request; anything else gets one
 ///    well-formed error line.
 pub fn check_admin_stream(stream: &[u8], max: usize, capacity: usize) {
@@ -91,7 +92,7 @@ fn check_line(line: &[u8]) {
     }
 }
 
-fn agrees_with_generic_json(line: &[u8], r: &Request) {
+fn agrees_with_generic_json(line: &[u8], r: &Envelope) {
     let v: serde_json::Value = serde_json::from_slice(line)
         .unwrap_or_else(|e| panic!("a decoded request is not JSON ({e}): {r:?}"));
     let obj = v
@@ -103,11 +104,14 @@ fn agrees_with_generic_json(line: &[u8], r: &Request) {
         "unknown key accepted: {v}"
     );
     assert_eq!(obj.get("id").map_or(Some(0), |i| i.as_u64()), Some(r.id));
+    let cmd = obj.get("cmd").and_then(|c| c.as_str());
+    assert_eq!(cmd, Some(r.request.name()));
+    let args = obj.get("args").cloned().unwrap_or(serde_json::Value::Null);
     assert_eq!(
-        obj.get("cmd").and_then(|c| c.as_str()),
-        Some(r.cmd.as_str())
+        Request::from_parts(r.request.name(), args).as_ref(),
+        Ok(&r.request),
+        "the typed request is its line's command and arguments"
     );
-    assert_eq!(obj.get("args").unwrap_or(&serde_json::Value::Null), &r.args);
 }
 
 #[cfg(test)]

@@ -7,6 +7,16 @@ pub const ACTOR_RESTARTS_TOTAL: &str = "actor_restarts_total";
 pub const UPTIME_SECONDS: &str = "uptime_seconds";
 /// Requests served on the admin socket (label `outcome` = ok | error).
 pub const ADMIN_REQUESTS_TOTAL: &str = "admin_requests_total";
+/// Admin connections open now.
+pub const ADMIN_CONNECTIONS: &str = "admin_connections";
+/// Admin connections refused (label `reason` = max_connections | peer).
+pub const ADMIN_CONNECTIONS_REFUSED_TOTAL: &str = "admin_connections_refused_total";
+/// Admin connections closed after `admin.idle_timeout_s` without a request.
+pub const ADMIN_CONNECTIONS_IDLE_CLOSED_TOTAL: &str = "admin_connections_idle_closed_total";
+/// Failed `accept` calls on the admin socket (e.g. out of descriptors).
+pub const ADMIN_ACCEPT_ERRORS_TOTAL: &str = "admin_accept_errors_total";
+/// Streams (`generate`) stopped because their client went away.
+pub const ADMIN_STREAMS_CANCELLED_TOTAL: &str = "admin_streams_cancelled_total";
 
 /// Log event names (the `event` field of structured log lines).
 pub mod events {
@@ -21,6 +31,10 @@ pub mod events {
     pub const ADMIN_LISTENING: &str = "admin_listening";
     pub const ADMIN_REQUEST_REFUSED: &str = "admin_request_refused";
     pub const ADMIN_PEER_REFUSED: &str = "admin_peer_refused";
+    pub const ADMIN_CONNECTION_REFUSED: &str = "admin_connection_refused";
+    pub const ADMIN_CONNECTION_IDLE_CLOSED: &str = "admin_connection_idle_closed";
+    pub const ADMIN_ACCEPT_FAILED: &str = "admin_accept_failed";
+    pub const ADMIN_GENERATE_CANCELLED: &str = "admin_generate_cancelled";
     pub const METRICS_SNAPSHOT: &str = "metrics_snapshot";
     pub const METRICS_HISTORY_FAILED: &str = "metrics_history_failed";
     pub const PROMETHEUS_LISTENING: &str = "prometheus_listening";
