@@ -160,7 +160,7 @@ fn chat_streams_stops_saves_for_the_inbox_and_survives_ctrl_c() {
     // Script mode: one message per line, only replies on stdout.
     let mut script = Command::new(BIN)
         .args(["chat", "--socket", &sock, "--temperature", "0", "--max-tokens", "40"])
-        .args(["--stop", &stop])
+        .arg(format!("--stop={stop}"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -172,8 +172,9 @@ fn chat_streams_stops_saves_for_the_inbox_and_survives_ctrl_c() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{expected}\n"));
 
     // A stop sequence on the terminal, then /save, the file into the inbox, ingested.
+    let stop_arg = format!("--stop={stop}");
     let mut a = Pty::spawn(&[
-        "--socket", &sock, "--temperature", "0", "--max-tokens", "40", "--stop", &stop,
+        "--socket", &sock, "--temperature", "0", "--max-tokens", "40", &stop_arg,
     ]);
     a.wait_for("the prompt", Duration::from_secs(30), |t| t.contains("> ").then_some(()));
     a.send(&format!("{prompt}\r"));
@@ -221,6 +222,12 @@ fn chat_streams_stops_saves_for_the_inbox_and_survives_ctrl_c() {
     let mut lengths = Vec::new();
     b.wait_for("a reply seen growing", Duration::from_secs(60), |t| {
         let start = t.find(echo)? + echo.len();
+        assert!(
+            !t[start..].contains("\n> "),
+            "the reply ended before Ctrl-C could be sent (the model generates too fast for \
+             this test): {:?}",
+            &t[start..]
+        );
         let len = t.len() - start;
         if len > 0 && lengths.last() != Some(&len) {
             lengths.push(len);
