@@ -49,28 +49,6 @@ fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
 }
 
-const CONFIG: &str = r#"
-[admin]
-max_connections = 32
-idle_timeout_s = 15
-[ingest]
-settle_ms = 50
-[model]
-vocab_size = 300
-d_model = 32
-n_heads = 2
-n_layers = 1
-branches = 2
-max_seq_len = 16
-[tokenizer]
-bootstrap_rows = 20
-[training]
-batch_size = 2
-seq_len = 16
-[checkpoints]
-every_steps = 0
-every_seconds = 0
-"#;
 
 #[test]
 fn eleven_hundred_idle_connections_do_not_exhaust_the_daemon() {
@@ -78,7 +56,11 @@ fn eleven_hundred_idle_connections_do_not_exhaust_the_daemon() {
         raise_own_nofile(4096) >= 1300,
         "the test needs 1,300 descriptors for its own connections"
     );
-    let d = Daemon::start(CONFIG);
+    let d = Daemon::start(&small(&[
+        ("admin.max_connections", "32"),
+        ("admin.idle_timeout_s", "15"),
+        ("tokenizer.bootstrap_rows", "20"),
+    ]));
     limit_daemon_nofile(d.pid(), 1024);
     let sock = d.socket();
     let mut conns = Vec::new();

@@ -135,6 +135,14 @@ impl Response {
     }
 }
 
+/// What `ctl status` shows for one actor.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ActorStatus {
+    pub name: String,
+    pub state: String,
+    pub restarts: u64,
+}
+
 /// The reply to `status`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StatusReply {
@@ -146,14 +154,6 @@ pub struct StatusReply {
     /// Extra sections contributed by actors (ingest, replay, trainer, …), in order.
     #[serde(default)]
     pub sections: Vec<(String, serde_json::Value)>,
-}
-
-/// What `ctl status` shows for one actor.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ActorStatus {
-    pub name: String,
-    pub state: String,
-    pub restarts: u64,
 }
 
 /// A section (`trainer`, `replay`, …) of a `status` reply as JSON (`Null` when absent).
