@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 
 use crate::admin::client::{self, ClientError};
 use crate::admin::protocol::{
-    BranchArgs, CheckpointArgs, CheckpointRef, CheckpointTag, ExpandArgs,
-    GenerateArgs, NoArgs, Request, RollbackArgs, StatusReply,
+    BranchArgs, CheckpointArgs, CheckpointRef, CheckpointTag, ExpandArgs, GenerateArgs, NoArgs,
+    Request, RollbackArgs, StatusReply,
 };
 use crate::cli::{CtlArgs, CtlCommand};
 use crate::config::Config;
@@ -13,7 +13,11 @@ use crate::config::Config;
 /// Finds the socket: `--socket`, else `admin.socket` of `--config` (or the default config)
 /// resolved against `--data-dir`.
 pub fn socket_path(args: &CtlArgs) -> anyhow::Result<PathBuf> {
-    resolve_socket(args.socket.as_deref(), args.config.as_deref(), &args.data_dir)
+    resolve_socket(
+        args.socket.as_deref(),
+        args.config.as_deref(),
+        &args.data_dir,
+    )
 }
 
 /// The socket given, else `admin.socket` of `config` (or the default config) resolved
@@ -98,9 +102,11 @@ fn request(cmd: &CtlCommand) -> Result<Request, String> {
         CtlCommand::PauseIngest => Request::PauseIngest(none),
         CtlCommand::ResumeIngest => Request::ResumeIngest(none),
         #[cfg(feature = "fault-injection")]
-        CtlCommand::DebugCrash { actor } => Request::DebugCrash(crate::admin::protocol::DebugCrashArgs {
-            actor: actor.clone(),
-        }),
+        CtlCommand::DebugCrash { actor } => {
+            Request::DebugCrash(crate::admin::protocol::DebugCrashArgs {
+                actor: actor.clone(),
+            })
+        }
     })
 }
 

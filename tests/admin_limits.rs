@@ -46,9 +46,10 @@ fn limit_daemon_nofile(pid: u32, n: u64) {
 }
 
 fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
 }
-
 
 #[test]
 fn eleven_hundred_idle_connections_do_not_exhaust_the_daemon() {
@@ -132,7 +133,11 @@ fn eleven_hundred_idle_connections_do_not_exhaust_the_daemon() {
         Some(1069),
         "{m}"
     );
-    assert_eq!(m["admin_connections_idle_closed_total"].as_u64(), Some(32), "{m}");
+    assert_eq!(
+        m["admin_connections_idle_closed_total"].as_u64(),
+        Some(32),
+        "{m}"
+    );
     // Refusals are logged rate-limited, not once each.
     let lines = d
         .log_text()

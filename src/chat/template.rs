@@ -65,7 +65,8 @@ impl Template {
                 p.push_str(&format!("User: {message}\nAssistant:"));
             }
             Template::Chatml => {
-                let turn = |role: &str, text: &str| format!("<|im_start|>{role}\n{text}<|im_end|>\n");
+                let turn =
+                    |role: &str, text: &str| format!("<|im_start|>{role}\n{text}<|im_end|>\n");
                 for t in history {
                     p.push_str(&turn("user", &t.prompt));
                     p.push_str(&turn("assistant", &t.response));

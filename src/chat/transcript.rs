@@ -63,7 +63,10 @@ pub fn to_csv(turns: &[Turn]) -> (String, Saved) {
         saved.rows += 1;
     }
     let bytes = w.into_inner().expect("writing to memory");
-    (String::from_utf8(bytes).expect("UTF-8 in, UTF-8 out"), saved)
+    (
+        String::from_utf8(bytes).expect("UTF-8 in, UTF-8 out"),
+        saved,
+    )
 }
 
 /// Writes `turns` to `path` durably (temp file, fsync, rename, directory fsync), so a file
@@ -136,7 +139,13 @@ mod tests {
             turn("  spaced  ", "ünïcødé 🙂\r\nand CRLF"),
         ];
         let (csv, saved) = to_csv(&turns);
-        assert_eq!(saved, Saved { rows: 3, skipped: 0 });
+        assert_eq!(
+            saved,
+            Saved {
+                rows: 3,
+                skipped: 0
+            }
+        );
         assert!(csv.starts_with("prompt,response,source\n"));
         let (back, rejected) = parse(csv.as_bytes(), "t.csv").unwrap();
         assert_eq!(rejected, 0);
@@ -146,8 +155,17 @@ mod tests {
     #[test]
     fn blank_turns_are_left_out_as_the_inbox_would_reject_them() {
         let (csv, saved) = to_csv(&[turn("q", " "), turn("q2", "a2"), turn("", "a")]);
-        assert_eq!(saved, Saved { rows: 1, skipped: 2 });
-        assert_eq!(parse(csv.as_bytes(), "t.csv").unwrap().0, vec![turn("q2", "a2")]);
+        assert_eq!(
+            saved,
+            Saved {
+                rows: 1,
+                skipped: 2
+            }
+        );
+        assert_eq!(
+            parse(csv.as_bytes(), "t.csv").unwrap().0,
+            vec![turn("q2", "a2")]
+        );
     }
 
     #[test]

@@ -9,10 +9,10 @@ use super::common::{Daemon, small};
 pub fn model_config() -> String {
     small(&[
         ("model.vocab_size", "400"),
-        ("model.d_model", "256"),
-        ("model.n_heads", "4"),
-        ("model.n_layers", "4"),
-        ("model.max_seq_len", "1024"),
+        ("model.d_model", "384"),
+        ("model.n_heads", "6"),
+        ("model.n_layers", "6"),
+        ("model.max_seq_len", "2048"),
         ("tokenizer.bootstrap_rows", "50"),
         ("training.batch_size", "2"),
         ("training.seq_len", "16"),

@@ -182,12 +182,18 @@ mod tests {
             }),
         }
         .to_line();
-        assert_eq!(line, "{\"id\":9,\"cmd\":\"checkpoint\",\"args\":{\"tag\":\"nightly\"}}\n");
+        assert_eq!(
+            line,
+            "{\"id\":9,\"cmd\":\"checkpoint\",\"args\":{\"tag\":\"nightly\"}}\n"
+        );
         let Incoming::Request(back) = decode_line(line.trim_end().as_bytes()) else {
             panic!("{line}")
         };
         assert_eq!(back.id, 9);
-        assert!(matches!(decode_line(br#"{"cmd":"x","bogus":1}"#), Incoming::Malformed(_)));
+        assert!(matches!(
+            decode_line(br#"{"cmd":"x","bogus":1}"#),
+            Incoming::Malformed(_)
+        ));
     }
 
     #[test]

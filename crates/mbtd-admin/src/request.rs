@@ -101,7 +101,11 @@ impl Request {
         let args = match args {
             Value::Null => Value::Object(Default::default()),
             Value::Object(o) => Value::Object(o),
-            other => return Err(invalid(format!("`args` must be a JSON object, got {other}"))),
+            other => {
+                return Err(invalid(format!(
+                    "`args` must be a JSON object, got {other}"
+                )));
+            }
         };
         serde_json::from_value(serde_json::json!({ "cmd": cmd, "args": args }))
             .map_err(|e| invalid(e.to_string()))
@@ -198,7 +202,11 @@ pub struct ExpandArgs {
     #[serde(deserialize_with = "new_branches")]
     pub branches: usize,
     /// Injection rate in `(0, 1]`; absent = `governor.beta`.
-    #[serde(default, deserialize_with = "beta", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "beta",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub beta: Option<f32>,
     /// Steps of the η ramp, `0 ..= 10000000`; absent = `governor.ramp_steps`.
     #[serde(
@@ -324,7 +332,9 @@ fn check_name(field: &str, s: &str, max: usize) -> Result<(), String> {
 fn int_value(v: &Value, name: &str, lo: u64, hi: u64) -> Result<u64, String> {
     match v.as_u64() {
         Some(x) if (lo..=hi).contains(&x) => Ok(x),
-        _ => Err(format!("`{name}` must be an integer in {lo} ..= {hi}; got {v}")),
+        _ => Err(format!(
+            "`{name}` must be an integer in {lo} ..= {hi}; got {v}"
+        )),
     }
 }
 
@@ -442,40 +452,102 @@ mod tests {
     #[test]
     fn wrong_types_and_ranges_name_the_field_and_the_range() {
         let cases = [
-            ("generate", json!({"max_tokens": "5"}), "`max_tokens` must be an integer in 1 ..= 65536; got \"5\""),
-            ("generate", json!({"max_tokens": -5}), "`max_tokens` must be an integer in 1 ..= 65536; got -5"),
+            (
+                "generate",
+                json!({"max_tokens": "5"}),
+                "`max_tokens` must be an integer in 1 ..= 65536; got \"5\"",
+            ),
+            (
+                "generate",
+                json!({"max_tokens": -5}),
+                "`max_tokens` must be an integer in 1 ..= 65536; got -5",
+            ),
             ("generate", json!({"max_tokens": 5.5}), "`max_tokens`"),
             ("generate", json!({"max_tokens": 0}), "got 0"),
-            ("generate", json!({"top_k": -1}), "`top_k` must be an integer in 0 ..= 1000000; got -1"),
-            ("generate", json!({"seed": -1}), "`seed` must be an integer in 0 ..= 18446744073709551615; got -1"),
-            ("generate", json!({"temperature": "hot"}), "`temperature` must be a number in [0, 100]"),
-            ("generate", json!({"top_p": 0}), "`top_p` must be a number in (0, 1]; got 0"),
-            ("generate", json!({"respond": "yes"}), "invalid type: string \"yes\", expected a boolean"),
-            ("generate", json!({"prompt": "x", "stream": true}), "unknown field `stream`"),
-            ("expand", json!({"layer": 0, "branches": 1, "ramp_steps": -1}), "`ramp_steps` must be an integer in 0 ..= 10000000; got -1"),
-            ("expand", json!({"layer": 0, "branches": 1, "noise": -1}), "`noise` must be a number in [0, 1]; got -1"),
-            ("expand", json!({"layer": 0, "branches": 0}), "`branches` must be an integer in 1 ..= 64; got 0"),
+            (
+                "generate",
+                json!({"top_k": -1}),
+                "`top_k` must be an integer in 0 ..= 1000000; got -1",
+            ),
+            (
+                "generate",
+                json!({"seed": -1}),
+                "`seed` must be an integer in 0 ..= 18446744073709551615; got -1",
+            ),
+            (
+                "generate",
+                json!({"temperature": "hot"}),
+                "`temperature` must be a number in [0, 100]",
+            ),
+            (
+                "generate",
+                json!({"top_p": 0}),
+                "`top_p` must be a number in (0, 1]; got 0",
+            ),
+            (
+                "generate",
+                json!({"respond": "yes"}),
+                "invalid type: string \"yes\", expected a boolean",
+            ),
+            (
+                "generate",
+                json!({"prompt": "x", "stream": true}),
+                "unknown field `stream`",
+            ),
+            (
+                "expand",
+                json!({"layer": 0, "branches": 1, "ramp_steps": -1}),
+                "`ramp_steps` must be an integer in 0 ..= 10000000; got -1",
+            ),
+            (
+                "expand",
+                json!({"layer": 0, "branches": 1, "noise": -1}),
+                "`noise` must be a number in [0, 1]; got -1",
+            ),
+            (
+                "expand",
+                json!({"layer": 0, "branches": 0}),
+                "`branches` must be an integer in 1 ..= 64; got 0",
+            ),
             ("expand", json!({"layer": 0}), "missing field `branches`"),
-            ("mask", json!({"layer": -1, "branch": 0}), "`layer` must be an integer in 0 ..= 255; got -1"),
-            ("mask", json!({"layer": 0, "branch": "1"}), "`branch` must be an integer in 0 ..= 1023"),
+            (
+                "mask",
+                json!({"layer": -1, "branch": 0}),
+                "`layer` must be an integer in 0 ..= 255; got -1",
+            ),
+            (
+                "mask",
+                json!({"layer": 0, "branch": "1"}),
+                "`branch` must be an integer in 0 ..= 1023",
+            ),
         ];
         for (cmd, args, want) in cases {
             let e = Request::from_parts(cmd, args.clone())
                 .err()
                 .unwrap_or_else(|| panic!("{cmd} {args} accepted"));
             let m = e.to_string();
-            assert!(m.starts_with(&format!("invalid arguments for `{cmd}`: ")), "{m}");
+            assert!(
+                m.starts_with(&format!("invalid arguments for `{cmd}`: ")),
+                "{m}"
+            );
             assert!(m.contains(want), "{cmd} {args}: {m}");
         }
     }
 
     #[test]
     fn defaults_and_explicit_values_decode_exactly() {
-        let Request::Generate(g) = Request::from_parts("generate", json!({"prompt": "hi"})).unwrap()
+        let Request::Generate(g) =
+            Request::from_parts("generate", json!({"prompt": "hi"})).unwrap()
         else {
             panic!("generate")
         };
-        assert_eq!(g, GenerateArgs { prompt: "hi".into(), ..GenerateArgs::default() });
+        assert_eq!(
+            g,
+            GenerateArgs {
+                prompt: "hi".into(),
+                ..GenerateArgs::default()
+            }
+        );
         let r = Request::from_parts(
             "generate",
             json!({"prompt": "p", "max_tokens": 5, "temperature": 0, "top_k": 3, "top_p": 0.5,
@@ -514,19 +586,45 @@ mod tests {
             assert!(r.is_ok(), "{ok}: {r:?}");
         }
         let huge = "a".repeat(100_000);
-        for bad in ["../../evil", "a\nb", "", &huge, "shutdown", "pre-expand", "previous", ".x", "-x", "ü", "a b"] {
+        for bad in [
+            "../../evil",
+            "a\nb",
+            "",
+            &huge,
+            "shutdown",
+            "pre-expand",
+            "previous",
+            ".x",
+            "-x",
+            "ü",
+            "a b",
+        ] {
             let e = Request::from_parts("checkpoint", json!({ "tag": bad })).unwrap_err();
             let m = e.to_string();
             assert!(m.contains("`tag`"), "{m}");
-            assert!(m.len() < 400, "the message quotes a huge tag whole: {} bytes", m.len());
+            assert!(
+                m.len() < 400,
+                "the message quotes a huge tag whole: {} bytes",
+                m.len()
+            );
             assert!(!m.contains('\n'), "{m}");
         }
         assert!(Request::from_parts("checkpoint", json!({"tag": null})).is_ok());
-        for ok in ["previous", "shutdown", "20261206T075620.123Z-000000000123-ab12"] {
-            assert!(Request::from_parts("rollback", json!({ "target": ok })).is_ok(), "{ok}");
+        for ok in [
+            "previous",
+            "shutdown",
+            "20261206T075620.123Z-000000000123-ab12",
+        ] {
+            assert!(
+                Request::from_parts("rollback", json!({ "target": ok })).is_ok(),
+                "{ok}"
+            );
         }
         for bad in ["../x", "a/b", "", ".."] {
-            assert!(Request::from_parts("rollback", json!({ "target": bad })).is_err(), "{bad}");
+            assert!(
+                Request::from_parts("rollback", json!({ "target": bad })).is_err(),
+                "{bad}"
+            );
         }
     }
 

@@ -18,8 +18,8 @@ use crate::admin::protocol::{
     StatusReply,
 };
 use crate::admin::server_events::GenerateCancelled;
-use crate::telemetry::event::InternalEvent;
 use crate::model::generate::GenerateConfig;
+use crate::telemetry::event::InternalEvent;
 
 /// Why the daemon is asked to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,7 +189,6 @@ impl Dispatcher {
         loop {
             let piece = tokio::select! {
                 biased;
-                p = chunk_rx.recv() => p,
                 () = tx.closed() => {
                     drop(chunk_rx);
                     let tokens = match rrx.await {
@@ -199,6 +198,7 @@ impl Dispatcher {
                     GenerateCancelled { id, tokens, max_tokens: a.max_tokens }.emit();
                     return;
                 }
+                p = chunk_rx.recv() => p,
             };
             let Some(piece) = piece else { break };
             let _ = tx
