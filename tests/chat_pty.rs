@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use model::daemon_with_model;
+use model::{daemon_with_model, long_generation};
 use serde_json::{Value, json};
 
 /// A child process on a pseudo-terminal; everything it writes is collected.
@@ -239,26 +239,23 @@ fn chat_streams_stops_saves_for_the_inbox_and_survives_ctrl_c() {
 
     // Streaming and Ctrl-C: a long reply is seen growing, Ctrl-C stops it (and the
     // daemon's generation), the session goes on.
-    let long =
-        json!({"prompt": "row 3 says", "respond": true, "temperature": 0, "max_tokens": 2000});
-    let full_tokens = d.data("generate", long)["tokens"].as_u64().unwrap();
-    assert!(
-        full_tokens >= 200,
-        "a reply of {full_tokens} tokens is too short for the test"
-    );
+    let (long_prompt, seed, full_tokens) = long_generation(&d);
+    let seed = seed.to_string();
     let mut b = Pty::spawn(&[
         "--socket",
         &sock,
         "--temperature",
-        "0",
+        "1",
+        "--seed",
+        &seed,
         "--max-tokens",
         "2000",
     ]);
     b.wait_for("the prompt", Duration::from_secs(30), |t| {
         t.contains("> ").then_some(())
     });
-    b.send("row 3 says\r");
-    let echo = "> row 3 says\n";
+    b.send(&format!("{long_prompt}\r"));
+    let echo = &format!("> {long_prompt}\n");
     let mut lengths = Vec::new();
     b.wait_for("a reply seen growing", Duration::from_secs(60), |t| {
         let start = t.find(echo)? + echo.len();

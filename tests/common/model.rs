@@ -35,3 +35,19 @@ pub fn daemon_with_model() -> Daemon {
     d.data("pause", serde_json::Value::Null);
     d
 }
+
+/// A prompt and sampling seed (temperature 1, training paused, so deterministic) whose
+/// instruction reply runs at least 200 tokens, with its token count: an untrained model may
+/// draw the end token early for some prompts and seeds.
+pub fn long_generation(d: &Daemon) -> (String, u64, u64) {
+    for seed in 0..40u64 {
+        let prompt = format!("row {seed} says");
+        let args = serde_json::json!({"prompt": prompt, "respond": true, "temperature": 1,
+            "seed": seed, "max_tokens": 2000});
+        let tokens = d.data("generate", args)["tokens"].as_u64().unwrap();
+        if tokens >= 200 {
+            return (prompt, seed, tokens);
+        }
+    }
+    panic!("no prompt and seed gave a reply of 200 tokens or more");
+}
