@@ -445,35 +445,18 @@ fn strace_lines_give_calls_and_the_paths_the_unit_would_refuse() {
     }
 }
 
-const TRACE_CONFIG: &str = r#"
-[ingest]
-settle_ms = 50
-rescan_ms = 200
-[model]
-vocab_size = 300
-d_model = 32
-n_heads = 2
-n_layers = 2
-branches = 3
-max_seq_len = 16
-[optim]
-warmup_steps = 5
-[tokenizer]
-bootstrap_rows = 100
-[training]
-batch_size = 4
-seq_len = 16
-idle_steps_per_min = 60000
-[eval]
-every_steps = 10
-[replay]
-control_fraction = 0.1
-[checkpoints]
-every_steps = 20
-every_seconds = 0
-keep_last = 2
-keep_daily = 0
-"#;
+/// The small test model with evaluations, periodic checkpoints with retention, and metrics
+/// history lines, so that the traced run goes through each of them.
+fn trace_config() -> String {
+    small(&[
+        ("eval.every_steps", "10"),
+        ("replay.control_fraction", "0.1"),
+        ("checkpoints.every_steps", "20"),
+        ("checkpoints.keep_last", "2"),
+        ("checkpoints.keep_daily", "0"),
+        ("metrics.history_every_s", "1"),
+    ])
+}
 
 /// setpriv → strace → mbtd in a process group of their own. strace does not take its tracee
 /// down when it is killed, so dropping this (a failed assertion) kills the whole group.
@@ -492,7 +475,7 @@ impl Drop for Traced {
 /// notify socket and the unit's environment; waits for READY on the notify socket.
 fn start_traced(dir: tempfile::TempDir, trace: &Path, notify: &UnixDatagram) -> Traced {
     let cfg = dir.path().join("test.toml");
-    std::fs::write(&cfg, format!("{BASE_CONFIG}{TRACE_CONFIG}")).unwrap();
+    std::fs::write(&cfg, format!("{BASE_CONFIG}{}", trace_config())).unwrap();
     let log = dir.path().join(format!(
         "daemon-{}.log",
         trace.file_stem().unwrap().to_string_lossy()
