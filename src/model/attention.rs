@@ -12,7 +12,7 @@
 //! of the `T×T` work is skipped. The `(b, h)` pairs run in parallel on rayon; each writes
 //! disjoint output regions, so the result does not depend on the thread count.
 
-use super::ops::{View, dot16, fast_exp, max16, prof, simd, sum16};
+use super::ops::{View, dot16, fast_exp, max16, profile, simd, sum16};
 use super::tile::{TileRange, product};
 use rayon::prelude::*;
 
@@ -111,8 +111,11 @@ fn softmax_bwd_rows(dp: &mut [f32], p: &[f32], t: usize, scale: f32) {
 }
 
 /// Forward: fills `probs` (`[B, H, T, T]`, upper triangle zero) and `att` (`[B·T, d]`).
+///
+/// # Shapes
+/// `qkv`: `[B·T, 3d]` → `att`: `[B·T, d]`, `probs`: `[B, H, T, T]` (`d = H·hd`).
 pub(crate) fn attn_fwd(att: &mut [f32], probs: &mut [f32], qkv: &[f32], s: AttnShape) {
-    let _prof = prof::scope(prof::ATTN);
+    let _prof = profile::scope(profile::ATTN);
     let (t, hd, d) = (s.seq, s.head_dim, s.d());
     assert!(att.len() >= s.batch * t * d && probs.len() >= s.batch * s.heads * t * t);
     assert!(qkv.len() >= s.batch * t * 3 * d);
@@ -156,7 +159,7 @@ pub(crate) fn attn_bwd(
     qkv: &[f32],
     s: AttnShape,
 ) {
-    let _prof = prof::scope(prof::ATTN);
+    let _prof = profile::scope(profile::ATTN);
     let (t, hd, d) = (s.seq, s.head_dim, s.d());
     assert!(dqkv.len() >= s.batch * t * 3 * d && datt.len() >= s.batch * t * d);
     assert!(dprobs.len() >= s.batch * s.heads * t * t);

@@ -21,8 +21,8 @@ use super::agg::{self, AggGroups};
 use super::attention::AttnShape;
 use super::block::{BranchWs, BwdScratch, branch_bwd, branch_fwd, fit, run_pairwise};
 use super::ops::{
-    dot_f64, embed_bwd, embed_fwd, layernorm_bwd, layernorm_fwd, mm_nt, mm_tn, prof, serial_gemm,
-    weighted_sum, xent_fwd_bwd,
+    dot_f64, embed_bwd, embed_fwd, layernorm_bwd, layernorm_fwd, mm_nt, mm_tn, profile,
+    serial_gemm, weighted_sum, xent_fwd_bwd,
 };
 use super::params::Params;
 use super::{Batch, Masks, ModelConfig, ModelError};
@@ -205,6 +205,10 @@ impl Model {
     }
 
     /// Forward pass: fills the workspace (activations, `logits` `[B·T, V]`).
+    ///
+    /// # Shapes
+    /// `batch.inputs`: `[B, T]` token ids → embeddings `[B·T, d]` → per layer
+    /// `[B·T, d]` → `logits` `[B·T, V]` (`B = batch.batch`, `T = batch.seq`).
     pub fn forward(
         &self,
         ws: &mut Workspace,
@@ -270,7 +274,7 @@ impl Model {
             &p.lnf_gain,
             &p.lnf_bias,
         );
-        let _prof = prof::scope(prof::LINEAR);
+        let _prof = profile::scope(profile::LINEAR);
         super::ops::mm(&mut ws.logits, &ws.af, &p.head_w, n, d, v, false);
         Ok(())
     }
@@ -296,7 +300,7 @@ impl Model {
         let nl = self.params.layers.len();
         let p = &self.params;
         {
-            let _prof = prof::scope(prof::LINEAR);
+            let _prof = profile::scope(profile::LINEAR);
             let (af, dlogits, da) = (&ws.af, &ws.logits, &mut ws.da);
             rayon::join(
                 || serial_gemm(|| mm_tn(&mut grads.head_w, af, dlogits, n, d, v, false)),
@@ -418,6 +422,7 @@ impl Model {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::model::bench;
     use crate::model::ops::tests::rel_err;
     use crate::model::params::TensorId;
     use rand::{Rng, SeedableRng};
@@ -436,19 +441,10 @@ pub(crate) mod tests {
         }
     }
 
+    /// [`crate::model::bench::random_batch`] from a seed, the first two positions of
+    /// each row without loss.
     pub(crate) fn random_batch(cfg: &ModelConfig, batch: usize, seq: usize, seed: u64) -> Batch {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let n = batch * seq;
-        let v = cfg.vocab_size as u32;
-        Batch {
-            batch,
-            seq,
-            inputs: (0..n).map(|_| rng.random_range(0..v)).collect(),
-            targets: (0..n).map(|_| rng.random_range(0..v)).collect(),
-            loss_mask: (0..n)
-                .map(|i| if i % seq < 2 { 0.0 } else { 1.0 })
-                .collect(),
-        }
+        bench::random_batch(cfg, batch, seq, 2, &mut ChaCha8Rng::seed_from_u64(seed))
     }
 
     /// Whole-model finite-difference check on a subset of coordinates of every tensor.
