@@ -204,6 +204,7 @@ pub fn random_batch(
         loss_mask: (0..n)
             .map(|i| if i % seq < prompt { 0.0 } else { 1.0 })
             .collect(),
+        segments: None,
     }
 }
 

@@ -1,13 +1,17 @@
-//! Token plus learned position embedding: `x[b,t] = wte[ids[b,t]] + wpe[t]`; backward
-//! `dwte[id] = Σ_{n: ids[n] = id} dx[n]`, `dwpe[t] = Σ_b dx[b,t]`.
+//! Token plus learned position embedding: `x[n] = wte[ids[n]] + wpe[pos(n)]`, where
+//! `pos(n)` is the offset `n mod T` within its window or, for a packed batch, the given
+//! offset within its segment; backward `dwte[id] = Σ_{n: ids[n] = id} dx[n]`,
+//! `dwpe[p] = Σ_{n: pos(n) = p} dx[n]`.
 //!
 //! # Shapes
-//! `ids`: `[B·T]`, `wte`: `[V, d]`, `wpe`: `[T_max, d]`, `x`, `dx`: `[B·T, d]`.
+//! `ids`, `positions`: `[B·T]`, `wte`: `[V, d]`, `wpe`: `[T_max, d]`, `x`, `dx`:
+//! `[B·T, d]`.
 
 use super::profile;
 use rayon::prelude::*;
 
-/// Embedding forward `x[b,t] = wte[ids[b,t]] + wpe[t]`.
+/// Embedding forward `x[n] = wte[ids[n]] + wpe[pos(n)]` with `pos(n) = positions[n]`, or
+/// `n mod seq` when `positions` is `None`.
 ///
 /// ```
 /// use mbtd::model::ops::embed_fwd;
@@ -16,16 +20,27 @@ use rayon::prelude::*;
 /// let wte = [1.0, 1.0, 2.0, 2.0, 3.0, 3.0]; // V = 3
 /// let wpe = [0.0, 0.5, 0.0, -0.5]; // T_max = 2
 /// let mut x = [0.0f32; 8];
-/// embed_fwd(&mut x, &wte, &wpe, &[2, 0, 1, 1], seq, d);
+/// embed_fwd(&mut x, &wte, &wpe, &[2, 0, 1, 1], None, seq, d);
 /// assert_eq!(x, [3.0, 3.5, 1.0, 0.5, 2.0, 2.5, 2.0, 1.5]);
+/// // one window of two segments: positions restart at each
+/// embed_fwd(&mut x, &wte, &wpe, &[2, 0, 1, 1], Some(&[0, 0, 1, 0]), 4, d);
+/// assert_eq!(x, [3.0, 3.5, 1.0, 1.5, 2.0, 1.5, 2.0, 2.5]);
 /// ```
-pub fn embed_fwd(x: &mut [f32], wte: &[f32], wpe: &[f32], ids: &[u32], seq: usize, d: usize) {
+pub fn embed_fwd(
+    x: &mut [f32],
+    wte: &[f32],
+    wpe: &[f32],
+    ids: &[u32],
+    positions: Option<&[u32]>,
+    seq: usize,
+    d: usize,
+) {
     let _prof = profile::scope(profile::ELEM);
     x.par_chunks_mut(d)
         .zip(ids.par_iter())
         .enumerate()
         .for_each(|(n, (row, &id))| {
-            let t = n % seq;
+            let t = positions.map_or(n % seq, |p| p[n] as usize);
             let e = &wte[id as usize * d..(id as usize + 1) * d];
             let p = &wpe[t * d..(t + 1) * d];
             for ((o, &a), &b) in row.iter_mut().zip(e).zip(p) {
@@ -34,13 +49,15 @@ pub fn embed_fwd(x: &mut [f32], wte: &[f32], wpe: &[f32], ids: &[u32], seq: usiz
         });
 }
 
-/// Embedding backward: `dwte[id] = Σ_{n: ids[n]=id} dx[n]` (rows in order),
-/// `dwpe[t] = Σ_b dx[b,t]`; both overwritten (untouched rows are zero).
+/// Embedding backward: `dwte[id] = Σ_{n: ids[n]=id} dx[n]`, `dwpe[p] = Σ_{n: pos(n)=p}
+/// dx[n]` (rows in order, `pos` as in [`embed_fwd`]); both overwritten (untouched rows
+/// are zero).
 pub(crate) fn embed_bwd(
     dwte: &mut [f32],
     dwpe: &mut [f32],
     dx: &[f32],
     ids: &[u32],
+    positions: Option<&[u32]>,
     seq: usize,
     d: usize,
 ) {
@@ -52,7 +69,7 @@ pub(crate) fn embed_bwd(
         for (a, &v) in e.iter_mut().zip(row) {
             *a += v;
         }
-        let t = n % seq;
+        let t = positions.map_or(n % seq, |p| p[n] as usize);
         let p = &mut dwpe[t * d..(t + 1) * d];
         for (a, &v) in p.iter_mut().zip(row) {
             *a += v;
@@ -76,7 +93,7 @@ mod tests {
         let ids = vec![1u32, 1, 4, 0, 2, 1, 3, 3];
         let dx = randv(&mut rng, b * seq * d, 1.0);
         let mut x = vec![0.0; b * seq * d];
-        embed_fwd(&mut x, &wte, &wpe, &ids, seq, d);
+        embed_fwd(&mut x, &wte, &wpe, &ids, None, seq, d);
         assert_eq!(
             x[d..2 * d],
             [
@@ -86,7 +103,7 @@ mod tests {
             ]
         );
         let (mut dwte, mut dwpe) = (vec![7.0; v * d], vec![7.0; seq * d]);
-        embed_bwd(&mut dwte, &mut dwpe, &dx, &ids, seq, d);
+        embed_bwd(&mut dwte, &mut dwpe, &dx, &ids, None, seq, d);
         // The objective is linear: the gradient is exactly Σ dx over matching rows.
         for id in 0..v {
             for c in 0..d {

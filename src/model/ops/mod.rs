@@ -33,7 +33,7 @@ pub(crate) use norm::layernorm_bwd;
 pub use norm::{LN_EPS, layernorm_fwd};
 pub use reduce::weighted_sum;
 pub(crate) use reduce::{ColSums, scale_colsum};
-pub(crate) use simd::{dot_f64, dot16, max16};
+pub(crate) use simd::{dot_f64, dot16, dot16_padded, max16, sum16_padded};
 pub use simd::{fast_exp, simd, sum16};
 
 /// Rows per parallel task in row-wise kernels.

@@ -90,6 +90,40 @@ pub fn sum16(x: &[f32]) -> f32 {
     s
 }
 
+/// [`sum16`] of `x` followed by zeros up to a multiple of 16: the tail goes into the
+/// lanes as well, so the bits depend only on the values counted from `x[0]`, not on
+/// where the slice ends.
+#[inline(always)]
+pub(crate) fn sum16_padded(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    for c in x.chunks(16) {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    let mut s = 0.0;
+    for a in acc {
+        s += a;
+    }
+    s
+}
+
+/// [`dot16`] with the tail in the lanes, as [`sum16_padded`].
+#[inline(always)]
+pub(crate) fn dot16_padded(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    for (a, b) in x.chunks(16).zip(y.chunks(16)) {
+        for ((s, &u), &v) in acc.iter_mut().zip(a).zip(b) {
+            *s += u * v;
+        }
+    }
+    let mut s = 0.0;
+    for a in acc {
+        s += a;
+    }
+    s
+}
+
 /// Maximum with 16 independent lanes.
 #[inline(always)]
 pub(crate) fn max16(x: &[f32]) -> f32 {
