@@ -5,7 +5,8 @@
 //! Everything here is pure, synchronous code over fp32 row-major buffers. The maths of
 //! the model (ARCHITECTURE.md, "The model: MBT-LM v1"):
 //!
-//! * `x0 = wte[ids] + wpe[0..T]`
+//! * `x0 = wte[ids] + wpe[pos]`, `pos` the offset within the window, or within the segment
+//!   of a packed batch ([`Batch::segments`], where attention also stays inside a segment)
 //! * per layer `l`, per active branch `i` (a pre-LN GPT block):
 //!   `u = h + Attn(LN1(h))·Wo + bo`, `z_i = u + gelu_tanh(LN2(u)·W1 + b1)·W2 + b2`
 //! * aggregation `α_i = w_g·(floor/K_g + (1-floor)·softmax_g(s)_i)` (see [`agg`]; with a

@@ -120,5 +120,19 @@ mod tests {
                 assert!((dwpe[t * d + c] - e).abs() < 1e-6);
             }
         }
+        // Packed: positions restart per segment; `wpe[p]` gathers every position at offset p.
+        let pos = [0u32, 1, 0, 1, 2, 3, 0, 1];
+        embed_fwd(&mut x, &wte, &wpe, &ids, Some(&pos), seq, d);
+        assert_eq!(x[4 * d], wte[2 * d] + wpe[2 * d], "position 4 is offset 2");
+        embed_bwd(&mut dwte, &mut dwpe, &dx, &ids, Some(&pos), seq, d);
+        for p in 0..seq {
+            for c in 0..d {
+                let e: f32 = (0..b * seq)
+                    .filter(|&n| pos[n] as usize == p)
+                    .map(|n| dx[n * d + c])
+                    .sum();
+                assert!((dwpe[p * d + c] - e).abs() < 1e-6);
+            }
+        }
     }
 }
