@@ -13,7 +13,7 @@ use rayon::prelude::*;
 /// one pass over memory instead of one per part. `parts` is called once per chunk.
 ///
 /// ```
-/// use mbtd::model::ops::weighted_sum;
+/// use mbtd_core::model::ops::weighted_sum;
 ///
 /// let (z0, z1) = (vec![1.0f32; 5], vec![2.0f32; 5]);
 /// let mut h = vec![0.0f32; 5];

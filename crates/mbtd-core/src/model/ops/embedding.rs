@@ -14,7 +14,7 @@ use rayon::prelude::*;
 /// `n mod seq` when `positions` is `None`.
 ///
 /// ```
-/// use mbtd::model::ops::embed_fwd;
+/// use mbtd_core::model::ops::embed_fwd;
 ///
 /// let (d, seq) = (2, 2);
 /// let wte = [1.0, 1.0, 2.0, 2.0, 3.0, 3.0]; // V = 3

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 /// Returns the loss (0 with all-zero gradient when `W = 0`).
 ///
 /// ```
-/// use mbtd::model::ops::xent_fwd_bwd;
+/// use mbtd_core::model::ops::xent_fwd_bwd;
 ///
 /// // two positions over a vocabulary of 3; the second is masked out (weight 0)
 /// let mut z = [0.0f32, 0.0, 0.0, 5.0, -1.0, 2.0];

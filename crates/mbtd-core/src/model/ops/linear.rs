@@ -14,7 +14,7 @@ use rayon::prelude::*;
 /// Linear forward `y[N,out] = x[N,in]·W[in,out] + b[out]`.
 ///
 /// ```
-/// use mbtd::model::ops::linear_fwd;
+/// use mbtd_core::model::ops::linear_fwd;
 ///
 /// let x = [1.0, 2.0, 3.0, 4.0]; // 2 rows, in = 2
 /// let w = [1.0, 0.0, -1.0, 0.0, 1.0, 1.0]; // [2, 3]

@@ -159,7 +159,7 @@ unsafe fn gemm_raw(
 /// `C[m,n] (+)= A[m,k]·B[k,n]`, all contiguous row-major.
 ///
 /// ```
-/// use mbtd::model::ops::mm;
+/// use mbtd_core::model::ops::mm;
 ///
 /// let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]; // [2, 3]
 /// let b = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0]; // [3, 2]

@@ -20,7 +20,7 @@ pub const LN_EPS: f32 = 1e-5;
 /// Stores `μ` and `r` per row for the backward pass.
 ///
 /// ```
-/// use mbtd::model::ops::layernorm_fwd;
+/// use mbtd_core::model::ops::layernorm_fwd;
 ///
 /// let x = [1.0, 2.0, 3.0, 4.0, 10.0, 10.0, 10.0, 10.0]; // 2 rows, d = 4
 /// let (g, b) = ([1.0f32; 4], [0.0f32; 4]);

@@ -18,7 +18,7 @@ const GELU_A: f32 = 0.044_715;
 /// GELU (tanh form) `y = ½x(1 + tanh(√(2/π)(x + 0.044715x³)))`.
 ///
 /// ```
-/// use mbtd::model::ops::gelu_fwd;
+/// use mbtd_core::model::ops::gelu_fwd;
 ///
 /// let x = [-3.0f32, 0.0, 1.0, 3.0];
 /// let mut y = [0.0f32; 4];

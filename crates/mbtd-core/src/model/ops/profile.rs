@@ -4,7 +4,7 @@
 //! atomic load.
 //!
 //! ```
-//! use mbtd::model::ops::profile;
+//! use mbtd_core::model::ops::profile;
 //!
 //! profile::enable(true);
 //! {

@@ -4,7 +4,7 @@
 //! the same bits: nothing here lets the compiler reassociate.
 //!
 //! ```
-//! use mbtd::model::ops::{fast_exp, simd, sum16};
+//! use mbtd_core::model::ops::{fast_exp, simd, sum16};
 //!
 //! let x: Vec<f32> = (0..40).map(|i| i as f32 * 0.1 - 2.0).collect();
 //! let total = simd(
