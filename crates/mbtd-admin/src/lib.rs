@@ -2,5 +2,6 @@
 //! and `mbtd ctl` share, and the blocking client. Nothing here knows about actors.
 
 pub mod client;
+pub mod ctl;
 pub mod protocol;
 pub mod request;

@@ -1,14 +1,16 @@
 //! `mbtd ctl`: turns a subcommand into a request, prints the answer as a table or JSON.
 
+mod args;
+
 use std::path::{Path, PathBuf};
 
-use crate::admin::client::{self, ClientError};
-use crate::admin::protocol::{
+use crate::client::{self, ClientError};
+use crate::protocol::{
     BranchArgs, CheckpointArgs, CheckpointRef, CheckpointTag, ExpandArgs, GenerateArgs, NoArgs,
     Request, RollbackArgs, StatusReply,
 };
-use crate::cli::{CtlArgs, CtlCommand};
-use crate::config::Config;
+pub use args::{CtlArgs, CtlCommand};
+use mbtd_core::config::Config;
 
 /// Finds the socket: `--socket`, else `admin.socket` of `--config` (or the default config)
 /// resolved against `--data-dir`.
@@ -103,7 +105,7 @@ fn request(cmd: &CtlCommand) -> Result<Request, String> {
         CtlCommand::ResumeIngest => Request::ResumeIngest(none),
         #[cfg(feature = "fault-injection")]
         CtlCommand::DebugCrash { actor } => {
-            Request::DebugCrash(crate::admin::protocol::DebugCrashArgs {
+            Request::DebugCrash(crate::protocol::DebugCrashArgs {
                 actor: actor.clone(),
             })
         }
@@ -152,7 +154,7 @@ fn human(cmd: &CtlCommand, data: &serde_json::Value) -> String {
         CtlCommand::ResumeIngest => "ingest resumed\n".to_string(),
         CtlCommand::Metrics => format_metrics(data),
         CtlCommand::Checkpoints => {
-            match serde_json::from_value::<crate::checkpoint::CheckpointList>(data.clone()) {
+            match serde_json::from_value::<mbtd_core::checkpoint::CheckpointList>(data.clone()) {
                 Ok(l) => l.to_string(),
                 Err(_) => format!("{data:#}\n"),
             }
