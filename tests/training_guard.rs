@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 
 /// blake3 of `model.safetensors ‖ optimizer.safetensors ‖ manifest.state` (checkpoint ids
 /// removed) after the run.
-const EXPECTED: &str = "unrecorded";
+const EXPECTED: &str = "018d7d515eea5d38a2b4ddbd6b81102512053891480134ed895784c011e20e7c";
 
 fn config(max_steps: u64) -> String {
     format!(
