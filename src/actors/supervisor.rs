@@ -130,6 +130,8 @@ impl Actor for Root {
         .await;
         names.insert(metrics.id(), "metrics");
 
+        // Appended rows wake the trainer (instead of it polling the store).
+        let appended = std::sync::Arc::new(tokio::sync::watch::channel(0u64).0);
         let replay = ReplayActor::supervise(
             &me,
             ReplayArgs {
@@ -138,6 +140,7 @@ impl Actor for Root {
                 cfg: args.cfg.replay.clone(),
                 ingest: args.cfg.ingest.clone(),
                 health: args.board.register("replay", d),
+                appended: appended.clone(),
             },
         )
         .restart_policy(RestartPolicy::Transient)
@@ -183,6 +186,8 @@ impl Actor for Root {
                 cfg: args.cfg.clone(),
                 replay: replay.clone(),
                 checkpointer: checkpointer.clone(),
+                data_dir: args.data_dir.clone(),
+                appended: appended.subscribe(),
                 health: args.board.register("trainer", d),
             },
         )

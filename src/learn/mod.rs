@@ -4,6 +4,8 @@
 pub mod batch;
 pub mod cl_bench;
 pub mod config;
+pub mod eval;
+pub mod mix;
 pub mod outage_bench;
 
 pub use config::{EvalConfig, TokenizerSection, TrainingConfig};
