@@ -209,3 +209,49 @@ fn new_rows_wake_an_idle_trainer() {
         (d.step() > idle_step).then_some(())
     });
 }
+
+#[test]
+fn consolidation_backs_off_to_its_floor_and_new_rows_restore_full_speed() {
+    // A tiny corpus that overfits quickly: replay at full speed until the control loss
+    // stops improving, then back off to the floor (2 steps/min, so the floor is visible as
+    // a stalled step counter), and back to full speed when a file arrives.
+    let cfg = config("").replace(
+        "idle_steps_per_min = 60000",
+        "idle_steps_per_min = 2\nconsolidation_patience = 2",
+    );
+    let cfg = cfg.replace("every_steps = 10\nmax_rows", "every_steps = 4\nmax_rows");
+    let d = Daemon::start(&cfg);
+    // Words drawn at random: nothing to learn beyond their frequencies, so the control loss
+    // stops improving soon and then rises as the model memorises the training rows.
+    let mut s = String::from("text,source\n");
+    let mut x: u64 = 3;
+    for _ in 0..110 {
+        let words: Vec<String> = (0..8)
+            .map(|_| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                format!("w{}", (x >> 33) % 60)
+            })
+            .collect();
+        s.push_str(&format!("\"{}\",s\n", words.join(" ")));
+    }
+    std::fs::write(d.path().join("a.tmp"), s).unwrap();
+    std::fs::rename(d.path().join("a.tmp"), d.path().join("inbox/a.csv")).unwrap();
+    let t = d.wait_for(Duration::from_secs(240), "the floor", || {
+        let t = d.section("trainer");
+        (t["consolidation"]["pace"]["state"] == "floor").then_some(t)
+    });
+    let why = t["consolidation"]["why"].as_str().unwrap_or_default().to_string();
+    assert!(why.contains("idle_steps_per_min"), "{t}");
+    let step = d.step();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(d.step() <= step + 1, "not at the floor rate: {} -> {}", step, d.step());
+    write_rows(&d, "b.csv", 40);
+    let t = d.wait_for(Duration::from_secs(60), "full speed", || {
+        let t = d.section("trainer");
+        (t["consolidation"]["pace"]["state"] == "full").then_some(t)
+    });
+    assert!(
+        t["consolidation"]["why"].as_str().unwrap_or_default().contains("new rows"),
+        "{t}"
+    );
+}

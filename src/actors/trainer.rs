@@ -83,7 +83,10 @@ impl Actor for TrainerActor {
         let watch = tokio::spawn(async move {
             let failure = match done_rx.await {
                 Ok(Ok(())) => return,
-                Ok(Err(e)) => TrainerError::Resume(e),
+                Ok(Err(e)) => {
+                    tracing::error!(actor = "trainer", error = %e, "the trainer cannot start");
+                    TrainerError::Resume(e)
+                }
                 Err(_) => TrainerError::ThreadDied,
             };
             let _ = me.tell(ThreadFailed(failure)).await;

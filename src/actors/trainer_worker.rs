@@ -32,6 +32,7 @@ use crate::config::Config;
 use crate::govern::GovernorState;
 use crate::govern::diagnostics::{LayerDiagnostics, layer_diagnostics, stats};
 use crate::learn::batch::{Window, assemble};
+use crate::learn::consolidate::Consolidation;
 use crate::learn::eval::{self, EvalReport};
 use crate::learn::mix::{NewWindows, StepMix};
 use crate::model::train::StepReport;
@@ -441,10 +442,20 @@ pub(super) struct Worker {
     pub last_diag: Vec<(LayerDiagnostics, Vec<f64>)>,
     /// Recent governor actions and manual expansions with their outcomes (not checkpointed).
     pub gov_actions: VecDeque<serde_json::Value>,
+    /// The pace of replay-only steps.
+    pub pace: Consolidation,
+    /// Steps and time since the last scheduled evaluation (the full-speed rate).
+    pub since_eval: (u64, Instant),
 }
 
 impl Worker {
     fn new(boot: Booting, live: Live) -> Self {
+        let tc = &boot.a.cfg.training;
+        let pace = Consolidation::new(
+            tc.consolidation_patience,
+            tc.idle_steps_per_min,
+            Some(tc.max_idle_steps_per_min),
+        );
         Self {
             pending: NewWindows::new(live.st.cursor),
             last_ckpt: (live.trainer.step(), Instant::now()),
@@ -463,6 +474,8 @@ impl Worker {
             pre_expand_logits: None,
             last_diag: Vec::new(),
             gov_actions: VecDeque::new(),
+            pace,
+            since_eval: (0, Instant::now()),
         }
     }
 
@@ -497,10 +510,10 @@ impl Worker {
         self.live = live;
     }
 
-    /// The time between idle (replay-only) steps; `None` when they are off.
-    fn idle_interval(&self) -> Option<Duration> {
-        let per_min = self.a.cfg.training.idle_steps_per_min;
-        (per_min > 0).then(|| Duration::from_secs_f64(60.0 / per_min as f64))
+    /// The time between idle (replay-only) steps: `Some(None)` at full speed, `None` when
+    /// they are off (`training.idle_steps_per_min = 0`).
+    fn idle_interval(&self) -> Option<Option<Duration>> {
+        (self.a.cfg.training.idle_steps_per_min > 0).then(|| self.pace.interval())
     }
 
     /// Tops the queue of new windows up to a batch (the same windows whatever the fetch
@@ -557,11 +570,14 @@ impl Worker {
             let Some(every) = self.idle_interval().filter(|_| history) else {
                 return Next::Wake;
             };
-            let due = self.last_idle_step + every;
-            if Instant::now() < due {
+            if let Some(due) = every.map(|e| self.last_idle_step + e)
+                && Instant::now() < due
+            {
                 return Next::At(due);
             }
             self.last_idle_step = Instant::now();
+        } else {
+            self.pace.new_rows();
         }
         let mix = self
             .pending
@@ -570,7 +586,8 @@ impl Worker {
         self.live.st.partial = mix.partial;
         if mix.new.is_empty() && mix.replay.is_empty() {
             // The sampled replay rows gave no window: try again at the idle rate.
-            return Next::At(Instant::now() + self.idle_interval().unwrap_or(PEER_RETRY));
+            let wait = self.idle_interval().flatten().unwrap_or(PEER_RETRY);
+            return Next::At(Instant::now() + wait);
         }
         let batch = assemble(&mix.all(), tc.seq_len, self.live.tok.eot_id());
         // The governor's η ramp of an expansion in progress (no-op otherwise).
@@ -623,6 +640,11 @@ impl Worker {
         if self.live.trainer.step() % cfg.eval.every_steps == 0 {
             // Scheduled evaluations (evenly spaced, unlike `ctl eval`) feed the governor.
             if let Ok(r) = self.evaluate() {
+                let (steps, since) = self.since_eval;
+                let per_min = (self.live.trainer.step().saturating_sub(steps)) as f64 * 60.0
+                    / since.elapsed().as_secs_f64().max(1e-3);
+                self.pace.evaluated(r.overall(), per_min);
+                self.since_eval = (self.live.trainer.step(), Instant::now());
                 self.govern(Some(r.point(self.live.st.train_loss_ema)));
             }
         }
@@ -822,6 +844,10 @@ impl Worker {
             "governor_expansion": l.st.governor.in_progress.as_ref()
                 .map(|e| serde_json::json!({"layer": e.layer, "branches": e.branches, "phase": e.phase, "manual": e.manual})),
             "last_checkpoint": l.parent,
+            "consolidation": {
+                "pace": self.pace.pace(),
+                "why": self.pace.why(),
+            },
             "last_event": self.last_event,
         }));
     }

@@ -174,6 +174,13 @@ impl EvalReport {
         (d(o, self.previous.0), d(n, self.previous.1))
     }
 
+    /// The token-weighted control loss over every measured group (`None` without one).
+    pub fn overall(&self) -> Option<f64> {
+        let tokens: u64 = self.groups.iter().map(|g| g.tokens).sum();
+        let sum: f64 = self.groups.iter().map(|g| g.loss * g.tokens as f64).sum();
+        (tokens > 0).then(|| sum / tokens as f64)
+    }
+
     /// The governor's view: only freshly measured, finite control losses (a missing era is
     /// `None`, never a stale value), and the per-source losses of the old era.
     pub fn point(&self, train_loss_ema: Option<f64>) -> EvalPoint {
@@ -234,5 +241,67 @@ impl EvalReport {
             "groups": groups,
             "branch_out": branch_out,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> EvalReport {
+        let g = |source: &str, era, tokens, loss| GroupLoss {
+            source: source.into(),
+            era,
+            rows: 2,
+            last_seq: 9,
+            tokens,
+            loss,
+        };
+        EvalReport {
+            step: 40,
+            control_old: Some(2.0),
+            control_new: None,
+            previous: (Some(2.5), Some(3.0)),
+            groups: vec![g("a", Era::Old, 30, 1.0), g("b", Era::Old, 10, 5.0)],
+            branch_out: vec![BranchOutLoss {
+                layer: 0,
+                branch: 1,
+                loss: 2.5,
+            }],
+        }
+    }
+
+    #[test]
+    fn the_governor_sees_only_fresh_losses_and_the_old_sources() {
+        let r = report();
+        let p = r.point(Some(1.5));
+        assert_eq!((p.step, p.control_old, p.control_new), (40, Some(2.0), None));
+        assert_eq!(p.train_loss_ema, 1.5);
+        let sources: Vec<&str> = p.old_sources.iter().map(|s| s.source.as_str()).collect();
+        assert_eq!(sources, ["a", "b"]);
+        assert!(r.point(None).train_loss_ema.is_nan());
+        let mut nan = r.clone();
+        nan.control_old = Some(f64::NAN);
+        assert_eq!(nan.point(None).control_old, None);
+    }
+
+    #[test]
+    fn an_unmeasured_era_carries_the_previous_loss_with_a_zero_delta() {
+        let r = report();
+        assert_eq!(r.carried(), (Some(2.0), Some(3.0)));
+        assert_eq!(r.carried_deltas(), (Some(-0.5), Some(0.0)));
+        assert_eq!(r.overall(), Some((30.0 + 50.0) / 40.0));
+    }
+
+    #[test]
+    fn the_admin_reply_keeps_its_keys() {
+        let v = report().to_json();
+        assert_eq!(v["loss_control_old"], 2.0);
+        assert!(v["loss_control_new"].is_null());
+        assert_eq!(v["retention_delta_old"], -0.5);
+        assert!(v["retention_delta_new"].is_null());
+        assert_eq!(v["per_source"]["b/old"], 5.0);
+        assert_eq!(v["groups"][0]["era"], "old");
+        assert_eq!(v["branch_out"][0]["branch"], 1);
     }
 }
