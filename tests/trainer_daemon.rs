@@ -225,7 +225,7 @@ fn consolidation_backs_off_to_its_floor_and_new_rows_restore_full_speed() {
     // stops improving soon and then rises as the model memorises the training rows.
     let mut s = String::from("text,source\n");
     let mut x: u64 = 3;
-    for _ in 0..110 {
+    for _ in 0..200 {
         let words: Vec<String> = (0..8)
             .map(|_| {
                 x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
