@@ -71,12 +71,21 @@ fn mask_refuses_to_leave_fewer_branches_than_min_active() {
     let r = d.request("mask", json!({"layer": 0, "branch": 0}));
     assert_eq!(r["ok"], true, "{r}");
     let r = d.request("mask", json!({"layer": 0, "branch": 1}));
-    assert_eq!(r["ok"], false, "a layer of 3 with min_active 2 ran on 1 branch: {r}");
+    assert_eq!(
+        r["ok"], false,
+        "a layer of 3 with min_active 2 ran on 1 branch: {r}"
+    );
     let e = r["error"].as_str().unwrap_or_default();
     assert!(e.contains("min_active = 2") && e.contains("layer 0"), "{e}");
     // Unmasking is always allowed, and then masking another branch is fine.
-    assert_eq!(d.request("unmask", json!({"layer": 0, "branch": 0}))["ok"], true);
-    assert_eq!(d.request("mask", json!({"layer": 0, "branch": 1}))["ok"], true);
+    assert_eq!(
+        d.request("unmask", json!({"layer": 0, "branch": 0}))["ok"],
+        true
+    );
+    assert_eq!(
+        d.request("mask", json!({"layer": 0, "branch": 1}))["ok"],
+        true
+    );
 }
 
 #[test]
@@ -86,7 +95,10 @@ fn a_second_expand_names_a_command_that_exists() {
     let r = d.request("expand", json!({"layer": 1, "branches": 1}));
     assert_eq!(r["ok"], false, "{r}");
     let e = r["error"].as_str().unwrap_or_default();
-    assert!(!e.contains("abort"), "promises an abort command that does not exist: {e}");
+    assert!(
+        !e.contains("abort"),
+        "promises an abort command that does not exist: {e}"
+    );
     assert!(e.contains("ctl rollback pre-expand"), "{e}");
 }
 
@@ -108,7 +120,10 @@ fn an_acknowledged_expansion_survives_kill_9() {
     });
     assert_eq!(t["widths"], json!([3, 5]), "expansion lost by kill -9: {t}");
     assert_eq!(t["governor_expansion"]["layer"], 1, "{t}");
-    assert_eq!(t["last_checkpoint"], e["checkpoint"], "resumed from the expansion's checkpoint");
+    assert_eq!(
+        t["last_checkpoint"], e["checkpoint"],
+        "resumed from the expansion's checkpoint"
+    );
 }
 
 #[test]
@@ -138,8 +153,8 @@ fn an_unrestorable_checkpoint_stops_the_trainer_with_its_cause() {
     // A checkpoint whose files verify but whose loop state does not fit the trainer.
     let dir = d.path().join("checkpoints").join(c["id"].as_str().unwrap());
     let path = dir.join(mbtd::checkpoint::MANIFEST_FILE);
-    let mut m = mbtd::checkpoint::manifest::decode_manifest(&std::fs::read(&path).unwrap())
-        .unwrap();
+    let mut m =
+        mbtd::checkpoint::manifest::decode_manifest(&std::fs::read(&path).unwrap()).unwrap();
     m.state["availability"] = json!("not an availability state");
     std::fs::write(
         &path,
@@ -182,7 +197,10 @@ fn an_unrestorable_checkpoint_stops_the_trainer_with_its_cause() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!status.success(), "{log}");
-    assert!(!log.contains("panicked"), "the resume path panicked:\n{log}");
+    assert!(
+        !log.contains("panicked"),
+        "the resume path panicked:\n{log}"
+    );
     assert!(
         log.contains("cannot resume from checkpoint") && log.contains("manifest loop state"),
         "the cause does not reach the log:\n{log}"
@@ -192,10 +210,8 @@ fn an_unrestorable_checkpoint_stops_the_trainer_with_its_cause() {
 #[test]
 fn new_rows_wake_an_idle_trainer() {
     // Idle steps off: without new rows the trainer does not step at all.
-    let d = Daemon::start(&config("").replace(
-        "idle_steps_per_min = 60000",
-        "idle_steps_per_min = 0",
-    ));
+    let d =
+        Daemon::start(&config("").replace("idle_steps_per_min = 60000", "idle_steps_per_min = 0"));
     write_rows(&d, "a.csv", 120);
     let idle_step = d.wait_for(Duration::from_secs(120), "all new rows trained", || {
         let t = d.section("trainer");
@@ -203,7 +219,11 @@ fn new_rows_wake_an_idle_trainer() {
             .then(|| t["step"].as_u64().unwrap())
     });
     std::thread::sleep(Duration::from_millis(1000));
-    assert_eq!(d.step(), idle_step, "stepped with nothing new and idle steps off");
+    assert_eq!(
+        d.step(),
+        idle_step,
+        "stepped with nothing new and idle steps off"
+    );
     write_rows(&d, "b.csv", 40);
     d.wait_for(Duration::from_secs(30), "steps on the new rows", || {
         (d.step() > idle_step).then_some(())
@@ -228,7 +248,9 @@ fn consolidation_backs_off_to_its_floor_and_new_rows_restore_full_speed() {
     for _ in 0..200 {
         let words: Vec<String> = (0..8)
             .map(|_| {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 format!("w{}", (x >> 33) % 60)
             })
             .collect();
@@ -240,18 +262,29 @@ fn consolidation_backs_off_to_its_floor_and_new_rows_restore_full_speed() {
         let t = d.section("trainer");
         (t["consolidation"]["pace"]["state"] == "floor").then_some(t)
     });
-    let why = t["consolidation"]["why"].as_str().unwrap_or_default().to_string();
+    let why = t["consolidation"]["why"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     assert!(why.contains("idle_steps_per_min"), "{t}");
     let step = d.step();
     std::thread::sleep(Duration::from_millis(1500));
-    assert!(d.step() <= step + 1, "not at the floor rate: {} -> {}", step, d.step());
+    assert!(
+        d.step() <= step + 1,
+        "not at the floor rate: {} -> {}",
+        step,
+        d.step()
+    );
     write_rows(&d, "b.csv", 40);
     let t = d.wait_for(Duration::from_secs(60), "full speed", || {
         let t = d.section("trainer");
         (t["consolidation"]["pace"]["state"] == "full").then_some(t)
     });
     assert!(
-        t["consolidation"]["why"].as_str().unwrap_or_default().contains("new rows"),
+        t["consolidation"]["why"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("new rows"),
         "{t}"
     );
 }

@@ -186,7 +186,11 @@ mod tests {
         let mut c = Consolidation::new(5, 60, None);
         c.evaluated(Some(4.0), 600.0);
         c.evaluated(Some(4.1), 600.0);
-        assert!(matches!(c.pace(), Pace::BackingOff { .. }), "{:?}", c.pace());
+        assert!(
+            matches!(c.pace(), Pace::BackingOff { .. }),
+            "{:?}",
+            c.pace()
+        );
         assert!(c.why().contains("rose"), "{}", c.why());
         c.evaluated(Some(4.05), 600.0);
         assert_eq!(c.pace(), Pace::Floor);

@@ -168,9 +168,8 @@ impl EvalReport {
     /// there was no previous value; `None` when there is no value at all).
     pub fn carried_deltas(&self) -> (Option<f64>, Option<f64>) {
         let (o, n) = self.carried();
-        let d = |cur: Option<f64>, prev: Option<f64>| {
-            cur.map(|c| finite(prev).map_or(0.0, |p| c - p))
-        };
+        let d =
+            |cur: Option<f64>, prev: Option<f64>| cur.map(|c| finite(prev).map_or(0.0, |p| c - p));
         (d(o, self.previous.0), d(n, self.previous.1))
     }
 
@@ -208,9 +207,8 @@ impl EvalReport {
     /// evaluation (`null` without one), `per_source` (`"source/era"` → loss), the groups and
     /// the branch-outage losses.
     pub fn to_json(&self) -> serde_json::Value {
-        let delta = |cur: Option<f64>, prev: Option<f64>| {
-            finite(prev).and_then(|p| cur.map(|c| c - p))
-        };
+        let delta =
+            |cur: Option<f64>, prev: Option<f64>| finite(prev).and_then(|p| cur.map(|c| c - p));
         let per_source: BTreeMap<String, f64> = self
             .groups
             .iter()
@@ -275,7 +273,10 @@ mod tests {
     fn the_governor_sees_only_fresh_losses_and_the_old_sources() {
         let r = report();
         let p = r.point(Some(1.5));
-        assert_eq!((p.step, p.control_old, p.control_new), (40, Some(2.0), None));
+        assert_eq!(
+            (p.step, p.control_old, p.control_new),
+            (40, Some(2.0), None)
+        );
         assert_eq!(p.train_loss_ema, 1.5);
         let sources: Vec<&str> = p.old_sources.iter().map(|s| s.source.as_str()).collect();
         assert_eq!(sources, ["a", "b"]);

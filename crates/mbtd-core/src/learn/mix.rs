@@ -226,13 +226,19 @@ mod tests {
         // Only history: an idle step is all replay.
         let mut empty = NewWindows::new(4);
         let m = empty.take_step(tok(), &replay, true, &tc(4, 0.5), 9);
-        assert_eq!((m.new.len(), m.replay.len(), m.cursor, m.partial), (0, 4, 4, None));
+        assert_eq!(
+            (m.new.len(), m.replay.len(), m.cursor, m.partial),
+            (0, 4, 4, None)
+        );
         // No history: new windows only, as many as the batch holds.
         let mut q = NewWindows::new(0);
         q.push_rows(tok(), &rows, None, 8);
         let m = q.take_step(tok(), &[], false, &tc(3, 0.5), 9);
         assert_eq!((m.new.len(), m.replay.len()), (3, 0));
-        assert_eq!(m.real_tokens(), m.new.iter().map(|w| w.inputs.len()).sum::<usize>());
+        assert_eq!(
+            m.real_tokens(),
+            m.new.iter().map(|w| w.inputs.len()).sum::<usize>()
+        );
     }
 
     #[test]

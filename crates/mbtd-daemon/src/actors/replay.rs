@@ -120,7 +120,9 @@ impl Message<IngestFile> for ReplayActor {
         let stats = self.store.stats();
         self.publish(&stats);
         let last = self.store.last_durable_seq();
-        self.args.appended.send_if_modified(|v| std::mem::replace(v, last) != last);
+        self.args
+            .appended
+            .send_if_modified(|v| std::mem::replace(v, last) != last);
         Ok(out)
     }
 }

@@ -80,7 +80,10 @@ impl PauseMarker {
     pub fn set(&mut self, paused: bool) -> Result<(), String> {
         self.paused = paused;
         let r = if paused {
-            write_atomic(&self.path, b"training paused by the operator (mbtd ctl pause)\n")
+            write_atomic(
+                &self.path,
+                b"training paused by the operator (mbtd ctl pause)\n",
+            )
         } else {
             match std::fs::remove_file(&self.path) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
@@ -219,7 +222,12 @@ impl Worker {
 
     /// Forces branch `branch` of `layer` off (or back on). Refused when the layer would
     /// keep fewer unmasked branches than `availability.min_active` (or its width, if less).
-    fn mask(&mut self, layer: usize, branch: usize, off: bool) -> Result<serde_json::Value, String> {
+    fn mask(
+        &mut self,
+        layer: usize,
+        branch: usize,
+        off: bool,
+    ) -> Result<serde_json::Value, String> {
         let avail = &mut self.live.avail;
         let min_active = avail.config().min_active;
         if off && let Some(row) = avail.forced_off().get(layer) {
@@ -244,8 +252,10 @@ impl Worker {
             avail,
         }
         .emit();
-        Ok(serde_json::json!({"layer": layer, "branch": branch, "masked": off,
-            "forced_off": avail.forced_off()}))
+        Ok(
+            serde_json::json!({"layer": layer, "branch": branch, "masked": off,
+            "forced_off": avail.forced_off()}),
+        )
     }
 
     fn diagnostics(&self) -> serde_json::Value {
@@ -365,7 +375,8 @@ impl Worker {
         }
         r["governor_aborted_expansion"] = serde_json::to_value(&aborted).unwrap_or_default();
         r["governor_expansion"] = serde_json::to_value(&g.in_progress).unwrap_or_default();
-        metrics::gauge!(n::GOVERNOR_EXPANSION_IN_PROGRESS).set(g.in_progress.is_some() as u8 as f64);
+        metrics::gauge!(n::GOVERNOR_EXPANSION_IN_PROGRESS)
+            .set(g.in_progress.is_some() as u8 as f64);
         live.st.governor = g;
         tracing::info!(event = events::ROLLBACK, actor = "trainer", id = %r["id"].as_str().unwrap_or_default(),
             step = r["step"].as_u64().unwrap_or(0), manual = true,

@@ -167,8 +167,12 @@ pub struct DriftMeasured<'a> {
 impl InternalEvent for DriftMeasured<'_> {
     fn emit(self) {
         let d = self.drift;
-        tracing::debug!(actor = "trainer", l2_mean = d.l2_mean, cos_dist_mean = d.cos_dist_mean,
-            "expansion logit drift");
+        tracing::debug!(
+            actor = "trainer",
+            l2_mean = d.l2_mean,
+            cos_dist_mean = d.cos_dist_mean,
+            "expansion logit drift"
+        );
         metrics::gauge!(n::EXPAND_DRIFT_L2_MEAN).set(d.l2_mean);
         metrics::gauge!(n::EXPAND_DRIFT_L2_STD).set(d.l2_std);
         metrics::gauge!(n::EXPAND_DRIFT_COS_MEAN).set(d.cos_dist_mean);

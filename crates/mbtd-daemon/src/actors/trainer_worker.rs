@@ -703,8 +703,8 @@ impl Worker {
         }
         let consumed = live.st.cursor.min(self.last_seq) as f64;
         let avail_rows = self.training_rows.max(1) as f64;
-        let unseen = self.pending.len() as f64
-            + (self.last_seq - live.st.cursor.min(self.last_seq)) as f64;
+        let unseen =
+            self.pending.len() as f64 + (self.last_seq - live.st.cursor.min(self.last_seq)) as f64;
         let windows = mix.new.len() + mix.replay.len();
         StepDone {
             report: r,
