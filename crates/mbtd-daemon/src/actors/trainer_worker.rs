@@ -555,7 +555,7 @@ impl Worker {
         let t = self.live.trainer.step();
         let seed = step_seed(tc.seed, t);
         if tc.max_steps > 0 && t >= tc.max_steps {
-            self.last_event = format!("stopped at training.max_steps = {}", tc.max_steps);
+            // Said by the status's state; `last_event` keeps what happened last.
             return Next::Wake;
         }
         let replay_rows = match self.fetch(seed) {
@@ -821,8 +821,11 @@ impl Worker {
 
     fn publish(&self) {
         let l = &self.live;
+        let max_steps = self.a.cfg.training.max_steps;
         let state = if self.paused.is_paused() {
             "paused"
+        } else if max_steps > 0 && l.trainer.step() >= max_steps {
+            "stopped at training.max_steps"
         } else if self.pending.is_empty() {
             "training (idle: replay only)"
         } else {
