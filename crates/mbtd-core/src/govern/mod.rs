@@ -4,6 +4,7 @@
 
 pub mod compare;
 pub mod diagnostics;
+pub mod drift;
 pub mod float_json;
 pub mod policy;
 

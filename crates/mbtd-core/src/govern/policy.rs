@@ -422,7 +422,7 @@ pub enum Decision {
 pub enum GovernorError {
     /// Another expansion is still in ramp or probation.
     #[error(
-        "an expansion of layer {layer} (started at step {start_step}) is still in progress; wait for its probation to end or abort it"
+        "an expansion of layer {layer} (started at step {start_step}) is still in progress; wait for its probation to end, or roll back to its pre-expand checkpoint (`mbtd ctl rollback pre-expand`)"
     )]
     Busy {
         /// Layer of the running expansion.

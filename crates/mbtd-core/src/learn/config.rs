@@ -15,8 +15,14 @@ pub struct TrainingConfig {
     /// Share of each batch drawn from history once there is history (0 ..= 1); the rest are
     /// newly arrived rows, each seen once before it counts as history.
     pub replay_share: f64,
-    /// Steps per minute when nothing new arrives (0 = sleep until new rows arrive).
+    /// Replay-only steps per minute once consolidation has backed off to its floor (see
+    /// [`super::consolidate`]); 0 = no replay-only steps (sleep until new rows arrive).
     pub idle_steps_per_min: u32,
+    /// Cap on replay-only steps per minute at full speed (a CPU cap for shared hosts);
+    /// 0 = no cap.
+    pub max_idle_steps_per_min: u32,
+    /// Scheduled evaluations without a new best control loss before consolidation backs off.
+    pub consolidation_patience: usize,
     /// Seed of the model initialisation, masks and sampling.
     pub seed: u64,
     /// Stop training (the daemon keeps running) once this many steps are done; 0 = never.
@@ -30,6 +36,8 @@ impl Default for TrainingConfig {
             seq_len: 128,
             replay_share: 0.5,
             idle_steps_per_min: 60,
+            max_idle_steps_per_min: 0,
+            consolidation_patience: 3,
             seed: 42,
             max_steps: 0,
         }
@@ -60,6 +68,18 @@ impl TrainingConfig {
             return Err(format!(
                 "training.idle_steps_per_min = {}: must be in 0 ..= 60000",
                 self.idle_steps_per_min
+            ));
+        }
+        if self.max_idle_steps_per_min > 60_000 {
+            return Err(format!(
+                "training.max_idle_steps_per_min = {}: must be in 0 ..= 60000 (0 = no cap)",
+                self.max_idle_steps_per_min
+            ));
+        }
+        if !(1..=1000).contains(&self.consolidation_patience) {
+            return Err(format!(
+                "training.consolidation_patience = {}: must be in 1 ..= 1000",
+                self.consolidation_patience
             ));
         }
         Ok(())

@@ -4,6 +4,9 @@
 pub mod batch;
 pub mod cl_bench;
 pub mod config;
+pub mod consolidate;
+pub mod eval;
+pub mod mix;
 pub mod outage_bench;
 
 pub use config::{EvalConfig, TokenizerSection, TrainingConfig};

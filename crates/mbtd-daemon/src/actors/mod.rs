@@ -10,6 +10,9 @@ pub mod metrics;
 pub mod replay;
 pub mod supervisor;
 pub mod trainer;
+pub mod trainer_commands;
+mod trainer_events;
+mod trainer_governor;
 pub mod trainer_worker;
 
 /// Test-only fault: makes the receiving actor panic (compiled with `--features fault-injection`).

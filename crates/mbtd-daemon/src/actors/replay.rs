@@ -20,6 +20,8 @@ pub struct ReplayArgs {
     pub cfg: ReplayConfig,
     pub ingest: IngestConfig,
     pub health: Arc<ChildHealth>,
+    /// Signalled with the newest durable sequence number when rows were appended (wakes the trainer).
+    pub appended: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 pub struct ReplayActor {
@@ -117,6 +119,10 @@ impl Message<IngestFile> for ReplayActor {
         self.enforce_capacity();
         let stats = self.store.stats();
         self.publish(&stats);
+        let last = self.store.last_durable_seq();
+        self.args
+            .appended
+            .send_if_modified(|v| std::mem::replace(v, last) != last);
         Ok(out)
     }
 }

@@ -155,6 +155,8 @@ impl Actor for Root {
             )
             .await;
 
+        // Appended rows wake the trainer (instead of it polling the store).
+        let appended = std::sync::Arc::new(tokio::sync::watch::channel(0u64).0);
         let replay: ActorRef<ReplayActor> = children
             .spawn(
                 "replay",
@@ -164,6 +166,7 @@ impl Actor for Root {
                     cfg: args.cfg.replay.clone(),
                     ingest: args.cfg.ingest.clone(),
                     health: args.board.register("replay", d),
+                    appended: appended.clone(),
                 },
             )
             .await;
@@ -200,6 +203,8 @@ impl Actor for Root {
                     cfg: args.cfg.clone(),
                     replay: replay.clone(),
                     checkpointer: checkpointer.clone(),
+                    data_dir: args.data_dir.clone(),
+                    appended: appended.subscribe(),
                     health: args.board.register("trainer", d),
                 },
             )

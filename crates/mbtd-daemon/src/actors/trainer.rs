@@ -1,9 +1,11 @@
 //! The trainer actor: a thin, always-responsive owner of the trainer's compute thread
 //! ([`super::trainer_worker`]). Commands are forwarded to the thread and answered between
 //! steps; status is read from a watch channel the thread updates, so `ctl status` never
-//! waits for a step. A thread that dies makes the actor fail, and the supervisor restarts it
-//! (the new thread resumes from the latest checkpoint).
+//! waits for a step. Rows appended to the replay store wake the thread. A thread that dies,
+//! or cannot resume from its checkpoint, makes the actor fail with the cause, and the
+//! supervisor restarts it (the new thread resumes from the latest checkpoint).
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::Sender;
 
@@ -14,7 +16,7 @@ use super::checkpointer::CheckpointerActor;
 use super::health::ChildHealth;
 use super::metrics::AbortOnDrop;
 use super::replay::ReplayActor;
-use super::trainer_worker::{self, Cmd, WorkerArgs};
+use super::trainer_worker::{self, Cmd, ResumeError, Wake, WorkerArgs};
 use crate::config::Config;
 
 #[derive(Clone)]
@@ -22,15 +24,20 @@ pub struct TrainerArgs {
     pub cfg: Config,
     pub replay: ActorRef<ReplayActor>,
     pub checkpointer: ActorRef<CheckpointerActor>,
+    /// The daemon's data directory.
+    pub data_dir: PathBuf,
+    /// Changes when the replay store appended rows.
+    pub appended: watch::Receiver<u64>,
     pub health: Arc<ChildHealth>,
 }
 
 pub struct TrainerActor {
-    cmds: Sender<Cmd>,
+    wakes: Sender<Wake>,
     status: watch::Receiver<serde_json::Value>,
     health: Arc<ChildHealth>,
     thread: Option<std::thread::JoinHandle<()>>,
     _watch: AbortOnDrop,
+    _rows: AbortOnDrop,
 }
 
 /// Why the trainer actor failed.
@@ -40,6 +47,8 @@ pub enum TrainerError {
     Spawn(std::io::Error),
     #[error("the trainer thread stopped unexpectedly (see the panic above); restarting")]
     ThreadDied,
+    #[error(transparent)]
+    Resume(#[from] ResumeError),
 }
 
 impl Actor for TrainerActor {
@@ -54,33 +63,50 @@ impl Actor for TrainerActor {
         args.health.on_start().await;
         let (tx, rx) = std::sync::mpsc::channel();
         let (st_tx, st_rx) = watch::channel(serde_json::json!({"state": "starting"}));
-        let (done_tx, done_rx) = oneshot::channel::<()>();
+        let (done_tx, done_rx) = oneshot::channel::<Result<(), ResumeError>>();
         let wargs = WorkerArgs {
             cfg: args.cfg.clone(),
+            data_dir: args.data_dir.clone(),
             replay: args.replay.clone(),
             checkpointer: args.checkpointer.clone(),
-            cmds: rx,
+            wakes: rx,
             status: st_tx,
         };
         let thread = std::thread::Builder::new()
             .name("mbtd-trainer".into())
             .spawn(move || {
-                trainer_worker::run(wargs);
-                let _ = done_tx.send(());
+                let _ = done_tx.send(trainer_worker::run(wargs));
             })
             .map_err(TrainerError::Spawn)?;
-        // If the thread ends without a Stop (a panic), fail the actor so it is restarted.
+        // If the thread ends without a Stop (a panic, a failed resume), fail the actor so it
+        // is restarted.
         let watch = tokio::spawn(async move {
-            if done_rx.await.is_err() {
-                let _ = me.tell(ThreadDied).await;
+            let failure = match done_rx.await {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => {
+                    tracing::error!(actor = "trainer", error = %e, "the trainer cannot start");
+                    TrainerError::Resume(e)
+                }
+                Err(_) => TrainerError::ThreadDied,
+            };
+            let _ = me.tell(ThreadFailed(failure)).await;
+        });
+        let mut appended = args.appended.clone();
+        let rows_tx = tx.clone();
+        let rows = tokio::spawn(async move {
+            while appended.changed().await.is_ok() {
+                if rows_tx.send(Wake::Rows).is_err() {
+                    return;
+                }
             }
         });
         Ok(Self {
-            cmds: tx,
+            wakes: tx,
             status: st_rx,
             health: args.health,
             thread: Some(thread),
             _watch: AbortOnDrop(watch),
+            _rows: AbortOnDrop(rows),
         })
     }
 
@@ -100,13 +126,17 @@ impl Actor for TrainerActor {
     }
 }
 
-struct ThreadDied;
+struct ThreadFailed(TrainerError);
 
-impl Message<ThreadDied> for TrainerActor {
+impl Message<ThreadFailed> for TrainerActor {
     type Reply = Result<(), TrainerError>;
 
-    async fn handle(&mut self, _: ThreadDied, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
-        Err(TrainerError::ThreadDied)
+    async fn handle(
+        &mut self,
+        ThreadFailed(e): ThreadFailed,
+        _: &mut Context<Self, Self::Reply>,
+    ) -> Self::Reply {
+        Err(e)
     }
 }
 
@@ -121,8 +151,8 @@ impl Message<Forward> for TrainerActor {
         Forward(c): Forward,
         _: &mut Context<Self, Self::Reply>,
     ) -> Self::Reply {
-        self.cmds
-            .send(c)
+        self.wakes
+            .send(Wake::Cmd(c))
             .map_err(|_| "the trainer thread is not running".to_string())
     }
 }

@@ -100,6 +100,8 @@ pub const LAYER_ACTIVE_BRANCHES: &str = "layer_active_branches";
 /// Branches under an operator's forced outage (`ctl mask`).
 pub const BRANCHES_FORCED_OFF: &str = "branches_forced_off";
 pub const TRAIN_TOKENS_PER_SEC: &str = "train_tokens_per_sec";
+/// Real (non-padding) input tokens / positions computed, of the last step.
+pub const TRAIN_POSITION_UTILIZATION: &str = "train_position_utilization";
 /// Histogram: seconds of each training step's compute (forward, backward, clip, update);
 /// the snapshot adds `_p50`, `_p90`, `_p99`, `_max` over all steps since the start.
 pub const TRAIN_STEP_SECONDS: &str = "train_step_seconds";
