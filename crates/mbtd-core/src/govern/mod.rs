@@ -3,6 +3,7 @@
 //! Both are pure: the governor actor feeds them numbers and acts on the [`policy::Decision`].
 
 pub mod compare;
+pub mod decision;
 pub mod diagnostics;
 pub mod drift;
 pub mod float_json;

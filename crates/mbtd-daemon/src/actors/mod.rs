@@ -11,6 +11,7 @@ pub mod replay;
 pub mod supervisor;
 pub mod trainer;
 pub mod trainer_commands;
+mod trainer_boot;
 mod trainer_events;
 mod trainer_governor;
 pub mod trainer_worker;

@@ -8,7 +8,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::checkpointer::{Load, Target};
 use super::trainer_events::BranchMasked;
-use super::trainer_worker::{Booting, Worker, ask_blocking, restore};
+use super::trainer_boot::{Booting, restore};
+use super::trainer_worker::{Worker, ask_blocking};
 use crate::model::generate::GenerateConfig;
 use crate::store::fsutil::{fsync_dir, write_atomic};
 use crate::telemetry::event::InternalEvent;
