@@ -56,6 +56,17 @@ pub enum InspectCommand {
     },
 }
 
+/// `mbtd ctl checkpoint <action>`.
+#[derive(Debug, Subcommand)]
+pub enum CheckpointAction {
+    /// Delete the checkpoint with this id, or every checkpoint with this tag (never LATEST,
+    /// its parent, or the pre-expansion checkpoint of an undecided expansion).
+    Delete {
+        /// A checkpoint id or tag.
+        target: String,
+    },
+}
+
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Training throughput of the MBT-LM benchmark preset.
@@ -81,6 +92,10 @@ pub struct RunArgs {
     /// the config resolve against it).
     #[arg(long, default_value = ".")]
     pub data_dir: PathBuf,
+    /// When the config's `model.*` differs from the checkpoint this data dir resumes from,
+    /// run with the checkpoint's architecture instead of refusing to start.
+    #[arg(long)]
+    pub accept_checkpoint_model: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -187,10 +202,15 @@ pub enum CtlCommand {
         #[arg(long, default_value_t = 1e-3)]
         noise: f64,
     },
-    /// Write a checkpoint now.
+    /// Write a checkpoint now (`checkpoint delete ID|TAG` deletes instead).
+    #[command(args_conflicts_with_subcommands = true)]
     Checkpoint {
+        /// Operator tag: 1 to 64 of A-Z a-z 0-9 . _ - (kept until deleted or
+        /// checkpoints.keep_tagged).
         #[arg(long)]
         tag: Option<String>,
+        #[command(subcommand)]
+        action: Option<CheckpointAction>,
     },
     /// List checkpoints.
     Checkpoints,

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use crate::admin::client::{self, ClientError};
 use crate::admin::protocol::StatusReply;
-use crate::cli::{CtlArgs, CtlCommand};
+use crate::cli::{CheckpointAction, CtlArgs, CtlCommand};
 use crate::config::Config;
 
 /// Finds the socket: `--socket`, else `admin.socket` of `--config` (or the default config)
@@ -54,7 +54,11 @@ fn request(cmd: &CtlCommand) -> (&'static str, serde_json::Value) {
             json!({"layer": layer, "branches": branches, "beta": beta,
                 "ramp_steps": ramp_steps, "noise": noise}),
         ),
-        CtlCommand::Checkpoint { tag } => ("checkpoint", json!({ "tag": tag })),
+        CtlCommand::Checkpoint {
+            action: Some(CheckpointAction::Delete { target }),
+            ..
+        } => ("checkpoint-delete", json!({ "target": target })),
+        CtlCommand::Checkpoint { tag, action: None } => ("checkpoint", json!({ "tag": tag })),
         CtlCommand::Checkpoints => ("checkpoints", serde_json::Value::Null),
         CtlCommand::Rollback { target } => ("rollback", json!({ "target": target })),
         CtlCommand::Status => ("status", serde_json::Value::Null),

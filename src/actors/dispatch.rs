@@ -6,7 +6,7 @@ use std::time::Instant;
 use kameo::prelude::*;
 use tokio::sync::{mpsc, oneshot};
 
-use super::checkpointer::{CheckpointerActor, List};
+use super::checkpointer::{CheckpointerActor, Delete, List};
 use super::health::HealthBoard;
 use super::ingestor::{IngestStatus, IngestorActor, SetPaused};
 use super::metrics::{GetSnapshot, MetricsActor};
@@ -56,6 +56,7 @@ pub const COMMANDS: &[&str] = &[
     "generate",
     "expand",
     "checkpoint",
+    "checkpoint-delete",
     "checkpoints",
     "rollback",
     "governor",
@@ -138,8 +139,18 @@ impl Dispatcher {
                     .get("tag")
                     .and_then(|v| v.as_str())
                     .map(String::from);
-                self.trainer_cmd(id, |r| Cmd::Checkpoint(tag, r)).await
+                match tag.as_deref().map(crate::checkpoint::validate_tag) {
+                    Some(Err(e)) => Response::error(id, e),
+                    _ => self.trainer_cmd(id, |r| Cmd::Checkpoint(tag, r)).await,
+                }
             }
+            "checkpoint-delete" => match req.args.get("target").and_then(|v| v.as_str()) {
+                Some(t) => match self.checkpointer.ask(Delete(t.to_string())).await {
+                    Ok(v) => Response::ok(id, v),
+                    Err(e) => Response::error(id, format!("cannot delete checkpoint: {e}")),
+                },
+                None => Response::error(id, "missing argument `target` (a checkpoint id or tag)"),
+            },
             "rollback" => match req.args.get("target").and_then(|v| v.as_str()) {
                 Some(t) => {
                     let t = t.to_string();

@@ -948,6 +948,7 @@ impl Worker {
         let mut m = Manifest::new(SystemTime::now(), t, live.st.tokens_total);
         m.parent = live.parent.clone();
         m.tag = tag;
+        m.pins = live.st.governor.in_progress.iter().map(|e| e.checkpoint_id.clone()).collect();
         m.widths = live.trainer.model().widths();
         m.config = serde_json::to_value(&self.a.cfg).unwrap_or_default();
         m.state = serde_json::to_value(&live.st).map_err(|e| e.to_string())?;
@@ -1148,7 +1149,6 @@ impl Worker {
                 "forced_off": l.avail.forced_off(),
                 "governor_expansion": l.st.governor.in_progress.as_ref()
                     .map(|e| serde_json::json!({"layer": e.layer, "branches": e.branches, "phase": e.phase, "manual": e.manual})),
-                "last_checkpoint": l.parent,
                 "last_event": self.last_event,
             }),
         };
@@ -1248,7 +1248,11 @@ impl Worker {
         } else {
             None
         };
-        let pre = self.checkpoint(Some("pre-expand".into()))?;
+        // Everything that can refuse the expansion is checked before the checkpoint is written.
+        if !(noise >= 0.0 && noise.is_finite()) {
+            return Err(format!("noise = {noise}: must be finite and >= 0"));
+        }
+        let pre = self.checkpoint(Some(crate::checkpoint::TAG_PRE_EXPAND.into()))?;
         let pre_id = pre["id"].as_str().unwrap_or_default().to_string();
         let live = self.live.as_mut().expect("live");
         let probe = self.probe.clone().expect("checked above");
