@@ -76,7 +76,6 @@ pub struct Resume {
     pub removed_tmp: Vec<PathBuf>,
 }
 
-
 fn step_err(e: StepError) -> CheckpointError {
     CheckpointError::Write {
         step: e.step,
@@ -511,7 +510,6 @@ pub fn open_latest(root: &Path) -> Result<Resume, CheckpointError> {
     })
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -534,7 +532,6 @@ mod tests {
         assert!(again.from_latest);
         assert_eq!(repair_latest(root, &again).unwrap(), None);
     }
-
 
     #[test]
     fn creates_a_missing_nested_root() {
@@ -842,5 +839,4 @@ mod tests {
             None
         );
     }
-
 }

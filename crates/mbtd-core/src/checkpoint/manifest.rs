@@ -155,7 +155,12 @@ const RESERVED_TAGS: [&str; 2] = ["previous", "LATEST"];
 /// automatic tag ([`AUTOMATIC_TAGS`]) and not `previous` or `LATEST`. The error says why,
 /// quoting at most the first 40 characters of the tag.
 pub fn validate_tag(tag: &str) -> Result<(), String> {
-    let shown: String = tag.chars().take(40).collect::<String>().escape_debug().to_string();
+    let shown: String = tag
+        .chars()
+        .take(40)
+        .collect::<String>()
+        .escape_debug()
+        .to_string();
     let shown = if tag.chars().count() > 40 {
         format!("\"{shown}…\" ({} bytes)", tag.len())
     } else {
@@ -163,16 +168,16 @@ pub fn validate_tag(tag: &str) -> Result<(), String> {
     };
     let rule = "a tag is 1 to 64 characters of A-Z a-z 0-9 . _ -";
     if tag.is_empty() || tag.len() > 64 {
-        return Err(format!("checkpoint tag {shown} has {} bytes; {rule}", tag.len()));
+        return Err(format!(
+            "checkpoint tag {shown} has {} bytes; {rule}",
+            tag.len()
+        ));
     }
     if let Some(c) = tag
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
-        return Err(format!(
-            "checkpoint tag {shown} contains {:?}; {rule}",
-            c
-        ));
+        return Err(format!("checkpoint tag {shown} contains {:?}; {rule}", c));
     }
     if AUTOMATIC_TAGS.contains(&tag) || RESERVED_TAGS.contains(&tag) {
         return Err(format!(

@@ -35,9 +35,8 @@ use serde::{Deserialize, Serialize};
 
 pub use durable::{FaultPlan, WriteStep};
 pub use format::{
-    CheckpointInfo, LATEST_FILE, LoadedCheckpoint, Rejected, Resume, load_checkpoint,
-    open_latest, read_latest, repair_latest, set_latest, write_checkpoint,
-    write_checkpoint_with_faults,
+    CheckpointInfo, LATEST_FILE, LoadedCheckpoint, Rejected, Resume, load_checkpoint, open_latest,
+    read_latest, repair_latest, set_latest, write_checkpoint, write_checkpoint_with_faults,
 };
 pub use inspect::{FileCheck, Inspection, TensorSummary, inspect};
 pub use listing::{
@@ -348,7 +347,11 @@ mod tests {
             keep_last: 0,
             ..c.clone()
         };
-        assert!(bad.validate().unwrap_err().contains("checkpoints.keep_last"));
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .contains("checkpoints.keep_last")
+        );
         let bad = CheckpointConfig {
             every_steps: 0,
             every_seconds: 0,

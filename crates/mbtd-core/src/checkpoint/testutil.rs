@@ -6,7 +6,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::{CheckpointInfo, Manifest, write_checkpoint};
 
-
 pub(crate) fn t(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(1_795_428_902_000 + ms)
 }

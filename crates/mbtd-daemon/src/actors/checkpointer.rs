@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use kameo::reply::DelegatedReply;
 use kameo::prelude::*;
+use kameo::reply::DelegatedReply;
 
 use super::checkpoint_events::{
     CheckpointFailing, CheckpointRecovered, CheckpointRejected, CheckpointSkipped,
@@ -285,7 +285,11 @@ pub struct Write(pub Snapshot);
 impl Message<Write> for CheckpointerActor {
     type Reply = DelegatedReply<Result<serde_json::Value, String>>;
 
-    async fn handle(&mut self, Write(s): Write, ctx: &mut Context<Self, Self::Reply>) -> Self::Reply {
+    async fn handle(
+        &mut self,
+        Write(s): Write,
+        ctx: &mut Context<Self, Self::Reply>,
+    ) -> Self::Reply {
         let (delegated, sender) = ctx.reply_sender();
         let periodic = sender.is_none();
         let result = tokio::task::block_in_place(|| self.write(s, periodic));
@@ -307,9 +311,8 @@ impl CheckpointerActor {
         let root = self.args.root.clone();
         let reserve = self.args.cfg.min_free_bytes;
         let needed = s.files.iter().map(|(_, b)| b.len() as u64).sum::<u64>() + MANIFEST_ALLOWANCE;
-        let space_ok = || {
-            checkpoint::free_bytes(&root).is_ok_and(|f| f >= needed.saturating_add(reserve))
-        };
+        let space_ok =
+            || checkpoint::free_bytes(&root).is_ok_and(|f| f >= needed.saturating_add(reserve));
         let step = s.manifest.step;
         let id = s.manifest.id.clone();
         let is_final = !periodic && s.manifest.tag.as_deref() == Some(TAG_SHUTDOWN);
@@ -323,7 +326,10 @@ impl CheckpointerActor {
             }
         }
         if is_final && let Some(same) = unchanged_since_parent(&root, &s) {
-            self.args.state.lock().record_success(&same, step, Instant::now());
+            self.args
+                .state
+                .lock()
+                .record_success(&same, step, Instant::now());
             return Ok(serde_json::json!({"id": same, "step": step, "unchanged": true}));
         }
         let files: Vec<(&str, &[u8])> = s.files.iter().map(|(n, b)| (*n, b.as_slice())).collect();
@@ -481,7 +487,11 @@ pub struct Delete(pub String);
 impl Message<Delete> for CheckpointerActor {
     type Reply = Result<serde_json::Value, String>;
 
-    async fn handle(&mut self, Delete(name): Delete, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
+    async fn handle(
+        &mut self,
+        Delete(name): Delete,
+        _: &mut Context<Self, Self::Reply>,
+    ) -> Self::Reply {
         let root = self.args.root.clone();
         let ids = tokio::task::block_in_place(|| checkpoint::delete(&root, &name))
             .map_err(|e| e.to_string())?;
@@ -583,7 +593,13 @@ mod tests {
     use super::*;
 
     fn fail(h: &mut WriteHealth, now: Instant, short: bool) -> FailureTransition {
-        h.record_failure(now, SystemTime::now(), "No space left on device".into(), true, short)
+        h.record_failure(
+            now,
+            SystemTime::now(),
+            "No space left on device".into(),
+            true,
+            short,
+        )
     }
 
     #[test]
@@ -617,11 +633,16 @@ mod tests {
         assert_eq!(h.failing.as_ref().unwrap().backoff, BACKOFF_MAX);
         let status = h.status(Some("a".into()), t);
         assert!(
-            status["state"].as_str().unwrap().starts_with("failing since "),
+            status["state"]
+                .as_str()
+                .unwrap()
+                .starts_with("failing since "),
             "{status}"
         );
         assert_eq!(status["last_error"], "No space left on device");
-        let ended = h.record_success("b", 7, t + Duration::from_secs(1)).unwrap();
+        let ended = h
+            .record_success("b", 7, t + Duration::from_secs(1))
+            .unwrap();
         assert_eq!(ended.1, 12);
         assert!(h.should_attempt(t, false));
         let status = h.status(Some("b".into()), t);

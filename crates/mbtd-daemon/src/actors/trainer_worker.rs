@@ -948,7 +948,13 @@ impl Worker {
         let mut m = Manifest::new(SystemTime::now(), t, live.st.tokens_total);
         m.parent = live.parent.clone();
         m.tag = tag;
-        m.pins = live.st.governor.in_progress.iter().map(|e| e.checkpoint_id.clone()).collect();
+        m.pins = live
+            .st
+            .governor
+            .in_progress
+            .iter()
+            .map(|e| e.checkpoint_id.clone())
+            .collect();
         m.widths = live.trainer.model().widths();
         m.config = serde_json::to_value(&self.a.cfg).unwrap_or_default();
         m.state = serde_json::to_value(&live.st).map_err(|e| e.to_string())?;

@@ -125,9 +125,7 @@ pub fn mismatch_message(id: &str, checkpoints: &Path, diffs: &[FieldDiff]) -> St
         checkpoints.display()
     );
     for (field, ck, cfg) in diffs {
-        out.push_str(&format!(
-            "  {field}: checkpoint {ck}, config {cfg}\n"
-        ));
+        out.push_str(&format!("  {field}: checkpoint {ck}, config {cfg}\n"));
     }
     out.push_str(
         "to proceed, either set these fields in the config back to the checkpoint's values, \
@@ -179,7 +177,11 @@ mod tests {
         };
         let d = model_differences(&m, &cfg);
         let fields: Vec<&str> = d.iter().map(|(f, _, _)| f.as_str()).collect();
-        assert_eq!(fields, vec!["model.d_model", "model.n_heads"], "init_std is ignored");
+        assert_eq!(
+            fields,
+            vec!["model.d_model", "model.n_heads"],
+            "init_std is ignored"
+        );
         assert_eq!((d[0].1.clone(), d[0].2.clone()), (64.into(), 96.into()));
         let msg = mismatch_message("ID", Path::new("/data/checkpoints"), &d);
         for needle in [
@@ -218,7 +220,11 @@ mod tests {
             "no bits for group or others"
         );
         assert!(check_data_dir(&p).is_ok());
-        for (mode, who) in [(0o770, "its group"), (0o757, "every user"), (0o1777, "every user")] {
+        for (mode, who) in [
+            (0o770, "its group"),
+            (0o757, "every user"),
+            (0o1777, "every user"),
+        ] {
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
             let err = check_data_dir(&p).unwrap_err().to_string();
             assert!(err.contains(who) && err.contains("chmod go-w"), "{err}");
