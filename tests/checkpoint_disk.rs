@@ -404,6 +404,7 @@ fn refused_start(dir: &Path, config: &str, extra: &[&str]) -> (Option<i32>, Stri
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = child.kill();
+    let _ = child.wait();
     panic!("mbtd run did not refuse within 60 s");
 }
 
