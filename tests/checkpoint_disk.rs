@@ -327,7 +327,12 @@ fn retention_bounds_checkpoints_over_restarts_and_expansions() {
             }
         }
         d.wait_steps(10, Duration::from_secs(60));
+        // Measured at rest: while a checkpoint is being written, the new one is on disk
+        // before retention makes room after it.
+        d.data("pause", Value::Null);
+        std::thread::sleep(Duration::from_millis(500));
         let (n, bytes, rows) = on_disk(&root);
+        d.data("resume", Value::Null);
         // keep_last + newest shutdown + decided pre-expand + LATEST, its parent and one
         // undecided pre-expand (README "Checkpoints").
         let bound = KEEP_LAST + 1 + KEEP_DECIDED + 3;

@@ -20,7 +20,8 @@
 //! (`shutdown`) + `keep_decided_pre_expand` + 3 (`LATEST`, its parent, one pinned
 //! `pre-expand`) + `keep_daily` + `keep_tagged` + the invalid ones, and their size is at most
 //! `max_bytes` unless the protected and operator-tagged ones alone exceed it
-//! ([`RetentionPlan::over_budget`]).
+//! ([`RetentionPlan::over_budget`]). Retention runs after each write, so while a checkpoint
+//! is being written the total can exceed the budget by that one checkpoint.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::SystemTime;
