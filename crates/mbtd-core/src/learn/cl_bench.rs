@@ -35,6 +35,7 @@ fn join(a: Batch, b: Batch) -> Batch {
         inputs: [a.inputs, b.inputs].concat(),
         targets: [a.targets, b.targets].concat(),
         loss_mask: [a.loss_mask, b.loss_mask].concat(),
+        segments: None,
     }
 }
 

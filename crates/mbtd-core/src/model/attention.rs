@@ -11,24 +11,112 @@
 //! causal boundary: a tile of query rows `[i0, i1)` reads keys `< i1` only, so about half
 //! of the `T×T` work is skipped. The `(b, h)` pairs run in parallel on rayon; each writes
 //! disjoint output regions, so the result does not depend on the thread count.
+//!
+//! Packed windows ([`SegBounds`]): a window may hold several segments (rows of text),
+//! and position `i` then attends to `j` only if `start(i) ≤ j ≤ i`, `start(i)` being the
+//! first position of `i`'s segment. Row tiles also start at the segment start of their
+//! first row (16-column panels wholly before it are skipped), and the transposed
+//! products stop at the segment end of their last key, so a window of short segments
+//! costs attention in proportion to `Σ len²`, not `T²`. The softmax of a segment row sums
+//! its exponentials in 16 lanes counted from the segment start, so a segment gets the same
+//! bits as the same row alone at position 0 of a window whose length is a multiple of 16.
 
-use super::ops::{View, dot16, fast_exp, max16, prof, simd, sum16};
+use super::ops::{View, dot16, dot16_padded, fast_exp, max16, profile, simd, sum16, sum16_padded};
 use super::tile::{TileRange, product};
 use rayon::prelude::*;
 
+/// Segment bounds of a packed batch, per position `n` of `[B·T]`: the segment holding
+/// `n` covers positions `start[n]..end[n]` of its window (window-relative).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SegBounds<'a> {
+    pub start: &'a [u32],
+    pub end: &'a [u32],
+}
+
 /// Shape of one attention call.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct AttnShape {
+pub(crate) struct AttnShape<'a> {
     pub batch: usize,
     pub seq: usize,
     pub heads: usize,
     pub head_dim: usize,
+    /// Segments of a packed batch; `None`: each window is one causal sequence.
+    pub segs: Option<SegBounds<'a>>,
 }
 
-impl AttnShape {
+impl AttnShape<'_> {
     fn d(&self) -> usize {
         self.heads * self.head_dim
     }
+
+    /// Window `b`'s segment starts and ends (`None` without segments).
+    fn window(&self, b: usize) -> Option<(&[u32], &[u32])> {
+        let t = self.seq;
+        self.segs
+            .map(|g| (&g.start[b * t..(b + 1) * t], &g.end[b * t..(b + 1) * t]))
+    }
+}
+
+/// Segment bounds and within-segment positions of a packed batch, from its per-position
+/// segment ids (a segment is a run of equal ids within a window). Reused buffers.
+#[derive(Debug, Default)]
+pub(crate) struct Segments {
+    on: bool,
+    start: Vec<u32>,
+    end: Vec<u32>,
+    pos: Vec<u32>,
+}
+
+impl Segments {
+    /// Bounds of the segments of `ids` (`[B, seq]`), or none when `ids` is `None`.
+    pub fn fill(&mut self, ids: Option<&[u16]>, seq: usize) {
+        let Some(ids) = ids else {
+            self.on = false;
+            return;
+        };
+        self.on = true;
+        let n = ids.len();
+        for v in [&mut self.start, &mut self.end, &mut self.pos] {
+            v.resize(n, 0);
+        }
+        for (w, row) in ids.chunks_exact(seq).enumerate() {
+            let base = w * seq;
+            let mut s0 = 0;
+            for t in 0..seq {
+                if t > 0 && row[t] != row[t - 1] {
+                    self.end[base + s0..base + t].fill(t as u32);
+                    s0 = t;
+                }
+                self.start[base + t] = s0 as u32;
+                self.pos[base + t] = (t - s0) as u32;
+            }
+            self.end[base + s0..base + seq].fill(seq as u32);
+        }
+    }
+
+    /// The bounds for [`AttnShape::segs`].
+    pub fn bounds(&self) -> Option<SegBounds<'_>> {
+        self.on.then_some(SegBounds {
+            start: &self.start,
+            end: &self.end,
+        })
+    }
+
+    /// Per position `[B·T]`, its offset within its segment (the position-embedding
+    /// index), or `None` without segments (the offset within the window).
+    pub fn positions(&self) -> Option<&[u32]> {
+        self.on.then_some(self.pos.as_slice())
+    }
+}
+
+/// First key a row tile starting at query `i0` may attend to.
+fn first_key(w: Option<(&[u32], &[u32])>, i0: usize) -> usize {
+    w.map_or(0, |(start, _)| start[i0] as usize)
+}
+
+/// One past the last query that may attend to key `j1 - 1`.
+fn last_query(w: Option<(&[u32], &[u32])>, j1: usize, t: usize) -> usize {
+    w.map_or(t, |(_, end)| end[j1 - 1] as usize)
 }
 
 /// A raw pointer that may cross threads; used only for disjoint writes.
@@ -110,9 +198,56 @@ fn softmax_bwd_rows(dp: &mut [f32], p: &[f32], t: usize, scale: f32) {
     )
 }
 
+/// [`softmax_rows`] for a packed window: row `i` becomes `softmax(scale·S[i, lo..=i])`
+/// (`lo = start[i]`) with zeros elsewhere; the sum runs in 16 lanes counted from `lo`.
+fn softmax_rows_segmented(p: &mut [f32], t: usize, scale: f32, start: &[u32]) {
+    simd(
+        #[inline(always)]
+        || {
+            for (i, row) in p.chunks_exact_mut(t).enumerate() {
+                let lo = start[i] as usize;
+                let (before, rest) = row.split_at_mut(lo);
+                before.fill(0.0);
+                let (seg, after) = rest.split_at_mut(i + 1 - lo);
+                after.fill(0.0);
+                let mx = max16(seg) * scale;
+                for e in seg.iter_mut() {
+                    *e = fast_exp(*e * scale - mx);
+                }
+                let inv = 1.0 / sum16_padded(seg);
+                for e in seg.iter_mut() {
+                    *e *= inv;
+                }
+            }
+        },
+    )
+}
+
+/// [`softmax_bwd_rows`] for a packed window: nonzero only on `start[i]..=i`.
+fn softmax_bwd_rows_segmented(dp: &mut [f32], p: &[f32], t: usize, scale: f32, start: &[u32]) {
+    simd(
+        #[inline(always)]
+        || {
+            for (i, (dr, pr)) in dp.chunks_exact_mut(t).zip(p.chunks_exact(t)).enumerate() {
+                let lo = start[i] as usize;
+                let (seg, pseg) = (&mut dr[lo..=i], &pr[lo..=i]);
+                let dotp = dot16_padded(seg, pseg);
+                for (a, &b) in seg.iter_mut().zip(pseg) {
+                    *a = b * (*a - dotp) * scale;
+                }
+                dr[..lo].fill(0.0);
+                dr[i + 1..].fill(0.0);
+            }
+        },
+    )
+}
+
 /// Forward: fills `probs` (`[B, H, T, T]`, upper triangle zero) and `att` (`[B·T, d]`).
+///
+/// # Shapes
+/// `qkv`: `[B·T, 3d]` → `att`: `[B·T, d]`, `probs`: `[B, H, T, T]` (`d = H·hd`).
 pub(crate) fn attn_fwd(att: &mut [f32], probs: &mut [f32], qkv: &[f32], s: AttnShape) {
-    let _prof = prof::scope(prof::ATTN);
+    let _prof = profile::scope(profile::ATTN);
     let (t, hd, d) = (s.seq, s.head_dim, s.d());
     assert!(att.len() >= s.batch * t * d && probs.len() >= s.batch * s.heads * t * t);
     assert!(qkv.len() >= s.batch * t * 3 * d);
@@ -123,24 +258,30 @@ pub(crate) fn attn_fwd(att: &mut [f32], probs: &mut [f32], qkv: &[f32], s: AttnS
         .enumerate()
         .for_each(|(bh, p)| {
             let (b, h) = (bh / s.heads, bh % s.heads);
+            let win = s.window(b);
             let (q, k, v) = (
                 head(qkv, s, b, 0, h),
                 head(qkv, s, b, 1, h),
                 head(qkv, s, b, 2, h),
             );
-            // S = Q·Kᵀ, row tile [i0, i1) needs keys < i1
-            product(p, t, t, q, k.t(), (hd, t), false, |_, i1| TileRange {
+            // S = Q·Kᵀ, row tile [i0, i1) needs keys in [first_key(i0), i1)
+            product(p, t, t, q, k.t(), (hd, t), false, |i0, i1| TileRange {
+                col0: first_key(win, i0),
                 cols: causal_cols(i1, t),
                 red: (0, hd),
             });
-            softmax_rows(p, t, scale);
+            match win {
+                Some((start, _)) => softmax_rows_segmented(p, t, scale, start),
+                None => softmax_rows(p, t, scale),
+            }
             // SAFETY: task (b, h) alone writes rows b·T..(b+1)·T, columns h·hd..(h+1)·hd.
             let out = unsafe { att_ptr.slice(b * t * d + h * hd, (t - 1) * d + hd) };
-            // Y = P·V over keys < i1
-            product(out, d, t, View::rm(p, t), v, (t, hd), false, |_, i1| {
+            // Y = P·V over keys in [first_key(i0), i1)
+            product(out, d, t, View::rm(p, t), v, (t, hd), false, |i0, i1| {
                 TileRange {
+                    col0: 0,
                     cols: hd,
-                    red: (0, i1),
+                    red: (first_key(win, i0), i1),
                 }
             });
         });
@@ -156,7 +297,7 @@ pub(crate) fn attn_bwd(
     qkv: &[f32],
     s: AttnShape,
 ) {
-    let _prof = prof::scope(prof::ATTN);
+    let _prof = profile::scope(profile::ATTN);
     let (t, hd, d) = (s.seq, s.head_dim, s.d());
     assert!(dqkv.len() >= s.batch * t * 3 * d && datt.len() >= s.batch * t * d);
     assert!(dprobs.len() >= s.batch * s.heads * t * t);
@@ -168,6 +309,7 @@ pub(crate) fn attn_bwd(
         .enumerate()
         .for_each(|(bh, (dp, p))| {
             let (b, h) = (bh / s.heads, bh % s.heads);
+            let win = s.window(b);
             let (q, k, v) = (
                 head(qkv, s, b, 0, h),
                 head(qkv, s, b, 1, h),
@@ -189,27 +331,41 @@ pub(crate) fn attn_bwd(
                     dptr.slice(base + 2 * d + h * hd, span),
                 )
             };
-            // Row tiles of Pᵀ / dSᵀ start at key j0: only queries i ≥ j0 see it.
-            let after = |j0: usize, _| TileRange {
+            // Row tiles of Pᵀ / dSᵀ over keys [j0, j1): only queries in
+            // [j0, last_query(j1)) see them.
+            let after = |j0: usize, j1: usize| TileRange {
+                col0: 0,
                 cols: hd,
-                red: (j0, t),
+                red: (j0, last_query(win, j1, t)),
             };
             // dV = Pᵀ·dY
             product(dv, 3 * d, t, View::tr(p, t), dy, (t, hd), false, after);
-            // dP = dY·Vᵀ (keys < i1)
-            product(dp, t, t, dy, v.t(), (hd, t), false, |_, i1| TileRange {
+            // dP = dY·Vᵀ (keys in [first_key(i0), i1))
+            product(dp, t, t, dy, v.t(), (hd, t), false, |i0, i1| TileRange {
+                col0: first_key(win, i0),
                 cols: causal_cols(i1, t),
                 red: (0, hd),
             });
             // dS = P ⊙ (dP − rowsum(dP ⊙ P)), with the 1/√hd of S folded in
-            softmax_bwd_rows(dp, p, t, scale);
-            // dQ = dS·K (keys < i1), dK = dSᵀ·Q
-            product(dq, 3 * d, t, View::rm(dp, t), k, (t, hd), false, |_, i1| {
-                TileRange {
+            match win {
+                Some((start, _)) => softmax_bwd_rows_segmented(dp, p, t, scale, start),
+                None => softmax_bwd_rows(dp, p, t, scale),
+            }
+            // dQ = dS·K (keys in [first_key(i0), i1)), dK = dSᵀ·Q
+            product(
+                dq,
+                3 * d,
+                t,
+                View::rm(dp, t),
+                k,
+                (t, hd),
+                false,
+                |i0, i1| TileRange {
+                    col0: 0,
                     cols: hd,
-                    red: (0, i1),
-                }
-            });
+                    red: (first_key(win, i0), i1),
+                },
+            );
             product(dk, 3 * d, t, View::tr(dp, t), q, (t, hd), false, after);
         });
 }
@@ -231,8 +387,85 @@ mod tests {
                 seq,
                 heads: 2,
                 head_dim,
+                segs: None,
             });
         }
+    }
+
+    /// Segment ids of two windows of 16: segments of 1, 7, 3, 5 and 12, 4 positions, so
+    /// row tiles straddle segment starts and one segment starts mid-panel.
+    fn packed_ids() -> Vec<u16> {
+        [
+            [0; 1].as_slice(),
+            &[1; 7],
+            &[2; 3],
+            &[3; 5],
+            &[0; 12],
+            &[1; 4],
+        ]
+        .concat()
+    }
+
+    #[test]
+    fn packed_attention_matches_naive_and_gradient() {
+        let mut segs = Segments::default();
+        segs.fill(Some(&packed_ids()), 16);
+        for head_dim in [3, 16] {
+            check_attention(AttnShape {
+                batch: 2,
+                seq: 16,
+                heads: 2,
+                head_dim,
+                segs: segs.bounds(),
+            });
+        }
+        assert_eq!(segs.start[8..11], [8, 8, 8]);
+        assert_eq!(segs.end[8..11], [11, 11, 11]);
+        assert_eq!(segs.positions().unwrap()[16..19], [0, 1, 2]);
+        assert_eq!(segs.positions().unwrap()[28..32], [0, 1, 2, 3]);
+    }
+
+    /// Product terms of the attention tiles (forward and backward) on one thread.
+    fn attention_work(s: AttnShape) -> u64 {
+        let (d, n) = (s.d(), s.batch * s.seq);
+        let qkv = randv(&mut ChaCha8Rng::seed_from_u64(1), n * 3 * d, 1.0);
+        let mut att = vec![0.0; n * d];
+        let mut p = vec![0.0; s.batch * s.heads * s.seq * s.seq];
+        let (mut dqkv, mut dp) = (vec![0.0; n * 3 * d], p.clone());
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            crate::model::tile::take_work();
+            attn_fwd(&mut att, &mut p, &qkv, s);
+            let datt = att.clone();
+            attn_bwd(&mut dqkv, &mut dp, &datt, &p, &qkv, s);
+            crate::model::tile::take_work()
+        })
+    }
+
+    #[test]
+    fn packed_short_segments_cost_less_attention_than_full_causal() {
+        // a window of 128 positions holding 8 segments of 16
+        let ids: Vec<u16> = (0..128).map(|i| (i / 16) as u16).collect();
+        let mut segs = Segments::default();
+        segs.fill(Some(&ids), 128);
+        let shape = AttnShape {
+            batch: 1,
+            seq: 128,
+            heads: 2,
+            head_dim: 16,
+            segs: None,
+        };
+        let full = attention_work(shape);
+        let packed = attention_work(AttnShape {
+            segs: segs.bounds(),
+            ..shape
+        });
+        let ratio = packed as f64 / full as f64;
+        eprintln!("attention work: packed {packed}, causal {full}, ratio {ratio:.3}");
+        assert!(ratio < 0.45, "packed/causal attention work {ratio:.3}");
     }
 
     fn check_attention(s: AttnShape) {
@@ -255,7 +488,8 @@ mod tests {
                     let row = |j: usize, part: usize, c: usize| {
                         qkv[(b * s.seq + j) * 3 * d + part * d + h * hd + c] as f64
                     };
-                    let sc: Vec<f64> = (0..=i)
+                    let lo = s.segs.map_or(0, |g| g.start[b * s.seq + i] as usize);
+                    let sc: Vec<f64> = (lo..=i)
                         .map(|j| {
                             (0..hd).map(|c| row(i, 0, c) * row(j, 1, c)).sum::<f64>()
                                 / (hd as f64).sqrt()
@@ -264,7 +498,9 @@ mod tests {
                     let mx = sc.iter().cloned().fold(f64::MIN, f64::max);
                     let z: f64 = sc.iter().map(|a| (a - mx).exp()).sum();
                     for c in 0..hd {
-                        let y: f64 = (0..=i).map(|j| (sc[j] - mx).exp() / z * row(j, 2, c)).sum();
+                        let y: f64 = (lo..=i)
+                            .map(|j| (sc[j - lo] - mx).exp() / z * row(j, 2, c))
+                            .sum();
                         let got = att[(b * s.seq + i) * d + h * hd + c] as f64;
                         assert!((got - y).abs() < 1e-5, "{got} vs {y}");
                     }

@@ -185,7 +185,15 @@ fn pool(threads: usize) -> Result<rayon::ThreadPool, ModelError> {
         })
 }
 
-fn random_batch(cfg: &ModelConfig, batch: usize, seq: usize, rng: &mut ChaCha8Rng) -> Batch {
+/// A batch of uniformly random token ids (inputs and targets drawn from `rng` in that
+/// order), every position a loss target except the first `prompt` of each row.
+pub fn random_batch(
+    cfg: &ModelConfig,
+    batch: usize,
+    seq: usize,
+    prompt: usize,
+    rng: &mut ChaCha8Rng,
+) -> Batch {
     let n = batch * seq;
     let v = cfg.vocab_size as u32;
     Batch {
@@ -193,7 +201,10 @@ fn random_batch(cfg: &ModelConfig, batch: usize, seq: usize, rng: &mut ChaCha8Rn
         seq,
         inputs: (0..n).map(|_| rng.random_range(0..v)).collect(),
         targets: (0..n).map(|_| rng.random_range(0..v)).collect(),
-        loss_mask: vec![1.0; n],
+        loss_mask: (0..n)
+            .map(|i| if i % seq < prompt { 0.0 } else { 1.0 })
+            .collect(),
+        segments: None,
     }
 }
 
@@ -232,17 +243,17 @@ pub fn bench_train(opts: &TrainBenchArgs) -> Result<Value, ModelError> {
             .map_err(|e| ModelError::Config(e.to_string()))?;
         let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
         let batches: Vec<Batch> = (0..4)
-            .map(|_| random_batch(&cfg, opts.batch, opts.seq, &mut rng))
+            .map(|_| random_batch(&cfg, opts.batch, opts.seq, 0, &mut rng))
             .collect();
         let mut times = Vec::with_capacity(opts.steps);
         let mut cpu0 = 0.0;
-        super::ops::prof::enable(opts.phases);
+        super::ops::profile::enable(opts.phases);
         let mut phases = [0.0f64; 3];
         let mut active = 0usize;
         let mut loss = 0.0;
         for s in 0..opts.warmup + opts.steps {
             if s == opts.warmup {
-                super::ops::prof::take();
+                super::ops::profile::take();
                 cpu0 = cpu_seconds();
             }
             let masks = avail.draw();
@@ -296,10 +307,10 @@ pub fn bench_train(opts: &TrainBenchArgs) -> Result<Value, ModelError> {
                 "backward": phases[1] / n,
                 "optimizer": phases[2] / n,
             });
-            let kernels = super::ops::prof::take();
-            super::ops::prof::enable(false);
+            let kernels = super::ops::profile::take();
+            super::ops::profile::enable(false);
             let mut k = serde_json::Map::new();
-            for (name, t) in super::ops::prof::NAMES.iter().zip(kernels) {
+            for (name, t) in super::ops::profile::NAMES.iter().zip(kernels) {
                 k.insert(name.to_string(), json!(t / n));
             }
             out["kernel_thread_ms"] = Value::Object(k);

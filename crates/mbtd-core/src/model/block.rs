@@ -106,6 +106,10 @@ fn sizes(s: AttnShape) -> (usize, usize, usize) {
 }
 
 /// Forward of one branch block on input `h` (`[n, d]`), filling `bw`.
+///
+/// # Shapes
+/// `h`, `bw.z`: `[n, d]` with `n = B·T`; `bw.qkv`: `[n, 3d]`; `bw.g`: `[n, 4d]`;
+/// `bw.probs`: `[B, H, T, T]`.
 pub(crate) fn branch_fwd(bp: &BranchParams, bw: &mut BranchWs, h: &[f32], s: AttnShape) {
     let (n, d, probs) = sizes(s);
     bw.fit(n, d, probs);

@@ -228,6 +228,7 @@ impl Model {
             inputs: prompt.to_vec(),
             targets: vec![0; prompt.len()],
             loss_mask: vec![0.0; prompt.len()],
+            segments: None,
         };
         let mut ws = Workspace::default();
         self.forward(&mut ws, &batch, masks)?;
@@ -500,6 +501,7 @@ mod tests {
                 inputs: ctx.clone(),
                 targets: vec![0; ctx.len()],
                 loss_mask: vec![0.0; ctx.len()],
+                segments: None,
             };
             let full = model.logits(&mut ws, &b, &masks).unwrap();
             let last = &full[(ctx.len() - 1) * cfg.vocab_size..];

@@ -5,7 +5,8 @@
 //! Everything here is pure, synchronous code over fp32 row-major buffers. The maths of
 //! the model (ARCHITECTURE.md, "The model: MBT-LM v1"):
 //!
-//! * `x0 = wte[ids] + wpe[0..T]`
+//! * `x0 = wte[ids] + wpe[pos]`, `pos` the offset within the window, or within the segment
+//!   of a packed batch ([`Batch::segments`], where attention also stays inside a segment)
 //! * per layer `l`, per active branch `i` (a pre-LN GPT block):
 //!   `u = h + Attn(LN1(h))·Wo + bo`, `z_i = u + gelu_tanh(LN2(u)·W1 + b1)·W2 + b2`
 //! * aggregation `α_i = w_g·(floor/K_g + (1-floor)·softmax_g(s)_i)` (see [`agg`]; with a
@@ -278,6 +279,11 @@ impl OptimConfig {
 /// One batch of token rows, row-major `[batch, seq]`. `loss_mask[n]` weights the
 /// cross-entropy of predicting `targets[n]` from the prefix ending at `inputs[n]`
 /// (0 excludes a position, e.g. a prompt token).
+///
+/// A *packed* batch (`segments` set) holds several texts per window: a segment is a run of
+/// equal ids within a window, its position `i` attends only to positions `j ≤ i` of the
+/// same segment, and positions restart at 0 at each segment start. Each segment's logits
+/// are those it gets alone (see `learn::batch::pack`, which builds such windows).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
     /// Rows in the batch.
@@ -290,6 +296,10 @@ pub struct Batch {
     pub targets: Vec<u32>,
     /// Loss weight per position, `[batch, seq]`, each `>= 0`.
     pub loss_mask: Vec<f32>,
+    /// Segment id per position, `[batch, seq]`, non-decreasing within each window (the
+    /// index of the text a position belongs to within its window); `None`: every window is
+    /// one text.
+    pub segments: Option<Vec<u16>>,
 }
 
 impl Batch {
@@ -336,6 +346,24 @@ impl Batch {
                 "loss_mask[{p}] = {}: weights must be finite and >= 0",
                 self.loss_mask[p]
             )));
+        }
+        if let Some(segs) = &self.segments {
+            if segs.len() != n {
+                return Err(ModelError::Batch(format!(
+                    "segments has {} entries, expected batch*seq = {n}",
+                    segs.len()
+                )));
+            }
+            for (r, row) in segs.chunks_exact(self.seq).enumerate() {
+                if let Some(t) = (1..self.seq).find(|&t| row[t] < row[t - 1]) {
+                    return Err(ModelError::Batch(format!(
+                        "segments[{}] = {} after {} in window {r}: segment ids must not decrease within a window (each text is one contiguous run)",
+                        r * self.seq + t,
+                        row[t],
+                        row[t - 1]
+                    )));
+                }
+            }
         }
         Ok(())
     }
@@ -408,8 +436,33 @@ mod tests {
             inputs: vec![1, 2],
             targets: vec![2, 3],
             loss_mask: vec![0.0, 1.0],
+            segments: None,
         };
         assert!(ok.validate(&cfg).is_ok());
+        let packed = Batch {
+            segments: Some(vec![0, 1]),
+            ..ok.clone()
+        };
+        assert!(packed.validate(&cfg).is_ok());
+        let err = Batch {
+            segments: Some(vec![1, 0]),
+            ..ok.clone()
+        }
+        .validate(&cfg)
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("segments[1]") && err.contains("must not decrease"),
+            "{err}"
+        );
+        let err = Batch {
+            segments: Some(vec![0]),
+            ..ok.clone()
+        }
+        .validate(&cfg)
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("segments has 1 entries"), "{err}");
         let long = Batch {
             seq: 5,
             inputs: vec![0; 5],

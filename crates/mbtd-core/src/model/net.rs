@@ -18,11 +18,11 @@
 //! and the layer combines them in branch order, so the pairing never changes a bit.
 
 use super::agg::{self, AggGroups};
-use super::attention::AttnShape;
+use super::attention::{AttnShape, Segments};
 use super::block::{BranchWs, BwdScratch, branch_bwd, branch_fwd, fit, run_pairwise};
 use super::ops::{
-    dot_f64, embed_bwd, embed_fwd, layernorm_bwd, layernorm_fwd, mm_nt, mm_tn, prof, serial_gemm,
-    weighted_sum, xent_fwd_bwd,
+    dot_f64, embed_bwd, embed_fwd, layernorm_bwd, layernorm_fwd, mm_nt, mm_tn, profile,
+    serial_gemm, weighted_sum, xent_fwd_bwd,
 };
 use super::params::Params;
 use super::{Batch, Masks, ModelConfig, ModelError};
@@ -75,6 +75,7 @@ pub struct Workspace {
     dh_prev: Vec<f32>,
     da: Vec<f32>,
     scratch: [BwdScratch; 2],
+    segs: Segments,
 }
 
 impl Workspace {
@@ -195,16 +196,21 @@ impl Model {
         Ok(())
     }
 
-    fn attn_shape(&self, batch: usize, seq: usize) -> AttnShape {
+    fn attn_shape<'s>(&self, batch: usize, seq: usize, segs: &'s Segments) -> AttnShape<'s> {
         AttnShape {
             batch,
             seq,
             heads: self.config.n_heads,
             head_dim: self.config.head_dim(),
+            segs: segs.bounds(),
         }
     }
 
     /// Forward pass: fills the workspace (activations, `logits` `[B·T, V]`).
+    ///
+    /// # Shapes
+    /// `batch.inputs`: `[B, T]` token ids → embeddings `[B·T, d]` → per layer
+    /// `[B·T, d]` → `logits` `[B·T, V]` (`B = batch.batch`, `T = batch.seq`).
     pub fn forward(
         &self,
         ws: &mut Workspace,
@@ -217,13 +223,15 @@ impl Model {
         let (d, v) = (cfg.d_model, cfg.vocab_size);
         let widths = self.widths();
         ws.prepare(cfg, &widths, batch.batch, batch.seq);
+        ws.segs.fill(batch.segments.as_deref(), batch.seq);
         let n = ws.n;
-        let shape = self.attn_shape(batch.batch, batch.seq);
+        let shape = self.attn_shape(batch.batch, batch.seq, &ws.segs);
         embed_fwd(
             &mut ws.hs[0],
             &self.params.wte,
             &self.params.wpe,
             &batch.inputs,
+            ws.segs.positions(),
             batch.seq,
             d,
         );
@@ -270,7 +278,7 @@ impl Model {
             &p.lnf_gain,
             &p.lnf_bias,
         );
-        let _prof = prof::scope(prof::LINEAR);
+        let _prof = profile::scope(profile::LINEAR);
         super::ops::mm(&mut ws.logits, &ws.af, &p.head_w, n, d, v, false);
         Ok(())
     }
@@ -296,7 +304,7 @@ impl Model {
         let nl = self.params.layers.len();
         let p = &self.params;
         {
-            let _prof = prof::scope(prof::LINEAR);
+            let _prof = profile::scope(profile::LINEAR);
             let (af, dlogits, da) = (&ws.af, &ws.logits, &mut ws.da);
             rayon::join(
                 || serial_gemm(|| mm_tn(&mut grads.head_w, af, dlogits, n, d, v, false)),
@@ -315,7 +323,9 @@ impl Model {
             &p.lnf_gain,
             &mut ws.scratch[0].sums,
         );
-        let shape = self.attn_shape(ws.batch, ws.seq);
+        // the segment bounds leave the workspace while its layers are borrowed mutably
+        let segs = std::mem::take(&mut ws.segs);
+        let shape = self.attn_shape(ws.batch, ws.seq, &segs);
         for l in (0..nl).rev() {
             self.layer_bwd(ws, l, shape, grads);
             std::mem::swap(&mut ws.dh, &mut ws.dh_prev);
@@ -325,9 +335,11 @@ impl Model {
             &mut grads.wpe,
             &ws.dh,
             &batch.inputs,
+            segs.positions(),
             batch.seq,
             d,
         );
+        ws.segs = segs;
     }
 
     /// Backward of layer `l`: `ws.dh` (gradient of its output) → `ws.dh_prev`.
@@ -418,6 +430,7 @@ impl Model {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::model::bench;
     use crate::model::ops::tests::rel_err;
     use crate::model::params::TensorId;
     use rand::{Rng, SeedableRng};
@@ -436,23 +449,19 @@ pub(crate) mod tests {
         }
     }
 
+    /// [`crate::model::bench::random_batch`] from a seed, the first two positions of
+    /// each row without loss.
     pub(crate) fn random_batch(cfg: &ModelConfig, batch: usize, seq: usize, seed: u64) -> Batch {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let n = batch * seq;
-        let v = cfg.vocab_size as u32;
-        Batch {
-            batch,
-            seq,
-            inputs: (0..n).map(|_| rng.random_range(0..v)).collect(),
-            targets: (0..n).map(|_| rng.random_range(0..v)).collect(),
-            loss_mask: (0..n)
-                .map(|i| if i % seq < 2 { 0.0 } else { 1.0 })
-                .collect(),
-        }
+        bench::random_batch(cfg, batch, seq, 2, &mut ChaCha8Rng::seed_from_u64(seed))
     }
 
     /// Whole-model finite-difference check on a subset of coordinates of every tensor.
     fn check_model_gradient(masks: Masks, eta_group: bool) {
+        let batch = random_batch(&tiny_config(), 2, 5, 3);
+        check_model_gradient_on(&batch, masks, eta_group);
+    }
+
+    fn check_model_gradient_on(batch: &Batch, masks: Masks, eta_group: bool) {
         let cfg = tiny_config();
         let mut model = Model::new(cfg.clone(), 11).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(5);
@@ -475,11 +484,10 @@ pub(crate) mod tests {
                 eta: vec![1.0, 0.4],
             };
         }
-        let batch = random_batch(&cfg, 2, 5, 3);
         let mut ws = Workspace::default();
         let mut grads = Params::zeros(&cfg, &model.widths());
         model
-            .loss_and_grad(&mut ws, &batch, &masks, &mut grads)
+            .loss_and_grad(&mut ws, batch, &masks, &mut grads)
             .unwrap();
         let computed: Masks = (0..cfg.n_layers)
             .map(|l| {
@@ -502,9 +510,9 @@ pub(crate) mod tests {
             for j in (0..len).step_by((len / 7).max(1)) {
                 let old = probe.params.get(id)[j];
                 probe.params.get_mut(id)[j] = old + h;
-                let fp = probe.eval_loss(&mut ws, &batch, &masks).unwrap() as f64;
+                let fp = probe.eval_loss(&mut ws, batch, &masks).unwrap() as f64;
                 probe.params.get_mut(id)[j] = old - h;
-                let fm = probe.eval_loss(&mut ws, &batch, &masks).unwrap() as f64;
+                let fm = probe.eval_loss(&mut ws, batch, &masks).unwrap() as f64;
                 probe.params.get_mut(id)[j] = old;
                 num.push((fp - fm) / (2.0 * h as f64));
                 an.push(grads.get(id)[j] as f64);
@@ -527,5 +535,95 @@ pub(crate) mod tests {
     #[test]
     fn whole_model_gradient_masked_and_grouped() {
         check_model_gradient(vec![vec![true, false, true], vec![false, true, true]], true);
+    }
+
+    #[test]
+    fn whole_model_gradient_packed() {
+        // two windows of 6: segments of 2, 3, 1 and 4, 2 positions; every wpe row used
+        let mut batch = random_batch(&tiny_config(), 2, 6, 8);
+        batch.segments = Some(vec![0, 0, 1, 1, 1, 2, 0, 0, 0, 0, 1, 1]);
+        check_model_gradient_on(&batch, vec![vec![true; 3]; 2], false);
+        check_model_gradient_on(&batch, vec![vec![false, true, true], vec![true; 3]], true);
+    }
+
+    /// Rows of the given lengths packed into windows of `seq` (in order, a new window when
+    /// the next row does not fit), the rest padded with token 0 in a segment of its own.
+    fn pack_rows(rows: &[Vec<u32>], seq: usize) -> (Batch, Vec<(usize, usize)>) {
+        let (mut inputs, mut segments, mut at) = (Vec::new(), Vec::new(), Vec::new());
+        let mut window: (Vec<u32>, Vec<u16>) = (Vec::new(), Vec::new());
+        let flush = |w: &mut (Vec<u32>, Vec<u16>), inputs: &mut Vec<u32>, segs: &mut Vec<u16>| {
+            let pad_seg = w.1.last().map_or(0, |&s| s + 1);
+            w.0.resize(seq, 0);
+            w.1.resize(seq, pad_seg);
+            inputs.append(&mut w.0);
+            segs.append(&mut w.1);
+        };
+        for row in rows {
+            if window.0.len() + row.len() > seq {
+                flush(&mut window, &mut inputs, &mut segments);
+            }
+            let seg = window.1.last().map_or(0, |&s| s + 1);
+            at.push((inputs.len() + window.0.len(), row.len()));
+            window.0.extend(row);
+            window.1.extend(std::iter::repeat_n(seg, row.len()));
+        }
+        flush(&mut window, &mut inputs, &mut segments);
+        let n = inputs.len();
+        let batch = Batch {
+            batch: n / seq,
+            seq,
+            targets: inputs.clone(),
+            inputs,
+            loss_mask: vec![1.0; n],
+            segments: Some(segments),
+        };
+        (batch, at)
+    }
+
+    /// A packed batch gives every row bit for bit the logits that row gets alone (at the
+    /// start of a window of the same length, padded, no segments). Bitwise because every
+    /// kernel is row-local or sums a row's own terms in the same order wherever the row
+    /// sits: products over `d` are per row, masked attention terms are exact zeros, and the
+    /// softmax sums its lanes counted from the segment start (the same lanes as at position
+    /// 0 when the window length is a multiple of 16, as here).
+    #[test]
+    fn packed_rows_get_the_logits_they_get_alone() {
+        let cfg = ModelConfig {
+            max_seq_len: 32,
+            ..tiny_config()
+        };
+        let model = Model::new(cfg.clone(), 21).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let rows: Vec<Vec<u32>> = [5, 11, 1, 9, 20, 3, 32, 7, 17]
+            .iter()
+            .map(|&len| (0..len).map(|_| rng.random_range(0..11)).collect())
+            .collect();
+        let seq = 32;
+        let (packed, at) = pack_rows(&rows, seq);
+        assert!(packed.batch < rows.len(), "rows share windows");
+        let masks = model.all_active();
+        let mut ws = Workspace::default();
+        let logits = model.logits(&mut ws, &packed, &masks).unwrap();
+        let v = cfg.vocab_size;
+        for (row, &(start, len)) in rows.iter().zip(&at) {
+            let mut inputs = row.clone();
+            inputs.resize(seq, 0);
+            let alone = Batch {
+                batch: 1,
+                seq,
+                targets: inputs.clone(),
+                inputs,
+                loss_mask: vec![1.0; seq],
+                segments: None,
+            };
+            let want = model.logits(&mut ws, &alone, &masks).unwrap();
+            let got = &logits[start * v..(start + len) * v];
+            assert!(
+                got.iter()
+                    .zip(&want[..len * v])
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "row of {len} at {start}: packed logits differ from alone"
+            );
+        }
     }
 }

@@ -19,10 +19,24 @@ const MR: usize = 6;
 const NR: usize = 16;
 
 /// What a tile of rows `[i0, i1)` computes: columns `0..cols` of `C`, summing the
-/// reduction index over `red.0..red.1`.
+/// reduction index over `red.0..red.1`; 16-column panels that end at or before `col0`
+/// are skipped (left unwritten: the caller masks those columns).
 pub(crate) struct TileRange {
+    pub col0: usize,
     pub cols: usize,
     pub red: (usize, usize),
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Product terms computed by this thread's tiles (`rows × columns × reduction`).
+    static WORK: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// This thread's tile product terms since the last call (tests measure skipped work).
+#[cfg(test)]
+pub(crate) fn take_work() -> u64 {
+    WORK.with(|w| w.replace(0))
 }
 
 thread_local! {
@@ -155,7 +169,7 @@ pub(crate) fn product(
     let mut i0 = 0;
     while i0 < m {
         let i1 = (i0 + MR).min(m);
-        let TileRange { cols, red } = range(i0, i1);
+        let TileRange { cols, red, .. } = range(i0, i1);
         assert!(
             cols <= n && red.1 <= k && span(i1, cols, crs, 1) <= c.len(),
             "tile::product: range outside B or C"
@@ -178,9 +192,14 @@ pub(crate) fn product(
                     let mut i0 = 0;
                     while i0 < m {
                         let i1 = (i0 + MR).min(m);
-                        let TileRange { cols, red } = range(i0, i1);
-                        if j0 < cols {
+                        let TileRange { col0, cols, red } = range(i0, i1);
+                        if j0 < cols && j0 + NR > col0 {
                             let w = (cols - j0).min(NR);
+                            #[cfg(test)]
+                            WORK.with(|c| {
+                                let terms = (i1 - i0) * w * red.1.saturating_sub(red.0);
+                                c.set(c.get() + terms as u64)
+                            });
                             row_tile(c, crs, (i0, i1), a, panel, j0, w, red, acc);
                         }
                         i0 = i1;
@@ -266,6 +285,7 @@ mod tests {
                         View::rm(&av, k)
                     };
                     let range = |i0: usize, i1: usize| TileRange {
+                        col0: 0,
                         cols: (n * i1).div_ceil(m).min(n),
                         red: (i0 * k / m / 2, (k * i1).div_ceil(m).min(k)),
                     };
@@ -280,7 +300,7 @@ mod tests {
                     product(&mut c, n, m, view, bview, (k, n), acc, range);
                     for i in 0..m {
                         let i0 = i / MR * MR;
-                        let TileRange { cols, red } = range(i0, (i0 + MR).min(m));
+                        let TileRange { cols, red, .. } = range(i0, (i0 + MR).min(m));
                         for j in 0..n {
                             let want = if j < cols {
                                 let s: f32 =

@@ -6,7 +6,7 @@
 //!
 //! ```
 //! use std::time::{Duration, Instant};
-//! use mbtd::telemetry::event::{InternalEvent, RateLimit};
+//! use mbtd_daemon::telemetry::event::{InternalEvent, RateLimit};
 //!
 //! /// A file could not be read (log line + counter).
 //! struct FileUnreadable<'a> {
