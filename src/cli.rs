@@ -61,6 +61,7 @@ pub enum InspectCommand {
     },
 }
 
+
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Training throughput of the MBT-LM benchmark preset.
@@ -86,6 +87,10 @@ pub struct RunArgs {
     /// the config resolve against it).
     #[arg(long, default_value = ".")]
     pub data_dir: PathBuf,
+    /// When the config's `model.*` differs from the checkpoint this data dir resumes from,
+    /// run with the checkpoint's architecture instead of refusing to start.
+    #[arg(long)]
+    pub accept_checkpoint_model: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -43,7 +43,10 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(mbtd::daemon::run(cfg, data_dir)) {
+            let opts = mbtd::daemon::RunOptions {
+                accept_checkpoint_model: args.accept_checkpoint_model,
+            };
+            match rt.block_on(mbtd::daemon::run(cfg, data_dir, opts)) {
                 Ok(Exit::Clean) => ExitCode::SUCCESS,
                 Ok(Exit::Failed(why)) => {
                     tracing::error!(reason = %why, "mbtd exiting with failure");
@@ -53,7 +56,11 @@ fn main() -> ExitCode {
                 Err(e) => {
                     tracing::error!(error = %format!("{e:#}"), "mbtd failed");
                     eprintln!("mbtd: {e:#}");
-                    ExitCode::FAILURE
+                    if e.downcast_ref::<mbtd::daemon::StartRefused>().is_some() {
+                        ExitCode::from(EXIT_CONFIG)
+                    } else {
+                        ExitCode::FAILURE
+                    }
                 }
             }
         }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 
-use crate::checkpoint::store::{CheckpointSummary, list};
+use crate::checkpoint::{CheckpointSummary, list};
 use crate::config::Config;
 use crate::telemetry::history::read_history;
 use history::{EventKind, Series, series};

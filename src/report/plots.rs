@@ -11,7 +11,7 @@ use plotters::prelude::*;
 
 use super::ReportError;
 use super::history::{EventKind, Point, Series, changes, outage_spans, step_runs};
-use crate::checkpoint::store::CheckpointSummary;
+use crate::checkpoint::CheckpointSummary;
 
 const FONT_BYTES: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans-subset.ttf");
 const FONT: &str = "sans-serif";

@@ -33,6 +33,7 @@ pub const COMMANDS: &[&str] = &[
     "generate",
     "expand",
     "checkpoint",
+    "checkpoint-delete",
     "checkpoints",
     "rollback",
     "governor",
@@ -80,6 +81,7 @@ pub enum Request {
     Generate(GenerateArgs),
     Expand(ExpandArgs),
     Checkpoint(CheckpointArgs),
+    CheckpointDelete(CheckpointDeleteArgs),
     Checkpoints(NoArgs),
     Rollback(RollbackArgs),
     /// Makes the named actor panic; answered only by builds with the `fault-injection` feature.
@@ -130,6 +132,7 @@ impl Request {
             Request::Generate(_) => "generate",
             Request::Expand(_) => "expand",
             Request::Checkpoint(_) => "checkpoint",
+            Request::CheckpointDelete(_) => "checkpoint-delete",
             Request::Checkpoints(_) => "checkpoints",
             Request::Rollback(_) => "rollback",
             Request::DebugCrash(_) => "debug-crash",
@@ -230,6 +233,13 @@ fn default_noise() -> f32 {
 pub struct CheckpointArgs {
     #[serde(default)]
     pub tag: Option<CheckpointTag>,
+}
+
+/// `checkpoint-delete`: delete the checkpoint with this id, or every one with this tag.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointDeleteArgs {
+    pub target: CheckpointRef,
 }
 
 /// `rollback`: restore a checkpoint by id, tag, or `previous`.

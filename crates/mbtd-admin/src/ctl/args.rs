@@ -95,10 +95,15 @@ pub enum CtlCommand {
         #[arg(long, default_value_t = 1e-3)]
         noise: f64,
     },
-    /// Write a checkpoint now.
+    /// Write a checkpoint now (`checkpoint delete ID|TAG` deletes instead).
+    #[command(args_conflicts_with_subcommands = true)]
     Checkpoint {
+        /// Operator tag: 1 to 64 of A-Z a-z 0-9 . _ - (kept until deleted or
+        /// checkpoints.keep_tagged).
         #[arg(long)]
         tag: Option<String>,
+        #[command(subcommand)]
+        action: Option<CheckpointAction>,
     },
     /// List checkpoints.
     Checkpoints,
@@ -113,5 +118,16 @@ pub enum CtlCommand {
     DebugCrash {
         #[arg(long)]
         actor: String,
+    },
+}
+
+/// `mbtd ctl checkpoint <action>`.
+#[derive(Debug, Subcommand)]
+pub enum CheckpointAction {
+    /// Delete the checkpoint with this id, or every checkpoint with this tag (never LATEST,
+    /// its parent, or the pre-expansion checkpoint of an undecided expansion).
+    Delete {
+        /// A checkpoint id or tag.
+        target: String,
     },
 }

@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 
 use crate::client::{self, ClientError};
 use crate::protocol::{
-    BranchArgs, CheckpointArgs, CheckpointRef, CheckpointTag, ExpandArgs, GenerateArgs, NoArgs,
+    BranchArgs, CheckpointArgs, CheckpointDeleteArgs, CheckpointRef, CheckpointTag, ExpandArgs, GenerateArgs, NoArgs,
     Request, RollbackArgs, StatusReply,
 };
-pub use args::{CtlArgs, CtlCommand};
+pub use args::{CheckpointAction, CtlArgs, CtlCommand};
 use mbtd_core::config::Config;
 
 /// Finds the socket: `--socket`, else `admin.socket` of `--config` (or the default config)
@@ -85,7 +85,14 @@ fn request(cmd: &CtlCommand) -> Result<Request, String> {
             ramp_steps: *ramp_steps,
             noise: *noise as f32,
         }),
-        CtlCommand::Checkpoint { tag } => Request::Checkpoint(CheckpointArgs {
+        CtlCommand::Checkpoint {
+            action: Some(CheckpointAction::Delete { target }),
+            ..
+        } => Request::CheckpointDelete(CheckpointDeleteArgs {
+            target: CheckpointRef::try_from(target.clone())
+                .map_err(|e| format!("mbtd ctl checkpoint delete: {e}"))?,
+        }),
+        CtlCommand::Checkpoint { tag, action: None } => Request::Checkpoint(CheckpointArgs {
             tag: tag
                 .clone()
                 .map(CheckpointTag::try_from)

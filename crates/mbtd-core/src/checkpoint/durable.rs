@@ -1,13 +1,13 @@
-//! Durable file-system steps with a fault-injection hook.
+//! The steps of a checkpoint write, with a fault-injection hook.
 //!
 //! Every step of a checkpoint write goes through [`Steps::run`], which counts the steps and
 //! can be told by a [`FaultPlan`] to fail one of them with `ENOSPC` instead of doing it. The
 //! hook is compiled into normal builds (it costs one comparison per step) so tests exercise
-//! the same code the daemon runs.
+//! the same code the daemon runs. The file operations themselves are
+//! [`crate::store::fsutil`]'s.
 
 use std::cell::Cell;
-use std::fs::File;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -76,7 +76,23 @@ impl FaultPlan {
     pub fn fail_step(n: usize) -> Self {
         Self { fail_at: Some(n) }
     }
+
+    /// The plan of a daemon write under `root`: none, except in builds with the
+    /// `fault-injection` feature, where the file `root/`[`INJECT_ENOSPC_FILE`] makes the
+    /// first file write fail with `ENOSPC` (a full disk, for tests that cannot mount a small
+    /// filesystem).
+    pub fn injected(root: &Path) -> Self {
+        if cfg!(feature = "fault-injection") && root.join(INJECT_ENOSPC_FILE).exists() {
+            // Step 0 creates the root, step 1 the temp dir, step 2 writes the first file.
+            Self::fail_step(2)
+        } else {
+            Self::none()
+        }
+    }
 }
+
+/// See [`FaultPlan::injected`]; a dot-file, so listing and retention ignore it.
+pub const INJECT_ENOSPC_FILE: &str = ".inject-enospc";
 
 /// A failed step: which one, on which path, and the OS error.
 #[derive(Debug)]
@@ -126,43 +142,6 @@ impl Steps {
     }
 }
 
-/// fsyncs a directory so that renames and creations inside it are durable.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-/// Creates `path` (which must not exist), writes `bytes` and returns the open file.
-pub fn create_and_write(path: &Path, bytes: &[u8]) -> io::Result<File> {
-    let mut f = File::options().write(true).create_new(true).open(path)?;
-    f.write_all(bytes)?;
-    Ok(f)
-}
-
-/// Writes `bytes` to `path` durably: `path`'s directory gets `.<name>.tmp`, which is
-/// written, fsynced and renamed over `path`; then the directory is fsynced.
-pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
-    let result = (|| {
-        let _ = std::fs::remove_file(&tmp);
-        let f = create_and_write(&tmp, bytes)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)?;
-        sync_dir(&dir)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,19 +155,5 @@ mod tests {
         assert_eq!(err.step, WriteStep::WriteFile);
         assert_eq!(err.source.raw_os_error(), Some(libc::ENOSPC));
         assert!(steps.run(WriteStep::SyncFile, p, || Ok(())).is_ok());
-    }
-
-    #[test]
-    fn atomic_write_replaces_and_leaves_no_temp() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("f.json");
-        write_file_atomic(&p, b"one").unwrap();
-        write_file_atomic(&p, b"two").unwrap();
-        assert_eq!(std::fs::read(&p).unwrap(), b"two");
-        let names: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(names, vec![std::ffi::OsString::from("f.json")]);
     }
 }

@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -45,8 +45,15 @@ pub struct Manifest {
     pub id: String,
     /// Id of the checkpoint this state descends from (the one restored or last written).
     pub parent: Option<String>,
-    /// Operator or governor tag, e.g. `pre-expansion`; tagged checkpoints are kept forever.
+    /// Operator tag (see [`validate_tag`]) or automatic tag ([`TAG_SHUTDOWN`],
+    /// [`TAG_PRE_EXPAND`]); retention treats them as described in
+    /// [`crate::checkpoint::retention`].
     pub tag: Option<String>,
+    /// Checkpoints this state may still return to: the pre-expansion checkpoint of an
+    /// expansion not yet kept or rolled back. Retention keeps them while this checkpoint is
+    /// `LATEST`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pins: Vec<String>,
     /// Creation time, RFC 3339 UTC with milliseconds (`2026-11-23T10:15:02.123Z`).
     pub created_at: String,
     /// Optimizer steps done.
@@ -74,6 +81,7 @@ impl Manifest {
             id: new_id(now, step),
             parent: None,
             tag: None,
+            pins: Vec::new(),
             created_at: format_rfc3339(now),
             step,
             tokens,
@@ -127,8 +135,57 @@ pub fn new_id(now: SystemTime, step: u64) -> String {
         AtomicU64::new(u64::from(std::process::id()).wrapping_mul(0x9E37) ^ u64::from(nanos))
     });
     let suffix = seq.fetch_add(1, Ordering::Relaxed) & 0xffff;
-    let (y, mo, d, h, mi, s, ms) = civil(now);
-    format!("{y:04}{mo:02}{d:02}T{h:02}{mi:02}{s:02}.{ms:03}Z-{step:012}-{suffix:04x}")
+    let compact: String = format_rfc3339(now)
+        .chars()
+        .filter(|c| !matches!(c, '-' | ':'))
+        .collect();
+    format!("{compact}-{step:012}-{suffix:04x}")
+}
+
+/// Tag of the checkpoint written at an ordered shutdown.
+pub const TAG_SHUTDOWN: &str = "shutdown";
+/// Tag of the checkpoint written before an expansion.
+pub const TAG_PRE_EXPAND: &str = "pre-expand";
+/// Tags the daemon sets itself; an operator cannot use them.
+pub const AUTOMATIC_TAGS: [&str; 2] = [TAG_SHUTDOWN, TAG_PRE_EXPAND];
+/// Names `ctl rollback` reads as something other than a tag.
+const RESERVED_TAGS: [&str; 2] = ["previous", "LATEST"];
+
+/// Checks an operator's checkpoint tag: 1 to 64 characters of `[A-Za-z0-9._-]`, not an
+/// automatic tag ([`AUTOMATIC_TAGS`]) and not `previous` or `LATEST`. The error says why,
+/// quoting at most the first 40 characters of the tag.
+pub fn validate_tag(tag: &str) -> Result<(), String> {
+    let shown: String = tag
+        .chars()
+        .take(40)
+        .collect::<String>()
+        .escape_debug()
+        .to_string();
+    let shown = if tag.chars().count() > 40 {
+        format!("\"{shown}…\" ({} bytes)", tag.len())
+    } else {
+        format!("\"{shown}\"")
+    };
+    let rule = "a tag is 1 to 64 characters of A-Z a-z 0-9 . _ -";
+    if tag.is_empty() || tag.len() > 64 {
+        return Err(format!(
+            "checkpoint tag {shown} has {} bytes; {rule}",
+            tag.len()
+        ));
+    }
+    if let Some(c) = tag
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!("checkpoint tag {shown} contains {:?}; {rule}", c));
+    }
+    if AUTOMATIC_TAGS.contains(&tag) || RESERVED_TAGS.contains(&tag) {
+        return Err(format!(
+            "checkpoint tag {shown} is reserved (the daemon's own tags are {}, and `previous` and `LATEST` name rollback targets); choose another tag",
+            AUTOMATIC_TAGS.join(", ")
+        ));
+    }
+    Ok(())
 }
 
 /// Whether `id` is a plausible checkpoint directory name (non-empty, no path separators,
@@ -141,94 +198,41 @@ pub fn is_valid_id(id: &str) -> bool {
         && id != "LATEST"
 }
 
+/// Milliseconds since the Unix epoch of `t` (times before 1970 clamp to the epoch).
+fn epoch_millis(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// `t` truncated to the millisecond as a [`jiff::Timestamp`] (clamped to jiff's range,
+/// years -9999..=9999).
+fn timestamp_ms(t: SystemTime) -> jiff::Timestamp {
+    let ms = epoch_millis(t).min(jiff::Timestamp::MAX.as_millisecond());
+    jiff::Timestamp::from_millisecond(ms).unwrap_or(jiff::Timestamp::MAX)
+}
+
 /// RFC 3339 UTC with milliseconds: `2026-11-23T10:15:02.123Z`. Times before 1970 clamp to
 /// the epoch.
 pub fn format_rfc3339(t: SystemTime) -> String {
-    let (y, mo, d, h, mi, s, ms) = civil(t);
-    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{ms:03}Z")
+    format!("{:.3}", timestamp_ms(t))
 }
 
-/// Parses an RFC 3339 UTC time (`Z` or `+00:00`, optional fraction) to a [`SystemTime`].
+/// Parses an RFC 3339 time (any offset, optional fraction) to a [`SystemTime`]; `None` for
+/// anything that is not a real instant (e.g. `2026-02-31`, hour 24, no offset).
 pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
-    let s = s.strip_suffix('Z').or_else(|| s.strip_suffix("+00:00"))?;
-    let (date, time) = s.split_once(['T', 't', ' '])?;
-    let mut dp = date.splitn(3, '-');
-    let y: i64 = dp.next()?.parse().ok()?;
-    let mo: u32 = dp.next()?.parse().ok()?;
-    let d: u32 = dp.next()?.parse().ok()?;
-    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
-    let mut tp = hms.splitn(3, ':');
-    let h: u64 = tp.next()?.parse().ok()?;
-    let mi: u64 = tp.next()?.parse().ok()?;
-    let sec: u64 = tp.next()?.parse().ok()?;
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
-        return None;
-    }
-    let nanos: u32 = if frac.is_empty() {
-        0
-    } else {
-        if !frac.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        let digits: String = frac.chars().chain(std::iter::repeat('0')).take(9).collect();
-        digits.parse().ok()?
-    };
-    let days = days_from_civil(y, mo, d);
-    let secs = u64::try_from(days).ok()? * 86_400 + h * 3600 + mi * 60 + sec;
-    Some(UNIX_EPOCH + Duration::new(secs, nanos))
+    s.parse::<jiff::Timestamp>().ok().map(SystemTime::from)
 }
 
 /// Days since 1970-01-01 of the UTC day that contains `t`.
 pub fn unix_day(t: SystemTime) -> i64 {
-    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    (secs / 86_400) as i64
-}
-
-fn civil(t: SystemTime) -> (i64, u32, u32, u64, u64, u64, u32) {
-    let dur = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = dur.as_secs();
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let (y, mo, d) = civil_from_days(days);
-    (
-        y,
-        mo,
-        d,
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60,
-        dur.subsec_millis(),
-    )
-}
-
-// Howard Hinnant's days <-> civil date algorithms (proleptic Gregorian calendar).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let m = i64::from(m);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+    epoch_millis(t).div_euclid(86_400_000)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::time::Duration;
 
     fn sample() -> Manifest {
         let mut m = Manifest::new(
@@ -264,6 +268,11 @@ mod tests {
             Some(UNIX_EPOCH + Duration::from_secs(951_782_400))
         );
         assert_eq!(parse_rfc3339("2026-13-01T00:00:00Z"), None);
+        // Days that do not exist in their month, and a non-leap February 29.
+        assert_eq!(parse_rfc3339("2026-02-31T00:00:00Z"), None);
+        assert_eq!(parse_rfc3339("2026-04-31T12:00:00Z"), None);
+        assert_eq!(parse_rfc3339("2026-02-29T00:00:00Z"), None);
+        assert_eq!(parse_rfc3339("2026-11-23T24:00:00Z"), None);
         assert_eq!(parse_rfc3339("2026-11-23T10:15:02"), None);
         assert_eq!(unix_day(t), 20_780);
     }
@@ -303,7 +312,40 @@ mod tests {
         assert!(err.contains("manifest_blake3"), "{err}");
     }
 
+    #[test]
+    fn tags_are_validated() {
+        for ok in ["v1", "before-upgrade_2026.11", &"a".repeat(64)] {
+            assert_eq!(validate_tag(ok), Ok(()), "{ok}");
+        }
+        let long = "x".repeat(100_000);
+        for (bad, why) in [
+            ("", "0 bytes"),
+            ("../../evil", "'/'"),
+            ("a b", "' '"),
+            ("line\nbreak", "'\\n'"),
+            (long.as_str(), "100000 bytes"),
+            (&"a".repeat(65), "65 bytes"),
+            ("shutdown", "reserved"),
+            ("pre-expand", "reserved"),
+            ("previous", "reserved"),
+            ("é", "'é'"),
+        ] {
+            let err = validate_tag(bad).unwrap_err();
+            assert!(err.contains(why), "{bad:?}: {err}");
+            assert!(err.len() < 300, "the message stays short: {err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+        }
+    }
+
     proptest! {
+        #[test]
+        fn tag_rule_matches_the_pattern(tag in "[ -~]{0,70}") {
+            let pattern_ok = (1..=64).contains(&tag.len())
+                && tag.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            let reserved = ["shutdown", "pre-expand", "previous", "LATEST"].contains(&tag.as_str());
+            prop_assert_eq!(validate_tag(&tag).is_ok(), pattern_ok && !reserved);
+        }
+
         #[test]
         fn rfc3339_round_trips(ms in 0u64..8_000_000_000_000) {
             let t = UNIX_EPOCH + Duration::from_millis(ms);

@@ -13,24 +13,40 @@
 //! A checkpoint is visible under its id only once all its files and the directory are on
 //! disk (temp dir, fsync every file and the dir, rename, fsync root). `LATEST` is then
 //! replaced by temp file + fsync + rename + fsync root.
+//!
+//! Modules: [`format`] writes, verifies and loads; [`listing`] lists from manifests and
+//! deletes; [`retention`] plans what to delete; [`inspect`] is the offline check;
+//! [`table`] renders the listing and the inspection for people.
 
 pub mod durable;
+pub mod format;
+pub mod inspect;
+pub mod listing;
 pub mod manifest;
 pub mod retention;
-pub mod store;
+pub mod table;
+#[cfg(test)]
+mod testutil;
 
-use std::path::PathBuf;
+use std::os::unix::ffi::OsStrExt as _;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 pub use durable::{FaultPlan, WriteStep};
-pub use manifest::{FORMAT_VERSION, FileEntry, MANIFEST_FILE, Manifest, new_id};
-pub use retention::{RetentionPolicy, apply_retention, plan_retention};
-pub use store::{
-    CheckpointInfo, CheckpointList, CheckpointSummary, FileCheck, Inspection, LoadedCheckpoint,
-    Rejected, Resume, TensorSummary, inspect, list, load_checkpoint, open_latest, read_latest,
-    repair_latest, set_latest, write_checkpoint, write_checkpoint_with_faults,
+pub use format::{
+    CheckpointInfo, LATEST_FILE, LoadedCheckpoint, Rejected, Resume, load_checkpoint, open_latest,
+    read_latest, repair_latest, set_latest, write_checkpoint, write_checkpoint_with_faults,
 };
+pub use inspect::{FileCheck, Inspection, TensorSummary, inspect};
+pub use listing::{
+    CheckpointList, CheckpointSummary, delete, list, remove_checkpoints, resume_manifest,
+};
+pub use manifest::{
+    AUTOMATIC_TAGS, FORMAT_VERSION, FileEntry, MANIFEST_FILE, Manifest, TAG_PRE_EXPAND,
+    TAG_SHUTDOWN, new_id, validate_tag,
+};
+pub use retention::{RetentionPlan, RetentionPolicy, plan_retention};
 
 /// Errors of the checkpoint module. Each names the path and says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +132,36 @@ pub enum CheckpointError {
         /// Hash of the content.
         actual: String,
     },
+    /// Too little free space to write a checkpoint and keep the reserve.
+    #[error(
+        "not enough free space for a checkpoint under {root}: {free} bytes free, the checkpoint needs about {needed} and checkpoints.min_free_bytes keeps {reserve} in reserve; free disk space, lower checkpoints.max_bytes or keep_last, or move paths.checkpoints"
+    )]
+    DiskFull {
+        /// The checkpoint root.
+        root: PathBuf,
+        /// Bytes available to the daemon.
+        free: u64,
+        /// Estimated size of the checkpoint.
+        needed: u64,
+        /// `checkpoints.min_free_bytes`.
+        reserve: u64,
+    },
+    /// No checkpoint matches what an operator named.
+    #[error("no checkpoint `{name}`: {why}; `mbtd ctl checkpoints` lists them")]
+    NotFound {
+        /// The id, tag or keyword given.
+        name: String,
+        /// Why nothing matched.
+        why: String,
+    },
+    /// Deleting this checkpoint would break resume or a pending rollback.
+    #[error(
+        "checkpoint {id} is not deleted: it is LATEST, LATEST's parent, or the pre-expansion checkpoint of an undecided expansion; roll back or wait for the expansion's outcome first"
+    )]
+    Protected {
+        /// Its id.
+        id: String,
+    },
     /// A file-system operation outside a write (cleanup, retention, LATEST) failed.
     #[error("{op} {path} failed: {source}")]
     Fs {
@@ -128,7 +174,67 @@ pub enum CheckpointError {
     },
 }
 
-/// Checkpoint settings (`[checkpoint]` in the daemon config).
+impl CheckpointError {
+    /// Whether this failure means the disk (or quota) is full: an expected condition the
+    /// daemon reports and retries, not a bug.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            Self::DiskFull { .. } => true,
+            Self::Write { source, .. } | Self::Fs { source, .. } => matches!(
+                source.raw_os_error(),
+                Some(libc::ENOSPC) | Some(libc::EDQUOT)
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// Bytes available to an unprivileged writer on the filesystem holding `path` (the nearest
+/// existing ancestor when `path` does not exist yet).
+pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    let mut p = path;
+    while !p.exists() {
+        p = match p.parent() {
+            Some(q) if !q.as_os_str().is_empty() => q,
+            _ => Path::new("."),
+        };
+    }
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: statvfs(3) writes into the zeroed struct we own; `c` is a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // The field types are u32 or u64 depending on the platform.
+    #[allow(clippy::useless_conversion)]
+    let (avail, frsize) = (u64::from(st.f_bavail), u64::from(st.f_frsize));
+    Ok(avail.saturating_mul(frsize))
+}
+
+/// Refuses a write of about `needed` bytes under `root` that would leave less than
+/// `reserve` bytes free ([`CheckpointError::DiskFull`]). A `reserve` of 0 checks nothing.
+pub fn check_free_space(root: &Path, needed: u64, reserve: u64) -> Result<(), CheckpointError> {
+    if reserve == 0 {
+        return Ok(());
+    }
+    let free = free_bytes(root).map_err(|source| CheckpointError::Fs {
+        op: "statvfs",
+        path: root.to_path_buf(),
+        source,
+    })?;
+    if free < needed.saturating_add(reserve) {
+        return Err(CheckpointError::DiskFull {
+            root: root.to_path_buf(),
+            free,
+            needed,
+            reserve,
+        });
+    }
+    Ok(())
+}
+
+/// Checkpoint settings (`[checkpoints]` in the daemon config).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CheckpointConfig {
@@ -140,6 +246,18 @@ pub struct CheckpointConfig {
     pub keep_last: usize,
     /// Also keep the newest checkpoint of each of the last N UTC days (0 = none).
     pub keep_daily: usize,
+    /// Keep the newest N operator-tagged checkpoints (`ctl checkpoint --tag`), even over
+    /// `max_bytes`; older tagged ones are retained like untagged ones.
+    pub keep_tagged: usize,
+    /// Keep the newest N `pre-expand` checkpoints of expansions already kept or rolled back
+    /// (the one of an undecided expansion is always kept).
+    pub keep_decided_pre_expand: usize,
+    /// Budget for all checkpoints together, bytes; retention deletes the oldest unprotected
+    /// ones beyond it (0 = no budget).
+    pub max_bytes: u64,
+    /// Free space to leave on the checkpoints' filesystem: a checkpoint that would leave less
+    /// is not written (reported like a full disk). 0 = no check.
+    pub min_free_bytes: u64,
 }
 
 impl Default for CheckpointConfig {
@@ -149,6 +267,10 @@ impl Default for CheckpointConfig {
             every_seconds: 600,
             keep_last: 5,
             keep_daily: 7,
+            keep_tagged: 20,
+            keep_decided_pre_expand: 2,
+            max_bytes: 16 << 30,
+            min_free_bytes: 256 << 20,
         }
     }
 }
@@ -158,26 +280,38 @@ impl CheckpointConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.every_steps == 0 && self.every_seconds == 0 {
             return Err(
-                "checkpoint.every_steps and checkpoint.every_seconds are both 0: set at least one to >= 1"
+                "checkpoints.every_steps and checkpoints.every_seconds are both 0: set at least one to >= 1"
                     .to_string(),
             );
         }
         if self.every_seconds > 7 * 86_400 {
             return Err(format!(
-                "checkpoint.every_seconds = {} is out of range: allowed 0..=604800 (one week)",
+                "checkpoints.every_seconds = {} is out of range: allowed 0..=604800 (one week)",
                 self.every_seconds
             ));
         }
         if !(1..=10_000).contains(&self.keep_last) {
             return Err(format!(
-                "checkpoint.keep_last = {} is out of range: allowed 1..=10000",
+                "checkpoints.keep_last = {} is out of range: allowed 1..=10000",
                 self.keep_last
             ));
         }
         if self.keep_daily > 3650 {
             return Err(format!(
-                "checkpoint.keep_daily = {} is out of range: allowed 0..=3650",
+                "checkpoints.keep_daily = {} is out of range: allowed 0..=3650",
                 self.keep_daily
+            ));
+        }
+        if self.keep_tagged > 10_000 {
+            return Err(format!(
+                "checkpoints.keep_tagged = {} is out of range: allowed 0..=10000",
+                self.keep_tagged
+            ));
+        }
+        if self.keep_decided_pre_expand > 100 {
+            return Err(format!(
+                "checkpoints.keep_decided_pre_expand = {} is out of range: allowed 0..=100",
+                self.keep_decided_pre_expand
             ));
         }
         Ok(())
@@ -188,6 +322,9 @@ impl CheckpointConfig {
         RetentionPolicy {
             keep_last: self.keep_last,
             keep_daily: self.keep_daily,
+            keep_tagged: self.keep_tagged,
+            keep_decided_pre_expand: self.keep_decided_pre_expand,
+            max_bytes: self.max_bytes,
         }
     }
 
@@ -213,7 +350,11 @@ mod tests {
             keep_last: 0,
             ..c.clone()
         };
-        assert!(bad.validate().unwrap_err().contains("checkpoint.keep_last"));
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .contains("checkpoints.keep_last")
+        );
         let bad = CheckpointConfig {
             every_steps: 0,
             every_seconds: 0,
@@ -222,7 +363,7 @@ mod tests {
         assert!(
             bad.validate()
                 .unwrap_err()
-                .contains("checkpoint.every_steps")
+                .contains("checkpoints.every_steps")
         );
         let bad = CheckpointConfig {
             keep_daily: 10_000,
@@ -231,7 +372,7 @@ mod tests {
         assert!(
             bad.validate()
                 .unwrap_err()
-                .contains("checkpoint.keep_daily")
+                .contains("checkpoints.keep_daily")
         );
         let parsed: CheckpointConfig = toml::from_str("keep_last = 3").unwrap();
         assert_eq!(parsed.keep_last, 3);

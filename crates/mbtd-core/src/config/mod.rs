@@ -72,6 +72,9 @@ pub struct PathsConfig {
     pub inbox: PathBuf,
     pub replay: PathBuf,
     pub checkpoints: PathBuf,
+    /// Let the daemon's group read what it writes (umask 0027, directories 0750) instead of
+    /// the owner only (umask 0077, directories 0700).
+    pub group_readable: bool,
 }
 
 impl Default for PathsConfig {
@@ -80,6 +83,7 @@ impl Default for PathsConfig {
             inbox: "inbox".into(),
             replay: "replay".into(),
             checkpoints: "checkpoints".into(),
+            group_readable: false,
         }
     }
 }

@@ -330,7 +330,7 @@ impl Tokenizer {
     /// Writes `tokenizer.json` to `path` durably (temp file, fsync, rename, dir fsync).
     pub fn save(&self, path: &Path) -> Result<(), TokenizerError> {
         let json = self.to_json()?;
-        crate::checkpoint::durable::write_file_atomic(path, json.as_bytes()).map_err(|source| {
+        crate::store::fsutil::write_atomic(path, json.as_bytes()).map_err(|source| {
             TokenizerError::Io {
                 path: path.to_path_buf(),
                 op: "write",

@@ -6,7 +6,7 @@ use std::time::Instant;
 use kameo::prelude::*;
 use tokio::sync::{mpsc, oneshot};
 
-use super::checkpointer::{CheckpointerActor, List};
+use super::checkpointer::{CheckpointerActor, Delete, List};
 use super::health::HealthBoard;
 use super::ingestor::{IngestStatus, IngestorActor, SetPaused};
 use super::metrics::{GetSnapshot, MetricsActor};
@@ -14,7 +14,7 @@ use super::replay::{ReplayActor, Stats};
 use super::trainer::{Forward, TrainerActor, TrainerStatus};
 use super::trainer_worker::Cmd;
 use crate::admin::protocol::{
-    BranchArgs, CheckpointArgs, Envelope, GenerateArgs, Request, Response, RollbackArgs,
+    BranchArgs, CheckpointArgs, CheckpointDeleteArgs, Envelope, GenerateArgs, Request, Response, RollbackArgs,
     StatusReply,
 };
 use crate::admin::server_events::GenerateCancelled;
@@ -97,7 +97,16 @@ impl Dispatcher {
             Request::Governor(_) => self.trainer_cmd(id, Cmd::Governor).await,
             Request::Checkpoint(CheckpointArgs { tag }) => {
                 let tag = tag.map(String::from);
-                self.trainer_cmd(id, |r| Cmd::Checkpoint(tag, r)).await
+                match tag.as_deref().map(crate::checkpoint::validate_tag) {
+                    Some(Err(e)) => Response::error(id, e),
+                    _ => self.trainer_cmd(id, |r| Cmd::Checkpoint(tag, r)).await,
+                }
+            }
+            Request::CheckpointDelete(CheckpointDeleteArgs { target }) => {
+                match self.checkpointer.ask(Delete(String::from(target))).await {
+                    Ok(v) => Response::ok(id, v),
+                    Err(e) => Response::error(id, format!("cannot delete checkpoint: {e}")),
+                }
             }
             Request::Rollback(RollbackArgs { target }) => {
                 let t = String::from(target);

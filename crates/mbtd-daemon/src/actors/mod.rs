@@ -2,6 +2,7 @@
 //! root supervisor that restarts them with back-off.
 
 pub mod admin;
+pub mod checkpoint_events;
 pub mod checkpointer;
 pub mod dispatch;
 pub mod health;

@@ -34,6 +34,9 @@ pub struct RootArgs {
     pub stop_tx: mpsc::Sender<StopRequest>,
     /// Receives the name of an actor that crash-looped; the daemon then exits non-zero.
     pub fatal_tx: mpsc::UnboundedSender<String>,
+    /// The checkpointer's write health, kept across its restarts and read by the daemon at
+    /// exit (a failed final checkpoint makes the exit non-zero).
+    pub checkpoint_state: std::sync::Arc<super::checkpointer::CheckpointState>,
 }
 
 /// A child as the supervisor knows it, in stop order.
@@ -192,6 +195,7 @@ impl Actor for Root {
                     cfg: args.cfg.checkpoints.clone(),
                     health: args.board.register("checkpointer", d),
                     status: std::sync::Arc::new(ck_tx),
+                    state: args.checkpoint_state.clone(),
                 },
             )
             .await;

@@ -248,7 +248,11 @@ impl Worker {
         } else {
             None
         };
-        let pre = self.checkpoint(Some("pre-expand".into()))?;
+        // Everything that can refuse the expansion is checked before the checkpoint is written.
+        if !(noise >= 0.0 && noise.is_finite()) {
+            return Err(format!("noise = {noise}: must be finite and >= 0"));
+        }
+        let pre = self.checkpoint(Some(crate::checkpoint::TAG_PRE_EXPAND.into()))?;
         let pre_id = pre["id"].as_str().unwrap_or_default().to_string();
         let live = &mut self.live;
         let all_on = live.trainer.model().all_active();

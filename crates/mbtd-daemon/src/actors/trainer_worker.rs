@@ -564,6 +564,13 @@ impl Worker {
         let mut m = Manifest::new(SystemTime::now(), t, live.st.tokens_total);
         m.parent = live.parent.clone();
         m.tag = tag;
+        m.pins = live
+            .st
+            .governor
+            .in_progress
+            .iter()
+            .map(|e| e.checkpoint_id.clone())
+            .collect();
         m.widths = live.trainer.model().widths();
         m.config = serde_json::to_value(&self.a.cfg).unwrap_or_default();
         m.state = serde_json::to_value(&live.st).map_err(|e| e.to_string())?;
@@ -642,7 +649,6 @@ impl Worker {
             "forced_off": l.avail.forced_off(),
             "governor_expansion": l.st.governor.in_progress.as_ref()
                 .map(|e| serde_json::json!({"layer": e.layer, "branches": e.branches, "phase": e.phase, "manual": e.manual})),
-            "last_checkpoint": l.parent,
             "consolidation": {
                 "pace": self.pace.pace(),
                 "why": self.pace.why(),

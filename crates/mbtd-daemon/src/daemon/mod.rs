@@ -3,6 +3,7 @@
 
 pub mod child;
 pub mod lock;
+pub mod startup;
 pub mod systemd;
 
 use std::path::{Path, PathBuf};
@@ -13,11 +14,13 @@ use kameo::prelude::*;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
+use crate::actors::checkpointer::CheckpointState;
 use crate::actors::health::HealthBoard;
 use crate::actors::supervisor::{Root, RootArgs, StopOrder};
 use crate::config::Config;
 use crate::telemetry::SnapshotRecorder;
 use crate::telemetry::names::events;
+pub use startup::StartRefused;
 
 /// How the daemon ended, mapped to the process exit code by `main`.
 #[derive(Debug, PartialEq, Eq)]
@@ -28,20 +31,71 @@ pub enum Exit {
     Failed(String),
 }
 
-/// Creates the data dir and the runtime directories of `cfg` (already resolved).
+/// Options of `mbtd run` beyond the config.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunOptions {
+    /// Resume with the checkpoint's `model.*` where the config's differs
+    /// (`--accept-checkpoint-model`), instead of refusing to start.
+    pub accept_checkpoint_model: bool,
+}
+
+/// Creates the data dir (0700, or 0750 with `paths.group_readable`), refuses one that other
+/// users can write, then creates the runtime directories of `cfg` (already resolved) the
+/// same way.
 fn prepare_dirs(data_dir: &Path, cfg: &Config) -> anyhow::Result<()> {
-    for d in [
-        data_dir,
+    let group = cfg.paths.group_readable;
+    startup::create_private_dir(data_dir, group).map_err(|source| StartRefused::DataDir {
+        path: data_dir.to_path_buf(),
+        source,
+    })?;
+    startup::check_data_dir(data_dir)?;
+    let mut dirs = vec![
         cfg.paths.inbox.as_path(),
         cfg.paths.replay.as_path(),
         cfg.paths.checkpoints.as_path(),
-    ] {
-        std::fs::create_dir_all(d)
+    ];
+    dirs.extend(cfg.admin.socket.parent());
+    for d in dirs {
+        startup::create_private_dir(d, group)
             .with_context(|| format!("cannot create directory {}", d.display()))?;
     }
-    if let Some(parent) = cfg.admin.socket.parent() {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create directory {}", parent.display()))?;
+    Ok(())
+}
+
+/// Compares `cfg.model` with the model of the checkpoint a start resumes from; a difference
+/// refuses the start unless `accept`, which replaces `cfg.model` by the checkpoint's.
+fn check_model(cfg: &mut Config, accept: bool) -> Result<(), StartRefused> {
+    let Some(m) = crate::checkpoint::resume_manifest(&cfg.paths.checkpoints) else {
+        return Ok(());
+    };
+    let diffs = startup::model_differences(&m, &cfg.model);
+    if diffs.is_empty() {
+        return Ok(());
+    }
+    if !accept {
+        return Err(StartRefused::ModelMismatch(startup::mismatch_message(
+            &m.id,
+            &cfg.paths.checkpoints,
+            &diffs,
+        )));
+    }
+    let Some(model) = startup::checkpoint_model(&m) else {
+        return Ok(());
+    };
+    cfg.model = model?;
+    cfg.validate()
+        .map_err(|e| StartRefused::CheckpointModelInvalid {
+            model: serde_json::to_string(&cfg.model).unwrap_or_default(),
+            reason: format!("{}: {}", e.field, e.message),
+        })?;
+    for (field, ck, ours) in &diffs {
+        tracing::warn!(
+            event = events::MODEL_FROM_CHECKPOINT,
+            field = %field,
+            checkpoint = %ck,
+            config = %ours,
+            "--accept-checkpoint-model: running with the checkpoint's value"
+        );
     }
     Ok(())
 }
@@ -76,11 +130,14 @@ fn install_metrics(cfg: &Config) -> anyhow::Result<SnapshotRecorder> {
     Ok(recorder)
 }
 
-/// Runs the daemon until it is stopped. `cfg` must already have its paths resolved.
-pub async fn run(cfg: Config, data_dir: PathBuf) -> anyhow::Result<Exit> {
+/// Runs the daemon until it is stopped. `cfg` must already have its paths resolved. A
+/// [`StartRefused`] error (exit code 2) comes before READY and before any actor starts.
+pub async fn run(mut cfg: Config, data_dir: PathBuf, opts: RunOptions) -> anyhow::Result<Exit> {
     let started = Instant::now();
+    startup::set_umask(cfg.paths.group_readable);
     prepare_dirs(&data_dir, &cfg)?;
     let _lock = lock::DataDirLock::acquire(&data_dir)?;
+    check_model(&mut cfg, opts.accept_checkpoint_model)?;
     let admin_gid =
         match &cfg.admin.group {
             None => None,
@@ -100,6 +157,7 @@ pub async fn run(cfg: Config, data_dir: PathBuf) -> anyhow::Result<Exit> {
     let (stop_tx, mut stop_rx) = mpsc::channel(4);
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
     let board = HealthBoard::default();
+    let checkpoint_state = std::sync::Arc::new(CheckpointState::default());
     let root = Root::spawn(RootArgs {
         cfg: cfg.clone(),
         data_dir: data_dir.clone(),
@@ -109,6 +167,7 @@ pub async fn run(cfg: Config, data_dir: PathBuf) -> anyhow::Result<Exit> {
         started,
         stop_tx,
         fatal_tx,
+        checkpoint_state: checkpoint_state.clone(),
     });
     root.wait_for_startup().await;
 
@@ -163,6 +222,9 @@ pub async fn run(cfg: Config, data_dir: PathBuf) -> anyhow::Result<Exit> {
     .await;
     let _ = std::fs::remove_file(&cfg.admin.socket);
     match stopped {
+        Ok(()) if checkpoint_state.final_failure().is_some() => Ok(Exit::Failed(
+            checkpoint_state.final_failure().unwrap_or_default(),
+        )),
         Ok(()) => {
             tracing::info!(
                 event = events::DAEMON_STOPPED,

@@ -53,6 +53,18 @@ pub mod events {
     pub const CHECKPOINT_FAILED: &str = "checkpoint_failed";
     pub const CHECKPOINT_REJECTED: &str = "checkpoint_rejected";
     pub const CHECKPOINT_LATEST_REPAIRED: &str = "checkpoint_latest_repaired";
+    /// Checkpoint writes started failing (first failure after a success or the start).
+    pub const CHECKPOINT_FAILING: &str = "checkpoint_failing";
+    /// A checkpoint write succeeded after failures.
+    pub const CHECKPOINT_RECOVERED: &str = "checkpoint_recovered";
+    /// The final checkpoint at shutdown failed: training since the last one is lost.
+    pub const CHECKPOINT_FINAL_FAILED: &str = "checkpoint_final_failed";
+    /// Retention deleted checkpoints (or could not).
+    pub const CHECKPOINT_RETENTION: &str = "checkpoint_retention";
+    /// An operator deleted checkpoints (`ctl checkpoint delete`).
+    pub const CHECKPOINT_DELETED: &str = "checkpoint_deleted";
+    /// `--accept-checkpoint-model`: a `model.*` field taken from the checkpoint.
+    pub const MODEL_FROM_CHECKPOINT: &str = "model_from_checkpoint";
     pub const TOKENIZER_READY: &str = "tokenizer_ready";
     pub const TRAINER_RESUMED: &str = "trainer_resumed";
     pub const TRAINER_STARTED_FRESH: &str = "trainer_started_fresh";
@@ -87,6 +99,16 @@ pub const CHECKPOINT_FAILURES_TOTAL: &str = "checkpoint_failures_total";
 pub const CHECKPOINTS_REJECTED_TOTAL: &str = "checkpoints_rejected_total";
 pub const CHECKPOINT_WRITE_SECONDS: &str = "checkpoint_write_seconds";
 pub const CHECKPOINT_BYTES: &str = "checkpoint_bytes";
+/// 1 while checkpoint writes fail (disk full or other), 0 once one succeeds.
+pub const CHECKPOINT_FAILING: &str = "checkpoint_failing";
+/// 1 while the last checkpoint failure was for lack of space.
+pub const CHECKPOINT_DISK_FULL: &str = "checkpoint_disk_full";
+/// Periodic checkpoints not attempted because writes are failing and backing off.
+pub const CHECKPOINTS_SKIPPED_TOTAL: &str = "checkpoints_skipped_total";
+/// Checkpoints deleted by retention or by `ctl checkpoint delete`.
+pub const CHECKPOINTS_DELETED_TOTAL: &str = "checkpoints_deleted_total";
+/// Bytes of all checkpoints kept on disk (after retention).
+pub const CHECKPOINTS_DISK_BYTES: &str = "checkpoints_disk_bytes";
 pub const ROLLBACKS_TOTAL: &str = "rollbacks_total";
 
 /// Training.

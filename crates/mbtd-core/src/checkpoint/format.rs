@@ -1,7 +1,7 @@
-//! Writing, verifying, resuming from, listing and inspecting checkpoints.
+//! The on-disk format: writing a checkpoint atomically, verifying and loading one, the
+//! `LATEST` pointer, and finding the checkpoint to resume from.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -9,16 +9,17 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::CheckpointError;
-use super::durable::{self, FaultPlan, StepError, Steps, WriteStep};
+use super::durable::{FaultPlan, StepError, Steps, WriteStep};
 use super::manifest::{
     FORMAT_VERSION, FileEntry, MANIFEST_FILE, Manifest, decode_manifest, encode_manifest,
     is_valid_id,
 };
+use crate::store::fsutil;
 
 /// Name of the pointer file to the newest checkpoint.
 pub const LATEST_FILE: &str = "LATEST";
 const LATEST_TMP: &str = ".LATEST.tmp";
-const TMP_PREFIX: &str = ".tmp-";
+pub(crate) const TMP_PREFIX: &str = ".tmp-";
 
 /// What a successful write produced.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -75,111 +76,6 @@ pub struct Resume {
     pub removed_tmp: Vec<PathBuf>,
 }
 
-/// One row of [`list`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CheckpointSummary {
-    /// Id (directory name).
-    pub id: String,
-    /// Step, if the manifest is readable.
-    pub step: Option<u64>,
-    /// Creation time (RFC 3339), if the manifest is readable.
-    pub created_at: Option<String>,
-    /// Branches per layer.
-    pub widths: Vec<usize>,
-    /// Control loss at the time.
-    pub control_loss: Option<f32>,
-    /// Tag.
-    pub tag: Option<String>,
-    /// Parent id.
-    pub parent: Option<String>,
-    /// Bytes of all files in the directory.
-    pub bytes: u64,
-    /// Whether every check passed.
-    pub valid: bool,
-    /// The first problem found, when not valid.
-    pub problem: Option<String>,
-    /// Whether `LATEST` names it.
-    pub is_latest: bool,
-}
-
-/// The checkpoints under a root, oldest first; `Display` is a human table.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CheckpointList {
-    /// The checkpoint root.
-    pub root: PathBuf,
-    /// One row per checkpoint directory, sorted by id (oldest first).
-    pub checkpoints: Vec<CheckpointSummary>,
-}
-
-/// The check of one file by [`inspect`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileCheck {
-    /// File name.
-    pub name: String,
-    /// Size the manifest records.
-    pub expected_bytes: u64,
-    /// Size on disk (`None`: missing).
-    pub actual_bytes: Option<u64>,
-    /// blake3 the manifest records.
-    pub expected_blake3: String,
-    /// blake3 of the content (`None`: missing).
-    pub actual_blake3: Option<String>,
-    /// Size and hash match.
-    pub ok: bool,
-}
-
-/// One tensor of a `*.safetensors` file, from its header.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TensorSummary {
-    /// The file.
-    pub file: String,
-    /// Tensor name.
-    pub name: String,
-    /// Element type (`F32`, ...).
-    pub dtype: String,
-    /// Shape.
-    pub shape: Vec<usize>,
-    /// Number of elements.
-    pub elements: u64,
-}
-
-/// Offline report on one checkpoint directory (`mbtd inspect checkpoint <dir>`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Inspection {
-    /// The directory.
-    pub dir: PathBuf,
-    /// Whether the manifest and every file verified.
-    pub valid: bool,
-    /// Problems found (empty when valid).
-    pub problems: Vec<String>,
-    /// The manifest, if readable.
-    pub manifest: Option<Manifest>,
-    /// Per-file checks.
-    pub files: Vec<FileCheck>,
-    /// Tensors of every readable `*.safetensors` file, in file order.
-    pub tensors: Vec<TensorSummary>,
-}
-
-fn safetensors_index(file: &str, bytes: &[u8]) -> Result<Vec<TensorSummary>, String> {
-    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
-        .map_err(|e| format!("{file}: not a valid safetensors file: {e}"))?;
-    let infos = meta.tensors();
-    Ok(meta
-        .offset_keys()
-        .into_iter()
-        .filter_map(|name| {
-            let info = infos.get(&name)?;
-            Some(TensorSummary {
-                file: file.to_string(),
-                dtype: info.dtype.to_string(),
-                elements: info.shape.iter().map(|&d| d as u64).product(),
-                shape: info.shape.clone(),
-                name,
-            })
-        })
-        .collect())
-}
-
 fn step_err(e: StepError) -> CheckpointError {
     CheckpointError::Write {
         step: e.step,
@@ -225,7 +121,7 @@ pub fn write_checkpoint(
     manifest: &Manifest,
     files: &[(&str, &[u8])],
 ) -> Result<CheckpointInfo, CheckpointError> {
-    write_checkpoint_with_faults(root, manifest, files, FaultPlan::none())
+    write_checkpoint_with_faults(root, manifest, files, FaultPlan::injected(root))
 }
 
 /// [`write_checkpoint`] with a fault plan that fails one step (for tests).
@@ -258,7 +154,7 @@ pub fn write_checkpoint_with_faults(
             fs::create_dir_all(root)?;
             // Make the new root's own directory entry durable too.
             match root.parent() {
-                Some(p) if !p.as_os_str().is_empty() => durable::sync_dir(p),
+                Some(p) if !p.as_os_str().is_empty() => fsutil::fsync_dir(p),
                 _ => Ok(()),
             }
         })?;
@@ -276,7 +172,7 @@ pub fn write_checkpoint_with_faults(
         for (name, bytes) in files {
             let path = tmp_dir.join(name);
             let f = steps.run(WriteStep::WriteFile, &path, || {
-                durable::create_and_write(&path, bytes)
+                fsutil::create_and_write(&path, bytes)
             })?;
             steps.run(WriteStep::SyncFile, &path, || f.sync_all())?;
             m.files.insert(
@@ -295,29 +191,29 @@ pub fn write_checkpoint_with_faults(
             source: std::io::Error::other(e),
         })?;
         let f = steps.run(WriteStep::WriteFile, &path, || {
-            durable::create_and_write(&path, &encoded)
+            fsutil::create_and_write(&path, &encoded)
         })?;
         steps.run(WriteStep::SyncFile, &path, || f.sync_all())?;
         total += encoded.len() as u64;
         steps.run(WriteStep::SyncTmpDir, &tmp_dir, || {
-            durable::sync_dir(&tmp_dir)
+            fsutil::fsync_dir(&tmp_dir)
         })?;
         steps.run(WriteStep::RenameDir, &final_dir, || {
             fs::rename(&tmp_dir, &final_dir)
         })?;
         renamed = true;
-        steps.run(WriteStep::SyncRoot, root, || durable::sync_dir(root))?;
+        steps.run(WriteStep::SyncRoot, root, || fsutil::fsync_dir(root))?;
         let _ = fs::remove_file(&latest_tmp);
         let pointer = format!("{id}\n");
         let f = steps.run(WriteStep::WriteLatest, &latest_tmp, || {
-            durable::create_and_write(&latest_tmp, pointer.as_bytes())
+            fsutil::create_and_write(&latest_tmp, pointer.as_bytes())
         })?;
         steps.run(WriteStep::SyncLatest, &latest_tmp, || f.sync_all())?;
         steps.run(WriteStep::RenameLatest, &latest, || {
             fs::rename(&latest_tmp, &latest)
         })?;
         latest_replaced = true;
-        steps.run(WriteStep::SyncRootLatest, root, || durable::sync_dir(root))?;
+        steps.run(WriteStep::SyncRootLatest, root, || fsutil::fsync_dir(root))?;
         Ok(total)
     })();
 
@@ -333,7 +229,7 @@ pub fn write_checkpoint_with_faults(
             // remain visible and LATEST must name what it named before.
             if latest_replaced {
                 let _ = match &previous_latest {
-                    Some(old) => durable::write_file_atomic(&latest, old),
+                    Some(old) => fsutil::write_atomic(&latest, old),
                     None => fs::remove_file(&latest),
                 };
             }
@@ -345,13 +241,15 @@ pub fn write_checkpoint_with_faults(
                 }
             }
             let _ = fs::remove_dir_all(&tmp_dir);
-            let _ = durable::sync_dir(root);
+            let _ = fsutil::fsync_dir(root);
             Err(step_err(e))
         }
     }
 }
 
-fn read_manifest(dir: &Path) -> Result<Manifest, CheckpointError> {
+/// Reads and checks `dir/manifest.json` (checksum, version, plain file names); no file
+/// content is read.
+pub fn read_manifest(dir: &Path) -> Result<Manifest, CheckpointError> {
     let path = dir.join(MANIFEST_FILE);
     let bytes = fs::read(&path).map_err(|source| match source.kind() {
         std::io::ErrorKind::NotFound => CheckpointError::FileMissing { path: path.clone() },
@@ -386,7 +284,8 @@ fn read_manifest(dir: &Path) -> Result<Manifest, CheckpointError> {
     Ok(m)
 }
 
-fn check_file(dir: &Path, name: &str, entry: &FileEntry) -> Result<Vec<u8>, CheckpointError> {
+/// Reads `dir/name` and checks its size and blake3 against `entry`.
+pub fn check_file(dir: &Path, name: &str, entry: &FileEntry) -> Result<Vec<u8>, CheckpointError> {
     let path = dir.join(name);
     let bytes = fs::read(&path).map_err(|source| match source.kind() {
         std::io::ErrorKind::NotFound => CheckpointError::FileMissing { path: path.clone() },
@@ -473,7 +372,7 @@ pub fn set_latest(root: &Path, id: &str) -> Result<(), CheckpointError> {
         )));
     }
     let path = root.join(LATEST_FILE);
-    durable::write_file_atomic(&path, format!("{id}\n").as_bytes()).map_err(|source| {
+    fsutil::write_atomic(&path, format!("{id}\n").as_bytes()).map_err(|source| {
         CheckpointError::Fs {
             op: "write",
             path,
@@ -484,7 +383,7 @@ pub fn set_latest(root: &Path, id: &str) -> Result<(), CheckpointError> {
 
 /// Checkpoint directory names under `root`, sorted by id (oldest first). Dot-entries and
 /// plain files are skipped.
-fn checkpoint_ids(root: &Path) -> Result<Vec<String>, CheckpointError> {
+pub fn checkpoint_ids(root: &Path) -> Result<Vec<String>, CheckpointError> {
     let entries = match fs::read_dir(root) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -529,7 +428,7 @@ fn remove_leftovers(root: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
         removed.push(path);
     }
     if !removed.is_empty() {
-        durable::sync_dir(root).map_err(|source| CheckpointError::Fs {
+        fsutil::fsync_dir(root).map_err(|source| CheckpointError::Fs {
             op: "fsync",
             path: root.to_path_buf(),
             source,
@@ -611,271 +510,12 @@ pub fn open_latest(root: &Path) -> Result<Resume, CheckpointError> {
     })
 }
 
-fn dir_bytes(dir: &Path) -> u64 {
-    fs::read_dir(dir)
-        .map(|es| {
-            es.filter_map(Result::ok)
-                .filter_map(|e| e.metadata().ok())
-                .filter(fs::Metadata::is_file)
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
-/// Lists the checkpoints under `root` (oldest first), verifying each fully (manifest
-/// checksum, sizes and blake3 of every file).
-pub fn list(root: &Path) -> Result<CheckpointList, CheckpointError> {
-    let latest = read_latest(root).ok().flatten();
-    let mut checkpoints = Vec::new();
-    for id in checkpoint_ids(root)? {
-        let dir = root.join(&id);
-        let manifest = read_manifest(&dir);
-        let problem = match &manifest {
-            Ok(m) => m
-                .files
-                .iter()
-                .find_map(|(name, entry)| check_file(&dir, name, entry).err())
-                .map(|e| e.to_string())
-                .or_else(|| {
-                    (m.id != id)
-                        .then(|| format!("manifest id {:?} differs from the directory name", m.id))
-                }),
-            Err(e) => Some(e.to_string()),
-        };
-        let m = manifest.ok();
-        checkpoints.push(CheckpointSummary {
-            is_latest: latest.as_deref() == Some(id.as_str()),
-            step: m.as_ref().map(|m| m.step),
-            created_at: m.as_ref().map(|m| m.created_at.clone()),
-            widths: m.as_ref().map(|m| m.widths.clone()).unwrap_or_default(),
-            control_loss: m.as_ref().and_then(|m| m.control_loss),
-            tag: m.as_ref().and_then(|m| m.tag.clone()),
-            parent: m.as_ref().and_then(|m| m.parent.clone()),
-            bytes: dir_bytes(&dir),
-            valid: problem.is_none(),
-            problem,
-            id,
-        });
-    }
-    Ok(CheckpointList {
-        root: root.to_path_buf(),
-        checkpoints,
-    })
-}
-
-/// Verifies one checkpoint directory offline and reports every file's status.
-pub fn inspect(dir: &Path) -> Inspection {
-    let mut problems = Vec::new();
-    let mut files = Vec::new();
-    let mut tensors = Vec::new();
-    let manifest = match read_manifest(dir) {
-        Ok(m) => Some(m),
-        Err(e) => {
-            problems.push(e.to_string());
-            None
-        }
-    };
-    if let Some(m) = &manifest {
-        for (name, entry) in &m.files {
-            let content = fs::read(dir.join(name)).ok();
-            let actual_bytes = content.as_ref().map(|c| c.len() as u64);
-            let actual_blake3 = content
-                .as_ref()
-                .map(|c| blake3::hash(c).to_hex().to_string());
-            if let Err(e) = check_file(dir, name, entry) {
-                problems.push(e.to_string());
-            }
-            if let (true, Some(c)) = (name.ends_with(".safetensors"), &content) {
-                match safetensors_index(name, c) {
-                    Ok(t) => tensors.extend(t),
-                    Err(e) => problems.push(e),
-                }
-            }
-            files.push(FileCheck {
-                ok: actual_bytes == Some(entry.bytes)
-                    && actual_blake3.as_deref() == Some(entry.blake3.as_str()),
-                name: name.clone(),
-                expected_bytes: entry.bytes,
-                actual_bytes,
-                expected_blake3: entry.blake3.clone(),
-                actual_blake3,
-            });
-        }
-    }
-    Inspection {
-        dir: dir.to_path_buf(),
-        valid: problems.is_empty(),
-        problems,
-        manifest,
-        files,
-        tensors,
-    }
-}
-
-fn opt<T: fmt::Display>(v: &Option<T>) -> String {
-    v.as_ref()
-        .map_or_else(|| "-".to_string(), ToString::to_string)
-}
-
-fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
-
-impl fmt::Display for CheckpointList {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.checkpoints.is_empty() {
-            return writeln!(f, "no checkpoints under {}", self.root.display());
-        }
-        let id_w = self
-            .checkpoints
-            .iter()
-            .map(|c| c.id.len())
-            .max()
-            .unwrap_or(2)
-            .max(2);
-        writeln!(
-            f,
-            "  {:<id_w$}  {:>10}  {:<24}  {:<12}  {:>9}  {:>10}  {:<14}  STATUS",
-            "ID", "STEP", "CREATED", "WIDTHS", "CTRL_LOSS", "SIZE", "TAG"
-        )?;
-        for c in &self.checkpoints {
-            let widths = c
-                .widths
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(",");
-            let loss = c
-                .control_loss
-                .map_or_else(|| "-".to_string(), |l| format!("{l:.4}"));
-            let status = match &c.problem {
-                None => "ok".to_string(),
-                Some(p) => format!("INVALID: {p}"),
-            };
-            writeln!(
-                f,
-                "{} {:<id_w$}  {:>10}  {:<24}  {:<12}  {:>9}  {:>10}  {:<14}  {status}",
-                if c.is_latest { '*' } else { ' ' },
-                c.id,
-                opt(&c.step),
-                opt(&c.created_at),
-                widths,
-                loss,
-                human_bytes(c.bytes),
-                opt(&c.tag),
-            )?;
-        }
-        write!(f, "(* = LATEST)")
-    }
-}
-
-impl fmt::Display for Inspection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "checkpoint {}", self.dir.display())?;
-        writeln!(
-            f,
-            "status:  {}",
-            if self.valid { "valid" } else { "INVALID" }
-        )?;
-        if let Some(m) = &self.manifest {
-            writeln!(f, "id:      {}", m.id)?;
-            writeln!(f, "format:  {}", m.format_version)?;
-            writeln!(f, "created: {}", m.created_at)?;
-            writeln!(f, "step:    {}  tokens: {}", m.step, m.tokens)?;
-            writeln!(f, "widths:  {:?}", m.widths)?;
-            writeln!(f, "parent:  {}  tag: {}", opt(&m.parent), opt(&m.tag))?;
-            writeln!(
-                f,
-                "control loss: {}",
-                m.control_loss
-                    .map_or_else(|| "-".to_string(), |l| format!("{l:.4}"))
-            )?;
-        }
-        for c in &self.files {
-            writeln!(
-                f,
-                "  {:<24} {:>12} {}  {}",
-                c.name,
-                human_bytes(c.expected_bytes),
-                &c.expected_blake3.get(..16).unwrap_or(&c.expected_blake3),
-                if c.ok { "ok" } else { "MISMATCH" }
-            )?;
-        }
-        let mut file = "";
-        for t in &self.tensors {
-            if t.file != file {
-                file = &t.file;
-                let total: u64 = self
-                    .tensors
-                    .iter()
-                    .filter(|x| x.file == file)
-                    .map(|x| x.elements)
-                    .sum();
-                writeln!(f, "{file}: {total} elements")?;
-            }
-            writeln!(f, "  {:<48} {:<5} {:?}", t.name, t.dtype, t.shape)?;
-        }
-        for p in &self.problems {
-            writeln!(f, "problem: {p}")?;
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-    fn t(ms: u64) -> SystemTime {
-        UNIX_EPOCH + Duration::from_millis(1_795_428_902_000 + ms)
-    }
-
-    fn manifest(ms: u64, step: u64) -> Manifest {
-        let mut m = Manifest::new(t(ms), step, step * 100);
-        m.widths = vec![4, 4];
-        m.control_loss = Some(2.5);
-        m.config = serde_json::json!({"model": {"d": 64}});
-        m.state = serde_json::json!({"rng": "abc", "cursor": step});
-        m
-    }
-
-    fn safetensors_of(name: &str, values: &[f32]) -> Vec<u8> {
-        use safetensors::tensor::{Dtype, TensorView};
-        let data: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
-        let view = TensorView::new(Dtype::F32, vec![values.len()], &data).unwrap();
-        safetensors::serialize(vec![(name, view)], None).unwrap()
-    }
-
-    fn payload(step: u64) -> Vec<(String, Vec<u8>)> {
-        let w: Vec<f32> = (0..1000).map(|i| (i + step) as f32).collect();
-        vec![
-            ("model.safetensors".into(), safetensors_of("wte", &w)),
-            (
-                "optimizer.safetensors".into(),
-                safetensors_of("adam.m.wte", &w[..80]),
-            ),
-            ("tokenizer.json".into(), b"{\"version\":\"1.0\"}".to_vec()),
-        ]
-    }
-
-    fn write(root: &Path, ms: u64, step: u64) -> CheckpointInfo {
-        let p = payload(step);
-        let files: Vec<(&str, &[u8])> = p.iter().map(|(n, b)| (n.as_str(), b.as_slice())).collect();
-        write_checkpoint(root, &manifest(ms, step), &files).unwrap()
-    }
+    use crate::checkpoint::listing::dir_bytes;
+    use crate::checkpoint::testutil::{dir_names, manifest, payload, write};
+    use crate::checkpoint::{inspect, list};
 
     #[test]
     fn a_missing_latest_is_repaired_to_the_checkpoint_resumed_from() {
@@ -891,15 +531,6 @@ mod tests {
         let again = open_latest(root).unwrap();
         assert!(again.from_latest);
         assert_eq!(repair_latest(root, &again).unwrap(), None);
-    }
-
-    fn dir_names(root: &Path) -> Vec<String> {
-        let mut v: Vec<String> = fs::read_dir(root)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        v.sort();
-        v
     }
 
     #[test]
@@ -1207,98 +838,5 @@ mod tests {
             load_checkpoint(&info.dir).unwrap().manifest.control_loss,
             None
         );
-    }
-
-    #[test]
-    fn inspect_lists_safetensors_tensors() {
-        use safetensors::tensor::{Dtype, TensorView};
-        let a: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect();
-        let b: Vec<u8> = [0.5f32, 0.25]
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect();
-        let tensors = vec![
-            ("wte", TensorView::new(Dtype::F32, vec![3, 2], &a).unwrap()),
-            (
-                "lnf.gain",
-                TensorView::new(Dtype::F32, vec![2], &b).unwrap(),
-            ),
-        ];
-        let model = safetensors::serialize(tensors, None).unwrap();
-        let root = tempfile::tempdir().unwrap();
-        let m = manifest(0, 3);
-        let info = write_checkpoint(
-            root.path(),
-            &m,
-            &[("model.safetensors", &model), ("tokenizer.json", b"{}")],
-        )
-        .unwrap();
-        let report = inspect(&info.dir);
-        assert!(report.valid, "{report}");
-        let names: Vec<(&str, &[usize], u64)> = report
-            .tensors
-            .iter()
-            .map(|t| (t.name.as_str(), t.shape.as_slice(), t.elements))
-            .collect();
-        assert_eq!(
-            names,
-            vec![
-                ("lnf.gain", [2].as_slice(), 2),
-                ("wte", [3, 2].as_slice(), 6)
-            ]
-        );
-        let text = report.to_string();
-        assert!(
-            text.contains("model.safetensors: 8 elements") && text.contains("wte"),
-            "{text}"
-        );
-        let json = serde_json::to_string(&report).unwrap();
-        assert_eq!(serde_json::from_str::<Inspection>(&json).unwrap(), report);
-        // A file named .safetensors that is not one is reported.
-        let bad = write_checkpoint(
-            root.path(),
-            &manifest(9, 4),
-            &[("model.safetensors", b"garbage")],
-        )
-        .unwrap();
-        let report = inspect(&bad.dir);
-        assert!(
-            !report.valid && report.problems[0].contains("not a valid safetensors"),
-            "{report}"
-        );
-    }
-
-    #[test]
-    fn list_marks_latest_and_invalid() {
-        let root = tempfile::tempdir().unwrap();
-        let a = write(root.path(), 0, 1);
-        let b = write(root.path(), 10, 2);
-        fs::write(a.dir.join("tokenizer.json"), b"tampered").unwrap();
-        let l = list(root.path()).unwrap();
-        assert_eq!(l.checkpoints.len(), 2);
-        assert_eq!(l.checkpoints[0].id, a.id);
-        assert!(!l.checkpoints[0].valid);
-        assert!(
-            l.checkpoints[0]
-                .problem
-                .as_ref()
-                .unwrap()
-                .contains("tokenizer.json")
-        );
-        assert!(l.checkpoints[1].valid && l.checkpoints[1].is_latest);
-        assert_eq!(l.checkpoints[1].step, Some(2));
-        assert_eq!(l.checkpoints[1].widths, vec![4, 4]);
-        let table = l.to_string();
-        assert!(table.contains(&format!("* {}", b.id)), "{table}");
-        assert!(table.contains("INVALID"), "{table}");
-        let json = serde_json::to_string(&l).unwrap();
-        assert_eq!(serde_json::from_str::<CheckpointList>(&json).unwrap(), l);
-        let report = inspect(&b.dir);
-        assert!(report.valid, "{report}");
-        assert_eq!(report.files.len(), 3);
-        assert!(report.to_string().contains("status:  valid"));
     }
 }
