@@ -61,7 +61,6 @@ pub enum InspectCommand {
     },
 }
 
-
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Training throughput of the MBT-LM benchmark preset.
@@ -112,4 +111,3 @@ pub enum ConfigCommand {
         set: Vec<String>,
     },
 }
-

@@ -13,8 +13,8 @@
 //! The modules of the crates below are re-exported here under their own names
 //! (`mbtd::model`, `mbtd::actors`, …).
 
-pub use mbtd_core::{checkpoint, config, govern, ingest, learn, model, store, text};
 pub use mbtd_admin::ctl;
+pub use mbtd_core::{checkpoint, config, govern, ingest, learn, model, store, text};
 pub use mbtd_daemon::{actors, admin, daemon, telemetry};
 
 pub mod chat;

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use crate::client::{self, ClientError};
 use crate::protocol::{
-    BranchArgs, CheckpointArgs, CheckpointDeleteArgs, CheckpointRef, CheckpointTag, ExpandArgs, GenerateArgs, NoArgs,
-    Request, RollbackArgs, StatusReply,
+    BranchArgs, CheckpointArgs, CheckpointDeleteArgs, CheckpointRef, CheckpointTag, ExpandArgs,
+    GenerateArgs, NoArgs, Request, RollbackArgs, StatusReply,
 };
 pub use args::{CheckpointAction, CtlArgs, CtlCommand};
 use mbtd_core::config::Config;
@@ -111,11 +111,9 @@ fn request(cmd: &CtlCommand) -> Result<Request, String> {
         CtlCommand::PauseIngest => Request::PauseIngest(none),
         CtlCommand::ResumeIngest => Request::ResumeIngest(none),
         #[cfg(feature = "fault-injection")]
-        CtlCommand::DebugCrash { actor } => {
-            Request::DebugCrash(crate::protocol::DebugCrashArgs {
-                actor: actor.clone(),
-            })
-        }
+        CtlCommand::DebugCrash { actor } => Request::DebugCrash(crate::protocol::DebugCrashArgs {
+            actor: actor.clone(),
+        }),
     })
 }
 

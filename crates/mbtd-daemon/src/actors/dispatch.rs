@@ -14,8 +14,8 @@ use super::replay::{ReplayActor, Stats};
 use super::trainer::{Forward, TrainerActor, TrainerStatus};
 use super::trainer_worker::Cmd;
 use crate::admin::protocol::{
-    BranchArgs, CheckpointArgs, CheckpointDeleteArgs, Envelope, GenerateArgs, Request, Response, RollbackArgs,
-    StatusReply,
+    BranchArgs, CheckpointArgs, CheckpointDeleteArgs, Envelope, GenerateArgs, Request, Response,
+    RollbackArgs, StatusReply,
 };
 use crate::admin::server_events::GenerateCancelled;
 use crate::model::generate::GenerateConfig;

@@ -3,41 +3,22 @@
 //! meanwhile; and [`restore`], which rebuilds a model and its loop state from a checkpoint
 //! (resume and rollback). Once a model exists, [`super::trainer_worker::Worker`] takes over.
 
-use std::collections::VecDeque;
-use std::path::PathBuf;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Instant;
 
-use kameo::prelude::*;
-use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
-
-use super::checkpointer::{CheckpointerActor, Load, Snapshot, Target, Write};
-use super::replay::{ControlRows, FirstRows, ReplayActor, TrainRows};
-pub use super::trainer_commands::Cmd;
+use super::checkpointer::{Load, Target};
+use super::replay::FirstRows;
 use super::trainer_commands::PauseMarker;
-use super::trainer_events::{EvalDone, StepDone, TrainStepFailed, forced_off_count};
-use crate::checkpoint::{LoadedCheckpoint, Manifest};
+use super::trainer_worker::{
+    Live, LoopState, Next, PEER_RETRY, TOKENIZER_RETRY, Woken, WorkerArgs, ask_blocking, wait,
+};
+use crate::checkpoint::LoadedCheckpoint;
 use crate::config::Config;
 use crate::govern::GovernorState;
-use crate::govern::diagnostics::{LayerDiagnostics, layer_diagnostics, stats};
-use crate::learn::batch::{Window, assemble};
-use crate::learn::consolidate::Consolidation;
-use crate::learn::eval::{self, EvalReport};
-use crate::learn::mix::{NewWindows, StepMix};
-use crate::model::train::StepReport;
-use crate::model::{Batch, Masks, Model, Trainer, availability::Availability};
-use crate::store::format::Record;
+use crate::model::{Model, Trainer, availability::Availability};
 use crate::store::state::splitmix64;
-use crate::telemetry::event::InternalEvent;
-use crate::telemetry::names::{self as n, events};
+use crate::telemetry::names::events;
 use crate::text::csv_rows::RowBody;
 use crate::text::tokenizer::Tokenizer;
-
-use super::trainer_worker::{
-    EFF_PATHS_EMA_DECAY, Live, LoopState, Next, PEER_RETRY, TOKENIZER_RETRY, TRAIN_LOSS_EMA_DECAY,
-    Wake, Woken, Worker, WorkerArgs, ask_blocking, wait,
-};
 
 /// Why the trainer thread cannot start: the checkpoint it must resume from is unreadable or
 /// does not fit. The supervisor sees it as the trainer actor's failure.

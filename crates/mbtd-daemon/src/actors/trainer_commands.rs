@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use tokio::sync::{mpsc, oneshot};
 
 use super::checkpointer::{Load, Target};
-use super::trainer_events::BranchMasked;
 use super::trainer_boot::{Booting, restore};
+use super::trainer_events::BranchMasked;
 use super::trainer_worker::{Worker, ask_blocking};
 use crate::model::generate::GenerateConfig;
 use crate::store::fsutil::{fsync_dir, write_atomic};

@@ -22,15 +22,14 @@ use kameo::prelude::*;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::checkpointer::{CheckpointerActor, Load, Snapshot, Target, Write};
-use super::replay::{ControlRows, FirstRows, ReplayActor, TrainRows};
-pub use super::trainer_commands::Cmd;
+use super::checkpointer::{CheckpointerActor, Snapshot, Write};
+use super::replay::{ControlRows, ReplayActor, TrainRows};
 use super::trainer_boot::Booting;
-pub use super::trainer_boot::{ResumeError, RestoreError};
-pub(super) use super::trainer_boot::restore;
+pub use super::trainer_boot::{RestoreError, ResumeError};
+pub use super::trainer_commands::Cmd;
 use super::trainer_commands::PauseMarker;
 use super::trainer_events::{EvalDone, StepDone, TrainStepFailed, forced_off_count};
-use crate::checkpoint::{LoadedCheckpoint, Manifest};
+use crate::checkpoint::Manifest;
 use crate::config::Config;
 use crate::govern::GovernorState;
 use crate::govern::diagnostics::{LayerDiagnostics, layer_diagnostics, stats};
@@ -39,18 +38,17 @@ use crate::learn::consolidate::Consolidation;
 use crate::learn::eval::{self, EvalReport};
 use crate::learn::mix::{NewWindows, StepMix};
 use crate::model::train::StepReport;
-use crate::model::{Batch, Masks, Model, Trainer, availability::Availability};
+use crate::model::{Batch, Masks, Trainer, availability::Availability};
 use crate::store::format::Record;
 use crate::store::state::splitmix64;
 use crate::telemetry::event::InternalEvent;
-use crate::telemetry::names::{self as n, events};
-use crate::text::csv_rows::RowBody;
+use crate::telemetry::names as n;
 use crate::text::tokenizer::Tokenizer;
 
 /// Decay per step of the training-loss EMA fed to the governor (horizon about 20 steps).
-pub(super) const TRAIN_LOSS_EMA_DECAY: f64 = 0.95;
+const TRAIN_LOSS_EMA_DECAY: f64 = 0.95;
 /// Decay per step of the per-layer `effective_num_paths` EMA fed to the governor.
-pub(super) const EFF_PATHS_EMA_DECAY: f64 = 0.95;
+const EFF_PATHS_EMA_DECAY: f64 = 0.95;
 /// Wait before asking a peer actor (replay, checkpointer) again after it failed.
 pub(super) const PEER_RETRY: Duration = Duration::from_millis(500);
 /// Wait before loading a configured tokenizer file again after it failed.
@@ -103,7 +101,6 @@ pub struct WorkerArgs {
     pub wakes: Receiver<Wake>,
     pub status: watch::Sender<serde_json::Value>,
 }
-
 
 /// The model and everything that goes with it, once it exists.
 pub(super) struct Live {
@@ -213,7 +210,6 @@ fn init_metrics() {
         metrics::gauge!(g).set(0.0);
     }
 }
-
 
 /// The thread once the model exists.
 pub(super) struct Worker {
