@@ -6,6 +6,7 @@ pub mod checkpointer;
 pub mod dispatch;
 pub mod health;
 pub mod ingestor;
+pub mod ingestor_events;
 pub mod metrics;
 pub mod replay;
 pub mod supervisor;
