@@ -16,6 +16,7 @@
 //! a retry appends (and counts) the same rows again. A rollback that cannot truncate is
 //! retried before the next append or commit.
 
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
@@ -30,6 +31,9 @@ use crate::text::csv_rows::{CsvRow, RowBody};
 
 /// Largest encoded record accepted.
 const MAX_RECORD_BYTES: usize = 1 << 30;
+
+/// Rows made visible by a commit, per file id: (rows, first seq, last seq).
+type Published = HashMap<u32, (u64, u64, u64)>;
 
 /// The fsyncs that make the pending rows durable (from [`ReplayStore::prepare_commit`]).
 #[derive(Debug)]
@@ -256,32 +260,37 @@ impl ReplayStore {
                 dir: self.dir.clone(),
             });
         }
-        self.publish_rows();
-        self.journal_file(file_hash, rows_accepted, rows_rejected)
+        let published = self.publish_rows();
+        self.journal_file(file_hash, rows_accepted, rows_rejected, &published)
     }
 
-    /// The pending rows are durable: make them visible.
-    fn publish_rows(&mut self) {
+    /// The pending rows are durable: make them visible. Returns what was published per
+    /// file: (rows, first seq, last seq).
+    fn publish_rows(&mut self) -> Published {
         self.marks.clear();
+        let mut out = Published::new();
         for m in std::mem::take(&mut self.pending) {
             let seg = self.segments.get_mut(&m.segment).expect("segment of a row");
             seg.live_bytes += m.len as u64;
             seg.live_rows += 1;
-            let d = self.durable_rows.entry(m.file).or_insert((0, m.seq, m.seq));
+            let d = out.entry(m.file).or_insert((0, m.seq, m.seq));
             d.0 += 1;
             d.2 = m.seq;
             self.index_row(m);
         }
+        out
     }
 
     /// Record the file as complete (idempotent: a file already in the journal keeps its
-    /// first entry). `appended` counts the rows of the file made durable since the store
-    /// was opened, so a commit retried after a failure still counts them.
+    /// first entry). `appended` counts the rows of the file published by this commit,
+    /// plus those of earlier commits of it whose journal entry failed (so a commit
+    /// retried after a full disk still counts them as appended).
     fn journal_file(
         &mut self,
         file_hash: &[u8; 32],
         rows_accepted: u64,
         rows_rejected: u64,
+        published: &Published,
     ) -> Result<CommitSummary, StoreError> {
         if let Some(e) = self.journal.get(file_hash) {
             return Ok(CommitSummary {
@@ -290,8 +299,13 @@ impl ReplayStore {
             });
         }
         let file = self.intern_file(file_hash);
-        let (appended, first_seq, last_seq) =
-            self.durable_rows.get(&file).copied().unwrap_or((0, 0, 0));
+        let mine = published.get(&file).copied();
+        let carried = self.unjournaled.remove(&file);
+        let (appended, first_seq, last_seq) = match (carried, mine) {
+            (Some(c), Some(m)) => (c.0 + m.0, c.1, m.2),
+            (Some(x), None) | (None, Some(x)) => x,
+            (None, None) => (0, 0, 0),
+        };
         let entry = JournalEntry {
             file_hash: *file_hash,
             rows_accepted,
@@ -301,9 +315,12 @@ impl ReplayStore {
             last_seq,
             committed_ms: now_ms(),
         };
-        self.journal.append(entry.clone())?;
+        if let Err(e) = self.journal.append(entry.clone()) {
+            self.unjournaled
+                .insert(file, (appended, first_seq, last_seq));
+            return Err(e);
+        }
         self.partial.remove(&file);
-        self.durable_rows.remove(&file);
         if let Some(cur) = self.cur_file.as_mut()
             && cur.1 == file
         {
@@ -314,14 +331,13 @@ impl ReplayStore {
 
     /// Make every appended row durable and visible (the three commit steps, no journal
     /// entry). On an error the pending rows are rolled back.
-    pub(super) fn sync(&mut self) -> Result<(), StoreError> {
+    pub(super) fn sync(&mut self) -> Result<Published, StoreError> {
         let synced = self.prepare_commit()?;
         if let Err(e) = synced.fsync() {
             let _ = self.abort_pending();
             return Err(e);
         }
-        self.publish_rows();
-        Ok(())
+        Ok(self.publish_rows())
     }
 
     /// Make the file's rows durable, then record the file as complete in the journal
@@ -332,8 +348,8 @@ impl ReplayStore {
         rows_accepted: u64,
         rows_rejected: u64,
     ) -> Result<CommitSummary, StoreError> {
-        self.sync()?;
-        self.journal_file(file_hash, rows_accepted, rows_rejected)
+        let published = self.sync()?;
+        self.journal_file(file_hash, rows_accepted, rows_rejected, &published)
     }
 
     /// Append all `rows` of one file and commit it: one fsync batch for the file.

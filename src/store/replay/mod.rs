@@ -170,8 +170,9 @@ pub struct ReplayStore {
     marks: Vec<Mark>,
     /// A rollback could not finish; it is retried before the next write.
     rollback_due: bool,
-    /// Rows of not-yet-journaled files made durable since open: (count, first, last seq).
-    durable_rows: HashMap<u32, (u64, u64, u64)>,
+    /// Rows of files made durable by a commit whose journal entry then failed:
+    /// (count, first seq, last seq), counted as appended when the file is journaled.
+    unjournaled: HashMap<u32, (u64, u64, u64)>,
     epoch: u64,
     live_bytes: u64,
     control_rows: u64,

@@ -88,7 +88,7 @@ impl ReplayStore {
             cur_file: None,
             marks: Vec::new(),
             rollback_due: false,
-            durable_rows: HashMap::new(),
+            unjournaled: HashMap::new(),
             epoch: super::NEXT_EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             live_bytes: 0,
             control_rows: 0,

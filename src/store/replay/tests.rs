@@ -1,7 +1,10 @@
 //! Tests of the replay store: recovery, exactly-once, eviction, control, sampling.
 
 use super::*;
+use crate::store::format::{Record, scan_segment};
 use crate::store::inspect_replay;
+use crate::text::csv_rows::CsvRow;
+use std::fs;
 use proptest::prelude::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
