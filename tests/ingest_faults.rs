@@ -73,7 +73,10 @@ fn symlink_in_the_inbox_gets_a_sidecar_and_leaves_the_inbox() {
     let sc = d.wait_for(Duration::from_secs(20), "the link's sidecar", || {
         sidecars(&inbox(&d), ".failed").remove("link.csv")
     });
-    assert!(sc.reason.as_deref().unwrap().contains("symbolic link"), "{sc:?}");
+    assert!(
+        sc.reason.as_deref().unwrap().contains("symbolic link"),
+        "{sc:?}"
+    );
     assert!(inbox(&d).join("link.csv").symlink_metadata().is_err());
     let moved = inbox(&d).join(".failed/link.csv");
     assert!(moved.symlink_metadata().unwrap().file_type().is_symlink());
@@ -94,7 +97,8 @@ fn csv_appended_in_place_every_second_is_ingested_exactly_once() {
     let mut f = fs::File::create(&path).unwrap();
     f.write_all(b"text\n").unwrap();
     for i in 0..10 {
-        f.write_all(format!("appended row {i}\n").as_bytes()).unwrap();
+        f.write_all(format!("appended row {i}\n").as_bytes())
+            .unwrap();
         f.flush().unwrap();
         std::thread::sleep(Duration::from_secs(1));
         // Still open for writing: it must not have been taken.
@@ -133,7 +137,10 @@ fn csv_appended_in_place_every_second_is_ingested_exactly_once() {
 #[test]
 fn disk_full_blocks_ingestion_says_why_and_resumes_by_itself() {
     let d = Daemon::start("[ingest]\nsettle_ms = 100\nrescan_ms = 200\n");
-    let flag = d.path().join("replay").join(mbtd::store::fault::DISK_FULL_FLAG);
+    let flag = d
+        .path()
+        .join("replay")
+        .join(mbtd::store::fault::DISK_FULL_FLAG);
     fs::write(&flag, b"").unwrap();
     drop_renamed(&d, "first.csv", &text_csv("first", 1000));
     let blocked = d.wait_for(Duration::from_secs(20), "ingest blocked", || {
@@ -142,13 +149,19 @@ fn disk_full_blocks_ingestion_says_why_and_resumes_by_itself() {
     });
     assert_eq!(blocked["waiting_files"], 1, "{blocked}");
     assert_eq!(blocked["blocked"]["file"], "first.csv", "{blocked}");
-    let err = blocked["blocked"]["last_error"].as_str().unwrap().to_lowercase();
+    let err = blocked["blocked"]["last_error"]
+        .as_str()
+        .unwrap()
+        .to_lowercase();
     assert!(err.contains("space") || err.contains("full"), "{err}");
     assert_eq!(d.metric("ingest_blocked_disk_full"), 1.0);
     // Several back-off periods (1 s, 2 s, 4 s): retries happen, one log line says so.
     std::thread::sleep(Duration::from_secs(5));
     let s = d.section("ingest");
-    assert!(s["blocked"]["failed_attempts"].as_u64().unwrap() >= 2, "{s}");
+    assert!(
+        s["blocked"]["failed_attempts"].as_u64().unwrap() >= 2,
+        "{s}"
+    );
     assert!(
         s["blocked"]["failed_attempts"].as_u64().unwrap() <= 5,
         "no back-off: {s}"
@@ -195,7 +208,10 @@ fn training_keeps_stepping_while_a_large_file_ingests() {
     let t = Instant::now();
     let mut steps = Vec::new();
     while inbox(&d).join("big.csv").exists() {
-        assert!(t.elapsed() < Duration::from_secs(300), "big.csv not ingested");
+        assert!(
+            t.elapsed() < Duration::from_secs(300),
+            "big.csv not ingested"
+        );
         let s = d.section("trainer")["step"].as_u64().unwrap_or(0);
         if steps.last() != Some(&s) {
             steps.push(s);

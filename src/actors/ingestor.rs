@@ -4,25 +4,27 @@
 //! commit's fsyncs on that thread too ([`ReplaySink`]), so the trainer's requests to the
 //! replay actor never wait for a whole file.
 //!
-//! A file is complete when no writer has it open (inotify close-write: the watcher marks
-//! a name written to and unmarks it when closed; a mark without an event for
-//! [`WRITER_STALE`] is dropped, in case a close event was lost) and it has settled.
+//! A file is complete when no writer has it open (inotify close-write, see
+//! [`super::ingestor_watch`]) and it has settled.
 //!
 //! A failure to store a file (a full disk above all) blocks ingestion: the file goes back
 //! to the head of the queue, is retried with a back-off doubling from 1 s to 60 s, and
 //! `ctl status` says `blocked: disk full`; one log line when it starts, one when it ends.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kameo::error::Infallible;
 use kameo::prelude::*;
-use notify::Watcher;
 
 use super::health::ChildHealth;
-use super::ingestor_events::{IngestBlocked, IngestRetryFailed, IngestStillBlocked, IngestUnblocked};
+use super::ingestor_events::{
+    IngestBlocked, IngestRetryFailed, IngestStillBlocked, IngestUnblocked,
+};
+pub use super::ingestor_watch::{Scan, WRITER_STALE};
+use super::ingestor_watch::{spawn_pump, watch};
 use super::metrics::AbortOnDrop;
 use super::replay::{ReplayActor, ReplaySink, Room, RoomReply};
 use crate::ingest::{
@@ -34,9 +36,6 @@ use crate::telemetry::event::{InternalEvent, RateLimit};
 use crate::telemetry::names::{self, events};
 use crate::telemetry::rate::RateWindow;
 
-/// A name marked as open for writing with no watcher event for this long is treated as
-/// closed (a lost close event must not hold a file back for ever).
-pub const WRITER_STALE: Duration = Duration::from_secs(120);
 /// First and longest wait before retrying a file that could not be stored.
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
@@ -77,8 +76,9 @@ pub struct IngestorActor {
     files_done: u64,
     files_failed: u64,
     last_file: Option<String>,
-    /// Ready files not taken yet, oldest first. One file is taken per [`Scan`] message, so
-    /// that a pause (or a stop) asked during a backlog takes effect after the file in hand.
+    /// Ready files not taken yet, oldest first. One file is in flight at a time and the
+    /// next starts when it ends, so a pause (or a stop) asked during a backlog takes
+    /// effect after the file in hand.
     queue: VecDeque<String>,
     /// Names the watcher saw renamed in, kept until the next listing.
     renamed_in: HashSet<String>,
@@ -97,47 +97,6 @@ pub struct IngestorActor {
     _pump: AbortOnDrop,
 }
 
-/// How many inbox events have been seen, which names were renamed in, which are open.
-pub struct Scan {
-    pub renamed_in: HashSet<String>,
-    pub writing: HashSet<String>,
-    pub events: u64,
-}
-
-/// What a watcher event says about the names it carries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum InboxEvent {
-    /// Renamed into the inbox (complete by the producer's convention).
-    RenamedIn,
-    /// Created or written to: a writer has it open.
-    Written,
-    /// Closed after writing, renamed away or removed.
-    Closed,
-    /// Anything else (reads, metadata).
-    Other,
-}
-
-fn classify(ev: &mut notify::Event) -> InboxEvent {
-    use notify::EventKind as K;
-    use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
-    match ev.kind {
-        // Only the destination of a rename is a file renamed *in*: a name moved out (to
-        // `.done/`, or away by a producer) must not make a new file written in place under
-        // that name ready before it settles.
-        K::Modify(ModifyKind::Name(RenameMode::From)) | K::Remove(_) => InboxEvent::Closed,
-        K::Modify(ModifyKind::Name(RenameMode::Both)) => {
-            ev.paths.drain(..ev.paths.len().saturating_sub(1));
-            InboxEvent::RenamedIn
-        }
-        K::Modify(ModifyKind::Name(_)) => InboxEvent::RenamedIn,
-        K::Create(_) | K::Modify(ModifyKind::Data(_)) | K::Modify(ModifyKind::Any) => {
-            InboxEvent::Written
-        }
-        K::Access(AccessKind::Close(AccessMode::Write)) => InboxEvent::Closed,
-        _ => InboxEvent::Other,
-    }
-}
-
 impl Actor for IngestorActor {
     type Args = IngestorArgs;
     type Error = Infallible;
@@ -148,88 +107,10 @@ impl Actor for IngestorActor {
 
     async fn on_start(args: Self::Args, me: ActorRef<Self>) -> Result<Self, Self::Error> {
         args.health.on_start().await;
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(InboxEvent, Vec<PathBuf>)>();
-        let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            if let Ok(mut ev) = ev {
-                let class = classify(&mut ev);
-                let _ = tx.send((class, ev.paths));
-            }
-        })
-        .and_then(|mut w| {
-            w.watch(&args.inbox, notify::RecursiveMode::NonRecursive)?;
-            Ok(w)
-        });
-        let watcher = match watcher {
-            Ok(w) => Some(w),
-            Err(e) => {
-                tracing::warn!(
-                    actor = "ingestor",
-                    error = %e,
-                    "cannot watch the inbox; relying on the periodic rescan"
-                );
-                None
-            }
-        };
+        let (watcher, rx) = watch(&args.inbox);
         let rescan = Duration::from_millis(args.cfg.rescan_ms);
         let settle = Duration::from_millis(args.cfg.settle_ms.max(50));
-        // A strong reference: after a supervisor restart, `me` is a fresh `ActorRef` (same
-        // mailbox) that nobody else holds, so a weak one would stop upgrading as soon as
-        // `on_start` returns and the restarted ingestor would never scan again. The task is
-        // aborted when this state is dropped, which releases the reference.
-        let pump = tokio::spawn(async move {
-            let mut renamed_in = HashSet::new();
-            let mut writing: HashMap<String, Instant> = HashMap::new();
-            let mut events = 0u64;
-            // First scan at once: whatever arrived while the daemon was down.
-            let mut deadline = tokio::time::Instant::now();
-            loop {
-                tokio::select! {
-                    ev = rx.recv() => {
-                        let Some((class, paths)) = ev else { return };
-                        events += 1;
-                        for p in paths {
-                            let Some(n) = p.file_name().and_then(|n| n.to_str()) else {
-                                continue;
-                            };
-                            match class {
-                                InboxEvent::RenamedIn => {
-                                    writing.remove(n);
-                                    renamed_in.insert(n.to_string());
-                                }
-                                InboxEvent::Written => {
-                                    renamed_in.remove(n);
-                                    writing.insert(n.to_string(), Instant::now());
-                                }
-                                InboxEvent::Closed => {
-                                    writing.remove(n);
-                                }
-                                InboxEvent::Other => {}
-                            }
-                        }
-                        // Debounce: scan shortly after a burst of events.
-                        let soon = tokio::time::Instant::now() + Duration::from_millis(100);
-                        deadline = deadline.min(soon);
-                    }
-                    _ = tokio::time::sleep_until(deadline) => {
-                        writing.retain(|_, t| t.elapsed() < WRITER_STALE);
-                        let scan = Scan {
-                            renamed_in: std::mem::take(&mut renamed_in),
-                            writing: writing.keys().cloned().collect(),
-                            events,
-                        };
-                        events = 0;
-                        // `ask`, not `tell`: scans never pile up in the mailbox. A file is
-                        // ingested on a blocking thread; the next one starts when it ends
-                        // ([`IngestDone`]), so the mailbox (status, pause) stays responsive.
-                        if me.ask(scan).await.is_err() {
-                            return;
-                        }
-                        // Files still settling need another look after `settle`.
-                        deadline = tokio::time::Instant::now() + rescan.min(settle);
-                    }
-                }
-            }
-        });
+        let pump = spawn_pump(rx, me, rescan.min(settle));
         Ok(Self {
             args,
             memory: ScanMemory::default(),
@@ -404,7 +285,11 @@ impl IngestorActor {
         if self.in_flight.is_some() || self.paused {
             return;
         }
-        if self.blocked.as_ref().is_some_and(|b| Instant::now() < b.retry_at) {
+        if self
+            .blocked
+            .as_ref()
+            .is_some_and(|b| Instant::now() < b.retry_at)
+        {
             return;
         }
         if self.queue.is_empty() || !self.has_room().await {
@@ -414,6 +299,7 @@ impl IngestorActor {
             let path = self.args.inbox.join(&name);
             if path.symlink_metadata().is_err() {
                 // Queued, then removed by someone else before its turn.
+                self.unblock_if(&name);
                 continue;
             }
             self.in_flight = Some(name.clone());
@@ -461,18 +347,17 @@ impl IngestorActor {
                 );
                 return;
             }
+            Err(e) if e.is_gone() => {
+                tracing::debug!(actor = "ingestor", file = %name, "file gone before it was ingested");
+                self.unblock_if(&name);
+                return;
+            }
             Err(e) => {
                 self.failed(name, &e);
                 return;
             }
         };
-        if let Some(b) = self.blocked.take() {
-            IngestUnblocked {
-                blocked_for: b.since.elapsed(),
-                failed_attempts: b.failed_attempts,
-            }
-            .emit();
-        }
+        self.unblock_if(&name);
         let outcome = out.outcome.as_str();
         metrics::counter!(names::INGEST_FILES_TOTAL, "outcome" => outcome).increment(1);
         metrics::counter!(names::INGEST_ROWS_TOTAL).increment(out.rows_appended);
@@ -507,6 +392,19 @@ impl IngestorActor {
                     sidecar = %out.sidecar_path.display()
                 );
             }
+        }
+    }
+
+    /// Ingestion is blocked on `name` and that file went through or went away.
+    fn unblock_if(&mut self, name: &str) {
+        if self.blocked.as_ref().is_some_and(|b| b.file == name)
+            && let Some(b) = self.blocked.take()
+        {
+            IngestUnblocked {
+                blocked_for: b.since.elapsed(),
+                failed_attempts: b.failed_attempts,
+            }
+            .emit();
         }
     }
 

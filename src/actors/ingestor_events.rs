@@ -43,7 +43,11 @@ impl InternalEvent for IngestBlocked<'_> {
                 "ingestion failed; the file stays in the inbox and is retried with back-off"
             );
         }
-        metrics::gauge!(names::INGEST_BLOCKED_DISK_FULL).set(if self.disk_full { 1.0 } else { 0.0 });
+        metrics::gauge!(names::INGEST_BLOCKED_DISK_FULL).set(if self.disk_full {
+            1.0
+        } else {
+            0.0
+        });
         metrics::counter!(names::INGEST_ATTEMPTS_FAILED_TOTAL, "cause" => cause(self.disk_full))
             .increment(1);
     }
@@ -71,7 +75,11 @@ impl InternalEvent for IngestStillBlocked<'_> {
             suppressed = self.suppressed,
             "ingestion still blocked"
         );
-        metrics::gauge!(names::INGEST_BLOCKED_DISK_FULL).set(if self.disk_full { 1.0 } else { 0.0 });
+        metrics::gauge!(names::INGEST_BLOCKED_DISK_FULL).set(if self.disk_full {
+            1.0
+        } else {
+            0.0
+        });
     }
 }
 

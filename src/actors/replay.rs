@@ -168,7 +168,11 @@ pub struct PrepareCommit {
 impl Message<PrepareCommit> for ReplayActor {
     type Reply = Result<PendingSync, StoreError>;
 
-    async fn handle(&mut self, m: PrepareCommit, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
+    async fn handle(
+        &mut self,
+        m: PrepareCommit,
+        _: &mut Context<Self, Self::Reply>,
+    ) -> Self::Reply {
         self.check_epoch(m.epoch)?;
         self.store.prepare_commit()
     }
@@ -186,7 +190,11 @@ pub struct PublishCommit {
 impl Message<PublishCommit> for ReplayActor {
     type Reply = Result<u64, StoreError>;
 
-    async fn handle(&mut self, m: PublishCommit, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
+    async fn handle(
+        &mut self,
+        m: PublishCommit,
+        _: &mut Context<Self, Self::Reply>,
+    ) -> Self::Reply {
         let c = self
             .store
             .publish_commit(m.synced, &m.hash, m.accepted, m.rejected)?;
@@ -276,7 +284,12 @@ impl RowSink for ReplaySink {
             .map_err(Self::unreachable)
     }
 
-    fn commit(&mut self, hash: &[u8; 32], accepted: u64, rejected: u64) -> Result<u64, IngestError> {
+    fn commit(
+        &mut self,
+        hash: &[u8; 32],
+        accepted: u64,
+        rejected: u64,
+    ) -> Result<u64, IngestError> {
         let epoch = self.epoch.unwrap_or(0);
         let synced = self
             .replay

@@ -29,9 +29,9 @@ use serde::{Deserialize, Serialize};
 
 pub use bench::{BenchIngestArgs, bench_ingest};
 pub use process::{Progress, process_file, process_file_resuming};
+pub use select::{EntryKind, InboxEntry, ScanMemory, Selection, list_inbox, select_candidates};
 pub use sidecar::{FileOutcome, Outcome, Sidecar, Timings};
 pub use sink::RowSink;
-pub use select::{EntryKind, InboxEntry, ScanMemory, Selection, list_inbox, select_candidates};
 
 use crate::store::StoreError;
 
@@ -99,6 +99,12 @@ impl IngestError {
             IngestError::Store { source } => source.is_disk_full(),
             _ => false,
         }
+    }
+
+    /// True when the file itself vanished (removed or moved by someone else): nothing to
+    /// retry.
+    pub fn is_gone(&self) -> bool {
+        matches!(self, IngestError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
     }
 }
 

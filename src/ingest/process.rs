@@ -361,9 +361,9 @@ pub fn process_file_resuming<S: RowSink + ?Sized>(
             }
         }
         let t = Instant::now();
-        let (skip, totals) = done
-            .as_ref()
-            .map_or((0, Counts::default()), |c| (c.counts.last_line, c.counts.clone()));
+        let (skip, totals) = done.as_ref().map_or((0, Counts::default()), |c| {
+            (c.counts.last_line, c.counts.clone())
+        });
         let ctx = FileCtx {
             path,
             name: &name,
@@ -427,10 +427,12 @@ pub fn process_file_resuming<S: RowSink + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::sidecar::{MAX_LISTED_COLUMNS, choose_dest, move_file, outcome_dir, write_sidecar};
-    use crate::text::csv_rows::CsvRow;
+    use crate::ingest::sidecar::{
+        MAX_LISTED_COLUMNS, choose_dest, move_file, outcome_dir, write_sidecar,
+    };
     use crate::store::format::HEADER_LEN;
     use crate::store::{ReplayConfig, ReplayStore};
+    use crate::text::csv_rows::CsvRow;
     use std::fs;
 
     struct Env {
@@ -745,7 +747,10 @@ mod tests {
         let moved = fs::read_to_string(&out.moved_to).unwrap();
         assert!(moved.ends_with("late row 9,late\n"));
         let sc: Sidecar = serde_json::from_slice(&fs::read(&out.sidecar_path).unwrap()).unwrap();
-        assert_eq!(sc.content_hash, Some(hex(&hash_file(&out.moved_to).unwrap())));
+        assert_eq!(
+            sc.content_hash,
+            Some(hex(&hash_file(&out.moved_to).unwrap()))
+        );
     }
 
     /// Found by a hostile-operator probe: a header of 10⁶ columns gave a 14.9 MB sidecar.
@@ -782,7 +787,11 @@ mod tests {
         let sc: Sidecar = serde_json::from_slice(&fs::read(&out.sidecar_path).unwrap()).unwrap();
         assert_eq!(sc.file, "nul.csv");
         assert_eq!(sc.rejections[0].line, 3);
-        assert!(sc.rejections[0].reason.contains("field `text`"), "{:?}", sc.rejections);
+        assert!(
+            sc.rejections[0].reason.contains("field `text`"),
+            "{:?}",
+            sc.rejections
+        );
         assert!(sc.rejections[0].reason.contains("NUL"));
     }
 

@@ -303,4 +303,3 @@ pub(super) fn empty_sidecar(name: &str, bytes: u64) -> Sidecar {
         checksum: None,
     }
 }
-

@@ -25,8 +25,12 @@ pub trait RowSink {
     fn is_committed(&mut self, hash: &[u8; 32]) -> Result<bool, IngestError>;
 
     /// Append rows of the file `hash` (rows the store already has are skipped).
-    fn append(&mut self, hash: &[u8; 32], rows: Vec<CsvRow>, ingest_ms: u64)
-    -> Result<(), IngestError>;
+    fn append(
+        &mut self,
+        hash: &[u8; 32],
+        rows: Vec<CsvRow>,
+        ingest_ms: u64,
+    ) -> Result<(), IngestError>;
 
     /// Make the appended rows durable and record the file as complete. Returns the rows
     /// of the file first made durable by this process (0 when it was complete already).

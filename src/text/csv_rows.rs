@@ -735,7 +735,11 @@ mod tests {
                 offset: 3
             }
         );
-        assert!(r.reason.to_string().contains("field `text`"), "{}", r.reason);
+        assert!(
+            r.reason.to_string().contains("field `text`"),
+            "{}",
+            r.reason
+        );
         let r = rows[2].as_ref().unwrap_err();
         assert_eq!(r.line, 4);
         assert!(matches!(&r.reason, RejectReason::NulByte { column, .. } if column == "source"));

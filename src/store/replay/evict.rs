@@ -6,10 +6,10 @@ use std::path::PathBuf;
 
 use super::report::EvictionReport;
 use super::{Active, ReplayStore};
+use crate::store::StoreError;
 use crate::store::format::segment_header;
 use crate::store::fsutil::fsync_dir;
 use crate::store::state::{StoreState, eviction_key};
-use crate::store::StoreError;
 
 impl ReplayStore {
     /// Most control rows kept: `control_fraction` of `max_rows` (at least one).
@@ -217,5 +217,4 @@ impl ReplayStore {
         }
         Ok(())
     }
-
 }

@@ -34,8 +34,8 @@ use std::sync::atomic::AtomicU64;
 
 pub use append::PendingSync;
 pub use report::{
-    AppendSummary, CommitSummary, ControlGroup, CorruptRegion, Era, EvictionReport,
-    RecoveryReport, ReplayStats, TornTail,
+    AppendSummary, CommitSummary, ControlGroup, CorruptRegion, Era, EvictionReport, RecoveryReport,
+    ReplayStats, TornTail,
 };
 
 use super::journal::{Journal, JournalEntry};
@@ -258,7 +258,6 @@ impl ReplayStore {
             source,
         }
     }
-
 
     /// Identifies this opening of the store within the process: a caller that holds a
     /// [`PendingSync`] from another epoch (the store was reopened meanwhile) is refused.

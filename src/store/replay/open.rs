@@ -6,8 +6,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io::BufWriter;
 use std::path::Path;
 
-use super::{Active, ReplayStore, RowMeta, Segment, is_control, parse_segment_name, segment_name};
 use super::report::{CorruptRegion, RecoveryReport, TornTail};
+use super::{Active, ReplayStore, RowMeta, Segment, is_control, parse_segment_name, segment_name};
 use crate::store::format::{HEADER_LEN, HeaderCheck, check_header, scan_segment, segment_header};
 use crate::store::fsutil::fsync_dir;
 use crate::store::journal::Journal;

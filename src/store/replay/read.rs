@@ -174,5 +174,4 @@ impl ReplayStore {
     pub fn last_durable_seq(&self) -> u64 {
         self.rows.last().map_or(0, |m| m.seq)
     }
-
 }

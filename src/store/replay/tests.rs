@@ -4,11 +4,11 @@ use super::*;
 use crate::store::format::{Record, scan_segment};
 use crate::store::inspect_replay;
 use crate::text::csv_rows::CsvRow;
-use std::fs;
 use proptest::prelude::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
+use std::fs;
 
 fn cfg(segment_bytes: u64) -> ReplayConfig {
     ReplayConfig {
