@@ -23,57 +23,26 @@ import argparse, json, os, random, statistics, subprocess, sys, tempfile, time
 
 BIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target", "release", "mbtd")
 
-BASE = """
-[ingest]
-settle_ms = 50
-rescan_ms = 200
-[logging]
-format = "json"
-level = "info"
-[model]
-vocab_size = 320
-d_model = 32
-n_heads = 2
-n_layers = 2
-branches = {branches}
-max_seq_len = 32
-[optim]
-lr = 0.003
-warmup_steps = 10
-[tokenizer]
-bootstrap_rows = 200
-[training]
-batch_size = 8
-seq_len = 32
-replay_share = 0.5
-idle_steps_per_min = 60000
-seed = {seed}
-max_steps = {steps}
-[eval]
-every_steps = {every}
-max_rows_per_group = 64
-[replay]
-control_fraction = 0.1
-[checkpoints]
-every_steps = 100000
-every_seconds = 0
-keep_last = 50
-[metrics]
-log_every_s = 1
-[governor]
-enabled = {enabled}
-patience = 2
-plateau_tolerance = 0.05
-saturation_threshold = 0.5
-ramp_steps = 30
-probation_steps = 100
-cooldown_steps = 200
-min_gain = 0.0
-max_regression = 0.5
-max_branches_per_layer = 5
-branches_per_expansion = 1
-beta = 0.2
-"""
+# The tests' small configuration (`mbtd config small`) with this benchmark's overrides.
+OVERRIDES = [
+    "logging.format=\"json\"", "optim.lr=0.003", "optim.warmup_steps=10",
+    "tokenizer.bootstrap_rows=200", "training.replay_share=0.5",
+    "eval.max_rows_per_group=64", "replay.control_fraction=0.1", "checkpoints.keep_last=50",
+    "governor.patience=2", "governor.plateau_tolerance=0.05",
+    "governor.saturation_threshold=0.5", "governor.ramp_steps=30",
+    "governor.probation_steps=100", "governor.cooldown_steps=200", "governor.min_gain=0.0",
+    "governor.max_regression=0.5", "governor.max_branches_per_layer=5",
+    "governor.branches_per_expansion=1", "governor.beta=0.2",
+]
+
+
+def config_text(enabled, seed, steps, every, branches):
+    """The TOML of one run: `mbtd config small` with the overrides above and the run's own."""
+    sets = OVERRIDES + [f"model.branches={branches}", f"training.seed={seed}",
+                        f"training.max_steps={steps}", f"eval.every_steps={every}",
+                        f"governor.enabled={'true' if enabled else 'false'}"]
+    args = [BIN, "config", "small"] + [a for kv in sets for a in ("--set", kv)]
+    return subprocess.run(args, check=True, capture_output=True, text=True).stdout
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 WORDINGS = ["what is {k}?", "{k} means", "look up {k}:", "define {k}", "{k} =",
@@ -183,8 +152,7 @@ def run(enabled, seed, data_seed, steps, files, rows, every, branches):
     os.makedirs(os.path.join(data, "inbox"))
     cfg = os.path.join(data, "bench.toml")
     with open(cfg, "w") as f:
-        f.write(BASE.format(seed=seed, steps=steps, every=every, branches=branches,
-                            enabled="true" if enabled else "false"))
+        f.write(config_text(enabled, seed, steps, every, branches))
     log = open(os.path.join(data, "daemon.log"), "w")
     p = subprocess.Popen([BIN, "run", "--config", cfg, "--data-dir", data], stdout=log, stderr=log)
     try:
@@ -281,7 +249,7 @@ def main():
             results.append(r)
     doc = dict(started_utc=started, finished_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                loadavg_before=load_before, loadavg_after=os.getloadavg(), args=vars(a),
-               config=BASE, summary=summary(results), runs=results)
+               config=["mbtd config small"] + OVERRIDES, summary=summary(results), runs=results)
     with open(a.out, "w") as f:
         json.dump(doc, f, indent=1)
     for label, s in doc["summary"].items():

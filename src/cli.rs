@@ -94,6 +94,13 @@ pub enum ConfigCommand {
     },
     /// Print the embedded default configuration (every key commented).
     Default,
+    /// Print the small configuration the tests and scripted benchmarks use (a d 32,
+    /// 2 × 2-branch model), with `--set section.key=value` overrides applied.
+    Small {
+        /// An override such as `training.batch_size=4` (repeatable).
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        set: Vec<String>,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -1,25 +1,24 @@
 //! mbtd: a daemon that continuously trains a Multi-Branch Transformer language model.
 //!
-//! Layers of the code: the pure core (`model`, `text`, `store`, `ingest`, `checkpoint`,
-//! `govern`, `config`), thin kameo actors (`actors`), and the edges (`admin`, `daemon`,
-//! `ctl`, `cli`, `telemetry`, `demo`, `report`).
+//! The code is a workspace of crates whose layering the compiler enforces:
+//! - `mbtd-core` (crates/mbtd-core): the pure core — model, text, store, ingest decisions,
+//!   checkpoint format, governor, learning policy, configuration. No tokio, no kameo.
+//! - `mbtd-admin` (crates/mbtd-admin): the admin wire protocol and its client.
+//! - `mbtd-daemon` (crates/mbtd-daemon): the actors, the admin server, start-up and
+//!   shutdown, telemetry.
+//! - this crate: the command line, `mbtd ctl`, and the tools (benchmarks, demo, soak,
+//!   report, fuzzing).
+//!
+//! The modules of the crates below are re-exported here under their own names
+//! (`mbtd::model`, `mbtd::actors`, …).
 
-pub mod actors;
-pub mod admin;
-pub mod checkpoint;
+pub use mbtd_core::{checkpoint, config, govern, ingest, learn, model, store, text};
+pub use mbtd_daemon::{actors, admin, daemon, telemetry};
+
 pub mod cli;
-pub mod config;
 pub mod ctl;
-pub mod daemon;
 pub mod demo;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod govern;
-pub mod ingest;
-pub mod learn;
-pub mod model;
 pub mod report;
 pub mod soak;
-pub mod store;
-pub mod telemetry;
-pub mod text;

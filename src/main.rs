@@ -61,6 +61,25 @@ fn main() -> ExitCode {
             print!("{DEFAULT_TOML}");
             ExitCode::SUCCESS
         }
+        Command::Config(ConfigCommand::Small { set }) => {
+            let pairs: Result<Vec<(&str, &str)>, String> = set
+                .iter()
+                .map(|kv| {
+                    kv.split_once('=')
+                        .ok_or_else(|| format!("--set {kv}: expected SECTION.KEY=VALUE"))
+                })
+                .collect();
+            match pairs.map(|p| mbtd::config::preset::small(&p).map_err(|e| e.to_string())) {
+                Ok(Ok(text)) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Ok(Err(e)) | Err(e) => {
+                    eprintln!("mbtd: configuration error: {e}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            }
+        }
         Command::Config(ConfigCommand::Check { file, data_dir }) => {
             match Config::load(Some(&file)) {
                 Ok(mut cfg) => {

@@ -55,30 +55,17 @@ fn fifty_clients_times_a_hundred_requests_are_all_answered() {
 
 #[test]
 fn sigterm_during_a_checkpoint_write_exits_zero_with_a_valid_latest() {
-    let mut d = Daemon::start(
-        r#"
-[ingest]
-settle_ms = 50
-[model]
-vocab_size = 300
-d_model = 64
-n_heads = 2
-n_layers = 2
-branches = 2
-max_seq_len = 16
-[tokenizer]
-bootstrap_rows = 50
-[training]
-batch_size = 4
-seq_len = 16
-idle_steps_per_min = 60000
-[checkpoints]
-every_steps = 1
-every_seconds = 0
-keep_last = 3
-keep_daily = 0
-"#,
-    );
+    let mut d = Daemon::start(&small(&[
+        ("model.vocab_size", "300"),
+        ("model.d_model", "64"),
+        ("model.max_seq_len", "16"),
+        ("tokenizer.bootstrap_rows", "50"),
+        ("training.batch_size", "4"),
+        ("training.seq_len", "16"),
+        ("checkpoints.every_steps", "1"),
+        ("checkpoints.keep_last", "3"),
+        ("checkpoints.keep_daily", "0"),
+    ]));
     let mut s = String::from("text\n");
     for i in 0..200 {
         s.push_str(&format!("\"row {i} is a row of text number {i}\"\n"));

@@ -4,41 +4,19 @@
 
 mod common;
 
-use common::{Daemon, sidecars};
+use common::{Daemon, sidecars, small};
 use serde_json::Value;
 use std::fs;
 use std::time::Duration;
 
 const MAX_ROWS: u64 = 300;
 
-const CONFIG: &str = r#"
-[ingest]
-settle_ms = 50
-rescan_ms = 200
-[model]
-vocab_size = 320
-d_model = 32
-n_heads = 2
-n_layers = 2
-branches = 2
-max_seq_len = 32
-[tokenizer]
-bootstrap_rows = 100
-[training]
-batch_size = 8
-seq_len = 32
-idle_steps_per_min = 60000
-[eval]
-every_steps = 1000000
-[replay]
-max_rows = 300
-control_fraction = 0.15
-[checkpoints]
-every_steps = 100000
-every_seconds = 0
-[metrics]
-log_every_s = 1
-"#;
+fn config() -> String {
+    small(&[
+        ("replay.max_rows", "300"),
+        ("replay.control_fraction", "0.15"),
+    ])
+}
 
 /// A file of `rows` distinct text rows, written elsewhere and renamed into the inbox.
 fn drop_file(d: &Daemon, name: &str, rows: usize) {
@@ -62,7 +40,7 @@ fn ingest(d: &Daemon) -> Value {
 
 #[test]
 fn files_wait_in_the_inbox_while_the_store_is_full_of_untrained_rows() {
-    let d = Daemon::start(CONFIG);
+    let d = Daemon::start(&config());
     drop_file(&d, "first.csv", 150);
     // A few steps, so that the trainer has consumed rows (before that there is always room).
     d.wait_steps(5, Duration::from_secs(120));

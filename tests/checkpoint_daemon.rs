@@ -9,41 +9,22 @@ use common::*;
 use serde_json::Value;
 
 fn config(max_steps: u64, every_steps: u64) -> String {
-    format!(
-        r#"
-[ingest]
-settle_ms = 50
-rescan_ms = 200
-[model]
-vocab_size = 300
-d_model = 32
-n_heads = 2
-n_layers = 2
-branches = 3
-max_seq_len = 16
-[optim]
-lr = 0.003
-warmup_steps = 5
-[availability]
-p = 0.75
-[tokenizer]
-bootstrap_rows = 100
-[training]
-batch_size = 4
-seq_len = 16
-idle_steps_per_min = 60000
-max_steps = {max_steps}
-[eval]
-every_steps = 7
-[replay]
-control_fraction = 0.1
-[checkpoints]
-every_steps = {every_steps}
-every_seconds = 0
-keep_last = 3
-keep_daily = 0
-"#
-    )
+    small(&[
+        ("model.vocab_size", "300"),
+        ("model.branches", "3"),
+        ("model.max_seq_len", "16"),
+        ("optim.lr", "0.003"),
+        ("optim.warmup_steps", "5"),
+        ("availability.p", "0.75"),
+        ("training.batch_size", "4"),
+        ("training.seq_len", "16"),
+        ("training.max_steps", &max_steps.to_string()),
+        ("eval.every_steps", "7"),
+        ("replay.control_fraction", "0.1"),
+        ("checkpoints.every_steps", &every_steps.to_string()),
+        ("checkpoints.keep_last", "3"),
+        ("checkpoints.keep_daily", "0"),
+    ])
 }
 
 fn write_data(d: &Daemon) {

@@ -160,10 +160,13 @@ fn a_bad_real_text_file_is_refused_up_front_naming_file_line_and_field() {
 
 #[test]
 fn report_reads_a_daemon_that_ran_with_the_default_paths() {
-    let d = Daemon::start(
-        "[metrics]\nhistory_every_s = 1\n[model]\nvocab_size = 300\nd_model = 16\nn_heads = 2\nn_layers = 2\nbranches = 2\nmax_seq_len = 32\n\
-         [tokenizer]\nbootstrap_rows = 50\n[training]\nbatch_size = 4\nseq_len = 32\nidle_steps_per_min = 60000\n",
-    );
+    let d = Daemon::start(&small(&[
+        ("metrics.history_every_s", "1"),
+        ("model.vocab_size", "300"),
+        ("model.d_model", "16"),
+        ("tokenizer.bootstrap_rows", "50"),
+        ("training.batch_size", "4"),
+    ]));
     let rows: String = (0..80)
         .map(|i| format!("\"row {i} of the test\"\n"))
         .collect();

@@ -9,43 +9,19 @@ use std::time::Duration;
 use common::*;
 use serde_json::{Value, json};
 
-/// Tiny model, scheduled evals every 5 steps (they drive the governor).
-const BASE: &str = r#"
-[ingest]
-settle_ms = 50
-rescan_ms = 200
-[model]
-vocab_size = 320
-d_model = 32
-n_heads = 2
-n_layers = 2
-branches = 2
-max_seq_len = 32
-[optim]
-lr = 0.003
-warmup_steps = 5
-[tokenizer]
-bootstrap_rows = 100
-[training]
-batch_size = 8
-seq_len = 32
-replay_share = 0.5
-idle_steps_per_min = 60000
-[eval]
-every_steps = 5
-max_rows_per_group = 16
-[replay]
-control_fraction = 0.15
-[checkpoints]
-every_steps = 100000
-every_seconds = 0
-keep_last = 50
-[metrics]
-log_every_s = 1
-"#;
-
+/// Tiny model, scheduled evals every 5 steps (they drive the governor), and `governor`
+/// lines for the `[governor]` section.
 fn config(governor: &str) -> String {
-    format!("{BASE}[governor]\n{governor}")
+    let base = small(&[
+        ("optim.lr", "0.003"),
+        ("optim.warmup_steps", "5"),
+        ("training.replay_share", "0.5"),
+        ("eval.every_steps", "5"),
+        ("eval.max_rows_per_group", "16"),
+        ("replay.control_fraction", "0.15"),
+        ("checkpoints.keep_last", "50"),
+    ]);
+    format!("{base}\n[governor]\n{governor}")
 }
 
 fn write_task(d: &Daemon, name: &str, rows: usize) {

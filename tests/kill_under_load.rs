@@ -17,33 +17,19 @@ use common::*;
 use mbtd::text::csv_rows::{RowBody, RowKind};
 use mbtd::text::csv_write::CsvRowWriter;
 
-const CONFIG: &str = r#"
-[ingest]
-settle_ms = 50
-rescan_ms = 200
-[model]
-vocab_size = 300
-d_model = 32
-n_heads = 2
-n_layers = 2
-branches = 2
-max_seq_len = 16
-[optim]
-warmup_steps = 5
-[tokenizer]
-bootstrap_rows = 100
-[training]
-batch_size = 4
-seq_len = 16
-idle_steps_per_min = 60000
-[eval]
-every_steps = 25
-[checkpoints]
-every_steps = 2
-every_seconds = 0
-keep_last = 3
-keep_daily = 0
-"#;
+fn config() -> String {
+    small(&[
+        ("model.vocab_size", "300"),
+        ("model.max_seq_len", "16"),
+        ("optim.warmup_steps", "5"),
+        ("training.batch_size", "4"),
+        ("training.seq_len", "16"),
+        ("eval.every_steps", "25"),
+        ("checkpoints.every_steps", "2"),
+        ("checkpoints.keep_last", "3"),
+        ("checkpoints.keep_daily", "0"),
+    ])
+}
 
 /// Rows of inbox file `name` (`k` its number): unique texts, three sources.
 fn rows_of(name: &str, k: u64, n: u64) -> Vec<(String, String)> {
@@ -156,7 +142,7 @@ fn kill_9_under_ingestion_training_and_checkpointing_keeps_rows_once_and_latest_
     let t0 = Instant::now();
     let seed = seed();
     let mut rng = Rng(seed);
-    let mut d = Daemon::start(CONFIG);
+    let mut d = Daemon::start(&config());
     let dir = d.path().to_path_buf();
     let stop = Arc::new(AtomicBool::new(false));
     let produced: Produced = Arc::default();
@@ -215,7 +201,7 @@ fn kill_9_under_ingestion_training_and_checkpointing_keeps_rows_once_and_latest_
         let rows = check_stopped(&dir, &produced.lock().unwrap().clone());
         let latest = latest_step(&dir);
         eprintln!("kill {round} ({moment:?}) {what}: {rows} rows stored, LATEST at step {latest}");
-        d = d.restart_with(CONFIG);
+        d = d.restart_with(&config());
         d.wait_for(Duration::from_secs(30), "resume", || {
             d.log_text().contains("trainer_resumed").then_some(())
         });

@@ -8,39 +8,16 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{Value, json};
 
-const CONFIG: &str = r#"
-[ingest]
-settle_ms = 50
-rescan_ms = 200
-[model]
-vocab_size = 320
-d_model = 32
-n_heads = 2
-n_layers = 2
-branches = 2
-max_seq_len = 32
-[optim]
-lr = 0.003
-warmup_steps = 5
-[tokenizer]
-bootstrap_rows = 100
-[training]
-batch_size = 8
-seq_len = 32
-replay_share = 0.5
-idle_steps_per_min = 60000
-[eval]
-every_steps = 1000000
-max_rows_per_group = 48
-[replay]
-control_fraction = 0.15
-[checkpoints]
-every_steps = 100000
-every_seconds = 0
-keep_last = 50
-[metrics]
-log_every_s = 1
-"#;
+fn config() -> String {
+    small(&[
+        ("optim.lr", "0.003"),
+        ("optim.warmup_steps", "5"),
+        ("training.replay_share", "0.5"),
+        ("eval.max_rows_per_group", "48"),
+        ("replay.control_fraction", "0.15"),
+        ("checkpoints.keep_last", "50"),
+    ])
+}
 
 /// Task A: "<a> plus <b> is <a+b>"; task B: "reverse <w> is <reversed w>".
 fn write_task(d: &Daemon, name: &str, task: char, rows: usize) {
@@ -79,7 +56,7 @@ fn source_loss(eval: &Value, src: &str) -> f64 {
 
 #[test]
 fn learns_two_tasks_in_sequence_and_keeps_the_first_with_replay() {
-    let d = Daemon::start(CONFIG);
+    let d = Daemon::start(&config());
     write_task(&d, "a.csv", 'a', 600);
     d.wait_steps(1, Duration::from_secs(120));
     let a0 = source_loss(&d.data("eval", Value::Null), "a");
@@ -110,7 +87,7 @@ fn learns_two_tasks_in_sequence_and_keeps_the_first_with_replay() {
 
 #[test]
 fn mask_freezes_a_branch_generate_streams_and_metrics_are_complete() {
-    let d = Daemon::start(CONFIG);
+    let d = Daemon::start(&config());
     write_task(&d, "a.csv", 'a', 400);
     d.wait_steps(5, Duration::from_secs(120));
 
@@ -178,7 +155,7 @@ fn mask_freezes_a_branch_generate_streams_and_metrics_are_complete() {
 
 #[test]
 fn expand_is_exact_at_eta0_rollback_restores_bitwise_and_sigterm_checkpoints() {
-    let mut d = Daemon::start(CONFIG);
+    let mut d = Daemon::start(&config());
     write_task(&d, "a.csv", 'a', 300);
     d.wait_steps(10, Duration::from_secs(120));
     let tagged = d.data("checkpoint", json!({"tag": "before"}));
@@ -218,7 +195,7 @@ fn expand_is_exact_at_eta0_rollback_restores_bitwise_and_sigterm_checkpoints() {
     let final_step = m["step"].as_u64().unwrap();
 
     // Restart resumes exactly there.
-    let d = d.restart_with(CONFIG);
+    let d = d.restart_with(&config());
     let s = d.wait_for(Duration::from_secs(30), "resume", || {
         let t = d.section("trainer");
         t["last_event"]

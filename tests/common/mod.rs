@@ -23,6 +23,13 @@ pub struct Daemon {
     pub log: PathBuf,
 }
 
+/// The one small test configuration (a d 32, 2 × 2-branch model; see
+/// `mbtd::config::preset::SMALL_TOML`) with dotted-key overrides, e.g.
+/// `small(&[("model.branches", "3"), ("eval.every_steps", "7")])`.
+pub fn small(overrides: &[(&str, &str)]) -> String {
+    mbtd::config::preset::small(overrides).unwrap_or_else(|e| panic!("test configuration: {e}"))
+}
+
 /// Extra TOML appended to the test's config (small timeouts, fast metrics).
 pub const BASE_CONFIG: &str = "[logging]\nformat = \"json\"\nlevel = \"info\"\n";
 

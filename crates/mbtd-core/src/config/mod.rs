@@ -5,12 +5,14 @@
 //! Loading rules: unknown keys are an error naming the key and the file; out-of-range values
 //! name the field and the allowed range; relative paths resolve against the data dir.
 
+pub mod preset;
+
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 /// The embedded default configuration (every key commented).
-pub const DEFAULT_TOML: &str = include_str!("../config/mbtd.toml");
+pub const DEFAULT_TOML: &str = include_str!("../../../../config/mbtd.toml");
 
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]

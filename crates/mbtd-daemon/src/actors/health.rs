@@ -8,8 +8,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-
 use crate::config::DaemonConfig;
 use crate::telemetry::names::{self, events};
 
@@ -34,13 +32,7 @@ pub struct ChildHealth {
     window: Duration,
 }
 
-/// What `ctl status` shows for one actor.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
-pub struct ActorStatus {
-    pub name: String,
-    pub state: String,
-    pub restarts: u64,
-}
+pub use crate::admin::protocol::ActorStatus;
 
 impl ChildHealth {
     /// Called at the top of the actor's `on_start`: records the start and, when it is a

@@ -120,6 +120,14 @@ impl Response {
     }
 }
 
+/// What `ctl status` shows for one actor.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ActorStatus {
+    pub name: String,
+    pub state: String,
+    pub restarts: u64,
+}
+
 /// The reply to `status`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StatusReply {
@@ -127,7 +135,7 @@ pub struct StatusReply {
     pub pid: u32,
     pub uptime_s: f64,
     pub data_dir: String,
-    pub actors: Vec<crate::actors::health::ActorStatus>,
+    pub actors: Vec<ActorStatus>,
     /// Extra sections contributed by actors (ingest, replay, trainer, …), in order.
     #[serde(default)]
     pub sections: Vec<(String, serde_json::Value)>,

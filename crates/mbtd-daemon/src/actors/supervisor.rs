@@ -96,6 +96,31 @@ pub struct Root {
     fatal_tx: mpsc::UnboundedSender<String>,
 }
 
+/// Spawns the root's children, each with the same supervision: restarted when it crashes
+/// (`Transient`), at most `restart_limit` times per `restart_window`.
+struct Children<'a> {
+    parent: &'a ActorRef<Root>,
+    restart_limit: u32,
+    restart_window: Duration,
+    names: HashMap<ActorId, &'static str>,
+}
+
+impl Children<'_> {
+    async fn spawn<C>(&mut self, name: &'static str, args: C::Args) -> ActorRef<C>
+    where
+        C: Actor,
+        C::Args: Clone + Sync,
+    {
+        let child = C::supervise(self.parent, args)
+            .restart_policy(RestartPolicy::Transient)
+            .restart_limit(self.restart_limit, self.restart_window)
+            .spawn()
+            .await;
+        self.names.insert(child.id(), name);
+        child
+    }
+}
+
 impl Actor for Root {
     type Args = RootArgs;
     type Error = Infallible;
@@ -106,89 +131,77 @@ impl Actor for Root {
 
     async fn on_start(args: Self::Args, me: ActorRef<Self>) -> Result<Self, Self::Error> {
         let d = &args.cfg.daemon;
-        let limit = d.restart_limit;
-        let window = Duration::from_secs(d.restart_window_s);
-        let mut names = HashMap::new();
+        let mut children = Children {
+            parent: &me,
+            restart_limit: d.restart_limit,
+            restart_window: Duration::from_secs(d.restart_window_s),
+            names: HashMap::new(),
+        };
 
-        let metrics = MetricsActor::supervise(
-            &me,
-            MetricsArgs {
-                recorder: args.recorder.clone(),
-                log_every: Duration::from_secs(args.cfg.metrics.log_every_s),
-                started: args.started,
-                health: args.board.register("metrics", d),
-                history: (args.cfg.metrics.history_every_s > 0).then(|| HistoryArgs {
-                    path: args.cfg.metrics.history_file.clone(),
-                    every: Duration::from_secs(args.cfg.metrics.history_every_s),
-                    max_bytes: args.cfg.metrics.history_max_bytes,
-                }),
-            },
-        )
-        .restart_policy(RestartPolicy::Transient)
-        .restart_limit(limit, window)
-        .spawn()
-        .await;
-        names.insert(metrics.id(), "metrics");
+        let metrics: ActorRef<MetricsActor> = children
+            .spawn(
+                "metrics",
+                MetricsArgs {
+                    recorder: args.recorder.clone(),
+                    log_every: Duration::from_secs(args.cfg.metrics.log_every_s),
+                    started: args.started,
+                    health: args.board.register("metrics", d),
+                    history: (args.cfg.metrics.history_every_s > 0).then(|| HistoryArgs {
+                        path: args.cfg.metrics.history_file.clone(),
+                        every: Duration::from_secs(args.cfg.metrics.history_every_s),
+                        max_bytes: args.cfg.metrics.history_max_bytes,
+                    }),
+                },
+            )
+            .await;
 
-        let replay = ReplayActor::supervise(
-            &me,
-            ReplayArgs {
-                dir: args.cfg.paths.replay.clone(),
-                cfg: args.cfg.replay.clone(),
-                health: args.board.register("replay", d),
-            },
-        )
-        .restart_policy(RestartPolicy::Transient)
-        .restart_limit(limit, window)
-        .spawn()
-        .await;
-        names.insert(replay.id(), "replay");
+        let replay: ActorRef<ReplayActor> = children
+            .spawn(
+                "replay",
+                ReplayArgs {
+                    dir: args.cfg.paths.replay.clone(),
+                    cfg: args.cfg.replay.clone(),
+                    health: args.board.register("replay", d),
+                },
+            )
+            .await;
 
-        let ingestor = IngestorActor::supervise(
-            &me,
-            IngestorArgs {
-                inbox: args.cfg.paths.inbox.clone(),
-                cfg: args.cfg.ingest.clone(),
-                replay: replay.clone(),
-                health: args.board.register("ingestor", d),
-            },
-        )
-        .restart_policy(RestartPolicy::Transient)
-        .restart_limit(limit, window)
-        .spawn()
-        .await;
-        names.insert(ingestor.id(), "ingestor");
+        let ingestor: ActorRef<IngestorActor> = children
+            .spawn(
+                "ingestor",
+                IngestorArgs {
+                    inbox: args.cfg.paths.inbox.clone(),
+                    cfg: args.cfg.ingest.clone(),
+                    replay: replay.clone(),
+                    health: args.board.register("ingestor", d),
+                },
+            )
+            .await;
 
         let (ck_tx, ck_rx) = tokio::sync::watch::channel(serde_json::json!({"state": "starting"}));
-        let checkpointer = CheckpointerActor::supervise(
-            &me,
-            CheckpointerArgs {
-                root: args.cfg.paths.checkpoints.clone(),
-                cfg: args.cfg.checkpoints.clone(),
-                health: args.board.register("checkpointer", d),
-                status: std::sync::Arc::new(ck_tx),
-            },
-        )
-        .restart_policy(RestartPolicy::Transient)
-        .restart_limit(limit, window)
-        .spawn()
-        .await;
-        names.insert(checkpointer.id(), "checkpointer");
+        let checkpointer: ActorRef<CheckpointerActor> = children
+            .spawn(
+                "checkpointer",
+                CheckpointerArgs {
+                    root: args.cfg.paths.checkpoints.clone(),
+                    cfg: args.cfg.checkpoints.clone(),
+                    health: args.board.register("checkpointer", d),
+                    status: std::sync::Arc::new(ck_tx),
+                },
+            )
+            .await;
 
-        let trainer = TrainerActor::supervise(
-            &me,
-            TrainerArgs {
-                cfg: args.cfg.clone(),
-                replay: replay.clone(),
-                checkpointer: checkpointer.clone(),
-                health: args.board.register("trainer", d),
-            },
-        )
-        .restart_policy(RestartPolicy::Transient)
-        .restart_limit(limit, window)
-        .spawn()
-        .await;
-        names.insert(trainer.id(), "trainer");
+        let trainer: ActorRef<TrainerActor> = children
+            .spawn(
+                "trainer",
+                TrainerArgs {
+                    cfg: args.cfg.clone(),
+                    replay: replay.clone(),
+                    checkpointer: checkpointer.clone(),
+                    health: args.board.register("trainer", d),
+                },
+            )
+            .await;
 
         let admin_health = args.board.register("admin", d);
         #[cfg(feature = "fault-injection")]
@@ -213,21 +226,18 @@ impl Actor for Root {
             #[cfg(feature = "fault-injection")]
             crash_targets,
         };
-        let admin = AdminActor::supervise(
-            &me,
-            AdminArgs {
-                socket: args.cfg.admin.socket.clone(),
-                group_gid: args.admin_gid,
-                max_request_bytes: args.cfg.admin.max_request_bytes,
-                dispatcher,
-                health: admin_health,
-            },
-        )
-        .restart_policy(RestartPolicy::Transient)
-        .restart_limit(limit, window)
-        .spawn()
-        .await;
-        names.insert(admin.id(), "admin");
+        let admin: ActorRef<AdminActor> = children
+            .spawn(
+                "admin",
+                AdminArgs {
+                    socket: args.cfg.admin.socket.clone(),
+                    group_gid: args.admin_gid,
+                    max_request_bytes: args.cfg.admin.max_request_bytes,
+                    dispatcher,
+                    health: admin_health,
+                },
+            )
+            .await;
 
         Ok(Root {
             stop_order: vec![
@@ -238,7 +248,7 @@ impl Actor for Root {
                 Child::Admin(admin),
                 Child::Metrics(metrics),
             ],
-            names,
+            names: children.names,
             fatal_tx: args.fatal_tx,
         })
     }
