@@ -91,6 +91,9 @@ pub struct IngestorActor {
     blocked: Option<Blocked>,
     /// The file being ingested now.
     in_flight: Option<String>,
+    /// `pause-ingest` requests answered when the file in flight ends, so that a "paused"
+    /// reply means no file is being ingested.
+    pause_waiters: Vec<ReplySender<bool>>,
     /// When the inbox was last listed.
     last_listing: Option<Instant>,
     _watcher: Option<notify::RecommendedWatcher>,
@@ -130,6 +133,7 @@ impl Actor for IngestorActor {
             progress: Some(Progress::default()),
             blocked: None,
             in_flight: None,
+            pause_waiters: Vec::new(),
             last_listing: None,
             _watcher: watcher,
             _pump: AbortOnDrop(pump),
@@ -185,6 +189,7 @@ impl Message<IngestDone> for IngestorActor {
         self.in_flight = None;
         self.progress = Some(m.progress);
         self.finished(m.name, m.result);
+        self.answer_pause_waiters();
         self.take_next(ctx.actor_ref().clone()).await;
     }
 }
@@ -457,12 +462,19 @@ impl IngestorActor {
 }
 
 /// Stops or restarts taking files from the inbox (`ctl pause-ingest` / `resume-ingest`).
+/// The reply is the paused state; a pause asked while a file is being ingested is
+/// answered when that file ends ([`IngestDone`]), so after a `true` reply no file is
+/// taken or in flight. Other messages (`status`) are handled meanwhile.
 pub struct SetPaused(pub bool);
 
 impl Message<SetPaused> for IngestorActor {
-    type Reply = bool;
+    type Reply = DelegatedReply<bool>;
 
-    async fn handle(&mut self, m: SetPaused, _: &mut Context<Self, Self::Reply>) -> bool {
+    async fn handle(
+        &mut self,
+        m: SetPaused,
+        ctx: &mut Context<Self, Self::Reply>,
+    ) -> DelegatedReply<bool> {
         if self.paused != m.0 {
             let ev = if m.0 {
                 events::INGEST_PAUSED
@@ -472,7 +484,28 @@ impl Message<SetPaused> for IngestorActor {
             tracing::info!(event = ev, actor = "ingestor");
         }
         self.paused = m.0;
-        self.paused
+        if !self.paused {
+            // Pauses still waiting for the file in hand are answered with the new state.
+            self.answer_pause_waiters();
+            return ctx.reply(false);
+        }
+        if self.in_flight.is_none() {
+            return ctx.reply(true);
+        }
+        let (delegated, sender) = ctx.reply_sender();
+        if let Some(sender) = sender {
+            self.pause_waiters.push(sender);
+        }
+        delegated
+    }
+}
+
+impl IngestorActor {
+    /// Answers the `pause-ingest` requests waiting for the file in flight to end.
+    fn answer_pause_waiters(&mut self) {
+        for w in self.pause_waiters.drain(..) {
+            w.send(self.paused);
+        }
     }
 }
 
