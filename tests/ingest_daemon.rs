@@ -729,6 +729,12 @@ fn pause_during_a_backlog_stops_after_the_file_in_hand() {
     let out = d.ctl(&["pause-ingest"]);
     let reply_ms = t.elapsed().as_millis();
     assert!(out.status.success(), "{out:?}");
+    // "Paused" means no file in hand: the reply waits for the file being ingested.
+    let ingest = d.section("ingest");
+    assert!(
+        ingest["ingesting"].is_null(),
+        "a file in flight after the pause reply: {ingest}"
+    );
     let at_pause = done_and_failed(&d);
     std::thread::sleep(Duration::from_millis(800));
     let later = done_and_failed(&d);
