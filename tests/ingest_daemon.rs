@@ -497,17 +497,30 @@ fn bad_input_corpus_through_the_daemon() {
     assert_eq!(k, expect.len() - 1);
     fs::File::create(inbox.join("made_empty.csv")).unwrap();
 
+    // The corpus files and the link (refused with a sidecar in `.failed/`).
     d.wait_for(
         Duration::from_secs(30),
         "every corpus file processed",
-        || (done_and_failed(&d) == expect.len()).then_some(()),
+        || (done_and_failed(&d) == expect.len() + 1).then_some(()),
     );
     // A few more scans: nothing else must be taken.
     std::thread::sleep(Duration::from_millis(600));
     assert_all_running_no_restarts(&d);
 
     let done = sidecars(&inbox, ".done");
-    let failed = sidecars(&inbox, ".failed");
+    let mut failed = sidecars(&inbox, ".failed");
+    let link = failed
+        .remove("link.csv")
+        .expect("link.csv: no sidecar in .failed");
+    assert_eq!(link.outcome, Outcome::Failed);
+    assert!(
+        link.reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("symbolic link"),
+        "{link:?}"
+    );
+    assert_eq!(link.rows_appended, 0);
     for (name, (outcome, accepted, lines, reason)) in &expect {
         let (sc, dir) = match outcome {
             Outcome::Done => (done.get(*name), ".done"),
@@ -532,7 +545,8 @@ fn bad_input_corpus_through_the_daemon() {
         vec!["note".to_string()]
     );
 
-    // Untouched: the directory, the ignored names, the refused link (reported once).
+    // Untouched: the directory and the ignored names. The link left the inbox as it is
+    // (a link, its target not read).
     assert!(inbox.join("x.csv").is_dir());
     assert!(inbox.join("x.csv/inner.csv").is_file());
     for n in ignored {
@@ -544,24 +558,24 @@ fn bad_input_corpus_through_the_daemon() {
     }
     assert!(
         inbox
-            .join("link.csv")
+            .join(".failed/link.csv")
             .symlink_metadata()
             .unwrap()
             .file_type()
             .is_symlink()
     );
     let log = d.log_text();
-    let refused: Vec<&str> = log
+    let link_failed: Vec<&str> = log
         .lines()
-        .filter(|l| l.contains("ingest_refused_entry"))
+        .filter(|l| l.contains("ingest_file_failed") && l.contains("link.csv"))
         .collect();
-    assert_eq!(refused.len(), 1, "{refused:?}");
-    assert!(refused[0].contains("link.csv"));
+    assert_eq!(link_failed.len(), 1, "{link_failed:?}");
+    assert!(!log.contains("ingest_refused_entry"), "{log}");
     let mut left = names_in(&inbox);
     left.remove(".done");
     left.remove(".failed");
     let mut want: BTreeSet<String> = ignored.iter().map(|s| s.to_string()).collect();
-    want.extend(["x.csv".to_string(), "link.csv".to_string()]);
+    want.insert("x.csv".to_string());
     assert_eq!(left, want);
 
     let status = d.data("status", Value::Null);
@@ -573,7 +587,7 @@ fn bad_input_corpus_through_the_daemon() {
     };
     let ingest = section("ingest");
     assert_eq!(ingest["files_done"], 6, "{status}");
-    assert_eq!(ingest["files_failed"], 7, "{status}");
+    assert_eq!(ingest["files_failed"], 8, "{status}");
     assert_eq!(section("replay")["rows"], 16, "{status}");
     shutdown(&mut d);
 
@@ -715,6 +729,12 @@ fn pause_during_a_backlog_stops_after_the_file_in_hand() {
     let out = d.ctl(&["pause-ingest"]);
     let reply_ms = t.elapsed().as_millis();
     assert!(out.status.success(), "{out:?}");
+    // "Paused" means no file in hand: the reply waits for the file being ingested.
+    let ingest = d.section("ingest");
+    assert!(
+        ingest["ingesting"].is_null(),
+        "a file in flight after the pause reply: {ingest}"
+    );
     let at_pause = done_and_failed(&d);
     std::thread::sleep(Duration::from_millis(800));
     let later = done_and_failed(&d);

@@ -119,7 +119,9 @@ fn check_rejected(schema: &CsvSchema, reason: &RejectReason, max: usize) {
             assert!(*expected == cols && found != expected, "{reason}")
         }
         RejectReason::TooLong { bytes, max: m } => assert!(*m == max && *bytes > max, "{reason}"),
-        RejectReason::NotUtf8 { column } | RejectReason::EmptyField { column } => {
+        RejectReason::NotUtf8 { column }
+        | RejectReason::EmptyField { column }
+        | RejectReason::NulByte { column, .. } => {
             assert!(schema.columns.contains(column), "{reason}")
         }
     }
@@ -232,9 +234,16 @@ fn reference_row(
         return Err(RejectReason::TooLong { bytes, max });
     }
     let text = |c: usize| {
-        std::str::from_utf8(fields[c]).map_err(|_| RejectReason::NotUtf8 {
+        let s = std::str::from_utf8(fields[c]).map_err(|_| RejectReason::NotUtf8 {
             column: schema.columns[c].clone(),
-        })
+        })?;
+        match s.find('\0') {
+            Some(offset) => Err(RejectReason::NulByte {
+                column: schema.columns[c].clone(),
+                offset,
+            }),
+            None => Ok(s),
+        }
     };
     let mut values = Vec::new();
     for &c in required {

@@ -186,16 +186,11 @@ pub fn bench_ingest(opts: &BenchIngestArgs) -> Result<serde_json::Value, IngestE
         max_file_bytes: (opts.mib_per_file << 20) * 2 + (1 << 20),
         ..Default::default()
     };
-    let (mut store, _) =
-        ReplayStore::open(&replay, &ReplayConfig::default()).map_err(|source| {
-            IngestError::Store {
-                path: replay.clone(),
-                source,
-            }
-        })?;
+    let (mut store, _) = ReplayStore::open(&replay, &ReplayConfig::default())
+        .map_err(|source| IngestError::Store { source })?;
     let mut per_file_ms = Vec::new();
     let (mut bytes, mut rows) = (0u64, 0u64);
-    let mut phases = super::process::Timings::default();
+    let mut phases = super::Timings::default();
     let started = Instant::now();
     let cpu_started = thread_cpu_seconds();
     for name in &names {

@@ -2,29 +2,36 @@
 //!
 //! - [`select`]: which inbox entries are complete and ready (pure).
 //! - [`process`]: one file → durable rows in the replay store → the file moved to
-//!   `inbox/.done/` (or `inbox/.failed/`) with a JSON sidecar.
+//!   `inbox/.done/` (or `inbox/.failed/`) with a JSON sidecar ([`sidecar`]).
+//! - [`sink`]: where the rows go ([`RowSink`]: the store itself, or the replay actor).
 //! - [`bench`]: `mbtd bench ingest`.
 //!
-//! How the ingestor actor drives it (all calls blocking; run them in
-//! `spawn_blocking` with the store moved in and out, or behind a mutex):
+//! How the ingestor actor drives it (all calls blocking; it runs them in
+//! `spawn_blocking`, the rows going to the replay actor in chunks):
 //! 1. on a watcher event or every `rescan_ms`: `list_inbox` → `select_candidates`
-//!    (carry the returned [`ScanMemory`]; pass names seen renamed into the inbox);
-//! 2. for each ready name, oldest first: `process_file(inbox, inbox/name, store, cfg)`;
-//!    an `Err` leaves the file for a retry on a later scan;
-//! 3. after files are processed: `store.enforce_capacity(trainer_cursor_seq)` to keep
+//!    (carry the returned [`ScanMemory`]; pass names seen renamed into the inbox and
+//!    names a writer still has open);
+//! 2. for each ready name, oldest first: `process_file_resuming(inbox, inbox/name, sink,
+//!    cfg, progress)`; an `Err` leaves the file for a retry ([`IngestError::is_disk_full`]:
+//!    after a back-off; [`IngestError::Changed`]: once it settles again);
+//! 3. after each file: `store.enforce_capacity(trainer_cursor_seq)` to keep
 //!    `max_rows` / `max_bytes` (only rows the trainer has consumed are evicted).
 
 pub mod bench;
 pub mod process;
 pub mod select;
+pub mod sidecar;
+pub mod sink;
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
 pub use bench::{BenchIngestArgs, bench_ingest};
-pub use process::{FileOutcome, Outcome, Sidecar, process_file};
+pub use process::{Progress, process_file, process_file_resuming};
 pub use select::{EntryKind, InboxEntry, ScanMemory, Selection, list_inbox, select_candidates};
+pub use sidecar::{FileOutcome, Outcome, Sidecar, Timings};
+pub use sink::RowSink;
 
 use crate::store::StoreError;
 
@@ -46,13 +53,27 @@ pub enum IngestError {
         source: std::io::Error,
     },
     /// The replay store failed.
-    #[error("ingest: replay store failed while processing {path}: {source}")]
+    #[error("ingest: {source}; the file stays in the inbox for a retry")]
     Store {
-        /// The inbox file.
-        path: PathBuf,
         /// The store error.
         #[source]
         source: StoreError,
+    },
+    /// The replay store cannot be reached (its actor is restarting or stopped).
+    #[error(
+        "ingest: the replay store is not reachable ({detail}); the file stays in the inbox for a retry"
+    )]
+    StoreUnavailable {
+        /// What the messaging layer said.
+        detail: String,
+    },
+    /// The file changed while it was read: a writer is still appending to it.
+    #[error(
+        "ingest: {path} changed while it was read (a writer is still appending); rows read were rolled back, the file is taken again once it has settled"
+    )]
+    Changed {
+        /// The inbox file.
+        path: PathBuf,
     },
     /// The path is not something `process_file` handles (directory, no file name).
     #[error(
@@ -67,6 +88,24 @@ pub enum IngestError {
     /// Invalid configuration.
     #[error("ingest config: {0}")]
     Config(String),
+}
+
+impl IngestError {
+    /// True when the cause is a full file system (`ENOSPC`, `EDQUOT`) in the store or
+    /// the inbox: an expected condition that clears when space is freed.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            IngestError::Io { source, .. } => crate::store::fault::is_disk_full(source),
+            IngestError::Store { source } => source.is_disk_full(),
+            _ => false,
+        }
+    }
+
+    /// True when the file itself vanished (removed or moved by someone else): nothing to
+    /// retry.
+    pub fn is_gone(&self) -> bool {
+        matches!(self, IngestError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+    }
 }
 
 /// Configuration of inbox processing (`[ingest]`).

@@ -2,216 +2,181 @@
 //!
 //! Order of effects (each durable before the next):
 //! 1. hash the file (blake3) — the identity used by the store's journal;
-//! 2. stream its rows into the store, skipping rows the store already has;
-//! 3. `commit_file`: segments fsynced, then the journal entry fsynced;
-//! 4. write the sidecar `<dest>.json` (temp + fsync + rename + dir fsync);
-//! 5. rename the file to `<dest>` in `.done/` (or `.failed/`), fsync both directories.
+//! 2. stream its rows to the store in chunks ([`RowSink`]), skipping rows it already has;
+//! 3. look at the file again: if its size or mtime changed while it was read (a writer
+//!    still appending), the appended rows are rolled back and the file waits to settle
+//!    again ([`IngestError::Changed`]);
+//! 4. commit: segments fsynced, then the journal entry fsynced;
+//! 5. look at the file again: if it grew between 3 and 4, the rows after the last line
+//!    read are ingested too (1–4 for the new content; the lines already committed are
+//!    skipped, after checking that the file still starts with the committed bytes), so a
+//!    file is never moved with rows nobody read;
+//! 6. write the sidecar `<dest>.json` (temp + fsync + rename + dir fsync);
+//! 7. rename the file to `<dest>` in `.done/` (or `.failed/`), fsync both directories.
 //!
-//! A crash before 3 leaves some rows durable: re-processing skips them and adds the
-//! rest. A crash after 3 leaves a journal hit: re-processing appends nothing. A crash
-//! between 4 and 5 leaves an orphan sidecar whose `content_hash` matches the file:
+//! A crash before 4 leaves some rows durable: re-processing skips them and adds the
+//! rest. A crash after 4 leaves a journal hit: re-processing appends nothing. A crash
+//! between 6 and 7 leaves an orphan sidecar whose `content_hash` matches the file:
 //! re-processing reuses its name, so the final state is the same as without a crash.
-//! Destination names never overwrite: `name`, `name.1`, `name.2`, ….
+//! Destination names never overwrite: `name`, `name.1`, `name.2`, …. One window is not
+//! covered: a crash after a file that grew during step 4 was committed once and before
+//! its new rows were: after the restart the grown file is new content, and its first
+//! rows are appended a second time.
+//!
+//! Retries within one process: a [`Progress`] remembers, per inbox path, what was
+//! committed (bytes, hash, last line, counts). A retry after a failure in 5–7 (a full
+//! disk) starts from there, so the sidecar counts every row once, as appended.
 
-use std::fs::{self, File};
+use std::collections::HashMap;
+use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
-use serde::{Deserialize, Serialize};
-
+use super::sidecar::{
+    FileOutcome, ListedRejection, MAX_LISTED_REJECTIONS, MAX_REASON_CHARS, Outcome, Sidecar,
+    empty_sidecar, finish, io_err, listed_columns, us,
+};
+use super::sink::{CHUNK_BYTES, CHUNK_ROWS, RowSink};
 use super::{IngestConfig, IngestError};
-use crate::store::ReplayStore;
-use crate::store::fsutil::{fsync_dir, now_ms, write_atomic};
-use crate::text::csv_rows::{CsvError, CsvRowReader, Rejection};
+use crate::store::fsutil::now_ms;
+use crate::text::csv_rows::{CsvError, CsvRowReader, Rejection, clip_chars};
 
-/// Sidecar format version.
-pub const SIDECAR_VERSION: u32 = 1;
-/// Rejections listed in a sidecar.
-pub const MAX_LISTED_REJECTIONS: usize = 100;
-
-/// Final place of a file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    /// Ingested (possibly with rejected rows); moved to `.done/`.
-    Done,
-    /// Refused as a whole; moved to `.failed/`.
-    Failed,
-}
-
-impl Outcome {
-    /// `done` or `failed` (the metric label).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Done => "done",
-            Outcome::Failed => "failed",
-        }
-    }
-
-    fn dir_name(self) -> &'static str {
-        match self {
-            Outcome::Done => ".done",
-            Outcome::Failed => ".failed",
-        }
-    }
-}
-
-/// One rejection as listed in a sidecar.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ListedRejection {
-    /// 1-based physical line.
-    pub line: u64,
-    /// Human-readable reason.
-    pub reason: String,
-}
-
-/// Timings of one file, microseconds.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Timings {
-    /// Hashing.
-    pub hash_us: u64,
-    /// Parsing, appending and the durable commit.
-    pub ingest_us: u64,
-    /// Of which the durable commit (fsyncs, journal entry).
-    pub commit_us: u64,
-    /// Sidecar and move (up to the sidecar write).
-    pub finish_us: u64,
-    /// Whole processing up to the sidecar write.
-    pub total_us: u64,
-}
-
-/// The JSON sidecar written next to a processed file.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Sidecar {
-    /// Format version (1).
-    pub version: u32,
-    /// Original file name in the inbox.
-    pub file: String,
-    /// `done` or `failed`.
-    pub outcome: Outcome,
-    /// Why the file was refused (failed only).
-    pub reason: Option<String>,
-    /// blake3 of the content, hex (absent when the file was not read).
-    pub content_hash: Option<String>,
-    /// File size.
-    pub bytes: u64,
-    /// `text` or `prompt_response` (when the header was valid).
-    pub kind: Option<String>,
-    /// Valid rows.
-    pub rows_accepted: u64,
-    /// Valid rows appended by this run.
-    pub rows_appended: u64,
-    /// Valid rows the store already had (a re-delivered or re-processed file).
-    pub rows_already_present: u64,
-    /// Rejected rows.
-    pub rows_rejected: u64,
-    /// Rejected rows that were malformed (field count, encoding).
-    pub parse_errors: u64,
-    /// The first 100 rejections.
-    pub rejections: Vec<ListedRejection>,
-    /// Header columns that were ignored.
-    pub extra_columns_ignored: Vec<String>,
-    /// Timings.
-    pub timings: Timings,
-    /// When processing finished, ms since the Unix epoch.
-    pub processed_ms: u64,
-    /// blake3 (hex) of this sidecar's pretty JSON written with `checksum: null`.
-    pub checksum: Option<String>,
-}
-
-impl Sidecar {
-    fn digest(&self) -> String {
-        let bare = Sidecar {
-            checksum: None,
-            ..self.clone()
-        };
-        let json = serde_json::to_vec_pretty(&bare).expect("a sidecar always serializes");
-        blake3::hash(&json).to_hex().to_string()
-    }
-
-    /// True when `checksum` matches the content.
-    pub fn verify(&self) -> bool {
-        self.checksum.as_deref() == Some(self.digest().as_str())
-    }
-}
-
-/// What the actor needs from one processed file.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct FileOutcome {
-    /// `done` or `failed`.
-    pub outcome: Outcome,
-    /// Valid rows.
-    pub rows_accepted: u64,
-    /// Valid rows appended now.
-    pub rows_appended: u64,
-    /// Rejected rows.
-    pub rows_rejected: u64,
-    /// Malformed rows (subset of rejected).
-    pub parse_errors: u64,
-    /// File size.
-    pub bytes: u64,
-    /// Why the file was refused.
-    pub reason: Option<String>,
-    /// Where the file went.
-    pub moved_to: PathBuf,
-    /// Its sidecar.
-    pub sidecar_path: PathBuf,
-    /// Whole processing time, ms.
-    pub total_ms: f64,
-    /// Phase timings (as in the sidecar).
-    pub timings: Timings,
-}
-
-fn io_err(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> IngestError {
-    let what = what.to_string();
-    let path = path.to_path_buf();
-    move |source| IngestError::Io { what, path, source }
-}
+/// Passes over a file that keeps growing before it is left to settle again.
+const MAX_PASSES: usize = 4;
 
 /// blake3 of a file, streamed.
 pub fn hash_file(path: &Path) -> Result<[u8; 32], IngestError> {
+    hash_with_prefix(path, 0).map(|(h, _)| h)
+}
+
+/// blake3 of the whole file and of its first `prefix` bytes (one read).
+fn hash_with_prefix(path: &Path, prefix: u64) -> Result<([u8; 32], [u8; 32]), IngestError> {
     let mut f = File::open(path).map_err(io_err("open", path))?;
     let mut h = blake3::Hasher::new();
+    let mut at_prefix = (prefix == 0).then(|| *h.finalize().as_bytes());
     let mut buf = vec![0u8; 1 << 20];
+    let mut read = 0u64;
     loop {
         let n = f.read(&mut buf).map_err(io_err("read", path))?;
         if n == 0 {
             break;
         }
-        h.update(&buf[..n]);
+        if at_prefix.is_none() && read + n as u64 >= prefix {
+            let cut = (prefix - read) as usize;
+            h.update(&buf[..cut]);
+            at_prefix = Some(*h.finalize().as_bytes());
+            h.update(&buf[cut..n]);
+        } else {
+            h.update(&buf[..n]);
+        }
+        read += n as u64;
     }
-    Ok(*h.finalize().as_bytes())
+    // A file shorter than the prefix cannot start with it.
+    let prefix_hash = at_prefix.unwrap_or([0; 32]);
+    Ok((*h.finalize().as_bytes(), prefix_hash))
 }
 
-fn hex(h: &[u8; 32]) -> String {
+pub(super) fn hex(h: &[u8; 32]) -> String {
     blake3::Hash::from_bytes(*h).to_hex().to_string()
 }
 
-/// Result of streaming a file's rows into the store (before the commit).
-#[derive(Debug)]
-struct Streamed {
-    accepted: u64,
-    appended: u64,
-    rejected: u64,
-    parse_errors: u64,
-    listed: Vec<ListedRejection>,
-    kind: String,
-    extra: Vec<String>,
+/// Size and mtime: a file whose snapshot changed was written to meanwhile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Snapshot {
+    len: u64,
+    mtime: Option<SystemTime>,
+}
+
+impl Snapshot {
+    fn of(path: &Path) -> Result<Snapshot, IngestError> {
+        let m = path.symlink_metadata().map_err(io_err("stat", path))?;
+        Ok(Snapshot {
+            len: m.len(),
+            mtime: m.modified().ok(),
+        })
+    }
+}
+
+/// Counts of a file (or of one pass over it).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(super) struct Counts {
+    pub(super) accepted: u64,
+    pub(super) appended: u64,
+    pub(super) rejected: u64,
+    pub(super) parse_errors: u64,
+    pub(super) listed: Vec<ListedRejection>,
+    pub(super) kind: String,
+    pub(super) extra: Vec<String>,
+    /// Last physical line read.
+    pub(super) last_line: u64,
+}
+
+impl Counts {
+    fn add(&mut self, pass: Counts) {
+        self.accepted += pass.accepted;
+        self.appended += pass.appended;
+        self.rejected += pass.rejected;
+        self.parse_errors += pass.parse_errors;
+        let room = MAX_LISTED_REJECTIONS.saturating_sub(self.listed.len());
+        self.listed.extend(pass.listed.into_iter().take(room));
+        if self.kind.is_empty() {
+            self.kind = pass.kind;
+            self.extra = pass.extra;
+        }
+        self.last_line = self.last_line.max(pass.last_line);
+    }
+}
+
+/// What was committed of one inbox file.
+#[derive(Clone, Debug, PartialEq)]
+struct Committed {
+    /// Bytes read and committed.
+    bytes: u64,
+    /// blake3 of those bytes (the content hash of the last pass).
+    hash: [u8; 32],
+    counts: Counts,
+}
+
+/// What this process committed of files still in the inbox (see the module doc).
+#[derive(Debug, Default)]
+pub struct Progress {
+    files: HashMap<PathBuf, Committed>,
+}
+
+impl Progress {
+    /// Forget files that are no longer where they were.
+    pub fn retain_existing(&mut self) {
+        self.files.retain(|p, _| p.symlink_metadata().is_ok());
+    }
+
+    /// Files partly or wholly committed and not moved yet.
+    pub fn len(&self) -> usize {
+        self.files.len()
+    }
+
+    /// True when no file is in progress.
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
 }
 
 /// Either the rows were streamed, or the file is refused with a reason.
-enum StreamResult {
-    Rows(Streamed),
+pub(super) enum StreamResult {
+    Rows(Counts),
     Refused(String),
 }
 
-fn stream_rows(
+/// Read the rows of `path` after line `skip_through`; when `append`, hand them to `sink`
+/// in chunks. Counts every row read.
+pub(super) fn stream_rows<S: RowSink + ?Sized>(
     path: &Path,
     name: &str,
     hash: &[u8; 32],
-    store: &mut ReplayStore,
+    sink: &mut S,
     cfg: &IngestConfig,
+    skip_through: u64,
+    append: bool,
 ) -> Result<StreamResult, IngestError> {
     let stem = Path::new(name)
         .file_stem()
@@ -222,17 +187,13 @@ fn stream_rows(
         Err(CsvError::Io { source, .. }) => return Err(io_err("read", path)(source)),
         Err(e) => return Ok(StreamResult::Refused(e.to_string())),
     };
-    let mut s = Streamed {
-        accepted: 0,
-        appended: 0,
-        rejected: 0,
-        parse_errors: 0,
-        listed: Vec::new(),
+    let mut s = Counts {
         kind: reader.schema().kind.as_str().to_string(),
         extra: reader.schema().extra_columns.clone(),
+        ..Counts::default()
     };
-    let committed = store.journal_entry(hash).is_some();
     let now = now_ms();
+    let (mut chunk, mut chunk_bytes) = (Vec::new(), 0usize);
     loop {
         let next = match reader.next_row() {
             Ok(n) => n,
@@ -241,167 +202,98 @@ fn stream_rows(
         };
         match next {
             None => break,
-            Some(Ok(row)) => {
+            Some(Ok(row)) if row.line > skip_through => {
                 s.accepted += 1;
-                if !committed
-                    && store
-                        .append_row(hash, row.line, &row.source, &row.body, now)
-                        .map_err(|source| IngestError::Store {
-                            path: path.to_path_buf(),
-                            source,
-                        })?
-                {
-                    s.appended += 1;
+                s.last_line = row.line;
+                if append {
+                    chunk_bytes += row.body.text_bytes();
+                    chunk.push(row);
+                    if chunk.len() >= CHUNK_ROWS || chunk_bytes >= CHUNK_BYTES {
+                        sink.append(hash, std::mem::take(&mut chunk), now)?;
+                        chunk_bytes = 0;
+                    }
                 }
             }
-            Some(Err(Rejection { line, reason })) => {
+            Some(Err(Rejection { line, reason })) if line > skip_through => {
                 s.rejected += 1;
+                s.last_line = line;
                 s.parse_errors += reason.is_parse_error() as u64;
                 if s.listed.len() < MAX_LISTED_REJECTIONS {
                     s.listed.push(ListedRejection {
                         line,
-                        reason: reason.to_string(),
+                        reason: clip_chars(&reason.to_string(), MAX_REASON_CHARS),
                     });
                 }
             }
+            Some(_) => {}
         }
+    }
+    if !chunk.is_empty() {
+        sink.append(hash, chunk, now)?;
     }
     Ok(StreamResult::Rows(s))
 }
 
-/// Pick `<dir>/<name>[.k]` such that neither it nor its `.json` sidecar exists, except
-/// that an orphan sidecar (no file beside it) recording the same content hash is
-/// reused: that is this file's own sidecar from a run that crashed before the move.
-fn choose_dest(
-    dir: &Path,
-    name: &str,
-    hash: Option<&str>,
-) -> Result<(PathBuf, PathBuf), IngestError> {
-    for k in 0u64.. {
-        let cand = if k == 0 {
-            name.to_string()
-        } else {
-            format!("{name}.{k}")
-        };
-        let file = dir.join(&cand);
-        let side = dir.join(format!("{cand}.json"));
-        let file_exists = file.symlink_metadata().is_ok();
-        if file_exists {
-            continue;
-        }
-        if side.symlink_metadata().is_err() {
-            return Ok((file, side));
-        }
-        if let Some(h) = hash
-            && let Ok(bytes) = fs::read(&side)
-            && let Ok(old) = serde_json::from_slice::<Sidecar>(&bytes)
-            && old.content_hash.as_deref() == Some(h)
-        {
-            return Ok((file, side));
-        }
-    }
-    unreachable!("u64 range of suffixes exhausted")
+/// The file being processed.
+struct FileCtx<'a> {
+    path: &'a Path,
+    name: &'a str,
+    cfg: &'a IngestConfig,
 }
 
-fn write_sidecar(path: &Path, sidecar: &Sidecar) -> Result<(), IngestError> {
-    let sealed = Sidecar {
-        checksum: Some(sidecar.digest()),
-        ..sidecar.clone()
+/// One pass: stream the rows after `skip_through`, check the file did not change since
+/// `snap`, commit (its time added to `commit_us`).
+fn ingest_pass<S: RowSink + ?Sized>(
+    f: &FileCtx<'_>,
+    sink: &mut S,
+    hash: &[u8; 32],
+    snap: Snapshot,
+    skip_through: u64,
+    totals: &Counts,
+    commit_us: &mut u64,
+) -> Result<StreamResult, IngestError> {
+    let append = !sink.is_committed(hash)?;
+    let mut s = match stream_rows(f.path, f.name, hash, sink, f.cfg, skip_through, append)? {
+        StreamResult::Rows(s) => s,
+        refused => return Ok(refused),
     };
-    let json = serde_json::to_vec_pretty(&sealed).map_err(|e| IngestError::Io {
-        what: "serialize sidecar".into(),
-        path: path.to_path_buf(),
-        source: std::io::Error::other(e),
-    })?;
-    write_atomic(path, &json).map_err(io_err("write sidecar", path))
-}
-
-fn move_file(from: &Path, to: &Path) -> Result<(), IngestError> {
-    fs::rename(from, to).map_err(io_err("move processed file", from))?;
-    let to_dir = to.parent().expect("destination has a parent");
-    fsync_dir(to_dir).map_err(io_err("fsync", to_dir))?;
-    let from_dir = from.parent().expect("inbox file has a parent");
-    fsync_dir(from_dir).map_err(io_err("fsync", from_dir))
-}
-
-fn outcome_dir(inbox: &Path, outcome: Outcome) -> Result<PathBuf, IngestError> {
-    let dir = inbox.join(outcome.dir_name());
-    if !dir.is_dir() {
-        fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
-        fsync_dir(inbox).map_err(io_err("fsync", inbox))?;
+    if Snapshot::of(f.path)? != snap {
+        return Err(IngestError::Changed {
+            path: f.path.to_path_buf(),
+        });
     }
-    Ok(dir)
-}
-
-/// Write the sidecar, then move the file beside it.
-fn finish(
-    inbox: &Path,
-    path: &Path,
-    mut sidecar: Sidecar,
-    started: Instant,
-) -> Result<FileOutcome, IngestError> {
     let t = Instant::now();
-    let dir = outcome_dir(inbox, sidecar.outcome)?;
-    let (dest, side) = choose_dest(&dir, &sidecar.file, sidecar.content_hash.as_deref())?;
-    sidecar.processed_ms = now_ms();
-    sidecar.timings.finish_us = us(t);
-    sidecar.timings.total_us = us(started);
-    write_sidecar(&side, &sidecar)?;
-    move_file(path, &dest)?;
-    Ok(FileOutcome {
-        outcome: sidecar.outcome,
-        rows_accepted: sidecar.rows_accepted,
-        rows_appended: sidecar.rows_appended,
-        rows_rejected: sidecar.rows_rejected,
-        parse_errors: sidecar.parse_errors,
-        bytes: sidecar.bytes,
-        reason: sidecar.reason,
-        moved_to: dest,
-        sidecar_path: side,
-        total_ms: ms(started),
-        timings: sidecar.timings,
-    })
+    s.appended = sink.commit(
+        hash,
+        totals.accepted + s.accepted,
+        totals.rejected + s.rejected,
+    )?;
+    *commit_us += us(t);
+    Ok(StreamResult::Rows(s))
 }
 
-fn ms(t: Instant) -> f64 {
-    t.elapsed().as_secs_f64() * 1e3
-}
-
-fn us(t: Instant) -> u64 {
-    t.elapsed().as_micros() as u64
-}
-
-fn empty_sidecar(name: &str, bytes: u64) -> Sidecar {
-    Sidecar {
-        version: SIDECAR_VERSION,
-        file: name.to_string(),
-        outcome: Outcome::Failed,
-        reason: None,
-        content_hash: None,
-        bytes,
-        kind: None,
-        rows_accepted: 0,
-        rows_appended: 0,
-        rows_already_present: 0,
-        rows_rejected: 0,
-        parse_errors: 0,
-        rejections: Vec::new(),
-        extra_columns_ignored: Vec::new(),
-        timings: Timings::default(),
-        processed_ms: 0,
-        checksum: None,
-    }
-}
-
-/// Process one ready inbox file: ingest it durably into `store` and move it to
+/// Process one ready inbox file: ingest it durably into `sink` and move it to
 /// `inbox/.done/` with a sidecar, or refuse it to `inbox/.failed/` with a sidecar
-/// giving the reason (symbolic link, empty, larger than `max_file_bytes`, bad or
-/// non-UTF-8 header). An `Err` leaves the file in the inbox for a retry.
-pub fn process_file(
+/// giving the reason (symbolic link or other non-regular entry, empty, larger than
+/// `max_file_bytes`, bad or non-UTF-8 header). An `Err` leaves the file in the inbox
+/// for a retry ([`IngestError::Changed`]: once it has settled again).
+pub fn process_file<S: RowSink + ?Sized>(
     inbox: &Path,
     path: &Path,
-    store: &mut ReplayStore,
+    sink: &mut S,
     cfg: &IngestConfig,
+) -> Result<FileOutcome, IngestError> {
+    process_file_resuming(inbox, path, sink, cfg, &mut Progress::default())
+}
+
+/// [`process_file`] that records what it committed in `progress` and resumes from it
+/// (see the module doc). Keep one `Progress` for all files of an inbox.
+pub fn process_file_resuming<S: RowSink + ?Sized>(
+    inbox: &Path,
+    path: &Path,
+    sink: &mut S,
+    cfg: &IngestConfig,
+    progress: &mut Progress,
 ) -> Result<FileOutcome, IngestError> {
     let started = Instant::now();
     let name = path
@@ -418,17 +310,25 @@ pub fn process_file(
         sc.reason = Some(reason);
         finish(inbox, path, sc, started)
     };
-    if meta.file_type().is_symlink() {
+    let ft = meta.file_type();
+    if ft.is_symlink() {
         return refuse(
             sidecar,
             "symbolic link: links are refused, move the file itself into the inbox".into(),
         );
     }
-    if !meta.is_file() {
+    if ft.is_dir() {
         return Err(IngestError::NotAFile {
             path: path.to_path_buf(),
-            why: "not a regular file".into(),
+            why: "a directory".into(),
         });
+    }
+    if !ft.is_file() {
+        return refuse(
+            sidecar,
+            "not a regular file (a FIFO, socket or device); move a regular file into the inbox"
+                .into(),
+        );
     }
     if meta.len() == 0 {
         return refuse(sidecar, "empty file (0 bytes): nothing to ingest".into());
@@ -443,42 +343,97 @@ pub fn process_file(
             ),
         );
     }
-    let t = Instant::now();
-    let hash = hash_file(path)?;
-    sidecar.content_hash = Some(hex(&hash));
-    sidecar.timings.hash_us = us(t);
-    let t = Instant::now();
-    let s = match stream_rows(path, &name, &hash, store, cfg)? {
-        StreamResult::Refused(reason) => return refuse(sidecar, reason),
-        StreamResult::Rows(s) => s,
+    let mut done = progress.files.get(path).cloned();
+    let mut settled = false;
+    for _ in 0..MAX_PASSES {
+        let snap = Snapshot::of(path)?;
+        let t = Instant::now();
+        let (hash, prefix) = hash_with_prefix(path, done.as_ref().map_or(0, |c| c.bytes))?;
+        sidecar.timings.hash_us += us(t);
+        if let Some(c) = &done {
+            if c.hash == hash {
+                settled = true;
+                break;
+            }
+            if prefix != c.hash {
+                // Rewritten rather than appended to: new content from the first line.
+                done = None;
+            }
+        }
+        let t = Instant::now();
+        let (skip, totals) = done.as_ref().map_or((0, Counts::default()), |c| {
+            (c.counts.last_line, c.counts.clone())
+        });
+        let ctx = FileCtx {
+            path,
+            name: &name,
+            cfg,
+        };
+        let commit_us = &mut sidecar.timings.commit_us;
+        let pass = ingest_pass(&ctx, sink, &hash, snap, skip, &totals, commit_us);
+        sidecar.timings.ingest_us += us(t);
+        let pass = match pass {
+            Ok(StreamResult::Rows(p)) => p,
+            Ok(StreamResult::Refused(reason)) => {
+                sink.abort();
+                sidecar.content_hash = Some(hex(&hash));
+                return refuse(sidecar, reason);
+            }
+            Err(e) => {
+                sink.abort();
+                return Err(e);
+            }
+        };
+        let mut counts = totals;
+        counts.add(pass);
+        let c = Committed {
+            bytes: snap.len,
+            hash,
+            counts,
+        };
+        progress.files.insert(path.to_path_buf(), c.clone());
+        done = Some(c);
+        if Snapshot::of(path)? == snap {
+            settled = true;
+            break;
+        }
+    }
+    let c = match (settled, done) {
+        (true, Some(c)) => c,
+        _ => {
+            return Err(IngestError::Changed {
+                path: path.to_path_buf(),
+            });
+        }
     };
-    let tc = Instant::now();
-    store
-        .commit_file(&hash, s.accepted, s.rejected)
-        .map_err(|source| IngestError::Store {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    sidecar.timings.commit_us = us(tc);
-    sidecar.timings.ingest_us = us(t);
+    let n = c.counts;
+    sidecar.bytes = c.bytes;
+    sidecar.content_hash = Some(hex(&c.hash));
     sidecar.outcome = Outcome::Done;
-    sidecar.kind = Some(s.kind);
-    sidecar.rows_accepted = s.accepted;
-    sidecar.rows_appended = s.appended;
-    sidecar.rows_already_present = s.accepted - s.appended;
-    sidecar.rows_rejected = s.rejected;
-    sidecar.parse_errors = s.parse_errors;
-    sidecar.rejections = s.listed;
-    sidecar.extra_columns_ignored = s.extra;
-    finish(inbox, path, sidecar, started)
+    sidecar.kind = Some(n.kind);
+    sidecar.rows_accepted = n.accepted;
+    sidecar.rows_appended = n.appended;
+    sidecar.rows_already_present = n.accepted - n.appended;
+    sidecar.rows_rejected = n.rejected;
+    sidecar.parse_errors = n.parse_errors;
+    sidecar.rejections = n.listed;
+    sidecar.extra_columns_ignored = listed_columns(&n.extra);
+    sidecar.extra_columns_total = n.extra.len() as u64;
+    let out = finish(inbox, path, sidecar, started)?;
+    progress.files.remove(path);
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::ReplayConfig;
+    use crate::ingest::sidecar::{
+        MAX_LISTED_COLUMNS, choose_dest, move_file, outcome_dir, write_sidecar,
+    };
     use crate::store::format::HEADER_LEN;
-    use std::collections::HashMap;
+    use crate::store::{ReplayConfig, ReplayStore};
+    use crate::text::csv_rows::CsvRow;
+    use std::fs;
 
     struct Env {
         _tmp: tempfile::TempDir,
@@ -651,7 +606,7 @@ mod tests {
                 let mut st = store(&e);
                 let hash = hash_file(&p).unwrap();
                 if stage >= 1 {
-                    let s = match stream_rows(&p, "f.csv", &hash, &mut st, &cfg).unwrap() {
+                    let s = match stream_rows(&p, "f.csv", &hash, &mut st, &cfg, 0, true).unwrap() {
                         StreamResult::Rows(s) => s,
                         StreamResult::Refused(r) => panic!("{r}"),
                     };
@@ -699,6 +654,174 @@ mod tests {
             }
             continue_to_recovery(&e, &p, &cfg);
         }
+    }
+
+    /// A sink over the store that runs a hook once: at the first append, or right after
+    /// the first commit (a writer appending to the file at those moments).
+    struct Hooked<'a> {
+        store: &'a mut ReplayStore,
+        on_append: Option<Box<dyn FnOnce()>>,
+        after_commit: Option<Box<dyn FnOnce()>>,
+    }
+
+    impl RowSink for Hooked<'_> {
+        fn is_committed(&mut self, hash: &[u8; 32]) -> Result<bool, IngestError> {
+            self.store.is_committed(hash)
+        }
+        fn append(&mut self, h: &[u8; 32], rows: Vec<CsvRow>, ms: u64) -> Result<(), IngestError> {
+            if let Some(f) = self.on_append.take() {
+                f();
+            }
+            self.store.append(h, rows, ms)
+        }
+        fn commit(&mut self, h: &[u8; 32], a: u64, r: u64) -> Result<u64, IngestError> {
+            let n = RowSink::commit(self.store, h, a, r)?;
+            if let Some(f) = self.after_commit.take() {
+                f();
+            }
+            Ok(n)
+        }
+        fn abort(&mut self) {
+            RowSink::abort(self.store);
+        }
+    }
+
+    fn append_rows(p: &Path, from: usize, n: usize) -> Box<dyn FnOnce()> {
+        let p = p.to_path_buf();
+        Box::new(move || {
+            let mut f = fs::OpenOptions::new().append(true).open(&p).unwrap();
+            for i in from..from + n {
+                std::io::Write::write_all(&mut f, format!("late row {i},late\n").as_bytes())
+                    .unwrap();
+            }
+        })
+    }
+
+    fn assert_each_row_once(st: &ReplayStore, n: usize) {
+        let rows = store_rows(st);
+        assert_eq!(rows.len(), n);
+        assert!(rows.values().all(|&c| c == 1), "{rows:?}");
+    }
+
+    /// Found by a hostile-operator probe: rows appended while a file was read went to
+    /// `.done/` unseen. Rows read before the change are rolled back; the file is taken
+    /// whole once it has settled.
+    #[test]
+    fn file_growing_while_read_is_rolled_back_and_taken_later() {
+        let e = env();
+        let p = e.inbox.join("g.csv");
+        fs::write(&p, csv_text(50)).unwrap();
+        let mut st = store(&e);
+        let cfg = IngestConfig::default();
+        let mut sink = Hooked {
+            store: &mut st,
+            on_append: Some(append_rows(&p, 0, 10)),
+            after_commit: None,
+        };
+        let err = process_file(&e.inbox, &p, &mut sink, &cfg).unwrap_err();
+        assert!(matches!(err, IngestError::Changed { .. }), "{err}");
+        assert!(p.exists());
+        assert_eq!(st.stats().rows, 0);
+        let out = process_file(&e.inbox, &p, &mut st, &cfg).unwrap();
+        assert_eq!((out.rows_accepted, out.rows_appended), (60, 60));
+        assert_each_row_once(&st, 60);
+    }
+
+    /// Growth between the check and the move: the new rows are ingested too before the
+    /// file moves, each row once.
+    #[test]
+    fn rows_appended_after_the_commit_are_ingested_before_the_move() {
+        let e = env();
+        let p = e.inbox.join("g.csv");
+        fs::write(&p, csv_text(50)).unwrap();
+        let mut st = store(&e);
+        let mut sink = Hooked {
+            store: &mut st,
+            on_append: None,
+            after_commit: Some(append_rows(&p, 0, 10)),
+        };
+        let out = process_file(&e.inbox, &p, &mut sink, &IngestConfig::default()).unwrap();
+        assert_eq!((out.rows_accepted, out.rows_appended), (60, 60));
+        assert_eq!(out.rows_rejected, 7);
+        assert_each_row_once(&st, 60);
+        let moved = fs::read_to_string(&out.moved_to).unwrap();
+        assert!(moved.ends_with("late row 9,late\n"));
+        let sc: Sidecar = serde_json::from_slice(&fs::read(&out.sidecar_path).unwrap()).unwrap();
+        assert_eq!(
+            sc.content_hash,
+            Some(hex(&hash_file(&out.moved_to).unwrap()))
+        );
+    }
+
+    /// Found by a hostile-operator probe: a header of 10⁶ columns gave a 14.9 MB sidecar.
+    #[test]
+    fn sidecar_of_a_very_wide_header_is_bounded() {
+        let e = env();
+        let p = e.inbox.join("wide.csv");
+        let cols = 200_000;
+        let mut header = String::from("text");
+        for i in 0..cols {
+            header.push_str(&format!(",column_with_a_long_name_{i}"));
+        }
+        fs::write(&p, format!("{header}\nshort row\n")).unwrap();
+        let mut st = store(&e);
+        let out = process_file(&e.inbox, &p, &mut st, &IngestConfig::default()).unwrap();
+        let side_bytes = fs::metadata(&out.sidecar_path).unwrap().len();
+        assert!(side_bytes < 64 << 10, "sidecar has {side_bytes} bytes");
+        let sc: Sidecar = serde_json::from_slice(&fs::read(&out.sidecar_path).unwrap()).unwrap();
+        assert_eq!(sc.extra_columns_ignored.len(), MAX_LISTED_COLUMNS);
+        assert_eq!(sc.extra_columns_total, cols);
+        assert_eq!(sc.rows_rejected, 1);
+        assert!(sc.rejections[0].reason.len() <= MAX_REASON_CHARS * 4);
+    }
+
+    /// Found by a hostile-operator probe: a NUL byte went into the store as text.
+    #[test]
+    fn nul_byte_row_is_rejected_naming_line_and_field() {
+        let e = env();
+        let p = e.inbox.join("nul.csv");
+        fs::write(&p, b"text,source\nfine,a\nbad\0text,a\n").unwrap();
+        let mut st = store(&e);
+        let out = process_file(&e.inbox, &p, &mut st, &IngestConfig::default()).unwrap();
+        assert_eq!((out.rows_accepted, out.rows_rejected), (1, 1));
+        let sc: Sidecar = serde_json::from_slice(&fs::read(&out.sidecar_path).unwrap()).unwrap();
+        assert_eq!(sc.file, "nul.csv");
+        assert_eq!(sc.rejections[0].line, 3);
+        assert!(
+            sc.rejections[0].reason.contains("field `text`"),
+            "{:?}",
+            sc.rejections
+        );
+        assert!(sc.rejections[0].reason.contains("NUL"));
+    }
+
+    /// Found by a hostile-operator probe: after retries on a full disk a first-time
+    /// ingestion reported `rows_appended 0, rows_already_present 1000`.
+    #[cfg(feature = "fault-injection")]
+    #[test]
+    fn disk_full_rolls_back_and_the_retry_counts_every_row_once() {
+        use crate::store::fault::DISK_FULL_FLAG;
+        let e = env();
+        let p = e.inbox.join("f.csv");
+        fs::write(&p, csv_text(1000)).unwrap();
+        let mut st = store(&e);
+        let cfg = IngestConfig::default();
+        fs::write(e.replay.join(DISK_FULL_FLAG), b"").unwrap();
+        for _ in 0..3 {
+            let err = process_file(&e.inbox, &p, &mut st, &cfg).unwrap_err();
+            assert!(err.is_disk_full(), "{err}");
+            assert!(p.exists());
+            assert_eq!(st.stats().rows, 0);
+        }
+        fs::remove_file(e.replay.join(DISK_FULL_FLAG)).unwrap();
+        let out = process_file(&e.inbox, &p, &mut st, &cfg).unwrap();
+        let sc: Sidecar = serde_json::from_slice(&fs::read(&out.sidecar_path).unwrap()).unwrap();
+        assert_eq!(
+            (sc.rows_accepted, sc.rows_appended, sc.rows_already_present),
+            (1000, 1000, 0)
+        );
+        drop(st);
+        assert_each_row_once(&store(&e), 1000);
     }
 
     fn continue_to_recovery(e: &Env, p: &Path, cfg: &IngestConfig) {

@@ -1,11 +1,14 @@
 //! Candidate selection: which inbox entries are complete files ready to process.
 //!
 //! Rules: names starting with `.` and names ending in `.tmp` or `.part` are ignored,
-//! directories are ignored, symbolic links and other non-regular entries are refused
-//! (reported every scan until someone removes them). A regular file is ready when its
-//! (size, mtime) is the same as at the previous scan and has been so for `settle_ms`,
-//! or at once when the watcher saw it renamed into the inbox. Ready files come oldest
-//! first (mtime, then name).
+//! directories are ignored. Symbolic links and other non-regular entries (FIFOs, sockets,
+//! devices) are to be refused: moved to `.failed/` with a sidecar giving the reason.
+//! Names that are not UTF-8 cannot be moved under a name a sidecar can state: they are
+//! refused in place (reported until someone removes them). A regular file is ready when
+//! no writer has it open (as far as the watcher saw: written to and not closed since) and
+//! its (size, mtime) is the same as at the previous scan and has been so for
+//! `settle_ms`; or at once when the watcher saw it renamed into the inbox and not
+//! written to since. Ready files come oldest first (mtime, then name).
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -21,6 +24,8 @@ pub enum EntryKind {
     Symlink,
     /// FIFO, socket, device.
     Other,
+    /// A name that is not UTF-8 (listed with a lossy name).
+    BadName,
 }
 
 /// One inbox entry.
@@ -49,14 +54,24 @@ pub struct ScanMemory {
     seen: HashMap<String, Seen>,
 }
 
+impl ScanMemory {
+    /// Forget `name`: it has to settle again from the next scan on (a file found to be
+    /// still growing while it was read).
+    pub fn forget(&mut self, name: &str) {
+        self.seen.remove(name);
+    }
+}
+
 /// Result of one scan.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Selection {
     /// Files to process now, oldest first.
     pub ready: Vec<String>,
-    /// Files still settling.
+    /// Files still settling or open for writing.
     pub waiting: Vec<String>,
-    /// Entries refused, with the reason.
+    /// Entries to refuse with a sidecar in `.failed/` (links, FIFOs, sockets, devices).
+    pub to_fail: Vec<String>,
+    /// Entries refused in place, with the reason (names that are not UTF-8).
     pub refused: Vec<(String, String)>,
 }
 
@@ -66,12 +81,13 @@ pub fn is_ignored_name(name: &str) -> bool {
 }
 
 /// Decide which entries of `listing` are ready. `renamed_in` holds names the watcher
-/// saw renamed into the inbox since the last scan. Pure: returns the memory for the
-/// next scan.
+/// saw renamed into the inbox since the last scan, `writing` names a writer has open
+/// (written to, not closed yet). Pure: returns the memory for the next scan.
 pub fn select_candidates(
     listing: &[InboxEntry],
     memory: &ScanMemory,
     renamed_in: &HashSet<String>,
+    writing: &HashSet<String>,
     now_ms: u64,
     settle_ms: u64,
 ) -> (Selection, ScanMemory) {
@@ -84,16 +100,15 @@ pub fn select_candidates(
         }
         match e.kind {
             EntryKind::Dir => continue,
-            EntryKind::Symlink => {
-                sel.refused.push((
-                    e.name.clone(),
-                    "symbolic link: links are refused, move the file itself into the inbox".into(),
-                ));
+            EntryKind::Symlink | EntryKind::Other => {
+                sel.to_fail.push(e.name.clone());
                 continue;
             }
-            EntryKind::Other => {
-                sel.refused
-                    .push((e.name.clone(), "not a regular file".into()));
+            EntryKind::BadName => {
+                sel.refused.push((
+                    e.name.clone(),
+                    "the name is not UTF-8; rename the file".into(),
+                ));
                 continue;
             }
             EntryKind::File => {}
@@ -111,7 +126,7 @@ pub fn select_candidates(
             },
         );
         let settled = stable_since_ms < now_ms && now_ms - stable_since_ms >= settle_ms;
-        if settled || renamed_in.contains(&e.name) {
+        if !writing.contains(&e.name) && (settled || renamed_in.contains(&e.name)) {
             ready.push((e.mtime_ms, e.name.clone()));
         } else {
             sel.waiting.push(e.name.clone());
@@ -139,7 +154,7 @@ pub fn list_inbox(inbox: &Path) -> std::io::Result<Vec<InboxEntry>> {
             Err(os) => (os.to_string_lossy().into_owned(), false),
         };
         let kind = if !utf8 {
-            EntryKind::Other
+            EntryKind::BadName
         } else if ft.is_symlink() {
             EntryKind::Symlink
         } else if ft.is_dir() {
@@ -181,12 +196,12 @@ mod tests {
     fn files_settle_then_come_oldest_first() {
         let none = HashSet::new();
         let listing = vec![file("b.csv", 10, 200), file("a.csv", 10, 300)];
-        let (s1, m1) = select_candidates(&listing, &ScanMemory::default(), &none, 1000, 500);
+        let (s1, m1) = select_candidates(&listing, &ScanMemory::default(), &none, &none, 1000, 500);
         assert!(s1.ready.is_empty());
         assert_eq!(s1.waiting.len(), 2);
-        let (s2, m2) = select_candidates(&listing, &m1, &none, 1400, 500);
+        let (s2, m2) = select_candidates(&listing, &m1, &none, &none, 1400, 500);
         assert!(s2.ready.is_empty());
-        let (s3, _) = select_candidates(&listing, &m2, &none, 1500, 500);
+        let (s3, _) = select_candidates(&listing, &m2, &none, &none, 1500, 500);
         assert_eq!(s3.ready, vec!["b.csv".to_string(), "a.csv".to_string()]);
     }
 
@@ -197,22 +212,39 @@ mod tests {
             &[file("a.csv", 10, 1)],
             &ScanMemory::default(),
             &none,
+            &none,
             0,
             500,
         );
-        let (s2, m2) = select_candidates(&[file("a.csv", 20, 2)], &m1, &none, 600, 500);
+        let (s2, m2) = select_candidates(&[file("a.csv", 20, 2)], &m1, &none, &none, 600, 500);
         assert_eq!(s2.waiting, vec!["a.csv".to_string()]);
-        let (s3, _) = select_candidates(&[file("a.csv", 20, 2)], &m2, &none, 1100, 500);
+        let (s3, _) = select_candidates(&[file("a.csv", 20, 2)], &m2, &none, &none, 1100, 500);
         assert_eq!(s3.ready, vec!["a.csv".to_string()]);
         let renamed: HashSet<String> = ["r.csv".to_string()].into();
         let (s4, _) = select_candidates(
             &[file("r.csv", 5, 9)],
             &ScanMemory::default(),
             &renamed,
+            &none,
             5,
             500,
         );
         assert_eq!(s4.ready, vec!["r.csv".to_string()]);
+    }
+
+    /// Found by a hostile-operator probe: a CSV appended once a second in place was taken
+    /// after its first row. A name a writer still has open is never ready, settled or not.
+    #[test]
+    fn files_open_for_writing_wait_until_closed() {
+        let none = HashSet::new();
+        let writing: HashSet<String> = ["a.csv".to_string()].into();
+        let listing = [file("a.csv", 10, 1)];
+        let (_, m1) = select_candidates(&listing, &ScanMemory::default(), &none, &writing, 0, 500);
+        let (s2, m2) = select_candidates(&listing, &m1, &none, &writing, 5_000, 500);
+        assert!(s2.ready.is_empty());
+        assert_eq!(s2.waiting, vec!["a.csv".to_string()]);
+        let (s3, _) = select_candidates(&listing, &m2, &none, &none, 5_001, 500);
+        assert_eq!(s3.ready, vec!["a.csv".to_string()]);
     }
 
     #[test]
@@ -230,11 +262,22 @@ mod tests {
             kind: EntryKind::Symlink,
             ..file("l.csv", 0, 0)
         });
+        listing.push(InboxEntry {
+            kind: EntryKind::Other,
+            ..file("fifo.csv", 0, 0)
+        });
+        listing.push(InboxEntry {
+            kind: EntryKind::BadName,
+            ..file("bad\u{fffd}.csv", 0, 0)
+        });
         let renamed: HashSet<String> = listing.iter().map(|e| e.name.clone()).collect();
-        let (s, m) = select_candidates(&listing, &ScanMemory::default(), &renamed, 10_000, 0);
+        let none = HashSet::new();
+        let (s, m) =
+            select_candidates(&listing, &ScanMemory::default(), &renamed, &none, 10_000, 0);
         assert!(s.ready.is_empty() && s.waiting.is_empty());
+        assert_eq!(s.to_fail, vec!["l.csv".to_string(), "fifo.csv".to_string()]);
         assert_eq!(s.refused.len(), 1);
-        assert_eq!(s.refused[0].0, "l.csv");
+        assert_eq!(s.refused[0].0, "bad\u{fffd}.csv");
         assert!(m.seen.is_empty());
     }
 

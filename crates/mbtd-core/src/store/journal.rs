@@ -142,6 +142,8 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<(Vec<JournalEntry>, JournalSca
 pub struct Journal {
     path: PathBuf,
     file: File,
+    /// Bytes of the file (header and whole entries).
+    len: u64,
     entries: HashMap<[u8; 32], JournalEntry>,
 }
 
@@ -168,7 +170,9 @@ impl Journal {
             .append(true)
             .open(&path)
             .map_err(io("open journal for append"))?;
+        let mut len = bytes.len() as u64 - scan.torn_tail_bytes;
         if bytes.len() < HEADER_LEN {
+            len = HEADER_LEN as u64;
             file.set_len(0).map_err(io("reset journal"))?;
             file.write_all(&header())
                 .map_err(io("write journal header"))?;
@@ -184,6 +188,7 @@ impl Journal {
             Journal {
                 path,
                 file,
+                len,
                 entries,
             },
             scan,
@@ -205,17 +210,24 @@ impl Journal {
         self.entries.is_empty()
     }
 
-    /// Append an entry and fsync it.
+    /// Append an entry and fsync it. On an error (a full disk) the file is cut back to
+    /// its previous length, so a partly written entry cannot shift the entries after it.
     pub fn append(&mut self, entry: JournalEntry) -> Result<(), StoreError> {
         let io = |what: &str| {
             let path = self.path.clone();
             let what = what.to_string();
             move |source| StoreError::Io { what, path, source }
         };
-        self.file
+        let written = self
+            .file
             .write_all(&entry.encode())
-            .map_err(io("append journal entry"))?;
-        self.file.sync_data().map_err(io("fsync journal"))?;
+            .map_err(io("append journal entry"))
+            .and_then(|_| self.file.sync_data().map_err(io("fsync journal")));
+        if let Err(e) = written {
+            let _ = self.file.set_len(self.len);
+            return Err(e);
+        }
+        self.len += ENTRY_LEN as u64;
         self.entries.insert(entry.file_hash, entry);
         Ok(())
     }

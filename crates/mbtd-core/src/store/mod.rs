@@ -13,6 +13,7 @@
 //! rows whose (file hash, row number) is already in the store are skipped. So a crash
 //! at any point adds no duplicate and loses no row.
 
+pub mod fault;
 pub mod format;
 pub mod fsutil;
 pub mod inspect;
@@ -28,7 +29,8 @@ pub use format::Record;
 pub use inspect::{InspectReport, inspect_replay};
 pub use journal::JournalEntry;
 pub use replay::{
-    AppendSummary, ControlGroup, Era, EvictionReport, RecoveryReport, ReplayStats, ReplayStore,
+    AppendSummary, CommitSummary, ControlGroup, Era, EvictionReport, PendingSync, RecoveryReport,
+    ReplayStats, ReplayStore,
 };
 
 /// Errors of the replay store.
@@ -56,6 +58,15 @@ pub enum StoreError {
     /// The configuration is invalid.
     #[error("replay config: {0}")]
     Config(String),
+    /// A commit's fsyncs were prepared for a different state of the store.
+    #[error(
+        "replay store {}: a commit does not match the store's pending rows (the store was reopened, or rows were appended or rolled back meanwhile); the file is processed again",
+        dir.display()
+    )]
+    StaleCommit {
+        /// The replay directory.
+        dir: PathBuf,
+    },
     /// A row is too large for the record format.
     #[error(
         "replay store: row {row} of source `{source_tag}` has {bytes} bytes, more than the record limit of {max}; lower ingest.max_row_bytes"
@@ -70,6 +81,14 @@ pub enum StoreError {
         /// The limit.
         max: usize,
     },
+}
+
+impl StoreError {
+    /// True when the cause is a full file system (`ENOSPC`, `EDQUOT`): an expected
+    /// condition that clears when space is freed.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, StoreError::Io { source, .. } if fault::is_disk_full(source))
+    }
 }
 
 /// How the trainer's default sampler picks rows.

@@ -10,8 +10,12 @@
 //!   A header that does not satisfy this refuses the whole file ([`CsvError`]).
 //! - Every later record is one row. A row — not the file — is rejected when it has a
 //!   different number of fields than the header, a field that is not UTF-8, an empty
-//!   (or blank) required field, or more than `max_row_bytes` bytes of field data. A
-//!   rejection carries the 1-based physical line where the record starts.
+//!   (or blank) required field, a NUL byte (U+0000) in a field it uses, or more than
+//!   `max_row_bytes` bytes of field data. A rejection carries the 1-based physical line
+//!   where the record starts and names the field.
+//! - Error messages list at most [`MAX_LISTED_COLUMNS`] header names, each cut to
+//!   [`MAX_COLUMN_NAME_CHARS`] characters, so that a pathological header (a million
+//!   columns) gives a short message.
 //! - RFC 4180 quoting: quoted fields may hold commas, doubled quotes, CR, LF and CRLF;
 //!   line ends may be LF, CRLF or a lone CR (each one line end, also for line numbers).
 //!   Blank lines are skipped. Texts are kept whole.
@@ -25,6 +29,31 @@ use serde::{Deserialize, Serialize};
 
 /// UTF-8 byte-order mark.
 const BOM: &[u8] = b"\xEF\xBB\xBF";
+/// Header names listed in a [`CsvError::Header`] message.
+pub const MAX_LISTED_COLUMNS: usize = 20;
+/// Characters of one column name echoed in a message.
+pub const MAX_COLUMN_NAME_CHARS: usize = 64;
+
+/// `s` cut to at most `max` characters, with `…` marking a cut.
+pub fn clip_chars(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        None => s.to_string(),
+        Some((i, _)) => format!("{}…", &s[..i]),
+    }
+}
+
+/// The first [`MAX_LISTED_COLUMNS`] names, each clipped, then how many more there are.
+fn list_columns(names: &[String]) -> String {
+    let mut out: Vec<String> = names
+        .iter()
+        .take(MAX_LISTED_COLUMNS)
+        .map(|n| clip_chars(n, MAX_COLUMN_NAME_CHARS))
+        .collect();
+    if names.len() > MAX_LISTED_COLUMNS {
+        out.push(format!("… and {} more", names.len() - MAX_LISTED_COLUMNS));
+    }
+    out.join(", ")
+}
 
 /// Errors that refuse a whole file.
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +86,7 @@ pub enum CsvError {
     /// The header lacks the required columns or is ambiguous.
     #[error(
         "CSV file {file}: {problem}; columns found: [{}]; the header needs a `text` column, or `prompt` and `response` columns (optional `source`)",
-        found.join(", ")
+        list_columns(found)
     )]
     Header {
         /// File being read.
@@ -163,6 +192,13 @@ pub enum RejectReason {
         /// Column name.
         column: String,
     },
+    /// A field the row uses holds a NUL byte (U+0000).
+    NulByte {
+        /// Column name.
+        column: String,
+        /// 0-based byte offset of the first NUL in the field.
+        offset: usize,
+    },
     /// The record's field data exceeds `max_row_bytes`.
     TooLong {
         /// Bytes of field data.
@@ -192,10 +228,21 @@ impl std::fmt::Display for RejectReason {
                     "expected {expected} fields as in the header, found {found}"
                 )
             }
-            RejectReason::NotUtf8 { column } => write!(f, "field `{column}` is not valid UTF-8"),
-            RejectReason::EmptyField { column } => {
-                write!(f, "required field `{column}` is empty")
-            }
+            RejectReason::NotUtf8 { column } => write!(
+                f,
+                "field `{}` is not valid UTF-8",
+                clip_chars(column, MAX_COLUMN_NAME_CHARS)
+            ),
+            RejectReason::EmptyField { column } => write!(
+                f,
+                "required field `{}` is empty",
+                clip_chars(column, MAX_COLUMN_NAME_CHARS)
+            ),
+            RejectReason::NulByte { column, offset } => write!(
+                f,
+                "field `{}` holds a NUL byte (U+0000) at byte {offset}; remove it from the text",
+                clip_chars(column, MAX_COLUMN_NAME_CHARS)
+            ),
             RejectReason::TooLong { bytes, max } => {
                 write!(f, "row has {bytes} bytes, more than max_row_bytes = {max}")
             }
@@ -468,12 +515,22 @@ impl<R: Read> CsvRowReader<R> {
             });
         }
         let field = |col: usize| -> Result<&str, Rejection> {
-            std::str::from_utf8(&rec[col]).map_err(|_| Rejection {
+            let s = std::str::from_utf8(&rec[col]).map_err(|_| Rejection {
                 line,
                 reason: RejectReason::NotUtf8 {
                     column: self.schema.columns[col].clone(),
                 },
-            })
+            })?;
+            match s.bytes().position(|b| b == 0) {
+                None => Ok(s),
+                Some(offset) => Err(Rejection {
+                    line,
+                    reason: RejectReason::NulByte {
+                        column: self.schema.columns[col].clone(),
+                        offset,
+                    },
+                }),
+            }
         };
         let required = |col: usize| -> Result<String, Rejection> {
             let s = field(col)?;
@@ -664,14 +721,55 @@ mod tests {
         assert!(rows[3].is_err());
     }
 
+    /// Found by a hostile-operator probe: a NUL byte went into the store as text.
+    #[test]
+    fn nul_bytes_are_rejected_naming_line_and_field() {
+        let (_, rows) = read_all(b"text,source\nok,a\nbad\0x,a\ny,s\0rc\n", 100).unwrap();
+        assert!(rows[0].is_ok());
+        let r = rows[1].as_ref().unwrap_err();
+        assert_eq!(r.line, 3);
+        assert_eq!(
+            r.reason,
+            RejectReason::NulByte {
+                column: "text".into(),
+                offset: 3
+            }
+        );
+        assert!(
+            r.reason.to_string().contains("field `text`"),
+            "{}",
+            r.reason
+        );
+        let r = rows[2].as_ref().unwrap_err();
+        assert_eq!(r.line, 4);
+        assert!(matches!(&r.reason, RejectReason::NulByte { column, .. } if column == "source"));
+    }
+
+    /// Found by a hostile-operator probe: a header of 10⁶ columns was echoed whole.
+    #[test]
+    fn header_errors_list_a_bounded_number_of_columns() {
+        let mut header: Vec<String> = (0..100_000).map(|i| format!("c{i}")).collect();
+        header.push("x".repeat(1000));
+        let data = format!("{}\n", header.join(","));
+        let msg = read_all(data.as_bytes(), 100).err().unwrap().to_string();
+        assert!(msg.len() < 2000, "{} bytes", msg.len());
+        assert!(msg.contains("c19, … and 99981 more"), "{msg}");
+        assert_eq!(clip_chars("abcdef", 3), "abc…");
+        assert_eq!(clip_chars("abc", 3), "abc");
+    }
+
+    fn no_nul() -> impl Strategy<Value = String> {
+        any::<String>().prop_map(|s| s.replace('\0', ""))
+    }
+
     fn nonblank() -> impl Strategy<Value = String> {
-        any::<String>().prop_filter("required fields are non-blank", |s| !s.trim().is_empty())
+        no_nul().prop_filter("required fields are non-blank", |s| !s.trim().is_empty())
     }
 
     proptest! {
         #[test]
         fn written_rows_parse_back_identically(
-            rows in proptest::collection::vec((nonblank(), nonblank(), any::<String>()), 0..20),
+            rows in proptest::collection::vec((nonblank(), nonblank(), no_nul()), 0..20),
             crlf in any::<bool>(),
         ) {
             let mut w = csv::WriterBuilder::new()

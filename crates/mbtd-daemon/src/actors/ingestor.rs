@@ -1,5 +1,15 @@
 //! The ingestor actor: watches the inbox (notify, debounced), rescans it periodically as a
-//! fallback and at start-up, picks files once complete, and has the replay actor append them.
+//! fallback and at start-up, picks files once complete, and ingests them: hashing and
+//! parsing on a blocking thread, the rows handed to the replay actor in chunks, the
+//! commit's fsyncs on that thread too ([`ReplaySink`]), so the trainer's requests to the
+//! replay actor never wait for a whole file.
+//!
+//! A file is complete when no writer has it open (inotify close-write, see
+//! [`super::ingestor_watch`]) and it has settled.
+//!
+//! A failure to store a file (a full disk above all) blocks ingestion: the file goes back
+//! to the head of the queue, is retried with a back-off doubling from 1 s to 60 s, and
+//! `ctl status` says `blocked: disk full`; one log line when it starts, one when it ends.
 
 use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;
@@ -8,15 +18,42 @@ use std::time::{Duration, Instant};
 
 use kameo::error::Infallible;
 use kameo::prelude::*;
-use notify::Watcher;
 
 use super::health::ChildHealth;
+use super::ingestor_events::{
+    IngestBlocked, IngestRetryFailed, IngestStillBlocked, IngestUnblocked,
+};
+pub use super::ingestor_watch::{Scan, WRITER_STALE};
+use super::ingestor_watch::{spawn_pump, watch};
 use super::metrics::AbortOnDrop;
-use super::replay::{IngestFile, ReplayActor, Room, RoomReply};
-use crate::ingest::{IngestConfig, Outcome, ScanMemory, list_inbox, select_candidates};
+use super::replay::{ReplayActor, ReplaySink, Room, RoomReply};
+use crate::ingest::{
+    FileOutcome, IngestConfig, IngestError, Outcome, Progress, ScanMemory, list_inbox,
+    process_file_resuming, select_candidates,
+};
 use crate::store::fsutil::now_ms;
+use crate::telemetry::event::{InternalEvent, RateLimit};
 use crate::telemetry::names::{self, events};
 use crate::telemetry::rate::RateWindow;
+
+/// First and longest wait before retrying a file that could not be stored.
+const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// At most one "still blocked" log line per this interval.
+const STILL_BLOCKED_EVERY: Duration = Duration::from_secs(300);
+
+/// Ingestion stopped by a failure to store a file.
+struct Blocked {
+    since: Instant,
+    since_ms: u64,
+    file: String,
+    error: String,
+    disk_full: bool,
+    backoff: Duration,
+    retry_at: Instant,
+    failed_attempts: u64,
+    log_limit: RateLimit,
+}
 
 #[derive(Clone)]
 pub struct IngestorArgs {
@@ -39,21 +76,28 @@ pub struct IngestorActor {
     files_done: u64,
     files_failed: u64,
     last_file: Option<String>,
-    /// Ready files not taken yet, oldest first. One file is taken per [`Scan`] message, so
-    /// that a pause (or a stop) asked during a backlog takes effect after the file in hand.
+    /// Ready files not taken yet, oldest first. One file is in flight at a time and the
+    /// next starts when it ends, so a pause (or a stop) asked during a backlog takes
+    /// effect after the file in hand.
     queue: VecDeque<String>,
     /// Names the watcher saw renamed in, kept until the next listing.
     renamed_in: HashSet<String>,
+    /// Names a writer has open (from the watcher, as of the last scan).
+    writing: HashSet<String>,
+    /// Files settling or open for writing at the last listing.
+    settling: usize,
+    /// What was committed of files not moved yet (taken by the blocking task while it runs).
+    progress: Option<Progress>,
+    blocked: Option<Blocked>,
+    /// The file being ingested now.
+    in_flight: Option<String>,
+    /// `pause-ingest` requests answered when the file in flight ends, so that a "paused"
+    /// reply means no file is being ingested.
+    pause_waiters: Vec<ReplySender<bool>>,
     /// When the inbox was last listed.
     last_listing: Option<Instant>,
     _watcher: Option<notify::RecommendedWatcher>,
     _pump: AbortOnDrop,
-}
-
-/// How many inbox events have been seen and which names were renamed in.
-pub struct Scan {
-    pub renamed_in: HashSet<String>,
-    pub events: u64,
 }
 
 impl Actor for IngestorActor {
@@ -66,87 +110,10 @@ impl Actor for IngestorActor {
 
     async fn on_start(args: Self::Args, me: ActorRef<Self>) -> Result<Self, Self::Error> {
         args.health.on_start().await;
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(bool, Vec<PathBuf>)>();
-        let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            if let Ok(mut ev) = ev {
-                use notify::event::{ModifyKind, RenameMode};
-                // Only the destination of a rename is a file renamed *in*: a name moved out
-                // (to `.done/`, or away by a producer) must not make a new file written in
-                // place under that name ready before it settles.
-                let renamed = match ev.kind {
-                    notify::EventKind::Modify(ModifyKind::Name(RenameMode::From)) => false,
-                    notify::EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
-                        ev.paths.drain(..ev.paths.len().saturating_sub(1));
-                        true
-                    }
-                    notify::EventKind::Modify(ModifyKind::Name(_)) => true,
-                    _ => false,
-                };
-                let _ = tx.send((renamed, ev.paths));
-            }
-        })
-        .and_then(|mut w| {
-            w.watch(&args.inbox, notify::RecursiveMode::NonRecursive)?;
-            Ok(w)
-        });
-        let watcher = match watcher {
-            Ok(w) => Some(w),
-            Err(e) => {
-                tracing::warn!(
-                    actor = "ingestor",
-                    error = %e,
-                    "cannot watch the inbox; relying on the periodic rescan"
-                );
-                None
-            }
-        };
+        let (watcher, rx) = watch(&args.inbox);
         let rescan = Duration::from_millis(args.cfg.rescan_ms);
         let settle = Duration::from_millis(args.cfg.settle_ms.max(50));
-        // A strong reference: after a supervisor restart, `me` is a fresh `ActorRef` (same
-        // mailbox) that nobody else holds, so a weak one would stop upgrading as soon as
-        // `on_start` returns and the restarted ingestor would never scan again. The task is
-        // aborted when this state is dropped, which releases the reference.
-        let pump = tokio::spawn(async move {
-            let mut renamed_in = HashSet::new();
-            let mut events = 0u64;
-            // First scan at once: whatever arrived while the daemon was down.
-            let mut deadline = tokio::time::Instant::now();
-            loop {
-                tokio::select! {
-                    ev = rx.recv() => {
-                        let Some((renamed, paths)) = ev else { return };
-                        events += 1;
-                        if renamed {
-                            for p in paths {
-                                if let Some(n) = p.file_name().and_then(|n| n.to_str()) {
-                                    renamed_in.insert(n.to_string());
-                                }
-                            }
-                        }
-                        // Debounce: scan shortly after a burst of events.
-                        let soon = tokio::time::Instant::now() + Duration::from_millis(100);
-                        deadline = deadline.min(soon);
-                    }
-                    _ = tokio::time::sleep_until(deadline) => {
-                        let scan = Scan { renamed_in: std::mem::take(&mut renamed_in), events };
-                        events = 0;
-                        // `ask`, not `tell`: the next file is taken only once this one is
-                        // done, so requests queued meanwhile (pause, stop) come first.
-                        let more = match me.ask(scan).await {
-                            Ok(more) => more,
-                            Err(_) => return,
-                        };
-                        deadline = if more {
-                            // More files are queued: take the next one at once.
-                            tokio::time::Instant::now()
-                        } else {
-                            // Files still settling need another look after `settle`.
-                            tokio::time::Instant::now() + rescan.min(settle)
-                        };
-                    }
-                }
-            }
-        });
+        let pump = spawn_pump(rx, me, rescan.min(settle));
         Ok(Self {
             args,
             memory: ScanMemory::default(),
@@ -161,6 +128,12 @@ impl Actor for IngestorActor {
             last_file: None,
             queue: VecDeque::new(),
             renamed_in: HashSet::new(),
+            writing: HashSet::new(),
+            settling: 0,
+            progress: Some(Progress::default()),
+            blocked: None,
+            in_flight: None,
+            pause_waiters: Vec::new(),
             last_listing: None,
             _watcher: watcher,
             _pump: AbortOnDrop(pump),
@@ -178,17 +151,17 @@ impl Actor for IngestorActor {
 }
 
 impl Message<Scan> for IngestorActor {
-    /// True when more ready files are queued (the pump then sends the next scan at once).
-    type Reply = bool;
+    type Reply = ();
 
-    async fn handle(&mut self, scan: Scan, _: &mut Context<Self, Self::Reply>) -> bool {
+    async fn handle(&mut self, scan: Scan, ctx: &mut Context<Self, Self::Reply>) {
         let now = Instant::now();
         metrics::gauge!(names::INGEST_EVENTS_PER_SEC_WINDOW)
             .set(self.events_rate.add(now, scan.events));
         metrics::gauge!(names::INGEST_ROWS_PER_SEC_WINDOW).set(self.rows_rate.rate(now));
         self.renamed_in.extend(scan.renamed_in);
+        self.writing = scan.writing;
         if self.paused {
-            return false;
+            return;
         }
         // List the inbox when nothing is queued, else at most once per scan period (a long
         // backlog is not listed again for every file).
@@ -198,15 +171,33 @@ impl Message<Scan> for IngestorActor {
             self.last_listing = Some(now);
             self.list_and_select();
         }
-        if self.queue.is_empty() || !self.has_room().await {
-            return false;
-        }
-        if let Some(name) = self.queue.pop_front() {
-            self.ingest(name).await;
-        }
-        !self.queue.is_empty()
+        self.take_next(ctx.actor_ref().clone()).await;
     }
 }
+
+/// The ingestion of one file ended (sent by its blocking task).
+pub struct IngestDone {
+    name: String,
+    result: Result<FileOutcome, IngestError>,
+    progress: Progress,
+}
+
+impl Message<IngestDone> for IngestorActor {
+    type Reply = ();
+
+    async fn handle(&mut self, m: IngestDone, ctx: &mut Context<Self, Self::Reply>) {
+        self.in_flight = None;
+        self.progress = Some(m.progress);
+        self.finished(m.name, m.result);
+        self.answer_pause_waiters();
+        self.take_next(ctx.actor_ref().clone()).await;
+    }
+}
+
+/// One ingestion at a time in the process, also across a restart of the ingestor while
+/// the blocking task of its previous incarnation still runs: two ingestions interleaving
+/// their appends and commits in the replay actor could roll back each other's rows.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl IngestorActor {
     /// Lists the inbox and queues the files that became ready.
@@ -228,12 +219,18 @@ impl IngestorActor {
             &listing,
             &self.memory,
             &std::mem::take(&mut self.renamed_in),
+            &self.writing,
             now_ms(),
             self.args.cfg.settle_ms,
         );
         self.memory = memory;
+        self.settling = sel.waiting.len();
+        if let Some(p) = self.progress.as_mut() {
+            p.retain_existing();
+        }
         let queued: HashSet<String> = self.queue.iter().cloned().collect();
-        for name in sel.ready {
+        // Entries to refuse (links, FIFOs) first: they need no store and no waiting.
+        for name in sel.to_fail.into_iter().chain(sel.ready) {
             if !queued.contains(&name) {
                 self.queue.push_back(name);
             }
@@ -287,25 +284,85 @@ impl IngestorActor {
         r.room
     }
 
-    async fn ingest(&mut self, name: String) {
-        let path = self.args.inbox.join(&name);
-        if path.symlink_metadata().is_err() {
-            // Queued, then removed by someone else before its turn.
+    /// Starts the next queued file unless one is in flight, ingestion is paused, blocked
+    /// until a retry time, or the store has no room.
+    async fn take_next(&mut self, me: ActorRef<Self>) {
+        if self.in_flight.is_some() || self.paused {
             return;
         }
-        let out = match self.args.replay.ask(IngestFile(path)).await {
-            Ok(o) => o,
-            Err(e) => {
-                tracing::error!(
-                    event = events::INGEST_ERROR,
+        if self
+            .blocked
+            .as_ref()
+            .is_some_and(|b| Instant::now() < b.retry_at)
+        {
+            return;
+        }
+        if self.queue.is_empty() || !self.has_room().await {
+            return;
+        }
+        while let Some(name) = self.queue.pop_front() {
+            let path = self.args.inbox.join(&name);
+            if path.symlink_metadata().is_err() {
+                // Queued, then removed by someone else before its turn.
+                self.unblock_if(&name);
+                continue;
+            }
+            self.in_flight = Some(name.clone());
+            let mut progress = self.progress.take().unwrap_or_default();
+            let mut sink = ReplaySink::new(self.args.replay.clone());
+            let (inbox, cfg) = (self.args.inbox.clone(), self.args.cfg.clone());
+            tokio::spawn(async move {
+                let task = tokio::task::spawn_blocking(move || {
+                    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+                    let r = process_file_resuming(&inbox, &path, &mut sink, &cfg, &mut progress);
+                    (r, progress)
+                });
+                let (result, progress) = match task.await {
+                    Ok(done) => done,
+                    Err(e) => (
+                        Err(IngestError::StoreUnavailable {
+                            detail: format!("the ingestion task failed: {e}"),
+                        }),
+                        Progress::default(),
+                    ),
+                };
+                let _ = me
+                    .tell(IngestDone {
+                        name,
+                        result,
+                        progress,
+                    })
+                    .await;
+            });
+            return;
+        }
+    }
+
+    /// Accounts for the end of one file's ingestion.
+    fn finished(&mut self, name: String, result: Result<FileOutcome, IngestError>) {
+        let out = match result {
+            Ok(out) => out,
+            Err(IngestError::Changed { .. }) => {
+                // Still being written: it has to settle again before the next try.
+                self.memory.forget(&name);
+                tracing::debug!(
                     actor = "ingestor",
                     file = %name,
-                    error = %e,
-                    "ingestion failed; the file stays in the inbox and is retried"
+                    "file changed while it was read; waiting for it to settle"
                 );
                 return;
             }
+            Err(e) if e.is_gone() => {
+                tracing::debug!(actor = "ingestor", file = %name, "file gone before it was ingested");
+                self.unblock_if(&name);
+                return;
+            }
+            Err(e) => {
+                self.failed(name, &e);
+                return;
+            }
         };
+        self.unblock_if(&name);
         let outcome = out.outcome.as_str();
         metrics::counter!(names::INGEST_FILES_TOTAL, "outcome" => outcome).increment(1);
         metrics::counter!(names::INGEST_ROWS_TOTAL).increment(out.rows_appended);
@@ -342,15 +399,82 @@ impl IngestorActor {
             }
         }
     }
+
+    /// Ingestion is blocked on `name` and that file went through or went away.
+    fn unblock_if(&mut self, name: &str) {
+        if self.blocked.as_ref().is_some_and(|b| b.file == name)
+            && let Some(b) = self.blocked.take()
+        {
+            IngestUnblocked {
+                blocked_for: b.since.elapsed(),
+                failed_attempts: b.failed_attempts,
+            }
+            .emit();
+        }
+    }
+
+    /// A file could not be stored: back to the head of the queue, retried after a
+    /// back-off; one log line when ingestion becomes blocked, rate-limited ones after.
+    fn failed(&mut self, name: String, e: &IngestError) {
+        let (disk_full, error, now) = (e.is_disk_full(), e.to_string(), Instant::now());
+        let b = self.blocked.get_or_insert_with(|| Blocked {
+            since: now,
+            since_ms: now_ms(),
+            file: name.clone(),
+            error: error.clone(),
+            disk_full,
+            backoff: Duration::ZERO,
+            retry_at: now,
+            failed_attempts: 0,
+            log_limit: RateLimit::new(STILL_BLOCKED_EVERY),
+        });
+        let first = b.failed_attempts == 0;
+        let changed = b.disk_full != disk_full;
+        b.failed_attempts += 1;
+        b.backoff = (b.backoff * 2).clamp(BACKOFF_FIRST, BACKOFF_MAX);
+        b.retry_at = now + b.backoff;
+        (b.file, b.error, b.disk_full) = (name.clone(), error, disk_full);
+        if first || changed {
+            b.log_limit.admit(now);
+            IngestBlocked {
+                file: &b.file,
+                error: &b.error,
+                disk_full,
+                retry_in: b.backoff,
+            }
+            .emit();
+        } else {
+            IngestRetryFailed { disk_full }.emit();
+            if let Some(suppressed) = b.log_limit.admit(now) {
+                IngestStillBlocked {
+                    file: &b.file,
+                    error: &b.error,
+                    disk_full,
+                    retry_in: b.backoff,
+                    suppressed,
+                }
+                .emit();
+            }
+        }
+        self.queue.retain(|n| n != &name);
+        self.queue.push_front(name);
+    }
 }
 
 /// Stops or restarts taking files from the inbox (`ctl pause-ingest` / `resume-ingest`).
+/// The reply is the paused state; a pause asked while a file is being ingested is
+/// answered when that file ends ([`IngestDone`]), so after a `true` reply no file is
+/// taken or in flight. Other messages (`status`) are handled meanwhile.
 pub struct SetPaused(pub bool);
 
 impl Message<SetPaused> for IngestorActor {
-    type Reply = bool;
+    type Reply = DelegatedReply<bool>;
 
-    async fn handle(&mut self, m: SetPaused, _: &mut Context<Self, Self::Reply>) -> bool {
+    async fn handle(
+        &mut self,
+        m: SetPaused,
+        ctx: &mut Context<Self, Self::Reply>,
+    ) -> DelegatedReply<bool> {
         if self.paused != m.0 {
             let ev = if m.0 {
                 events::INGEST_PAUSED
@@ -360,7 +484,28 @@ impl Message<SetPaused> for IngestorActor {
             tracing::info!(event = ev, actor = "ingestor");
         }
         self.paused = m.0;
-        self.paused
+        if !self.paused {
+            // Pauses still waiting for the file in hand are answered with the new state.
+            self.answer_pause_waiters();
+            return ctx.reply(false);
+        }
+        if self.in_flight.is_none() {
+            return ctx.reply(true);
+        }
+        let (delegated, sender) = ctx.reply_sender();
+        if let Some(sender) = sender {
+            self.pause_waiters.push(sender);
+        }
+        delegated
+    }
+}
+
+impl IngestorActor {
+    /// Answers the `pause-ingest` requests waiting for the file in flight to end.
+    fn answer_pause_waiters(&mut self) {
+        for w in self.pause_waiters.drain(..) {
+            w.send(self.paused);
+        }
     }
 }
 
@@ -371,13 +516,26 @@ impl Message<IngestStatus> for IngestorActor {
     type Reply = Result<serde_json::Value, Infallible>;
 
     async fn handle(&mut self, _: IngestStatus, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
+        let state = match (self.paused, &self.blocked, &self.held_back) {
+            (true, _, _) => "paused",
+            (false, Some(b), _) if b.disk_full => "blocked: disk full",
+            (false, Some(_), _) => "blocked: store error",
+            (false, None, Some(_)) => "held back: replay store full of rows not trained on yet",
+            (false, None, None) => "watching",
+        };
+        let now = Instant::now();
         Ok(serde_json::json!({
-            "state": match (self.paused, &self.held_back) {
-                (true, _) => "paused",
-                (false, Some(_)) => "held back: replay store full of rows not trained on yet",
-                (false, None) => "watching",
-            },
+            "state": state,
+            "ingesting": self.in_flight,
             "waiting_files": self.queue.len(),
+            "settling_files": self.settling,
+            "blocked": self.blocked.as_ref().map(|b| serde_json::json!({
+                "since_ms": b.since_ms,
+                "file": b.file,
+                "last_error": b.error,
+                "failed_attempts": b.failed_attempts,
+                "retry_in_ms": b.retry_at.saturating_duration_since(now).as_millis() as u64,
+            })),
             "held_back": self.held_back.map(|r| serde_json::json!({
                 "store_rows": r.rows,
                 "max_rows": r.max_rows,

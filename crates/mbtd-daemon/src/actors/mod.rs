@@ -7,6 +7,8 @@ pub mod checkpointer;
 pub mod dispatch;
 pub mod health;
 pub mod ingestor;
+pub mod ingestor_events;
+pub mod ingestor_watch;
 pub mod metrics;
 pub mod replay;
 pub mod supervisor;

@@ -1,24 +1,30 @@
-//! The replay actor: owns the replay store. Appends inbox files (for the ingestor), hands
-//! rows to the trainer, control rows to the evaluator, and keeps the store within bounds.
+//! The replay actor: owns the replay store. Takes the rows of inbox files in chunks (the
+//! ingestor parses, hashes and fsyncs outside it, see [`ReplaySink`]), hands rows to the
+//! trainer, control rows to the evaluator, and keeps the store within bounds.
+//!
+//! The trainer asks this actor for rows every step, so no handler here does work that
+//! grows with a file: a chunk append is at most `CHUNK_ROWS` rows written to a buffer, a
+//! commit is split into [`PrepareCommit`] (flush to the OS) and [`PublishCommit`] (index
+//! the rows, one journal entry) with the segment fsyncs between them done by the caller.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use kameo::error::SendError;
 use kameo::prelude::*;
 use rand::SeedableRng;
 
 use super::health::ChildHealth;
-use crate::ingest::{IngestConfig, process::FileOutcome, process_file};
-use crate::store::replay::{ControlGroup, ReplayStats, ReplayStore};
+use crate::ingest::{IngestError, RowSink};
+use crate::store::replay::{ControlGroup, PendingSync, ReplayStats, ReplayStore};
 use crate::store::{ReplayConfig, StoreError, format::Record};
 use crate::telemetry::names::{self, events};
+use crate::text::csv_rows::CsvRow;
 
 #[derive(Clone)]
 pub struct ReplayArgs {
     pub dir: PathBuf,
-    pub inbox: PathBuf,
     pub cfg: ReplayConfig,
-    pub ingest: IngestConfig,
     pub health: Arc<ChildHealth>,
     /// Signalled with the newest durable sequence number when rows were appended (wakes the trainer).
     pub appended: Arc<tokio::sync::watch::Sender<u64>>,
@@ -86,6 +92,17 @@ impl ReplayActor {
         metrics::counter!(names::REPLAY_EVICTED_TOTAL).absolute(s.evicted_total);
     }
 
+    /// Refuses a message of an ingestion that began before the store was reopened.
+    fn check_epoch(&self, epoch: u64) -> Result<(), StoreError> {
+        if epoch == self.store.epoch() {
+            Ok(())
+        } else {
+            Err(StoreError::StaleCommit {
+                dir: self.args.dir.clone(),
+            })
+        }
+    }
+
     fn enforce_capacity(&mut self) {
         match self.store.enforce_capacity(self.consumed_through) {
             Ok(r) if r.evicted > 0 => tracing::info!(
@@ -101,21 +118,88 @@ impl ReplayActor {
     }
 }
 
-/// Ingest one inbox file: rows appended durably, then the file moved with its sidecar.
-pub struct IngestFile(pub PathBuf);
+/// Whether a file is completely ingested; also tells the caller the store's epoch.
+pub struct IsCommitted(pub [u8; 32]);
 
-impl Message<IngestFile> for ReplayActor {
-    type Reply = Result<FileOutcome, String>;
+/// Reply to [`IsCommitted`].
+#[derive(Debug, Clone, Copy, Reply)]
+pub struct IsCommittedReply {
+    /// The store's epoch (see `ReplayStore::epoch`).
+    pub epoch: u64,
+    /// The file is in the journal.
+    pub committed: bool,
+}
+
+impl Message<IsCommitted> for ReplayActor {
+    type Reply = IsCommittedReply;
+
+    async fn handle(&mut self, m: IsCommitted, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
+        IsCommittedReply {
+            epoch: self.store.epoch(),
+            committed: self.store.journal_entry(&m.0).is_some(),
+        }
+    }
+}
+
+/// Append one chunk of a file's rows (pending until the commit).
+pub struct AppendChunk {
+    pub epoch: u64,
+    pub hash: [u8; 32],
+    pub rows: Vec<CsvRow>,
+    pub ingest_ms: u64,
+}
+
+impl Message<AppendChunk> for ReplayActor {
+    type Reply = Result<(), StoreError>;
+
+    async fn handle(&mut self, m: AppendChunk, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
+        self.check_epoch(m.epoch)?;
+        for r in m.rows {
+            self.store
+                .append_row(&m.hash, r.line, &r.source, &r.body, m.ingest_ms)?;
+        }
+        Ok(())
+    }
+}
+
+/// First step of a commit: flush the pending rows; the caller fsyncs the returned files.
+pub struct PrepareCommit {
+    pub epoch: u64,
+}
+
+impl Message<PrepareCommit> for ReplayActor {
+    type Reply = Result<PendingSync, StoreError>;
 
     async fn handle(
         &mut self,
-        IngestFile(path): IngestFile,
+        m: PrepareCommit,
         _: &mut Context<Self, Self::Reply>,
     ) -> Self::Reply {
-        let (inbox, cfg) = (self.args.inbox.clone(), self.args.ingest.clone());
-        let store = &mut self.store;
-        let out = tokio::task::block_in_place(|| process_file(&inbox, &path, store, &cfg))
-            .map_err(|e| e.to_string())?;
+        self.check_epoch(m.epoch)?;
+        self.store.prepare_commit()
+    }
+}
+
+/// Last step of a commit, after the fsyncs: rows visible, journal entry written, store
+/// bounds enforced. Replies the rows of the file first made durable.
+pub struct PublishCommit {
+    pub synced: PendingSync,
+    pub hash: [u8; 32],
+    pub accepted: u64,
+    pub rejected: u64,
+}
+
+impl Message<PublishCommit> for ReplayActor {
+    type Reply = Result<u64, StoreError>;
+
+    async fn handle(
+        &mut self,
+        m: PublishCommit,
+        _: &mut Context<Self, Self::Reply>,
+    ) -> Self::Reply {
+        let c = self
+            .store
+            .publish_commit(m.synced, &m.hash, m.accepted, m.rejected)?;
         self.enforce_capacity();
         let stats = self.store.stats();
         self.publish(&stats);
@@ -123,7 +207,117 @@ impl Message<IngestFile> for ReplayActor {
         self.args
             .appended
             .send_if_modified(|v| std::mem::replace(v, last) != last);
-        Ok(out)
+        Ok(c.appended)
+    }
+}
+
+/// Forget the rows appended since the last commit (the ingestion of a file failed).
+pub struct AbortIngest;
+
+impl Message<AbortIngest> for ReplayActor {
+    type Reply = ();
+
+    async fn handle(&mut self, _: AbortIngest, _: &mut Context<Self, Self::Reply>) {
+        if let Err(e) = self.store.abort_pending() {
+            tracing::warn!(
+                actor = "replay",
+                error = %e,
+                "rolling back an interrupted ingestion failed; retried before the next append"
+            );
+        }
+    }
+}
+
+/// The ingestor's [`RowSink`]: the replay actor, asked from a blocking thread. The
+/// commit's fsyncs run on that thread, between [`PrepareCommit`] and [`PublishCommit`].
+pub struct ReplaySink {
+    replay: ActorRef<ReplayActor>,
+    epoch: Option<u64>,
+}
+
+impl ReplaySink {
+    pub fn new(replay: ActorRef<ReplayActor>) -> Self {
+        Self {
+            replay,
+            epoch: None,
+        }
+    }
+
+    fn unreachable<M>(e: SendError<M, StoreError>) -> IngestError {
+        match e {
+            SendError::HandlerError(source) => IngestError::Store { source },
+            SendError::ActorNotRunning(_) => unavailable("not running"),
+            SendError::ActorStopped => unavailable("stopped before replying"),
+            SendError::ActorRestarting(_) => unavailable("restarting"),
+            SendError::MailboxFull(_) => unavailable("mailbox full"),
+            SendError::Timeout(_) => unavailable("timed out"),
+        }
+    }
+}
+
+fn unavailable(detail: &str) -> IngestError {
+    IngestError::StoreUnavailable {
+        detail: format!("replay actor {detail}"),
+    }
+}
+
+impl RowSink for ReplaySink {
+    fn is_committed(&mut self, hash: &[u8; 32]) -> Result<bool, IngestError> {
+        let r = self
+            .replay
+            .ask(IsCommitted(*hash))
+            .blocking_send()
+            .map_err(|_| unavailable("not reachable"))?;
+        self.epoch = Some(r.epoch);
+        Ok(r.committed)
+    }
+
+    fn append(
+        &mut self,
+        hash: &[u8; 32],
+        rows: Vec<CsvRow>,
+        ingest_ms: u64,
+    ) -> Result<(), IngestError> {
+        let epoch = self.epoch.unwrap_or(0);
+        self.replay
+            .ask(AppendChunk {
+                epoch,
+                hash: *hash,
+                rows,
+                ingest_ms,
+            })
+            .blocking_send()
+            .map_err(Self::unreachable)
+    }
+
+    fn commit(
+        &mut self,
+        hash: &[u8; 32],
+        accepted: u64,
+        rejected: u64,
+    ) -> Result<u64, IngestError> {
+        let epoch = self.epoch.unwrap_or(0);
+        let synced = self
+            .replay
+            .ask(PrepareCommit { epoch })
+            .blocking_send()
+            .map_err(Self::unreachable)?;
+        synced
+            .fsync()
+            .map_err(|source| IngestError::Store { source })?;
+        self.replay
+            .ask(PublishCommit {
+                synced,
+                hash: *hash,
+                accepted,
+                rejected,
+            })
+            .blocking_send()
+            .map_err(Self::unreachable)
+    }
+
+    fn abort(&mut self) {
+        let _ = self.replay.ask(AbortIngest).blocking_send();
     }
 }
 

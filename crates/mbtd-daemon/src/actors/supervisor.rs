@@ -165,9 +165,7 @@ impl Actor for Root {
                 "replay",
                 ReplayArgs {
                     dir: args.cfg.paths.replay.clone(),
-                    inbox: args.cfg.paths.inbox.clone(),
                     cfg: args.cfg.replay.clone(),
-                    ingest: args.cfg.ingest.clone(),
                     health: args.board.register("replay", d),
                     appended: appended.clone(),
                 },

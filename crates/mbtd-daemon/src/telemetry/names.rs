@@ -49,6 +49,12 @@ pub mod events {
     pub const INGEST_RESUMED: &str = "ingest_resumed";
     pub const INGEST_HELD_BACK: &str = "ingest_held_back";
     pub const INGEST_HOLD_RELEASED: &str = "ingest_hold_released";
+    /// Ingestion stopped: a file cannot be stored (disk full, or another store error).
+    pub const INGEST_BLOCKED: &str = "ingest_blocked";
+    /// Ingestion runs again after [`INGEST_BLOCKED`].
+    pub const INGEST_UNBLOCKED: &str = "ingest_unblocked";
+    /// A retry while blocked failed again (rate-limited, with the count held back).
+    pub const INGEST_STILL_BLOCKED: &str = "ingest_still_blocked";
     pub const CHECKPOINT_WRITTEN: &str = "checkpoint_written";
     pub const CHECKPOINT_FAILED: &str = "checkpoint_failed";
     pub const CHECKPOINT_REJECTED: &str = "checkpoint_rejected";
@@ -88,6 +94,12 @@ pub const INGEST_EVENTS_PER_SEC_WINDOW: &str = "ingest_events_per_sec_window";
 pub const INGEST_PENDING_EVENTS_OBSERVED_PEAK: &str = "ingest_pending_events_observed_peak";
 /// 1 while files wait because the replay store is full of rows not trained on yet.
 pub const INGEST_HELD_BACK: &str = "ingest_held_back";
+/// 1 while ingestion is blocked by a full disk (files wait in the inbox, retried with
+/// back-off), 0 otherwise.
+pub const INGEST_BLOCKED_DISK_FULL: &str = "ingest_blocked_disk_full";
+/// Failed attempts to ingest a file (label `cause` = disk_full | other); the file stays
+/// in the inbox.
+pub const INGEST_ATTEMPTS_FAILED_TOTAL: &str = "ingest_attempts_failed_total";
 /// Replay store.
 pub const REPLAY_ROWS: &str = "replay_rows";
 pub const REPLAY_BYTES: &str = "replay_bytes";

@@ -1,11 +1,14 @@
 //! Tests of the replay store: recovery, exactly-once, eviction, control, sampling.
 
 use super::*;
+use crate::store::format::{Record, scan_segment};
 use crate::store::inspect_replay;
+use crate::text::csv_rows::CsvRow;
 use proptest::prelude::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
+use std::fs;
 
 fn cfg(segment_bytes: u64) -> ReplayConfig {
     ReplayConfig {
@@ -623,4 +626,70 @@ fn crash_between_state_write_and_compaction_loses_no_eviction() {
     assert_eq!(rep.stale_temp_files, 1);
     assert!(rep.evicted_on_disk > 0);
     assert_eq!(st.rows.iter().map(|m| m.seq).collect::<Vec<_>>(), kept);
+}
+
+/// A failed commit (full disk while flushing) or a caller's abort leaves the store as at
+/// the last commit: segments created since are gone, the others cut back, sequence
+/// numbers reused; a reopen finds nothing of the aborted rows, and a retry appends and
+/// counts them all again.
+#[test]
+fn aborted_batch_rolls_back_segments_and_sequence_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cfg(4096);
+    let (h1, rows1) = file_rows(1, 20, 40);
+    let (h2, rows2) = file_rows(2, 200, 60);
+    let (mut st, _) = open(dir.path(), &c);
+    st.append_file_rows(&h1, rows1, 0).unwrap();
+    let committed_segments = segment_files(dir.path());
+    let lens: Vec<u64> = committed_segments
+        .iter()
+        .map(|p| fs::metadata(p).unwrap().len())
+        .collect();
+    let next_seq = st.state.next_seq;
+    for r in &rows2 {
+        assert!(st.append_row(&h2, r.line, &r.source, &r.body, 1).unwrap());
+    }
+    // Flushed to the OS (several segments rolled), then the commit is given up.
+    let synced = st.prepare_commit().unwrap();
+    assert!(segment_files(dir.path()).len() > committed_segments.len());
+    st.abort_pending().unwrap();
+    assert!(st.publish_commit(synced, &h2, 200, 0).is_err());
+    assert_eq!(segment_files(dir.path()), committed_segments);
+    let now: Vec<u64> = committed_segments
+        .iter()
+        .map(|p| fs::metadata(p).unwrap().len())
+        .collect();
+    assert_eq!(now, lens);
+    assert_eq!(st.state.next_seq, next_seq);
+    assert!(!st.contains_row(&h2, rows2[0].line));
+    let s = st.append_file_rows(&h2, rows2.clone(), 0).unwrap();
+    assert_eq!((s.appended, s.already_present), (200, 0));
+    assert_eq!(s.entry.first_seq, next_seq);
+    drop(st);
+    let (st, report) = open(dir.path(), &c);
+    assert!(report.is_clean(), "{report}");
+    let all = contents(&st);
+    assert_eq!(all.len(), 220);
+    assert!(all.values().all(|(n, _)| *n == 1));
+}
+
+/// With an injected full disk at the flush, the rows appended are rolled back and the
+/// commit fails as `disk full`; once space is back the same rows commit normally.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn disk_full_at_commit_is_reported_and_rolled_back() {
+    use crate::store::fault::DISK_FULL_FLAG;
+    let dir = tempfile::tempdir().unwrap();
+    let c = cfg(1 << 20);
+    let (h, rows) = file_rows(3, 50, 30);
+    let (mut st, _) = open(dir.path(), &c);
+    fs::write(dir.path().join(DISK_FULL_FLAG), b"").unwrap();
+    let err = st.append_file_rows(&h, rows.clone(), 0).unwrap_err();
+    assert!(err.is_disk_full(), "{err}");
+    assert_eq!(st.stats().rows, 0);
+    assert!(!st.contains_row(&h, rows[0].line));
+    fs::remove_file(dir.path().join(DISK_FULL_FLAG)).unwrap();
+    let s = st.append_file_rows(&h, rows, 0).unwrap();
+    assert_eq!((s.appended, s.already_present), (50, 0));
+    assert_eq!(s.entry.rows_appended, 50);
 }

@@ -1,0 +1,210 @@
+#!/usr/bin/env python3
+"""Trainer step time with and without a large file arriving in the inbox.
+
+Starts `mbtd run` on a fresh data dir with a small model (d 64, 2 layers x 3 branches),
+seeds the inbox, lets training warm up, then measures the trainer's step period twice
+in the same daemon:
+
+1. baseline: `--window-s` seconds with nothing arriving;
+2. during ingest: from the moment a `--mb` MB CSV file is renamed into the inbox until
+   its sidecar appears in `inbox/.done/`.
+
+The step period is observed from outside, by polling `status` on the admin socket every
+`--poll-ms` ms: when the step goes from s0 (seen at t0) to s1 (at t1), each of the s1-s0
+steps is counted with period (t1-t0)/(s1-s0). A stall of the trainer (waiting for rows
+while a file is ingested) therefore shows as long periods. `train_step_seconds` is not
+used: it times the compute of a step only, not the wait for its rows.
+
+Prints one JSON line: p50/p99/max step period (ms) of both phases, their p99 ratio, and
+the ingest time. Usage:
+
+    cargo build --release
+    python3 bench/ingest_stall.py --bin target/release/mbtd [--mb 100] [--window-s 20]
+"""
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+CONFIG = """
+[logging]
+format = "json"
+level = "info"
+[ingest]
+settle_ms = 200
+rescan_ms = 500
+[model]
+vocab_size = 512
+d_model = 64
+n_heads = 2
+n_layers = 2
+branches = 3
+max_seq_len = 32
+[optim]
+lr = 0.003
+warmup_steps = 20
+[tokenizer]
+bootstrap_rows = 500
+[training]
+batch_size = 8
+seq_len = 32
+idle_steps_per_min = 60000
+[eval]
+every_steps = 1000000
+[checkpoints]
+every_steps = 1000000
+every_seconds = 0
+"""
+
+
+def request(sock_path, cmd, args=None, timeout=30.0):
+    line = json.dumps({"id": 1, "cmd": cmd, "args": args}) + "\n"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(sock_path)
+        s.sendall(line.encode())
+        buf = b""
+        while True:
+            chunk = s.recv(1 << 16)
+            if not chunk:
+                raise RuntimeError(f"{cmd}: connection closed before a done response")
+            buf += chunk
+            while b"\n" in buf:
+                one, buf = buf.split(b"\n", 1)
+                v = json.loads(one)
+                if v.get("done"):
+                    return v
+
+
+def step(sock_path):
+    data = request(sock_path, "status")["data"]
+    for name, section in data.get("sections", []):
+        if name == "trainer":
+            return int(section.get("step") or 0)
+    return 0
+
+
+def csv_rows(tag, n):
+    return "text\n" + "".join(f"{tag} row {i}: some words for the tokenizer to split\n" for i in range(n))
+
+
+def drop(data_dir, name, text):
+    staging = os.path.join(data_dir, "staging")
+    os.makedirs(staging, exist_ok=True)
+    inbox = os.path.join(data_dir, "inbox")
+    os.makedirs(inbox, exist_ok=True)
+    p = os.path.join(staging, name)
+    with open(p, "w") as f:
+        f.write(text)
+    os.rename(p, os.path.join(inbox, name))
+
+
+def periods(sock_path, poll_s, until):
+    """Step periods (s) observed while `until()` is false."""
+    out = []
+    t0, s0 = time.monotonic(), step(sock_path)
+    while not until():
+        time.sleep(poll_s)
+        t1, s1 = time.monotonic(), step(sock_path)
+        if s1 > s0:
+            out.extend([(t1 - t0) / (s1 - s0)] * (s1 - s0))
+            t0, s0 = t1, s1
+    return out
+
+
+def summary(ps):
+    ps = sorted(ps)
+    if not ps:
+        return {"steps": 0}
+    q = lambda f: round(ps[min(len(ps) - 1, int(f * len(ps)))] * 1e3, 3)
+    return {"steps": len(ps), "p50_ms": q(0.5), "p99_ms": q(0.99), "max_ms": round(ps[-1] * 1e3, 3)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bin", default="target/release/mbtd")
+    ap.add_argument("--mb", type=float, default=100.0, help="size of the arriving file")
+    ap.add_argument("--window-s", type=float, default=20.0, help="baseline window")
+    ap.add_argument("--warmup-s", type=float, default=15.0)
+    ap.add_argument("--poll-ms", type=float, default=5.0)
+    ap.add_argument("--keep", action="store_true", help="keep the data dir")
+    a = ap.parse_args()
+
+    d = tempfile.mkdtemp(prefix="mbtd-ingest-stall-")
+    cfg = os.path.join(d, "bench.toml")
+    with open(cfg, "w") as f:
+        f.write(CONFIG)
+    log = open(os.path.join(d, "daemon.log"), "w")
+    proc = subprocess.Popen([a.bin, "run", "--config", cfg, "--data-dir", d], stdout=log, stderr=log)
+    sock = os.path.join(d, "mbtd.sock")
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if request(sock, "ping", timeout=1.0).get("ok"):
+                    break
+            except (OSError, RuntimeError, ValueError):
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"daemon not ready; see {d}/daemon.log")
+            time.sleep(0.1)
+        drop(d, "seed.csv", csv_rows("seed", 5000))
+        while step(sock) < 20:
+            time.sleep(0.2)
+        time.sleep(a.warmup_s)
+
+        end = time.monotonic() + a.window_s
+        base = periods(sock, a.poll_ms / 1e3, lambda: time.monotonic() >= end)
+
+        big, n, target = [], 0, int(a.mb * (1 << 20))
+        size = len("text\n")
+        while size < target:
+            line = f"large file row {n}: a sentence of ordinary length with words to tokenize\n"
+            big.append(line)
+            size += len(line)
+            n += 1
+        text = "text\n" + "".join(big)
+        del big
+        done = os.path.join(d, "inbox", ".done", "big.csv.json")
+        t = time.monotonic()
+        drop(d, "big.csv", text)
+        during = periods(sock, a.poll_ms / 1e3, lambda: os.path.exists(done))
+        ingest_s = time.monotonic() - t
+        with open(done) as f:
+            sidecar = json.load(f)
+
+        b, g = summary(base), summary(during)
+        print(json.dumps({
+            "bench": "ingest_stall",
+            "file_mb": round(size / (1 << 20), 1),
+            "file_rows": n,
+            "rows_appended": sidecar.get("rows_appended"),
+            "ingest_s": round(ingest_s, 3),
+            "poll_ms": a.poll_ms,
+            "baseline": b,
+            "during_ingest": g,
+            "p99_ratio": round(g["p99_ms"] / b["p99_ms"], 3) if b.get("p99_ms") and g.get("p99_ms") else None,
+            "data_dir": d if a.keep else None,
+        }))
+    finally:
+        try:
+            request(sock, "shutdown", timeout=5.0)
+        except (OSError, RuntimeError, ValueError):
+            pass
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        if not a.keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
