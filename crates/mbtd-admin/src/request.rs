@@ -218,7 +218,7 @@ pub struct ExpandArgs {
         skip_serializing_if = "Option::is_none"
     )]
     pub ramp_steps: Option<u64>,
-    /// Standard deviation of the noise on the copied weights, `0 ..= 1`.
+    /// Standard deviation of the noise on the copied weights, `0 ..= 1000`.
     #[serde(default = "default_noise", deserialize_with = "noise")]
     pub noise: f32,
 }
@@ -406,7 +406,7 @@ field!(seed, "seed", u64, int 0, u64::MAX);
 field!(ramp_steps, "ramp_steps", optional int 0, 10_000_000);
 field!(temperature, "temperature", float 0.0, 100.0, false);
 field!(top_p, "top_p", float 0.0, 1.0, true);
-field!(noise, "noise", float 0.0, 1.0, false);
+field!(noise, "noise", float 0.0, 1000.0, false);
 field!(beta, "beta", optional float 0.0, 1.0, true);
 
 #[cfg(test)]
@@ -419,6 +419,7 @@ mod tests {
             "mask" | "unmask" => json!({"layer": 0, "branch": 1}),
             "expand" => json!({"layer": 0, "branches": 1}),
             "rollback" => json!({"target": "previous"}),
+            "checkpoint-delete" => json!({"target": "t"}),
             "debug-crash" => json!({"actor": "trainer"}),
             _ => Value::Null,
         }
@@ -512,7 +513,7 @@ mod tests {
             (
                 "expand",
                 json!({"layer": 0, "branches": 1, "noise": -1}),
-                "`noise` must be a number in [0, 1]; got -1",
+                "`noise` must be a number in [0, 1000]; got -1",
             ),
             (
                 "expand",
