@@ -85,7 +85,7 @@ fn loose_arguments_and_unsafe_tags_are_refused_and_change_nothing() {
         &d,
         "expand",
         json!({"layer": 0, "branches": 1, "noise": -1}),
-        "`noise` must be a number in [0, 1]; got -1",
+        "`noise` must be a number in [0, 1000]; got -1",
     );
     assert_eq!(d.data("diagnostics", Value::Null)["widths"], widths);
     assert!(
