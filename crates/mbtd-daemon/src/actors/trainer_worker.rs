@@ -1,3 +1,7 @@
+//! Why over 600 lines: the step loop and the per-step state it carries (batch assembly from
+//! the mix, the step, eval scheduling, checkpoint snapshots) are one piece; boot, commands,
+//! governor glue and events are in trainer_{boot,commands,governor,events}.rs.
+//!
 //! The trainer's compute thread: owns the model, the optimizer, the tokenizer and the
 //! availability model, runs training steps back to back, and handles operator commands
 //! between steps (so a step never blocks the async runtime or the admin socket).

@@ -1,4 +1,5 @@
-//! Tests of the replay store: recovery, exactly-once, eviction, control, sampling.
+//! Tests of the replay store: recovery, exactly-once, eviction, control, sampling (test
+//! code only, which is why this file runs past 600 lines).
 
 use super::*;
 use crate::store::format::{Record, scan_segment};
