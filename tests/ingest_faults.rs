@@ -12,28 +12,10 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-/// A tiny model that makes many steps a second, and short ingest timings.
-const TRAIN_CFG: &str = r#"
-[ingest]
-settle_ms = 250
-rescan_ms = 200
-[model]
-vocab_size = 320
-d_model = 32
-n_heads = 2
-n_layers = 2
-branches = 2
-max_seq_len = 32
-[tokenizer]
-bootstrap_rows = 100
-[training]
-batch_size = 8
-seq_len = 32
-idle_steps_per_min = 60000
-[checkpoints]
-every_steps = 100000
-every_seconds = 0
-"#;
+/// The tests' small model (many steps a second) with a longer settle time.
+fn train_cfg() -> String {
+    small(&[("ingest.settle_ms", "250")])
+}
 
 fn inbox(d: &Daemon) -> PathBuf {
     d.path().join("inbox")
@@ -192,7 +174,7 @@ fn disk_full_blocks_ingestion_says_why_and_resumes_by_itself() {
 /// count must move several times while the file is still in the inbox).
 #[test]
 fn training_keeps_stepping_while_a_large_file_ingests() {
-    let d = Daemon::start(TRAIN_CFG);
+    let d = Daemon::start(&train_cfg());
     drop_renamed(&d, "seed.csv", &text_csv("seed", 400));
     d.wait_steps(5, Duration::from_secs(120));
     // About 40 MB of rows, renamed in: taken at once.
