@@ -821,7 +821,6 @@ fn same_name_written_in_place_after_the_move_waits_to_settle() {
 /// once.
 #[cfg(feature = "fault-injection")]
 #[test]
-#[ignore = "known regression: after the replay and ingestor actors crash mid-backlog, the ordered stop waits past daemon.shutdown_timeout_s for the trainer (final checkpoint never answered); to be fixed, see README Status"]
 fn actor_crashes_during_a_backlog_lose_and_duplicate_nothing() {
     let mut d = Daemon::start(&format!("{CFG}[daemon]\nrestart_backoff_initial_ms = 10\n"));
     let files: Vec<GenFile> = (0..40)

@@ -17,6 +17,7 @@ mod trainer_boot;
 pub mod trainer_commands;
 mod trainer_events;
 mod trainer_governor;
+mod trainer_wake;
 pub mod trainer_worker;
 
 /// Test-only fault: makes the receiving actor panic (compiled with `--features fault-injection`).

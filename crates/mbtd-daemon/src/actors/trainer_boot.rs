@@ -8,8 +8,9 @@ use std::time::Instant;
 use super::checkpointer::{Load, Target};
 use super::replay::FirstRows;
 use super::trainer_commands::PauseMarker;
+use super::trainer_wake::{Next, Woken, wait};
 use super::trainer_worker::{
-    Live, LoopState, Next, PEER_RETRY, TOKENIZER_RETRY, Woken, WorkerArgs, ask_blocking, wait,
+    Live, LoopState, PEER_RETRY, TOKENIZER_RETRY, WorkerArgs, ask_blocking,
 };
 use crate::checkpoint::LoadedCheckpoint;
 use crate::config::Config;

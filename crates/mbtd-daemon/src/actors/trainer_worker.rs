@@ -19,7 +19,7 @@
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant, SystemTime};
 
 use kameo::prelude::*;
@@ -33,6 +33,8 @@ pub use super::trainer_boot::{RestoreError, ResumeError};
 pub use super::trainer_commands::Cmd;
 use super::trainer_commands::PauseMarker;
 use super::trainer_events::{EvalDone, StepDone, TrainStepFailed, forced_off_count};
+pub use super::trainer_wake::Wake;
+use super::trainer_wake::{Next, Woken, wait};
 use crate::checkpoint::Manifest;
 use crate::config::Config;
 use crate::govern::GovernorState;
@@ -57,14 +59,6 @@ const EFF_PATHS_EMA_DECAY: f64 = 0.95;
 pub(super) const PEER_RETRY: Duration = Duration::from_millis(500);
 /// Wait before loading a configured tokenizer file again after it failed.
 pub(super) const TOKENIZER_RETRY: Duration = Duration::from_secs(1);
-
-/// What wakes the trainer thread.
-pub enum Wake {
-    /// An operator command (answered between steps).
-    Cmd(Cmd),
-    /// The replay store appended rows.
-    Rows,
-}
 
 /// Loop state that is saved in every checkpoint's manifest (`state`), for exact resume.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -114,46 +108,6 @@ pub(super) struct Live {
     pub st: LoopState,
     /// The checkpoint this state descends from.
     pub parent: Option<String>,
-}
-
-/// What the thread waits for next.
-#[derive(Debug, Clone, Copy)]
-pub(super) enum Next {
-    /// Work now (commands already queued go first).
-    Now,
-    /// Work at this instant, or earlier on a wake-up.
-    At(Instant),
-    /// Work on the next wake-up only.
-    Wake,
-}
-
-pub(super) enum Woken {
-    Cmd(Cmd),
-    Work,
-    Closed,
-}
-
-pub(super) fn wait(rx: &Receiver<Wake>, next: Next) -> Woken {
-    let w = match next {
-        Next::Now => match rx.try_recv() {
-            Ok(w) => w,
-            Err(TryRecvError::Empty) => return Woken::Work,
-            Err(TryRecvError::Disconnected) => return Woken::Closed,
-        },
-        Next::At(t) => match rx.recv_timeout(t.saturating_duration_since(Instant::now())) {
-            Ok(w) => w,
-            Err(RecvTimeoutError::Timeout) => return Woken::Work,
-            Err(RecvTimeoutError::Disconnected) => return Woken::Closed,
-        },
-        Next::Wake => match rx.recv() {
-            Ok(w) => w,
-            Err(_) => return Woken::Closed,
-        },
-    };
-    match w {
-        Wake::Cmd(c) => Woken::Cmd(c),
-        Wake::Rows => Woken::Work,
-    }
 }
 
 pub(super) fn ask_blocking<A, M>(r: &ActorRef<A>, m: M) -> Result<<A::Reply as Reply>::Ok, String>
