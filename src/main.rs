@@ -194,7 +194,12 @@ fn inspect(cmd: InspectCommand) -> ExitCode {
 
 fn bench(cmd: BenchCommand) -> ExitCode {
     let result = match &cmd {
-        BenchCommand::Train(a) => mbtd::model::bench::bench_train(a).map_err(|e| e.to_string()),
+        BenchCommand::Train(a) => match &a.data {
+            Some(csv) => {
+                mbtd::learn::data_bench::bench_train_data(a, csv).map_err(|e| e.to_string())
+            }
+            None => mbtd::model::bench::bench_train(a).map_err(|e| e.to_string()),
+        },
         BenchCommand::Generate(a) => {
             mbtd::model::bench::bench_generate(a).map_err(|e| e.to_string())
         }

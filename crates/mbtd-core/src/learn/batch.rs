@@ -100,44 +100,93 @@ impl Packed {
 
 /// Packs rows into windows of `seq` positions. Each row is first cut by [`windows`] (a row
 /// longer than a window still gives windows of `seq` and a shorter tail; loss masking is
-/// [`windows`]'); the pieces are then placed longest first (ties in row order) each into
-/// the first window with room for the whole piece, or a new window (first-fit decreasing).
-/// A piece is never split, so every target token of every row appears exactly once, with
-/// the context and positions it would have in its own window. Pure and deterministic:
-/// the same rows give the same windows.
+/// [`windows`]'); the pieces are then packed by [`pack_windows`]. A piece is never split,
+/// so every target token of every row appears exactly once, with the context and positions
+/// it would have in its own window. Pure and deterministic: the same rows give the same
+/// windows.
 ///
 /// Feed [`assemble_packed`] with the result; the position utilisation of a batch is
 /// `Σ len / (windows · seq)`. Panics if `seq` is 0 (a programming error).
 pub fn pack(rows: &[Tokens], seq: usize) -> Vec<Packed> {
-    assert!(seq > 0, "pack needs seq >= 1");
-    let mut pieces: Vec<Window> = rows.iter().flat_map(|t| windows(t, seq)).collect();
-    // stable: equal lengths keep their row order
+    pack_windows(rows.iter().flat_map(|t| windows(t, seq)).collect(), seq)
+}
+
+/// Packs pieces (windows of at most `seq` tokens) longest first (ties in the given order),
+/// each into the first window with room for the whole piece, or a new window (first-fit
+/// decreasing). Panics if `seq` is 0 or a piece is longer than `seq`.
+pub fn pack_windows(mut pieces: Vec<Window>, seq: usize) -> Vec<Packed> {
+    // stable: equal lengths keep their order
     pieces.sort_by_key(|w| std::cmp::Reverse(w.inputs.len()));
-    let mut out: Vec<Packed> = Vec::new();
-    for piece in pieces {
+    let mut bins = Bins::new(seq);
+    for piece in &pieces {
+        let placed = bins.place(piece, usize::MAX);
+        assert!(
+            placed,
+            "piece of {} tokens exceeds seq {seq}",
+            piece.inputs.len()
+        );
+    }
+    bins.windows
+}
+
+/// Windows of `seq` positions being filled piece by piece, first fit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bins {
+    seq: usize,
+    windows: Vec<Packed>,
+}
+
+impl Bins {
+    /// No window open yet. Panics if `seq` is 0.
+    pub fn new(seq: usize) -> Self {
+        assert!(seq > 0, "packing needs seq >= 1");
+        Self {
+            seq,
+            windows: Vec::new(),
+        }
+    }
+
+    /// Places `piece` as a new segment in the first open window with room for all of it,
+    /// else in a new window while fewer than `max_windows` are open; whether it was placed.
+    pub fn place(&mut self, piece: &Window, max_windows: usize) -> bool {
         let n = piece.inputs.len();
-        let slot = match out.iter().position(|p| p.len() + n <= seq) {
+        if n > self.seq {
+            return false;
+        }
+        let slot = match self.windows.iter().position(|p| p.len() + n <= self.seq) {
             Some(i) => i,
-            None => {
-                out.push(Packed {
+            None if self.windows.len() < max_windows => {
+                self.windows.push(Packed {
                     window: Window {
-                        inputs: Vec::with_capacity(seq),
-                        targets: Vec::with_capacity(seq),
-                        mask: Vec::with_capacity(seq),
+                        inputs: Vec::with_capacity(self.seq),
+                        targets: Vec::with_capacity(self.seq),
+                        mask: Vec::with_capacity(self.seq),
                     },
-                    segments: Vec::with_capacity(seq),
+                    segments: Vec::with_capacity(self.seq),
                 });
-                out.len() - 1
+                self.windows.len() - 1
             }
+            None => return false,
         };
-        let p = &mut out[slot];
+        let p = &mut self.windows[slot];
         let id = p.segments.last().map_or(0, |&s| s + 1);
         p.segments.extend(std::iter::repeat_n(id, n));
-        p.window.inputs.extend(piece.inputs);
-        p.window.targets.extend(piece.targets);
-        p.window.mask.extend(piece.mask);
+        p.window.inputs.extend_from_slice(&piece.inputs);
+        p.window.targets.extend_from_slice(&piece.targets);
+        p.window.mask.extend_from_slice(&piece.mask);
+        true
     }
-    out
+
+    /// Positions left in `n_windows` windows (the open ones first, then empty ones).
+    pub fn free(&self, n_windows: usize) -> usize {
+        let used: usize = self.windows.iter().map(Packed::len).sum();
+        (n_windows.max(self.windows.len()) * self.seq).saturating_sub(used)
+    }
+
+    /// The windows filled so far, in the order they were opened.
+    pub fn into_windows(self) -> Vec<Packed> {
+        self.windows
+    }
 }
 
 /// [`assemble`] for packed windows: one batch of `seq` positions with its segment ids;

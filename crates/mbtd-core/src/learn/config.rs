@@ -27,6 +27,10 @@ pub struct TrainingConfig {
     pub seed: u64,
     /// Stop training (the daemon keeps running) once this many steps are done; 0 = never.
     pub max_steps: u64,
+    /// Pack the pieces of several rows into each window of `seq_len` (each attending only
+    /// to itself, positions restarting per row) instead of one row per padded window; see
+    /// [`super::mix`]. Off reproduces the unpacked trainer bit for bit.
+    pub packing: bool,
 }
 
 impl Default for TrainingConfig {
@@ -40,6 +44,7 @@ impl Default for TrainingConfig {
             consolidation_patience: 3,
             seed: 42,
             max_steps: 0,
+            packing: true,
         }
     }
 }

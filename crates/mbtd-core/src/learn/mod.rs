@@ -5,6 +5,7 @@ pub mod batch;
 pub mod cl_bench;
 pub mod config;
 pub mod consolidate;
+pub mod data_bench;
 pub mod eval;
 pub mod mix;
 pub mod outage_bench;

@@ -22,7 +22,7 @@ pub enum BenchPreset {
 
 impl BenchPreset {
     /// The preset's model, with room for sequences of `seq` tokens.
-    fn config(self, seq: usize) -> ModelConfig {
+    pub(crate) fn config(self, seq: usize) -> ModelConfig {
         let base = match self {
             Self::Default => ModelConfig::default(),
             Self::Small => ModelConfig {
@@ -41,7 +41,7 @@ impl BenchPreset {
     }
 
     /// The name `--preset` takes.
-    fn name(self) -> String {
+    pub(crate) fn name(self) -> String {
         use clap::ValueEnum;
         self.to_possible_value()
             .expect("every preset has a name")
@@ -68,6 +68,15 @@ pub struct TrainBenchArgs {
     /// Availability probability of every branch (1 = all active).
     #[arg(long, default_value_t = 1.0)]
     pub p_active: f64,
+    /// Train on the rows of this CSV file, batched as the daemon batches new rows, instead
+    /// of random full windows; reports real (text) tokens per second and the share of
+    /// positions that hold text (see `mbtd::learn::data_bench`).
+    #[arg(long)]
+    pub data: Option<std::path::PathBuf>,
+    /// With `--data`: pack rows into windows as the daemon does (`training.packing`);
+    /// `false` = one row per padded window.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub packing: bool,
     /// Rows per batch.
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
@@ -91,6 +100,8 @@ impl Default for TrainBenchArgs {
             warmup: 2,
             threads: 2,
             p_active: 1.0,
+            data: None,
+            packing: true,
             batch: 16,
             seq: 128,
             phases: false,
@@ -174,7 +185,7 @@ pub fn machine_idle_share(ms: u64) -> Option<f64> {
     (t2 > t1).then(|| (i2 - i1) as f64 / (t2 - t1) as f64)
 }
 
-fn pool(threads: usize) -> Result<rayon::ThreadPool, ModelError> {
+pub(crate) fn pool(threads: usize) -> Result<rayon::ThreadPool, ModelError> {
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()

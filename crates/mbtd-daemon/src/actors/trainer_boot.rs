@@ -214,6 +214,7 @@ impl Booting {
             st: LoopState {
                 cursor: 0,
                 partial: None,
+                ahead: Vec::new(),
                 tokens_total: 0,
                 availability: avail.clone().into(),
                 eval_boundary: 0,

@@ -39,10 +39,9 @@ use crate::checkpoint::Manifest;
 use crate::config::Config;
 use crate::govern::GovernorState;
 use crate::govern::diagnostics::{LayerDiagnostics, layer_diagnostics, stats};
-use crate::learn::batch::{Window, assemble};
 use crate::learn::consolidate::Consolidation;
 use crate::learn::eval::{self, EvalReport};
-use crate::learn::mix::{NewWindows, StepMix};
+use crate::learn::mix::{NewWindows, StepMix, replay_round_seed};
 use crate::model::train::StepReport;
 use crate::model::{Batch, Masks, Trainer, availability::Availability};
 use crate::store::format::Record;
@@ -65,9 +64,14 @@ pub(super) const TOKENIZER_RETRY: Duration = Duration::from_secs(1);
 pub struct LoopState {
     /// Every new row with a sequence number up to `cursor` has been trained on.
     pub cursor: u64,
-    /// The next row, when some of its windows were already trained: (seq, windows done).
+    /// Unpacked training: the next row, when some of its pieces were already trained:
+    /// (seq, pieces done).
     #[serde(default)]
     pub partial: Option<(u64, usize)>,
+    /// Packed training: the pieces `(row, piece)` of rows after `cursor` already trained
+    /// (packing trains them out of order; see [`crate::learn::mix`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ahead: Vec<(u64, usize)>,
     pub tokens_total: u64,
     pub availability: crate::model::availability::AvailabilityState,
     /// First sequence number of the "new" era of the control slice.
@@ -174,7 +178,7 @@ pub(super) struct Worker {
     pub a: WorkerArgs,
     pub live: Live,
     pub paused: PauseMarker,
-    /// Windows of new rows not trained yet.
+    /// Pieces of new rows not trained yet.
     pub pending: NewWindows,
     pub last_seq: u64,
     pub training_rows: u64,
@@ -207,7 +211,7 @@ impl Worker {
             Some(tc.max_idle_steps_per_min),
         );
         Self {
-            pending: NewWindows::new(live.st.cursor),
+            pending: NewWindows::new(live.st.cursor, live.st.partial, &live.st.ahead),
             last_ckpt: (live.trainer.step(), Instant::now()),
             live,
             a: boot.a,
@@ -255,7 +259,7 @@ impl Worker {
 
     /// Replaces the live state with a restored checkpoint's (rollback).
     pub(super) fn install(&mut self, live: Live) {
-        self.pending = NewWindows::new(live.st.cursor);
+        self.pending = NewWindows::new(live.st.cursor, live.st.partial, &live.st.ahead);
         self.last_ckpt = (live.trainer.step(), Instant::now());
         self.live = live;
     }
@@ -266,21 +270,24 @@ impl Worker {
         (self.a.cfg.training.idle_steps_per_min > 0).then(|| self.pace.interval())
     }
 
-    /// Tops the queue of new windows up to a batch (the same windows whatever the fetch
-    /// history, so a resumed run trains exactly what a straight run would) and samples the
-    /// replay rows of step seed `seed`.
+    /// Tops the queue of new pieces up to what a step looks at (the same steps whatever the
+    /// fetch history, so a resumed run trains exactly what a straight run would) and samples
+    /// the replay rows of step seed `seed`.
     fn fetch(&mut self, seed: u64) -> Result<Vec<Record>, String> {
         let tc = &self.a.cfg.training;
-        let b = tc.batch_size;
         let mut replay = None;
         loop {
-            let want_new = self.pending.wanted(b);
+            let want_new = self.pending.wanted(tc);
             let rows = ask_blocking(
                 &self.a.replay,
                 TrainRows {
                     cursor: self.pending.fetched_through(),
                     n_new: want_new,
-                    n_replay: if replay.is_none() { b } else { 0 },
+                    n_replay: if replay.is_none() {
+                        NewWindows::replay_rows(tc)
+                    } else {
+                        0
+                    },
                     seed,
                 },
             )?;
@@ -290,8 +297,8 @@ impl Worker {
                 self.training_rows = rows.training_rows;
             }
             self.pending
-                .push_rows(&self.live.tok, &rows.new, self.live.st.partial, tc.seq_len);
-            if self.pending.len() >= b || rows.new.len() < want_new || want_new == 0 {
+                .push_rows(&self.live.tok, &rows.new, tc.seq_len);
+            if self.pending.wanted(tc) == 0 || rows.new.len() < want_new || want_new == 0 {
                 return Ok(replay.unwrap_or_default());
             }
         }
@@ -329,17 +336,22 @@ impl Worker {
         } else {
             self.pace.new_rows();
         }
-        let mix = self
-            .pending
-            .take_step(&self.live.tok, &replay_rows, history, tc, seed);
+        let mix = match self.take(&replay_rows, history, seed) {
+            Ok(m) => m,
+            Err(e) => {
+                self.last_event = format!("replay unavailable: {e}");
+                return Next::At(Instant::now() + PEER_RETRY);
+            }
+        };
         self.live.st.cursor = mix.cursor;
         self.live.st.partial = mix.partial;
-        if mix.new.is_empty() && mix.replay.is_empty() {
+        self.live.st.ahead = mix.ahead.clone();
+        if mix.is_empty() {
             // The sampled replay rows gave no window: try again at the idle rate.
             let wait = self.idle_interval().flatten().unwrap_or(PEER_RETRY);
             return Next::At(Instant::now() + wait);
         }
-        let batch = assemble(&mix.all(), tc.seq_len, self.live.tok.eot_id());
+        let batch = mix.batch(tc.seq_len, self.live.tok.eot_id());
         // The governor's η ramp of an expansion in progress (no-op otherwise).
         self.govern(None);
         let live = &mut self.live;
@@ -371,16 +383,13 @@ impl Worker {
             self.probe = Some(batch.clone());
         }
         // Replay-vs-new loss gap, measured every 10th step that has both.
-        if report.step % 10 == 0 && !mix.new.is_empty() && !mix.replay.is_empty() {
+        if report.step % 10 == 0
+            && let Some((nb, rb)) = mix.part_batches(tc.seq_len, live.tok.eot_id())
+        {
             let all_on = live.trainer.model().all_active();
-            let nb: Vec<&Window> = mix.new.iter().collect();
-            let rb: Vec<&Window> = mix.replay.iter().collect();
-            let eot = live.tok.eot_id();
             if let (Ok(ln), Ok(lr)) = (
-                live.trainer
-                    .eval_loss(&assemble(&nb, tc.seq_len, eot), &all_on),
-                live.trainer
-                    .eval_loss(&assemble(&rb, tc.seq_len, eot), &all_on),
+                live.trainer.eval_loss(&nb, &all_on),
+                live.trainer.eval_loss(&rb, &all_on),
             ) {
                 push_window(&mut self.replay_deltas, (lr - ln) as f64, 100);
             }
@@ -408,6 +417,36 @@ impl Worker {
             let _ = self.checkpoint_with(None, true);
         }
         Next::Now
+    }
+
+    /// The pieces of the next step (see [`crate::learn::mix`]): packed or one per window;
+    /// a packed step may sample further rounds of replay rows.
+    fn take(
+        &mut self,
+        replay_rows: &[Record],
+        history: bool,
+        seed: u64,
+    ) -> Result<StepMix, String> {
+        let tc = &self.a.cfg.training;
+        if !tc.packing {
+            return Ok(self
+                .pending
+                .take_step(&self.live.tok, replay_rows, history, tc, seed));
+        }
+        let (replay, cursor) = (&self.a.replay, self.pending.fetched_through());
+        self.pending
+            .take_packed_step(&self.live.tok, replay_rows, history, tc, seed, |round| {
+                let rows = ask_blocking(
+                    replay,
+                    TrainRows {
+                        cursor,
+                        n_new: 0,
+                        n_replay: NewWindows::replay_rows(tc),
+                        seed: replay_round_seed(seed, round),
+                    },
+                )?;
+                Ok(rows.replay)
+            })
     }
 
     /// Loop-state bookkeeping of a step (branch selection counts, diagnostics and their
@@ -638,7 +677,8 @@ mod tests {
         let av = Availability::new(Default::default(), &[2], 1).unwrap();
         let st = LoopState {
             cursor: 3,
-            partial: Some((4, 1)),
+            partial: None,
+            ahead: vec![(4, 0), (6, 2)],
             tokens_total: 9,
             availability: av.into(),
             eval_boundary: 2,

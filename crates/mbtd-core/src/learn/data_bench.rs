@@ -1,0 +1,190 @@
+//! `mbtd bench train --data FILE.csv`: training throughput on the rows of a real CSV,
+//! batched as the daemon's trainer batches new rows ([`super::mix`]: packed, or one row per
+//! padded window with `--packing false`), beside the synthetic full windows of
+//! [`crate::model::bench::bench_train`].
+//!
+//! The tokenizer is trained as the daemon bootstraps it (the first
+//! `tokenizer.bootstrap_rows` rows, the preset's vocabulary); the batches are made before
+//! the clock starts, so the figures are the training steps'. Reported: `real_tokens_per_sec`
+//! (input tokens that are text, per second of training step), `tokens_per_sec` (positions
+//! computed per second, padding included: the synthetic benchmark's measure) and
+//! `position_utilization` = real tokens / positions.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde_json::{Value, json};
+
+use super::TokenizerSection;
+use super::config::TrainingConfig;
+use super::mix::NewWindows;
+use crate::model::bench::{TrainBenchArgs, cpu_seconds, machine_idle_share, peak_rss_kib};
+use crate::model::{
+    Availability, AvailabilityConfig, Batch, Model, ModelError, OptimConfig, Trainer,
+};
+use crate::store::format::Record;
+use crate::text::csv_rows::{CsvError, CsvRowReader, RowBody};
+use crate::text::tokenizer::{Tokenizer, TokenizerError};
+
+/// Why `bench train --data` could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DataBenchError {
+    #[error("bench train --data {}: cannot open it: {source}; give a readable CSV file", path.display())]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("bench train --data: {0}")]
+    Csv(#[from] CsvError),
+    #[error(
+        "bench train --data {}: no row gives a training window (of {rejected} rows, all rejected or one token long); give a CSV with a `text` column or `prompt`,`response` columns",
+        path.display()
+    )]
+    NoRows { path: PathBuf, rejected: usize },
+    #[error("bench train --data: tokenizer training on the first rows failed: {0}")]
+    Tokenizer(#[from] TokenizerError),
+    #[error("bench train --data: {0}")]
+    Model(#[from] ModelError),
+}
+
+/// The accepted rows of `path` as the store would hold them (sequence numbers from 1), and
+/// the number of rejected rows.
+fn read_rows(path: &Path) -> Result<(Vec<Record>, usize), DataBenchError> {
+    let file = std::fs::File::open(path).map_err(|source| DataBenchError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let name = path.display().to_string();
+    let stem = path
+        .file_stem()
+        .map_or("data".into(), |s| s.to_string_lossy().into_owned());
+    let mut reader = CsvRowReader::new(file, &name, &stem, 1 << 20)?;
+    let (mut rows, mut rejected) = (Vec::new(), 0);
+    while let Some(r) = reader.next_row()? {
+        match r {
+            Ok(row) => rows.push(Record {
+                seq: rows.len() as u64 + 1,
+                ingest_ms: 0,
+                row: row.line,
+                file_hash: [0; 32],
+                source: row.source,
+                body: row.body,
+            }),
+            Err(_) => rejected += 1,
+        }
+    }
+    Ok((rows, rejected))
+}
+
+/// The batches of `n` steps with their real (text) tokens: the daemon's steps over the
+/// rows' new pieces (no replay), the rows queued again whenever all were trained.
+fn batches(tok: &Tokenizer, rows: &[Record], tc: &TrainingConfig, n: usize) -> Vec<(Batch, usize)> {
+    let mut q = NewWindows::new(0, None, &[]);
+    let mut out = Vec::with_capacity(n);
+    for t in 0..n as u64 {
+        if q.is_empty() {
+            q = NewWindows::new(0, None, &[]);
+            q.push_rows(tok, rows, tc.seq_len);
+        }
+        let mix = if tc.packing {
+            q.take_packed_step(tok, &[], false, tc, t, |_| Ok::<_, ()>(Vec::new()))
+                .unwrap_or_else(|()| unreachable!("no replay rounds without history"))
+        } else {
+            q.take_step(tok, &[], false, tc, t)
+        };
+        out.push((mix.batch(tc.seq_len, tok.eot_id()), mix.real_tokens()));
+    }
+    out
+}
+
+/// Training throughput on the rows of `data` (see the module doc).
+pub fn bench_train_data(opts: &TrainBenchArgs, data: &Path) -> Result<Value, DataBenchError> {
+    if opts.steps == 0 || !(0.0..=1.0).contains(&opts.p_active) {
+        return Err(ModelError::Config(format!(
+            "bench: steps = {} must be >= 1 and p_active = {} in [0, 1]",
+            opts.steps, opts.p_active
+        ))
+        .into());
+    }
+    let cfg = opts.preset.config(opts.seq);
+    let (rows, rejected) = read_rows(data)?;
+    let ts = TokenizerSection::default();
+    let texts = rows.iter().take(ts.bootstrap_rows).map(|r| match &r.body {
+        RowBody::Text { text } => text.clone(),
+        RowBody::PromptResponse { prompt, response } => format!("{prompt} {response}"),
+    });
+    let tok = Tokenizer::train(texts, cfg.vocab_size, ts.min_frequency)?;
+    let tc = TrainingConfig {
+        batch_size: opts.batch,
+        seq_len: opts.seq,
+        packing: opts.packing,
+        ..TrainingConfig::default()
+    };
+    let mut probe = NewWindows::new(0, None, &[]);
+    probe.push_rows(&tok, &rows, tc.seq_len);
+    if probe.is_empty() {
+        return Err(DataBenchError::NoRows {
+            path: data.to_path_buf(),
+            rejected: rejected + rows.len(),
+        });
+    }
+    let batches = batches(&tok, &rows, &tc, opts.warmup + opts.steps);
+    crate::model::bench::pool(opts.threads)?.install(|| {
+        let model = Model::new(cfg.clone(), opts.seed)?;
+        let params = model.num_params();
+        let widths = model.widths();
+        let mut trainer = Trainer::new(
+            model,
+            OptimConfig {
+                warmup_steps: 0,
+                ..OptimConfig::default()
+            },
+        )?;
+        let acfg = AvailabilityConfig {
+            p: opts.p_active,
+            ..AvailabilityConfig::default()
+        };
+        let mut avail = Availability::new(acfg, &widths, opts.seed)
+            .map_err(|e| ModelError::Config(e.to_string()))?;
+        let (mut secs, mut real, mut positions, mut cpu0) = (0.0, 0usize, 0usize, 0.0);
+        let mut loss = 0.0;
+        for (s, (batch, n_real)) in batches.iter().enumerate() {
+            if s == opts.warmup {
+                cpu0 = cpu_seconds();
+            }
+            let masks = avail.draw();
+            let scales = avail.scales(trainer.optim().max_scale);
+            let t0 = Instant::now();
+            let r = trainer.train_step(batch, &masks, &scales)?;
+            if s >= opts.warmup {
+                secs += t0.elapsed().as_secs_f64();
+                real += n_real;
+                positions += batch.batch * batch.seq;
+                loss = r.loss;
+            }
+        }
+        Ok(json!({
+            "bench": "train",
+            "data": data.display().to_string(),
+            "rows": rows.len(),
+            "rows_rejected": rejected,
+            "packing": opts.packing,
+            "preset": opts.preset.name(),
+            "threads": opts.threads,
+            "p_active": opts.p_active,
+            "batch": opts.batch,
+            "seq": opts.seq,
+            "steps": opts.steps,
+            "params": params,
+            "real_tokens_per_sec": real as f64 / secs,
+            "tokens_per_sec": positions as f64 / secs,
+            "position_utilization": real as f64 / positions as f64,
+            "real_tokens_per_step": real as f64 / opts.steps as f64,
+            "step_ms_mean": secs * 1e3 / opts.steps as f64,
+            "cpu_ms_per_step": (cpu_seconds() - cpu0) * 1e3 / opts.steps as f64,
+            "machine_idle_share_after": machine_idle_share(500),
+            "final_loss": loss,
+            "peak_rss_kib": peak_rss_kib(),
+        }))
+    })
+}
