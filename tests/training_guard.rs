@@ -5,6 +5,9 @@
 //! before it was split into `learn::mix`, `learn::eval` and `govern::drift`; any change to
 //! what the trainer computes changes it.
 //!
+//! It pins the unpacked trainer (`training.packing = false`, one row per window);
+//! `tests/packing_daemon.rs` checks packed training's exact resume.
+//!
 //! The figure depends on the floating-point kernels the CPU selects (AVX-512 or not); it was
 //! recorded on the project's build machine (AMD Zen 4). `MBTD_TRAINING_GUARD_PRINT=1` prints
 //! the digest instead of comparing it (to re-record after a deliberate change of the maths,
@@ -45,6 +48,7 @@ bootstrap_rows = 100
 batch_size = 4
 seq_len = 16
 replay_share = 0.5
+packing = false
 idle_steps_per_min = 60000
 max_steps = {max_steps}
 [eval]
