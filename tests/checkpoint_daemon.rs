@@ -32,38 +32,7 @@ fn write_data(d: &Daemon) {
     for i in 0..300u32 {
         s.push_str(&format!("\"what is {i} times 3\",\"{}\",m\n", i * 3));
     }
-    let tmp = d.path().join("d.tmp");
-    std::fs::write(&tmp, s).unwrap();
-    std::fs::rename(&tmp, d.path().join("inbox/d.csv")).unwrap();
-}
-
-fn wait_step(d: &Daemon, n: u64) {
-    d.wait_for(Duration::from_secs(120), "step", || {
-        (d.section("trainer")["step"].as_u64() == Some(n)).then_some(())
-    });
-}
-
-fn latest_files(d: &Daemon) -> (Value, Vec<u8>, Vec<u8>) {
-    let root = d.path().join("checkpoints");
-    let id = std::fs::read_to_string(root.join("LATEST")).unwrap();
-    let dir = root.join(id.trim());
-    let m: Value =
-        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
-    (
-        m,
-        std::fs::read(dir.join("model.safetensors")).unwrap(),
-        std::fs::read(dir.join("optimizer.safetensors")).unwrap(),
-    )
-}
-
-fn stop(d: &mut Daemon) {
-    d.signal(libc::SIGTERM);
-    assert_eq!(
-        d.wait_exit(Duration::from_secs(60)).code(),
-        Some(0),
-        "{}",
-        d.log_text()
-    );
+    d.drop_csv("d.csv", &s);
 }
 
 #[test]
@@ -71,20 +40,20 @@ fn resume_is_bitwise_exact() {
     // Straight: 40 steps.
     let mut a = Daemon::start(&config(40, 1_000_000));
     write_data(&a);
-    wait_step(&a, 40);
-    stop(&mut a);
-    let (ma, wa, oa) = latest_files(&a);
+    a.wait_step(40, Duration::from_secs(120));
+    a.stop_ok();
+    let (ma, wa, oa) = a.latest_files();
     assert_eq!(ma["step"], 40);
 
     // 20 steps, stop, start, 20 more.
     let mut b = Daemon::start(&config(20, 1_000_000));
     write_data(&b);
-    wait_step(&b, 20);
-    stop(&mut b);
+    b.wait_step(20, Duration::from_secs(120));
+    b.stop_ok();
     let mut b = b.restart_with(&config(40, 1_000_000));
-    wait_step(&b, 40);
-    stop(&mut b);
-    let (mb, wb, ob) = latest_files(&b);
+    b.wait_step(40, Duration::from_secs(120));
+    b.stop_ok();
+    let (mb, wb, ob) = b.latest_files();
     assert_eq!(mb["step"], 40);
     assert!(wa == wb, "model weights differ after resume");
     assert!(oa == ob, "optimizer state differs after resume");
@@ -94,9 +63,9 @@ fn resume_is_bitwise_exact() {
 fn corrupt_latest_falls_back_to_the_previous_checkpoint_and_is_reported() {
     let mut d = Daemon::start(&config(30, 10));
     write_data(&d);
-    wait_step(&d, 30);
-    stop(&mut d);
-    let (m, _, _) = latest_files(&d);
+    d.wait_step(30, Duration::from_secs(120));
+    d.stop_ok();
+    let (m, _, _) = d.latest_files();
     let root = d.path().join("checkpoints");
     let bad = root
         .join(m["id"].as_str().unwrap())
