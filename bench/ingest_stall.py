@@ -34,35 +34,21 @@ import sys
 import tempfile
 import time
 
-CONFIG = """
-[logging]
-format = "json"
-level = "info"
-[ingest]
-settle_ms = 200
-rescan_ms = 500
-[model]
-vocab_size = 512
-d_model = 64
-n_heads = 2
-n_layers = 2
-branches = 3
-max_seq_len = 32
-[optim]
-lr = 0.003
-warmup_steps = 20
-[tokenizer]
-bootstrap_rows = 500
-[training]
-batch_size = 8
-seq_len = 32
-idle_steps_per_min = 60000
-[eval]
-every_steps = 1000000
-[checkpoints]
-every_steps = 1000000
-every_seconds = 0
-"""
+# The tests' small configuration (`mbtd config small`) with this benchmark's model: d 64,
+# 2 layers x 3 branches, context 32, training at full speed.
+OVERRIDES = [
+    "logging.format=\"json\"", "logging.level=\"info\"", "ingest.settle_ms=200",
+    "ingest.rescan_ms=500", "model.vocab_size=512", "model.d_model=64", "model.branches=3",
+    "optim.lr=0.003", "optim.warmup_steps=20", "tokenizer.bootstrap_rows=500",
+    "checkpoints.every_steps=1000000",
+]
+
+
+def config_text(binary, nice):
+    sets = OVERRIDES + ([f"ingest.nice={nice}"] if nice is not None else [])
+    args = [binary, "config", "small"] + [a for kv in sets for a in ("--set", kv)]
+    return subprocess.run(args, check=True, capture_output=True, text=True).stdout
+
 
 
 def request(sock_path, cmd, args=None, timeout=30.0):
@@ -145,10 +131,7 @@ def main():
     d = tempfile.mkdtemp(prefix="mbtd-ingest-stall-")
     cfg = os.path.join(d, "bench.toml")
     with open(cfg, "w") as f:
-        cfg_text = CONFIG
-        if a.nice is not None:
-            cfg_text = cfg_text.replace("[ingest]\n", f"[ingest]\nnice = {a.nice}\n")
-        f.write(cfg_text)
+        f.write(config_text(a.bin, a.nice))
     log = open(os.path.join(d, "daemon.log"), "w")
     proc = subprocess.Popen([a.bin, "run", "--config", cfg, "--data-dir", d], stdout=log, stderr=log)
     sock = os.path.join(d, "mbtd.sock")

@@ -35,22 +35,23 @@ fn write_data(d: &Daemon) {
     d.drop_csv("d.csv", &s);
 }
 
+/// A daemon that trained `max_steps` steps (checkpoints every `every` steps) and stopped.
+fn trained(max_steps: u64, every: u64) -> Daemon {
+    let mut d = Daemon::start(&config(max_steps, every));
+    write_data(&d);
+    d.wait_step(max_steps, Duration::from_secs(120));
+    d.stop_ok();
+    d
+}
+
 #[test]
 fn resume_is_bitwise_exact() {
     // Straight: 40 steps.
-    let mut a = Daemon::start(&config(40, 1_000_000));
-    write_data(&a);
-    a.wait_step(40, Duration::from_secs(120));
-    a.stop_ok();
-    let (ma, wa, oa) = a.latest_files();
+    let (ma, wa, oa) = trained(40, 1_000_000).latest_files();
     assert_eq!(ma["step"], 40);
 
     // 20 steps, stop, start, 20 more.
-    let mut b = Daemon::start(&config(20, 1_000_000));
-    write_data(&b);
-    b.wait_step(20, Duration::from_secs(120));
-    b.stop_ok();
-    let mut b = b.restart_with(&config(40, 1_000_000));
+    let mut b = trained(20, 1_000_000).restart_with(&config(40, 1_000_000));
     b.wait_step(40, Duration::from_secs(120));
     b.stop_ok();
     let (mb, wb, ob) = b.latest_files();
@@ -61,10 +62,7 @@ fn resume_is_bitwise_exact() {
 
 #[test]
 fn corrupt_latest_falls_back_to_the_previous_checkpoint_and_is_reported() {
-    let mut d = Daemon::start(&config(30, 10));
-    write_data(&d);
-    d.wait_step(30, Duration::from_secs(120));
-    d.stop_ok();
+    let d = trained(30, 10);
     let (m, _, _) = d.latest_files();
     let root = d.path().join("checkpoints");
     let bad = root

@@ -505,6 +505,11 @@ mod tests {
     use crate::checkpoint::testutil::{dir_names, manifest, payload, write};
     use crate::checkpoint::{inspect, list};
 
+    /// The id of the checkpoint `open_latest` resumes from.
+    fn latest_id(root: &Path) -> String {
+        open_latest(root).unwrap().checkpoint.unwrap().manifest.id
+    }
+
     #[test]
     fn a_missing_latest_is_repaired_to_the_checkpoint_resumed_from() {
         let dir = tempfile::tempdir().unwrap();
@@ -675,15 +680,7 @@ mod tests {
         );
         // No LATEST at all: newest valid.
         fs::remove_file(root.path().join(LATEST_FILE)).unwrap();
-        assert_eq!(
-            open_latest(root.path())
-                .unwrap()
-                .checkpoint
-                .unwrap()
-                .manifest
-                .id,
-            b.id
-        );
+        assert_eq!(latest_id(root.path()), b.id);
         // set_latest moves the pointer (rollback).
         set_latest(root.path(), &a.id).unwrap();
         let r = open_latest(root.path()).unwrap();
@@ -753,15 +750,7 @@ mod tests {
                     assert_eq!(r.checkpoint.unwrap().manifest.id, first.id);
                 }
                 Ok(info) => {
-                    assert_eq!(
-                        open_latest(root.path())
-                            .unwrap()
-                            .checkpoint
-                            .unwrap()
-                            .manifest
-                            .id,
-                        info.id
-                    );
+                    assert_eq!(latest_id(root.path()), info.id);
                     break;
                 }
                 Err(e) => panic!("unexpected error {e}"),
