@@ -74,13 +74,7 @@ fn corrupt_latest_falls_back_to_the_previous_checkpoint_and_is_reported() {
     std::fs::write(&bad, bytes).unwrap();
 
     let d = d.restart_with(&config(30, 10));
-    let t = d.wait_for(Duration::from_secs(30), "resume", || {
-        let t = d.section("trainer");
-        t["last_event"]
-            .as_str()?
-            .starts_with("resumed")
-            .then_some(t)
-    });
+    let t = d.wait_resumed(Duration::from_secs(30));
     // The shutdown at step 30 wrote nothing (identical to the periodic checkpoint at 30,
     // which was LATEST), so the one before the corrupted LATEST is step 20's.
     assert!(
@@ -113,13 +107,7 @@ fn kill_9_during_checkpoint_writes_leaves_a_valid_checkpoint_and_no_tmp() {
         // `.tmp-` dir would be a leftover of the killed write.
         d = d.restart_with(&config(1, 1_000_000));
         let root = d.path().join("checkpoints");
-        let t = d.wait_for(Duration::from_secs(30), "resume", || {
-            let t = d.section("trainer");
-            t["last_event"]
-                .as_str()?
-                .starts_with("resumed")
-                .then_some(t)
-        });
+        let t = d.wait_resumed(Duration::from_secs(30));
         assert!(t["step"].as_u64().unwrap() > 0);
         let tmp = tmp_entries(&root);
         assert!(tmp.is_empty(), "leftover tmp dirs: {tmp:?}");

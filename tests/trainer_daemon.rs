@@ -100,13 +100,7 @@ fn an_acknowledged_expansion_survives_kill_9() {
         ("governor.ramp_steps", "1000"),
         ("governor.probation_steps", "1000"),
     ]));
-    let t = d.wait_for(Duration::from_secs(60), "resume", || {
-        let t = d.section("trainer");
-        t["last_event"]
-            .as_str()?
-            .starts_with("resumed")
-            .then_some(t)
-    });
+    let t = d.wait_resumed(Duration::from_secs(60));
     assert_eq!(t["widths"], json!([3, 5]), "expansion lost by kill -9: {t}");
     assert_eq!(t["governor_expansion"]["layer"], 1, "{t}");
     assert_eq!(

@@ -246,6 +246,17 @@ impl Daemon {
         });
     }
 
+    /// Waits until the trainer says it resumed from a checkpoint; its status section.
+    pub fn wait_resumed(&self, within: Duration) -> serde_json::Value {
+        self.wait_for(within, "resume", || {
+            let t = self.section("trainer");
+            t["last_event"]
+                .as_str()?
+                .starts_with("resumed")
+                .then_some(t)
+        })
+    }
+
     /// Writes `body` beside the inbox and renames it in (a complete file arrives at once).
     pub fn drop_csv(&self, name: &str, body: &str) {
         let tmp = self.path().join(format!(".{name}.part"));
