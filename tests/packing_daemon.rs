@@ -8,7 +8,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(120);
 
 fn config(max_steps: u64) -> String {
     small(&[
@@ -44,56 +45,24 @@ fn write_data(d: &Daemon) {
         };
         s.push_str(&format!("\"what is {i} times 3\",\"{response}\",m\n"));
     }
-    let tmp = d.path().join("d.tmp");
-    std::fs::write(&tmp, s).unwrap();
-    std::fs::rename(&tmp, d.path().join("inbox/d.csv")).unwrap();
-}
-
-fn wait_step(d: &Daemon, n: u64) {
-    d.wait_for(Duration::from_secs(120), "step", || {
-        (d.section("trainer")["step"].as_u64() == Some(n)).then_some(())
-    });
-}
-
-fn stop(d: &mut Daemon) {
-    d.signal(libc::SIGTERM);
-    assert_eq!(
-        d.wait_exit(Duration::from_secs(60)).code(),
-        Some(0),
-        "{}",
-        d.log_text()
-    );
-}
-
-/// The manifest LATEST names, with its model and optimizer files.
-fn latest(d: &Daemon) -> (Value, Vec<u8>, Vec<u8>) {
-    let root = d.path().join("checkpoints");
-    let id = std::fs::read_to_string(root.join("LATEST")).unwrap();
-    let dir = root.join(id.trim());
-    let m: Value =
-        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
-    (
-        m,
-        std::fs::read(dir.join("model.safetensors")).unwrap(),
-        std::fs::read(dir.join("optimizer.safetensors")).unwrap(),
-    )
+    d.drop_csv("d.csv", &s);
 }
 
 #[test]
 fn packed_training_killed_and_resumed_ends_bitwise_like_a_straight_run() {
     let mut a = Daemon::start(&config(30));
     write_data(&a);
-    wait_step(&a, 30);
-    stop(&mut a);
-    let (ma, wa, oa) = latest(&a);
+    a.wait_step(30, WAIT);
+    a.stop_ok();
+    let (ma, wa, oa) = a.latest_files();
     assert_eq!(ma["step"], 30);
 
     // Training stops at step 13; the periodic checkpoint of step 10 is the last one.
     let mut b = Daemon::start(&config(13));
     write_data(&b);
-    wait_step(&b, 13);
+    b.wait_step(13, WAIT);
     let m10 = b.wait_for(Duration::from_secs(60), "checkpoint of step 10", || {
-        let (m, _, _) = latest(&b);
+        let (m, _, _) = b.latest_files();
         (m["step"] == 10).then_some(m)
     });
     let ahead = &m10["state"]["ahead"];
@@ -104,9 +73,9 @@ fn packed_training_killed_and_resumed_ends_bitwise_like_a_straight_run() {
     );
     b.kill9();
     let mut b = b.restart_with(&config(30));
-    wait_step(&b, 30);
-    stop(&mut b);
-    let (mb, wb, ob) = latest(&b);
+    b.wait_step(30, WAIT);
+    b.stop_ok();
+    let (mb, wb, ob) = b.latest_files();
     assert_eq!(mb["step"], 30);
     assert!(wa == wb, "model weights differ after kill -9 and resume");
     assert!(oa == ob, "optimizer state differs after kill -9 and resume");
@@ -126,11 +95,11 @@ fn packed_training_killed_and_resumed_ends_bitwise_like_a_straight_run() {
 fn short_rows_fill_the_positions_and_tokens_count_text_only() {
     let mut d = Daemon::start(&config(12));
     write_data(&d);
-    wait_step(&d, 12);
+    d.wait_step(12, WAIT);
     let util = d.metric("train_position_utilization");
     assert!(util >= 0.95, "train_position_utilization = {util}");
-    stop(&mut d);
-    let (m, _, _) = latest(&d);
+    d.stop_ok();
+    let (m, _, _) = d.latest_files();
     // 12 steps of 4 windows of 16 positions: the tokens counted are loss targets (text
     // only, prompts excluded), far more than a row per window would give and never more
     // than the positions.
