@@ -188,3 +188,58 @@ pub fn bench_train_data(opts: &TrainBenchArgs, data: &Path) -> Result<Value, Dat
         }))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::bench::BenchPreset;
+
+    fn args(packing: bool) -> TrainBenchArgs {
+        TrainBenchArgs {
+            preset: BenchPreset::Small,
+            steps: 2,
+            warmup: 0,
+            threads: 1,
+            batch: 4,
+            seq: 64,
+            packing,
+            ..TrainBenchArgs::default()
+        }
+    }
+
+    #[test]
+    fn short_rows_fill_packed_windows_and_not_unpacked_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = dir.path().join("short.csv");
+        let mut s = String::from("text\n");
+        for i in 0..300 {
+            s.push_str(&format!("quote {i}: a short line of text\n"));
+        }
+        std::fs::write(&csv, s).unwrap();
+        let packed = bench_train_data(&args(true), &csv).unwrap();
+        let unpacked = bench_train_data(&args(false), &csv).unwrap();
+        let util = |v: &Value| v["position_utilization"].as_f64().unwrap();
+        assert_eq!(packed["rows"], 300);
+        assert!(util(&packed) >= 0.95, "{packed}");
+        assert!(util(&unpacked) < 0.5, "{unpacked}");
+        let real = |v: &Value| v["real_tokens_per_step"].as_f64().unwrap();
+        assert!(real(&packed) > 2.0 * real(&unpacked), "{packed} {unpacked}");
+    }
+
+    #[test]
+    fn a_csv_without_text_columns_is_refused_with_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = dir.path().join("bad.csv");
+        std::fs::write(&csv, "a,b\n1,2\n").unwrap();
+        let e = bench_train_data(&args(true), &csv).unwrap_err().to_string();
+        assert!(e.contains("text") && e.contains("bad.csv"), "{e}");
+        let missing = dir.path().join("missing.csv");
+        let e = bench_train_data(&args(true), &missing)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("missing.csv") && e.contains("cannot open"),
+            "{e}"
+        );
+    }
+}

@@ -716,7 +716,10 @@ mod tests {
         let st: LoopState = serde_json::from_value(old).unwrap();
         assert!(st.governor.in_progress.is_none());
         assert!(st.train_loss_ema.is_none() && st.eff_paths_ema.is_empty());
-        assert!(st.partial.is_none() && st.ahead.is_empty(), "no packing progress");
+        assert!(
+            st.partial.is_none() && st.ahead.is_empty(),
+            "no packing progress"
+        );
         // And the new state round-trips through the manifest's JSON, NaN EMA inputs included.
         let mut st2 = st.clone();
         st2.eff_paths_ema = vec![Some(1.5), None];
