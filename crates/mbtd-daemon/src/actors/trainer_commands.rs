@@ -321,6 +321,10 @@ impl Worker {
         for id in generated {
             #[cfg(feature = "fault-injection")]
             super::injected_token_delay();
+            if chunks.is_closed() {
+                // The client went away: stop computing, whether or not a piece is due.
+                break;
+            }
             out.push(id);
             let text = live.tok.decode(&out).unwrap_or_default();
             if text.len() > sent.len() && text.starts_with(&sent) && !text.ends_with('\u{fffd}') {
