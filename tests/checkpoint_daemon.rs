@@ -9,7 +9,13 @@ use common::*;
 use serde_json::Value;
 
 fn config(max_steps: u64, every_steps: u64) -> String {
-    small(&[
+    config_with(max_steps, every_steps, &[])
+}
+
+fn config_with(max_steps: u64, every_steps: u64, extra: &[(&str, &str)]) -> String {
+    let steps = max_steps.to_string();
+    let every = every_steps.to_string();
+    let mut o = vec![
         ("model.vocab_size", "300"),
         ("model.branches", "3"),
         ("model.max_seq_len", "16"),
@@ -18,13 +24,15 @@ fn config(max_steps: u64, every_steps: u64) -> String {
         ("availability.p", "0.75"),
         ("training.batch_size", "4"),
         ("training.seq_len", "16"),
-        ("training.max_steps", &max_steps.to_string()),
+        ("training.max_steps", &steps),
         ("eval.every_steps", "7"),
         ("replay.control_fraction", "0.1"),
-        ("checkpoints.every_steps", &every_steps.to_string()),
+        ("checkpoints.every_steps", &every),
         ("checkpoints.keep_last", "3"),
         ("checkpoints.keep_daily", "0"),
-    ])
+    ];
+    o.extend_from_slice(extra);
+    small(&o)
 }
 
 fn write_data(d: &Daemon) {
@@ -68,20 +76,32 @@ fn stop(d: &mut Daemon) {
 
 #[test]
 fn resume_is_bitwise_exact() {
+    resume_is_bitwise_exact_with(&[]);
+}
+
+/// Rotary positions and dropout: the masks of a resumed run are those of the straight run.
+#[test]
+fn resume_is_bitwise_exact_with_rope_and_dropout() {
+    resume_is_bitwise_exact_with(&[("model.positions", "\"rope\""), ("model.dropout", "0.1")]);
+}
+
+fn resume_is_bitwise_exact_with(extra: &[(&str, &str)]) {
     // Straight: 40 steps.
-    let mut a = Daemon::start(&config(40, 1_000_000));
+    let mut a = Daemon::start(&config_with(40, 1_000_000, extra));
     write_data(&a);
     wait_step(&a, 40);
     stop(&mut a);
     let (ma, wa, oa) = latest_files(&a);
     assert_eq!(ma["step"], 40);
+    let want = if extra.is_empty() { "learned" } else { "rope" };
+    assert_eq!(ma["config"]["model"]["positions"], want, "{ma}");
 
     // 20 steps, stop, start, 20 more.
-    let mut b = Daemon::start(&config(20, 1_000_000));
+    let mut b = Daemon::start(&config_with(20, 1_000_000, extra));
     write_data(&b);
     wait_step(&b, 20);
     stop(&mut b);
-    let mut b = b.restart_with(&config(40, 1_000_000));
+    let mut b = b.restart_with(&config_with(40, 1_000_000, extra));
     wait_step(&b, 40);
     stop(&mut b);
     let (mb, wb, ob) = latest_files(&b);
