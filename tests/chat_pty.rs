@@ -17,6 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
+#[cfg(feature = "fault-injection")]
+use model::daemon_with_slow_generation;
 use model::{daemon_with_model, long_generation};
 use serde_json::{Value, json};
 
@@ -165,17 +167,19 @@ fn chat_stops_saves_for_the_inbox_and_scripts() {
     let expected = &full[..full.find(&stop).unwrap()];
 
     // Script mode: one message per line, only replies on stdout.
+    let stop_arg = format!("--stop={stop}");
+    let chat_args = [
+        "--socket",
+        &sock,
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "40",
+        &stop_arg,
+    ];
     let mut script = Command::new(BIN)
-        .args([
-            "chat",
-            "--socket",
-            &sock,
-            "--temperature",
-            "0",
-            "--max-tokens",
-            "40",
-        ])
-        .arg(format!("--stop={stop}"))
+        .arg("chat")
+        .args(chat_args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -190,16 +194,7 @@ fn chat_stops_saves_for_the_inbox_and_scripts() {
     );
 
     // A stop sequence on the terminal, then /save, the file into the inbox, ingested.
-    let stop_arg = format!("--stop={stop}");
-    let mut a = Pty::spawn(&[
-        "--socket",
-        &sock,
-        "--temperature",
-        "0",
-        "--max-tokens",
-        "40",
-        &stop_arg,
-    ]);
+    let mut a = Pty::spawn(&chat_args);
     a.wait_for("the prompt", Duration::from_secs(30), |t| {
         t.contains("> ").then_some(())
     });
@@ -238,10 +233,11 @@ fn chat_stops_saves_for_the_inbox_and_scripts() {
     assert_eq!(sc.rows_rejected, 0, "{sc:?}");
 }
 
+#[cfg(feature = "fault-injection")]
 #[test]
-#[ignore = "the reply must still be streaming when Ctrl-C is sent; with this model the whole reply is generated before the client reacts, so the test cannot judge the cancel (needs a slower generation)"]
+#[ignore = "open fault: with generation slowed to 10 ms a token the reply is seen streaming and Ctrl-C stops it in the client, but the daemon's generate_cancelled is not logged within 30 s; a client that closes its connection is seen (admin_protocol::a_client_that_goes_away_stops_the_generation), one that calls shutdown(Both) first is not"]
 fn chat_ctrl_c_stops_the_reply_and_the_daemon_and_keeps_the_session() {
-    let d = daemon_with_model();
+    let d = daemon_with_slow_generation(10);
     let sock = d.socket().display().to_string();
     // Streaming and Ctrl-C: a long reply is seen growing, Ctrl-C stops it (and the
     // daemon's generation), the session goes on.

@@ -21,6 +21,8 @@ pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub child: Option<Child>,
     pub log: PathBuf,
+    /// Environment of every start (fault-injection switches).
+    pub env: Vec<(String, String)>,
 }
 
 /// The one small test configuration (a d 32, 2 × 2-branch model; see
@@ -36,11 +38,20 @@ pub const BASE_CONFIG: &str = "[logging]\nformat = \"json\"\nlevel = \"info\"\n"
 impl Daemon {
     /// Starts `mbtd run` with `config` written to `<dir>/test.toml`, waits for the socket.
     pub fn start(config: &str) -> Daemon {
+        Daemon::start_with_env(config, &[])
+    }
+
+    /// [`Daemon::start`] with extra environment variables, kept for restarts.
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = Daemon {
             dir,
             child: None,
             log: PathBuf::new(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         d.restart_with(config)
     }
@@ -56,6 +67,7 @@ impl Daemon {
             .arg(&cfg)
             .arg("--data-dir")
             .arg(self.dir.path())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .spawn()
@@ -239,6 +251,51 @@ impl Daemon {
         })
     }
 
+    /// Waits until the trainer's step is exactly `n` (a run with `training.max_steps = n`).
+    pub fn wait_step(&self, n: u64, within: Duration) {
+        self.wait_for(within, &format!("step {n}"), || {
+            (self.step() == n).then_some(())
+        });
+    }
+
+    /// Waits until the trainer says it resumed from a checkpoint; its status section.
+    pub fn wait_resumed(&self, within: Duration) -> serde_json::Value {
+        self.wait_for(within, "resume", || {
+            let t = self.section("trainer");
+            t["last_event"]
+                .as_str()?
+                .starts_with("resumed")
+                .then_some(t)
+        })
+    }
+
+    /// Writes `body` beside the inbox and renames it in (a complete file arrives at once).
+    pub fn drop_csv(&self, name: &str, body: &str) {
+        let tmp = self.path().join(format!(".{name}.part"));
+        std::fs::write(&tmp, body).unwrap();
+        std::fs::rename(&tmp, self.path().join("inbox").join(name)).unwrap();
+    }
+
+    /// SIGTERM, and the daemon must exit 0 within a minute (the log is shown otherwise).
+    pub fn stop_ok(&mut self) {
+        self.signal(libc::SIGTERM);
+        let st = self.wait_exit(Duration::from_secs(60));
+        assert!(st.success(), "exit {st:?}; log:\n{}", self.log_text());
+    }
+
+    /// The LATEST checkpoint's manifest, model and optimizer files.
+    pub fn latest_files(&self) -> (serde_json::Value, Vec<u8>, Vec<u8>) {
+        let root = self.path().join("checkpoints");
+        let id = std::fs::read_to_string(root.join("LATEST")).unwrap();
+        let dir = root.join(id.trim());
+        let m = serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+        (
+            m,
+            std::fs::read(dir.join("model.safetensors")).unwrap(),
+            std::fs::read(dir.join("optimizer.safetensors")).unwrap(),
+        )
+    }
+
     /// A metric's value as f64.
     pub fn metric(&self, name: &str) -> f64 {
         let m = self.data("metrics", serde_json::Value::Null);
@@ -249,6 +306,21 @@ impl Daemon {
 }
 
 /// Names of leftover `.tmp-*` entries under a checkpoint root.
+/// CSV rows `"a plus b is a+b",source` with `a, b < modulus` drawn from an LCG seeded by
+/// `seed`; `source(i)` names row `i`'s source.
+pub fn sums_csv(seed: u64, rows: usize, modulus: u64, source: impl Fn(usize) -> String) -> String {
+    let mut s = String::from("text,source\n");
+    let mut x = seed;
+    for i in 0..rows {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let (a, b) = ((x >> 33) % modulus, (x >> 45) % modulus);
+        s.push_str(&format!("\"{a} plus {b} is {}\",{}\n", a + b, source(i)));
+    }
+    s
+}
+
 pub fn tmp_entries(root: &Path) -> Vec<std::ffi::OsString> {
     std::fs::read_dir(root)
         .unwrap()

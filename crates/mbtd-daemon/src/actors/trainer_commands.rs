@@ -323,6 +323,8 @@ impl Worker {
         let mut out: Vec<u32> = Vec::new();
         let mut sent = String::new();
         for id in generated {
+            #[cfg(feature = "fault-injection")]
+            super::injected_token_delay();
             out.push(id);
             let text = live.tok.decode(&out).unwrap_or_default();
             if text.len() > sent.len() && text.starts_with(&sent) && !text.ends_with('\u{fffd}') {
