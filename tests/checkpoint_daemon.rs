@@ -76,8 +76,7 @@ fn resume_is_bitwise_exact_with(extra: &[(&str, &str)]) {
     assert_eq!(ma["config"]["model"]["positions"], want, "{ma}");
 
     // 20 steps, stop, start, 20 more.
-    let mut b =
-        trained_with(20, 1_000_000, extra).restart_with(&config_with(40, 1_000_000, extra));
+    let mut b = trained_with(20, 1_000_000, extra).restart_with(&config_with(40, 1_000_000, extra));
     b.wait_step(40, Duration::from_secs(120));
     b.stop_ok();
     let (mb, wb, ob) = b.latest_files();
