@@ -235,7 +235,6 @@ fn chat_stops_saves_for_the_inbox_and_scripts() {
 
 #[cfg(feature = "fault-injection")]
 #[test]
-#[ignore = "open fault: with generation slowed to 10 ms a token the reply is seen streaming and Ctrl-C stops it in the client, but the daemon's generate_cancelled is not logged within 30 s; a client that closes its connection is seen (admin_protocol::a_client_that_goes_away_stops_the_generation), one that calls shutdown(Both) first is not"]
 fn chat_ctrl_c_stops_the_reply_and_the_daemon_and_keeps_the_session() {
     let d = daemon_with_slow_generation(10);
     let sock = d.socket().display().to_string();

@@ -7,10 +7,12 @@
 //!
 //! One file per op family, each stating its maths and shapes:
 //! [`gemm`] (matrix products), [`linear`], [`norm`] (LayerNorm), [`activation`] (GELU),
-//! [`loss`] (softmax cross-entropy), [`embedding`], [`reduce`] (weighted sums, column
-//! sums), [`simd`] (vector dispatch and lane-wise reductions) and [`profile`].
+//! [`loss`] (softmax cross-entropy), [`embedding`], [`rope`] (rotary positions),
+//! [`dropout`], [`reduce`] (weighted sums, column sums), [`simd`] (vector dispatch and
+//! lane-wise reductions) and [`profile`].
 
 pub mod activation;
+pub mod dropout;
 pub mod embedding;
 pub mod gemm;
 pub mod linear;
@@ -18,6 +20,7 @@ pub mod loss;
 pub mod norm;
 pub mod profile;
 pub mod reduce;
+pub mod rope;
 pub mod simd;
 
 pub use activation::gelu_fwd;
