@@ -18,7 +18,7 @@
 
 use super::attention::{AttnShape, attn_bwd, attn_fwd};
 use super::ops::{
-    ColSums, bias_gelu_fwd, gelu_bwd_colsum, layernorm_bwd, layernorm_fwd, linear_bwd, linear_fwd,
+    ColSums, Precision, bias_gelu_fwd, gelu_bwd_colsum, layernorm_bwd, layernorm_fwd, linear_bwd, linear_fwd,
     linear_nobias_fwd, residual_linear_fwd, scale_colsum, serial_gemm,
 };
 use super::params::BranchParams;
@@ -110,7 +110,14 @@ fn sizes(s: AttnShape) -> (usize, usize, usize) {
 /// # Shapes
 /// `h`, `bw.z`: `[n, d]` with `n = B·T`; `bw.qkv`: `[n, 3d]`; `bw.g`: `[n, 4d]`;
 /// `bw.probs`: `[B, H, T, T]`.
-pub(crate) fn branch_fwd(bp: &BranchParams, bw: &mut BranchWs, h: &[f32], s: AttnShape) {
+/// The four linear products run in `prec`.
+pub(crate) fn branch_fwd(
+    bp: &BranchParams,
+    bw: &mut BranchWs,
+    h: &[f32],
+    s: AttnShape,
+    prec: Precision,
+) {
     let (n, d, probs) = sizes(s);
     bw.fit(n, d, probs);
     layernorm_fwd(
@@ -121,9 +128,9 @@ pub(crate) fn branch_fwd(bp: &BranchParams, bw: &mut BranchWs, h: &[f32], s: Att
         &bp.ln1_gain,
         &bp.ln1_bias,
     );
-    linear_fwd(&mut bw.qkv, &bw.a1, &bp.qkv_w, &bp.qkv_b, n, d);
+    linear_fwd(prec, &mut bw.qkv, &bw.a1, &bp.qkv_w, &bp.qkv_b, n, d);
     attn_fwd(&mut bw.att, &mut bw.probs, &bw.qkv, s);
-    residual_linear_fwd(&mut bw.u, h, &bw.att, &bp.out_w, &bp.out_b, n, d);
+    residual_linear_fwd(prec, &mut bw.u, h, &bw.att, &bp.out_w, &bp.out_b, n, d);
     layernorm_fwd(
         &mut bw.a2,
         &mut bw.mean2,
@@ -132,14 +139,14 @@ pub(crate) fn branch_fwd(bp: &BranchParams, bw: &mut BranchWs, h: &[f32], s: Att
         &bp.ln2_gain,
         &bp.ln2_bias,
     );
-    linear_nobias_fwd(&mut bw.dgelu, &bw.a2, &bp.fc_w, n, d, 4 * d);
+    linear_nobias_fwd(prec, &mut bw.dgelu, &bw.a2, &bp.fc_w, n, d, 4 * d);
     bias_gelu_fwd(&mut bw.g, &mut bw.dgelu, &bp.fc_b);
-    residual_linear_fwd(&mut bw.z, &bw.u, &bw.g, &bp.proj_w, &bp.proj_b, n, 4 * d);
+    residual_linear_fwd(prec, &mut bw.z, &bw.u, &bw.g, &bp.proj_w, &bp.proj_b, n, 4 * d);
 }
 
 /// Backward of one branch after [`branch_fwd`]: `dh_out` (`∂L/∂h'`, scaled by `alpha`)
 /// → `bw.dh` (this branch's part of `∂L/∂h`) and the branch's gradients `gb`
-/// (overwritten). `h` is the block's input.
+/// (overwritten). `h` is the block's input; the linear products run in `prec`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn branch_bwd(
     bp: &BranchParams,
@@ -150,6 +157,7 @@ pub(crate) fn branch_bwd(
     alpha: f32,
     h: &[f32],
     s: AttnShape,
+    prec: Precision,
 ) {
     let (n, d, probs) = sizes(s);
     sc.fit(n, d, probs);
@@ -157,11 +165,11 @@ pub(crate) fn branch_bwd(
     scale_colsum(&mut sc.dz, alpha, dh_out, &mut gb.proj_b, &mut sc.sums);
     // z = u + g·W2 + b2
     let dbig = Some((&mut sc.dbig[..], false));
-    linear_bwd(dbig, &mut gb.proj_w, &bw.g, &bp.proj_w, &sc.dz, n, 4 * d, d);
+    linear_bwd(prec, dbig, &mut gb.proj_w, &bw.g, &bp.proj_w, &sc.dz, n, 4 * d, d);
     gelu_bwd_colsum(&mut sc.dbig, &bw.dgelu, &mut gb.fc_b, &mut sc.sums);
     // f = a2·W1 + b1
     let da = Some((&mut sc.da[..], false));
-    linear_bwd(da, &mut gb.fc_w, &bw.a2, &bp.fc_w, &sc.dbig, n, d, 4 * d);
+    linear_bwd(prec, da, &mut gb.fc_w, &bw.a2, &bp.fc_w, &sc.dbig, n, d, 4 * d);
     // u → a2 = LN2(u), plus the residual path dz; `bw.dh` holds ∂L/∂u from here on.
     bw.dh.copy_from_slice(&sc.dz);
     layernorm_bwd(
@@ -179,7 +187,7 @@ pub(crate) fn branch_bwd(
     // u = h + att·Wo + bo
     sc.sums.of(&mut gb.out_b, &bw.dh);
     let datt = Some((&mut sc.datt[..], false));
-    linear_bwd(datt, &mut gb.out_w, &bw.att, &bp.out_w, &bw.dh, n, d, d);
+    linear_bwd(prec, datt, &mut gb.out_w, &bw.att, &bp.out_w, &bw.dh, n, d, d);
     attn_bwd(
         &mut sc.dqkv,
         &mut sc.dprobs,
@@ -190,7 +198,7 @@ pub(crate) fn branch_bwd(
     );
     sc.sums.of(&mut gb.qkv_b, &sc.dqkv);
     let da = Some((&mut sc.da[..], false));
-    linear_bwd(da, &mut gb.qkv_w, &bw.a1, &bp.qkv_w, &sc.dqkv, n, d, 3 * d);
+    linear_bwd(prec, da, &mut gb.qkv_w, &bw.a1, &bp.qkv_w, &sc.dqkv, n, d, 3 * d);
     // h → a1 = LN1(h), plus the residual path ∂L/∂u.
     layernorm_bwd(
         &mut bw.dh,

@@ -40,6 +40,7 @@ pub mod train;
 pub use availability::{Availability, AvailabilityConfig, AvailabilityError, BranchP};
 pub use generate::{GenerateConfig, Generation};
 pub use net::{Model, Workspace};
+pub use ops::Precision;
 pub use params::{BranchParams, LayerParams, Params};
 pub use train::{ExpandReport, StepReport, Trainer};
 
@@ -115,6 +116,9 @@ pub struct ModelConfig {
     /// Standard deviation of the normal initialisation (residual projections get
     /// `init_std / sqrt(2·L)`).
     pub init_std: f32,
+    /// Arithmetic of the linear layers' products: `f32`, or `bf16` operands with fp32
+    /// accumulation (weights, optimizer state, norms, softmax and loss stay fp32).
+    pub precision: ops::Precision,
 }
 
 impl Default for ModelConfig {
@@ -128,6 +132,7 @@ impl Default for ModelConfig {
             max_seq_len: 128,
             agg_floor: 0.2,
             init_std: 0.02,
+            precision: ops::Precision::F32,
         }
     }
 }

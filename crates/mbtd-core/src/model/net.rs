@@ -259,7 +259,7 @@ impl Model {
                 .zip(&lw.computed)
                 .filter_map(|(pair, &on)| on.then_some(pair));
             run_pairwise(todo, count, &mut [(), ()], |(bp, bw), _| {
-                branch_fwd(bp, bw, h, shape)
+                branch_fwd(bp, bw, h, shape, cfg.precision)
             });
             let (branches, computed, alpha_t) = (&lw.branches, &lw.computed, &lw.alpha_t);
             weighted_sum(out, || {
@@ -279,7 +279,16 @@ impl Model {
             &p.lnf_bias,
         );
         let _prof = profile::scope(profile::LINEAR);
-        super::ops::mm(&mut ws.logits, &ws.af, &p.head_w, n, d, v, false);
+        super::ops::mm_prec(
+            self.config.precision,
+            &mut ws.logits,
+            &ws.af,
+            &p.head_w,
+            n,
+            d,
+            v,
+            false,
+        );
         Ok(())
     }
 
@@ -306,9 +315,11 @@ impl Model {
         {
             let _prof = profile::scope(profile::LINEAR);
             let (af, dlogits, da) = (&ws.af, &ws.logits, &mut ws.da);
+            let hw = &p.head_w;
+            let pr = cfg.precision;
             rayon::join(
-                || serial_gemm(|| mm_tn(&mut grads.head_w, af, dlogits, n, d, v, false)),
-                || serial_gemm(|| mm_nt(da, dlogits, &p.head_w, n, v, d, false)),
+                || serial_gemm(|| mm_tn(pr, &mut grads.head_w, af, dlogits, n, d, v, false)),
+                || serial_gemm(|| mm_nt(pr, da, dlogits, hw, n, v, d, false)),
             );
         }
         layernorm_bwd(
@@ -368,7 +379,7 @@ impl Model {
             |(alpha, bp, bw, gb, g), sc| {
                 // the aggregation logits' input: g_i = ⟨∂L/∂h', z_i⟩
                 *g = dot_f64(dh, &bw.z) as f32;
-                branch_bwd(bp, bw, gb, sc, dh, alpha, h, s)
+                branch_bwd(bp, bw, gb, sc, dh, alpha, h, s, self.config.precision)
             },
         );
         agg::logits_grad(
@@ -446,6 +457,7 @@ pub(crate) mod tests {
             max_seq_len: 6,
             agg_floor: 0.2,
             init_std: 0.3,
+            precision: super::super::Precision::F32,
         }
     }
 

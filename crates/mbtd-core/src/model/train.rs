@@ -714,6 +714,7 @@ mod tests {
             max_seq_len: 32,
             agg_floor: 0.2,
             init_std: 0.02,
+            precision: crate::model::Precision::F32,
         };
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
