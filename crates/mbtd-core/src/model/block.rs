@@ -18,8 +18,8 @@
 
 use super::attention::{AttnShape, attn_bwd, attn_fwd};
 use super::ops::{
-    ColSums, Precision, bias_gelu_fwd, gelu_bwd_colsum, layernorm_bwd, layernorm_fwd, linear_bwd, linear_fwd,
-    linear_nobias_fwd, residual_linear_fwd, scale_colsum, serial_gemm,
+    ColSums, Precision, bias_gelu_fwd, gelu_bwd_colsum, layernorm_bwd, layernorm_fwd, linear_bwd,
+    linear_fwd, linear_nobias_fwd, residual_linear_fwd, scale_colsum, serial_gemm,
 };
 use super::params::BranchParams;
 use std::sync::Mutex;
@@ -141,7 +141,16 @@ pub(crate) fn branch_fwd(
     );
     linear_nobias_fwd(prec, &mut bw.dgelu, &bw.a2, &bp.fc_w, n, d, 4 * d);
     bias_gelu_fwd(&mut bw.g, &mut bw.dgelu, &bp.fc_b);
-    residual_linear_fwd(prec, &mut bw.z, &bw.u, &bw.g, &bp.proj_w, &bp.proj_b, n, 4 * d);
+    residual_linear_fwd(
+        prec,
+        &mut bw.z,
+        &bw.u,
+        &bw.g,
+        &bp.proj_w,
+        &bp.proj_b,
+        n,
+        4 * d,
+    );
 }
 
 /// Backward of one branch after [`branch_fwd`]: `dh_out` (`∂L/∂h'`, scaled by `alpha`)
@@ -165,11 +174,31 @@ pub(crate) fn branch_bwd(
     scale_colsum(&mut sc.dz, alpha, dh_out, &mut gb.proj_b, &mut sc.sums);
     // z = u + g·W2 + b2
     let dbig = Some((&mut sc.dbig[..], false));
-    linear_bwd(prec, dbig, &mut gb.proj_w, &bw.g, &bp.proj_w, &sc.dz, n, 4 * d, d);
+    linear_bwd(
+        prec,
+        dbig,
+        &mut gb.proj_w,
+        &bw.g,
+        &bp.proj_w,
+        &sc.dz,
+        n,
+        4 * d,
+        d,
+    );
     gelu_bwd_colsum(&mut sc.dbig, &bw.dgelu, &mut gb.fc_b, &mut sc.sums);
     // f = a2·W1 + b1
     let da = Some((&mut sc.da[..], false));
-    linear_bwd(prec, da, &mut gb.fc_w, &bw.a2, &bp.fc_w, &sc.dbig, n, d, 4 * d);
+    linear_bwd(
+        prec,
+        da,
+        &mut gb.fc_w,
+        &bw.a2,
+        &bp.fc_w,
+        &sc.dbig,
+        n,
+        d,
+        4 * d,
+    );
     // u → a2 = LN2(u), plus the residual path dz; `bw.dh` holds ∂L/∂u from here on.
     bw.dh.copy_from_slice(&sc.dz);
     layernorm_bwd(
@@ -187,7 +216,17 @@ pub(crate) fn branch_bwd(
     // u = h + att·Wo + bo
     sc.sums.of(&mut gb.out_b, &bw.dh);
     let datt = Some((&mut sc.datt[..], false));
-    linear_bwd(prec, datt, &mut gb.out_w, &bw.att, &bp.out_w, &bw.dh, n, d, d);
+    linear_bwd(
+        prec,
+        datt,
+        &mut gb.out_w,
+        &bw.att,
+        &bp.out_w,
+        &bw.dh,
+        n,
+        d,
+        d,
+    );
     attn_bwd(
         &mut sc.dqkv,
         &mut sc.dprobs,
@@ -198,7 +237,17 @@ pub(crate) fn branch_bwd(
     );
     sc.sums.of(&mut gb.qkv_b, &sc.dqkv);
     let da = Some((&mut sc.da[..], false));
-    linear_bwd(prec, da, &mut gb.qkv_w, &bw.a1, &bp.qkv_w, &sc.dqkv, n, d, 3 * d);
+    linear_bwd(
+        prec,
+        da,
+        &mut gb.qkv_w,
+        &bw.a1,
+        &bp.qkv_w,
+        &sc.dqkv,
+        n,
+        d,
+        3 * d,
+    );
     // h → a1 = LN1(h), plus the residual path ∂L/∂u.
     layernorm_bwd(
         &mut bw.dh,

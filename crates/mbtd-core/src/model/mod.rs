@@ -34,6 +34,8 @@ pub mod io;
 pub mod net;
 pub mod ops;
 pub mod params;
+#[cfg(test)]
+mod precision_tests;
 mod tile;
 pub mod train;
 

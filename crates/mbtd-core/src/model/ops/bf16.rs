@@ -28,14 +28,13 @@
 //! ```
 
 use super::gemm::{SharedOut, View, gemm_into, span};
+use super::simd::simd;
 use ::gemm::Parallelism;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// Arithmetic of the linear layers' matrix products.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum,
-)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     /// fp32 operands and accumulation.
@@ -114,8 +113,14 @@ pub(crate) fn gemm_bf16(
     par: Parallelism,
 ) {
     assert!(span(m, n, c_rs, 1) <= c.len(), "gemm_bf16: C too small");
-    assert!(span(m, k, a.rs, a.cs) <= a.data.len(), "gemm_bf16: A too small");
-    assert!(span(k, n, b.rs, b.cs) <= b.data.len(), "gemm_bf16: B too small");
+    assert!(
+        span(m, k, a.rs, a.cs) <= a.data.len(),
+        "gemm_bf16: A too small"
+    );
+    assert!(
+        span(k, n, b.rs, b.cs) <= b.data.len(),
+        "gemm_bf16: B too small"
+    );
     if m == 0 || n == 0 || k == 0 || !has_avx512_bf16() {
         return gemm_bf16_portable(m, n, k, c, c_rs, acc, a, b, par);
     }
@@ -146,7 +151,17 @@ pub(crate) fn gemm_bf16_portable(
         out
     };
     let (ar, br) = (round(a, m, k), round(b, k, n));
-    gemm_into(m, n, k, c, c_rs, acc, View::rm(&ar, k), View::rm(&br, n), par);
+    gemm_into(
+        m,
+        n,
+        k,
+        c,
+        c_rs,
+        acc,
+        View::rm(&ar, k),
+        View::rm(&br, n),
+        par,
+    );
 }
 
 thread_local! {
@@ -163,6 +178,17 @@ fn with_pack<R>(f: impl FnOnce(&mut Vec<u32>, &mut Vec<u32>) -> R) -> R {
     r
 }
 
+/// Zero row for a pair's missing second half (odd `k`).
+const ZEROS: [f32; NR] = [0.0; NR];
+
+/// `dst[i] = pair(lo[i], hi[i])` (contiguous: vectorises under [`simd`]).
+#[inline(always)]
+fn zip_pairs(dst: &mut [u32], lo: &[f32], hi: &[f32]) {
+    for ((o, &l), &h) in dst.iter_mut().zip(lo).zip(hi) {
+        *o = pair(l, h);
+    }
+}
+
 /// Packs rows `p0..p0 + kc` of `B` (`k × n`) into `np` panels of `NR` columns, each
 /// `[kc/2][NR]` pairs (zero beyond `k` or `n`).
 fn pack_b(out: &mut [u32], b: View<'_>, p0: usize, kc: usize, k: usize, n: usize, par: bool) {
@@ -176,21 +202,30 @@ fn pack_b(out: &mut [u32], b: View<'_>, p0: usize, kc: usize, k: usize, n: usize
     };
     let panel = |(jp, dst): (usize, &mut [u32])| {
         let j0 = jp * NR;
-        if b.cs == 1 {
-            for (q, row) in dst.chunks_exact_mut(NR).enumerate() {
-                let p = p0 + 2 * q;
-                for (jj, o) in row.iter_mut().enumerate() {
-                    *o = pair(at(p, j0 + jj), at(p + 1, j0 + jj));
+        simd(
+            #[inline(always)]
+            || {
+                if b.cs == 1 && j0 + NR <= n {
+                    for (q, row) in dst.chunks_exact_mut(NR).enumerate() {
+                        let p = p0 + 2 * q;
+                        let lo = &b.data[p * b.rs + j0..][..NR];
+                        let hi = if p + 1 < k {
+                            &b.data[(p + 1) * b.rs + j0..][..NR]
+                        } else {
+                            &ZEROS[..]
+                        };
+                        zip_pairs(row, lo, hi);
+                    }
+                } else {
+                    for jj in 0..NR {
+                        for q in 0..kc2 {
+                            let p = p0 + 2 * q;
+                            dst[q * NR + jj] = pair(at(p, j0 + jj), at(p + 1, j0 + jj));
+                        }
+                    }
                 }
-            }
-        } else {
-            for jj in 0..NR {
-                for q in 0..kc2 {
-                    let p = p0 + 2 * q;
-                    dst[q * NR + jj] = pair(at(p, j0 + jj), at(p + 1, j0 + jj));
-                }
-            }
-        }
+            },
+        )
     };
     if par {
         out.par_chunks_mut(kc2 * NR).enumerate().for_each(panel);
@@ -202,7 +237,16 @@ fn pack_b(out: &mut [u32], b: View<'_>, p0: usize, kc: usize, k: usize, n: usize
 /// Packs rows `i0..i0 + mc`, columns `p0..p0 + kc` of `A` (`m × k`) into panels of `MR`
 /// rows, each `[kc/2][MR]` pairs (zero beyond `m` or `k`).
 #[allow(clippy::too_many_arguments)]
-fn pack_a(out: &mut [u32], a: View<'_>, i0: usize, mc: usize, p0: usize, kc: usize, m: usize, k: usize) {
+fn pack_a(
+    out: &mut [u32],
+    a: View<'_>,
+    i0: usize,
+    mc: usize,
+    p0: usize,
+    kc: usize,
+    m: usize,
+    k: usize,
+) {
     let kc2 = kc.div_ceil(2);
     let at = |i: usize, p: usize| {
         if i < m && p < k {
@@ -211,26 +255,58 @@ fn pack_a(out: &mut [u32], a: View<'_>, i0: usize, mc: usize, p0: usize, kc: usi
             0.0
         }
     };
+    let mut row = [0u32; KC / 2];
     for (ip, dst) in out[..mc.div_ceil(MR) * kc2 * MR]
         .chunks_exact_mut(kc2 * MR)
         .enumerate()
     {
         let r0 = i0 + ip * MR;
-        if a.cs == 1 {
-            for r in 0..MR {
-                for q in 0..kc2 {
-                    let p = p0 + 2 * q;
-                    dst[q * MR + r] = pair(at(r0 + r, p), at(r0 + r, p + 1));
+        simd(
+            #[inline(always)]
+            || {
+                if r0 + MR > m {
+                    for (q, col) in dst.chunks_exact_mut(MR).enumerate() {
+                        let p = p0 + 2 * q;
+                        for (r, o) in col.iter_mut().enumerate() {
+                            *o = pair(at(r0 + r, p), at(r0 + r, p + 1));
+                        }
+                    }
+                } else if a.rs == 1 {
+                    // the transpose of a row-major matrix: rows of A lie side by side
+                    for (q, col) in dst.chunks_exact_mut(MR).enumerate() {
+                        let p = p0 + 2 * q;
+                        let lo = &a.data[r0 + p * a.cs..][..MR];
+                        let hi = if p + 1 < k {
+                            &a.data[r0 + (p + 1) * a.cs..][..MR]
+                        } else {
+                            &ZEROS[..MR]
+                        };
+                        zip_pairs(col, lo, hi);
+                    }
+                } else {
+                    for r in 0..MR {
+                        let src = (r0 + r) * a.rs + p0 * a.cs;
+                        let row = &mut row[..kc2];
+                        if a.cs == 1 {
+                            let x = &a.data[src..src + kc];
+                            for (o, ch) in row.iter_mut().zip(x.chunks_exact(2)) {
+                                *o = pair(ch[0], ch[1]);
+                            }
+                            if kc % 2 == 1 {
+                                row[kc2 - 1] = pair(x[kc - 1], 0.0);
+                            }
+                        } else {
+                            for (q, o) in row.iter_mut().enumerate() {
+                                *o = pair(at(r0 + r, p0 + 2 * q), at(r0 + r, p0 + 2 * q + 1));
+                            }
+                        }
+                        for (q, &v) in row.iter().enumerate() {
+                            dst[q * MR + r] = v;
+                        }
+                    }
                 }
-            }
-        } else {
-            for (q, col) in dst.chunks_exact_mut(MR).enumerate() {
-                let p = p0 + 2 * q;
-                for (r, o) in col.iter_mut().enumerate() {
-                    *o = pair(at(r0 + r, p), at(r0 + r, p + 1));
-                }
-            }
-        }
+            },
+        )
     }
 }
 
@@ -469,7 +545,17 @@ mod tests {
         let a = randv(&mut rng, m * k, 1.0);
         let b = randv(&mut rng, k * n, 1.0);
         let mut c = vec![0.25f32; m * n];
-        gemm_bf16(m, n, k, &mut c, n, true, View::rm(&a, k), View::rm(&b, n), Parallelism::Rayon(2));
+        gemm_bf16(
+            m,
+            n,
+            k,
+            &mut c,
+            n,
+            true,
+            View::rm(&a, k),
+            View::rm(&b, n),
+            Parallelism::Rayon(2),
+        );
         for i in 0..m {
             for j in 0..n {
                 let t = |p: usize| {
@@ -493,10 +579,23 @@ mod tests {
         let b = randv(&mut rng, k * n, 1.0);
         let run = |par| {
             let mut c = vec![0.5f32; m * n];
-            gemm_bf16(m, n, k, &mut c, n, true, View::rm(&a, k), View::rm(&b, n), par);
+            gemm_bf16(
+                m,
+                n,
+                k,
+                &mut c,
+                n,
+                true,
+                View::rm(&a, k),
+                View::rm(&b, n),
+                par,
+            );
             c
         };
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
         let one = run(Parallelism::None);
         let three = pool.install(|| run(Parallelism::Rayon(3)));
         assert!(one == three, "thread count changed the bits");
