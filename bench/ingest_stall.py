@@ -7,7 +7,9 @@ in the same daemon:
 
 1. baseline: `--window-s` seconds with nothing arriving;
 2. during ingest: from the moment a `--mb` MB CSV file is renamed into the inbox until
-   its sidecar appears in `inbox/.done/`.
+   its sidecar appears in `inbox/.done/`;
+
+repeated `--files` times (pooled), `--nice` sets the daemon's `ingest.nice`.
 
 The step period is observed from outside, by polling `status` on the admin socket every
 `--poll-ms` ms: when the step goes from s0 (seen at t0) to s1 (at t1), each of the s1-s0
@@ -32,35 +34,21 @@ import sys
 import tempfile
 import time
 
-CONFIG = """
-[logging]
-format = "json"
-level = "info"
-[ingest]
-settle_ms = 200
-rescan_ms = 500
-[model]
-vocab_size = 512
-d_model = 64
-n_heads = 2
-n_layers = 2
-branches = 3
-max_seq_len = 32
-[optim]
-lr = 0.003
-warmup_steps = 20
-[tokenizer]
-bootstrap_rows = 500
-[training]
-batch_size = 8
-seq_len = 32
-idle_steps_per_min = 60000
-[eval]
-every_steps = 1000000
-[checkpoints]
-every_steps = 1000000
-every_seconds = 0
-"""
+# The tests' small configuration (`mbtd config small`) with this benchmark's model: d 64,
+# 2 layers x 3 branches, context 32, training at full speed.
+OVERRIDES = [
+    "logging.format=\"json\"", "logging.level=\"info\"", "ingest.settle_ms=200",
+    "ingest.rescan_ms=500", "model.vocab_size=512", "model.d_model=64", "model.branches=3",
+    "optim.lr=0.003", "optim.warmup_steps=20", "tokenizer.bootstrap_rows=500",
+    "checkpoints.every_steps=1000000",
+]
+
+
+def config_text(binary, nice):
+    sets = OVERRIDES + ([f"ingest.nice={nice}"] if nice is not None else [])
+    args = [binary, "config", "small"] + [a for kv in sets for a in ("--set", kv)]
+    return subprocess.run(args, check=True, capture_output=True, text=True).stdout
+
 
 
 def request(sock_path, cmd, args=None, timeout=30.0):
@@ -133,13 +121,17 @@ def main():
     ap.add_argument("--window-s", type=float, default=20.0, help="baseline window")
     ap.add_argument("--warmup-s", type=float, default=15.0)
     ap.add_argument("--poll-ms", type=float, default=5.0)
+    ap.add_argument("--files", type=int, default=3,
+                    help="baseline window then one arriving file, this many times (pooled)")
+    ap.add_argument("--nice", type=int, default=None,
+                    help="ingest.nice for the daemon (default: the daemon's default)")
     ap.add_argument("--keep", action="store_true", help="keep the data dir")
     a = ap.parse_args()
 
     d = tempfile.mkdtemp(prefix="mbtd-ingest-stall-")
     cfg = os.path.join(d, "bench.toml")
     with open(cfg, "w") as f:
-        f.write(CONFIG)
+        f.write(config_text(a.bin, a.nice))
     log = open(os.path.join(d, "daemon.log"), "w")
     proc = subprocess.Popen([a.bin, "run", "--config", cfg, "--data-dir", d], stdout=log, stderr=log)
     sock = os.path.join(d, "mbtd.sock")
@@ -159,9 +151,6 @@ def main():
             time.sleep(0.2)
         time.sleep(a.warmup_s)
 
-        end = time.monotonic() + a.window_s
-        base = periods(sock, a.poll_ms / 1e3, lambda: time.monotonic() >= end)
-
         big, n, target = [], 0, int(a.mb * (1 << 20))
         size = len("text\n")
         while size < target:
@@ -171,21 +160,30 @@ def main():
             n += 1
         text = "text\n" + "".join(big)
         del big
-        done = os.path.join(d, "inbox", ".done", "big.csv.json")
-        t = time.monotonic()
-        drop(d, "big.csv", text)
-        during = periods(sock, a.poll_ms / 1e3, lambda: os.path.exists(done))
-        ingest_s = time.monotonic() - t
-        with open(done) as f:
-            sidecar = json.load(f)
+        base, during, ingest_s, appended = [], [], [], 0
+        for i in range(a.files):
+            end = time.monotonic() + a.window_s
+            base += periods(sock, a.poll_ms / 1e3, lambda: time.monotonic() >= end)
+            # Each file's rows differ, so none is deduplicated away.
+            body = text.replace("large file row", f"file {i} row")
+            done = os.path.join(d, "inbox", ".done", f"big{i}.csv.json")
+            t = time.monotonic()
+            drop(d, f"big{i}.csv", body)
+            during += periods(sock, a.poll_ms / 1e3, lambda: os.path.exists(done))
+            ingest_s.append(round(time.monotonic() - t, 3))
+            with open(done) as f:
+                appended += json.load(f).get("rows_appended") or 0
+            del body
 
         b, g = summary(base), summary(during)
         print(json.dumps({
             "bench": "ingest_stall",
             "file_mb": round(size / (1 << 20), 1),
+            "files": a.files,
+            "nice": a.nice,
             "file_rows": n,
-            "rows_appended": sidecar.get("rows_appended"),
-            "ingest_s": round(ingest_s, 3),
+            "rows_appended": appended,
+            "ingest_s": ingest_s,
             "poll_ms": a.poll_ms,
             "baseline": b,
             "during_ingest": g,

@@ -165,17 +165,19 @@ fn chat_stops_saves_for_the_inbox_and_scripts() {
     let expected = &full[..full.find(&stop).unwrap()];
 
     // Script mode: one message per line, only replies on stdout.
+    let stop_arg = format!("--stop={stop}");
+    let chat_args = [
+        "--socket",
+        &sock,
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "40",
+        &stop_arg,
+    ];
     let mut script = Command::new(BIN)
-        .args([
-            "chat",
-            "--socket",
-            &sock,
-            "--temperature",
-            "0",
-            "--max-tokens",
-            "40",
-        ])
-        .arg(format!("--stop={stop}"))
+        .arg("chat")
+        .args(chat_args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -190,16 +192,7 @@ fn chat_stops_saves_for_the_inbox_and_scripts() {
     );
 
     // A stop sequence on the terminal, then /save, the file into the inbox, ingested.
-    let stop_arg = format!("--stop={stop}");
-    let mut a = Pty::spawn(&[
-        "--socket",
-        &sock,
-        "--temperature",
-        "0",
-        "--max-tokens",
-        "40",
-        &stop_arg,
-    ]);
+    let mut a = Pty::spawn(&chat_args);
     a.wait_for("the prompt", Duration::from_secs(30), |t| {
         t.contains("> ").then_some(())
     });

@@ -32,59 +32,29 @@ fn write_data(d: &Daemon) {
     for i in 0..300u32 {
         s.push_str(&format!("\"what is {i} times 3\",\"{}\",m\n", i * 3));
     }
-    let tmp = d.path().join("d.tmp");
-    std::fs::write(&tmp, s).unwrap();
-    std::fs::rename(&tmp, d.path().join("inbox/d.csv")).unwrap();
+    d.drop_csv("d.csv", &s);
 }
 
-fn wait_step(d: &Daemon, n: u64) {
-    d.wait_for(Duration::from_secs(120), "step", || {
-        (d.section("trainer")["step"].as_u64() == Some(n)).then_some(())
-    });
-}
-
-fn latest_files(d: &Daemon) -> (Value, Vec<u8>, Vec<u8>) {
-    let root = d.path().join("checkpoints");
-    let id = std::fs::read_to_string(root.join("LATEST")).unwrap();
-    let dir = root.join(id.trim());
-    let m: Value =
-        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
-    (
-        m,
-        std::fs::read(dir.join("model.safetensors")).unwrap(),
-        std::fs::read(dir.join("optimizer.safetensors")).unwrap(),
-    )
-}
-
-fn stop(d: &mut Daemon) {
-    d.signal(libc::SIGTERM);
-    assert_eq!(
-        d.wait_exit(Duration::from_secs(60)).code(),
-        Some(0),
-        "{}",
-        d.log_text()
-    );
+/// A daemon that trained `max_steps` steps (checkpoints every `every` steps) and stopped.
+fn trained(max_steps: u64, every: u64) -> Daemon {
+    let mut d = Daemon::start(&config(max_steps, every));
+    write_data(&d);
+    d.wait_step(max_steps, Duration::from_secs(120));
+    d.stop_ok();
+    d
 }
 
 #[test]
 fn resume_is_bitwise_exact() {
     // Straight: 40 steps.
-    let mut a = Daemon::start(&config(40, 1_000_000));
-    write_data(&a);
-    wait_step(&a, 40);
-    stop(&mut a);
-    let (ma, wa, oa) = latest_files(&a);
+    let (ma, wa, oa) = trained(40, 1_000_000).latest_files();
     assert_eq!(ma["step"], 40);
 
     // 20 steps, stop, start, 20 more.
-    let mut b = Daemon::start(&config(20, 1_000_000));
-    write_data(&b);
-    wait_step(&b, 20);
-    stop(&mut b);
-    let mut b = b.restart_with(&config(40, 1_000_000));
-    wait_step(&b, 40);
-    stop(&mut b);
-    let (mb, wb, ob) = latest_files(&b);
+    let mut b = trained(20, 1_000_000).restart_with(&config(40, 1_000_000));
+    b.wait_step(40, Duration::from_secs(120));
+    b.stop_ok();
+    let (mb, wb, ob) = b.latest_files();
     assert_eq!(mb["step"], 40);
     assert!(wa == wb, "model weights differ after resume");
     assert!(oa == ob, "optimizer state differs after resume");
@@ -92,11 +62,8 @@ fn resume_is_bitwise_exact() {
 
 #[test]
 fn corrupt_latest_falls_back_to_the_previous_checkpoint_and_is_reported() {
-    let mut d = Daemon::start(&config(30, 10));
-    write_data(&d);
-    wait_step(&d, 30);
-    stop(&mut d);
-    let (m, _, _) = latest_files(&d);
+    let d = trained(30, 10);
+    let (m, _, _) = d.latest_files();
     let root = d.path().join("checkpoints");
     let bad = root
         .join(m["id"].as_str().unwrap())
@@ -107,13 +74,7 @@ fn corrupt_latest_falls_back_to_the_previous_checkpoint_and_is_reported() {
     std::fs::write(&bad, bytes).unwrap();
 
     let d = d.restart_with(&config(30, 10));
-    let t = d.wait_for(Duration::from_secs(30), "resume", || {
-        let t = d.section("trainer");
-        t["last_event"]
-            .as_str()?
-            .starts_with("resumed")
-            .then_some(t)
-    });
+    let t = d.wait_resumed(Duration::from_secs(30));
     // The shutdown at step 30 wrote nothing (identical to the periodic checkpoint at 30,
     // which was LATEST), so the one before the corrupted LATEST is step 20's.
     assert!(
@@ -146,13 +107,7 @@ fn kill_9_during_checkpoint_writes_leaves_a_valid_checkpoint_and_no_tmp() {
         // `.tmp-` dir would be a leftover of the killed write.
         d = d.restart_with(&config(1, 1_000_000));
         let root = d.path().join("checkpoints");
-        let t = d.wait_for(Duration::from_secs(30), "resume", || {
-            let t = d.section("trainer");
-            t["last_event"]
-                .as_str()?
-                .starts_with("resumed")
-                .then_some(t)
-        });
+        let t = d.wait_resumed(Duration::from_secs(30));
         assert!(t["step"].as_u64().unwrap() > 0);
         let tmp = tmp_entries(&root);
         assert!(tmp.is_empty(), "leftover tmp dirs: {tmp:?}");

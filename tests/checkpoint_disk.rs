@@ -26,12 +26,6 @@ fn csv(prefix: &str, rows: u32) -> String {
     s
 }
 
-fn drop_file(d: &Daemon, name: &str, body: &str) {
-    let tmp = d.path().join(format!(".{name}.part"));
-    std::fs::write(&tmp, body).unwrap();
-    std::fs::rename(&tmp, d.path().join("inbox").join(name)).unwrap();
-}
-
 fn wait_rows(d: &Daemon, n: u64) {
     d.wait_for(Duration::from_secs(60), "rows ingested", || {
         (d.section("replay")["rows"].as_u64() >= Some(n)).then_some(())
@@ -135,7 +129,7 @@ fn a_full_disk_is_reported_training_goes_on_and_checkpoints_recover() {
         ("checkpoints.min_free_bytes", "0"),
     ]);
     let mut d = Daemon::start(&config);
-    drop_file(&d, "a.csv", &csv("a", 300));
+    d.drop_csv("a.csv", &csv("a", 300));
     wait_rows(&d, 300);
     d.wait_for(Duration::from_secs(120), "a first checkpoint", || {
         d.section("checkpoints")["last_written"]
@@ -154,7 +148,7 @@ fn a_full_disk_is_reported_training_goes_on_and_checkpoints_recover() {
     });
     let written_before = d.metric("checkpoints_total");
     // Ingest is unaffected (the replay store is on another filesystem) and accepts rows.
-    drop_file(&d, "b.csv", &csv("b", 200));
+    d.drop_csv("b.csv", &csv("b", 200));
     while full_at.elapsed() < Duration::from_secs(65) {
         let exited = d.child.as_mut().unwrap().try_wait().unwrap();
         assert!(
@@ -263,7 +257,7 @@ fn retention_bounds_checkpoints_over_restarts_and_expansions() {
         ])
     };
     let mut d = Daemon::start(&base(0, 0));
-    drop_file(&d, "a.csv", &csv("a", 300));
+    d.drop_csv("a.csv", &csv("a", 300));
     wait_rows(&d, 300);
     d.wait_steps(5, Duration::from_secs(60));
     let size = d.data("checkpoint", Value::Null)["bytes"].as_u64().unwrap();
@@ -308,8 +302,15 @@ fn retention_bounds_checkpoints_over_restarts_and_expansions() {
             if !rejected_checked {
                 // A refused expansion writes no checkpoint (paused: no periodic ones either).
                 d.data("pause", Value::Null);
-                let before = d.metric("checkpoints_total");
-                let ids_before = on_disk(&root).2;
+                // A periodic checkpoint snapshotted before the pause may still be being
+                // written: wait until the count and the directory are still.
+                let still = || (d.metric("checkpoints_total"), on_disk(&root).2);
+                let (before, ids_before) =
+                    d.wait_for(Duration::from_secs(30), "writes settle", || {
+                        let a = still();
+                        std::thread::sleep(Duration::from_millis(300));
+                        (still() == a).then_some(a)
+                    });
                 let r = d.request("expand", json!({"layer": 0, "branches": 1, "noise": -1.0}));
                 assert_eq!(r["ok"], false, "{r}");
                 assert_eq!(d.metric("checkpoints_total"), before);
@@ -367,17 +368,11 @@ fn retention_bounds_checkpoints_over_restarts_and_expansions() {
     let before = shutdowns(&root);
     d = stop_and_restart(d, &base(max_bytes, reached));
     assert_eq!(shutdowns(&root), before);
-    stop(&mut d);
-}
-
-fn stop(d: &mut Daemon) {
-    d.signal(libc::SIGTERM);
-    let st = d.wait_exit(Duration::from_secs(60));
-    assert!(st.success(), "exit {st:?}; log:\n{}", d.log_text());
+    d.stop_ok();
 }
 
 fn stop_and_restart(mut d: Daemon, config: &str) -> Daemon {
-    stop(&mut d);
+    d.stop_ok();
     d.restart_with(config)
 }
 
@@ -423,10 +418,10 @@ fn a_changed_model_is_refused_before_ready_with_exit_2() {
         ])
     };
     let mut d = Daemon::start(&model("64", "2"));
-    drop_file(&d, "a.csv", &csv("a", 200));
+    d.drop_csv("a.csv", &csv("a", 200));
     wait_rows(&d, 200);
     d.wait_steps(12, Duration::from_secs(60));
-    stop(&mut d);
+    d.stop_ok();
     let step = latest_checkpoint_valid(&d.path().join("checkpoints")).unwrap();
 
     let (code, err) = refused_start(d.path(), &model("96", "2"), &[]);
@@ -479,7 +474,7 @@ fn a_changed_model_is_refused_before_ready_with_exit_2() {
     )
     .unwrap();
     assert_eq!(m.config["model"]["n_heads"], 2);
-    stop(&mut d);
+    d.stop_ok();
 }
 
 #[test]
@@ -488,11 +483,11 @@ fn files_the_daemon_writes_are_private_and_an_open_data_dir_is_refused() {
         ("checkpoints.every_steps", "10"),
         ("metrics.history_every_s", "1"),
     ]));
-    drop_file(&d, "a.csv", &csv("a", 200));
+    d.drop_csv("a.csv", &csv("a", 200));
     wait_rows(&d, 200);
     d.wait_steps(12, Duration::from_secs(60));
     std::thread::sleep(Duration::from_secs(2));
-    stop(&mut d);
+    d.stop_ok();
     let mut seen = 0;
     let mut stack = vec![d.path().to_path_buf()];
     while let Some(dir) = stack.pop() {

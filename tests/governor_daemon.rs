@@ -25,18 +25,7 @@ fn config(governor: &str) -> String {
 }
 
 fn write_task(d: &Daemon, name: &str, rows: usize) {
-    let mut s = String::from("text,source\n");
-    let mut x: u64 = 7;
-    for _ in 0..rows {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let (a, b) = ((x >> 33) % 50, (x >> 45) % 50);
-        s.push_str(&format!("\"{a} plus {b} is {}\",a\n", a + b));
-    }
-    let tmp = d.path().join(format!("{name}.tmp"));
-    std::fs::write(&tmp, s).unwrap();
-    std::fs::rename(&tmp, d.path().join("inbox").join(name)).unwrap();
+    d.drop_csv(name, &sums_csv(7, rows, 50, |_| "a".to_string()));
 }
 
 /// `mbtd ctl --json …`, parsed.

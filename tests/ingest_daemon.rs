@@ -112,25 +112,18 @@ fn gen_file(i: usize, rows: u64, bad: bool, prompt_response: bool, pad: usize) -
     let padding = "x".repeat(pad);
     for n in 0..rows {
         line += 1;
-        if bad && n % 97 == 13 {
-            // Three fields where the header has two or three: a parse error …
-            s.push_str(if prompt_response {
-                "a,b,c,d\n"
-            } else {
-                "a,b,c\n"
-            });
-            rejected.push(line);
-            line += 1;
-        }
-        if bad && n % 131 == 50 {
-            // … and a blank required field.
-            s.push_str(if prompt_response {
-                "p,  ,s\n"
-            } else {
-                "  ,s\n"
-            });
-            rejected.push(line);
-            line += 1;
+        // Three fields where the header has two or three (a parse error), and a blank
+        // required field.
+        let faults = [
+            (97, 13, "a,b,c,d\n", "a,b,c\n"),
+            (131, 50, "p,  ,s\n", "  ,s\n"),
+        ];
+        for (every, at, pr, text) in faults {
+            if bad && n % every == at {
+                s.push_str(if prompt_response { pr } else { text });
+                rejected.push(line);
+                line += 1;
+            }
         }
         let src = format!("src-{}", i % 4);
         let mut text = format!("row-{i}-{n}");

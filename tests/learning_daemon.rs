@@ -196,13 +196,7 @@ fn expand_is_exact_at_eta0_rollback_restores_bitwise_and_sigterm_checkpoints() {
 
     // Restart resumes exactly there.
     let d = d.restart_with(&config());
-    let s = d.wait_for(Duration::from_secs(30), "resume", || {
-        let t = d.section("trainer");
-        t["last_event"]
-            .as_str()?
-            .starts_with("resumed")
-            .then_some(t)
-    });
+    let s = d.wait_resumed(Duration::from_secs(30));
     assert!(s["step"].as_u64().unwrap() >= final_step);
     assert!(
         d.log_text().contains(&format!("\"step\":{final_step}")),

@@ -10,40 +10,24 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 
-fn config(extra: &str) -> String {
-    format!(
-        r#"
-[ingest]
-settle_ms = 50
-rescan_ms = 200
-[model]
-vocab_size = 300
-d_model = 32
-n_heads = 2
-n_layers = 2
-branches = 3
-max_seq_len = 16
-[optim]
-lr = 0.003
-warmup_steps = 5
-[tokenizer]
-bootstrap_rows = 100
-[training]
-batch_size = 4
-seq_len = 16
-idle_steps_per_min = 60000
-[eval]
-every_steps = 10
-max_rows_per_group = 8
-[replay]
-control_fraction = 0.1
-[checkpoints]
-every_steps = 1000000
-every_seconds = 0
-keep_last = 20
-{extra}
-"#
-    )
+/// The shared small configuration, 3 branches, context 16, with `extra` overrides.
+fn config(extra: &[(&str, &str)]) -> String {
+    let base = [
+        ("model.vocab_size", "300"),
+        ("model.branches", "3"),
+        ("model.max_seq_len", "16"),
+        ("optim.lr", "0.003"),
+        ("optim.warmup_steps", "5"),
+        ("training.batch_size", "4"),
+        ("training.seq_len", "16"),
+        ("eval.every_steps", "10"),
+        ("eval.max_rows_per_group", "8"),
+        ("replay.control_fraction", "0.1"),
+        ("checkpoints.every_steps", "1000000"),
+        ("checkpoints.keep_last", "20"),
+    ];
+    let all: Vec<(&str, &str)> = base.iter().chain(extra).copied().collect();
+    small(&all)
 }
 
 fn write_rows(d: &Daemon, name: &str, rows: usize) {
@@ -51,12 +35,10 @@ fn write_rows(d: &Daemon, name: &str, rows: usize) {
     for i in 0..rows {
         s.push_str(&format!("\"{name} row {i} has {} words\",s\n", i % 17));
     }
-    let tmp = d.path().join(format!("{name}.tmp"));
-    std::fs::write(&tmp, s).unwrap();
-    std::fs::rename(&tmp, d.path().join("inbox").join(name)).unwrap();
+    d.drop_csv(name, &s);
 }
 
-fn started(extra: &str) -> Daemon {
+fn started(extra: &[(&str, &str)]) -> Daemon {
     let d = Daemon::start(&config(extra));
     write_rows(&d, "a.csv", 150);
     d.wait_for(Duration::from_secs(120), "first steps", || {
@@ -67,7 +49,7 @@ fn started(extra: &str) -> Daemon {
 
 #[test]
 fn mask_refuses_to_leave_fewer_branches_than_min_active() {
-    let d = started("[availability]\nmin_active = 2\n");
+    let d = started(&[("availability.min_active", "2")]);
     let r = d.request("mask", json!({"layer": 0, "branch": 0}));
     assert_eq!(r["ok"], true, "{r}");
     let r = d.request("mask", json!({"layer": 0, "branch": 1}));
@@ -90,7 +72,10 @@ fn mask_refuses_to_leave_fewer_branches_than_min_active() {
 
 #[test]
 fn a_second_expand_names_a_command_that_exists() {
-    let d = started("[governor]\nramp_steps = 1000\nprobation_steps = 1000\n");
+    let d = started(&[
+        ("governor.ramp_steps", "1000"),
+        ("governor.probation_steps", "1000"),
+    ]);
     d.data("expand", json!({"layer": 0, "branches": 1}));
     let r = d.request("expand", json!({"layer": 1, "branches": 1}));
     assert_eq!(r["ok"], false, "{r}");
@@ -104,20 +89,18 @@ fn a_second_expand_names_a_command_that_exists() {
 
 #[test]
 fn an_acknowledged_expansion_survives_kill_9() {
-    let mut d = started("[governor]\nramp_steps = 1000\nprobation_steps = 1000\n");
+    let mut d = started(&[
+        ("governor.ramp_steps", "1000"),
+        ("governor.probation_steps", "1000"),
+    ]);
     let e = d.data("expand", json!({"layer": 1, "branches": 2}));
     assert_eq!(e["widths"], json!([3, 5]), "{e}");
     d.kill9();
-    let d = d.restart_with(&config(
-        "[governor]\nramp_steps = 1000\nprobation_steps = 1000\n",
-    ));
-    let t = d.wait_for(Duration::from_secs(60), "resume", || {
-        let t = d.section("trainer");
-        t["last_event"]
-            .as_str()?
-            .starts_with("resumed")
-            .then_some(t)
-    });
+    let d = d.restart_with(&config(&[
+        ("governor.ramp_steps", "1000"),
+        ("governor.probation_steps", "1000"),
+    ]));
+    let t = d.wait_resumed(Duration::from_secs(60));
     assert_eq!(t["widths"], json!([3, 5]), "expansion lost by kill -9: {t}");
     assert_eq!(t["governor_expansion"]["layer"], 1, "{t}");
     assert_eq!(
@@ -129,11 +112,11 @@ fn an_acknowledged_expansion_survives_kill_9() {
 
 #[test]
 fn pause_survives_a_restart_until_resume() {
-    let mut d = started("");
+    let mut d = started(&[]);
     assert_eq!(d.data("pause", json!(null))["training_paused"], true);
     d.signal(libc::SIGTERM);
     assert_eq!(d.wait_exit(Duration::from_secs(60)).code(), Some(0));
-    let d = d.restart_with(&config(""));
+    let d = d.restart_with(&config(&[]));
     let t = d.wait_for(Duration::from_secs(60), "resume", || {
         let t = d.section("trainer");
         t["step"].as_u64().is_some().then_some(t)
@@ -148,7 +131,10 @@ fn pause_survives_a_restart_until_resume() {
 
 #[test]
 fn an_unrestorable_checkpoint_stops_the_trainer_with_its_cause() {
-    let mut d = started("[daemon]\nrestart_limit = 2\nrestart_window_s = 60\n");
+    let mut d = started(&[
+        ("daemon.restart_limit", "2"),
+        ("daemon.restart_window_s", "60"),
+    ]);
     let c = d.data("checkpoint", json!({"tag": "t"}));
     d.kill9();
     // A checkpoint whose files verify but whose loop state does not fit the trainer.
@@ -167,7 +153,10 @@ fn an_unrestorable_checkpoint_stops_the_trainer_with_its_cause() {
         &cfg,
         format!(
             "{BASE_CONFIG}{}",
-            config("[daemon]\nrestart_limit = 2\nrestart_window_s = 60\n")
+            config(&[
+                ("daemon.restart_limit", "2"),
+                ("daemon.restart_window_s", "60")
+            ])
         ),
     )
     .unwrap();
@@ -211,8 +200,7 @@ fn an_unrestorable_checkpoint_stops_the_trainer_with_its_cause() {
 #[test]
 fn new_rows_wake_an_idle_trainer() {
     // Idle steps off: without new rows the trainer does not step at all.
-    let d =
-        Daemon::start(&config("").replace("idle_steps_per_min = 60000", "idle_steps_per_min = 0"));
+    let d = Daemon::start(&config(&[("training.idle_steps_per_min", "0")]));
     write_rows(&d, "a.csv", 120);
     let idle_step = d.wait_for(Duration::from_secs(120), "all new rows trained", || {
         let t = d.section("trainer");
@@ -236,11 +224,11 @@ fn consolidation_backs_off_to_its_floor_and_new_rows_restore_full_speed() {
     // A tiny corpus that overfits quickly: replay at full speed until the control loss
     // stops improving, then back off to the floor (2 steps/min, so the floor is visible as
     // a stalled step counter), and back to full speed when a file arrives.
-    let cfg = config("").replace(
-        "idle_steps_per_min = 60000",
-        "idle_steps_per_min = 2\nconsolidation_patience = 2",
-    );
-    let cfg = cfg.replace("every_steps = 10\nmax_rows", "every_steps = 4\nmax_rows");
+    let cfg = config(&[
+        ("training.idle_steps_per_min", "2"),
+        ("training.consolidation_patience", "2"),
+        ("eval.every_steps", "4"),
+    ]);
     let d = Daemon::start(&cfg);
     // Words drawn at random: nothing to learn beyond their frequencies, so the control loss
     // stops improving soon and then rises as the model memorises the training rows.

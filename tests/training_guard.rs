@@ -65,47 +65,16 @@ probation_steps = 14
 }
 
 fn write_data(d: &Daemon) {
-    let mut s = String::from("text,source\n");
-    let mut x: u64 = 11;
-    for i in 0..160u64 {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let (a, b) = ((x >> 33) % 40, (x >> 45) % 40);
-        let src = if i % 2 == 0 { "even" } else { "odd" };
-        s.push_str(&format!("\"{a} plus {b} is {}\",{src}\n", a + b));
-    }
-    let tmp = d.path().join("d.tmp");
-    std::fs::write(&tmp, s).unwrap();
-    std::fs::rename(&tmp, d.path().join("inbox/d.csv")).unwrap();
-}
-
-fn wait_step(d: &Daemon, n: u64) {
-    d.wait_for(Duration::from_secs(180), "step", || {
-        (d.section("trainer")["step"].as_u64() == Some(n)).then_some(())
-    });
-}
-
-fn stop(d: &mut Daemon) {
-    d.signal(libc::SIGTERM);
-    assert_eq!(
-        d.wait_exit(Duration::from_secs(60)).code(),
-        Some(0),
-        "{}",
-        d.log_text()
-    );
+    let parity = |i: usize| if i % 2 == 0 { "even" } else { "odd" }.to_string();
+    d.drop_csv("d.csv", &sums_csv(11, 160, 40, parity));
 }
 
 /// Digest of the checkpoint LATEST names, and its manifest.
 fn latest_digest(d: &Daemon) -> (String, Value) {
-    let root = d.path().join("checkpoints");
-    let id = std::fs::read_to_string(root.join("LATEST")).unwrap();
-    let dir = root.join(id.trim());
-    let m: Value =
-        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    let (m, model, optimizer) = d.latest_files();
     let mut h = blake3::Hasher::new();
-    h.update(&std::fs::read(dir.join("model.safetensors")).unwrap());
-    h.update(&std::fs::read(dir.join("optimizer.safetensors")).unwrap());
+    h.update(&model);
+    h.update(&optimizer);
     let mut state = m["state"].clone();
     drop_checkpoint_ids(&mut state);
     h.update(state.to_string().as_bytes());
@@ -129,16 +98,16 @@ fn drop_checkpoint_ids(v: &mut Value) {
 fn training_is_bitwise_pinned() {
     let mut d = Daemon::start(&config(20));
     write_data(&d);
-    wait_step(&d, 20);
+    d.wait_step(20, Duration::from_secs(180));
     let e = d.data(
         "expand",
         json!({"layer": 1, "branches": 1, "noise": 0.001, "ramp_steps": 10}),
     );
     assert_eq!(e["logits_bitwise_equal_at_eta0"], true, "{e}");
-    stop(&mut d);
+    d.stop_ok();
     let mut d = d.restart_with(&config(90));
-    wait_step(&d, 90);
-    stop(&mut d);
+    d.wait_step(90, Duration::from_secs(180));
+    d.stop_ok();
     let (digest, m) = latest_digest(&d);
     assert_eq!(m["step"], 90, "{m}");
     if std::env::var_os("MBTD_TRAINING_GUARD_PRINT").is_some() {

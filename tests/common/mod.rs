@@ -239,6 +239,51 @@ impl Daemon {
         })
     }
 
+    /// Waits until the trainer's step is exactly `n` (a run with `training.max_steps = n`).
+    pub fn wait_step(&self, n: u64, within: Duration) {
+        self.wait_for(within, &format!("step {n}"), || {
+            (self.step() == n).then_some(())
+        });
+    }
+
+    /// Waits until the trainer says it resumed from a checkpoint; its status section.
+    pub fn wait_resumed(&self, within: Duration) -> serde_json::Value {
+        self.wait_for(within, "resume", || {
+            let t = self.section("trainer");
+            t["last_event"]
+                .as_str()?
+                .starts_with("resumed")
+                .then_some(t)
+        })
+    }
+
+    /// Writes `body` beside the inbox and renames it in (a complete file arrives at once).
+    pub fn drop_csv(&self, name: &str, body: &str) {
+        let tmp = self.path().join(format!(".{name}.part"));
+        std::fs::write(&tmp, body).unwrap();
+        std::fs::rename(&tmp, self.path().join("inbox").join(name)).unwrap();
+    }
+
+    /// SIGTERM, and the daemon must exit 0 within a minute (the log is shown otherwise).
+    pub fn stop_ok(&mut self) {
+        self.signal(libc::SIGTERM);
+        let st = self.wait_exit(Duration::from_secs(60));
+        assert!(st.success(), "exit {st:?}; log:\n{}", self.log_text());
+    }
+
+    /// The LATEST checkpoint's manifest, model and optimizer files.
+    pub fn latest_files(&self) -> (serde_json::Value, Vec<u8>, Vec<u8>) {
+        let root = self.path().join("checkpoints");
+        let id = std::fs::read_to_string(root.join("LATEST")).unwrap();
+        let dir = root.join(id.trim());
+        let m = serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+        (
+            m,
+            std::fs::read(dir.join("model.safetensors")).unwrap(),
+            std::fs::read(dir.join("optimizer.safetensors")).unwrap(),
+        )
+    }
+
     /// A metric's value as f64.
     pub fn metric(&self, name: &str) -> f64 {
         let m = self.data("metrics", serde_json::Value::Null);
@@ -249,6 +294,21 @@ impl Daemon {
 }
 
 /// Names of leftover `.tmp-*` entries under a checkpoint root.
+/// CSV rows `"a plus b is a+b",source` with `a, b < modulus` drawn from an LCG seeded by
+/// `seed`; `source(i)` names row `i`'s source.
+pub fn sums_csv(seed: u64, rows: usize, modulus: u64, source: impl Fn(usize) -> String) -> String {
+    let mut s = String::from("text,source\n");
+    let mut x = seed;
+    for i in 0..rows {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let (a, b) = ((x >> 33) % modulus, (x >> 45) % modulus);
+        s.push_str(&format!("\"{a} plus {b} is {}\",{}\n", a + b, source(i)));
+    }
+    s
+}
+
 pub fn tmp_entries(root: &Path) -> Vec<std::ffi::OsString> {
     std::fs::read_dir(root)
         .unwrap()

@@ -247,17 +247,24 @@ pub fn write_checkpoint_with_faults(
     }
 }
 
+/// Reads a whole checkpoint file; a missing file is [`CheckpointError::FileMissing`].
+fn read_file(path: &Path) -> Result<Vec<u8>, CheckpointError> {
+    fs::read(path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => CheckpointError::FileMissing {
+            path: path.to_path_buf(),
+        },
+        _ => CheckpointError::Read {
+            path: path.to_path_buf(),
+            source,
+        },
+    })
+}
+
 /// Reads and checks `dir/manifest.json` (checksum, version, plain file names); no file
 /// content is read.
 pub fn read_manifest(dir: &Path) -> Result<Manifest, CheckpointError> {
     let path = dir.join(MANIFEST_FILE);
-    let bytes = fs::read(&path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => CheckpointError::FileMissing { path: path.clone() },
-        _ => CheckpointError::Read {
-            path: path.clone(),
-            source,
-        },
-    })?;
+    let bytes = read_file(&path)?;
     // Check the version before the full parse, so a newer format reports as such.
     if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes)
         && let Some(found) = v.get("format_version").and_then(serde_json::Value::as_u64)
@@ -287,13 +294,7 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, CheckpointError> {
 /// Reads `dir/name` and checks its size and blake3 against `entry`.
 pub fn check_file(dir: &Path, name: &str, entry: &FileEntry) -> Result<Vec<u8>, CheckpointError> {
     let path = dir.join(name);
-    let bytes = fs::read(&path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => CheckpointError::FileMissing { path: path.clone() },
-        _ => CheckpointError::Read {
-            path: path.clone(),
-            source,
-        },
-    })?;
+    let bytes = read_file(&path)?;
     if bytes.len() as u64 != entry.bytes {
         return Err(CheckpointError::FileSize {
             path,
@@ -372,13 +373,8 @@ pub fn set_latest(root: &Path, id: &str) -> Result<(), CheckpointError> {
         )));
     }
     let path = root.join(LATEST_FILE);
-    fsutil::write_atomic(&path, format!("{id}\n").as_bytes()).map_err(|source| {
-        CheckpointError::Fs {
-            op: "write",
-            path,
-            source,
-        }
-    })
+    fsutil::write_atomic(&path, format!("{id}\n").as_bytes())
+        .map_err(CheckpointError::fs("write", &path))
 }
 
 /// Checkpoint directory names under `root`, sorted by id (oldest first). Dot-entries and
@@ -420,19 +416,11 @@ fn remove_leftovers(root: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
         } else {
             continue;
         };
-        result.map_err(|source| CheckpointError::Fs {
-            op: "remove leftover",
-            path: path.clone(),
-            source,
-        })?;
+        result.map_err(CheckpointError::fs("remove leftover", &path))?;
         removed.push(path);
     }
     if !removed.is_empty() {
-        fsutil::fsync_dir(root).map_err(|source| CheckpointError::Fs {
-            op: "fsync",
-            path: root.to_path_buf(),
-            source,
-        })?;
+        fsutil::fsync_dir(root).map_err(CheckpointError::fs("fsync", root))?;
     }
     removed.sort();
     Ok(removed)
@@ -516,6 +504,11 @@ mod tests {
     use crate::checkpoint::listing::dir_bytes;
     use crate::checkpoint::testutil::{dir_names, manifest, payload, write};
     use crate::checkpoint::{inspect, list};
+
+    /// The id of the checkpoint `open_latest` resumes from.
+    fn latest_id(root: &Path) -> String {
+        open_latest(root).unwrap().checkpoint.unwrap().manifest.id
+    }
 
     #[test]
     fn a_missing_latest_is_repaired_to_the_checkpoint_resumed_from() {
@@ -687,15 +680,7 @@ mod tests {
         );
         // No LATEST at all: newest valid.
         fs::remove_file(root.path().join(LATEST_FILE)).unwrap();
-        assert_eq!(
-            open_latest(root.path())
-                .unwrap()
-                .checkpoint
-                .unwrap()
-                .manifest
-                .id,
-            b.id
-        );
+        assert_eq!(latest_id(root.path()), b.id);
         // set_latest moves the pointer (rollback).
         set_latest(root.path(), &a.id).unwrap();
         let r = open_latest(root.path()).unwrap();
@@ -765,15 +750,7 @@ mod tests {
                     assert_eq!(r.checkpoint.unwrap().manifest.id, first.id);
                 }
                 Ok(info) => {
-                    assert_eq!(
-                        open_latest(root.path())
-                            .unwrap()
-                            .checkpoint
-                            .unwrap()
-                            .manifest
-                            .id,
-                        info.id
-                    );
+                    assert_eq!(latest_id(root.path()), info.id);
                     break;
                 }
                 Err(e) => panic!("unexpected error {e}"),

@@ -220,24 +220,12 @@ pub fn remove_checkpoints(root: &Path, ids: &[String]) -> Result<Vec<String>, Ch
         }
         let dir = root.join(id);
         let doomed = root.join(format!("{TMP_PREFIX}del-{id}"));
-        fs::rename(&dir, &doomed).map_err(|source| CheckpointError::Fs {
-            op: "rename for deletion",
-            path: dir.clone(),
-            source,
-        })?;
-        fs::remove_dir_all(&doomed).map_err(|source| CheckpointError::Fs {
-            op: "remove",
-            path: doomed.clone(),
-            source,
-        })?;
+        fs::rename(&dir, &doomed).map_err(CheckpointError::fs("rename for deletion", &dir))?;
+        fs::remove_dir_all(&doomed).map_err(CheckpointError::fs("remove", &doomed))?;
         removed.push(id.clone());
     }
     if !removed.is_empty() {
-        fsutil::fsync_dir(root).map_err(|source| CheckpointError::Fs {
-            op: "fsync",
-            path: root.to_path_buf(),
-            source,
-        })?;
+        fsutil::fsync_dir(root).map_err(CheckpointError::fs("fsync", root))?;
     }
     Ok(removed)
 }

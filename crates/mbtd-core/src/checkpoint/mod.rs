@@ -175,6 +175,12 @@ pub enum CheckpointError {
 }
 
 impl CheckpointError {
+    /// `map_err` adapter for a filesystem step: `.map_err(CheckpointError::fs("fsync", dir))`.
+    pub fn fs(op: &'static str, path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.to_path_buf();
+        move |source| Self::Fs { op, path, source }
+    }
+
     /// Whether this failure means the disk (or quota) is full: an expected condition the
     /// daemon reports and retries, not a bug.
     pub fn is_disk_full(&self) -> bool {
@@ -218,11 +224,7 @@ pub fn check_free_space(root: &Path, needed: u64, reserve: u64) -> Result<(), Ch
     if reserve == 0 {
         return Ok(());
     }
-    let free = free_bytes(root).map_err(|source| CheckpointError::Fs {
-        op: "statvfs",
-        path: root.to_path_buf(),
-        source,
-    })?;
+    let free = free_bytes(root).map_err(CheckpointError::fs("statvfs", root))?;
     if free < needed.saturating_add(reserve) {
         return Err(CheckpointError::DiskFull {
             root: root.to_path_buf(),

@@ -553,12 +553,24 @@ mod tests {
 
     /// Feeds evals with the given new-era losses at steps 10, 20, ...; returns the last decision.
     fn feed(state: &mut GovernorState, losses: &[f64], c: &GovernorConfig) -> Decision {
-        let mut last = None;
-        for (i, &l) in losses.iter().enumerate() {
+        let evals = losses.iter().enumerate().map(|(i, &l)| {
             let step = 10 * (i as u64 + 1);
-            last = Some(decide(state, &inputs(step, Some(eval(step, 3.0, l))), c));
+            eval(step, 3.0, l)
+        });
+        feed_evals(state, evals, c)
+    }
+
+    /// Feeds each eval at its step; returns the last decision.
+    fn feed_evals(
+        state: &mut GovernorState,
+        evals: impl IntoIterator<Item = EvalPoint>,
+        c: &GovernorConfig,
+    ) -> Decision {
+        let mut last = None;
+        for e in evals {
+            last = Some(decide(state, &inputs(e.step, Some(e)), c));
         }
-        last.unwrap()
+        last.expect("at least one eval")
     }
 
     #[test]
@@ -632,13 +644,7 @@ mod tests {
             panic!("{d:?}")
         };
         assert!(!b.plateau.unwrap().plateau);
-        let e = EvalPoint {
-            step: 40,
-            control_old: None,
-            control_new: None,
-            train_loss_ema: f64::NAN,
-            old_sources: vec![],
-        };
+        let e = eval_rows(40, f64::NAN, vec![]);
         decide(&mut s, &inputs(40, Some(e)), &cfg());
         let json = serde_json::to_string(&s).unwrap();
         let back: GovernorState = serde_json::from_str(&json).unwrap();
@@ -647,25 +653,23 @@ mod tests {
         assert_eq!(back.last_decisions.len(), s.last_decisions.len());
     }
 
+    /// The plateau metric a decision was based on (`None` when it has no plateau basis).
+    fn plateau_metric(d: &Decision) -> Option<&str> {
+        let basis = match d {
+            Decision::Expand { basis, .. } => Some(basis),
+            Decision::None { basis, .. } => basis.as_ref(),
+            _ => None,
+        };
+        Some(basis?.plateau.as_ref()?.metric.as_str())
+    }
+
     #[test]
     fn plateau_falls_back_to_train_loss_without_control() {
         let mut s = GovernorState::default();
-        for step in [10, 20, 30] {
-            let e = EvalPoint {
-                step,
-                control_old: None,
-                control_new: None,
-                train_loss_ema: 2.0,
-                old_sources: vec![],
-            };
-            let d = decide(&mut s, &inputs(step, Some(e)), &cfg());
-            if step == 30 {
-                let Decision::Expand { basis, .. } = d else {
-                    panic!("{d:?}")
-                };
-                assert_eq!(basis.plateau.unwrap().metric, "train_loss_ema");
-            }
-        }
+        let evals = [10, 20, 30].map(|step| eval_rows(step, 2.0, vec![]));
+        let d = feed_evals(&mut s, evals, &cfg());
+        assert!(matches!(d, Decision::Expand { .. }), "{d:?}");
+        assert_eq!(plateau_metric(&d), Some("train_loss_ema"));
     }
 
     #[test]
@@ -813,12 +817,8 @@ mod tests {
         assert_eq!(s.layers[1].kept, 1);
         assert_eq!(s.layers[1].cooldown_until, step + c.cooldown_steps);
         // Cool-down: a plateau right after does not grow layer 1 again.
-        let mut last = None;
-        for i in 1..=3 {
-            let st = step + i;
-            last = Some(decide(&mut s, &inputs(st, Some(eval(st, 3.0, 2.95))), &c));
-        }
-        match last.unwrap() {
+        let evals = (1..=3).map(|i| eval(step + i, 3.0, 2.95));
+        match feed_evals(&mut s, evals, &c) {
             Decision::None { basis: Some(b), .. } => {
                 assert!(
                     b.layers[1]
@@ -832,12 +832,11 @@ mod tests {
         }
         // After the cool-down it may.
         let later = step + c.cooldown_steps;
-        let mut last = None;
-        for i in 0..3 {
-            let st = later + i;
-            last = Some(decide(&mut s, &inputs(st, Some(eval(st, 3.0, 2.95))), &c));
-        }
-        assert!(matches!(last.unwrap(), Decision::Expand { layer: 1, .. }));
+        let evals = (0..3).map(|i| eval(later + i, 3.0, 2.95));
+        assert!(matches!(
+            feed_evals(&mut s, evals, &c),
+            Decision::Expand { layer: 1, .. }
+        ));
     }
 
     #[test]
@@ -958,15 +957,11 @@ mod tests {
         };
         // New data arrived at the third eval: the train EMA jumps (seen in a benchmark run).
         let mut s = GovernorState::default();
-        let mut last = None;
-        for (i, t) in [0.102, 0.107, 2.818].into_iter().enumerate() {
-            let step = 10 * (i as u64 + 1);
-            last = Some(decide(
-                &mut s,
-                &inputs(step, Some(eval_rows(step, t, vec![]))),
-                &c,
-            ));
-        }
+        let evals = [0.102, 0.107, 2.818]
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| eval_rows(10 * (i as u64 + 1), t, vec![]));
+        let last = Some(feed_evals(&mut s, evals, &c));
         let Some(Decision::None {
             basis: Some(b),
             reason,
@@ -1010,10 +1005,7 @@ mod tests {
             eval_rows(20, 2.5, vec![a(1.0), src("b", 30, 2.01)]),
             eval_rows(30, 2.0, vec![a(1.02), src("b", 30, 2.0)]),
         ];
-        let mut last = None;
-        for e in evals {
-            last = Some(decide(&mut s, &inputs(e.step, Some(e)), &c));
-        }
+        let mut last = Some(feed_evals(&mut s, evals, &c));
         let Some(Decision::Expand { ref basis, .. }) = last else {
             panic!("{last:?}")
         };
@@ -1023,14 +1015,11 @@ mod tests {
         assert!((p.window[0] - (320.0 + 150.0 * 2.0) / 470.0).abs() < 1e-12);
         // A rise on the same rows (forgetting) counts as a plateau too.
         let mut s = GovernorState::default();
-        for (i, l) in [1.0, 1.1, 1.2].into_iter().enumerate() {
-            let step = 10 * (i as u64 + 1);
-            last = Some(decide(
-                &mut s,
-                &inputs(step, Some(eval_rows(step, 2.0, vec![a(l)]))),
-                &c,
-            ));
-        }
+        let evals = [1.0, 1.1, 1.2]
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| eval_rows(10 * (i as u64 + 1), 2.0, vec![a(l)]));
+        last = Some(feed_evals(&mut s, evals, &c));
         assert!(matches!(last, Some(Decision::Expand { .. })), "{last:?}");
         // b's rows changed inside the window: fall back to the train EMA (falling fast).
         let mut s = GovernorState::default();
@@ -1039,13 +1028,9 @@ mod tests {
             eval_rows(20, 2.5, vec![a(1.0), src("b", 30, 2.0)]),
             eval_rows(30, 2.0, vec![a(1.0), src("b", 30, 2.0)]),
         ];
-        for e in evals {
-            last = Some(decide(&mut s, &inputs(e.step, Some(e)), &c));
-        }
-        let Some(Decision::None { basis: Some(b), .. }) = last else {
-            panic!("{last:?}")
-        };
-        assert_eq!(b.plateau.unwrap().metric, "train_loss_ema");
+        let d = feed_evals(&mut s, evals, &c);
+        assert!(matches!(d, Decision::None { .. }), "{d:?}");
+        assert_eq!(plateau_metric(&d), Some("train_loss_ema"));
     }
 
     #[test]

@@ -121,6 +121,10 @@ pub struct IngestConfig {
     pub max_file_bytes: u64,
     /// Larger rows are rejected (bytes of field data, 16 ..= 256 MiB).
     pub max_row_bytes: u64,
+    /// Scheduling niceness of the thread that parses, hashes and fsyncs a file (0 ..= 19,
+    /// Linux). Above 0 it yields the CPU to training, so a large file arriving does not
+    /// slow the trainer's steps; ingestion then takes the cores training leaves.
+    pub nice: u8,
 }
 
 impl Default for IngestConfig {
@@ -130,6 +134,7 @@ impl Default for IngestConfig {
             rescan_ms: 2000,
             max_file_bytes: 256 << 20,
             max_row_bytes: 1 << 20,
+            nice: 19,
         }
     }
 }
@@ -147,7 +152,8 @@ impl IngestConfig {
         check("settle_ms", self.settle_ms, 0, 600_000)?;
         check("rescan_ms", self.rescan_ms, 100, 3_600_000)?;
         check("max_file_bytes", self.max_file_bytes, 1, 64 << 30)?;
-        check("max_row_bytes", self.max_row_bytes, 16, 256 << 20)
+        check("max_row_bytes", self.max_row_bytes, 16, 256 << 20)?;
+        check("nice", self.nice.into(), 0, 19)
     }
 }
 
@@ -163,6 +169,11 @@ mod tests {
             ..Default::default()
         };
         assert!(bad.validate().unwrap_err().contains("max_row_bytes"));
+        let bad = IngestConfig {
+            nice: 20,
+            ..Default::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("nice = 20"));
         let c: IngestConfig = toml::from_str("settle_ms = 10").unwrap();
         assert_eq!((c.settle_ms, c.rescan_ms), (10, 2000));
         assert!(toml::from_str::<IngestConfig>("settle = 10").is_err());

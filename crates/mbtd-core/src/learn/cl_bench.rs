@@ -87,12 +87,7 @@ fn one(a: &ContinualBenchArgs, r: f64) -> Result<Value, ModelError> {
 
 /// Runs every replay share; one JSON object.
 pub fn bench_continual(a: &ContinualBenchArgs) -> Result<Value, ModelError> {
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(a.threads)
-        .build()
-        .map_err(|e| {
-            ModelError::Config(format!("cannot build a pool of {} threads: {e}", a.threads))
-        })?;
+    let pool = crate::model::bench::pool(a.threads)?;
     let rows = pool.install(|| {
         a.replay_share
             .iter()

@@ -148,12 +148,7 @@ fn one_setting(
 
 /// Runs every setting; one JSON object with a row per `p`.
 pub fn bench_outage(a: &OutageBenchArgs) -> Result<Value, ModelError> {
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(a.threads)
-        .build()
-        .map_err(|e| {
-            ModelError::Config(format!("cannot build a pool of {} threads: {e}", a.threads))
-        })?;
+    let pool = crate::model::bench::pool(a.threads)?;
     let next = chain(a.seed);
     let control = batch(&next, &mut ChaCha8Rng::seed_from_u64(a.seed ^ 0xc0), 32);
     let rows = pool.install(|| {

@@ -178,7 +178,8 @@ pub fn machine_idle_share(ms: u64) -> Option<f64> {
     (t2 > t1).then(|| (i2 - i1) as f64 / (t2 - t1) as f64)
 }
 
-fn pool(threads: usize) -> Result<rayon::ThreadPool, ModelError> {
+/// A rayon pool of `threads` threads for a benchmark.
+pub(crate) fn pool(threads: usize) -> Result<rayon::ThreadPool, ModelError> {
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()

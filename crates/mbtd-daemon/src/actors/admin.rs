@@ -6,7 +6,7 @@ use std::sync::Arc;
 use kameo::prelude::*;
 
 use super::dispatch::Dispatcher;
-use super::health::ChildHealth;
+use super::health::{Child, ChildHealth, child_actor};
 use super::metrics::AbortOnDrop;
 use crate::admin::server;
 use crate::telemetry::names::events;
@@ -25,17 +25,17 @@ pub struct AdminActor {
     _accept: AbortOnDrop,
 }
 
-impl Actor for AdminActor {
-    type Args = AdminArgs;
-    /// The actor fails to start (and is retried with back-off) when its socket cannot be bound.
-    type Error = server::AdminError;
+child_actor!(AdminActor, "admin", AdminArgs, server::AdminError);
 
-    fn name() -> &'static str {
-        "admin"
+impl Child for AdminActor {
+    fn health(&self) -> &ChildHealth {
+        &self.health
     }
+}
 
-    async fn on_start(args: Self::Args, _: ActorRef<Self>) -> Result<Self, Self::Error> {
-        args.health.on_start().await;
+impl AdminActor {
+    /// Fails (and is retried with back-off) when the socket cannot be bound.
+    async fn start(args: AdminArgs, _: ActorRef<Self>) -> Result<Self, server::AdminError> {
         let listener = server::bind(&args.socket, args.group_gid)?;
         tracing::info!(
             event = events::ADMIN_LISTENING,
@@ -53,15 +53,6 @@ impl Actor for AdminActor {
             health: args.health,
             _accept: AbortOnDrop(accept),
         })
-    }
-
-    async fn on_stop(
-        &mut self,
-        _: WeakActorRef<Self>,
-        reason: ActorStopReason,
-    ) -> Result<(), Self::Error> {
-        self.health.on_stop(&reason.to_string());
-        Ok(())
     }
 }
 

@@ -24,7 +24,7 @@ use super::checkpoint_events::{
     CheckpointStillFailing, CheckpointWritten, CheckpointsDeleted, FinalCheckpointFailed,
     RetentionApplied, RetentionFailed,
 };
-use super::health::ChildHealth;
+use super::health::{Child, ChildHealth, child_actor};
 use crate::checkpoint::{
     self, CheckpointConfig, CheckpointError, LoadedCheckpoint, Manifest, TAG_SHUTDOWN,
 };
@@ -229,16 +229,21 @@ pub struct CheckpointerActor {
     args: CheckpointerArgs,
 }
 
-impl Actor for CheckpointerActor {
-    type Args = CheckpointerArgs;
-    type Error = CheckpointError;
+child_actor!(
+    CheckpointerActor,
+    "checkpointer",
+    CheckpointerArgs,
+    CheckpointError
+);
 
-    fn name() -> &'static str {
-        "checkpointer"
+impl Child for CheckpointerActor {
+    fn health(&self) -> &ChildHealth {
+        &self.args.health
     }
+}
 
-    async fn on_start(args: Self::Args, _: ActorRef<Self>) -> Result<Self, Self::Error> {
-        args.health.on_start().await;
+impl CheckpointerActor {
+    async fn start(args: CheckpointerArgs, _: ActorRef<Self>) -> Result<Self, CheckpointError> {
         std::fs::create_dir_all(&args.root).map_err(|source| CheckpointError::Fs {
             op: "create directory",
             path: args.root.clone(),
@@ -256,15 +261,6 @@ impl Actor for CheckpointerActor {
         let me = Self { args };
         me.publish();
         Ok(me)
-    }
-
-    async fn on_stop(
-        &mut self,
-        _: WeakActorRef<Self>,
-        reason: ActorStopReason,
-    ) -> Result<(), Self::Error> {
-        self.args.health.on_stop(&reason.to_string());
-        Ok(())
     }
 }
 

@@ -20,6 +20,51 @@ pub fn backoff(initial_ms: u64, max_ms: u64, restarts_in_window: u32) -> Duratio
     Duration::from_millis(initial_ms.saturating_mul(1u64 << shift).min(max_ms))
 }
 
+/// A supervised child actor: [`child_actor!`] implements `kameo::Actor` for it, keeping its
+/// [`ChildHealth`] up to date around the child's own `start` and [`Child::stopping`].
+pub(crate) trait Child {
+    fn health(&self) -> &ChildHealth;
+
+    /// Work of an ordered stop (flushes, joins), before the health record says "stopped".
+    async fn stopping(&mut self, _reason: &kameo::error::ActorStopReason) {}
+}
+
+/// `impl kameo::Actor` for a supervisor child: `on_start` records the (re)start in the
+/// health record carried by `Args` (sleeping the restart back-off), then runs the actor's
+/// inherent `async fn start(args, me) -> Result<Self, Error>`; `on_stop` runs
+/// [`Child::stopping`] and records the stop.
+macro_rules! child_actor {
+    ($actor:ty, $name:literal, $args:ty, $error:ty) => {
+        impl ::kameo::Actor for $actor {
+            type Args = $args;
+            type Error = $error;
+
+            fn name() -> &'static str {
+                $name
+            }
+
+            async fn on_start(
+                args: Self::Args,
+                me: ::kameo::actor::ActorRef<Self>,
+            ) -> Result<Self, Self::Error> {
+                args.health.on_start().await;
+                Self::start(args, me).await
+            }
+
+            async fn on_stop(
+                &mut self,
+                _: ::kameo::actor::WeakActorRef<Self>,
+                reason: ::kameo::error::ActorStopReason,
+            ) -> Result<(), Self::Error> {
+                $crate::actors::health::Child::stopping(self, &reason).await;
+                $crate::actors::health::Child::health(self).on_stop(&reason.to_string());
+                Ok(())
+            }
+        }
+    };
+}
+pub(crate) use child_actor;
+
 /// One supervised actor's health, shared between the actor and the status reporter.
 #[derive(Debug)]
 pub struct ChildHealth {

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use kameo::error::Infallible;
 use kameo::prelude::*;
 
-use super::health::ChildHealth;
+use super::health::{Child, ChildHealth, child_actor};
 use super::ingestor_events::{
     IngestBlocked, IngestRetryFailed, IngestStillBlocked, IngestUnblocked,
 };
@@ -100,16 +100,16 @@ pub struct IngestorActor {
     _pump: AbortOnDrop,
 }
 
-impl Actor for IngestorActor {
-    type Args = IngestorArgs;
-    type Error = Infallible;
+child_actor!(IngestorActor, "ingestor", IngestorArgs, Infallible);
 
-    fn name() -> &'static str {
-        "ingestor"
+impl Child for IngestorActor {
+    fn health(&self) -> &ChildHealth {
+        &self.args.health
     }
+}
 
-    async fn on_start(args: Self::Args, me: ActorRef<Self>) -> Result<Self, Self::Error> {
-        args.health.on_start().await;
+impl IngestorActor {
+    async fn start(args: IngestorArgs, me: ActorRef<Self>) -> Result<Self, Infallible> {
         let (watcher, rx) = watch(&args.inbox);
         let rescan = Duration::from_millis(args.cfg.rescan_ms);
         let settle = Duration::from_millis(args.cfg.settle_ms.max(50));
@@ -138,15 +138,6 @@ impl Actor for IngestorActor {
             _watcher: watcher,
             _pump: AbortOnDrop(pump),
         })
-    }
-
-    async fn on_stop(
-        &mut self,
-        _: WeakActorRef<Self>,
-        reason: ActorStopReason,
-    ) -> Result<(), Self::Error> {
-        self.args.health.on_stop(&reason.to_string());
-        Ok(())
     }
 }
 
@@ -198,6 +189,27 @@ impl Message<IngestDone> for IngestorActor {
 /// the blocking task of its previous incarnation still runs: two ingestions interleaving
 /// their appends and commits in the replay actor could roll back each other's rows.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Raises the calling thread's niceness to `nice` (Linux: a thread id is a process id for
+/// `setpriority`). A failure only costs priority, so it is logged once, not returned.
+fn lower_this_threads_priority(nice: u8) {
+    if nice == 0 {
+        return;
+    }
+    // SAFETY: gettid has no preconditions; setpriority only reads its integer arguments.
+    let rc = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(
+            libc::PRIO_PROCESS,
+            tid as libc::id_t,
+            libc::c_int::from(nice),
+        )
+    };
+    if rc != 0 {
+        tracing::warn!(actor = "ingestor", error = %std::io::Error::last_os_error(),
+            "cannot lower the ingestion thread's priority (ingest.nice); it competes with training");
+    }
+}
 
 impl IngestorActor {
     /// Lists the inbox and queues the files that became ready.
@@ -312,19 +324,29 @@ impl IngestorActor {
             let mut sink = ReplaySink::new(self.args.replay.clone());
             let (inbox, cfg) = (self.args.inbox.clone(), self.args.cfg.clone());
             tokio::spawn(async move {
-                let task = tokio::task::spawn_blocking(move || {
-                    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-                    let r = process_file_resuming(&inbox, &path, &mut sink, &cfg, &mut progress);
-                    (r, progress)
-                });
-                let (result, progress) = match task.await {
-                    Ok(done) => done,
-                    Err(e) => (
-                        Err(IngestError::StoreUnavailable {
-                            detail: format!("the ingestion task failed: {e}"),
-                        }),
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let nice = cfg.nice;
+                let spawned = std::thread::Builder::new()
+                    .name("mbtd-ingest".into())
+                    .spawn(move || {
+                        lower_this_threads_priority(nice);
+                        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+                        let r =
+                            process_file_resuming(&inbox, &path, &mut sink, &cfg, &mut progress);
+                        let _ = tx.send((r, progress));
+                    });
+                let failed = |detail: String| {
+                    (
+                        Err(IngestError::StoreUnavailable { detail }),
                         Progress::default(),
-                    ),
+                    )
+                };
+                let (result, progress) = match spawned {
+                    Err(e) => failed(format!("cannot start the ingestion thread: {e}")),
+                    Ok(_) => match rx.await {
+                        Ok(done) => done,
+                        Err(_) => failed("the ingestion thread panicked".into()),
+                    },
                 };
                 let _ = me
                     .tell(IngestDone {

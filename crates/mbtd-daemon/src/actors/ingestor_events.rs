@@ -24,25 +24,19 @@ pub struct IngestBlocked<'a> {
 
 impl InternalEvent for IngestBlocked<'_> {
     fn emit(self) {
-        if self.disk_full {
-            tracing::error!(
-                event = events::INGEST_BLOCKED,
-                actor = "ingestor",
-                file = self.file,
-                error = self.error,
-                retry_in_ms = self.retry_in.as_millis() as u64,
-                "disk full: ingestion blocked, files wait in the inbox; free space and it resumes by itself"
-            );
+        let what = if self.disk_full {
+            "disk full: ingestion blocked, files wait in the inbox; free space and it resumes by itself"
         } else {
-            tracing::error!(
-                event = events::INGEST_BLOCKED,
-                actor = "ingestor",
-                file = self.file,
-                error = self.error,
-                retry_in_ms = self.retry_in.as_millis() as u64,
-                "ingestion failed; the file stays in the inbox and is retried with back-off"
-            );
-        }
+            "ingestion failed; the file stays in the inbox and is retried with back-off"
+        };
+        tracing::error!(
+            event = events::INGEST_BLOCKED,
+            actor = "ingestor",
+            file = self.file,
+            error = self.error,
+            retry_in_ms = self.retry_in.as_millis() as u64,
+            "{what}"
+        );
         metrics::gauge!(names::INGEST_BLOCKED_DISK_FULL).set(if self.disk_full {
             1.0
         } else {

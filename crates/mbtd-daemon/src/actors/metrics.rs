@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use kameo::error::Infallible;
 use kameo::prelude::*;
 
-use super::health::ChildHealth;
+use super::health::{Child, ChildHealth, child_actor};
 use crate::store::fsutil::now_ms;
 use crate::telemetry::history::{HistoryRecord, HistoryWriter};
 use crate::telemetry::names::{self, events};
@@ -48,16 +48,22 @@ impl Drop for AbortOnDrop {
     }
 }
 
-impl Actor for MetricsActor {
-    type Args = MetricsArgs;
-    type Error = Infallible;
+child_actor!(MetricsActor, "metrics", MetricsArgs, Infallible);
 
-    fn name() -> &'static str {
-        "metrics"
+impl Child for MetricsActor {
+    fn health(&self) -> &ChildHealth {
+        &self.args.health
     }
 
-    async fn on_start(args: Self::Args, actor_ref: ActorRef<Self>) -> Result<Self, Self::Error> {
-        args.health.on_start().await;
+    async fn stopping(&mut self, _: &ActorStopReason) {
+        self.tickers.clear();
+        self.log_snapshot();
+        self.append_history();
+    }
+}
+
+impl MetricsActor {
+    async fn start(args: MetricsArgs, actor_ref: ActorRef<Self>) -> Result<Self, Infallible> {
         let mut tickers = vec![tick(&actor_ref, args.log_every, || LogSnapshot)];
         let history = args.history.as_ref().map(|h| {
             tickers.push(tick(&actor_ref, h.every, || AppendHistory));
@@ -71,18 +77,6 @@ impl Actor for MetricsActor {
         };
         me.append_history();
         Ok(me)
-    }
-
-    async fn on_stop(
-        &mut self,
-        _: WeakActorRef<Self>,
-        reason: ActorStopReason,
-    ) -> Result<(), Self::Error> {
-        self.tickers.clear();
-        self.log_snapshot();
-        self.append_history();
-        self.args.health.on_stop(&reason.to_string());
-        Ok(())
     }
 }
 

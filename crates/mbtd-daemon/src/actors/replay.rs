@@ -14,7 +14,7 @@ use kameo::error::SendError;
 use kameo::prelude::*;
 use rand::SeedableRng;
 
-use super::health::ChildHealth;
+use super::health::{Child, ChildHealth, child_actor};
 use crate::ingest::{IngestError, RowSink};
 use crate::store::replay::{ControlGroup, PendingSync, ReplayStats, ReplayStore};
 use crate::store::{ReplayConfig, StoreError, format::Record};
@@ -37,16 +37,16 @@ pub struct ReplayActor {
     consumed_through: u64,
 }
 
-impl Actor for ReplayActor {
-    type Args = ReplayArgs;
-    type Error = StoreError;
+child_actor!(ReplayActor, "replay", ReplayArgs, StoreError);
 
-    fn name() -> &'static str {
-        "replay"
+impl Child for ReplayActor {
+    fn health(&self) -> &ChildHealth {
+        &self.args.health
     }
+}
 
-    async fn on_start(args: Self::Args, _: ActorRef<Self>) -> Result<Self, Self::Error> {
-        args.health.on_start().await;
+impl ReplayActor {
+    async fn start(args: ReplayArgs, _: ActorRef<Self>) -> Result<Self, StoreError> {
         let (dir, cfg) = (args.dir.clone(), args.cfg.clone());
         let (store, report) = tokio::task::block_in_place(|| ReplayStore::open(&dir, &cfg))?;
         if !report.is_clean() {
@@ -73,15 +73,6 @@ impl Actor for ReplayActor {
         };
         me.publish(&stats);
         Ok(me)
-    }
-
-    async fn on_stop(
-        &mut self,
-        _: WeakActorRef<Self>,
-        reason: ActorStopReason,
-    ) -> Result<(), Self::Error> {
-        self.args.health.on_stop(&reason.to_string());
-        Ok(())
     }
 }
 

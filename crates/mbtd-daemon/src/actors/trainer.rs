@@ -13,7 +13,7 @@ use kameo::prelude::*;
 use tokio::sync::{oneshot, watch};
 
 use super::checkpointer::CheckpointerActor;
-use super::health::ChildHealth;
+use super::health::{Child, ChildHealth, child_actor};
 use super::metrics::AbortOnDrop;
 use super::replay::ReplayActor;
 use super::trainer_worker::{self, Cmd, ResumeError, Wake, WorkerArgs};
@@ -51,16 +51,25 @@ pub enum TrainerError {
     Resume(#[from] ResumeError),
 }
 
-impl Actor for TrainerActor {
-    type Args = TrainerArgs;
-    type Error = TrainerError;
+child_actor!(TrainerActor, "trainer", TrainerArgs, TrainerError);
 
-    fn name() -> &'static str {
-        "trainer"
+impl Child for TrainerActor {
+    fn health(&self) -> &ChildHealth {
+        &self.health
     }
 
-    async fn on_start(args: Self::Args, me: ActorRef<Self>) -> Result<Self, Self::Error> {
-        args.health.on_start().await;
+    async fn stopping(&mut self, reason: &ActorStopReason) {
+        if reason.is_normal()
+            && let Some(t) = self.thread.take()
+        {
+            // The supervisor sent `Cmd::Stop` first; wait for the thread to finish.
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}
+
+impl TrainerActor {
+    async fn start(args: TrainerArgs, me: ActorRef<Self>) -> Result<Self, TrainerError> {
         let (tx, rx) = std::sync::mpsc::channel();
         let (st_tx, st_rx) = watch::channel(serde_json::json!({"state": "starting"}));
         let (done_tx, done_rx) = oneshot::channel::<Result<(), ResumeError>>();
@@ -108,21 +117,6 @@ impl Actor for TrainerActor {
             _watch: AbortOnDrop(watch),
             _rows: AbortOnDrop(rows),
         })
-    }
-
-    async fn on_stop(
-        &mut self,
-        _: WeakActorRef<Self>,
-        reason: ActorStopReason,
-    ) -> Result<(), Self::Error> {
-        if reason.is_normal()
-            && let Some(t) = self.thread.take()
-        {
-            // The supervisor sent `Cmd::Stop` first; wait for the thread to finish.
-            let _ = tokio::task::spawn_blocking(move || t.join()).await;
-        }
-        self.health.on_stop(&reason.to_string());
-        Ok(())
     }
 }
 
