@@ -75,13 +75,15 @@ fn bf16_gradients_agree_with_fp32() {
     let (lb, gb) = grads(Precision::Bf16);
     assert!((lf - lb).abs() < 1e-3 * lf, "loss f32 {lf}, bf16 {lb}");
     let to64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
-    let mut differ = 0;
+    let (mut differ, mut worst) = (0, 0.0f64);
     for id in gf.ids() {
         let (a, b) = (to64(gb.get(id)), to64(gf.get(id)));
         let e = rel_err(&a, &b);
         assert!(e < 0.03, "{}: relative error {e}", id.name());
         differ += (a != b) as usize;
+        worst = worst.max(e);
     }
+    eprintln!("loss f32 {lf} bf16 {lb}; largest gradient relative error {worst:.4}");
     assert!(differ > 0, "bf16 gave the fp32 gradients bit for bit");
 }
 
@@ -106,6 +108,11 @@ fn bf16_loss_curve_follows_fp32() {
         let (mf, mb) = (
             f[s..s + 10].iter().sum::<f32>(),
             b[s..s + 10].iter().sum::<f32>(),
+        );
+        eprintln!(
+            "steps {s}..: mean loss f32 {:.4} bf16 {:.4}",
+            mf / 10.0,
+            mb / 10.0
         );
         assert!(
             (mf - mb).abs() <= 0.02 * mf,
@@ -213,4 +220,15 @@ fn bf16_masked_branches_are_untouched_and_expansion_at_eta_zero_is_exact() {
             .zip(&new)
             .all(|(a, b)| a.to_bits() == b.to_bits())
     );
+}
+
+#[test]
+fn precision_is_read_by_its_config_name() {
+    let c: ModelConfig = toml::from_str("precision = \"bf16\"").unwrap();
+    assert_eq!(c.precision, Precision::Bf16);
+    assert_eq!(ModelConfig::default().precision, Precision::F32);
+    let err = toml::from_str::<ModelConfig>("precision = \"fp16\"")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`f32`") && err.contains("`bf16`"), "{err}");
 }
