@@ -1,13 +1,13 @@
 //! bf16 matrix products with fp32 accumulation: `C[m,n] (+)= bf16(A)[m,k]·bf16(B)[k,n]`
-//! ([`gemm_bf16`]), used by the linear layers when `model.precision = "bf16"`.
+//! (`gemm_bf16`), used by the linear layers when `model.precision = "bf16"`.
 //!
 //! Both operands are rounded to bfloat16 (round to nearest, ties to even: [`to_bf16`]);
 //! the product of two bf16 numbers is exact in fp32, so the only rounding after that is
 //! the fp32 accumulation. On CPUs with AVX-512 BF16 the operands are packed in pairs of
 //! consecutive `k` (the `vdpbf16ps` layout: one 32-bit lane holds `x[2q]` in its low half,
-//! `x[2q+1]` in its high half), `A` in panels of [`MR`] rows and `B` in panels of [`NR`]
+//! `x[2q+1]` in its high half), `A` in panels of `MR` rows and `B` in panels of `NR`
 //! columns, and a register-blocked microkernel keeps an `MR × NR` tile of `C` in 24
-//! vector registers while `k` runs by, in blocks of [`KC`]. Each element is then
+//! vector registers while `k` runs by, in blocks of `KC`. Each element is then
 //! `C[i,j] ← (C[i,j] + a₂q₊₁b₂q₊₁) + a₂qb₂q` for `q = 0, 1, …` in order (the instruction's
 //! definition; denormal inputs count as zero). Elsewhere the portable path multiplies the
 //! same bf16-rounded operands with the fp32 `gemm` crate: the same exact products,

@@ -1,7 +1,7 @@
 //! Matrix products through the `gemm` crate: `C (+)= A·B` on strided views ([`gemm_into`])
 //! and the three row-major shapes of a linear layer, `A·B` ([`mm`], [`mm_prec`]), `Aᵀ·B`
 //! ([`mm_tn`], weight gradients) and `A·Bᵀ` ([`mm_nt`], input gradients). With
-//! [`Precision::Bf16`] the three shapes run through [`super::bf16::gemm_bf16`] instead.
+//! [`Precision::Bf16`] the three shapes run through `bf16::gemm_bf16` instead.
 //!
 //! Determinism: `gemm` splits only the output among threads, never a reduction, so each
 //! element `C[i,j] = Σ_p A[i,p]·B[p,j]` is summed in the same order for any thread count.
