@@ -9,7 +9,13 @@ use common::*;
 use serde_json::Value;
 
 fn config(max_steps: u64, every_steps: u64) -> String {
-    small(&[
+    config_with(max_steps, every_steps, &[])
+}
+
+fn config_with(max_steps: u64, every_steps: u64, extra: &[(&str, &str)]) -> String {
+    let steps = max_steps.to_string();
+    let every = every_steps.to_string();
+    let mut o = vec![
         ("model.vocab_size", "300"),
         ("model.branches", "3"),
         ("model.max_seq_len", "16"),
@@ -18,13 +24,15 @@ fn config(max_steps: u64, every_steps: u64) -> String {
         ("availability.p", "0.75"),
         ("training.batch_size", "4"),
         ("training.seq_len", "16"),
-        ("training.max_steps", &max_steps.to_string()),
+        ("training.max_steps", &steps),
         ("eval.every_steps", "7"),
         ("replay.control_fraction", "0.1"),
-        ("checkpoints.every_steps", &every_steps.to_string()),
+        ("checkpoints.every_steps", &every),
         ("checkpoints.keep_last", "3"),
         ("checkpoints.keep_daily", "0"),
-    ])
+    ];
+    o.extend_from_slice(extra);
+    small(&o)
 }
 
 fn write_data(d: &Daemon) {
@@ -37,7 +45,12 @@ fn write_data(d: &Daemon) {
 
 /// A daemon that trained `max_steps` steps (checkpoints every `every` steps) and stopped.
 fn trained(max_steps: u64, every: u64) -> Daemon {
-    let mut d = Daemon::start(&config(max_steps, every));
+    trained_with(max_steps, every, &[])
+}
+
+/// [`trained`] with extra config settings.
+fn trained_with(max_steps: u64, every: u64, extra: &[(&str, &str)]) -> Daemon {
+    let mut d = Daemon::start(&config_with(max_steps, every, extra));
     write_data(&d);
     d.wait_step(max_steps, Duration::from_secs(120));
     d.stop_ok();
@@ -46,12 +59,24 @@ fn trained(max_steps: u64, every: u64) -> Daemon {
 
 #[test]
 fn resume_is_bitwise_exact() {
+    resume_is_bitwise_exact_with(&[]);
+}
+
+/// Rotary positions and dropout: the masks of a resumed run are those of the straight run.
+#[test]
+fn resume_is_bitwise_exact_with_rope_and_dropout() {
+    resume_is_bitwise_exact_with(&[("model.positions", "\"rope\""), ("model.dropout", "0.1")]);
+}
+
+fn resume_is_bitwise_exact_with(extra: &[(&str, &str)]) {
     // Straight: 40 steps.
-    let (ma, wa, oa) = trained(40, 1_000_000).latest_files();
+    let (ma, wa, oa) = trained_with(40, 1_000_000, extra).latest_files();
     assert_eq!(ma["step"], 40);
+    let want = if extra.is_empty() { "learned" } else { "rope" };
+    assert_eq!(ma["config"]["model"]["positions"], want, "{ma}");
 
     // 20 steps, stop, start, 20 more.
-    let mut b = trained(20, 1_000_000).restart_with(&config(40, 1_000_000));
+    let mut b = trained_with(20, 1_000_000, extra).restart_with(&config_with(40, 1_000_000, extra));
     b.wait_step(40, Duration::from_secs(120));
     b.stop_ok();
     let (mb, wb, ob) = b.latest_files();

@@ -32,8 +32,9 @@ fn wait_rows(d: &Daemon, n: u64) {
     });
 }
 
-/// A small filesystem for the checkpoints: a tmpfs where this process may mount one
-/// (root), else the `fault-injection` build's ENOSPC switch on a plain directory.
+/// A small filesystem for the checkpoints and the replay store: a tmpfs where this process
+/// may mount one (root), else the `fault-injection` build's ENOSPC switches on a plain
+/// directory.
 struct SmallDisk {
     dir: tempfile::TempDir,
     mounted: bool,
@@ -52,7 +53,7 @@ impl SmallDisk {
                 .status()
                 .is_ok_and(|s| s.success());
         eprintln!(
-            "checkpoints on {}",
+            "checkpoints and replay store on {}",
             if mounted {
                 "a 4 MiB tmpfs"
             } else {
@@ -66,6 +67,23 @@ impl SmallDisk {
         self.dir.path()
     }
 
+    fn checkpoints(&self) -> PathBuf {
+        self.path().join("checkpoints")
+    }
+
+    fn replay(&self) -> PathBuf {
+        self.path().join("replay")
+    }
+
+    /// The injected-ENOSPC switches of the checkpoint writer and of the replay store.
+    fn switches(&self) -> [PathBuf; 2] {
+        [
+            self.checkpoints()
+                .join(mbtd::checkpoint::durable::INJECT_ENOSPC_FILE),
+            self.replay().join(mbtd::store::fault::DISK_FULL_FLAG),
+        ]
+    }
+
     fn filler(&self) -> PathBuf {
         self.path().join(".filler")
     }
@@ -73,12 +91,9 @@ impl SmallDisk {
     /// Fills the filesystem (or switches the injected ENOSPC on).
     fn fill(&self) {
         if !self.mounted {
-            std::fs::write(
-                self.path()
-                    .join(mbtd::checkpoint::durable::INJECT_ENOSPC_FILE),
-                b"",
-            )
-            .unwrap();
+            for switch in self.switches() {
+                std::fs::write(switch, b"").unwrap();
+            }
             return;
         }
         let mut f = std::fs::OpenOptions::new()
@@ -93,10 +108,9 @@ impl SmallDisk {
     /// Frees the space again.
     fn free(&self) {
         let _ = std::fs::remove_file(self.filler());
-        let _ = std::fs::remove_file(
-            self.path()
-                .join(mbtd::checkpoint::durable::INJECT_ENOSPC_FILE),
-        );
+        for switch in self.switches() {
+            let _ = std::fs::remove_file(switch);
+        }
     }
 }
 
@@ -118,11 +132,10 @@ fn events(d: &Daemon, name: &str) -> usize {
 #[test]
 fn a_full_disk_is_reported_training_goes_on_and_checkpoints_recover() {
     let disk = SmallDisk::new();
+    let at = |p: PathBuf| format!("{:?}", p.display().to_string());
     let config = small(&[
-        (
-            "paths.checkpoints",
-            &format!("\"{}\"", disk.path().display()),
-        ),
+        ("paths.checkpoints", &at(disk.checkpoints())),
+        ("paths.replay", &at(disk.replay())),
         ("checkpoints.every_steps", "20"),
         ("checkpoints.keep_last", "2"),
         ("checkpoints.keep_daily", "0"),
@@ -147,8 +160,15 @@ fn a_full_disk_is_reported_training_goes_on_and_checkpoints_recover() {
             .then_some(())
     });
     let written_before = d.metric("checkpoints_total");
-    // Ingest is unaffected (the replay store is on another filesystem) and accepts rows.
+    // A file arriving now cannot be stored: ingestion is blocked and says why; the file
+    // waits in the inbox.
     d.drop_csv("b.csv", &csv("b", 200));
+    let blocked = d.wait_for(Duration::from_secs(60), "ingest blocked", || {
+        let s = d.section("ingest");
+        (s["state"] == "blocked: disk full").then_some(s)
+    });
+    assert_eq!(blocked["blocked"]["file"], "b.csv", "{blocked}");
+    assert_eq!(d.metric("ingest_blocked_disk_full"), 1.0);
     while full_at.elapsed() < Duration::from_secs(65) {
         let exited = d.child.as_mut().unwrap().try_wait().unwrap();
         assert!(
@@ -175,9 +195,14 @@ fn a_full_disk_is_reported_training_goes_on_and_checkpoints_recover() {
     assert!(d.metric("checkpoint_failures_total") >= 1.0);
     assert_eq!(d.metric("checkpoints_total"), written_before);
     assert!(d.step() > step_full + 40, "training went on");
-    wait_rows(&d, 500);
+    assert_eq!(
+        d.section("replay")["rows"],
+        300,
+        "nothing stored while the disk is full"
+    );
+    assert_eq!(d.section("ingest")["state"], "blocked: disk full");
     // LATEST names a checkpoint that exists and verifies; so does the status.
-    let latest = latest_checkpoint_valid(disk.path()).unwrap();
+    let latest = latest_checkpoint_valid(&disk.checkpoints()).unwrap();
     assert_eq!(s["latest"], latest.as_str());
     assert_eq!(
         events(&d, "checkpoint_failing"),
@@ -195,10 +220,22 @@ fn a_full_disk_is_reported_training_goes_on_and_checkpoints_recover() {
     assert_eq!(d.metric("checkpoint_failing"), 0.0);
     assert!(d.metric("checkpoints_total") > written_before);
     assert_eq!(events(&d, "checkpoint_recovered"), 1);
-    let latest = latest_checkpoint_valid(disk.path()).unwrap();
+    let latest = latest_checkpoint_valid(&disk.checkpoints()).unwrap();
     assert_eq!(recovered["latest"], latest.as_str());
     // The last error stays visible after recovery.
     assert!(recovered["last_error"].as_str().is_some(), "{recovered}");
+    // Ingestion resumed by itself: the waiting file is stored and the block is lifted.
+    wait_rows(&d, 500);
+    let inbox = d.path().join("inbox");
+    d.wait_for(Duration::from_secs(60), "b.csv done", || {
+        sidecars(&inbox, ".done")
+            .contains_key("b.csv")
+            .then_some(())
+    });
+    d.wait_for(Duration::from_secs(10), "the block lifted", || {
+        (d.metric("ingest_blocked_disk_full") == 0.0).then_some(())
+    });
+    assert!(d.section("ingest")["blocked"].is_null());
 
     // A final checkpoint that cannot be written makes the exit non-zero and says what is lost.
     d.wait_steps(5, Duration::from_secs(60));
@@ -211,7 +248,7 @@ fn a_full_disk_is_reported_training_goes_on_and_checkpoints_recover() {
     disk.free();
 
     // No accepted row lost or duplicated.
-    let records = all_records(d.path());
+    let records = all_records(disk.path());
     let texts: BTreeSet<String> = records.iter().map(|r| body_text(&r.body)).collect();
     assert_eq!(records.len(), 500);
     assert_eq!(texts.len(), 500);

@@ -516,6 +516,7 @@ fn start_traced(dir: tempfile::TempDir, trace: &Path, notify: &UnixDatagram) -> 
         dir,
         child: Some(child),
         log,
+        env: Vec::new(),
     });
     let d = &t.0;
     d.wait_ready(Duration::from_secs(120));

@@ -21,6 +21,8 @@ pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub child: Option<Child>,
     pub log: PathBuf,
+    /// Environment of every start (fault-injection switches).
+    pub env: Vec<(String, String)>,
 }
 
 /// The one small test configuration (a d 32, 2 × 2-branch model; see
@@ -36,11 +38,20 @@ pub const BASE_CONFIG: &str = "[logging]\nformat = \"json\"\nlevel = \"info\"\n"
 impl Daemon {
     /// Starts `mbtd run` with `config` written to `<dir>/test.toml`, waits for the socket.
     pub fn start(config: &str) -> Daemon {
+        Daemon::start_with_env(config, &[])
+    }
+
+    /// [`Daemon::start`] with extra environment variables, kept for restarts.
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = Daemon {
             dir,
             child: None,
             log: PathBuf::new(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         d.restart_with(config)
     }
@@ -56,6 +67,7 @@ impl Daemon {
             .arg(&cfg)
             .arg("--data-dir")
             .arg(self.dir.path())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .spawn()

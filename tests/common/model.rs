@@ -22,13 +22,23 @@ pub fn model_config() -> String {
 /// Starts a daemon with [`model_config`], feeds it rows until the model exists and has trained a
 /// step, then pauses training so that generation is deterministic.
 pub fn daemon_with_model() -> Daemon {
-    let d = Daemon::start(&model_config());
+    daemon_with_model_env(&[])
+}
+
+/// [`daemon_with_model`] whose generation sleeps `ms` after each token (fault injection),
+/// so a test can act while a reply is still streaming.
+#[cfg(feature = "fault-injection")]
+pub fn daemon_with_slow_generation(ms: u64) -> Daemon {
+    daemon_with_model_env(&[("MBTD_FAULT_TOKEN_DELAY_MS", &ms.to_string())])
+}
+
+fn daemon_with_model_env(env: &[(&str, &str)]) -> Daemon {
+    let d = Daemon::start_with_env(&model_config(), env);
     let mut s = String::from("text\n");
     for i in 0..200 {
         s.push_str(&format!("\"row {i} says the cat sat on mat number {i}\"\n"));
     }
-    std::fs::write(d.path().join("rows.tmp"), s).unwrap();
-    std::fs::rename(d.path().join("rows.tmp"), d.path().join("inbox/rows.csv")).unwrap();
+    d.drop_csv("rows.csv", &s);
     d.wait_for(Duration::from_secs(180), "the first training step", || {
         (d.step() >= 1).then_some(())
     });

@@ -21,6 +21,7 @@
 //! its exponentials in 16 lanes counted from the segment start, so a segment gets the same
 //! bits as the same row alone at position 0 of a window whose length is a multiple of 16.
 
+use super::ops::dropout::Dropout;
 use super::ops::{View, dot16, dot16_padded, fast_exp, max16, profile, simd, sum16, sum16_padded};
 use super::tile::{TileRange, product};
 use rayon::prelude::*;
@@ -242,18 +243,39 @@ fn softmax_bwd_rows_segmented(dp: &mut [f32], p: &[f32], t: usize, scale: f32, s
     )
 }
 
+/// `x_j ← m_{offset+j}·x_j` over one head's `[T, T]` block, on the current thread.
+fn drop_rows(x: &mut [f32], site: Dropout, offset: usize) {
+    for (j, v) in x.iter_mut().enumerate() {
+        *v *= site.mask(offset + j);
+    }
+}
+
 /// Forward: fills `probs` (`[B, H, T, T]`, upper triangle zero) and `att` (`[B·T, d]`).
+/// With dropout, `Y = (P ⊙ M)·V` for the mask `M` of the site over the `[B, H, T, T]`
+/// probabilities, `P ⊙ M` written to the given buffer (`probs` keeps `P`).
 ///
 /// # Shapes
-/// `qkv`: `[B·T, 3d]` → `att`: `[B·T, d]`, `probs`: `[B, H, T, T]` (`d = H·hd`).
-pub(crate) fn attn_fwd(att: &mut [f32], probs: &mut [f32], qkv: &[f32], s: AttnShape) {
+/// `qkv`: `[B·T, 3d]` → `att`: `[B·T, d]`, `probs` (and the dropped copy):
+/// `[B, H, T, T]` (`d = H·hd`).
+pub(crate) fn attn_fwd(
+    att: &mut [f32],
+    probs: &mut [f32],
+    qkv: &[f32],
+    s: AttnShape,
+    drop: Option<(&mut [f32], Dropout)>,
+) {
     let _prof = profile::scope(profile::ATTN);
     let (t, hd, d) = (s.seq, s.head_dim, s.d());
-    assert!(att.len() >= s.batch * t * d && probs.len() >= s.batch * s.heads * t * t);
+    let total = s.batch * s.heads * t * t;
+    assert!(att.len() >= s.batch * t * d && probs.len() >= total);
     assert!(qkv.len() >= s.batch * t * 3 * d);
     let scale = 1.0 / (hd as f32).sqrt();
     let att_ptr = SendPtr(att.as_mut_ptr());
-    probs[..s.batch * s.heads * t * t]
+    let (dropped, site) = match drop {
+        Some((buf, site)) => (Some(SendPtr(buf[..total].as_mut_ptr())), Some(site)),
+        None => (None, None),
+    };
+    probs[..total]
         .par_chunks_mut(t * t)
         .enumerate()
         .for_each(|(bh, p)| {
@@ -276,6 +298,16 @@ pub(crate) fn attn_fwd(att: &mut [f32], probs: &mut [f32], qkv: &[f32], s: AttnS
             }
             // SAFETY: task (b, h) alone writes rows b·T..(b+1)·T, columns h·hd..(h+1)·hd.
             let out = unsafe { att_ptr.slice(b * t * d + h * hd, (t - 1) * d + hd) };
+            let p: &[f32] = match (dropped, site) {
+                (Some(buf), Some(site)) => {
+                    // SAFETY: task (b, h) alone writes chunk bh of the dropped copy.
+                    let pd = unsafe { buf.slice(bh * t * t, t * t) };
+                    pd.copy_from_slice(p);
+                    drop_rows(pd, site, bh * t * t);
+                    pd
+                }
+                _ => p,
+            };
             // Y = P·V over keys in [first_key(i0), i1)
             product(out, d, t, View::rm(p, t), v, (t, hd), false, |i0, i1| {
                 TileRange {
@@ -288,7 +320,8 @@ pub(crate) fn attn_fwd(att: &mut [f32], probs: &mut [f32], qkv: &[f32], s: AttnS
 }
 
 /// Backward: `datt` (`[B·T, d]`) → `dqkv` (`[B·T, 3d]`, overwritten). `dprobs` is scratch
-/// of the size of `probs`.
+/// of the size of `probs`. With the dropout site of the forward pass:
+/// `dV = (P ⊙ M)ᵀ·dY` and `dP = M ⊙ (dY·Vᵀ)` before the softmax backward.
 pub(crate) fn attn_bwd(
     dqkv: &mut [f32],
     dprobs: &mut [f32],
@@ -296,6 +329,7 @@ pub(crate) fn attn_bwd(
     probs: &[f32],
     qkv: &[f32],
     s: AttnShape,
+    drop: Option<Dropout>,
 ) {
     let _prof = profile::scope(profile::ATTN);
     let (t, hd, d) = (s.seq, s.head_dim, s.d());
@@ -338,14 +372,24 @@ pub(crate) fn attn_bwd(
                 cols: hd,
                 red: (j0, last_query(win, j1, t)),
             };
-            // dV = Pᵀ·dY
-            product(dv, 3 * d, t, View::tr(p, t), dy, (t, hd), false, after);
+            // dV = Pᵀ·dY (with dropout the dropped P, rebuilt in the dP scratch)
+            match drop {
+                Some(site) => {
+                    dp.copy_from_slice(p);
+                    drop_rows(dp, site, bh * t * t);
+                    product(dv, 3 * d, t, View::tr(dp, t), dy, (t, hd), false, after);
+                }
+                None => product(dv, 3 * d, t, View::tr(p, t), dy, (t, hd), false, after),
+            }
             // dP = dY·Vᵀ (keys in [first_key(i0), i1))
             product(dp, t, t, dy, v.t(), (hd, t), false, |i0, i1| TileRange {
                 col0: first_key(win, i0),
                 cols: causal_cols(i1, t),
                 red: (0, hd),
             });
+            if let Some(site) = drop {
+                drop_rows(dp, site, bh * t * t);
+            }
             // dS = P ⊙ (dP − rowsum(dP ⊙ P)), with the 1/√hd of S folded in
             match win {
                 Some((start, _)) => softmax_bwd_rows_segmented(dp, p, t, scale, start),
@@ -438,9 +482,9 @@ mod tests {
             .unwrap();
         pool.install(|| {
             crate::model::tile::take_work();
-            attn_fwd(&mut att, &mut p, &qkv, s);
+            attn_fwd(&mut att, &mut p, &qkv, s, None);
             let datt = att.clone();
-            attn_bwd(&mut dqkv, &mut dp, &datt, &p, &qkv, s);
+            attn_bwd(&mut dqkv, &mut dp, &datt, &p, &qkv, s, None);
             crate::model::tile::take_work()
         })
     }
@@ -468,7 +512,30 @@ mod tests {
         assert!(ratio < 0.45, "packed/causal attention work {ratio:.3}");
     }
 
+    #[test]
+    fn attention_with_dropout_matches_naive_and_gradient() {
+        let mut segs = Segments::default();
+        segs.fill(Some(&packed_ids()), 16);
+        let site = Dropout::at(0.25, 3, 1, 0, 2, 0);
+        for (seq, head_dim, bounds) in [(5, 3, None), (16, 16, segs.bounds())] {
+            check_attention_dropout(
+                AttnShape {
+                    batch: 2,
+                    seq,
+                    heads: 2,
+                    head_dim,
+                    segs: bounds,
+                },
+                Some(site),
+            );
+        }
+    }
+
     fn check_attention(s: AttnShape) {
+        check_attention_dropout(s, None);
+    }
+
+    fn check_attention_dropout(s: AttnShape, drop: Option<Dropout>) {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
         let (d, hd) = (s.d(), s.head_dim);
         let n = s.batch * s.seq;
@@ -477,8 +544,21 @@ mod tests {
         let run = |qkv: &[f32]| {
             let mut att = vec![f32::NAN; n * d];
             let mut p = vec![f32::NAN; s.batch * s.heads * s.seq * s.seq];
-            attn_fwd(&mut att, &mut p, qkv, s);
+            let mut pd = vec![f32::NAN; p.len()];
+            attn_fwd(
+                &mut att,
+                &mut p,
+                qkv,
+                s,
+                drop.map(|site| (&mut pd[..], site)),
+            );
             (att, p)
+        };
+        let mask = |b: usize, h: usize, i: usize, j: usize| {
+            let t = s.seq;
+            drop.map_or(1.0, |site| {
+                site.mask(((b * s.heads + h) * t + i) * t + j) as f64
+            })
         };
         let (att, p) = run(&qkv);
         // naive reference
@@ -499,7 +579,7 @@ mod tests {
                     let z: f64 = sc.iter().map(|a| (a - mx).exp()).sum();
                     for c in 0..hd {
                         let y: f64 = (lo..=i)
-                            .map(|j| (sc[j - lo] - mx).exp() / z * row(j, 2, c))
+                            .map(|j| (sc[j - lo] - mx).exp() / z * mask(b, h, i, j) * row(j, 2, c))
                             .sum();
                         let got = att[(b * s.seq + i) * d + h * hd + c] as f64;
                         assert!((got - y).abs() < 1e-5, "{got} vs {y}");
@@ -509,7 +589,7 @@ mod tests {
         }
         let mut dqkv = vec![f32::NAN; n * 3 * d];
         let mut dp = vec![f32::NAN; p.len()];
-        attn_bwd(&mut dqkv, &mut dp, &w, &p, &qkv, s);
+        attn_bwd(&mut dqkv, &mut dp, &w, &p, &qkv, s, drop);
         let idx: Vec<usize> = (0..n * 3 * d).collect();
         let num = fd(&mut qkv, &idx, 1e-2, |x| {
             run(x)

@@ -5,6 +5,14 @@
 //! `att = Attn(qkv)`, `u = h + att·Wo + bo`, `a2 = LN2(u)`, `f = a2·W1 + b1`,
 //! `g = gelu(f)`, `z = u + g·W2 + b2`.
 //!
+//! Options ([`BlockOpts`]): rotary positions rotate the `q` and `k` parts of `qkv` per
+//! head before attention (`qkv ← R(pos)·qkv`; backward: the inverse rotation of `∂L/∂qkv`
+//! after the attention backward). Dropout (training only) multiplies by fixed masks
+//! (see [`super::ops::dropout`]): the attention probabilities (site 0), the GELU output
+//! (`g ← M₁ ⊙ g`, site 1) and both residual branch outputs
+//! (`u = h + M₂ ⊙ (att·Wo + bo)`, `z = u + M₃ ⊙ (g·W2 + b2)`, sites 2 and 3); each
+//! backward multiplies the incoming gradient by the same mask.
+//!
 //! Backward from `∂L/∂z = α̃·∂L/∂h'`: `∂L/∂u = ∂L/∂z + LN2ᵀ(W1ᵀ(gelu'(f) ⊙ W2ᵀ∂L/∂z))`,
 //! `∂L/∂h = ∂L/∂u + LN1ᵀ(Wqkvᵀ Attnᵀ(Woᵀ ∂L/∂u))`, with every weight gradient `xᵀ·dy`
 //! on the way.
@@ -17,12 +25,31 @@
 //! whichever thread runs it, and the layer sums the branches in branch order.
 
 use super::attention::{AttnShape, attn_bwd, attn_fwd};
+use super::ops::dropout::{Dropout, dropout_apply};
+use super::ops::rope::{RopeTable, rope_bwd, rope_fwd};
 use super::ops::{
     ColSums, Precision, bias_gelu_fwd, gelu_bwd_colsum, layernorm_bwd, layernorm_fwd, linear_bwd,
     linear_fwd, linear_nobias_fwd, residual_linear_fwd, scale_colsum, serial_gemm,
 };
 use super::params::BranchParams;
 use std::sync::Mutex;
+
+/// What a branch block does besides its fixed maths.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct BlockOpts<'a> {
+    /// Rotary positions: the angle table and each row's position `[B·T]`.
+    pub rope: Option<(&'a RopeTable, &'a [u32])>,
+    /// Dropout of this branch (its sites are derived from this key).
+    pub drop: Option<Dropout>,
+    /// Arithmetic of the four linear products (forward and backward).
+    pub prec: Precision,
+}
+
+/// Dropout sites of a branch.
+const SITE_PROBS: u64 = 0;
+const SITE_GELU: u64 = 1;
+const SITE_ATTN_OUT: u64 = 2;
+const SITE_MLP_OUT: u64 = 3;
 
 /// Activations kept for the backward pass of one branch.
 #[derive(Debug, Default)]
@@ -32,6 +59,8 @@ pub(crate) struct BranchWs {
     pub a1: Vec<f32>,
     pub qkv: Vec<f32>,
     pub probs: Vec<f32>,
+    /// The dropped probabilities `P ⊙ M` (empty without dropout).
+    pub probs_drop: Vec<f32>,
     pub att: Vec<f32>,
     pub u: Vec<f32>,
     pub mean2: Vec<f32>,
@@ -64,7 +93,8 @@ pub(crate) fn fit(v: &mut Vec<f32>, n: usize) {
 }
 
 impl BranchWs {
-    fn fit(&mut self, n: usize, d: usize, probs: usize) {
+    fn fit(&mut self, n: usize, d: usize, probs: usize, drop: bool) {
+        fit(&mut self.probs_drop, if drop { probs } else { 0 });
         for (v, len) in [
             (&mut self.mean1, n),
             (&mut self.rstd1, n),
@@ -110,16 +140,15 @@ fn sizes(s: AttnShape) -> (usize, usize, usize) {
 /// # Shapes
 /// `h`, `bw.z`: `[n, d]` with `n = B·T`; `bw.qkv`: `[n, 3d]`; `bw.g`: `[n, 4d]`;
 /// `bw.probs`: `[B, H, T, T]`.
-/// The four linear products run in `prec`.
 pub(crate) fn branch_fwd(
     bp: &BranchParams,
     bw: &mut BranchWs,
     h: &[f32],
     s: AttnShape,
-    prec: Precision,
+    o: BlockOpts,
 ) {
     let (n, d, probs) = sizes(s);
-    bw.fit(n, d, probs);
+    bw.fit(n, d, probs, o.drop.is_some());
     layernorm_fwd(
         &mut bw.a1,
         &mut bw.mean1,
@@ -128,9 +157,17 @@ pub(crate) fn branch_fwd(
         &bp.ln1_gain,
         &bp.ln1_bias,
     );
-    linear_fwd(prec, &mut bw.qkv, &bw.a1, &bp.qkv_w, &bp.qkv_b, n, d);
-    attn_fwd(&mut bw.att, &mut bw.probs, &bw.qkv, s);
-    residual_linear_fwd(prec, &mut bw.u, h, &bw.att, &bp.out_w, &bp.out_b, n, d);
+    linear_fwd(o.prec, &mut bw.qkv, &bw.a1, &bp.qkv_w, &bp.qkv_b, n, d);
+    if let Some((table, pos)) = o.rope {
+        rope_fwd(&mut bw.qkv, 3 * d, 2 * d, table, pos);
+    }
+    let site = |k| o.drop.map(|dr| dr.site(k));
+    let pd = site(SITE_PROBS).map(|k| (&mut bw.probs_drop[..], k));
+    attn_fwd(&mut bw.att, &mut bw.probs, &bw.qkv, s, pd);
+    match site(SITE_ATTN_OUT) {
+        Some(k) => dropped_residual(o.prec, &mut bw.u, h, &bw.att, &bp.out_w, &bp.out_b, n, d, k),
+        None => residual_linear_fwd(o.prec, &mut bw.u, h, &bw.att, &bp.out_w, &bp.out_b, n, d),
+    }
     layernorm_fwd(
         &mut bw.a2,
         &mut bw.mean2,
@@ -139,23 +176,59 @@ pub(crate) fn branch_fwd(
         &bp.ln2_gain,
         &bp.ln2_bias,
     );
-    linear_nobias_fwd(prec, &mut bw.dgelu, &bw.a2, &bp.fc_w, n, d, 4 * d);
+    linear_nobias_fwd(o.prec, &mut bw.dgelu, &bw.a2, &bp.fc_w, n, d, 4 * d);
     bias_gelu_fwd(&mut bw.g, &mut bw.dgelu, &bp.fc_b);
-    residual_linear_fwd(
-        prec,
-        &mut bw.z,
-        &bw.u,
-        &bw.g,
-        &bp.proj_w,
-        &bp.proj_b,
-        n,
-        4 * d,
-    );
+    if let Some(k) = site(SITE_GELU) {
+        dropout_apply(&mut bw.g, k, 0);
+    }
+    match site(SITE_MLP_OUT) {
+        Some(k) => dropped_residual(
+            o.prec,
+            &mut bw.z,
+            &bw.u,
+            &bw.g,
+            &bp.proj_w,
+            &bp.proj_b,
+            n,
+            4 * d,
+            k,
+        ),
+        None => residual_linear_fwd(
+            o.prec,
+            &mut bw.z,
+            &bw.u,
+            &bw.g,
+            &bp.proj_w,
+            &bp.proj_b,
+            n,
+            4 * d,
+        ),
+    }
+}
+
+/// `y = x + M ⊙ (a·W + b)` for the mask `M` of `site` (`y`: `[n, d_out]`).
+#[allow(clippy::too_many_arguments)]
+fn dropped_residual(
+    prec: Precision,
+    y: &mut [f32],
+    x: &[f32],
+    a: &[f32],
+    w: &[f32],
+    b: &[f32],
+    n: usize,
+    din: usize,
+    site: Dropout,
+) {
+    linear_fwd(prec, y, a, w, b, n, din);
+    dropout_apply(y, site, 0);
+    for (o, &v) in y.iter_mut().zip(x) {
+        *o += v;
+    }
 }
 
 /// Backward of one branch after [`branch_fwd`]: `dh_out` (`∂L/∂h'`, scaled by `alpha`)
 /// → `bw.dh` (this branch's part of `∂L/∂h`) and the branch's gradients `gb`
-/// (overwritten). `h` is the block's input; the linear products run in `prec`.
+/// (overwritten). `h` is the block's input.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn branch_bwd(
     bp: &BranchParams,
@@ -166,30 +239,53 @@ pub(crate) fn branch_bwd(
     alpha: f32,
     h: &[f32],
     s: AttnShape,
-    prec: Precision,
+    o: BlockOpts,
 ) {
     let (n, d, probs) = sizes(s);
     sc.fit(n, d, probs);
     fit(&mut bw.dh, n * d);
+    let site = |k| o.drop.map(|dr| dr.site(k));
     scale_colsum(&mut sc.dz, alpha, dh_out, &mut gb.proj_b, &mut sc.sums);
-    // z = u + g·W2 + b2
+    // z = u + g·W2 + b2 (with dropout z = u + M₃ ⊙ (g·W2 + b2): the branch gets M₃ ⊙ ∂L/∂z,
+    // built in `datt`, free until the attention backward)
     let dbig = Some((&mut sc.dbig[..], false));
-    linear_bwd(
-        prec,
-        dbig,
-        &mut gb.proj_w,
-        &bw.g,
-        &bp.proj_w,
-        &sc.dz,
-        n,
-        4 * d,
-        d,
-    );
+    match site(SITE_MLP_OUT) {
+        Some(k) => {
+            sc.datt.copy_from_slice(&sc.dz);
+            dropout_apply(&mut sc.datt, k, 0);
+            sc.sums.of(&mut gb.proj_b, &sc.datt);
+            linear_bwd(
+                o.prec,
+                dbig,
+                &mut gb.proj_w,
+                &bw.g,
+                &bp.proj_w,
+                &sc.datt,
+                n,
+                4 * d,
+                d,
+            );
+        }
+        None => linear_bwd(
+            o.prec,
+            dbig,
+            &mut gb.proj_w,
+            &bw.g,
+            &bp.proj_w,
+            &sc.dz,
+            n,
+            4 * d,
+            d,
+        ),
+    }
+    if let Some(k) = site(SITE_GELU) {
+        dropout_apply(&mut sc.dbig, k, 0);
+    }
     gelu_bwd_colsum(&mut sc.dbig, &bw.dgelu, &mut gb.fc_b, &mut sc.sums);
     // f = a2·W1 + b1
     let da = Some((&mut sc.da[..], false));
     linear_bwd(
-        prec,
+        o.prec,
         da,
         &mut gb.fc_w,
         &bw.a2,
@@ -213,20 +309,18 @@ pub(crate) fn branch_bwd(
         &bp.ln2_gain,
         &mut sc.sums,
     );
-    // u = h + att·Wo + bo
-    sc.sums.of(&mut gb.out_b, &bw.dh);
+    // u = h + att·Wo + bo (with dropout the branch gets M₂ ⊙ ∂L/∂u, built in `dz`)
+    let du: &[f32] = match site(SITE_ATTN_OUT) {
+        Some(k) => {
+            sc.dz.copy_from_slice(&bw.dh);
+            dropout_apply(&mut sc.dz, k, 0);
+            &sc.dz
+        }
+        None => &bw.dh,
+    };
+    sc.sums.of(&mut gb.out_b, du);
     let datt = Some((&mut sc.datt[..], false));
-    linear_bwd(
-        prec,
-        datt,
-        &mut gb.out_w,
-        &bw.att,
-        &bp.out_w,
-        &bw.dh,
-        n,
-        d,
-        d,
-    );
+    linear_bwd(o.prec, datt, &mut gb.out_w, &bw.att, &bp.out_w, du, n, d, d);
     attn_bwd(
         &mut sc.dqkv,
         &mut sc.dprobs,
@@ -234,11 +328,15 @@ pub(crate) fn branch_bwd(
         &bw.probs,
         &bw.qkv,
         s,
+        site(SITE_PROBS),
     );
+    if let Some((table, pos)) = o.rope {
+        rope_bwd(&mut sc.dqkv, 3 * d, 2 * d, table, pos);
+    }
     sc.sums.of(&mut gb.qkv_b, &sc.dqkv);
     let da = Some((&mut sc.da[..], false));
     linear_bwd(
-        prec,
+        o.prec,
         da,
         &mut gb.qkv_w,
         &bw.a1,

@@ -13,13 +13,20 @@
 //! `softmax(z/temperature)` restricted to the `top_k` largest (0 = all) and to the
 //! smallest set of highest-probability tokens whose mass reaches `top_p`, drawn from a
 //! seeded ChaCha8 stream. Generation stops after `max_tokens`, at `end_token` (which is
-//! not yielded), or when the context reaches `max_seq_len`.
+//! not yielded), or, with learned positions, when the context reaches `max_seq_len`.
+//!
+//! With rotary positions (`model.positions = "rope"`) the cache is a ring of the last
+//! `max_seq_len` keys and values: position `p` is written to row `p mod max_seq_len`, each
+//! key rotated at its absolute position, and a query attends to the rows present. The
+//! scores depend only on query–key offsets, so generation runs past `max_seq_len` with a
+//! sliding window of that many tokens (the prompt itself must fit in `max_seq_len`).
 
 use super::half::{HalfPanels, PANEL};
 use super::net::{Model, Workspace};
+use super::ops::rope::{rope_angles, rope_row};
 use super::ops::{dot16, fast_exp, gelu_fwd, layernorm_fwd, max16, simd, sum16};
 use super::params::BranchParams;
-use super::{Batch, Masks, ModelError};
+use super::{Batch, Masks, ModelError, Positions};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -109,14 +116,14 @@ struct BranchDecode {
 }
 
 impl BranchDecode {
-    /// Attention of this position's query over the cached keys `0..=pos`, per head:
+    /// Attention of this position's query over the first `keys` cached rows, per head:
     /// `att = Σ_j softmax(q·k_j/√hd)_j · v_j` (exponentials summed in 16 fixed lanes, the
     /// weighted sum normalised once at the end). Compiled for AVX2 where the CPU has it.
-    fn attend(&mut self, pos: usize, heads: usize) {
+    fn attend(&mut self, keys: usize, heads: usize) {
         let d = self.q.len();
         let hd = d / heads;
         let scale = 1.0 / (hd as f32).sqrt();
-        let scores = &mut self.scores[..=pos];
+        let scores = &mut self.scores[..keys];
         let (q, k, v) = (&self.q, &self.k, &self.v);
         simd(
             #[inline(always)]
@@ -146,17 +153,30 @@ impl BranchDecode {
     }
 
     /// One token through the block: `z = u + gelu(LN2(u)·W1 + b1)·W2 + b2` with
-    /// `u = x + Attn(LN1(x))·Wo + bo`, appending this position's key and value.
-    fn step(&mut self, bp: &BranchParams, x: &[f32], pos: usize, heads: usize) {
+    /// `u = x + Attn(LN1(x))·Wo + bo`, writing this position's key and value to cache row
+    /// `pos mod rows` (rotated by `rope`'s cosines and sines when given).
+    fn step(
+        &mut self,
+        bp: &BranchParams,
+        x: &[f32],
+        pos: usize,
+        heads: usize,
+        rope: Option<(&[f32], &[f32])>,
+    ) {
         let d = x.len();
+        let rows = self.k.len() / d;
         let (mut mu, mut rs) = ([0.0f32], [0.0f32]);
         layernorm_fwd(&mut self.a, &mut mu, &mut rs, x, &bp.ln1_gain, &bp.ln1_bias);
         self.qkv
             .matvec(&mut self.qkv_row, &self.a, Some(&bp.qkv_b), 0);
+        if let Some((cos, sin)) = rope {
+            rope_row(&mut self.qkv_row[..2 * d], d / heads, cos, sin, 1.0);
+        }
+        let slot = pos % rows;
         self.q.copy_from_slice(&self.qkv_row[..d]);
-        self.k[pos * d..(pos + 1) * d].copy_from_slice(&self.qkv_row[d..2 * d]);
-        self.v[pos * d..(pos + 1) * d].copy_from_slice(&self.qkv_row[2 * d..]);
-        self.attend(pos, heads);
+        self.k[slot * d..(slot + 1) * d].copy_from_slice(&self.qkv_row[d..2 * d]);
+        self.v[slot * d..(slot + 1) * d].copy_from_slice(&self.qkv_row[2 * d..]);
+        self.attend((pos + 1).min(rows), heads);
         self.out.matvec(&mut self.u, &self.att, Some(&bp.out_b), 0);
         for (a, &b) in self.u.iter_mut().zip(x) {
             *a += b;
@@ -188,6 +208,9 @@ struct Scratch {
     order: Vec<u32>,
     weights: Vec<f64>,
     seen: Vec<bool>,
+    /// Rotary cosines and sines of the position being decoded.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
 }
 
 /// A running generation: an iterator of token ids (stream them as they come).
@@ -282,6 +305,8 @@ impl Model {
             x: vec![0.0; d],
             out: vec![0.0; d],
             a: vec![0.0; d],
+            cos: vec![0.0; c.head_dim() / 2],
+            sin: vec![0.0; c.head_dim() / 2],
             ..Scratch::default()
         };
         for &t in prompt {
@@ -326,17 +351,24 @@ impl Generation<'_> {
         let pos = self.pos;
         let p = &m.params;
         let s = &mut self.s;
-        for j in 0..d {
-            s.x[j] = p.wte[tok as usize * d + j] + p.wpe[pos * d + j];
+        let rope = c.positions == Positions::Rope;
+        if rope {
+            s.x.copy_from_slice(&p.wte[tok as usize * d..(tok as usize + 1) * d]);
+            rope_angles(&mut s.cos, &mut s.sin, pos, c.head_dim());
+        } else {
+            for j in 0..d {
+                s.x[j] = p.wte[tok as usize * d + j] + p.wpe[pos * d + j];
+            }
         }
         for (l, layer) in p.layers.iter().enumerate() {
             let x = &s.x;
+            let angles = rope.then_some((s.cos.as_slice(), s.sin.as_slice()));
             self.branches[l]
                 .par_iter_mut()
                 .zip(layer.branches.par_iter())
                 .for_each(|(st, bp)| {
                     if let Some(st) = st {
-                        st.step(bp, x, pos, heads);
+                        st.step(bp, x, pos, heads, angles);
                     }
                 });
             s.out.fill(0.0);
@@ -444,7 +476,8 @@ impl Iterator for Generation<'_> {
             return None;
         }
         if let Some(t) = self.pending.take() {
-            if self.pos >= self.model.config.max_seq_len {
+            let c = &self.model.config;
+            if c.positions == Positions::Learned && self.pos >= c.max_seq_len {
                 self.done = true;
                 return None;
             }
@@ -469,6 +502,7 @@ impl Iterator for Generation<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::ModelConfig;
     use crate::model::net::tests::tiny_config;
 
     #[test]
@@ -514,6 +548,77 @@ mod tests {
             }
         }
         assert_eq!(gen_.next(), None);
+    }
+
+    /// With rotary positions, a one-layer model's decode at position `p >= T` sees the last
+    /// `T` tokens at their offsets from `p`: exactly what a fresh forward pass over those
+    /// `T` tokens sees (the layer's keys depend only on token and position). So the ring
+    /// cache's next-token logits match the full forward pass over the sliding window.
+    #[test]
+    fn rope_generation_runs_past_max_seq_len_with_a_sliding_window() {
+        let cfg = ModelConfig {
+            positions: Positions::Rope,
+            n_layers: 1,
+            ..tiny_config()
+        };
+        let t = cfg.max_seq_len;
+        let model = Model::new(cfg.clone(), 5).unwrap();
+        let masks = model.all_active();
+        let g = GenerateConfig {
+            max_tokens: 2 * t,
+            temperature: 0.0,
+            ..GenerateConfig::default()
+        };
+        let prompt = [3u32, 1];
+        let mut gen_ = model.generate(&prompt, &masks, &g).unwrap();
+        let mut ctx = prompt.to_vec();
+        let mut ws = Workspace::default();
+        while let Some(tok) = gen_.next() {
+            ctx.push(tok);
+            let dec = gen_.next_logits().to_vec();
+            let window = &ctx[ctx.len().saturating_sub(t)..];
+            let b = Batch {
+                batch: 1,
+                seq: window.len(),
+                inputs: window.to_vec(),
+                targets: vec![0; window.len()],
+                loss_mask: vec![0.0; window.len()],
+                segments: None,
+            };
+            let full = model.logits(&mut ws, &b, &masks).unwrap();
+            let last = &full[(window.len() - 1) * cfg.vocab_size..];
+            let scale = last.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            for (a, b) in dec.iter().zip(last) {
+                assert!(
+                    (a - b).abs() < 5e-3 * scale,
+                    "position {}: {a} vs {b}",
+                    ctx.len() - 1
+                );
+            }
+        }
+        assert_eq!(ctx.len(), prompt.len() + 2 * t, "2 × max_seq_len tokens");
+        assert_eq!(gen_.context_len(), ctx.len());
+        // a deeper model generates as far
+        let deep = Model::new(
+            ModelConfig {
+                positions: Positions::Rope,
+                ..tiny_config()
+            },
+            5,
+        )
+        .unwrap();
+        let n = deep
+            .generate(&prompt, &deep.all_active(), &g)
+            .unwrap()
+            .count();
+        assert_eq!(n, 2 * t);
+        // learned positions still stop at max_seq_len: 4 fed + 1 drawn
+        let learned = Model::new(tiny_config(), 5).unwrap();
+        let n = learned
+            .generate(&prompt, &learned.all_active(), &g)
+            .unwrap()
+            .count();
+        assert_eq!(n, t - prompt.len() + 1);
     }
 
     #[test]

@@ -10,14 +10,15 @@
 //! tensor, the step counter as `adam.step` (I64 `[1]`); metadata `format = mbtd-adam-v1`.
 //! Only one metadata key is written so that the bytes are deterministic.
 //!
-//! Widths are inferred from the file: layer `l` has the branches `0..K` for which
+//! A model with rotary positions (`model.positions = "rope"`) has no `wpe` tensor (nor its
+//! moments). Widths are inferred from the file: layer `l` has the branches `0..K` for which
 //! `layers.{l}.branches.{i}.ln1.gain` exists. Every tensor must have the dtype and shape
 //! implied by the `ModelConfig`; a mismatch names the tensor, expected and found shape.
 
 use super::agg::AggGroups;
 use super::net::Model;
 use super::params::{Params, TensorId};
-use super::{ModelConfig, ModelError};
+use super::{ModelConfig, ModelError, Positions};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::collections::HashMap;
 
@@ -146,6 +147,12 @@ pub fn model_from_bytes(config: ModelConfig, bytes: &[u8]) -> Result<Model, Mode
         source,
     })?;
     let names: std::collections::HashSet<&str> = st.names().into_iter().collect();
+    if config.positions == Positions::Rope && names.contains("wpe") {
+        return Err(ModelError::Tensor {
+            name: "wpe".to_string(),
+            msg: "present, so the checkpoint has learned positions, but model.positions = \"rope\"; set model.positions = \"learned\" to resume it".to_string(),
+        });
+    }
     let widths: Vec<usize> = (0..config.n_layers)
         .map(|l| {
             (0..)
@@ -322,6 +329,44 @@ mod tests {
             ost.tensor("adam.m.wte").is_ok()
                 && ost.tensor("adam.v.layers.0.branches.4.mlp.fc.b").is_ok()
         );
+    }
+
+    #[test]
+    fn rope_checkpoints_have_no_wpe_and_positions_must_match() {
+        let cfg = ModelConfig {
+            positions: Positions::Rope,
+            ..tiny_config()
+        };
+        let mut t =
+            Trainer::new(Model::new(cfg.clone(), 1).unwrap(), OptimConfig::default()).unwrap();
+        let batch = random_batch(&cfg, 2, 4, 2);
+        let masks = t.model().all_active();
+        let scales: Vec<Vec<f32>> = t.model().widths().iter().map(|&k| vec![1.0; k]).collect();
+        t.train_step(&batch, &masks, &scales).unwrap();
+        let (mb, ob) = (t.model_bytes().unwrap(), t.optimizer_bytes().unwrap());
+        assert!(
+            SafeTensors::deserialize(&mb)
+                .unwrap()
+                .tensor("wpe")
+                .is_err()
+        );
+        assert!(
+            SafeTensors::deserialize(&ob)
+                .unwrap()
+                .tensor("adam.m.wpe")
+                .is_err()
+        );
+        let r = Trainer::from_bytes(cfg.clone(), OptimConfig::default(), &mb, Some(&ob)).unwrap();
+        assert_eq!(r.model(), t.model());
+        assert_eq!(r.optimizer_bytes().unwrap(), ob);
+        // either way round, a positions mismatch is refused by name
+        let err = model_from_bytes(tiny_config(), &mb)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("wpe") && err.contains("missing"), "{err}");
+        let learned = model_to_bytes(&Model::new(tiny_config(), 1).unwrap()).unwrap();
+        let err = model_from_bytes(cfg, &learned).unwrap_err().to_string();
+        assert!(err.contains("model.positions"), "{err}");
     }
 
     #[test]

@@ -111,16 +111,36 @@ pub struct ModelConfig {
     pub n_layers: usize,
     /// Initial branches per layer `K`.
     pub branches: usize,
-    /// Maximum sequence length `T_max` (rows of `wpe`).
+    /// Maximum sequence length `T_max` (rows of `wpe`; the training window and, with
+    /// learned positions, the generation context).
     pub max_seq_len: usize,
     /// Anti-collapse floor of the aggregation, in `[0, 1]`.
     pub agg_floor: f32,
     /// Standard deviation of the normal initialisation (residual projections get
     /// `init_std / sqrt(2·L)`).
     pub init_std: f32,
+    /// Position encoding: `learned` (the `wpe` table, added at the input) or `rope`
+    /// (rotary, applied to queries and keys per head; no `wpe` tensor; generation may run
+    /// past `max_seq_len` with a sliding KV window).
+    pub positions: Positions,
+    /// Dropout probability `p` in `[0, 1)` on the attention probabilities, the MLP hidden
+    /// activations and both residual branch outputs of every block, while training only
+    /// (0 = off).
+    pub dropout: f32,
     /// Arithmetic of the linear layers' products: `f32`, or `bf16` operands with fp32
     /// accumulation (weights, optimizer state, norms, softmax and loss stay fp32).
     pub precision: ops::Precision,
+}
+
+/// How the model knows where a token is (`model.positions`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Positions {
+    /// A learned table `wpe` `[T_max, d]` added to the token embedding.
+    #[default]
+    Learned,
+    /// Rotary position encoding of queries and keys (see [`ops::rope`]).
+    Rope,
 }
 
 impl Default for ModelConfig {
@@ -134,6 +154,8 @@ impl Default for ModelConfig {
             max_seq_len: 128,
             agg_floor: 0.2,
             init_std: 0.02,
+            positions: Positions::Learned,
+            dropout: 0.0,
             precision: ops::Precision::F32,
         }
     }
@@ -188,6 +210,20 @@ impl ModelConfig {
             return Err(format!(
                 "model.init_std = {}: must be in (0, 1]",
                 self.init_std
+            ));
+        }
+        if self.positions == Positions::Rope && self.head_dim() % 2 != 0 {
+            return Err(format!(
+                "model.positions = \"rope\" needs an even head dimension, but model.d_model / model.n_heads = {} / {} = {}; change either",
+                self.d_model,
+                self.n_heads,
+                self.head_dim()
+            ));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(format!(
+                "model.dropout = {}: must be in [0, 1) (0 = off)",
+                self.dropout
             ));
         }
         Ok(())

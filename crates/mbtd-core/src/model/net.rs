@@ -19,13 +19,16 @@
 
 use super::agg::{self, AggGroups};
 use super::attention::{AttnShape, Segments};
-use super::block::{BranchWs, BwdScratch, branch_bwd, branch_fwd, fit, run_pairwise};
+use super::block::{BlockOpts, BranchWs, BwdScratch, branch_bwd, branch_fwd, fit, run_pairwise};
+use super::ops::Precision;
+use super::ops::dropout::Dropout;
+use super::ops::rope::RopeTable;
 use super::ops::{
     dot_f64, embed_bwd, embed_fwd, layernorm_bwd, layernorm_fwd, mm_nt, mm_tn, profile,
     serial_gemm, weighted_sum, xent_fwd_bwd,
 };
 use super::params::Params;
-use super::{Batch, Masks, ModelConfig, ModelError};
+use super::{Batch, Masks, ModelConfig, ModelError, Positions};
 
 /// The model: configuration, parameters and per-layer aggregation groups.
 #[derive(Debug, Clone, PartialEq)]
@@ -76,6 +79,22 @@ pub struct Workspace {
     da: Vec<f32>,
     scratch: [BwdScratch; 2],
     segs: Segments,
+    /// Rotary angles for positions `0..max_seq_len` (rotary positions only).
+    rope: RopeTable,
+    /// Each row's position `[B·T]` for the rotary angles: its offset within its segment
+    /// (packed) or window.
+    rope_pos: Vec<u32>,
+    /// Dropout of the last forward pass (a training step), reused by its backward.
+    drop: Option<StepDropout>,
+}
+
+/// Dropout of one training step: probability, training seed and step. The mask of branch
+/// `i` of layer `l` at site `s` is keyed by `(seed, step, l, i, s)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct StepDropout {
+    pub p: f32,
+    pub seed: u64,
+    pub step: u64,
 }
 
 impl Workspace {
@@ -134,7 +153,31 @@ impl Workspace {
     }
 }
 
+impl Workspace {
+    /// Whether the last forward pass used rotary positions.
+    fn rope_on(&self) -> bool {
+        !self.rope_pos.is_empty()
+    }
+}
+
 impl Model {
+    /// Rotary positions: sizes the angle table and fills each row's position (the offset
+    /// within its segment, as for learned positions, or within its window).
+    fn prepare_rope(&self, ws: &mut Workspace) {
+        let cfg = &self.config;
+        ws.rope_pos.clear();
+        if cfg.positions != Positions::Rope {
+            return;
+        }
+        if !ws.rope.fits(cfg.max_seq_len, cfg.head_dim()) {
+            ws.rope = RopeTable::new(cfg.max_seq_len, cfg.head_dim());
+        }
+        match ws.segs.positions() {
+            Some(p) => ws.rope_pos.extend_from_slice(p),
+            None => ws.rope_pos.extend((0..ws.n).map(|n| (n % ws.seq) as u32)),
+        }
+    }
+
     /// A freshly initialised model (ARCHITECTURE.md init) from a seed.
     pub fn new(config: ModelConfig, seed: u64) -> Result<Self, ModelError> {
         config.validate().map_err(ModelError::Config)?;
@@ -206,7 +249,23 @@ impl Model {
         }
     }
 
-    /// Forward pass: fills the workspace (activations, `logits` `[B·T, V]`).
+    /// Branch options of layer `l`, branch `i` for the current pass.
+    fn block_opts<'a>(
+        ws_rope: Option<(&'a RopeTable, &'a [u32])>,
+        drop: Option<StepDropout>,
+        l: usize,
+        i: usize,
+        prec: Precision,
+    ) -> BlockOpts<'a> {
+        BlockOpts {
+            rope: ws_rope,
+            drop: drop.map(|sd| Dropout::at(sd.p, sd.seed, sd.step, l, i, 0)),
+            prec,
+        }
+    }
+
+    /// Forward pass: fills the workspace (activations, `logits` `[B·T, V]`), without
+    /// dropout (evaluation, generation).
     ///
     /// # Shapes
     /// `batch.inputs`: `[B, T]` token ids → embeddings `[B·T, d]` → per layer
@@ -217,6 +276,17 @@ impl Model {
         batch: &Batch,
         masks: &Masks,
     ) -> Result<(), ModelError> {
+        self.forward_with(ws, batch, masks, None)
+    }
+
+    /// [`Model::forward`] with the dropout of a training step (`None` or `p = 0`: none).
+    pub(crate) fn forward_with(
+        &self,
+        ws: &mut Workspace,
+        batch: &Batch,
+        masks: &Masks,
+        drop: Option<StepDropout>,
+    ) -> Result<(), ModelError> {
         batch.validate(&self.config)?;
         self.check_masks(masks)?;
         let cfg = &self.config;
@@ -224,8 +294,12 @@ impl Model {
         let widths = self.widths();
         ws.prepare(cfg, &widths, batch.batch, batch.seq);
         ws.segs.fill(batch.segments.as_deref(), batch.seq);
+        ws.drop = drop.filter(|sd| sd.p > 0.0);
+        self.prepare_rope(ws);
         let n = ws.n;
         let shape = self.attn_shape(batch.batch, batch.seq, &ws.segs);
+        let rope = ws.rope_on().then_some((&ws.rope, ws.rope_pos.as_slice()));
+        let step_drop = ws.drop;
         embed_fwd(
             &mut ws.hs[0],
             &self.params.wte,
@@ -257,9 +331,16 @@ impl Model {
                 .iter()
                 .zip(lw.branches.iter_mut())
                 .zip(&lw.computed)
-                .filter_map(|(pair, &on)| on.then_some(pair));
-            run_pairwise(todo, count, &mut [(), ()], |(bp, bw), _| {
-                branch_fwd(bp, bw, h, shape, cfg.precision)
+                .enumerate()
+                .filter_map(|(i, (pair, &on))| on.then_some((i, pair)));
+            run_pairwise(todo, count, &mut [(), ()], |(i, (bp, bw)), _| {
+                branch_fwd(
+                    bp,
+                    bw,
+                    h,
+                    shape,
+                    Self::block_opts(rope, step_drop, l, i, cfg.precision),
+                )
             });
             let (branches, computed, alpha_t) = (&lw.branches, &lw.computed, &lw.alpha_t);
             weighted_sum(out, || {
@@ -315,8 +396,7 @@ impl Model {
         {
             let _prof = profile::scope(profile::LINEAR);
             let (af, dlogits, da) = (&ws.af, &ws.logits, &mut ws.da);
-            let hw = &p.head_w;
-            let pr = cfg.precision;
+            let (hw, pr) = (&p.head_w, cfg.precision);
             rayon::join(
                 || serial_gemm(|| mm_tn(pr, &mut grads.head_w, af, dlogits, n, d, v, false)),
                 || serial_gemm(|| mm_nt(pr, da, dlogits, hw, n, v, d, false)),
@@ -334,13 +414,20 @@ impl Model {
             &p.lnf_gain,
             &mut ws.scratch[0].sums,
         );
-        // the segment bounds leave the workspace while its layers are borrowed mutably
+        // the segment bounds and rotary angles leave the workspace while its layers are
+        // borrowed mutably
         let segs = std::mem::take(&mut ws.segs);
+        let (table, pos) = (
+            std::mem::take(&mut ws.rope),
+            std::mem::take(&mut ws.rope_pos),
+        );
+        let rope = (!pos.is_empty()).then_some((&table, pos.as_slice()));
         let shape = self.attn_shape(ws.batch, ws.seq, &segs);
         for l in (0..nl).rev() {
-            self.layer_bwd(ws, l, shape, grads);
+            self.layer_bwd(ws, l, shape, rope, grads);
             std::mem::swap(&mut ws.dh, &mut ws.dh_prev);
         }
+        (ws.rope, ws.rope_pos) = (table, pos);
         embed_bwd(
             &mut grads.wte,
             &mut grads.wpe,
@@ -354,7 +441,15 @@ impl Model {
     }
 
     /// Backward of layer `l`: `ws.dh` (gradient of its output) → `ws.dh_prev`.
-    fn layer_bwd(&self, ws: &mut Workspace, l: usize, s: AttnShape, grads: &mut Params) {
+    fn layer_bwd(
+        &self,
+        ws: &mut Workspace,
+        l: usize,
+        s: AttnShape,
+        rope: Option<(&RopeTable, &[u32])>,
+        grads: &mut Params,
+    ) {
+        let step_drop = ws.drop;
         let layer = &self.params.layers[l];
         let gl = &mut grads.layers[l];
         let lw = &mut ws.layers[l];
@@ -370,16 +465,17 @@ impl Model {
             .enumerate()
             .filter_map(|(i, (((bp, bw), gb), g))| {
                 *g = 0.0;
-                lw.computed[i].then_some((alpha_t[i], bp, bw, gb, g))
+                lw.computed[i].then_some((i, alpha_t[i], bp, bw, gb, g))
             });
         run_pairwise(
             todo,
             count,
             &mut ws.scratch,
-            |(alpha, bp, bw, gb, g), sc| {
+            |(i, alpha, bp, bw, gb, g), sc| {
                 // the aggregation logits' input: g_i = ⟨∂L/∂h', z_i⟩
                 *g = dot_f64(dh, &bw.z) as f32;
-                branch_bwd(bp, bw, gb, sc, dh, alpha, h, s, self.config.precision)
+                let o = Self::block_opts(rope, step_drop, l, i, self.config.precision);
+                branch_bwd(bp, bw, gb, sc, dh, alpha, h, s, o)
             },
         );
         agg::logits_grad(
@@ -457,7 +553,7 @@ pub(crate) mod tests {
             max_seq_len: 6,
             agg_floor: 0.2,
             init_std: 0.3,
-            precision: super::super::Precision::F32,
+            ..ModelConfig::default()
         }
     }
 
@@ -474,7 +570,18 @@ pub(crate) mod tests {
     }
 
     fn check_model_gradient_on(batch: &Batch, masks: Masks, eta_group: bool) {
-        let cfg = tiny_config();
+        check_model_gradient_with(tiny_config(), None, batch, masks, eta_group);
+    }
+
+    /// The whole-model check for a configuration and, optionally, the dropout of one
+    /// training step (the same masks in every evaluation of the loss).
+    fn check_model_gradient_with(
+        cfg: ModelConfig,
+        drop: Option<StepDropout>,
+        batch: &Batch,
+        masks: Masks,
+        eta_group: bool,
+    ) {
         let mut model = Model::new(cfg.clone(), 11).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         // Non-trivial LayerNorm and aggregation parameters.
@@ -498,9 +605,13 @@ pub(crate) mod tests {
         }
         let mut ws = Workspace::default();
         let mut grads = Params::zeros(&cfg, &model.widths());
-        model
-            .loss_and_grad(&mut ws, batch, &masks, &mut grads)
-            .unwrap();
+        model.forward_with(&mut ws, batch, &masks, drop).unwrap();
+        model.loss(&mut ws, batch);
+        model.backward(&mut ws, batch, &mut grads);
+        let loss_of = |m: &Model, ws: &mut Workspace| {
+            m.forward_with(ws, batch, &masks, drop).unwrap();
+            m.loss(ws, batch) as f64
+        };
         let computed: Masks = (0..cfg.n_layers)
             .map(|l| {
                 (0..model.widths()[l])
@@ -522,9 +633,9 @@ pub(crate) mod tests {
             for j in (0..len).step_by((len / 7).max(1)) {
                 let old = probe.params.get(id)[j];
                 probe.params.get_mut(id)[j] = old + h;
-                let fp = probe.eval_loss(&mut ws, batch, &masks).unwrap() as f64;
+                let fp = loss_of(&probe, &mut ws);
                 probe.params.get_mut(id)[j] = old - h;
-                let fm = probe.eval_loss(&mut ws, batch, &masks).unwrap() as f64;
+                let fm = loss_of(&probe, &mut ws);
                 probe.params.get_mut(id)[j] = old;
                 num.push((fp - fm) / (2.0 * h as f64));
                 an.push(grads.get(id)[j] as f64);
@@ -556,6 +667,53 @@ pub(crate) mod tests {
         batch.segments = Some(vec![0, 0, 1, 1, 1, 2, 0, 0, 0, 0, 1, 1]);
         check_model_gradient_on(&batch, vec![vec![true; 3]; 2], false);
         check_model_gradient_on(&batch, vec![vec![false, true, true], vec![true; 3]], true);
+    }
+
+    fn rope_config() -> ModelConfig {
+        ModelConfig {
+            positions: super::Positions::Rope,
+            ..tiny_config()
+        }
+    }
+
+    #[test]
+    fn whole_model_gradient_rope_plain_and_packed() {
+        let batch = random_batch(&rope_config(), 2, 5, 3);
+        check_model_gradient_with(rope_config(), None, &batch, vec![vec![true; 3]; 2], false);
+        let mut packed = random_batch(&rope_config(), 2, 6, 8);
+        packed.segments = Some(vec![0, 0, 1, 1, 1, 2, 0, 0, 0, 0, 1, 1]);
+        let masks = vec![vec![false, true, true], vec![true; 3]];
+        check_model_gradient_with(rope_config(), None, &packed, masks, true);
+    }
+
+    #[test]
+    fn whole_model_gradient_with_fixed_dropout_masks() {
+        let drop = StepDropout {
+            p: 0.2,
+            seed: 5,
+            step: 3,
+        };
+        let cfg = ModelConfig {
+            dropout: 0.2,
+            ..rope_config()
+        };
+        let batch = random_batch(&cfg, 2, 5, 3);
+        check_model_gradient_with(
+            cfg.clone(),
+            Some(drop),
+            &batch,
+            vec![vec![true; 3]; 2],
+            false,
+        );
+        // the masks are on: the training loss differs from the evaluation loss
+        let model = Model::new(cfg, 11).unwrap();
+        let mut ws = Workspace::default();
+        let masks = model.all_active();
+        let eval = model.eval_loss(&mut ws, &batch, &masks).unwrap();
+        model
+            .forward_with(&mut ws, &batch, &masks, Some(drop))
+            .unwrap();
+        assert_ne!(model.loss(&mut ws, &batch), eval);
     }
 
     /// Rows of the given lengths packed into windows of `seq` (in order, a new window when
@@ -600,9 +758,18 @@ pub(crate) mod tests {
     /// 0 when the window length is a multiple of 16, as here).
     #[test]
     fn packed_rows_get_the_logits_they_get_alone() {
+        packed_rows_alone(tiny_config());
+    }
+
+    #[test]
+    fn packed_rows_get_the_logits_they_get_alone_with_rope() {
+        packed_rows_alone(rope_config());
+    }
+
+    fn packed_rows_alone(base: ModelConfig) {
         let cfg = ModelConfig {
             max_seq_len: 32,
-            ..tiny_config()
+            ..base
         };
         let model = Model::new(cfg.clone(), 21).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(4);

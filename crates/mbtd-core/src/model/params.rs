@@ -1,7 +1,7 @@
 //! Parameter tensors of MBT-LM v1 with their ARCHITECTURE.md names and `[in, out]` shapes.
 //! The same structure holds gradients and the AdamW moments.
 
-use super::ModelConfig;
+use super::{ModelConfig, Positions};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -135,7 +135,7 @@ pub struct LayerParams {
 pub struct Params {
     /// `wte` `[V, d]`.
     pub wte: Vec<f32>,
-    /// `wpe` `[T_max, d]`.
+    /// `wpe` `[T_max, d]` with learned positions; empty with rotary positions.
     pub wpe: Vec<f32>,
     /// `lnf.gain` `[d]`.
     pub lnf_gain: Vec<f32>,
@@ -147,9 +147,14 @@ pub struct Params {
     pub layers: Vec<LayerParams>,
 }
 
-/// Names (with whether each is a matrix) and shapes of the non-layer tensors.
+/// Names (with whether each is a matrix) and shapes of the non-layer tensors (`wpe` has
+/// no rows with rotary positions, and is then neither stored nor trained).
 pub fn global_shapes(cfg: &ModelConfig) -> [(&'static str, bool, Vec<usize>); 5] {
-    let (v, d, t) = (cfg.vocab_size, cfg.d_model, cfg.max_seq_len);
+    let (v, d) = (cfg.vocab_size, cfg.d_model);
+    let t = match cfg.positions {
+        Positions::Learned => cfg.max_seq_len,
+        Positions::Rope => 0,
+    };
     [
         ("wte", true, vec![v, d]),
         ("wpe", true, vec![t, d]),
@@ -299,9 +304,13 @@ impl TensorId {
 
 impl Params {
     /// Every tensor, in canonical order (globals, then per layer `alpha_logits` and the
-    /// branches' tensors).
+    /// branches' tensors); an empty global (`wpe` with rotary positions) is left out.
     pub fn ids(&self) -> Vec<TensorId> {
-        let mut out: Vec<TensorId> = (0..5).map(TensorId::Global).collect();
+        let globals = self.globals();
+        let mut out: Vec<TensorId> = (0..5)
+            .filter(|&g| !globals[g].is_empty())
+            .map(TensorId::Global)
+            .collect();
         for (l, layer) in self.layers.iter().enumerate() {
             out.push(TensorId::Alpha(l));
             for i in 0..layer.branches.len() {

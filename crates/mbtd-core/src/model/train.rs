@@ -18,7 +18,7 @@
 
 use super::agg::AggGroups;
 use super::io;
-use super::net::{Model, Workspace};
+use super::net::{Model, StepDropout, Workspace};
 use super::ops::{dot_f64, simd};
 use super::params::{BranchParams, Params, TensorId, normal};
 use super::{Batch, BranchScales, Masks, ModelConfig, ModelError, OptimConfig};
@@ -87,6 +87,8 @@ pub struct Trainer {
     step: u64,
     grads: Params,
     ws: Workspace,
+    /// Seed of the dropout masks (with `model.dropout > 0`).
+    dropout_seed: u64,
 }
 
 /// One AdamW update of a tensor, element-wise in fixed chunks: with `g ← k·g`,
@@ -148,6 +150,7 @@ impl Trainer {
             grads: zeros,
             step: 0,
             ws: Workspace::default(),
+            dropout_seed: 0,
             model,
         })
     }
@@ -196,6 +199,13 @@ impl Trainer {
         optim.validate().map_err(ModelError::Config)?;
         self.optim = optim;
         Ok(())
+    }
+
+    /// Seeds the dropout masks (`model.dropout > 0`): the mask of step `t`, layer `l`,
+    /// branch `i` and site `s` is a function of `(seed, t, l, i, s)` alone, so a trainer
+    /// restored from its bytes with the same seed continues bit for bit. Default 0.
+    pub fn set_dropout_seed(&mut self, seed: u64) {
+        self.dropout_seed = seed;
     }
 
     /// Steps taken so far.
@@ -251,7 +261,13 @@ impl Trainer {
         let alpha: Vec<Vec<f32>> = (0..self.model.params.layers.len())
             .map(|l| self.model.alphas(l))
             .collect();
-        self.model.forward(&mut self.ws, batch, masks)?;
+        let drop = StepDropout {
+            p: self.model.config.dropout,
+            seed: self.dropout_seed,
+            step: self.step,
+        };
+        self.model
+            .forward_with(&mut self.ws, batch, masks, Some(drop))?;
         let loss = self.model.loss(&mut self.ws, batch);
         let t1 = Instant::now();
         self.model.backward(&mut self.ws, batch, &mut self.grads);
@@ -714,7 +730,7 @@ mod tests {
             max_seq_len: 32,
             agg_floor: 0.2,
             init_std: 0.02,
-            precision: crate::model::Precision::F32,
+            ..ModelConfig::default()
         };
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -805,6 +821,68 @@ mod tests {
                 .all(|&x| x == 0.0)
         );
         assert_eq!(t.model().params.layers[1].alpha_logits, before.alpha_logits);
+    }
+
+    /// Training with dropout on for `n` steps straight equals `n/2` steps, the trainer
+    /// serialised to its checkpoint bytes and restored, then `n/2` more, bit for bit: the
+    /// masks depend on (seed, step, layer, branch, site) only. A different seed trains to
+    /// other weights, and so does `p = 0` (the masks are really on).
+    #[test]
+    fn dropout_training_resumes_bitwise_from_bytes() {
+        let cfg = ModelConfig {
+            dropout: 0.2,
+            positions: crate::model::Positions::Rope,
+            max_seq_len: 20,
+            ..tiny_config()
+        };
+        let batches: Vec<Batch> = (0..6).map(|i| random_batch(&cfg, 2, 20, 40 + i)).collect();
+        let run = |seed: u64, from: &mut Trainer, steps: std::ops::Range<usize>| {
+            from.set_dropout_seed(seed);
+            let masks = from.model().all_active();
+            let scales = ones(from.model());
+            steps
+                .map(|i| from.train_step(&batches[i], &masks, &scales).unwrap().loss)
+                .collect::<Vec<f32>>()
+        };
+        let fresh =
+            |cfg: &ModelConfig| Trainer::new(Model::new(cfg.clone(), 3).unwrap(), optim()).unwrap();
+        let mut straight = fresh(&cfg);
+        let all = run(9, &mut straight, 0..6);
+        let mut first = fresh(&cfg);
+        let mut losses = run(9, &mut first, 0..3);
+        let (mb, ob) = (
+            first.model_bytes().unwrap(),
+            first.optimizer_bytes().unwrap(),
+        );
+        drop(first);
+        let mut resumed = Trainer::from_bytes(cfg.clone(), optim(), &mb, Some(&ob)).unwrap();
+        losses.extend(run(9, &mut resumed, 3..6));
+        assert_eq!(losses, all);
+        assert_eq!(
+            resumed.model_bytes().unwrap(),
+            straight.model_bytes().unwrap()
+        );
+        assert_eq!(
+            resumed.optimizer_bytes().unwrap(),
+            straight.optimizer_bytes().unwrap()
+        );
+        let mut other_seed = fresh(&cfg);
+        run(10, &mut other_seed, 0..6);
+        assert_ne!(
+            other_seed.model_bytes().unwrap(),
+            straight.model_bytes().unwrap()
+        );
+        let off = ModelConfig {
+            dropout: 0.0,
+            ..cfg.clone()
+        };
+        let mut no_drop = fresh(&off);
+        assert_ne!(run(9, &mut no_drop, 0..6), all);
+        // evaluation never drops: the same loss twice, whatever the seed
+        let masks = straight.model().all_active();
+        let a = straight.eval_loss(&batches[0], &masks).unwrap();
+        straight.set_dropout_seed(77);
+        assert_eq!(straight.eval_loss(&batches[0], &masks).unwrap(), a);
     }
 
     /// FNV-1a over the bits of every parameter (tensor order of `Params::ids`) and of the

@@ -24,3 +24,20 @@ pub mod trainer_worker;
 #[cfg(feature = "fault-injection")]
 #[derive(Debug, Clone, Copy)]
 pub struct Crash;
+
+/// Test-only fault: with `MBTD_FAULT_TOKEN_DELAY_MS` set, generation sleeps this long after
+/// each token, so a test can act while a reply is still streaming (compiled with
+/// `--features fault-injection`).
+#[cfg(feature = "fault-injection")]
+pub(crate) fn injected_token_delay() {
+    static DELAY: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
+    let delay = DELAY.get_or_init(|| {
+        std::env::var("MBTD_FAULT_TOKEN_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(std::time::Duration::from_millis)
+    });
+    if let Some(d) = delay {
+        std::thread::sleep(*d);
+    }
+}

@@ -60,13 +60,14 @@ pub(super) fn restore(cfg: &Config, c: &LoadedCheckpoint) -> Result<Live, Restor
         .map_err(|e| RestoreError::Tokenizer(e.to_string()))?;
     let tok = Tokenizer::from_json(tok_json, "tokenizer.json")
         .map_err(|e| RestoreError::Tokenizer(e.to_string()))?;
-    let trainer = Trainer::from_bytes(
+    let mut trainer = Trainer::from_bytes(
         cfg.model.clone(),
         cfg.optim.clone(),
         f("model.safetensors")?,
         Some(f("optimizer.safetensors")?),
     )
     .map_err(|e| RestoreError::Model(e.to_string()))?;
+    trainer.set_dropout_seed(cfg.training.seed);
     if trainer.model().widths() != c.manifest.widths {
         return Err(RestoreError::Widths {
             file: trainer.model().widths(),
@@ -193,7 +194,9 @@ impl Booting {
             .map_err(|e| e.to_string())
             .and_then(|model| {
                 let widths = model.widths();
-                let trainer = Trainer::new(model, cfg.optim.clone()).map_err(|e| e.to_string())?;
+                let mut trainer =
+                    Trainer::new(model, cfg.optim.clone()).map_err(|e| e.to_string())?;
+                trainer.set_dropout_seed(seed);
                 let avail = Availability::new(cfg.availability.clone(), &widths, splitmix64(seed))
                     .map_err(|e| e.to_string())?;
                 Ok((trainer, avail, widths))

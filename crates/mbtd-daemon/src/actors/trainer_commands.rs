@@ -10,6 +10,7 @@ use super::checkpointer::{Load, Target};
 use super::trainer_boot::{Booting, restore};
 use super::trainer_events::BranchMasked;
 use super::trainer_worker::{Worker, ask_blocking};
+use crate::model::Positions;
 use crate::model::generate::GenerateConfig;
 use crate::store::fsutil::{fsync_dir, write_atomic};
 use crate::telemetry::event::InternalEvent;
@@ -309,7 +310,10 @@ impl Worker {
             ids.drain(..ids.len() - max_ctx);
         }
         cfg.end_token = Some(live.tok.eot_id());
-        cfg.max_tokens = cfg.max_tokens.min(max_seq_len - ids.len());
+        // rotary positions generate past max_seq_len with a sliding window
+        if live.trainer.model().config.positions == Positions::Learned {
+            cfg.max_tokens = cfg.max_tokens.min(max_seq_len - ids.len());
+        }
         let masks = live.trainer.model().all_active();
         let generated = live
             .trainer
@@ -319,6 +323,12 @@ impl Worker {
         let mut out: Vec<u32> = Vec::new();
         let mut sent = String::new();
         for id in generated {
+            #[cfg(feature = "fault-injection")]
+            super::injected_token_delay();
+            if chunks.is_closed() {
+                // The client went away: stop computing, whether or not a piece is due.
+                break;
+            }
             out.push(id);
             let text = live.tok.decode(&out).unwrap_or_default();
             if text.len() > sent.len() && text.starts_with(&sent) && !text.ends_with('\u{fffd}') {

@@ -278,6 +278,20 @@ async fn send(wr: &mut OwnedWriteHalf, r: &Response, limits: &Limits) -> std::io
     }
 }
 
+/// Waits for the client's next bytes without taking them: `false` when a next request is
+/// arriving or the client only closed its sending side (it still reads its answer, as
+/// `nc -N` does); `true` when it hung up (closed, or shut down both directions).
+async fn client_gone<R: AsyncBufRead + Unpin>(
+    rd: &mut R,
+    wr: &OwnedWriteHalf,
+) -> std::io::Result<bool> {
+    if !rd.fill_buf().await?.is_empty() {
+        return Ok(false);
+    }
+    let ready = wr.as_ref().ready(tokio::io::Interest::WRITABLE).await?;
+    Ok(ready.is_write_closed())
+}
+
 /// Serves one connection's requests in order, each in its own task. When the client goes
 /// away mid-response this returns, dropping the response channel: a stream (`generate`)
 /// sees it closed and cancels its work; other commands finish and their answer is dropped.
@@ -328,7 +342,22 @@ async fn connection(
         let d = dispatcher.clone();
         tokio::spawn(async move { d.handle(req, tx).await });
         let mut ok = true;
-        while let Some(resp) = rx.recv().await {
+        // Until the client sends its next request, watch for it hanging up: then stop here
+        // (a stream sees its channel closed and cancels its work), even while the response
+        // has nothing to write for a while.
+        let mut watch_hangup = true;
+        loop {
+            let resp = tokio::select! {
+                r = rx.recv() => r,
+                gone = client_gone(&mut rd, &wr), if watch_hangup => {
+                    if gone? {
+                        return Ok(());
+                    }
+                    watch_hangup = false;
+                    continue;
+                }
+            };
+            let Some(resp) = resp else { break };
             ok &= resp.ok;
             send(&mut wr, &resp, limits).await?;
         }

@@ -86,13 +86,20 @@ const INIT_ONLY_FIELDS: [&str; 2] = ["init_std", "precision"];
 /// One field that differs: name, the checkpoint's value, the config's value.
 pub type FieldDiff = (String, serde_json::Value, serde_json::Value);
 
-/// Every shape- or behaviour-relevant `model.*` field where `config` differs from the model
-/// recorded in `manifest.config.model`. Empty when they agree or the manifest records no
-/// model (a checkpoint written without its config).
+/// Every shape- or behaviour-relevant `model.*` field (`positions` and `dropout`
+/// included) where `config` differs from the model recorded in `manifest.config.model`. A
+/// field the manifest lacks (written before the field existed) counts as its default.
+/// Empty when they agree or the manifest records no model (a checkpoint written without
+/// its config).
 pub fn model_differences(manifest: &Manifest, config: &ModelConfig) -> Vec<FieldDiff> {
-    let Some(recorded) = manifest.config.get("model").and_then(|m| m.as_object()) else {
+    let Some(written) = manifest.config.get("model").and_then(|m| m.as_object()) else {
         return Vec::new();
     };
+    let mut recorded = match serde_json::to_value(ModelConfig::default()) {
+        Ok(serde_json::Value::Object(defaults)) => defaults,
+        _ => serde_json::Map::new(),
+    };
+    recorded.extend(written.iter().map(|(k, v)| (k.clone(), v.clone())));
     let ours = serde_json::to_value(config).unwrap_or_default();
     let Some(ours) = ours.as_object() else {
         return Vec::new();
@@ -196,6 +203,30 @@ mod tests {
         }
         // --accept-checkpoint-model takes the checkpoint's values.
         assert_eq!(checkpoint_model(&m).unwrap().unwrap(), ck);
+    }
+
+    #[test]
+    fn positions_differ_by_name_and_older_manifests_mean_the_defaults() {
+        let ck = ModelConfig::default();
+        let rope = ModelConfig {
+            positions: crate::model::Positions::Rope,
+            ..ck.clone()
+        };
+        let d = model_differences(&manifest_with(&ck), &rope);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].0, "model.positions");
+        assert_eq!(
+            (d[0].1.clone(), d[0].2.clone()),
+            ("learned".into(), "rope".into())
+        );
+        // a manifest written before `positions` and `dropout` existed
+        let mut m = manifest_with(&ck);
+        let model = m.config["model"].as_object_mut().unwrap();
+        model.remove("positions");
+        model.remove("dropout");
+        assert!(model_differences(&m, &ck).is_empty());
+        let d = model_differences(&m, &rope);
+        assert_eq!(d[0].0, "model.positions");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Token plus learned position embedding: `x[n] = wte[ids[n]] + wpe[pos(n)]`, where
 //! `pos(n)` is the offset `n mod T` within its window or, for a packed batch, the given
 //! offset within its segment; backward `dwte[id] = Σ_{n: ids[n] = id} dx[n]`,
-//! `dwpe[p] = Σ_{n: pos(n) = p} dx[n]`.
+//! `dwpe[p] = Σ_{n: pos(n) = p} dx[n]`. An empty `wpe` (rotary positions, which act in
+//! attention instead) leaves the token embedding alone: `x[n] = wte[ids[n]]`.
 //!
 //! # Shapes
 //! `ids`, `positions`: `[B·T]`, `wte`: `[V, d]`, `wpe`: `[T_max, d]`, `x`, `dx`:
@@ -25,6 +26,9 @@ use rayon::prelude::*;
 /// // one window of two segments: positions restart at each
 /// embed_fwd(&mut x, &wte, &wpe, &[2, 0, 1, 1], Some(&[0, 0, 1, 0]), 4, d);
 /// assert_eq!(x, [3.0, 3.5, 1.0, 1.5, 2.0, 1.5, 2.0, 2.5]);
+/// // no position table (rotary positions): the token rows alone
+/// embed_fwd(&mut x, &wte, &[], &[2, 0, 1, 1], None, seq, d);
+/// assert_eq!(x, [3.0, 3.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0]);
 /// ```
 pub fn embed_fwd(
     x: &mut [f32],
@@ -42,6 +46,10 @@ pub fn embed_fwd(
         .for_each(|(n, (row, &id))| {
             let t = positions.map_or(n % seq, |p| p[n] as usize);
             let e = &wte[id as usize * d..(id as usize + 1) * d];
+            if wpe.is_empty() {
+                row.copy_from_slice(e);
+                return;
+            }
             let p = &wpe[t * d..(t + 1) * d];
             for ((o, &a), &b) in row.iter_mut().zip(e).zip(p) {
                 *o = a + b;
@@ -68,6 +76,9 @@ pub(crate) fn embed_bwd(
         let e = &mut dwte[id as usize * d..(id as usize + 1) * d];
         for (a, &v) in e.iter_mut().zip(row) {
             *a += v;
+        }
+        if dwpe.is_empty() {
+            continue;
         }
         let t = positions.map_or(n % seq, |p| p[n] as usize);
         let p = &mut dwpe[t * d..(t + 1) * d];

@@ -6,12 +6,14 @@
 //! output among threads, so its results do not depend on the thread count either.
 //!
 //! One file per op family, each stating its maths and shapes:
-//! [`gemm`] (matrix products), [`bf16`] (bf16 products with fp32 accumulation), [`linear`], [`norm`] (LayerNorm), [`activation`] (GELU),
-//! [`loss`] (softmax cross-entropy), [`embedding`], [`reduce`] (weighted sums, column
-//! sums), [`simd`] (vector dispatch and lane-wise reductions) and [`profile`].
+//! [`gemm`] (matrix products), [`bf16`] (bf16 products with fp32 accumulation), [`linear`],
+//! [`norm`] (LayerNorm), [`activation`] (GELU), [`loss`] (softmax cross-entropy),
+//! [`embedding`], [`rope`] (rotary positions), [`dropout`], [`reduce`] (weighted sums,
+//! column sums), [`simd`] (vector dispatch and lane-wise reductions) and [`profile`].
 
 pub mod activation;
 pub mod bf16;
+pub mod dropout;
 pub mod embedding;
 pub mod gemm;
 pub mod linear;
@@ -19,6 +21,7 @@ pub mod loss;
 pub mod norm;
 pub mod profile;
 pub mod reduce;
+pub mod rope;
 pub mod simd;
 
 pub use activation::gelu_fwd;
