@@ -6,8 +6,11 @@ L layers of K pre-LN GPT blocks mixed by floor-softmax weights (masked branches 
 not computed, the others renormalised), final LayerNorm, untied head, mean
 cross-entropy, AdamW (β 0.9/0.95, eps 1e-8, weight decay on matrices only), global
 norm clipping, random tokens. Prints one JSON line like `mbtd bench train`.
+`--bf16` runs forward and loss under `torch.autocast("cpu", dtype=torch.bfloat16)`
+(bf16 matrix products, fp32 weights and optimizer), the counterpart of
+`mbtd bench train --precision bf16`.
 
-    python3 bench/torch_mbt.py [--threads 2] [--p-active 0.75] [--steps 10]
+    python3 bench/torch_mbt.py [--threads 2] [--p-active 0.75] [--steps 10] [--bf16]
 
 Needs PyTorch 2.x (CPU). Not part of the test suite.
 """
@@ -81,6 +84,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--bf16", action="store_true",
+                    help="autocast forward and loss to bfloat16 (fp32 master weights)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(1)
@@ -102,8 +107,9 @@ def main():
             if m.sum() == 0:
                 m[torch.randint(0, k, (1,), generator=gen)] = 1.0
             masks.append(m)
-        logits = model(ids, masks)
-        loss = F.cross_entropy(logits.view(-1, v), tgt.view(-1))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16):
+            logits = model(ids, masks)
+            loss = F.cross_entropy(logits.view(-1, v), tgt.view(-1))
         opt.zero_grad(set_to_none=False)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -123,6 +129,7 @@ def main():
         "torch": torch.__version__,
         "threads": a.threads,
         "p_active": a.p_active,
+        "precision": "bf16" if a.bf16 else "f32",
         "params": sum(p.numel() for p in model.parameters()),
         "step_ms_mean": total / len(times) * 1e3,
         "step_ms_p50": sorted(times)[len(times) // 2] * 1e3,

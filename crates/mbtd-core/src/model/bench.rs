@@ -90,6 +90,9 @@ pub struct TrainBenchArgs {
     /// Seed of the model, the tokens and the masks.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Arithmetic of the linear layers' products (`model.precision`).
+    #[arg(long, value_enum, default_value_t = super::Precision::F32)]
+    pub precision: super::Precision,
 }
 
 impl Default for TrainBenchArgs {
@@ -106,6 +109,7 @@ impl Default for TrainBenchArgs {
             seq: 128,
             phases: false,
             seed: 1,
+            precision: super::Precision::F32,
         }
     }
 }
@@ -235,7 +239,10 @@ pub fn bench_train(opts: &TrainBenchArgs) -> Result<Value, ModelError> {
             opts.steps, opts.p_active
         )));
     }
-    let cfg = opts.preset.config(opts.seq);
+    let cfg = ModelConfig {
+        precision: opts.precision,
+        ..opts.preset.config(opts.seq)
+    };
     pool(opts.threads)?.install(|| {
         let model = Model::new(cfg.clone(), opts.seed)?;
         let params = model.num_params();
@@ -302,6 +309,8 @@ pub fn bench_train(opts: &TrainBenchArgs) -> Result<Value, ModelError> {
             "batch": opts.batch,
             "seq": opts.seq,
             "steps": opts.steps,
+            "precision": opts.precision.name(),
+            "avx512_bf16": super::ops::has_avx512_bf16(),
             "params": params,
             "tokens_per_sec": tokens / total,
             "step_ms_mean": mean,
@@ -443,5 +452,28 @@ mod tests {
             ..opts
         };
         assert!(bench_train(&bad).is_err());
+        // in this test, not one of its own: the kernel profiler is process-wide
+        let opts = TrainBenchArgs {
+            phases: false,
+            precision: crate::model::Precision::Bf16,
+            ..opts
+        };
+        let bf16 = bench_train(&opts).unwrap();
+        let f32 = bench_train(&TrainBenchArgs {
+            precision: crate::model::Precision::F32,
+            ..opts
+        })
+        .unwrap();
+        assert_eq!(bf16["precision"], "bf16");
+        assert_eq!(f32["precision"], "f32");
+        let (lb, lf) = (
+            bf16["final_loss"].as_f64().unwrap(),
+            f32["final_loss"].as_f64().unwrap(),
+        );
+        // the same steps on the same batches: the losses differ only by bf16 rounding
+        assert!(
+            lb != lf && (lb - lf).abs() < 0.01 * lf,
+            "bf16 {lb} vs f32 {lf}"
+        );
     }
 }

@@ -28,8 +28,8 @@ use super::attention::{AttnShape, attn_bwd, attn_fwd};
 use super::ops::dropout::{Dropout, dropout_apply};
 use super::ops::rope::{RopeTable, rope_bwd, rope_fwd};
 use super::ops::{
-    ColSums, bias_gelu_fwd, gelu_bwd_colsum, layernorm_bwd, layernorm_fwd, linear_bwd, linear_fwd,
-    linear_nobias_fwd, residual_linear_fwd, scale_colsum, serial_gemm,
+    ColSums, Precision, bias_gelu_fwd, gelu_bwd_colsum, layernorm_bwd, layernorm_fwd, linear_bwd,
+    linear_fwd, linear_nobias_fwd, residual_linear_fwd, scale_colsum, serial_gemm,
 };
 use super::params::BranchParams;
 use std::sync::Mutex;
@@ -41,6 +41,8 @@ pub(crate) struct BlockOpts<'a> {
     pub rope: Option<(&'a RopeTable, &'a [u32])>,
     /// Dropout of this branch (its sites are derived from this key).
     pub drop: Option<Dropout>,
+    /// Arithmetic of the four linear products (forward and backward).
+    pub prec: Precision,
 }
 
 /// Dropout sites of a branch.
@@ -155,7 +157,7 @@ pub(crate) fn branch_fwd(
         &bp.ln1_gain,
         &bp.ln1_bias,
     );
-    linear_fwd(&mut bw.qkv, &bw.a1, &bp.qkv_w, &bp.qkv_b, n, d);
+    linear_fwd(o.prec, &mut bw.qkv, &bw.a1, &bp.qkv_w, &bp.qkv_b, n, d);
     if let Some((table, pos)) = o.rope {
         rope_fwd(&mut bw.qkv, 3 * d, 2 * d, table, pos);
     }
@@ -163,8 +165,8 @@ pub(crate) fn branch_fwd(
     let pd = site(SITE_PROBS).map(|k| (&mut bw.probs_drop[..], k));
     attn_fwd(&mut bw.att, &mut bw.probs, &bw.qkv, s, pd);
     match site(SITE_ATTN_OUT) {
-        Some(k) => dropped_residual(&mut bw.u, h, &bw.att, &bp.out_w, &bp.out_b, n, d, k),
-        None => residual_linear_fwd(&mut bw.u, h, &bw.att, &bp.out_w, &bp.out_b, n, d),
+        Some(k) => dropped_residual(o.prec, &mut bw.u, h, &bw.att, &bp.out_w, &bp.out_b, n, d, k),
+        None => residual_linear_fwd(o.prec, &mut bw.u, h, &bw.att, &bp.out_w, &bp.out_b, n, d),
     }
     layernorm_fwd(
         &mut bw.a2,
@@ -174,20 +176,40 @@ pub(crate) fn branch_fwd(
         &bp.ln2_gain,
         &bp.ln2_bias,
     );
-    linear_nobias_fwd(&mut bw.dgelu, &bw.a2, &bp.fc_w, n, d, 4 * d);
+    linear_nobias_fwd(o.prec, &mut bw.dgelu, &bw.a2, &bp.fc_w, n, d, 4 * d);
     bias_gelu_fwd(&mut bw.g, &mut bw.dgelu, &bp.fc_b);
     if let Some(k) = site(SITE_GELU) {
         dropout_apply(&mut bw.g, k, 0);
     }
     match site(SITE_MLP_OUT) {
-        Some(k) => dropped_residual(&mut bw.z, &bw.u, &bw.g, &bp.proj_w, &bp.proj_b, n, 4 * d, k),
-        None => residual_linear_fwd(&mut bw.z, &bw.u, &bw.g, &bp.proj_w, &bp.proj_b, n, 4 * d),
+        Some(k) => dropped_residual(
+            o.prec,
+            &mut bw.z,
+            &bw.u,
+            &bw.g,
+            &bp.proj_w,
+            &bp.proj_b,
+            n,
+            4 * d,
+            k,
+        ),
+        None => residual_linear_fwd(
+            o.prec,
+            &mut bw.z,
+            &bw.u,
+            &bw.g,
+            &bp.proj_w,
+            &bp.proj_b,
+            n,
+            4 * d,
+        ),
     }
 }
 
 /// `y = x + M ⊙ (a·W + b)` for the mask `M` of `site` (`y`: `[n, d_out]`).
 #[allow(clippy::too_many_arguments)]
 fn dropped_residual(
+    prec: Precision,
     y: &mut [f32],
     x: &[f32],
     a: &[f32],
@@ -197,7 +219,7 @@ fn dropped_residual(
     din: usize,
     site: Dropout,
 ) {
-    linear_fwd(y, a, w, b, n, din);
+    linear_fwd(prec, y, a, w, b, n, din);
     dropout_apply(y, site, 0);
     for (o, &v) in y.iter_mut().zip(x) {
         *o += v;
@@ -233,6 +255,7 @@ pub(crate) fn branch_bwd(
             dropout_apply(&mut sc.datt, k, 0);
             sc.sums.of(&mut gb.proj_b, &sc.datt);
             linear_bwd(
+                o.prec,
                 dbig,
                 &mut gb.proj_w,
                 &bw.g,
@@ -243,7 +266,17 @@ pub(crate) fn branch_bwd(
                 d,
             );
         }
-        None => linear_bwd(dbig, &mut gb.proj_w, &bw.g, &bp.proj_w, &sc.dz, n, 4 * d, d),
+        None => linear_bwd(
+            o.prec,
+            dbig,
+            &mut gb.proj_w,
+            &bw.g,
+            &bp.proj_w,
+            &sc.dz,
+            n,
+            4 * d,
+            d,
+        ),
     }
     if let Some(k) = site(SITE_GELU) {
         dropout_apply(&mut sc.dbig, k, 0);
@@ -251,7 +284,17 @@ pub(crate) fn branch_bwd(
     gelu_bwd_colsum(&mut sc.dbig, &bw.dgelu, &mut gb.fc_b, &mut sc.sums);
     // f = a2·W1 + b1
     let da = Some((&mut sc.da[..], false));
-    linear_bwd(da, &mut gb.fc_w, &bw.a2, &bp.fc_w, &sc.dbig, n, d, 4 * d);
+    linear_bwd(
+        o.prec,
+        da,
+        &mut gb.fc_w,
+        &bw.a2,
+        &bp.fc_w,
+        &sc.dbig,
+        n,
+        d,
+        4 * d,
+    );
     // u → a2 = LN2(u), plus the residual path dz; `bw.dh` holds ∂L/∂u from here on.
     bw.dh.copy_from_slice(&sc.dz);
     layernorm_bwd(
@@ -277,7 +320,7 @@ pub(crate) fn branch_bwd(
     };
     sc.sums.of(&mut gb.out_b, du);
     let datt = Some((&mut sc.datt[..], false));
-    linear_bwd(datt, &mut gb.out_w, &bw.att, &bp.out_w, du, n, d, d);
+    linear_bwd(o.prec, datt, &mut gb.out_w, &bw.att, &bp.out_w, du, n, d, d);
     attn_bwd(
         &mut sc.dqkv,
         &mut sc.dprobs,
@@ -292,7 +335,17 @@ pub(crate) fn branch_bwd(
     }
     sc.sums.of(&mut gb.qkv_b, &sc.dqkv);
     let da = Some((&mut sc.da[..], false));
-    linear_bwd(da, &mut gb.qkv_w, &bw.a1, &bp.qkv_w, &sc.dqkv, n, d, 3 * d);
+    linear_bwd(
+        o.prec,
+        da,
+        &mut gb.qkv_w,
+        &bw.a1,
+        &bp.qkv_w,
+        &sc.dqkv,
+        n,
+        d,
+        3 * d,
+    );
     // h → a1 = LN1(h), plus the residual path ∂L/∂u.
     layernorm_bwd(
         &mut bw.dh,

@@ -34,12 +34,15 @@ pub mod io;
 pub mod net;
 pub mod ops;
 pub mod params;
+#[cfg(test)]
+mod precision_tests;
 mod tile;
 pub mod train;
 
 pub use availability::{Availability, AvailabilityConfig, AvailabilityError, BranchP};
 pub use generate::{GenerateConfig, Generation};
 pub use net::{Model, Workspace};
+pub use ops::Precision;
 pub use params::{BranchParams, LayerParams, Params};
 pub use train::{ExpandReport, StepReport, Trainer};
 
@@ -124,6 +127,9 @@ pub struct ModelConfig {
     /// activations and both residual branch outputs of every block, while training only
     /// (0 = off).
     pub dropout: f32,
+    /// Arithmetic of the linear layers' products: `f32`, or `bf16` operands with fp32
+    /// accumulation (weights, optimizer state, norms, softmax and loss stay fp32).
+    pub precision: ops::Precision,
 }
 
 /// How the model knows where a token is (`model.positions`).
@@ -150,6 +156,7 @@ impl Default for ModelConfig {
             init_std: 0.02,
             positions: Positions::Learned,
             dropout: 0.0,
+            precision: ops::Precision::F32,
         }
     }
 }

@@ -20,6 +20,7 @@
 use super::agg::{self, AggGroups};
 use super::attention::{AttnShape, Segments};
 use super::block::{BlockOpts, BranchWs, BwdScratch, branch_bwd, branch_fwd, fit, run_pairwise};
+use super::ops::Precision;
 use super::ops::dropout::Dropout;
 use super::ops::rope::RopeTable;
 use super::ops::{
@@ -254,10 +255,12 @@ impl Model {
         drop: Option<StepDropout>,
         l: usize,
         i: usize,
+        prec: Precision,
     ) -> BlockOpts<'a> {
         BlockOpts {
             rope: ws_rope,
             drop: drop.map(|sd| Dropout::at(sd.p, sd.seed, sd.step, l, i, 0)),
+            prec,
         }
     }
 
@@ -331,7 +334,13 @@ impl Model {
                 .enumerate()
                 .filter_map(|(i, (pair, &on))| on.then_some((i, pair)));
             run_pairwise(todo, count, &mut [(), ()], |(i, (bp, bw)), _| {
-                branch_fwd(bp, bw, h, shape, Self::block_opts(rope, step_drop, l, i))
+                branch_fwd(
+                    bp,
+                    bw,
+                    h,
+                    shape,
+                    Self::block_opts(rope, step_drop, l, i, cfg.precision),
+                )
             });
             let (branches, computed, alpha_t) = (&lw.branches, &lw.computed, &lw.alpha_t);
             weighted_sum(out, || {
@@ -351,7 +360,16 @@ impl Model {
             &p.lnf_bias,
         );
         let _prof = profile::scope(profile::LINEAR);
-        super::ops::mm(&mut ws.logits, &ws.af, &p.head_w, n, d, v, false);
+        super::ops::mm_prec(
+            self.config.precision,
+            &mut ws.logits,
+            &ws.af,
+            &p.head_w,
+            n,
+            d,
+            v,
+            false,
+        );
         Ok(())
     }
 
@@ -378,9 +396,10 @@ impl Model {
         {
             let _prof = profile::scope(profile::LINEAR);
             let (af, dlogits, da) = (&ws.af, &ws.logits, &mut ws.da);
+            let (hw, pr) = (&p.head_w, cfg.precision);
             rayon::join(
-                || serial_gemm(|| mm_tn(&mut grads.head_w, af, dlogits, n, d, v, false)),
-                || serial_gemm(|| mm_nt(da, dlogits, &p.head_w, n, v, d, false)),
+                || serial_gemm(|| mm_tn(pr, &mut grads.head_w, af, dlogits, n, d, v, false)),
+                || serial_gemm(|| mm_nt(pr, da, dlogits, hw, n, v, d, false)),
             );
         }
         layernorm_bwd(
@@ -455,7 +474,7 @@ impl Model {
             |(i, alpha, bp, bw, gb, g), sc| {
                 // the aggregation logits' input: g_i = ⟨∂L/∂h', z_i⟩
                 *g = dot_f64(dh, &bw.z) as f32;
-                let o = Self::block_opts(rope, step_drop, l, i);
+                let o = Self::block_opts(rope, step_drop, l, i, self.config.precision);
                 branch_bwd(bp, bw, gb, sc, dh, alpha, h, s, o)
             },
         );

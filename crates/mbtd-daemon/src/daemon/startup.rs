@@ -79,9 +79,9 @@ pub fn check_data_dir(path: &Path) -> Result<(), StartRefused> {
     })
 }
 
-/// Fields of `model.*` that only matter when a model is created (a resumed model ignores
-/// them).
-const INIT_ONLY_FIELDS: [&str; 1] = ["init_std"];
+/// Fields of `model.*` a resumed model may change: `init_std` only matters when a model is
+/// created, `precision` only sets the products' arithmetic (checkpoints are fp32 in both).
+const INIT_ONLY_FIELDS: [&str; 2] = ["init_std", "precision"];
 
 /// One field that differs: name, the checkpoint's value, the config's value.
 pub type FieldDiff = (String, serde_json::Value, serde_json::Value);
@@ -180,6 +180,7 @@ mod tests {
             d_model: 96,
             n_heads: 4,
             init_std: 0.5,
+            precision: crate::model::Precision::Bf16,
             ..ck.clone()
         };
         let d = model_differences(&m, &cfg);
@@ -187,7 +188,7 @@ mod tests {
         assert_eq!(
             fields,
             vec!["model.d_model", "model.n_heads"],
-            "init_std is ignored"
+            "init_std and precision are ignored"
         );
         assert_eq!((d[0].1.clone(), d[0].2.clone()), (64.into(), 96.into()));
         let msg = mismatch_message("ID", Path::new("/data/checkpoints"), &d);

@@ -1,12 +1,14 @@
 //! Matrix products through the `gemm` crate: `C (+)= A·B` on strided views ([`gemm_into`])
-//! and the three row-major shapes of a linear layer, `A·B` ([`mm`]), `Aᵀ·B` ([`mm_tn`],
-//! weight gradients) and `A·Bᵀ` ([`mm_nt`], input gradients).
+//! and the three row-major shapes of a linear layer, `A·B` ([`mm`], [`mm_prec`]), `Aᵀ·B`
+//! ([`mm_tn`], weight gradients) and `A·Bᵀ` ([`mm_nt`], input gradients). With
+//! [`Precision::Bf16`] the three shapes run through `bf16::gemm_bf16` instead.
 //!
 //! Determinism: `gemm` splits only the output among threads, never a reduction, so each
 //! element `C[i,j] = Σ_p A[i,p]·B[p,j]` is summed in the same order for any thread count.
 //! [`serial_gemm`] keeps a thread's products on that thread (for branches that already run
 //! side by side) without changing their results.
 
+use super::bf16::{Precision, gemm_bf16};
 use ::gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -170,7 +172,26 @@ unsafe fn gemm_raw(
 /// assert_eq!(c, [8.0, 10.0, 20.0, 22.0]);
 /// ```
 pub fn mm(c: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize, acc: bool) {
-    gemm_into(
+    mm_prec(Precision::F32, c, a, b, m, k, n, acc);
+}
+
+/// [`mm`] in the given precision (see [`super::bf16`] for `Bf16`).
+#[allow(clippy::too_many_arguments)]
+pub fn mm_prec(
+    prec: Precision,
+    c: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    acc: bool,
+) {
+    let product = match prec {
+        Precision::F32 => gemm_into,
+        Precision::Bf16 => gemm_bf16,
+    };
+    product(
         m,
         n,
         k,
@@ -190,9 +211,23 @@ const DW_COLS: usize = 128;
 /// [`DW_COLS`] output columns, each a single-threaded `gemm` (rayon spreads the
 /// tasks; a branch pair's idle thread takes some). `gemm` runs these long reductions
 /// 3–15 % faster per 128 columns than on the whole width (measured on our shapes), and
-/// every element's arithmetic is the same whoever runs its task.
-pub(crate) fn mm_tn(c: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize, acc: bool) {
+/// every element's arithmetic is the same whoever runs its task. In bf16 it is one
+/// [`gemm_bf16`] over the whole width (which splits rows of `C` among threads).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn mm_tn(
+    prec: Precision,
+    c: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    acc: bool,
+) {
     let (av, bv) = (View::tr(a, k), View::rm(b, n));
+    if prec == Precision::Bf16 {
+        return gemm_bf16(k, n, m, c, n, acc, av, bv, par_all());
+    }
     assert!(span(k, n, n, 1) <= c.len(), "gemm: C too small");
     assert!(span(k, m, av.rs, av.cs) <= a.len(), "gemm: A too small");
     assert!(span(m, n, bv.rs, bv.cs) <= b.len(), "gemm: B too small");
@@ -215,22 +250,36 @@ pub(crate) fn mm_tn(c: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: 
 
 /// The output of a product whose tasks write disjoint columns.
 #[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: used only by tasks that write disjoint elements (see `mm_tn`).
+pub(crate) struct SharedOut(pub(crate) *mut f32);
+// SAFETY: used only by tasks that write disjoint elements (see `mm_tn`, `gemm_bf16`).
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
 impl SharedOut {
     /// # Safety
     /// `off` must lie within the original buffer.
-    unsafe fn at(self, off: usize) -> *mut f32 {
+    pub(crate) unsafe fn at(self, off: usize) -> *mut f32 {
         unsafe { self.0.add(off) }
     }
 }
 
 /// `C[m,n] (+)= A[m,k]·B[n,k]ᵀ` (input gradient `dx = dy·Wᵀ`).
-pub(crate) fn mm_nt(c: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize, acc: bool) {
-    gemm_into(
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn mm_nt(
+    prec: Precision,
+    c: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    acc: bool,
+) {
+    let product = match prec {
+        Precision::F32 => gemm_into,
+        Precision::Bf16 => gemm_bf16,
+    };
+    product(
         m,
         n,
         k,
@@ -266,7 +315,7 @@ mod tests {
         }
         // Aᵀ·C: [k,n] from A [m,k], C [m,n]
         let mut t = vec![f32::NAN; k * n];
-        mm_tn(&mut t, &a, &c, m, k, n, false);
+        mm_tn(Precision::F32, &mut t, &a, &c, m, k, n, false);
         for p in 0..k {
             for j in 0..n {
                 let e: f32 = (0..m).map(|i| a[i * k + p] * c[i * n + j]).sum();
@@ -275,7 +324,7 @@ mod tests {
         }
         // C·Bᵀ: [m,k] from C [m,n], B [k,n]
         let mut u = vec![1.0; m * k];
-        mm_nt(&mut u, &c, &b, m, n, k, true);
+        mm_nt(Precision::F32, &mut u, &c, &b, m, n, k, true);
         for i in 0..m {
             for p in 0..k {
                 let e: f32 = 1.0 + (0..n).map(|j| c[i * n + j] * b[p * n + j]).sum::<f32>();
@@ -298,13 +347,13 @@ mod tests {
             let mut c = vec![0.5; m * n];
             let mut e = vec![0.5; k * n];
             mm(&mut c, &a, &b, m, k, n, true);
-            mm_tn(&mut e, &a, &c, m, k, n, false);
+            mm_tn(Precision::F32, &mut e, &a, &c, m, k, n, false);
             let mut c2 = vec![0.5; m * n];
             let mut e2 = vec![0.5; k * n];
             serial_gemm(|| {
                 assert!(matches!(par_all(), Parallelism::None));
                 mm(&mut c2, &a, &b, m, k, n, true);
-                mm_tn(&mut e2, &a, &c2, m, k, n, false);
+                mm_tn(Precision::F32, &mut e2, &a, &c2, m, k, n, false);
             });
             assert!(matches!(par_all(), Parallelism::Rayon(2)));
             ((c, e), (c2, e2))
@@ -321,7 +370,7 @@ mod tests {
         let mut c = vec![1.0; m * n];
         mm(&mut c, &a, &b, m, k, n, true);
         let mut d = vec![f32::NAN; m * k];
-        mm_nt(&mut d, &c, &b, m, n, k, false);
+        mm_nt(Precision::F32, &mut d, &c, &b, m, n, k, false);
         for i in (0..m).step_by(37) {
             for j in 0..n {
                 let e: f32 = 1.0 + (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum::<f32>();

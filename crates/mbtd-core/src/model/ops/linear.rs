@@ -1,12 +1,15 @@
 //! Linear layers `y = x·W + b` over `N` rows (`x` `[N, in]`, `W` `[in, out]` row-major,
 //! `b` `[out]`) and their gradients: `dW = xᵀ·dy`, `dx = dy·Wᵀ`, `db = Σ_rows dy` (the
-//! last from [`super::ColSums`], fused with whichever pass produced `dy`).
+//! last from [`super::ColSums`], fused with whichever pass produced `dy`). The three
+//! products run in the given [`Precision`]: with `Bf16` their operands are rounded to
+//! bfloat16 and accumulated in fp32; the bias, residual and sums stay fp32.
 //!
 //! # Shapes
 //! `x`: `[N, in]`, `W`: `[in, out]`, `b`: `[out]`, `y`: `[N, out]`.
 
 use super::ROW_CHUNK;
-use super::gemm::{mm, mm_nt, mm_tn};
+use super::bf16::Precision;
+use super::gemm::{mm_nt, mm_prec, mm_tn};
 use super::profile;
 use super::simd::simd;
 use rayon::prelude::*;
@@ -14,16 +17,26 @@ use rayon::prelude::*;
 /// Linear forward `y[N,out] = x[N,in]·W[in,out] + b[out]`.
 ///
 /// ```
-/// use mbtd_core::model::ops::linear_fwd;
+/// use mbtd_core::model::ops::{Precision, linear_fwd};
 ///
 /// let x = [1.0, 2.0, 3.0, 4.0]; // 2 rows, in = 2
 /// let w = [1.0, 0.0, -1.0, 0.0, 1.0, 1.0]; // [2, 3]
 /// let b = [0.5, 0.5, 0.5];
 /// let mut y = [0.0f32; 6];
-/// linear_fwd(&mut y, &x, &w, &b, 2, 2);
+/// linear_fwd(Precision::F32, &mut y, &x, &w, &b, 2, 2);
+/// assert_eq!(y, [1.5, 2.5, 1.5, 3.5, 4.5, 1.5]);
+/// linear_fwd(Precision::Bf16, &mut y, &x, &w, &b, 2, 2); // exact in bf16 too
 /// assert_eq!(y, [1.5, 2.5, 1.5, 3.5, 4.5, 1.5]);
 /// ```
-pub fn linear_fwd(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32], n: usize, din: usize) {
+pub fn linear_fwd(
+    prec: Precision,
+    y: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    n: usize,
+    din: usize,
+) {
     let _prof = profile::scope(profile::LINEAR);
     let dout = b.len();
     y[..n * dout]
@@ -33,12 +46,13 @@ pub fn linear_fwd(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32], n: usize, din:
                 row.copy_from_slice(b);
             }
         });
-    mm(y, x, w, n, din, dout, true);
+    mm_prec(prec, y, x, w, n, din, dout, true);
 }
 
 /// Linear forward without bias `y[N,out] = x[N,in]·W[in,out]` (the bias is added by the
 /// consumer, e.g. [`super::bias_gelu_fwd`]).
 pub(crate) fn linear_nobias_fwd(
+    prec: Precision,
     y: &mut [f32],
     x: &[f32],
     w: &[f32],
@@ -47,12 +61,14 @@ pub(crate) fn linear_nobias_fwd(
     dout: usize,
 ) {
     let _prof = profile::scope(profile::LINEAR);
-    mm(y, x, w, n, din, dout, false);
+    mm_prec(prec, y, x, w, n, din, dout, false);
 }
 
 /// Residual linear forward `y[N,out] = r[N,out] + x[N,in]·W[in,out] + b[out]` (the residual
 /// and bias are written first, the product is accumulated onto them by `gemm`).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn residual_linear_fwd(
+    prec: Precision,
     y: &mut [f32],
     r: &[f32],
     x: &[f32],
@@ -78,7 +94,7 @@ pub(crate) fn residual_linear_fwd(
                 },
             )
         });
-    mm(y, x, w, n, din, dout, true);
+    mm_prec(prec, y, x, w, n, din, dout, true);
 }
 
 /// Linear backward: `dW = xᵀ·dy` and, when `dx` is given, `dx (+)= dy·Wᵀ` (the bias
@@ -86,6 +102,7 @@ pub(crate) fn residual_linear_fwd(
 /// where there is one).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_bwd(
+    prec: Precision,
     dx: Option<(&mut [f32], bool)>,
     dw: &mut [f32],
     x: &[f32],
@@ -96,9 +113,9 @@ pub(crate) fn linear_bwd(
     dout: usize,
 ) {
     let _prof = profile::scope(profile::LINEAR);
-    mm_tn(dw, x, dy, n, din, dout, false);
+    mm_tn(prec, dw, x, dy, n, din, dout, false);
     if let Some((dx, acc)) = dx {
-        mm_nt(dx, dy, w, n, dout, din, acc);
+        mm_nt(prec, dx, dy, w, n, dout, din, acc);
     }
 }
 
@@ -120,12 +137,22 @@ mod tests {
         let wt = randv(&mut rng, n * dout, 1.0);
         let run = |x: &[f32], w: &[f32], b: &[f32]| {
             let mut y = vec![f32::NAN; n * dout];
-            linear_fwd(&mut y, x, w, b, n, din);
+            linear_fwd(Precision::F32, &mut y, x, w, b, n, din);
             weighted(&y, &wt)
         };
         let mut dx = vec![0.0; n * din];
         let (mut dw, mut db) = (vec![0.0; din * dout], vec![0.0; dout]);
-        linear_bwd(Some((&mut dx, false)), &mut dw, &x, &w, &wt, n, din, dout);
+        linear_bwd(
+            Precision::F32,
+            Some((&mut dx, false)),
+            &mut dw,
+            &x,
+            &w,
+            &wt,
+            n,
+            din,
+            dout,
+        );
         ColSums::default().of(&mut db, &wt);
         let (xc, wc, bc) = (x.clone(), w.clone(), b.clone());
         let to64 = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<_>>();

@@ -6,12 +6,13 @@
 //! output among threads, so its results do not depend on the thread count either.
 //!
 //! One file per op family, each stating its maths and shapes:
-//! [`gemm`] (matrix products), [`linear`], [`norm`] (LayerNorm), [`activation`] (GELU),
-//! [`loss`] (softmax cross-entropy), [`embedding`], [`rope`] (rotary positions),
-//! [`dropout`], [`reduce`] (weighted sums, column sums), [`simd`] (vector dispatch and
-//! lane-wise reductions) and [`profile`].
+//! [`gemm`] (matrix products), [`bf16`] (bf16 products with fp32 accumulation), [`linear`],
+//! [`norm`] (LayerNorm), [`activation`] (GELU), [`loss`] (softmax cross-entropy),
+//! [`embedding`], [`rope`] (rotary positions), [`dropout`], [`reduce`] (weighted sums,
+//! column sums), [`simd`] (vector dispatch and lane-wise reductions) and [`profile`].
 
 pub mod activation;
+pub mod bf16;
 pub mod dropout;
 pub mod embedding;
 pub mod gemm;
@@ -25,10 +26,11 @@ pub mod simd;
 
 pub use activation::gelu_fwd;
 pub(crate) use activation::{bias_gelu_fwd, gelu_bwd_colsum};
+pub use bf16::{Precision, bf16_round, has_avx512_bf16, to_bf16};
 pub(crate) use embedding::embed_bwd;
 pub use embedding::embed_fwd;
-pub use gemm::mm;
 pub(crate) use gemm::{View, mm_nt, mm_tn, serial_gemm, span};
+pub use gemm::{mm, mm_prec};
 pub use linear::linear_fwd;
 pub(crate) use linear::{linear_bwd, linear_nobias_fwd, residual_linear_fwd};
 pub use loss::xent_fwd_bwd;
