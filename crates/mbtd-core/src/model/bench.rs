@@ -449,7 +449,7 @@ mod tests {
         assert_eq!(out["active_branches_mean"].as_f64(), Some(2.0));
         let bad = TrainBenchArgs {
             p_active: 1.5,
-            ..opts
+            ..opts.clone()
         };
         assert!(bench_train(&bad).is_err());
         // in this test, not one of its own: the kernel profiler is process-wide
@@ -461,7 +461,7 @@ mod tests {
         let bf16 = bench_train(&opts).unwrap();
         let f32 = bench_train(&TrainBenchArgs {
             precision: crate::model::Precision::F32,
-            ..opts
+            ..opts.clone()
         })
         .unwrap();
         assert_eq!(bf16["precision"], "bf16");
