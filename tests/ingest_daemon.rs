@@ -203,7 +203,7 @@ fn kill_mid_append(d: &mut Daemon, dropped: usize, within: Duration) -> bool {
             return true;
         }
         polls += 1;
-        if polls % 64 == 0 && done_and_failed(d) >= dropped {
+        if polls.is_multiple_of(64) && done_and_failed(d) >= dropped {
             break; // nothing left to catch
         }
         std::thread::sleep(Duration::from_micros(200));

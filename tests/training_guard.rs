@@ -69,7 +69,7 @@ probation_steps = 14
 }
 
 fn write_data(d: &Daemon) {
-    let parity = |i: usize| if i % 2 == 0 { "even" } else { "odd" }.to_string();
+    let parity = |i: usize| if i.is_multiple_of(2) { "even" } else { "odd" }.to_string();
     d.drop_csv("d.csv", &sums_csv(11, 160, 40, parity));
 }
 

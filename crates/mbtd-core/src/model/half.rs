@@ -60,7 +60,8 @@ impl HalfPanels {
         let j0 = p0 * PANEL;
         assert_eq!(x.len(), self.din, "matvec: x has {} entries", x.len());
         assert!(
-            j0 + y.len() <= self.dout && (y.len() % PANEL == 0 || j0 + y.len() == self.dout),
+            j0 + y.len() <= self.dout
+                && (y.len().is_multiple_of(PANEL) || j0 + y.len() == self.dout),
             "matvec: columns {j0}..{} do not end a panel",
             j0 + y.len()
         );

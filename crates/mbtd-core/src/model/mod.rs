@@ -176,7 +176,7 @@ impl ModelConfig {
                 self.n_heads
             ));
         }
-        if self.d_model == 0 || self.d_model > 16384 || self.d_model % self.n_heads != 0 {
+        if self.d_model == 0 || self.d_model > 16384 || !self.d_model.is_multiple_of(self.n_heads) {
             return Err(format!(
                 "model.d_model = {}: must be in 1..=16384 and a multiple of model.n_heads ({})",
                 self.d_model, self.n_heads
@@ -212,7 +212,7 @@ impl ModelConfig {
                 self.init_std
             ));
         }
-        if self.positions == Positions::Rope && self.head_dim() % 2 != 0 {
+        if self.positions == Positions::Rope && !self.head_dim().is_multiple_of(2) {
             return Err(format!(
                 "model.positions = \"rope\" needs an even head dimension, but model.d_model / model.n_heads = {} / {} = {}; change either",
                 self.d_model,

@@ -624,10 +624,10 @@ pub(crate) mod tests {
         let (mut an, mut num) = (Vec::new(), Vec::new());
         let h = 1e-2f32;
         for id in grads.ids() {
-            if let TensorId::Branch(l, i, _) = id {
-                if !computed[l][i] {
-                    continue;
-                }
+            if let TensorId::Branch(l, i, _) = id
+                && !computed[l][i]
+            {
+                continue;
             }
             let len = grads.get(id).len();
             for j in (0..len).step_by((len / 7).max(1)) {

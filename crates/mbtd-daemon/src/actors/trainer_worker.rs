@@ -396,7 +396,12 @@ impl Worker {
         }
         push_window(&mut self.ratios, report.grad_norm_ratio as f64, 100);
         self.after_step(&report, &masks, &mix);
-        if self.live.trainer.step() % cfg.eval.every_steps == 0 {
+        if self
+            .live
+            .trainer
+            .step()
+            .is_multiple_of(cfg.eval.every_steps)
+        {
             // Scheduled evaluations (evenly spaced, unlike `ctl eval`) feed the governor.
             if let Ok(r) = self.evaluate() {
                 let (steps, since) = self.since_eval;

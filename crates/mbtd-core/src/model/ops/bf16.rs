@@ -413,9 +413,6 @@ unsafe fn tile(
 /// `MR` rows of `NR` floats at `c` (row stride `c_rs`) must be valid and exclusively ours.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-// The AVX-512 intrinsics are stable since Rust 1.89, like the AVX-512 target features that
-// `ops::simd` already enables: the workspace's declared `rust-version` (1.85) predates both.
-#[allow(clippy::incompatible_msrv)]
 unsafe fn kernel(kc2: usize, a: *const u32, b: *const u32, c: *mut f32, c_rs: usize, load: bool) {
     use std::arch::x86_64::*;
     // SAFETY: every offset stays inside the panels (`q < kc2`) or the tile, per the

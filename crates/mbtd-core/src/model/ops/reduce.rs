@@ -89,7 +89,7 @@ impl ColSums {
 
     fn prepare(&mut self, len: usize, cols: usize) {
         assert!(
-            cols > 0 && len % cols == 0,
+            cols > 0 && len.is_multiple_of(cols),
             "column sum: {len} values are not whole rows of {cols}"
         );
         self.slots(len / cols, cols);

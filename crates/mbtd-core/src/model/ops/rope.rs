@@ -44,7 +44,7 @@ impl RopeTable {
     /// The table for positions `0..len` and heads of (even) dimension `head_dim`.
     pub fn new(len: usize, head_dim: usize) -> Self {
         assert!(
-            head_dim % 2 == 0,
+            head_dim.is_multiple_of(2),
             "rotary heads need an even head dimension"
         );
         let half = head_dim / 2;
@@ -104,7 +104,7 @@ fn rotate(
 ) {
     let _prof = profile::scope(profile::ELEM);
     let hd = table.head_dim;
-    assert!(cols % hd == 0 && cols <= stride && x.len() >= positions.len() * stride);
+    assert!(cols.is_multiple_of(hd) && cols <= stride && x.len() >= positions.len() * stride);
     x[..positions.len() * stride]
         .par_chunks_mut(stride * ROW_CHUNK)
         .zip(positions.par_chunks(ROW_CHUNK))
