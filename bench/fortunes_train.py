@@ -29,30 +29,12 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
 import time
 
-
-def request(sock_path, cmd, args=None, timeout=30.0):
-    line = json.dumps({"id": 1, "cmd": cmd, "args": args}) + "\n"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(sock_path)
-        s.sendall(line.encode())
-        buf = b""
-        while True:
-            chunk = s.recv(1 << 16)
-            if not chunk:
-                raise RuntimeError(f"{cmd}: connection closed before a done response")
-            buf += chunk
-            while b"\n" in buf:
-                one, buf = buf.split(b"\n", 1)
-                v = json.loads(one)
-                if v.get("done"):
-                    return v
+from admin_socket import request
 
 
 def trainer(sock):

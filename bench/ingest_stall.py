@@ -28,11 +28,12 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+
+from admin_socket import request
 
 # The tests' small configuration (`mbtd config small`) with this benchmark's model: d 64,
 # 2 layers x 3 branches, context 32, training at full speed.
@@ -48,26 +49,6 @@ def config_text(binary, nice):
     sets = OVERRIDES + ([f"ingest.nice={nice}"] if nice is not None else [])
     args = [binary, "config", "small"] + [a for kv in sets for a in ("--set", kv)]
     return subprocess.run(args, check=True, capture_output=True, text=True).stdout
-
-
-
-def request(sock_path, cmd, args=None, timeout=30.0):
-    line = json.dumps({"id": 1, "cmd": cmd, "args": args}) + "\n"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(sock_path)
-        s.sendall(line.encode())
-        buf = b""
-        while True:
-            chunk = s.recv(1 << 16)
-            if not chunk:
-                raise RuntimeError(f"{cmd}: connection closed before a done response")
-            buf += chunk
-            while b"\n" in buf:
-                one, buf = buf.split(b"\n", 1)
-                v = json.loads(one)
-                if v.get("done"):
-                    return v
 
 
 def step(sock_path):

@@ -1,0 +1,24 @@
+"""One request on the daemon's admin socket (JSON lines), for the benchmark scripts."""
+
+import json
+import socket
+
+
+def request(sock_path, cmd, args=None, timeout=30.0):
+    """Sends `cmd` with `args`; returns the final (`done`) response, after any stream chunks."""
+    line = json.dumps({"id": 1, "cmd": cmd, "args": args}) + "\n"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(sock_path)
+        s.sendall(line.encode())
+        buf = b""
+        while True:
+            chunk = s.recv(1 << 16)
+            if not chunk:
+                raise RuntimeError(f"{cmd}: connection closed before a done response")
+            buf += chunk
+            while b"\n" in buf:
+                one, buf = buf.split(b"\n", 1)
+                v = json.loads(one)
+                if v.get("done"):
+                    return v
