@@ -175,6 +175,25 @@ pub fn mm(c: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize, acc
     mm_prec(Precision::F32, c, a, b, m, k, n, acc);
 }
 
+/// `C[m,n] (+)= A·B` in `prec` for a row-major, dense `C`, on every thread.
+#[allow(clippy::too_many_arguments)]
+fn product(
+    prec: Precision,
+    m: usize,
+    n: usize,
+    k: usize,
+    c: &mut [f32],
+    acc: bool,
+    a: View<'_>,
+    b: View<'_>,
+) {
+    let kernel = match prec {
+        Precision::F32 => gemm_into,
+        Precision::Bf16 => gemm_bf16,
+    };
+    kernel(m, n, k, c, n, acc, a, b, par_all());
+}
+
 /// [`mm`] in the given precision (see [`super::bf16`] for `Bf16`).
 #[allow(clippy::too_many_arguments)]
 pub fn mm_prec(
@@ -187,21 +206,7 @@ pub fn mm_prec(
     n: usize,
     acc: bool,
 ) {
-    let product = match prec {
-        Precision::F32 => gemm_into,
-        Precision::Bf16 => gemm_bf16,
-    };
-    product(
-        m,
-        n,
-        k,
-        c,
-        n,
-        acc,
-        View::rm(a, k),
-        View::rm(b, n),
-        par_all(),
-    );
+    product(prec, m, n, k, c, acc, View::rm(a, k), View::rm(b, n));
 }
 
 /// Output columns per task of [`mm_tn`].
@@ -275,21 +280,7 @@ pub(crate) fn mm_nt(
     n: usize,
     acc: bool,
 ) {
-    let product = match prec {
-        Precision::F32 => gemm_into,
-        Precision::Bf16 => gemm_bf16,
-    };
-    product(
-        m,
-        n,
-        k,
-        c,
-        n,
-        acc,
-        View::rm(a, k),
-        View::tr(b, k),
-        par_all(),
-    );
+    product(prec, m, n, k, c, acc, View::rm(a, k), View::tr(b, k));
 }
 
 #[cfg(test)]
