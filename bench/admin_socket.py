@@ -2,6 +2,7 @@
 
 import json
 import socket
+import time
 
 
 def request(sock_path, cmd, args=None, timeout=30.0):
@@ -22,3 +23,17 @@ def request(sock_path, cmd, args=None, timeout=30.0):
                 v = json.loads(one)
                 if v.get("done"):
                     return v
+
+
+def wait_ready(sock_path, proc, what, within_s=60.0):
+    """Waits until the daemon `proc` answers `ping` on `sock_path`; raises naming `what`."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            if request(sock_path, "ping", timeout=1.0).get("ok"):
+                return
+        except (OSError, RuntimeError, ValueError):
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError(f"daemon not ready; see {what}")
+        time.sleep(0.1)

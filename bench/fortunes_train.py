@@ -34,7 +34,7 @@ import subprocess
 import tempfile
 import time
 
-from admin_socket import request
+from admin_socket import request, wait_ready
 
 
 def trainer(sock):
@@ -68,16 +68,7 @@ def one_run(binary, csv_path, config, a):
     proc = subprocess.Popen(cmd, stdout=log, stderr=log)
     sock = os.path.join(d, "mbtd.sock")
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if request(sock, "ping", timeout=1.0).get("ok"):
-                    break
-            except (OSError, RuntimeError, ValueError):
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"{binary}: daemon not ready; see {d}/daemon.log")
-            time.sleep(0.2)
+        wait_ready(sock, proc, f"{binary}: {d}/daemon.log")
         staging = os.path.join(d, "staging.tmp")
         shutil.copyfile(csv_path, staging)
         os.rename(staging, os.path.join(d, "inbox", os.path.basename(csv_path)))

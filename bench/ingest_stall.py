@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 
-from admin_socket import request
+from admin_socket import request, wait_ready
 
 # The tests' small configuration (`mbtd config small`) with this benchmark's model: d 64,
 # 2 layers x 3 branches, context 32, training at full speed.
@@ -117,16 +117,7 @@ def main():
     proc = subprocess.Popen([a.bin, "run", "--config", cfg, "--data-dir", d], stdout=log, stderr=log)
     sock = os.path.join(d, "mbtd.sock")
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if request(sock, "ping", timeout=1.0).get("ok"):
-                    break
-            except (OSError, RuntimeError, ValueError):
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"daemon not ready; see {d}/daemon.log")
-            time.sleep(0.1)
+        wait_ready(sock, proc, f"{d}/daemon.log")
         drop(d, "seed.csv", csv_rows("seed", 5000))
         while step(sock) < 20:
             time.sleep(0.2)
