@@ -4,20 +4,8 @@
 
 use super::net::tests::{random_batch, tiny_config};
 use super::ops::tests::rel_err;
-use super::{Batch, Model, ModelConfig, OptimConfig, Params, Precision, Trainer, Workspace};
-
-fn optim() -> OptimConfig {
-    OptimConfig {
-        lr: 1e-2,
-        warmup_steps: 5,
-        weight_decay: 0.0,
-        ..OptimConfig::default()
-    }
-}
-
-fn ones(model: &Model) -> Vec<Vec<f32>> {
-    model.widths().iter().map(|&k| vec![1.0; k]).collect()
-}
+use super::train::tests::{ones, optim, train_in_pool};
+use super::{Batch, Model, ModelConfig, Params, Precision, Trainer, Workspace};
 
 fn mid_config(precision: Precision) -> ModelConfig {
     ModelConfig {
@@ -128,41 +116,17 @@ fn bf16_loss_curve_follows_fp32() {
     );
 }
 
-fn bf16_train_in_pool(threads: usize) -> (Vec<u8>, Vec<u8>, Vec<f32>) {
-    let cfg = mid_config(Precision::Bf16);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .unwrap();
-    pool.install(|| {
-        let mut t = Trainer::new(Model::new(cfg.clone(), 8).unwrap(), optim()).unwrap();
-        let mut losses = Vec::new();
-        for s in 0..3u64 {
-            // 512 rows: the head's products split over several threads
-            let batch = random_batch(&cfg, 16, 32, s);
-            let masks = vec![vec![true, s != 1], vec![s != 2, true]];
-            let scales = vec![vec![1.0, 1.5], vec![2.0, 1.0]];
-            losses.push(t.train_step(&batch, &masks, &scales).unwrap().loss);
-        }
-        (
-            t.model_bytes().unwrap(),
-            t.optimizer_bytes().unwrap(),
-            losses,
-        )
-    })
-}
-
 #[test]
 fn bf16_training_is_bitwise_deterministic_across_thread_counts() {
-    let one = bf16_train_in_pool(1);
-    let two = bf16_train_in_pool(2);
+    let one = train_in_pool(&mid_config(Precision::Bf16), 1);
+    let two = train_in_pool(&mid_config(Precision::Bf16), 2);
     assert_eq!(one.2, two.2);
     assert!(one.0 == two.0, "weights differ between 1 and 2 threads");
     assert!(
         one.1 == two.1,
         "optimizer state differs between 1 and 2 threads"
     );
-    assert!(bf16_train_in_pool(3).0 == one.0);
+    assert!(train_in_pool(&mid_config(Precision::Bf16), 3).0 == one.0);
 }
 
 /// Checkpoints are fp32: a bf16 run resumed from its bytes continues bit for bit.

@@ -551,18 +551,18 @@ impl Model {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::net::tests::{random_batch, tiny_config};
 
     /// [`default_training_is_bitwise_unchanged`]'s digest.
     const GOLDEN_DIGEST: u64 = 0xe29a_0de3_a575_ae8b;
 
-    fn ones(model: &Model) -> BranchScales {
+    pub(crate) fn ones(model: &Model) -> BranchScales {
         model.widths().iter().map(|&k| vec![1.0; k]).collect()
     }
 
-    fn optim() -> OptimConfig {
+    pub(crate) fn optim() -> OptimConfig {
         OptimConfig {
             lr: 1e-2,
             warmup_steps: 5,
@@ -720,8 +720,9 @@ mod tests {
         );
     }
 
-    fn train_in_pool(threads: usize) -> (Vec<u8>, Vec<u8>, Vec<f32>) {
-        let cfg = ModelConfig {
+    /// The 64-wide model of the thread-count test.
+    fn pool_config() -> ModelConfig {
+        ModelConfig {
             vocab_size: 97,
             d_model: 64,
             n_heads: 2,
@@ -731,7 +732,12 @@ mod tests {
             agg_floor: 0.2,
             init_std: 0.02,
             ..ModelConfig::default()
-        };
+        }
+    }
+
+    /// Three steps of `cfg` (seed 8, 16 × 32 windows, some branches masked) on a pool of
+    /// `threads` threads: weights, optimizer state and losses.
+    pub(crate) fn train_in_pool(cfg: &ModelConfig, threads: usize) -> (Vec<u8>, Vec<u8>, Vec<f32>) {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
@@ -741,7 +747,7 @@ mod tests {
             let mut losses = Vec::new();
             for s in 0..3u64 {
                 // 512 rows: large enough for gemm to use several threads
-                let batch = random_batch(&cfg, 16, 32, s);
+                let batch = random_batch(cfg, 16, 32, s);
                 let masks = vec![vec![true, s != 1], vec![s != 2, true]];
                 let scales = vec![vec![1.0, 1.5], vec![2.0, 1.0]];
                 losses.push(t.train_step(&batch, &masks, &scales).unwrap().loss);
@@ -756,15 +762,16 @@ mod tests {
 
     #[test]
     fn bitwise_deterministic_across_thread_counts() {
-        let one = train_in_pool(1);
-        let two = train_in_pool(2);
+        let cfg = pool_config();
+        let one = train_in_pool(&cfg, 1);
+        let two = train_in_pool(&cfg, 2);
         assert_eq!(one.2, two.2);
         assert!(one.0 == two.0, "weights differ between 1 and 2 threads");
         assert!(
             one.1 == two.1,
             "optimizer state differs between 1 and 2 threads"
         );
-        assert!(train_in_pool(3).0 == one.0);
+        assert!(train_in_pool(&cfg, 3).0 == one.0);
     }
 
     #[test]
