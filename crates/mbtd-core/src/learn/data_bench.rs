@@ -18,10 +18,10 @@ use serde_json::{Value, json};
 use super::TokenizerSection;
 use super::config::TrainingConfig;
 use super::mix::NewWindows;
-use crate::model::bench::{TrainBenchArgs, cpu_seconds, machine_idle_share, peak_rss_kib};
-use crate::model::{
-    Availability, AvailabilityConfig, Batch, Model, ModelError, OptimConfig, Trainer,
+use crate::model::bench::{
+    TrainBenchArgs, bench_trainer, cpu_seconds, machine_idle_share, peak_rss_kib,
 };
+use crate::model::{Batch, ModelError};
 use crate::store::format::Record;
 use crate::text::csv_rows::{CsvError, CsvRowReader, RowBody};
 use crate::text::tokenizer::{Tokenizer, TokenizerError};
@@ -130,22 +130,7 @@ pub fn bench_train_data(opts: &TrainBenchArgs, data: &Path) -> Result<Value, Dat
     }
     let batches = batches(&tok, &rows, &tc, opts.warmup + opts.steps);
     crate::model::bench::pool(opts.threads)?.install(|| {
-        let model = Model::new(cfg.clone(), opts.seed)?;
-        let params = model.num_params();
-        let widths = model.widths();
-        let mut trainer = Trainer::new(
-            model,
-            OptimConfig {
-                warmup_steps: 0,
-                ..OptimConfig::default()
-            },
-        )?;
-        let acfg = AvailabilityConfig {
-            p: opts.p_active,
-            ..AvailabilityConfig::default()
-        };
-        let mut avail = Availability::new(acfg, &widths, opts.seed)
-            .map_err(|e| ModelError::Config(e.to_string()))?;
+        let (mut trainer, mut avail, params) = bench_trainer(&cfg, opts)?;
         let (mut secs, mut real, mut positions, mut cpu0) = (0.0, 0usize, 0usize, 0.0);
         let mut loss = 0.0;
         for (s, (batch, n_real)) in batches.iter().enumerate() {

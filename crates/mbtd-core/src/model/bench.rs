@@ -189,6 +189,31 @@ pub fn machine_idle_share(ms: u64) -> Option<f64> {
     (t2 > t1).then(|| (i2 - i1) as f64 / (t2 - t1) as f64)
 }
 
+/// A fresh model of `cfg` (seed `opts.seed`) with its trainer (no warm-up) and an
+/// availability model of `opts.p_active`; also the parameter count.
+pub(crate) fn bench_trainer(
+    cfg: &ModelConfig,
+    opts: &TrainBenchArgs,
+) -> Result<(Trainer, Availability, usize), ModelError> {
+    let model = Model::new(cfg.clone(), opts.seed)?;
+    let params = model.num_params();
+    let widths = model.widths();
+    let trainer = Trainer::new(
+        model,
+        OptimConfig {
+            warmup_steps: 0,
+            ..OptimConfig::default()
+        },
+    )?;
+    let acfg = AvailabilityConfig {
+        p: opts.p_active,
+        ..AvailabilityConfig::default()
+    };
+    let avail = Availability::new(acfg, &widths, opts.seed)
+        .map_err(|e| ModelError::Config(e.to_string()))?;
+    Ok((trainer, avail, params))
+}
+
 /// A rayon pool of `threads` threads for a benchmark.
 pub(crate) fn pool(threads: usize) -> Result<rayon::ThreadPool, ModelError> {
     rayon::ThreadPoolBuilder::new()
@@ -244,22 +269,7 @@ pub fn bench_train(opts: &TrainBenchArgs) -> Result<Value, ModelError> {
         ..opts.preset.config(opts.seq)
     };
     pool(opts.threads)?.install(|| {
-        let model = Model::new(cfg.clone(), opts.seed)?;
-        let params = model.num_params();
-        let widths = model.widths();
-        let mut trainer = Trainer::new(
-            model,
-            OptimConfig {
-                warmup_steps: 0,
-                ..OptimConfig::default()
-            },
-        )?;
-        let acfg = AvailabilityConfig {
-            p: opts.p_active,
-            ..AvailabilityConfig::default()
-        };
-        let mut avail = Availability::new(acfg, &widths, opts.seed)
-            .map_err(|e| ModelError::Config(e.to_string()))?;
+        let (mut trainer, mut avail, params) = bench_trainer(&cfg, opts)?;
         let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
         let batches: Vec<Batch> = (0..4)
             .map(|_| random_batch(&cfg, opts.batch, opts.seq, 0, &mut rng))
@@ -317,7 +327,7 @@ pub fn bench_train(opts: &TrainBenchArgs) -> Result<Value, ModelError> {
             "step_ms_p50": p50,
             "cpu_ms_per_step": cpu_per_step * 1e3,
             "machine_idle_share_after": machine_idle_share(500),
-            "active_branches_mean": active as f64 / (opts.steps * widths.len()) as f64,
+            "active_branches_mean": active as f64 / (opts.steps * cfg.n_layers) as f64,
             "final_loss": loss,
             "peak_rss_kib": peak_rss_kib(),
         });
