@@ -2,6 +2,7 @@
 
 import json
 import socket
+import subprocess
 import time
 
 
@@ -37,3 +38,16 @@ def wait_ready(sock_path, proc, what, within_s=60.0):
         if time.monotonic() > deadline or proc.poll() is not None:
             raise RuntimeError(f"daemon not ready; see {what}")
         time.sleep(0.1)
+
+
+def stop(sock_path, proc):
+    """Asks the daemon `proc` for an ordered stop; kills it if it has not exited in 60 s."""
+    try:
+        request(sock_path, "shutdown", timeout=5.0)
+    except (OSError, RuntimeError, ValueError):
+        pass
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -34,7 +34,7 @@ import subprocess
 import tempfile
 import time
 
-from admin_socket import request, wait_ready
+from admin_socket import request, stop, wait_ready
 
 
 def trainer(sock):
@@ -108,15 +108,7 @@ def one_run(binary, csv_path, config, a):
             "data_dir": d if a.keep else None,
         }
     finally:
-        try:
-            request(sock, "shutdown", timeout=5.0)
-        except (OSError, RuntimeError, ValueError):
-            pass
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(sock, proc)
         log.close()
         if not a.keep:
             shutil.rmtree(d, ignore_errors=True)

@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 
-from admin_socket import request, wait_ready
+from admin_socket import request, stop, wait_ready
 
 # The tests' small configuration (`mbtd config small`) with this benchmark's model: d 64,
 # 2 layers x 3 branches, context 32, training at full speed.
@@ -163,14 +163,7 @@ def main():
             "data_dir": d if a.keep else None,
         }))
     finally:
-        try:
-            request(sock, "shutdown", timeout=5.0)
-        except (OSError, RuntimeError, ValueError):
-            pass
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(sock, proc)
         log.close()
         if not a.keep:
             shutil.rmtree(d, ignore_errors=True)
