@@ -207,7 +207,7 @@ fn lower_this_threads_priority(nice: u8) {
     };
     if rc != 0 {
         tracing::warn!(actor = "ingestor", error = %std::io::Error::last_os_error(),
-            "cannot lower the ingestion thread's priority (ingest.nice); it competes with training");
+            "cannot lower the ingestion thread's priority to ingest.nice, so ingestion competes with training for the CPU; allow setpriority in the service's SystemCallFilter, or set ingest.nice = 0 to stop asking");
     }
 }
 
