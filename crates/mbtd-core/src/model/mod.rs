@@ -28,12 +28,14 @@ pub mod attention;
 pub mod availability;
 pub mod bench;
 mod block;
+mod branches;
 pub mod generate;
 mod half;
 pub mod io;
 pub mod net;
 pub mod ops;
 pub mod params;
+pub mod remote;
 #[cfg(test)]
 mod precision_tests;
 mod tile;
@@ -82,6 +84,10 @@ pub enum ModelError {
     /// A generation request is invalid.
     #[error("generation: {0}")]
     Generate(String),
+    /// Branches on other machines: a host did not give what a step needs, or a
+    /// placement does not fit the model (see [`remote`]).
+    #[error("branch hosts: {0}")]
+    Cluster(String),
     /// The loss or gradient norm is not finite; the update was skipped.
     #[error(
         "non-finite training step {step}: loss {loss}, gradient norm {grad_norm}; the update was skipped and the weights are unchanged — lower the learning rate or roll back to a checkpoint"

@@ -16,16 +16,17 @@
 //! The computed branches of a layer run side by side, one per thread
 //! (`block::run_pairwise`); each keeps its own output and its own part of `∂L/∂h`,
 //! and the layer combines them in branch order, so the pairing never changes a bit.
+//! The layer loop reaches the branches through [`LayerBranches`] (in this process, or on
+//! branch hosts, see `model::remote`); everything else stays here.
 
 use super::agg::{self, AggGroups};
 use super::attention::{AttnShape, Segments};
-use super::block::{BlockOpts, BranchWs, BwdScratch, branch_bwd, branch_fwd, fit, run_pairwise};
-use super::ops::Precision;
-use super::ops::dropout::Dropout;
+use super::block::{BranchWs, BwdScratch, fit};
+use super::branches::{LayerBranches, Local, Pass};
 use super::ops::rope::RopeTable;
 use super::ops::{
-    dot_f64, embed_bwd, embed_fwd, layernorm_bwd, layernorm_fwd, mm_nt, mm_tn, profile,
-    serial_gemm, weighted_sum, xent_fwd_bwd,
+    embed_bwd, embed_fwd, layernorm_bwd, layernorm_fwd, mm_nt, mm_tn, profile, serial_gemm,
+    weighted_sum, xent_fwd_bwd,
 };
 use super::params::Params;
 use super::{Batch, Masks, ModelConfig, ModelError, Positions};
@@ -51,13 +52,6 @@ pub(crate) struct LayerWs {
     pub mask: Vec<bool>,
     pub computed: Vec<bool>,
     pub g: Vec<f32>,
-}
-
-impl LayerWs {
-    /// Branches computed in the current pass.
-    fn computed_count(&self) -> usize {
-        self.computed.iter().filter(|&&on| on).count()
-    }
 }
 
 /// Reusable buffers for forward and backward. Buffers grow to the largest shape seen
@@ -86,6 +80,8 @@ pub struct Workspace {
     rope_pos: Vec<u32>,
     /// Dropout of the last forward pass (a training step), reused by its backward.
     drop: Option<StepDropout>,
+    /// Step of the last forward pass when it was a training pass.
+    train: Option<u64>,
 }
 
 /// Dropout of one training step: probability, training seed and step. The mask of branch
@@ -249,21 +245,6 @@ impl Model {
         }
     }
 
-    /// Branch options of layer `l`, branch `i` for the current pass.
-    fn block_opts<'a>(
-        ws_rope: Option<(&'a RopeTable, &'a [u32])>,
-        drop: Option<StepDropout>,
-        l: usize,
-        i: usize,
-        prec: Precision,
-    ) -> BlockOpts<'a> {
-        BlockOpts {
-            rope: ws_rope,
-            drop: drop.map(|sd| Dropout::at(sd.p, sd.seed, sd.step, l, i, 0)),
-            prec,
-        }
-    }
-
     /// Forward pass: fills the workspace (activations, `logits` `[B·T, V]`), without
     /// dropout (evaluation, generation).
     ///
@@ -287,6 +268,19 @@ impl Model {
         masks: &Masks,
         drop: Option<StepDropout>,
     ) -> Result<(), ModelError> {
+        self.forward_via(ws, batch, masks, drop, &mut Local)
+    }
+
+    /// [`Model::forward_with`] with the branches computed by `branches`. `drop` is `Some`
+    /// on a training pass (its step is the pass's step), `None` for evaluation.
+    pub(crate) fn forward_via(
+        &self,
+        ws: &mut Workspace,
+        batch: &Batch,
+        masks: &Masks,
+        drop: Option<StepDropout>,
+        branches: &mut impl LayerBranches,
+    ) -> Result<(), ModelError> {
         batch.validate(&self.config)?;
         self.check_masks(masks)?;
         let cfg = &self.config;
@@ -295,11 +289,16 @@ impl Model {
         ws.prepare(cfg, &widths, batch.batch, batch.seq);
         ws.segs.fill(batch.segments.as_deref(), batch.seq);
         ws.drop = drop.filter(|sd| sd.p > 0.0);
+        ws.train = drop.map(|sd| sd.step);
         self.prepare_rope(ws);
         let n = ws.n;
-        let shape = self.attn_shape(batch.batch, batch.seq, &ws.segs);
-        let rope = ws.rope_on().then_some((&ws.rope, ws.rope_pos.as_slice()));
-        let step_drop = ws.drop;
+        let pass = Pass {
+            shape: self.attn_shape(batch.batch, batch.seq, &ws.segs),
+            rope: ws.rope_on().then_some((&ws.rope, ws.rope_pos.as_slice())),
+            drop: ws.drop,
+            train: ws.train,
+            segments: batch.segments.as_deref(),
+        };
         embed_fwd(
             &mut ws.hs[0],
             &self.params.wte,
@@ -325,23 +324,7 @@ impl Model {
             for i in 0..layer.branches.len() {
                 lw.computed[i] = lw.mask[i] && lw.alpha_t[i] > 0.0;
             }
-            let count = lw.computed_count();
-            let todo = layer
-                .branches
-                .iter()
-                .zip(lw.branches.iter_mut())
-                .zip(&lw.computed)
-                .enumerate()
-                .filter_map(|(i, (pair, &on))| on.then_some((i, pair)));
-            run_pairwise(todo, count, &mut [(), ()], |(i, (bp, bw)), _| {
-                branch_fwd(
-                    bp,
-                    bw,
-                    h,
-                    shape,
-                    Self::block_opts(rope, step_drop, l, i, cfg.precision),
-                )
-            });
+            branches.forward(self, l, h, &pass, lw)?;
             let (branches, computed, alpha_t) = (&lw.branches, &lw.computed, &lw.alpha_t);
             weighted_sum(out, || {
                 branches
@@ -387,7 +370,24 @@ impl Model {
     /// Backward pass after [`Model::forward`] and [`Model::loss`]: writes the gradient of
     /// every tensor of the global part, the aggregation logits and every computed branch
     /// into `grads` (non-computed branches' gradients are left untouched).
-    pub(crate) fn backward(&self, ws: &mut Workspace, batch: &Batch, grads: &mut Params) {
+    pub(crate) fn backward(
+        &self,
+        ws: &mut Workspace,
+        batch: &Batch,
+        grads: &mut Params,
+    ) -> Result<(), ModelError> {
+        self.backward_via(ws, batch, grads, &mut Local)
+    }
+
+    /// [`Model::backward`] through the branches of the forward pass (`branches`); an
+    /// error leaves `grads` partly written (nothing has been applied).
+    pub(crate) fn backward_via(
+        &self,
+        ws: &mut Workspace,
+        batch: &Batch,
+        grads: &mut Params,
+        branches: &mut impl LayerBranches,
+    ) -> Result<(), ModelError> {
         let cfg = &self.config;
         let (d, v) = (cfg.d_model, cfg.vocab_size);
         let n = ws.n;
@@ -421,13 +421,26 @@ impl Model {
             std::mem::take(&mut ws.rope),
             std::mem::take(&mut ws.rope_pos),
         );
-        let rope = (!pos.is_empty()).then_some((&table, pos.as_slice()));
-        let shape = self.attn_shape(ws.batch, ws.seq, &segs);
+        let pass = Pass {
+            shape: self.attn_shape(ws.batch, ws.seq, &segs),
+            rope: (!pos.is_empty()).then_some((&table, pos.as_slice())),
+            drop: ws.drop,
+            train: ws.train,
+            segments: batch.segments.as_deref(),
+        };
+        let mut done = Ok(());
         for l in (0..nl).rev() {
-            self.layer_bwd(ws, l, shape, rope, grads);
+            done = self.layer_bwd(ws, l, &pass, grads, branches);
+            if done.is_err() {
+                break;
+            }
             std::mem::swap(&mut ws.dh, &mut ws.dh_prev);
         }
         (ws.rope, ws.rope_pos) = (table, pos);
+        if done.is_err() {
+            ws.segs = segs;
+            return done;
+        }
         embed_bwd(
             &mut grads.wte,
             &mut grads.wpe,
@@ -438,6 +451,7 @@ impl Model {
             d,
         );
         ws.segs = segs;
+        Ok(())
     }
 
     /// Backward of layer `l`: `ws.dh` (gradient of its output) → `ws.dh_prev`.
@@ -445,39 +459,14 @@ impl Model {
         &self,
         ws: &mut Workspace,
         l: usize,
-        s: AttnShape,
-        rope: Option<(&RopeTable, &[u32])>,
+        pass: &Pass,
         grads: &mut Params,
-    ) {
-        let step_drop = ws.drop;
-        let layer = &self.params.layers[l];
+        branches: &mut impl LayerBranches,
+    ) -> Result<(), ModelError> {
         let gl = &mut grads.layers[l];
         let lw = &mut ws.layers[l];
         let (h, dh) = (&ws.hs[l], &ws.dh);
-        let alpha_t = &lw.alpha_t;
-        let count = lw.computed_count();
-        let todo = layer
-            .branches
-            .iter()
-            .zip(lw.branches.iter_mut())
-            .zip(gl.branches.iter_mut())
-            .zip(lw.g.iter_mut())
-            .enumerate()
-            .filter_map(|(i, (((bp, bw), gb), g))| {
-                *g = 0.0;
-                lw.computed[i].then_some((i, alpha_t[i], bp, bw, gb, g))
-            });
-        run_pairwise(
-            todo,
-            count,
-            &mut ws.scratch,
-            |(i, alpha, bp, bw, gb, g), sc| {
-                // the aggregation logits' input: g_i = ⟨∂L/∂h', z_i⟩
-                *g = dot_f64(dh, &bw.z) as f32;
-                let o = Self::block_opts(rope, step_drop, l, i, self.config.precision);
-                branch_bwd(bp, bw, gb, sc, dh, alpha, h, s, o)
-            },
-        );
+        branches.backward(self, l, h, dh, pass, lw, gl, &mut ws.scratch)?;
         agg::logits_grad(
             &mut gl.alpha_logits,
             &lw.g,
@@ -495,6 +484,7 @@ impl Model {
                 .zip(computed)
                 .filter_map(|(bw, &on)| on.then_some((1.0, bw.dh.as_slice())))
         });
+        Ok(())
     }
 
     /// Mean loss of a batch without updating anything.
@@ -529,7 +519,7 @@ impl Model {
     ) -> Result<f32, ModelError> {
         self.forward(ws, batch, masks)?;
         let loss = self.loss(ws, batch);
-        self.backward(ws, batch, grads);
+        self.backward(ws, batch, grads)?;
         Ok(loss)
     }
 }
@@ -607,7 +597,7 @@ pub(crate) mod tests {
         let mut grads = Params::zeros(&cfg, &model.widths());
         model.forward_with(&mut ws, batch, &masks, drop).unwrap();
         model.loss(&mut ws, batch);
-        model.backward(&mut ws, batch, &mut grads);
+        model.backward(&mut ws, batch, &mut grads).unwrap();
         let loss_of = |m: &Model, ws: &mut Workspace| {
             m.forward_with(ws, batch, &masks, drop).unwrap();
             m.loss(ws, batch) as f64
