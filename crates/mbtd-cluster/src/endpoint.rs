@@ -91,12 +91,19 @@ pub struct Traffic {
     pub bytes_out: u64,
 }
 
+/// The largest message by default: a forward of 16 × 2,048 positions at d 2,048 in f32.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 << 20;
+
+/// How often a kept peer that is down is dialled again.
+pub const REDIAL_INTERVAL: Duration = Duration::from_millis(250);
+
 type Reply = oneshot::Sender<Result<Vec<u8>, RequestError>>;
 
 enum Command {
     Dial(Multiaddr, oneshot::Sender<Result<(), String>>),
     Request(PeerId, Vec<u8>, Reply),
     Respond(InboundRequestId, Vec<u8>),
+    Keep(PeerId, Multiaddr),
 }
 
 #[derive(NetworkBehaviour)]
@@ -210,6 +217,8 @@ impl Endpoint {
             pending: HashMap::new(),
             dials: Vec::new(),
             responders: HashMap::new(),
+            keep: HashMap::new(),
+            connected: HashSet::new(),
             incoming: incoming_tx,
             events: events_tx,
             traffic: traffic.clone(),
@@ -258,6 +267,13 @@ impl Endpoint {
         rx.await.map_err(|_| RequestError::Stopped)?
     }
 
+    /// Keeps a connection to `peer` at `addr`: dials it now and again every
+    /// [`REDIAL_INTERVAL`] while it is down, so a node that restarts is reconnected
+    /// without anyone asking.
+    pub fn keep_connected(&self, peer: PeerId, addr: Multiaddr) {
+        let _ = self.commands.send(Command::Keep(peer, addr));
+    }
+
     /// Answers a request received on the [`Incoming`] channel.
     pub fn respond(&self, id: InboundRequestId, bytes: Vec<u8>) {
         let _ = self.commands.send(Command::Respond(id, bytes));
@@ -275,6 +291,8 @@ struct SwarmTask {
     pending: HashMap<OutboundRequestId, (PeerId, Reply)>,
     dials: Vec<oneshot::Sender<Result<(), String>>>,
     responders: HashMap<InboundRequestId, (PeerId, ResponseChannel<Vec<u8>>)>,
+    keep: HashMap<PeerId, Multiaddr>,
+    connected: HashSet<PeerId>,
     incoming: mpsc::UnboundedSender<Incoming>,
     events: mpsc::UnboundedSender<PeerEvent>,
     traffic: Arc<Mutex<HashMap<PeerId, Traffic>>>,
@@ -283,6 +301,8 @@ struct SwarmTask {
 
 impl SwarmTask {
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        let mut redial = tokio::time::interval(REDIAL_INTERVAL);
+        redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 cmd = commands.recv() => match cmd {
@@ -290,6 +310,21 @@ impl SwarmTask {
                     None => return,
                 },
                 ev = self.swarm.select_next_some() => self.event(ev),
+                _ = redial.tick() => self.redial(),
+            }
+        }
+    }
+
+    fn redial(&mut self) {
+        use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+        for (peer, addr) in &self.keep {
+            if !self.connected.contains(peer) {
+                let opts = DialOpts::peer_id(*peer)
+                    .addresses(vec![addr.clone()])
+                    .condition(PeerCondition::DisconnectedAndNotDialing)
+                    .build();
+                // a failed dial is reported as an event and retried at the next tick
+                let _ = self.swarm.dial(opts);
             }
         }
     }
@@ -321,6 +356,10 @@ impl SwarmTask {
                 let id = self.swarm.behaviour_mut().branch.send_request(&peer, bytes);
                 self.pending.insert(id, (peer, reply));
             }
+            Command::Keep(peer, addr) => {
+                self.keep.insert(peer, addr);
+                self.redial();
+            }
             Command::Respond(id, bytes) => {
                 if let Some((peer, channel)) = self.responders.remove(&id) {
                     self.count(peer, 0, bytes.len() + 4);
@@ -346,6 +385,7 @@ impl SwarmTask {
                 ..
             } => {
                 if num_established.get() == 1 {
+                    self.connected.insert(peer_id);
                     let _ = self.events.send(PeerEvent::Up {
                         peer: peer_id,
                         addr: endpoint.get_remote_address().clone(),
@@ -360,6 +400,7 @@ impl SwarmTask {
                 num_established: 0,
                 ..
             } => {
+                self.connected.remove(&peer_id);
                 let _ = self.events.send(PeerEvent::Down { peer: peer_id });
             }
             SwarmEvent::IncomingConnectionError {

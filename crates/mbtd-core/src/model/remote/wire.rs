@@ -84,19 +84,25 @@ impl WirePrecision {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum WireError {
     /// Fewer bytes than a header.
-    #[error("frame of {len} bytes is shorter than the {HEADER_LEN}-byte header; the sender cut it short")]
+    #[error(
+        "frame of {len} bytes is shorter than the {HEADER_LEN}-byte header; the sender cut it short"
+    )]
     Short {
         /// Bytes received.
         len: usize,
     },
     /// The first four bytes are not `MBTB`.
-    #[error("frame starts with {found:?}, not the magic \"MBTB\"; the peer is not speaking the mbtd branch protocol")]
+    #[error(
+        "frame starts with {found:?}, not the magic \"MBTB\"; the peer is not speaking the mbtd branch protocol"
+    )]
     Magic {
         /// The bytes found.
         found: [u8; 4],
     },
     /// A version this build does not read.
-    #[error("frame version {found}, this build reads version {VERSION}; run the same mbtd version on the coordinator and every node")]
+    #[error(
+        "frame version {found}, this build reads version {VERSION}; run the same mbtd version on the coordinator and every node"
+    )]
     Version {
         /// Version in the header.
         found: u16,
@@ -117,7 +123,9 @@ pub enum WireError {
         tag: u8,
     },
     /// The body is not as long as the header says.
-    #[error("header declares a {declared}-byte body, the frame carries {actual}; the frame was cut or padded in transit")]
+    #[error(
+        "header declares a {declared}-byte body, the frame carries {actual}; the frame was cut or padded in transit"
+    )]
     Length {
         /// Body length in the header.
         declared: u64,
@@ -125,7 +133,9 @@ pub enum WireError {
         actual: u64,
     },
     /// The CRC-32 of the header and body does not match the header's.
-    #[error("frame checksum {computed:#010x} differs from the header's {declared:#010x}; the frame was corrupted in transit")]
+    #[error(
+        "frame checksum {computed:#010x} differs from the header's {declared:#010x}; the frame was corrupted in transit"
+    )]
     Checksum {
         /// Checksum in the header.
         declared: u32,
@@ -319,7 +329,9 @@ pub fn decode_request(bytes: &[u8]) -> Result<(Request, WirePrecision), WireErro
                     .collect())
             })?,
             rope: r.bool("rope")?,
-            dropout: r.opt("dropout", |r| Ok((r.f32("dropout.p")?, r.u64("dropout.seed")?)))?,
+            dropout: r.opt("dropout", |r| {
+                Ok((r.f32("dropout.p")?, r.u64("dropout.seed")?))
+            })?,
             train: r.bool("train")?,
             h: r.tensor("h")?,
         }),
@@ -706,8 +718,7 @@ impl<'a> Reader<'a> {
         let params = self.params("params")?;
         let m = self.params("m")?;
         let v = self.params("v")?;
-        if m.ln1_gain.len() != params.ln1_gain.len() || v.ln1_gain.len() != params.ln1_gain.len()
-        {
+        if m.ln1_gain.len() != params.ln1_gain.len() || v.ln1_gain.len() != params.ln1_gain.len() {
             return Err(WireError::Invalid {
                 field: "m/v",
                 msg: format!(
