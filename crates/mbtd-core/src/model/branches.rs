@@ -12,10 +12,10 @@ use super::ModelError;
 use super::attention::AttnShape;
 use super::block::{BlockOpts, BwdScratch, branch_bwd, branch_fwd, run_pairwise};
 use super::net::{LayerWs, Model, StepDropout};
+use super::ops::Precision;
 use super::ops::dot_f64;
 use super::ops::dropout::Dropout;
 use super::ops::rope::RopeTable;
-use super::ops::Precision;
 use super::params::LayerParams;
 
 /// What every branch of a pass shares besides its weights.

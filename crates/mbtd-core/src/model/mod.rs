@@ -35,9 +35,9 @@ pub mod io;
 pub mod net;
 pub mod ops;
 pub mod params;
-pub mod remote;
 #[cfg(test)]
 mod precision_tests;
+pub mod remote;
 mod tile;
 pub mod train;
 

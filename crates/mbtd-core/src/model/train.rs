@@ -23,9 +23,9 @@
 use super::agg::AggGroups;
 use super::io;
 use super::net::{Model, StepDropout, Workspace};
-use super::remote::{AdamWStep, RemoteBranches};
 use super::ops::{dot_f64, simd};
 use super::params::{BranchParams, Params, TensorId, normal};
+use super::remote::{AdamWStep, RemoteBranches};
 use super::{Batch, BranchScales, Masks, ModelConfig, ModelError, OptimConfig};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -474,7 +474,8 @@ impl Trainer {
         match self.remote.as_deref_mut() {
             None => self.model.eval_loss(&mut self.ws, batch, masks),
             Some(r) => {
-                self.model.forward_via(&mut self.ws, batch, masks, None, r)?;
+                self.model
+                    .forward_via(&mut self.ws, batch, masks, None, r)?;
                 Ok(self.model.loss(&mut self.ws, batch))
             }
         }
@@ -485,9 +486,12 @@ impl Trainer {
         match self.remote.as_deref_mut() {
             None => self.model.logits(&mut self.ws, batch, masks),
             Some(r) => {
-                self.model.forward_via(&mut self.ws, batch, masks, None, r)?;
-                Ok(self.ws.logits()[..batch.batch * batch.seq * self.model.config.vocab_size]
-                    .to_vec())
+                self.model
+                    .forward_via(&mut self.ws, batch, masks, None, r)?;
+                Ok(
+                    self.ws.logits()[..batch.batch * batch.seq * self.model.config.vocab_size]
+                        .to_vec(),
+                )
             }
         }
     }

@@ -190,7 +190,11 @@ impl RemoteBranches {
             .collect();
         self.stats.bytes_sent += frames.iter().map(|(_, f)| f.len() as u64).sum::<u64>();
         let replies = self.transport.exchange(frames);
-        self.stats.bytes_received += replies.iter().flatten().map(|r| r.len() as u64).sum::<u64>();
+        self.stats.bytes_received += replies
+            .iter()
+            .flatten()
+            .map(|r| r.len() as u64)
+            .sum::<u64>();
         let mut replies = replies;
         replies.resize(requests.len(), None);
         replies

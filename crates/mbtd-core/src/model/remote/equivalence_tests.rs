@@ -46,7 +46,8 @@ impl Transport for Loopback {
                         None
                     }
                     Fault::Nan => {
-                        let (mut reply, wire) = decode_reply(&hosts[h].handle_bytes(&frame)).unwrap();
+                        let (mut reply, wire) =
+                            decode_reply(&hosts[h].handle_bytes(&frame)).unwrap();
                         if let Reply::Forward(f) = &mut reply {
                             f.outputs[0].1[0] = f32::NAN;
                         }
@@ -97,7 +98,10 @@ fn batches(cfg: &ModelConfig, n: usize) -> Vec<Batch> {
 
 /// Layer 0 on hosts 0, 1, 0; layer 1 on host 1, this process, host 0.
 fn mixed() -> Vec<Vec<Option<usize>>> {
-    vec![vec![Some(0), Some(1), Some(0)], vec![Some(1), None, Some(0)]]
+    vec![
+        vec![Some(0), Some(1), Some(0)],
+        vec![Some(1), None, Some(0)],
+    ]
 }
 
 /// Some branch masked in most steps.
@@ -122,7 +126,9 @@ fn remote_trainer(
     fault: FaultFn,
 ) -> (Trainer, Hosts) {
     let hosts: Hosts = Arc::new(Mutex::new(
-        (0..2).map(|_| BranchHost::new(cfg.clone()).unwrap()).collect(),
+        (0..2)
+            .map(|_| BranchHost::new(cfg.clone()).unwrap())
+            .collect(),
     ));
     let transport = Loopback {
         hosts: hosts.clone(),
@@ -193,7 +199,10 @@ fn f32_wire_trains_bitwise_like_one_process_packed_with_dropout() {
 fn f32_wire_trains_bitwise_like_one_process_with_rope_all_remote() {
     equivalence(
         Positions::Rope,
-        vec![vec![Some(0), Some(0), Some(1)], vec![Some(1), Some(1), Some(0)]],
+        vec![
+            vec![Some(0), Some(0), Some(1)],
+            vec![Some(1), Some(1), Some(0)],
+        ],
     );
 }
 
@@ -240,7 +249,13 @@ fn missing_and_non_finite_outputs_are_masked_like_the_availability_mask() {
     assert_eq!(stats.non_finite, vec![vec![1, 0, 0], vec![0, 0, 0]]);
     assert!(stats.last_problem.is_some());
     assert_same_bytes(&mut remote, &local);
-    for t in remote.model().params.layers.iter().flat_map(|l| &l.branches) {
+    for t in remote
+        .model()
+        .params
+        .layers
+        .iter()
+        .flat_map(|l| &l.branches)
+    {
         assert!(t.tensors().iter().all(|x| x.iter().all(|v| v.is_finite())));
     }
 }
@@ -343,7 +358,10 @@ fn a_host_never_updates_a_branch_outside_its_forward_and_backward() {
         m: zeros.clone(),
         v: zeros.clone(),
     };
-    assert_eq!(host.handle(Request::Push(vec![state(0), state(1)])), Reply::Pushed(2));
+    assert_eq!(
+        host.handle(Request::Push(vec![state(0), state(1)])),
+        Reply::Pushed(2)
+    );
     let adamw = AdamWStep {
         lr: 0.1,
         beta1: 0.9,
@@ -392,13 +410,19 @@ fn a_host_never_updates_a_branch_outside_its_forward_and_backward() {
     // never asked
     assert_eq!(host.handle(update(0)), refused_all);
     // forward of branch 0 only, then its backward; branch 1 was masked
-    assert!(matches!(host.handle(forward(0, vec![0], true)), Reply::Forward(_)));
+    assert!(matches!(
+        host.handle(forward(0, vec![0], true)),
+        Reply::Forward(_)
+    ));
     // a backward for the masked branch is refused as a whole
     let Reply::Refused(msg) = host.handle(backward(0, vec![0, 1])) else {
         panic!()
     };
     assert!(msg.contains("branch (0, 1) at step 0"), "{msg}");
-    assert!(matches!(host.handle(backward(0, vec![0])), Reply::Backward(_)));
+    assert!(matches!(
+        host.handle(backward(0, vec![0])),
+        Reply::Backward(_)
+    ));
     // the update of another step touches nothing
     let Reply::Update(u) = host.handle(update(1)) else {
         panic!()
@@ -418,10 +442,16 @@ fn a_host_never_updates_a_branch_outside_its_forward_and_backward() {
     assert!(matches!(host.handle(update(0)), Reply::Update(u) if u.applied.is_empty()));
     // an evaluation forward cannot be back-propagated
     host.handle(forward(1, vec![0, 1], false));
-    assert!(matches!(host.handle(backward(1, vec![0])), Reply::Refused(_)));
+    assert!(matches!(
+        host.handle(backward(1, vec![0])),
+        Reply::Refused(_)
+    ));
     // forwarded and back-propagated at step 2, but a later pass of the layer left it out
     host.handle(forward(2, vec![1], true));
-    assert!(matches!(host.handle(backward(2, vec![1])), Reply::Backward(_)));
+    assert!(matches!(
+        host.handle(backward(2, vec![1])),
+        Reply::Backward(_)
+    ));
     host.handle(forward(3, vec![0], true));
     let Reply::Update(u) = host.handle(update(2)) else {
         panic!()
@@ -429,7 +459,60 @@ fn a_host_never_updates_a_branch_outside_its_forward_and_backward() {
     assert!(u.applied.is_empty(), "{u:?}");
     assert_eq!(pulled(&mut host), after);
     // a branch it does not hold, a wrong shape, garbage bytes
-    assert!(matches!(host.handle(forward(4, vec![2], true)), Reply::Refused(m) if m.contains("not held")));
+    assert!(
+        matches!(host.handle(forward(4, vec![2], true)), Reply::Refused(m) if m.contains("not held"))
+    );
     let (reply, _) = decode_reply(&host.handle_bytes(b"not a frame at all")).unwrap();
     assert!(matches!(reply, Reply::Refused(m) if m.contains("undecodable")));
+}
+
+/// A host restarted empty refuses its branches (masked, counted) until the coordinator
+/// pushes its copy back; a rollback restores checkpoint bytes and pushes them to the
+/// hosts. Both continue bitwise like the single-process run.
+#[test]
+fn rejoin_and_rollback_push_the_coordinators_copy() {
+    let cfg = config(Positions::Learned);
+    let data = batches(&cfg, 8);
+    let sc = scales();
+    // host 1 (branches (0,1) and (1,0)) is restarted empty before step 3
+    let effective = |s: usize| {
+        let mut m = masks_at(s);
+        if s == 3 {
+            (m[0][1], m[1][0]) = (false, false);
+        }
+        m
+    };
+    let mut local = trainer(&cfg);
+    train(&mut local, &data[..6], effective);
+    let (mut remote, hosts) = remote_trainer(&cfg, mixed(), WirePrecision::F32, no_fault());
+    train(&mut remote, &data[..3], masks_at);
+    remote.pull_branches().unwrap();
+    hosts.lock().unwrap()[1] = BranchHost::new(cfg.clone()).unwrap();
+    remote.train_step(&data[3], &masks_at(3), &sc).unwrap();
+    let stats = remote.remote().unwrap().stats();
+    assert_eq!((stats.missed[0][1], stats.missed[1][0]), (1, 1));
+    assert!(stats.last_problem.as_deref().unwrap().contains("not held"));
+    remote.push_branches(Some(1)).unwrap();
+    assert_eq!(hosts.lock().unwrap()[1].held(), vec![(0, 1), (1, 0)]);
+    for s in 4..6 {
+        remote.train_step(&data[s], &effective(s), &sc).unwrap();
+    }
+    assert_same_bytes(&mut remote, &local);
+    // checkpoint at step 6, two more steps on the hosts, then roll back to the checkpoint
+    let (mb, ob) = (
+        remote.model_bytes().unwrap(),
+        remote.optimizer_bytes().unwrap(),
+    );
+    train(&mut remote, &data[6..8], masks_at);
+    let placement = remote.detach_remote().unwrap();
+    let mut restored = Trainer::from_bytes(cfg.clone(), optim(), &mb, Some(&ob)).unwrap();
+    restored.set_dropout_seed(5);
+    restored.attach_remote(placement).unwrap();
+    let mut reference = Trainer::from_bytes(cfg.clone(), optim(), &mb, Some(&ob)).unwrap();
+    reference.set_dropout_seed(5);
+    for s in 6..8 {
+        restored.train_step(&data[s], &masks_at(s), &sc).unwrap();
+        reference.train_step(&data[s], &masks_at(s), &sc).unwrap();
+    }
+    assert_same_bytes(&mut restored, &reference);
 }

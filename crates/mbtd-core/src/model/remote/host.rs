@@ -20,8 +20,8 @@
 //! encoded reply out (a request that cannot be decoded gets a [`Reply::Refused`]).
 
 use super::protocol::{
-    AdamWStep, Backward, BackwardReply, BranchGrad, BranchKey, BranchState, Forward,
-    ForwardReply, Reply, Request, Update, UpdateReply,
+    AdamWStep, Backward, BackwardReply, BranchGrad, BranchKey, BranchState, Forward, ForwardReply,
+    Reply, Request, Update, UpdateReply,
 };
 use super::wire::{WirePrecision, decode_request, encode_reply};
 use crate::model::attention::{AttnShape, Segments};
@@ -124,7 +124,11 @@ impl BranchHost {
     }
 
     /// Checks that `branches` is strictly ascending and every one is held in `layer`.
-    fn check_held(&self, layer: usize, branches: impl Iterator<Item = usize>) -> Result<(), String> {
+    fn check_held(
+        &self,
+        layer: usize,
+        branches: impl Iterator<Item = usize>,
+    ) -> Result<(), String> {
         let mut last = None;
         for i in branches {
             if last.is_some_and(|p| p >= i) {
@@ -249,7 +253,9 @@ impl BranchHost {
             .get(&l)
             .filter(|inp| inp.step == step && inp.train)
             .ok_or_else(|| {
-                format!("backward of layer {l} at step {step}: no training forward of that step here")
+                format!(
+                    "backward of layer {l} at step {step}: no training forward of that step here"
+                )
             })?;
         let (n, d) = self.n_d(inp.batch, inp.seq);
         if b.dh.len() != n * d {
@@ -287,11 +293,26 @@ impl BranchHost {
                 let k = alphas.binary_search_by_key(&i, |&(j, _)| j).ok()?;
                 Some((i, alphas[k].1, hb))
             });
-        run_pairwise(todo, alphas.len(), &mut self.scratch, |(i, alpha, hb), sc| {
-            let o = block_opts(rope, drop, l, i, prec);
-            branch_bwd(&hb.params, &mut hb.ws, &mut hb.grads, sc, dh, alpha, h, shape, o);
-            hb.stage = Stage::Backwarded(step);
-        });
+        run_pairwise(
+            todo,
+            alphas.len(),
+            &mut self.scratch,
+            |(i, alpha, hb), sc| {
+                let o = block_opts(rope, drop, l, i, prec);
+                branch_bwd(
+                    &hb.params,
+                    &mut hb.ws,
+                    &mut hb.grads,
+                    sc,
+                    dh,
+                    alpha,
+                    h,
+                    shape,
+                    o,
+                );
+                hb.stage = Stage::Backwarded(step);
+            },
+        );
         let grads = alphas
             .iter()
             .map(|&(i, _)| {
@@ -332,7 +353,11 @@ impl BranchHost {
             match self.held.get_mut(&(l, i)) {
                 Some(hb) if hb.stage == Stage::Backwarded(u.step) => {
                     let Hosted {
-                        params, m, v, grads, ..
+                        params,
+                        m,
+                        v,
+                        grads,
+                        ..
                     } = hb;
                     let tensors = params
                         .tensors_mut()
@@ -340,7 +365,11 @@ impl BranchHost {
                         .zip(grads.tensors())
                         .zip(m.tensors_mut().into_iter().zip(v.tensors_mut()));
                     for (t, ((p, g), (m, v))) in tensors.enumerate() {
-                        let decay = if BRANCH_TENSORS[t].1 { weight_decay } else { 0.0 };
+                        let decay = if BRANCH_TENSORS[t].1 {
+                            weight_decay
+                        } else {
+                            0.0
+                        };
                         adamw(p, g, m, v, k, lr, decay, &o, (bc1, bc2));
                     }
                     hb.stage = Stage::Idle;
@@ -360,7 +389,10 @@ impl BranchHost {
         keys.iter()
             .map(|&(l, i)| {
                 let hb = self.held.get(&(l, i)).ok_or_else(|| {
-                    format!("pull of branch ({l}, {i}): not held here (held: {:?})", self.held())
+                    format!(
+                        "pull of branch ({l}, {i}): not held here (held: {:?})",
+                        self.held()
+                    )
                 })?;
                 Ok(BranchState {
                     layer: l,

@@ -9,6 +9,7 @@
 //! answer, or answers with a non-finite output, is masked for that step exactly as the
 //! availability mask masks it.
 
+mod codec;
 pub mod coordinator;
 pub mod host;
 pub mod protocol;
@@ -22,8 +23,8 @@ mod wire_tests;
 pub use coordinator::{ClusterStats, RemoteBranches, Transport};
 pub use host::BranchHost;
 pub use protocol::{
-    AdamWStep, Backward, BackwardReply, BranchGrad, BranchKey, BranchState, Forward,
-    ForwardReply, Reply, Request, Update, UpdateReply,
+    AdamWStep, Backward, BackwardReply, BranchGrad, BranchKey, BranchState, Forward, ForwardReply,
+    Reply, Request, Update, UpdateReply,
 };
 pub use wire::{
     HEADER_LEN, VERSION, WireError, WirePrecision, decode_reply, decode_request, encode_reply,

@@ -26,7 +26,9 @@ fn state(l: usize, i: usize) -> BranchState {
 }
 
 fn act(n: usize) -> Vec<f32> {
-    (0..n).map(|j| (j as f32 * 0.37).sin() * 3.1 + 1e-7).collect()
+    (0..n)
+        .map(|j| (j as f32 * 0.37).sin() * 3.1 + 1e-7)
+        .collect()
 }
 
 fn requests() -> Vec<Request> {
@@ -119,7 +121,9 @@ fn every_message_round_trips_bit_exactly_in_f32() {
 }
 
 fn bf16(v: &[f32]) -> Vec<f32> {
-    v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect()
+    v.iter()
+        .map(|&x| half::bf16::from_f32(x).to_f32())
+        .collect()
 }
 
 #[test]
@@ -145,7 +149,10 @@ fn bf16_rounds_activations_and_keeps_weights_exact() {
     }
     let push = Request::Push(vec![state(0, 0)]);
     let (got, _) = decode_request(&encode_request(&push, WirePrecision::Bf16)).unwrap();
-    assert_eq!(got, push, "weights and moments travel in f32 whatever the wire");
+    assert_eq!(
+        got, push,
+        "weights and moments travel in f32 whatever the wire"
+    );
     let fwd = replies().remove(0);
     let (got, _) = decode_reply(&encode_reply(&fwd, WirePrecision::Bf16)).unwrap();
     let Reply::Forward(g) = got else { panic!() };
@@ -167,7 +174,7 @@ fn reframe(frame: &[u8], body: &[u8]) -> Vec<u8> {
     let mut out = frame[..HEADER_LEN].to_vec();
     out[8..16].copy_from_slice(&(body.len() as u64).to_le_bytes());
     out.extend_from_slice(body);
-    let crc = super::wire::checksum(&out[..16], &out[HEADER_LEN..]);
+    let crc = super::codec::checksum(&out[..16], &out[HEADER_LEN..]);
     out[16..20].copy_from_slice(&crc.to_le_bytes());
     out
 }
@@ -187,7 +194,11 @@ fn each_decoding_error_names_what_was_wrong() {
     assert_eq!(err(&pull[..7]), WireError::Short { len: 7 });
     let mut magic = pull.clone();
     magic[..4].copy_from_slice(b"HTTP");
-    assert!(err(&magic).to_string().contains("not speaking the mbtd branch protocol"));
+    assert!(
+        err(&magic)
+            .to_string()
+            .contains("not speaking the mbtd branch protocol")
+    );
     let v2 = patch_header(&pull, 4, 2);
     assert_eq!(err(&v2), WireError::Version { found: 2 });
     assert!(err(&v2).to_string().contains("same mbtd version"));
@@ -208,7 +219,10 @@ fn each_decoding_error_names_what_was_wrong() {
             expected: "reply"
         }
     ));
-    assert_eq!(err(&patch_header(&pull, 7, 5)), WireError::Precision { tag: 5 });
+    assert_eq!(
+        err(&patch_header(&pull, 7, 5)),
+        WireError::Precision { tag: 5 }
+    );
     let mut long = pull.clone();
     long.push(0);
     assert!(matches!(
@@ -273,7 +287,10 @@ fn invalid_field_values_are_named() {
     // step 8, layer 4, branches 4 + 4, batch 4, seq 4, segments flag at 28, rope at 29
     body[29] = 7;
     let e = decode_request(&reframe(&frame, &body)).unwrap_err();
-    assert_eq!(e.to_string(), "field `rope`: byte 7 is not a boolean (0 or 1)");
+    assert_eq!(
+        e.to_string(),
+        "field `rope`: byte 7 is not a boolean (0 or 1)"
+    );
     let mut body = frame[HEADER_LEN..].to_vec();
     // dropout flag 30, train 31, then the tensor's dtype byte
     body[32] = 9;
