@@ -2,7 +2,7 @@
 //! little-endian fields, lists, options and tensors, and the frame checksum.
 
 use super::protocol::BranchState;
-use super::wire::{HEADER_LEN, WireError, WirePrecision};
+use super::wire::{HEADER_LEN, MAGIC, VERSION, WireError, WirePrecision};
 use crate::model::params::{BRANCH_TENSORS, BranchParams, branch_shape};
 
 /// CRC-32 of the first 16 header bytes followed by the body.
