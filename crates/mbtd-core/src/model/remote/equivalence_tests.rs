@@ -277,9 +277,9 @@ fn a_missing_backward_abandons_the_step_without_update() {
     let (mut remote, _) = remote_trainer(&cfg, mixed(), WirePrecision::F32, fault);
     let sc = scales();
     let mut local = trainer(&cfg);
-    for s in 0..2 {
-        remote.train_step(&data[s], &masks_at(s), &sc).unwrap();
-        local.train_step(&data[s], &masks_at(s), &sc).unwrap();
+    for (s, batch) in data.iter().enumerate().take(2) {
+        remote.train_step(batch, &masks_at(s), &sc).unwrap();
+        local.train_step(batch, &masks_at(s), &sc).unwrap();
     }
     let err = remote.train_step(&data[2], &masks_at(2), &sc).unwrap_err();
     assert!(matches!(err, ModelError::Cluster(_)), "{err}");
@@ -287,10 +287,10 @@ fn a_missing_backward_abandons_the_step_without_update() {
     assert_eq!(remote.step(), 2);
     assert_eq!(remote.remote().unwrap().stats().steps_abandoned, 1);
     // the host that did answer holds step-2 gradients: it must not apply them later
-    for s in 3..5 {
+    for (s, batch) in data.iter().enumerate().skip(3) {
         let m = masks_at(s - 1);
-        remote.train_step(&data[s], &m, &sc).unwrap();
-        local.train_step(&data[s], &m, &sc).unwrap();
+        remote.train_step(batch, &m, &sc).unwrap();
+        local.train_step(batch, &m, &sc).unwrap();
     }
     assert_same_bytes(&mut remote, &local);
 }
@@ -494,8 +494,8 @@ fn rejoin_and_rollback_push_the_coordinators_copy() {
     assert!(stats.last_problem.as_deref().unwrap().contains("not held"));
     remote.push_branches(Some(1)).unwrap();
     assert_eq!(hosts.lock().unwrap()[1].held(), vec![(0, 1), (1, 0)]);
-    for s in 4..6 {
-        remote.train_step(&data[s], &effective(s), &sc).unwrap();
+    for (s, batch) in data.iter().enumerate().take(6).skip(4) {
+        remote.train_step(batch, &effective(s), &sc).unwrap();
     }
     assert_same_bytes(&mut remote, &local);
     // checkpoint at step 6, two more steps on the hosts, then roll back to the checkpoint
@@ -510,9 +510,9 @@ fn rejoin_and_rollback_push_the_coordinators_copy() {
     restored.attach_remote(placement).unwrap();
     let mut reference = Trainer::from_bytes(cfg.clone(), optim(), &mb, Some(&ob)).unwrap();
     reference.set_dropout_seed(5);
-    for s in 6..8 {
-        restored.train_step(&data[s], &masks_at(s), &sc).unwrap();
-        reference.train_step(&data[s], &masks_at(s), &sc).unwrap();
+    for (s, batch) in data.iter().enumerate().skip(6) {
+        restored.train_step(batch, &masks_at(s), &sc).unwrap();
+        reference.train_step(batch, &masks_at(s), &sc).unwrap();
     }
     assert_same_bytes(&mut restored, &reference);
 }
