@@ -271,7 +271,7 @@ impl Model {
         self.forward_via(ws, batch, masks, drop, &mut Local)
     }
 
-    /// [`Model::forward_with`] with the branches computed by `branches`. `drop` is `Some`
+    /// [`Model::forward_with`] with the branches computed by `via`. `drop` is `Some`
     /// on a training pass (its step is the pass's step), `None` for evaluation.
     pub(crate) fn forward_via(
         &self,
@@ -279,7 +279,7 @@ impl Model {
         batch: &Batch,
         masks: &Masks,
         drop: Option<StepDropout>,
-        branches: &mut impl LayerBranches,
+        via: &mut impl LayerBranches,
     ) -> Result<(), ModelError> {
         batch.validate(&self.config)?;
         self.check_masks(masks)?;
@@ -324,7 +324,7 @@ impl Model {
             for i in 0..layer.branches.len() {
                 lw.computed[i] = lw.mask[i] && lw.alpha_t[i] > 0.0;
             }
-            branches.forward(self, l, h, &pass, lw)?;
+            via.forward(self, l, h, &pass, lw)?;
             let (branches, computed, alpha_t) = (&lw.branches, &lw.computed, &lw.alpha_t);
             weighted_sum(out, || {
                 branches
@@ -379,14 +379,14 @@ impl Model {
         self.backward_via(ws, batch, grads, &mut Local)
     }
 
-    /// [`Model::backward`] through the branches of the forward pass (`branches`); an
+    /// [`Model::backward`] through the branches of the forward pass (`via`); an
     /// error leaves `grads` partly written (nothing has been applied).
     pub(crate) fn backward_via(
         &self,
         ws: &mut Workspace,
         batch: &Batch,
         grads: &mut Params,
-        branches: &mut impl LayerBranches,
+        via: &mut impl LayerBranches,
     ) -> Result<(), ModelError> {
         let cfg = &self.config;
         let (d, v) = (cfg.d_model, cfg.vocab_size);
@@ -430,7 +430,7 @@ impl Model {
         };
         let mut done = Ok(());
         for l in (0..nl).rev() {
-            done = self.layer_bwd(ws, l, &pass, grads, branches);
+            done = self.layer_bwd(ws, l, &pass, grads, via);
             if done.is_err() {
                 break;
             }
@@ -461,12 +461,12 @@ impl Model {
         l: usize,
         pass: &Pass,
         grads: &mut Params,
-        branches: &mut impl LayerBranches,
+        via: &mut impl LayerBranches,
     ) -> Result<(), ModelError> {
         let gl = &mut grads.layers[l];
         let lw = &mut ws.layers[l];
         let (h, dh) = (&ws.hs[l], &ws.dh);
-        branches.backward(self, l, h, dh, pass, lw, gl, &mut ws.scratch)?;
+        via.backward(self, l, h, dh, pass, lw, gl, &mut ws.scratch)?;
         agg::logits_grad(
             &mut gl.alpha_logits,
             &lw.g,

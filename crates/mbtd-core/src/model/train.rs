@@ -33,6 +33,8 @@ use rayon::prelude::*;
 use serde::Serialize;
 use std::time::Instant;
 
+mod cluster;
+
 /// What one training step did (for metrics and diagnostics).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StepReport {
@@ -97,8 +99,6 @@ pub struct Trainer {
     /// Branches placed on branch hosts (`None`: every branch in this process).
     remote: Option<Box<RemoteBranches>>,
 }
-
-mod cluster;
 
 /// One AdamW update of a tensor, element-wise in fixed chunks: with `g ← k·g`,
 /// `m ← β1·m + (1−β1)·g`, `v ← β2·v + (1−β2)·g²`,

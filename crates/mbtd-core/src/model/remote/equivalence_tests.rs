@@ -277,9 +277,9 @@ fn a_missing_backward_abandons_the_step_without_update() {
     let (mut remote, _) = remote_trainer(&cfg, mixed(), WirePrecision::F32, fault);
     let sc = scales();
     let mut local = trainer(&cfg);
-    for s in 0..2 {
-        remote.train_step(&data[s], &masks_at(s), &sc).unwrap();
-        local.train_step(&data[s], &masks_at(s), &sc).unwrap();
+    for (s, batch) in data.iter().enumerate().take(2) {
+        remote.train_step(batch, &masks_at(s), &sc).unwrap();
+        local.train_step(batch, &masks_at(s), &sc).unwrap();
     }
     let err = remote.train_step(&data[2], &masks_at(2), &sc).unwrap_err();
     assert!(matches!(err, ModelError::Cluster(_)), "{err}");
@@ -287,10 +287,10 @@ fn a_missing_backward_abandons_the_step_without_update() {
     assert_eq!(remote.step(), 2);
     assert_eq!(remote.remote().unwrap().stats().steps_abandoned, 1);
     // the host that did answer holds step-2 gradients: it must not apply them later
-    for s in 3..5 {
+    for (s, batch) in data.iter().enumerate().skip(3) {
         let m = masks_at(s - 1);
-        remote.train_step(&data[s], &m, &sc).unwrap();
-        local.train_step(&data[s], &m, &sc).unwrap();
+        remote.train_step(batch, &m, &sc).unwrap();
+        local.train_step(batch, &m, &sc).unwrap();
     }
     assert_same_bytes(&mut remote, &local);
 }
@@ -464,4 +464,55 @@ fn a_host_never_updates_a_branch_outside_its_forward_and_backward() {
     );
     let (reply, _) = decode_reply(&host.handle_bytes(b"not a frame at all")).unwrap();
     assert!(matches!(reply, Reply::Refused(m) if m.contains("undecodable")));
+}
+
+/// A host restarted empty refuses its branches (masked, counted) until the coordinator
+/// pushes its copy back; a rollback restores checkpoint bytes and pushes them to the
+/// hosts. Both continue bitwise like the single-process run.
+#[test]
+fn rejoin_and_rollback_push_the_coordinators_copy() {
+    let cfg = config(Positions::Learned);
+    let data = batches(&cfg, 8);
+    let sc = scales();
+    // host 1 (branches (0,1) and (1,0)) is restarted empty before step 3
+    let effective = |s: usize| {
+        let mut m = masks_at(s);
+        if s == 3 {
+            (m[0][1], m[1][0]) = (false, false);
+        }
+        m
+    };
+    let mut local = trainer(&cfg);
+    train(&mut local, &data[..6], effective);
+    let (mut remote, hosts) = remote_trainer(&cfg, mixed(), WirePrecision::F32, no_fault());
+    train(&mut remote, &data[..3], masks_at);
+    remote.pull_branches().unwrap();
+    hosts.lock().unwrap()[1] = BranchHost::new(cfg.clone()).unwrap();
+    remote.train_step(&data[3], &masks_at(3), &sc).unwrap();
+    let stats = remote.remote().unwrap().stats();
+    assert_eq!((stats.missed[0][1], stats.missed[1][0]), (1, 1));
+    assert!(stats.last_problem.as_deref().unwrap().contains("not held"));
+    remote.push_branches(Some(1)).unwrap();
+    assert_eq!(hosts.lock().unwrap()[1].held(), vec![(0, 1), (1, 0)]);
+    for (s, batch) in data.iter().enumerate().take(6).skip(4) {
+        remote.train_step(batch, &effective(s), &sc).unwrap();
+    }
+    assert_same_bytes(&mut remote, &local);
+    // checkpoint at step 6, two more steps on the hosts, then roll back to the checkpoint
+    let (mb, ob) = (
+        remote.model_bytes().unwrap(),
+        remote.optimizer_bytes().unwrap(),
+    );
+    train(&mut remote, &data[6..8], masks_at);
+    let placement = remote.detach_remote().unwrap();
+    let mut restored = Trainer::from_bytes(cfg.clone(), optim(), &mb, Some(&ob)).unwrap();
+    restored.set_dropout_seed(5);
+    restored.attach_remote(placement).unwrap();
+    let mut reference = Trainer::from_bytes(cfg.clone(), optim(), &mb, Some(&ob)).unwrap();
+    reference.set_dropout_seed(5);
+    for (s, batch) in data.iter().enumerate().skip(6) {
+        restored.train_step(batch, &masks_at(s), &sc).unwrap();
+        reference.train_step(batch, &masks_at(s), &sc).unwrap();
+    }
+    assert_same_bytes(&mut restored, &reference);
 }

@@ -31,7 +31,7 @@ use crate::model::net::StepDropout;
 use crate::model::ops::rope::RopeTable;
 use crate::model::params::{BRANCH_TENSORS, BranchParams};
 use crate::model::train::{adamw, branch_sq_norm};
-use crate::model::{ModelConfig, OptimConfig, Positions};
+use crate::model::{ModelConfig, ModelError, OptimConfig, Positions};
 use std::collections::BTreeMap;
 
 /// Where a hosted branch is in the step protocol.
@@ -80,8 +80,8 @@ pub struct BranchHost {
 impl BranchHost {
     /// A host holding nothing, for a model of shape `config` (its `d_model`, `n_heads`,
     /// `max_seq_len`, `positions` and `precision` must be the coordinator's).
-    pub fn new(config: ModelConfig) -> Result<Self, String> {
-        config.validate()?;
+    pub fn new(config: ModelConfig) -> Result<Self, ModelError> {
+        config.validate().map_err(ModelError::Config)?;
         Ok(Self {
             config,
             held: BTreeMap::new(),

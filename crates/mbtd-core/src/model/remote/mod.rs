@@ -9,6 +9,7 @@
 //! answer, or answers with a non-finite output, is masked for that step exactly as the
 //! availability mask masks it.
 
+mod codec;
 pub mod coordinator;
 pub mod host;
 pub mod protocol;

@@ -30,11 +30,11 @@
 //! assert_eq!(decode_request(&bytes).unwrap(), (pull, WirePrecision::F32));
 //! ```
 
+use super::codec::{Reader, Writer, checksum};
 use super::protocol::{
-    AdamWStep, Backward, BackwardReply, BranchGrad, BranchState, Forward, ForwardReply, Reply,
-    Request, Update, UpdateReply,
+    AdamWStep, Backward, BackwardReply, BranchGrad, Forward, ForwardReply, Reply, Request, Update,
+    UpdateReply,
 };
-use crate::model::params::{BRANCH_TENSORS, BranchParams, branch_shape};
 use serde::{Deserialize, Serialize};
 
 /// Magic bytes opening every frame.
@@ -56,14 +56,14 @@ pub enum WirePrecision {
 }
 
 impl WirePrecision {
-    fn tag(self) -> u8 {
+    pub(super) fn tag(self) -> u8 {
         match self {
             WirePrecision::F32 => 0,
             WirePrecision::Bf16 => 1,
         }
     }
 
-    fn from_tag(tag: u8) -> Option<Self> {
+    pub(super) fn from_tag(tag: u8) -> Option<Self> {
         match tag {
             0 => Some(WirePrecision::F32),
             1 => Some(WirePrecision::Bf16),
@@ -207,12 +207,7 @@ pub fn encode_request(req: &Request, wire: WirePrecision) -> Vec<u8> {
             w.list(&f.branches, |w, &i| w.idx(i));
             w.idx(f.batch);
             w.idx(f.seq);
-            w.opt(f.segments.as_ref(), |w, s| {
-                w.u64(s.len() as u64);
-                for &x in s {
-                    w.buf.extend_from_slice(&x.to_le_bytes());
-                }
-            });
+            w.opt(f.segments.as_ref(), |w, s| w.u16s(s));
             w.bool(f.rope);
             w.opt(f.dropout.as_ref(), |w, &(p, seed)| {
                 w.f32(p);
@@ -302,8 +297,7 @@ pub fn encode_reply(reply: &Reply, wire: WirePrecision) -> Vec<u8> {
             K_R_PUSHED
         }
         Reply::Refused(msg) => {
-            w.u32(msg.len() as u32);
-            w.buf.extend_from_slice(msg.as_bytes());
+            w.str(msg);
             K_R_REFUSED
         }
     };
@@ -320,14 +314,7 @@ pub fn decode_request(bytes: &[u8]) -> Result<(Request, WirePrecision), WireErro
             branches: r.list("branches", 4, |r| r.idx("branches"))?,
             batch: r.idx("batch")?,
             seq: r.idx("seq")?,
-            segments: r.opt("segments", |r| {
-                let n = r.count64("segments", 2)?;
-                let raw = r.take(n * 2, "segments")?;
-                Ok(raw
-                    .chunks_exact(2)
-                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
-                    .collect())
-            })?,
+            segments: r.opt("segments", |r| r.u16s("segments"))?,
             rope: r.bool("rope")?,
             dropout: r.opt("dropout", |r| {
                 Ok((r.f32("dropout.p")?, r.u64("dropout.seed")?))
@@ -404,15 +391,7 @@ pub fn decode_reply(bytes: &[u8]) -> Result<(Reply, WirePrecision), WireError> {
         }),
         K_R_PULLED => Reply::Pulled(r.list("branches", 1, Reader::state)?),
         K_R_PUSHED => Reply::Pushed(r.idx("count")?),
-        K_R_REFUSED => {
-            let n = r.u32("message")? as usize;
-            let raw = r.take(n, "message")?;
-            let msg = std::str::from_utf8(raw).map_err(|e| WireError::Invalid {
-                field: "message",
-                msg: format!("not UTF-8: {e}"),
-            })?;
-            Reply::Refused(msg.to_owned())
-        }
+        K_R_REFUSED => Reply::Refused(r.str("message")?),
         kind => {
             return Err(WireError::Kind {
                 kind,
@@ -446,302 +425,5 @@ fn open(bytes: &[u8]) -> Result<(u8, WirePrecision, Reader<'_>), WireError> {
     if declared != computed {
         return Err(WireError::Checksum { declared, computed });
     }
-    Ok((header[6], wire, Reader { buf: body, at: 0 }))
-}
-
-/// CRC-32 of the first 16 header bytes followed by the body.
-pub(crate) fn checksum(head: &[u8], body: &[u8]) -> u32 {
-    let mut h = crc32fast::Hasher::new();
-    h.update(head);
-    h.update(body);
-    h.finalize()
-}
-
-struct Writer {
-    buf: Vec<u8>,
-    wire: WirePrecision,
-}
-
-impl Writer {
-    fn new(wire: WirePrecision) -> Self {
-        Self {
-            buf: vec![0; HEADER_LEN],
-            wire,
-        }
-    }
-
-    fn finish(mut self, kind: u8) -> Vec<u8> {
-        let len = (self.buf.len() - HEADER_LEN) as u64;
-        let h = &mut self.buf[..HEADER_LEN];
-        h[..4].copy_from_slice(&MAGIC);
-        h[4..6].copy_from_slice(&VERSION.to_le_bytes());
-        h[6] = kind;
-        h[7] = self.wire.tag();
-        h[8..16].copy_from_slice(&len.to_le_bytes());
-        let (head, body) = self.buf.split_at(HEADER_LEN);
-        let crc = checksum(&head[..16], body);
-        self.buf[16..20].copy_from_slice(&crc.to_le_bytes());
-        self.buf
-    }
-
-    fn u32(&mut self, x: u32) {
-        self.buf.extend_from_slice(&x.to_le_bytes());
-    }
-
-    /// An index, shape or count (u32 on the wire; every such value of a valid model fits).
-    fn idx(&mut self, x: usize) {
-        self.u32(x as u32);
-    }
-
-    fn u64(&mut self, x: u64) {
-        self.buf.extend_from_slice(&x.to_le_bytes());
-    }
-
-    fn f32(&mut self, x: f32) {
-        self.u32(x.to_bits());
-    }
-
-    fn f64(&mut self, x: f64) {
-        self.u64(x.to_bits());
-    }
-
-    fn bool(&mut self, x: bool) {
-        self.buf.push(x as u8);
-    }
-
-    fn opt<T>(&mut self, x: Option<&T>, f: impl FnOnce(&mut Self, &T)) {
-        self.bool(x.is_some());
-        if let Some(x) = x {
-            f(self, x);
-        }
-    }
-
-    fn list<T>(&mut self, xs: &[T], mut f: impl FnMut(&mut Self, &T)) {
-        self.idx(xs.len());
-        for x in xs {
-            f(self, x);
-        }
-    }
-
-    fn activation(&mut self, t: &[f32]) {
-        self.tensor(t, self.wire);
-    }
-
-    fn tensor(&mut self, t: &[f32], prec: WirePrecision) {
-        self.buf.push(prec.tag());
-        self.u64(t.len() as u64);
-        let at = self.buf.len();
-        self.buf.resize(at + t.len() * prec.bytes(), 0);
-        let out = &mut self.buf[at..];
-        match prec {
-            WirePrecision::F32 => {
-                for (o, x) in out.chunks_exact_mut(4).zip(t) {
-                    o.copy_from_slice(&x.to_le_bytes());
-                }
-            }
-            WirePrecision::Bf16 => {
-                for (o, &x) in out.chunks_exact_mut(2).zip(t) {
-                    o.copy_from_slice(&half::bf16::from_f32(x).to_bits().to_le_bytes());
-                }
-            }
-        }
-    }
-
-    fn params(&mut self, p: &BranchParams) {
-        for t in p.tensors() {
-            self.tensor(t, WirePrecision::F32);
-        }
-    }
-
-    fn state(&mut self, s: &BranchState) {
-        self.idx(s.layer);
-        self.idx(s.branch);
-        self.params(&s.params);
-        self.params(&s.m);
-        self.params(&s.v);
-    }
-}
-
-struct Reader<'a> {
-    buf: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], WireError> {
-        let left = self.buf.len() - self.at;
-        if n > left {
-            return Err(WireError::Truncated {
-                field,
-                need: n as u64,
-                left,
-            });
-        }
-        let s = &self.buf[self.at..self.at + n];
-        self.at += n;
-        Ok(s)
-    }
-
-    fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], WireError> {
-        let s = self.take(N, field)?;
-        let mut a = [0; N];
-        a.copy_from_slice(s);
-        Ok(a)
-    }
-
-    fn u32(&mut self, field: &'static str) -> Result<u32, WireError> {
-        self.array(field).map(u32::from_le_bytes)
-    }
-
-    fn idx(&mut self, field: &'static str) -> Result<usize, WireError> {
-        self.u32(field).map(|x| x as usize)
-    }
-
-    fn u64(&mut self, field: &'static str) -> Result<u64, WireError> {
-        self.array(field).map(u64::from_le_bytes)
-    }
-
-    fn f32(&mut self, field: &'static str) -> Result<f32, WireError> {
-        self.u32(field).map(f32::from_bits)
-    }
-
-    fn f64(&mut self, field: &'static str) -> Result<f64, WireError> {
-        self.u64(field).map(f64::from_bits)
-    }
-
-    fn bool(&mut self, field: &'static str) -> Result<bool, WireError> {
-        match self.array::<1>(field)?[0] {
-            0 => Ok(false),
-            1 => Ok(true),
-            b => Err(WireError::Invalid {
-                field,
-                msg: format!("byte {b} is not a boolean (0 or 1)"),
-            }),
-        }
-    }
-
-    fn opt<T>(
-        &mut self,
-        field: &'static str,
-        f: impl FnOnce(&mut Self) -> Result<T, WireError>,
-    ) -> Result<Option<T>, WireError> {
-        if self.bool(field)? {
-            f(self).map(Some)
-        } else {
-            Ok(None)
-        }
-    }
-
-    /// A u64 element count whose elements (`size` bytes each) fit in the bytes left.
-    fn count64(&mut self, field: &'static str, size: usize) -> Result<usize, WireError> {
-        let n = self.u64(field)?;
-        let left = self.buf.len() - self.at;
-        if n.checked_mul(size as u64).is_none_or(|b| b > left as u64) {
-            return Err(WireError::Truncated {
-                field,
-                need: n.saturating_mul(size as u64),
-                left,
-            });
-        }
-        Ok(n as usize)
-    }
-
-    /// A list whose items take at least `min` bytes each.
-    fn list<T>(
-        &mut self,
-        field: &'static str,
-        min: usize,
-        mut f: impl FnMut(&mut Self) -> Result<T, WireError>,
-    ) -> Result<Vec<T>, WireError> {
-        let n = self.u32(field)? as usize;
-        let left = self.buf.len() - self.at;
-        if n.saturating_mul(min) > left {
-            return Err(WireError::Truncated {
-                field,
-                need: (n as u64).saturating_mul(min as u64),
-                left,
-            });
-        }
-        (0..n).map(|_| f(self)).collect()
-    }
-
-    fn keys(&mut self, field: &'static str) -> Result<Vec<(usize, usize)>, WireError> {
-        self.list(field, 8, |r| Ok((r.idx("layer")?, r.idx("branch")?)))
-    }
-
-    fn tensor(&mut self, field: &'static str) -> Result<Vec<f32>, WireError> {
-        let tag = self.array::<1>(field)?[0];
-        let prec = WirePrecision::from_tag(tag).ok_or_else(|| WireError::Invalid {
-            field,
-            msg: format!("dtype byte {tag}: expected 0 (f32) or 1 (bf16)"),
-        })?;
-        let n = self.count64(field, prec.bytes())?;
-        let raw = self.take(n * prec.bytes(), field)?;
-        Ok(match prec {
-            WirePrecision::F32 => raw
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            WirePrecision::Bf16 => raw
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-                .collect(),
-        })
-    }
-
-    /// Twelve f32 tensors with the shapes of a branch of width `d = len(ln1.gain)`.
-    fn params(&mut self, field: &'static str) -> Result<BranchParams, WireError> {
-        let mut p = BranchParams::zeros(0);
-        let mut d = 0;
-        for (idx, t) in p.tensors_mut().into_iter().enumerate() {
-            *t = self.tensor(field)?;
-            if idx == 0 {
-                d = t.len();
-            }
-            let want: usize = branch_shape(idx, d).iter().product();
-            if t.len() != want || d == 0 {
-                return Err(WireError::Invalid {
-                    field,
-                    msg: format!(
-                        "tensor `{}` has {} elements, a branch of width {d} has {want} (and d >= 1)",
-                        BRANCH_TENSORS[idx].0,
-                        t.len()
-                    ),
-                });
-            }
-        }
-        Ok(p)
-    }
-
-    fn state(&mut self) -> Result<BranchState, WireError> {
-        let (layer, branch) = (self.idx("layer")?, self.idx("branch")?);
-        let params = self.params("params")?;
-        let m = self.params("m")?;
-        let v = self.params("v")?;
-        if m.ln1_gain.len() != params.ln1_gain.len() || v.ln1_gain.len() != params.ln1_gain.len() {
-            return Err(WireError::Invalid {
-                field: "m/v",
-                msg: format!(
-                    "branch ({layer}, {branch}): moments of width {}/{} for weights of width {}",
-                    m.ln1_gain.len(),
-                    v.ln1_gain.len(),
-                    params.ln1_gain.len()
-                ),
-            });
-        }
-        Ok(BranchState {
-            layer,
-            branch,
-            params,
-            m,
-            v,
-        })
-    }
-
-    fn end(&self, message: &'static str) -> Result<(), WireError> {
-        match self.buf.len() - self.at {
-            0 => Ok(()),
-            extra => Err(WireError::Trailing { extra, message }),
-        }
-    }
+    Ok((header[6], wire, Reader::new(body)))
 }

@@ -174,7 +174,7 @@ fn reframe(frame: &[u8], body: &[u8]) -> Vec<u8> {
     let mut out = frame[..HEADER_LEN].to_vec();
     out[8..16].copy_from_slice(&(body.len() as u64).to_le_bytes());
     out.extend_from_slice(body);
-    let crc = super::wire::checksum(&out[..16], &out[HEADER_LEN..]);
+    let crc = super::codec::checksum(&out[..16], &out[HEADER_LEN..]);
     out[16..20].copy_from_slice(&crc.to_le_bytes());
     out
 }
