@@ -20,10 +20,15 @@
 //! key rotated at its absolute position, and a query attends to the rows present. The
 //! scores depend only on query–key offsets, so generation runs past `max_seq_len` with a
 //! sliding window of that many tokens (the prompt itself must fit in `max_seq_len`).
+//!
+//! With a time embedding (`model.time_embedding = "time2vec"`), every position of the
+//! prompt and of the reply gets the embedding of [`GenerateConfig::as_of_ms`] (the model
+//! is asked "as of" that time), or nothing when it is `None`.
 
 use super::half::{HalfPanels, PANEL};
 use super::net::{Model, Workspace};
 use super::ops::rope::{rope_angles, rope_row};
+use super::ops::time2vec::{tau_of_ms, time2vec_row};
 use super::ops::{dot16, fast_exp, gelu_fwd, layernorm_fwd, max16, simd, sum16};
 use super::params::BranchParams;
 use super::{Batch, Masks, ModelError, Positions};
@@ -53,6 +58,9 @@ pub struct GenerateConfig {
     pub seed: u64,
     /// Stop when this token is drawn (it is not yielded).
     pub end_token: Option<u32>,
+    /// The time the prompt and the reply are from, in milliseconds since the Unix epoch
+    /// (used by a time embedding; `None`: unknown, the embedding adds nothing).
+    pub as_of_ms: Option<i64>,
 }
 
 impl Default for GenerateConfig {
@@ -65,6 +73,7 @@ impl Default for GenerateConfig {
             repetition_penalty: 1.0,
             seed: 0,
             end_token: None,
+            as_of_ms: None,
         }
     }
 }
@@ -211,6 +220,8 @@ struct Scratch {
     /// Rotary cosines and sines of the position being decoded.
     cos: Vec<f32>,
     sin: Vec<f32>,
+    /// The time embedding every decoded token gets (`[d]`; empty without one).
+    time: Vec<f32>,
 }
 
 /// A running generation: an iterator of token ids (stream them as they come).
@@ -245,6 +256,7 @@ impl Model {
             ));
         }
         let c = &self.config;
+        let tau = cfg.as_of_ms.map_or(f32::NAN, tau_of_ms);
         let batch = Batch {
             batch: 1,
             seq: prompt.len(),
@@ -252,6 +264,7 @@ impl Model {
             targets: vec![0; prompt.len()],
             loss_mask: vec![0.0; prompt.len()],
             segments: None,
+            times: Some(vec![tau; prompt.len()]),
         };
         let mut ws = Workspace::default();
         self.forward(&mut ws, &batch, masks)?;
@@ -309,6 +322,11 @@ impl Model {
             sin: vec![0.0; c.head_dim() / 2],
             ..Scratch::default()
         };
+        let pr = &self.params;
+        if !pr.t2v_w.is_empty() {
+            s.time = vec![0.0; d];
+            time2vec_row(&mut s.time, &pr.t2v_w, &pr.t2v_b, &pr.t2v_proj, tau);
+        }
         for &t in prompt {
             s.seen[t as usize] = true;
         }
@@ -359,6 +377,9 @@ impl Generation<'_> {
             for j in 0..d {
                 s.x[j] = p.wte[tok as usize * d + j] + p.wpe[pos * d + j];
             }
+        }
+        for (x, &t) in s.x.iter_mut().zip(&s.time) {
+            *x += t;
         }
         for (l, layer) in p.layers.iter().enumerate() {
             let x = &s.x;
@@ -536,6 +557,7 @@ mod tests {
                 targets: vec![0; ctx.len()],
                 loss_mask: vec![0.0; ctx.len()],
                 segments: None,
+                times: None,
             };
             let full = model.logits(&mut ws, &b, &masks).unwrap();
             let last = &full[(ctx.len() - 1) * cfg.vocab_size..];
@@ -583,6 +605,7 @@ mod tests {
                 inputs: window.to_vec(),
                 targets: vec![0; window.len()],
                 loss_mask: vec![0.0; window.len()],
+                times: None,
                 segments: None,
             };
             let full = model.logits(&mut ws, &b, &masks).unwrap();

@@ -147,7 +147,14 @@ impl Message<AppendChunk> for ReplayActor {
         self.check_epoch(m.epoch)?;
         for r in m.rows {
             self.store
-                .append_row(&m.hash, r.line, &r.source, &r.body, m.ingest_ms)?;
+                .append_row(
+                    &m.hash,
+                    r.line,
+                    &r.source,
+                    &r.body,
+                    r.time_ms.unwrap_or(m.ingest_ms as i64),
+                    m.ingest_ms,
+                )?;
         }
         Ok(())
     }
