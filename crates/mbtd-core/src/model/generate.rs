@@ -528,16 +528,48 @@ mod tests {
 
     #[test]
     fn kv_cache_decode_matches_full_forward() {
-        let cfg = tiny_config();
+        decode_matches_full_forward(tiny_config(), None);
+    }
+
+    /// With a time embedding, every decoded token gets the `as_of` time's embedding, as
+    /// every position of the full forward pass does; a different time changes the logits.
+    #[test]
+    fn kv_cache_decode_matches_full_forward_with_time2vec() {
+        let cfg = ModelConfig {
+            time_embedding: crate::model::TimeEmbedding::Time2vec,
+            ..tiny_config()
+        };
+        let as_of = 1_704_067_200_000; // 2024-01-01
+        decode_matches_full_forward(cfg.clone(), Some(as_of));
+        let mut model = Model::new(cfg, 3).unwrap();
+        model.params.t2v_proj.iter_mut().for_each(|x| *x = 0.2);
+        let masks = model.all_active();
+        let first = |ms: i64| {
+            let g = GenerateConfig {
+                as_of_ms: Some(ms),
+                ..GenerateConfig::default()
+            };
+            model.generate(&[1, 5, 2], &masks, &g).unwrap().next_logits().to_vec()
+        };
+        assert_ne!(first(as_of), first(1_577_836_800_000));
+    }
+
+    fn decode_matches_full_forward(cfg: ModelConfig, as_of_ms: Option<i64>) {
         let mut model = Model::new(cfg.clone(), 3).unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
+        for x in model.params.t2v_proj.iter_mut() {
+            *x = rng.random_range(-0.3..0.3);
+        }
         model.expand(0, 1, 0.05, 1).unwrap();
         model.set_eta(0, 0.3).unwrap();
         let masks = vec![vec![true, false, true, true], vec![true, true, false]];
         let g = GenerateConfig {
             max_tokens: 3,
             temperature: 0.0,
+            as_of_ms,
             ..GenerateConfig::default()
         };
+        let tau = as_of_ms.map_or(f32::NAN, crate::model::ops::time2vec::tau_of_ms);
         let prompt = [1u32, 5, 2];
         let mut gen_ = model.generate(&prompt, &masks, &g).unwrap();
         let mut ctx = prompt.to_vec();
@@ -557,7 +589,7 @@ mod tests {
                 targets: vec![0; ctx.len()],
                 loss_mask: vec![0.0; ctx.len()],
                 segments: None,
-                times: None,
+                times: Some(vec![tau; ctx.len()]),
             };
             let full = model.logits(&mut ws, &b, &masks).unwrap();
             let last = &full[(ctx.len() - 1) * cfg.vocab_size..];
