@@ -556,7 +556,11 @@ mod tests {
                 json!({"as_of": "2024-13-01T00:00:00Z"}),
                 "`as_of` \"2024-13-01T00:00:00Z\" is not an RFC 3339 time",
             ),
-            ("generate", json!({"as_of": 2024}), "invalid type: integer `2024`"),
+            (
+                "generate",
+                json!({"as_of": 2024}),
+                "invalid type: integer `2024`",
+            ),
             (
                 "generate",
                 json!({"prompt": "x", "stream": true}),

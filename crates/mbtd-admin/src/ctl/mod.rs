@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use crate::client::{self, ClientError};
 use crate::protocol::{
-    AsOf, BranchArgs, CheckpointArgs, CheckpointDeleteArgs, CheckpointRef, CheckpointTag, ExpandArgs,
-    GenerateArgs, NoArgs, Request, RollbackArgs, StatusReply,
+    AsOf, BranchArgs, CheckpointArgs, CheckpointDeleteArgs, CheckpointRef, CheckpointTag,
+    ExpandArgs, GenerateArgs, NoArgs, Request, RollbackArgs, StatusReply,
 };
 pub use args::{CheckpointAction, CtlArgs, CtlCommand};
 use mbtd_core::config::Config;

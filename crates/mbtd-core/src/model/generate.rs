@@ -549,7 +549,11 @@ mod tests {
                 as_of_ms: Some(ms),
                 ..GenerateConfig::default()
             };
-            model.generate(&[1, 5, 2], &masks, &g).unwrap().next_logits().to_vec()
+            model
+                .generate(&[1, 5, 2], &masks, &g)
+                .unwrap()
+                .next_logits()
+                .to_vec()
         };
         assert_ne!(first(as_of), first(1_577_836_800_000));
     }

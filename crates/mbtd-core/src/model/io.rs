@@ -405,11 +405,16 @@ mod tests {
         let r = Trainer::from_bytes(cfg.clone(), OptimConfig::default(), &mb, Some(&ob)).unwrap();
         assert_eq!(r.model(), t.model());
         assert_eq!(r.optimizer_bytes().unwrap(), ob);
-        let err = model_from_bytes(tiny_config(), &mb).unwrap_err().to_string();
+        let err = model_from_bytes(tiny_config(), &mb)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("model.time_embedding"), "{err}");
         let plain = model_to_bytes(&Model::new(tiny_config(), 1).unwrap()).unwrap();
         let err = model_from_bytes(cfg, &plain).unwrap_err().to_string();
-        assert!(err.contains("time2vec.w") && err.contains("missing"), "{err}");
+        assert!(
+            err.contains("time2vec.w") && err.contains("missing"),
+            "{err}"
+        );
         assert!(
             SafeTensors::deserialize(&plain)
                 .unwrap()

@@ -485,7 +485,10 @@ mod tests {
         assert!(bad.validate().unwrap_err().contains("model.agg_floor"));
         let t: ModelConfig =
             toml::from_str("time_embedding = \"time2vec\"\ntime_features = 4").unwrap();
-        assert_eq!((t.time_embedding, t.time_features), (TimeEmbedding::Time2vec, 4));
+        assert_eq!(
+            (t.time_embedding, t.time_features),
+            (TimeEmbedding::Time2vec, 4)
+        );
         assert!(toml::from_str::<ModelConfig>("time_embedding = \"clock\"").is_err());
         let bad = ModelConfig {
             time_features: 0,

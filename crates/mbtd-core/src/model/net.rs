@@ -769,15 +769,24 @@ pub(crate) mod tests {
     fn whole_model_gradient_time2vec_plain_and_packed() {
         let cfg = time2vec_config();
         let mut batch = random_batch(&cfg, 2, 5, 3);
-        batch.times = Some(vec![
-            2.0, 2.0, 2.0, 2.0, 2.0, 2.4, 2.4, 2.4, 2.4, f32::NAN,
-        ]);
+        batch.times = Some(vec![2.0, 2.0, 2.0, 2.0, 2.0, 2.4, 2.4, 2.4, 2.4, f32::NAN]);
         check_model_gradient_with(cfg.clone(), None, &batch, vec![vec![true; 3]; 2], false);
         // packed: each segment its own row's time, padding unknown
         let mut packed = random_batch(&cfg, 2, 6, 8);
         packed.segments = Some(vec![0, 0, 1, 1, 1, 2, 0, 0, 0, 0, 1, 1]);
         packed.times = Some(vec![
-            -0.5, -0.5, 1.3, 1.3, 1.3, f32::NAN, 2.4, 2.4, 2.4, 2.4, 0.7, 0.7,
+            -0.5,
+            -0.5,
+            1.3,
+            1.3,
+            1.3,
+            f32::NAN,
+            2.4,
+            2.4,
+            2.4,
+            2.4,
+            0.7,
+            0.7,
         ]);
         let masks = vec![vec![false, true, true], vec![true; 3]];
         check_model_gradient_with(cfg, None, &packed, masks, true);
@@ -792,14 +801,21 @@ pub(crate) mod tests {
         let plain = Model::new(tiny_config(), 11).unwrap();
         let mut model = Model::new(cfg.clone(), 11).unwrap();
         assert_eq!(model.params.t2v_w.len(), 4);
-        assert_eq!(model.params.wte, plain.params.wte, "other tensors drawn as before");
+        assert_eq!(
+            model.params.wte, plain.params.wte,
+            "other tensors drawn as before"
+        );
         let masks = model.all_active();
         let mut ws = Workspace::default();
         let mut batch = random_batch(&cfg, 1, 5, 3);
         let none = plain.logits(&mut ws, &batch, &masks).unwrap();
         batch.times = Some(vec![2.0; 5]);
         let fresh = model.logits(&mut ws, &batch, &masks).unwrap();
-        assert!(none.iter().zip(&fresh).all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert!(
+            none.iter()
+                .zip(&fresh)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
         model.params.t2v_proj.iter_mut().for_each(|x| *x = 0.3);
         let t20 = model.logits(&mut ws, &batch, &masks).unwrap();
         batch.times = Some(vec![2.4; 5]);
@@ -807,7 +823,11 @@ pub(crate) mod tests {
         assert_ne!(t20, t24);
         batch.times = None;
         let unknown = model.logits(&mut ws, &batch, &masks).unwrap();
-        assert!(none.iter().zip(&unknown).all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert!(
+            none.iter()
+                .zip(&unknown)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
     }
 
     /// Rows of the given lengths packed into windows of `seq` (in order, a new window when

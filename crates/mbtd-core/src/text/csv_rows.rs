@@ -183,7 +183,10 @@ pub struct CsvRow {
 /// `jiff` (years 0001 to 9999 after the offset is applied); returns milliseconds since the
 /// Unix epoch (sub-millisecond digits truncated toward the past), or why it is not one.
 pub fn parse_time(cell: &str) -> Result<i64, String> {
-    let t: jiff::Timestamp = cell.trim().parse().map_err(|e: jiff::Error| e.to_string())?;
+    let t: jiff::Timestamp = cell
+        .trim()
+        .parse()
+        .map_err(|e: jiff::Error| e.to_string())?;
     let ms = t.as_millisecond();
     // year 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59.999Z
     if !(-62_135_596_800_000..=253_402_300_799_999).contains(&ms) {
@@ -831,7 +834,11 @@ mod tests {
         assert!(schema.extra_columns.is_empty(), "time is a known column");
         let noon = 1_709_294_400_000;
         assert_eq!(rows[0].as_ref().unwrap().time_ms, Some(noon));
-        assert_eq!(rows[1].as_ref().unwrap().time_ms, None, "empty: the file's time");
+        assert_eq!(
+            rows[1].as_ref().unwrap().time_ms,
+            None,
+            "empty: the file's time"
+        );
         assert_eq!(rows[2].as_ref().unwrap().time_ms, Some(noon + 250));
         for (i, line, value) in [(3, 5, "yesterday"), (4, 6, "2024-02-30T00:00:00Z")] {
             let r = rows[i].as_ref().unwrap_err();
@@ -842,11 +849,17 @@ mod tests {
                 r.reason
             );
             let msg = r.reason.to_string();
-            assert!(msg.contains("field `Time`") && msg.contains("RFC 3339"), "{msg}");
+            assert!(
+                msg.contains("field `Time`") && msg.contains("RFC 3339"),
+                "{msg}"
+            );
             assert!(!r.reason.is_parse_error());
         }
         assert_eq!(rows[5].as_ref().unwrap().time_ms, Some(1_577_836_800_000));
-        assert!(parse_time("2024-03-01").is_err(), "a date alone has no offset");
+        assert!(
+            parse_time("2024-03-01").is_err(),
+            "a date alone has no offset"
+        );
         assert!(parse_time("2024-03-01T12:00:00").is_err(), "no offset");
         assert!(parse_time("0000-06-01T00:00:00Z").is_err(), "year 0");
     }

@@ -186,7 +186,11 @@ mod tests {
         let mut x = x_in.clone();
         let mut feats = vec![0.0; n * k1];
         time2vec_fwd(&mut x, &mut feats, &w, &b, &proj, &times, d);
-        assert_eq!(x[2 * d..3 * d], x_in[2 * d..3 * d], "unknown time adds nothing");
+        assert_eq!(
+            x[2 * d..3 * d],
+            x_in[2 * d..3 * d],
+            "unknown time adds nothing"
+        );
         let (mut dw, mut db, mut dp) = (vec![9.0; k1], vec![9.0; k1], vec![9.0; k1 * d]);
         time2vec_bwd(
             &mut dw, &mut db, &mut dp, &g, &feats, &w, &b, &proj, &times, d,
@@ -210,7 +214,10 @@ mod tests {
     fn tau_is_decades_since_2000_and_the_row_helper_matches_the_forward() {
         let y2024: i64 = 1_704_067_200_000; // 2024-01-01T00:00Z
         assert!((tau_of_ms(y2024) - 2.4).abs() < 2e-3);
-        assert!(tau_of_ms(0) < -2.9 && tau_of_ms(0) > -3.1, "1970 is −3 decades");
+        assert!(
+            tau_of_ms(0) < -2.9 && tau_of_ms(0) > -3.1,
+            "1970 is −3 decades"
+        );
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let (k1, d) = (3, 5);
         let (w, b, p) = (

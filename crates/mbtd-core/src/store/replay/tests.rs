@@ -288,7 +288,8 @@ fn eviction_waits_for_the_consumer_cursor_and_handles_incomplete_files() {
     st.append_file_rows(&h, rows, 0).unwrap();
     let (h2, rows2) = file_rows(2, 10, 10);
     for r in &rows2 {
-        st.append_row(&h2, r.line, &r.source, &r.body, 5, 1).unwrap();
+        st.append_row(&h2, r.line, &r.source, &r.body, 5, 1)
+            .unwrap();
     }
     st.sync().unwrap();
     assert_eq!(st.backlog(0), 50);
@@ -649,7 +650,10 @@ fn aborted_batch_rolls_back_segments_and_sequence_numbers() {
         .collect();
     let next_seq = st.state.next_seq;
     for r in &rows2 {
-        assert!(st.append_row(&h2, r.line, &r.source, &r.body, 5, 1).unwrap());
+        assert!(
+            st.append_row(&h2, r.line, &r.source, &r.body, 5, 1)
+                .unwrap()
+        );
     }
     // Flushed to the OS (several segments rolled), then the commit is given up.
     let synced = st.prepare_commit().unwrap();
@@ -709,7 +713,11 @@ fn version_1_store_opens_and_new_rows_go_to_a_version_2_segment() {
         fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
     }
     let v1_bytes = fs::read(dir.path().join("seg-0000000001.log")).unwrap();
-    assert_eq!(v1_bytes[8..12], 1u32.to_le_bytes(), "the fixture is version 1");
+    assert_eq!(
+        v1_bytes[8..12],
+        1u32.to_le_bytes(),
+        "the fixture is version 1"
+    );
     let c = ReplayConfig {
         control_fraction: 0.0,
         ..Default::default()
@@ -744,7 +752,10 @@ fn version_1_store_opens_and_new_rows_go_to_a_version_2_segment() {
     let times: Vec<Option<i64>> = all.iter().map(|r| r.time_ms).collect();
     assert_eq!(times.len(), 5);
     assert_eq!(times[..3], [None, None, Some(1_577_836_800_000)]);
-    assert!(times[3].unwrap() > 1_700_000_000_000, "no time cell: the append time");
+    assert!(
+        times[3].unwrap() > 1_700_000_000_000,
+        "no time cell: the append time"
+    );
     assert!(inspect_replay(dir.path()).unwrap().ok);
     // eviction compacts the version-1 segment into a version-2 file that still holds a
     // version-1 record; every state reopens clean
@@ -765,5 +776,8 @@ fn version_1_store_opens_and_new_rows_go_to_a_version_2_segment() {
         copied_v1 |= seg1.is_some_and(|b| b[8..12] == 2u32.to_le_bytes())
             && left.iter().any(|r| r.time_ms.is_none());
     }
-    assert!(copied_v1, "a version-1 record was copied into a version-2 segment");
+    assert!(
+        copied_v1,
+        "a version-1 record was copied into a version-2 segment"
+    );
 }
