@@ -246,6 +246,7 @@ pub fn random_batch(
             .map(|i| if i % seq < prompt { 0.0 } else { 1.0 })
             .collect(),
         segments: None,
+        times: None,
     }
 }
 

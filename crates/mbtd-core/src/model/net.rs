@@ -24,6 +24,7 @@ use super::attention::{AttnShape, Segments};
 use super::block::{BranchWs, BwdScratch, fit};
 use super::branches::{LayerBranches, Local, Pass};
 use super::ops::rope::RopeTable;
+use super::ops::time2vec::{time2vec_bwd, time2vec_fwd};
 use super::ops::{
     embed_bwd, embed_fwd, layernorm_bwd, layernorm_fwd, mm_nt, mm_tn, profile, serial_gemm,
     weighted_sum, xent_fwd_bwd,
@@ -82,6 +83,8 @@ pub struct Workspace {
     drop: Option<StepDropout>,
     /// Step of the last forward pass when it was a training pass.
     train: Option<u64>,
+    /// Time2Vec features `[B·T, k+1]` of the last forward pass (time embedding only).
+    t2v_feats: Vec<f32>,
 }
 
 /// Dropout of one training step: probability, training seed and step. The mask of branch
@@ -308,6 +311,19 @@ impl Model {
             batch.seq,
             d,
         );
+        let p = &self.params;
+        if let (false, Some(times)) = (p.t2v_w.is_empty(), &batch.times) {
+            fit(&mut ws.t2v_feats, n * p.t2v_w.len());
+            time2vec_fwd(
+                &mut ws.hs[0],
+                &mut ws.t2v_feats,
+                &p.t2v_w,
+                &p.t2v_b,
+                &p.t2v_proj,
+                times,
+                d,
+            );
+        }
         for (l, layer) in self.params.layers.iter().enumerate() {
             let (before, after) = ws.hs.split_at_mut(l + 1);
             let (h, out) = (&before[l], &mut after[0]);
@@ -450,6 +466,27 @@ impl Model {
             batch.seq,
             d,
         );
+        if !p.t2v_w.is_empty() {
+            match &batch.times {
+                Some(times) => time2vec_bwd(
+                    &mut grads.t2v_w,
+                    &mut grads.t2v_b,
+                    &mut grads.t2v_proj,
+                    &ws.dh,
+                    &ws.t2v_feats,
+                    &p.t2v_w,
+                    &p.t2v_b,
+                    &p.t2v_proj,
+                    times,
+                    d,
+                ),
+                None => {
+                    for g in [&mut grads.t2v_w, &mut grads.t2v_b, &mut grads.t2v_proj] {
+                        g.fill(0.0);
+                    }
+                }
+            }
+        }
         ws.segs = segs;
         Ok(())
     }
@@ -587,6 +624,10 @@ pub(crate) mod tests {
                 }
             }
         }
+        // a time embedding that is not the zero of its initialisation
+        for x in model.params.t2v_proj.iter_mut() {
+            *x = rng.random_range(-0.5..0.5);
+        }
         if eta_group {
             model.groups[1] = AggGroups {
                 start: vec![0, 2],
@@ -706,6 +747,79 @@ pub(crate) mod tests {
         assert_ne!(model.loss(&mut ws, &batch), eval);
     }
 
+    fn time2vec_config() -> ModelConfig {
+        ModelConfig {
+            time_embedding: super::super::TimeEmbedding::Time2vec,
+            time_features: 3,
+            ..tiny_config()
+        }
+    }
+
+    #[test]
+    fn whole_model_gradient_time2vec_plain_and_packed() {
+        let cfg = time2vec_config();
+        let mut batch = random_batch(&cfg, 2, 5, 3);
+        batch.times = Some(vec![2.0, 2.0, 2.0, 2.0, 2.0, 2.4, 2.4, 2.4, 2.4, f32::NAN]);
+        check_model_gradient_with(cfg.clone(), None, &batch, vec![vec![true; 3]; 2], false);
+        // packed: each segment its own row's time, padding unknown
+        let mut packed = random_batch(&cfg, 2, 6, 8);
+        packed.segments = Some(vec![0, 0, 1, 1, 1, 2, 0, 0, 0, 0, 1, 1]);
+        packed.times = Some(vec![
+            -0.5,
+            -0.5,
+            1.3,
+            1.3,
+            1.3,
+            f32::NAN,
+            2.4,
+            2.4,
+            2.4,
+            2.4,
+            0.7,
+            0.7,
+        ]);
+        let masks = vec![vec![false, true, true], vec![true; 3]];
+        check_model_gradient_with(cfg, None, &packed, masks, true);
+    }
+
+    /// With the time embedding on, the rows' times change the logits (a fresh model's
+    /// projection is zero: it computes exactly what the model without it computes), and a
+    /// batch without times gets no time input.
+    #[test]
+    fn time2vec_starts_as_a_no_op_and_then_depends_on_time() {
+        let cfg = time2vec_config();
+        let plain = Model::new(tiny_config(), 11).unwrap();
+        let mut model = Model::new(cfg.clone(), 11).unwrap();
+        assert_eq!(model.params.t2v_w.len(), 4);
+        assert_eq!(
+            model.params.wte, plain.params.wte,
+            "other tensors drawn as before"
+        );
+        let masks = model.all_active();
+        let mut ws = Workspace::default();
+        let mut batch = random_batch(&cfg, 1, 5, 3);
+        let none = plain.logits(&mut ws, &batch, &masks).unwrap();
+        batch.times = Some(vec![2.0; 5]);
+        let fresh = model.logits(&mut ws, &batch, &masks).unwrap();
+        assert!(
+            none.iter()
+                .zip(&fresh)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+        model.params.t2v_proj.iter_mut().for_each(|x| *x = 0.3);
+        let t20 = model.logits(&mut ws, &batch, &masks).unwrap();
+        batch.times = Some(vec![2.4; 5]);
+        let t24 = model.logits(&mut ws, &batch, &masks).unwrap();
+        assert_ne!(t20, t24);
+        batch.times = None;
+        let unknown = model.logits(&mut ws, &batch, &masks).unwrap();
+        assert!(
+            none.iter()
+                .zip(&unknown)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+    }
+
     /// Rows of the given lengths packed into windows of `seq` (in order, a new window when
     /// the next row does not fit), the rest padded with token 0 in a segment of its own.
     fn pack_rows(rows: &[Vec<u32>], seq: usize) -> (Batch, Vec<(usize, usize)>) {
@@ -736,6 +850,7 @@ pub(crate) mod tests {
             inputs,
             loss_mask: vec![1.0; n],
             segments: Some(segments),
+            times: None,
         };
         (batch, at)
     }
@@ -783,6 +898,7 @@ pub(crate) mod tests {
                 targets: inputs.clone(),
                 inputs,
                 loss_mask: vec![1.0; seq],
+                times: None,
                 segments: None,
             };
             let want = model.logits(&mut ws, &alone, &masks).unwrap();
