@@ -45,3 +45,54 @@ fn a_bf16_wire_halves_the_bytes_and_keeps_the_losses_close() {
     let ratio = r["wire_over_raw"].as_f64().unwrap();
     assert!((0.99..1.10).contains(&ratio), "wire/raw = {ratio}: {r}");
 }
+
+fn fault(kind: &str) -> Value {
+    bench(&[
+        "--fault",
+        kind,
+        "--deadline-ms",
+        "300",
+        "--fault-at",
+        "3",
+        "--fault-steps",
+        "6",
+    ])
+}
+
+#[test]
+fn a_killed_node_is_masked_then_rejoins_with_the_same_identity() {
+    let r = fault("kill");
+    assert_eq!(r["final_loss_finite"], true, "{r}");
+    assert_eq!(r["steps_abandoned"], 0, "{r}");
+    assert!(r["steps_with_node0_masked"].as_u64().unwrap() >= 6, "{r}");
+    let rejoin = r["rejoin_s"]
+        .as_f64()
+        .expect("node 0 came back into service");
+    assert!(rejoin < 10.0, "rejoined after {rejoin} s: {r}");
+    // a dead peer's connection is closed: its rounds fail at once, no deadline to wait
+    assert!(r["step_s_p99_during"].as_f64().unwrap() < 0.3, "{r}");
+}
+
+#[test]
+fn a_paused_node_costs_one_deadline_then_is_skipped_until_it_answers() {
+    let r = fault("stop");
+    assert_eq!(r["final_loss_finite"], true, "{r}");
+    assert!(r["steps_with_node0_masked"].as_u64().unwrap() >= 6, "{r}");
+    let (p99, p50_before) = (
+        r["step_s_p99_during"].as_f64().unwrap(),
+        r["step_s_p50_before"].as_f64().unwrap(),
+    );
+    assert!(
+        p99 <= 1.1 * 0.3 + p50_before,
+        "p99 {p99} s with a 0.3 s deadline: {r}"
+    );
+    let p50 = r["step_s_p50_during"].as_f64().unwrap();
+    assert!(
+        p50 < 0.3,
+        "later steps must not wait for the paused node: {r}"
+    );
+    assert!(
+        r["rejoin_s"].as_f64().expect("node 0 came back") < 10.0,
+        "{r}"
+    );
+}

@@ -4,6 +4,12 @@
 //! step against the tensors' raw size, the time per step spent waiting on the network,
 //! the largest loss difference and, after pulling the nodes' branches back, whether the
 //! model and optimizer bytes of the two runs are bitwise equal.
+//!
+//! With `--fault kill|stop`, node 0 is killed (SIGKILL) or paused (SIGSTOP) after
+//! `--fault-at` timed steps and brought back (restarted with the same identity and
+//! address, or SIGCONT) after `--fault-steps` more; the report then gives the step times
+//! before, during and after the fault, the steps in which node 0's branches were masked,
+//! and the seconds from its return to the first step that computed its branches again.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -29,6 +35,17 @@ pub enum Wire {
     F32,
     /// bfloat16: half the bytes; losses agree within a tolerance.
     Bf16,
+}
+
+/// What happens to node 0 during the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Fault {
+    /// Nothing: every node up (the bitwise comparison runs).
+    None,
+    /// `kill -9`, then a restart with the same identity and address.
+    Kill,
+    /// SIGSTOP (a straggler), then SIGCONT.
+    Stop,
 }
 
 /// Options of `mbtd bench cluster`.
@@ -61,6 +78,15 @@ pub struct ClusterBenchArgs {
     /// Longest wait for the nodes' answers in one round, milliseconds.
     #[arg(long, default_value_t = 60_000)]
     pub deadline_ms: u64,
+    /// Fault injected into node 0.
+    #[arg(long, value_enum, default_value_t = Fault::None)]
+    pub fault: Fault,
+    /// Timed steps before the fault.
+    #[arg(long, default_value_t = 5)]
+    pub fault_at: usize,
+    /// Steps trained while node 0 is down or paused.
+    #[arg(long, default_value_t = 10)]
+    pub fault_steps: usize,
 }
 
 /// A node process started for the benchmark, killed when dropped.
@@ -77,11 +103,16 @@ impl Drop for NodeProcess {
     }
 }
 
-fn start_node(dir: &Path, config: &Path, coordinator: &str) -> anyhow::Result<NodeProcess> {
+fn start_node(
+    dir: &Path,
+    config: &Path,
+    coordinator: &str,
+    listen: &str,
+) -> anyhow::Result<NodeProcess> {
     let exe = std::env::current_exe().context("cannot find the mbtd executable")?;
     let mut child = Command::new(exe)
         .arg("node")
-        .arg("--listen=/ip4/127.0.0.1/tcp/0")
+        .arg(format!("--listen={listen}"))
         .arg("--data-dir")
         .arg(dir)
         .arg("--config")
@@ -157,11 +188,11 @@ pub fn bench_cluster(a: &ClusterBenchArgs) -> anyhow::Result<Value> {
         .context("cannot write the nodes' config")?;
     let coord_key = Keypair::generate_ed25519();
     let coord_id = coord_key.public().to_peer_id().to_string();
-    let nodes = (0..a.nodes)
+    let mut nodes = (0..a.nodes)
         .map(|k| {
             let d = dir.path().join(format!("node{k}"));
             std::fs::create_dir_all(&d)?;
-            start_node(&d, &config_path, &coord_id)
+            start_node(&d, &config_path, &coord_id, "/ip4/127.0.0.1/tcp/0")
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
 
@@ -170,8 +201,8 @@ pub fn bench_cluster(a: &ClusterBenchArgs) -> anyhow::Result<Value> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let endpoint = rt.block_on(async {
-        let (endpoint, _, _) = Endpoint::start(
+    let (endpoint, mut peer_events) = rt.block_on(async {
+        let (endpoint, _, events) = Endpoint::start(
             coord_key,
             EndpointConfig {
                 listen: None,
@@ -186,7 +217,7 @@ pub fn bench_cluster(a: &ClusterBenchArgs) -> anyhow::Result<Value> {
             endpoint.dial(n.addr.clone()).await?;
             endpoint.keep_connected(n.peer, n.addr.clone());
         }
-        anyhow::Ok(endpoint)
+        anyhow::Ok((endpoint, events))
     })?;
     let transport = SwarmTransport::new(
         endpoint.clone(),
@@ -209,6 +240,21 @@ pub fn bench_cluster(a: &ClusterBenchArgs) -> anyhow::Result<Value> {
     let masks = local.model().all_active();
     let scales: Vec<Vec<f32>> = masks.iter().map(|m| vec![1.0; m.len()]).collect();
     let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
+    if a.fault != Fault::None {
+        let mut run = FaultRun {
+            a,
+            cfg: &cfg,
+            cluster: &mut cluster,
+            masks: &masks,
+            scales: &scales,
+            rng: &mut rng,
+            node_dir: dir.path().join("node0"),
+            records: records.clone(),
+            config_path: &config_path,
+            coord_id: &coord_id,
+        };
+        return run.run(&mut nodes, &mut peer_events);
+    }
     let (mut t_local, mut t_cluster, mut max_dloss) = (0.0f64, 0.0f64, 0.0f32);
     let (mut wait0, mut bytes0) = (0.0f64, 0u64);
     let wire_bytes =
@@ -270,4 +316,142 @@ pub fn bench_cluster(a: &ClusterBenchArgs) -> anyhow::Result<Value> {
         "branches_masked": stats.missed.iter().flatten().sum::<u64>(),
         "steps_abandoned": stats.steps_abandoned,
     }))
+}
+
+/// The state of a run with a fault injected into node 0.
+struct FaultRun<'a> {
+    a: &'a ClusterBenchArgs,
+    cfg: &'a ModelConfig,
+    cluster: &'a mut Trainer,
+    masks: &'a mbtd_core::model::Masks,
+    scales: &'a [Vec<f32>],
+    rng: &'a mut ChaCha8Rng,
+    node_dir: std::path::PathBuf,
+    records: std::sync::Arc<std::sync::Mutex<Vec<mbtd_cluster::HostRecord>>>,
+    config_path: &'a Path,
+    coord_id: &'a str,
+}
+
+/// Seconds at quantile `q` of `v` (sorted in place).
+fn quantile(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * q).round() as usize]
+}
+
+impl FaultRun<'_> {
+    /// One training step: its seconds and whether node 0's branches were all computed.
+    fn step(&mut self) -> anyhow::Result<(f64, bool, f32)> {
+        let batch = random_batch(self.cfg, self.a.batch, self.a.seq, 0, self.rng);
+        let t0 = Instant::now();
+        let r = self
+            .cluster
+            .train_step(&batch, self.masks, &self.scales.to_vec())?;
+        let dt = t0.elapsed().as_secs_f64();
+        let on_node0 = r.computed.iter().all(|layer| {
+            layer
+                .iter()
+                .enumerate()
+                .all(|(i, &on)| i % self.a.nodes != 0 || on)
+        });
+        Ok((dt, on_node0, r.loss))
+    }
+
+    fn run(
+        &mut self,
+        nodes: &mut [NodeProcess],
+        events: &mut tokio::sync::mpsc::UnboundedReceiver<mbtd_cluster::PeerEvent>,
+    ) -> anyhow::Result<Value> {
+        let a = self.a;
+        let (mut before, mut during, mut after) = (Vec::new(), Vec::new(), Vec::new());
+        let mut masked_steps = 0usize;
+        for _ in 0..a.warmup {
+            self.step()?;
+        }
+        for _ in 0..a.fault_at {
+            before.push(self.step()?.0);
+        }
+        while events.try_recv().is_ok() {} // the connections made at the start
+        let pid = nodes[0].child.id() as i32;
+        match a.fault {
+            // SAFETY: kill(2) on our own child's pid has no memory effects.
+            Fault::Stop => unsafe {
+                libc::kill(pid, libc::SIGSTOP);
+            },
+            _ => {
+                let _ = nodes[0].child.kill();
+                let _ = nodes[0].child.wait();
+            }
+        }
+        for _ in 0..a.fault_steps {
+            let (dt, on, _) = self.step()?;
+            during.push(dt);
+            masked_steps += usize::from(!on);
+        }
+        let back = Instant::now();
+        match a.fault {
+            // SAFETY: as above.
+            Fault::Stop => unsafe {
+                libc::kill(pid, libc::SIGCONT);
+            },
+            _ => {
+                let listen = nodes[0].addr.to_string();
+                nodes[0] = start_node(&self.node_dir, self.config_path, self.coord_id, &listen)?;
+            }
+        }
+        let mut rejoin_s = None;
+        let mut last_loss = f32::NAN;
+        while back.elapsed() < Duration::from_secs(30) {
+            while let Ok(ev) = events.try_recv() {
+                if let mbtd_cluster::PeerEvent::Up { peer, .. } = ev
+                    && peer == nodes[0].peer
+                    && a.fault == Fault::Kill
+                {
+                    // connected again: worth asking; a restarted node holds nothing, so it
+                    // gets the coordinator's copy of its branches
+                    self.records.lock().unwrap()[0].suspect = false;
+                    if let Err(e) = self.cluster.push_branches(Some(0)) {
+                        let why = self.records.lock().unwrap()[0].last_problem.clone();
+                        bail!("{e} (last problem with node 0: {why:?})");
+                    }
+                }
+            }
+            let (dt, on, loss) = self.step()?;
+            last_loss = loss;
+            if rejoin_s.is_none() {
+                masked_steps += usize::from(!on);
+                if on {
+                    rejoin_s = Some(back.elapsed().as_secs_f64());
+                }
+            } else {
+                after.push(dt);
+                if after.len() >= a.fault_at.max(3) {
+                    break;
+                }
+            }
+        }
+        let stats = self
+            .cluster
+            .remote()
+            .map(|r| r.stats().clone())
+            .unwrap_or_default();
+        Ok(json!({
+            "bench": "cluster",
+            "fault": format!("{:?}", a.fault).to_lowercase(),
+            "preset": format!("{:?}", a.preset).to_lowercase(),
+            "nodes": a.nodes,
+            "deadline_s": a.deadline_ms as f64 / 1e3,
+            "step_s_p50_before": quantile(&mut before, 0.5),
+            "step_s_p50_during": quantile(&mut during.clone(), 0.5),
+            "step_s_p99_during": quantile(&mut during, 0.99),
+            "step_s_p50_after": quantile(&mut after, 0.5),
+            "steps_with_node0_masked": masked_steps,
+            "rejoin_s": rejoin_s,
+            "steps_abandoned": stats.steps_abandoned,
+            "branches_masked": stats.missed.iter().flatten().sum::<u64>(),
+            "final_loss_finite": last_loss.is_finite(),
+        }))
+    }
 }

@@ -1,6 +1,7 @@
 //! The serving loop of `mbtd node`: requests from the coordinator go, in arrival order,
 //! to one [`BranchHost`] on a dedicated thread (a host's state is sequential: a forward,
-//! then its backward, then its update), and each answer goes back on the swarm.
+//! then its backward, then its update), and each answer goes back on the swarm. An empty
+//! request is a liveness ping: it is answered at once, even while the host computes.
 
 use std::sync::mpsc as std_mpsc;
 use std::thread;
@@ -29,7 +30,9 @@ pub async fn serve(
         })
         .expect("spawn the branch host thread");
     while let Some(req) = incoming.recv().await {
-        if work_tx.send(req).is_err() {
+        if req.bytes.is_empty() {
+            endpoint.respond(req.id, Vec::new());
+        } else if work_tx.send(req).is_err() {
             break;
         }
     }

@@ -4,6 +4,12 @@
 //! runtime until every host has answered or the round's deadline has passed. A host that
 //! is down, unreachable or late gives `None` for that round (its branches are masked by
 //! the coordinator); its round-trip time and the last problem are kept for `ctl nodes`.
+//!
+//! A host that missed a round is *suspect*: later rounds do not wait for it (it gives
+//! `None` at once), so a stopped node costs one deadline, not one per layer and step.
+//! An empty request (a ping, answered by the node's network task even while it computes)
+//! goes to each suspect host at most once per [`PING_INTERVAL`]; its answer clears the
+//! suspicion and the host is asked again from the next round on.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,12 +31,17 @@ pub struct HostRecord {
     pub rtts: Vec<f64>,
     /// Why the last missed round was missed.
     pub last_problem: Option<String>,
+    /// The host missed a round and has not answered a ping since.
+    pub suspect: bool,
     /// Seconds the trainer spent blocked on this host's rounds (each round counts once,
     /// on the host that answered last or missed).
     pub wait_s: f64,
 }
 
 const RTT_WINDOW: usize = 1024;
+
+/// How often a suspect host is pinged.
+pub const PING_INTERVAL: Duration = Duration::from_millis(200);
 
 impl HostRecord {
     /// The `q`-quantile (0..=1) of the kept round-trip times.
@@ -52,6 +63,7 @@ pub struct SwarmTransport {
     hosts: Vec<PeerId>,
     deadline: Duration,
     records: Arc<Mutex<Vec<HostRecord>>>,
+    last_ping: Vec<Option<Instant>>,
 }
 
 impl SwarmTransport {
@@ -64,6 +76,7 @@ impl SwarmTransport {
     ) -> Self {
         let records = Arc::new(Mutex::new(vec![HostRecord::default(); hosts.len()]));
         Self {
+            last_ping: vec![None; hosts.len()],
             endpoint,
             runtime,
             hosts,
@@ -78,21 +91,54 @@ impl SwarmTransport {
     }
 }
 
+impl SwarmTransport {
+    /// Pings host `h` in the background; an answer clears its suspicion.
+    fn ping(&self, h: usize) {
+        let (endpoint, peer, records) =
+            (self.endpoint.clone(), self.hosts[h], self.records.clone());
+        let deadline = self.deadline;
+        self.runtime.spawn(async move {
+            if let Ok(Ok(_)) =
+                tokio::time::timeout(deadline, endpoint.request(peer, Vec::new())).await
+            {
+                records.lock().unwrap()[h].suspect = false;
+            }
+        });
+    }
+}
+
 impl Transport for SwarmTransport {
     fn exchange(&mut self, requests: Vec<(usize, Vec<u8>)>) -> Vec<Option<Vec<u8>>> {
         let deadline = self.deadline;
-        let calls = requests.into_iter().map(|(h, bytes)| {
-            let (endpoint, peer) = (self.endpoint.clone(), self.hosts[h]);
-            async move {
-                let t0 = Instant::now();
-                let answer =
-                    match tokio::time::timeout(deadline, endpoint.request(peer, bytes)).await {
-                        Ok(r) => r,
-                        Err(_) => Err(RequestError::Timeout(peer)),
-                    };
-                (h, answer, t0.elapsed().as_secs_f64())
+        let suspect: Vec<bool> = self
+            .records
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| r.suspect)
+            .collect();
+        for (h, &s) in suspect.iter().enumerate() {
+            if s && self.last_ping[h].is_none_or(|t| t.elapsed() >= PING_INTERVAL) {
+                self.last_ping[h] = Some(Instant::now());
+                self.ping(h);
             }
-        });
+        }
+        let order: Vec<usize> = requests.iter().map(|(h, _)| *h).collect();
+        let calls = requests
+            .into_iter()
+            .filter(|(h, _)| !suspect[*h])
+            .map(|(h, bytes)| {
+                let (endpoint, peer) = (self.endpoint.clone(), self.hosts[h]);
+                async move {
+                    let t0 = Instant::now();
+                    let answer =
+                        match tokio::time::timeout(deadline, endpoint.request(peer, bytes)).await {
+                            Ok(r) => r,
+                            Err(_) => Err(RequestError::Timeout(peer)),
+                        };
+                    (h, answer, t0.elapsed().as_secs_f64())
+                }
+            });
         let t0 = Instant::now();
         let answers = self.runtime.block_on(futures::future::join_all(calls));
         let waited = t0.elapsed().as_secs_f64();
@@ -100,7 +146,7 @@ impl Transport for SwarmTransport {
         if let Some((h, _, _)) = answers.iter().max_by(|a, b| a.2.total_cmp(&b.2)) {
             records[*h].wait_s += waited;
         }
-        answers
+        let mut replies: Vec<(usize, Option<Vec<u8>>)> = answers
             .into_iter()
             .map(|(h, answer, rtt)| {
                 let rec = &mut records[h];
@@ -111,14 +157,25 @@ impl Transport for SwarmTransport {
                             rec.rtts.remove(0);
                         }
                         rec.rtts.push(rtt);
-                        Some(bytes)
+                        (h, Some(bytes))
                     }
                     Err(e) => {
                         rec.missed += 1;
+                        rec.suspect = true;
                         rec.last_problem = Some(e.to_string());
-                        None
+                        (h, None)
                     }
                 }
+            })
+            .collect();
+        for &h in order.iter().filter(|&&h| suspect[h]) {
+            records[h].missed += 1;
+        }
+        order
+            .into_iter()
+            .map(|h| {
+                let i = replies.iter().position(|(g, _)| *g == h);
+                i.and_then(|i| replies[i].1.take())
             })
             .collect()
     }
