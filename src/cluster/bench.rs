@@ -182,8 +182,10 @@ pub fn bench_cluster(a: &ClusterBenchArgs) -> anyhow::Result<Value> {
     let cfg = a.preset.config(a.seq);
     let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
     let config_path = dir.path().join("node.toml");
-    let mut node_cfg = Config::default();
-    node_cfg.model = cfg.clone();
+    let node_cfg = Config {
+        model: cfg.clone(),
+        ..Config::default()
+    };
     std::fs::write(&config_path, toml::to_string(&node_cfg)?)
         .context("cannot write the nodes' config")?;
     let coord_key = Keypair::generate_ed25519();
