@@ -31,7 +31,7 @@ pub use bench::{BenchIngestArgs, bench_ingest};
 pub use process::{Progress, process_file, process_file_resuming};
 pub use select::{EntryKind, InboxEntry, ScanMemory, Selection, list_inbox, select_candidates};
 pub use sidecar::{FileOutcome, Outcome, Sidecar, Timings};
-pub use sink::RowSink;
+pub use sink::{RowSink, SinkResult};
 
 use crate::store::StoreError;
 

@@ -44,7 +44,7 @@ pub use generate::{GenerateConfig, Generation};
 pub use net::{Model, Workspace};
 pub use ops::Precision;
 pub use params::{BranchParams, LayerParams, Params};
-pub use train::{ExpandReport, StepReport, Trainer};
+pub use train::{ExpandReport, Expanded, StepReport, Trainer};
 
 use serde::{Deserialize, Serialize};
 

@@ -24,7 +24,7 @@ use super::ops::Precision;
 use super::ops::dropout::Dropout;
 use super::ops::rope::RopeTable;
 use super::ops::{
-    dot_f64, embed_bwd, embed_fwd, layernorm_bwd, layernorm_fwd, mm_nt, mm_tn, profile,
+    Mat, dot_f64, embed_bwd, embed_fwd, layernorm_bwd, layernorm_fwd, mm_nt, mm_tn, profile,
     serial_gemm, weighted_sum, xent_fwd_bwd,
 };
 use super::params::Params;
@@ -397,9 +397,10 @@ impl Model {
             let _prof = profile::scope(profile::LINEAR);
             let (af, dlogits, da) = (&ws.af, &ws.logits, &mut ws.da);
             let (hw, pr) = (&p.head_w, cfg.precision);
+            let dy = Mat::new(dlogits, n, v);
             rayon::join(
-                || serial_gemm(|| mm_tn(pr, &mut grads.head_w, af, dlogits, n, d, v, false)),
-                || serial_gemm(|| mm_nt(pr, da, dlogits, hw, n, v, d, false)),
+                || serial_gemm(|| mm_tn(pr, &mut grads.head_w, Mat::new(af, n, d), dy, false)),
+                || serial_gemm(|| mm_nt(pr, da, dy, Mat::new(hw, d, v), false)),
             );
         }
         layernorm_bwd(

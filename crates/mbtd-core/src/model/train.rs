@@ -77,6 +77,9 @@ pub struct ExpandReport {
     pub width: usize,
 }
 
+/// The outcome of [`Model::expand`] and [`Trainer::expand`].
+pub type Expanded = Result<ExpandReport, ModelError>;
+
 /// Model, AdamW state, step counter and reusable buffers.
 #[derive(Debug)]
 pub struct Trainer {
@@ -429,13 +432,7 @@ impl Trainer {
 
     /// Adds `m` branches to `layer` (see [`Model::expand`]); their AdamW moments start
     /// at zero.
-    pub fn expand(
-        &mut self,
-        layer: usize,
-        m: usize,
-        noise_std: f32,
-        seed: u64,
-    ) -> Result<ExpandReport, ModelError> {
+    pub fn expand(&mut self, layer: usize, m: usize, noise_std: f32, seed: u64) -> Expanded {
         let report = self.model.expand(layer, m, noise_std, seed)?;
         let d = self.model.config.d_model;
         for p in [&mut self.m, &mut self.v, &mut self.grads] {
@@ -459,13 +456,7 @@ impl Model {
     /// `N(0, noise_std)` noise on every tensor; new logits are 0. The new branches form a
     /// new aggregation group with `η = 0`, so the model's function is bitwise unchanged
     /// until [`Model::set_eta`] raises `η`.
-    pub fn expand(
-        &mut self,
-        layer: usize,
-        m: usize,
-        noise_std: f32,
-        seed: u64,
-    ) -> Result<ExpandReport, ModelError> {
+    pub fn expand(&mut self, layer: usize, m: usize, noise_std: f32, seed: u64) -> Expanded {
         let nl = self.params.layers.len();
         if layer >= nl {
             return Err(ModelError::Expand(format!(
@@ -720,8 +711,8 @@ pub(crate) mod tests {
         );
     }
 
-    /// The 64-wide model of the thread-count test.
-    fn pool_config() -> ModelConfig {
+    /// The 64-wide model of the thread-count tests.
+    pub(crate) fn pool_config() -> ModelConfig {
         ModelConfig {
             vocab_size: 97,
             d_model: 64,
@@ -729,8 +720,6 @@ pub(crate) mod tests {
             n_layers: 2,
             branches: 2,
             max_seq_len: 32,
-            agg_floor: 0.2,
-            init_std: 0.02,
             ..ModelConfig::default()
         }
     }
