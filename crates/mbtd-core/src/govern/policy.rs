@@ -500,6 +500,7 @@ pub fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Section;
 
     fn cfg() -> GovernorConfig {
         GovernorConfig {
@@ -1181,7 +1182,10 @@ mod tests {
                 "governor.branches_per_expansion",
             ),
         ] {
-            assert!(bad.validate().unwrap_err().contains(field), "{field}");
+            assert!(
+                bad.validate().unwrap_err().to_string().contains(field),
+                "{field}"
+            );
         }
         let parsed: GovernorConfig = toml::from_str("enabled = false\nbeta = 0.3").unwrap();
         assert!(!parsed.enabled);

@@ -19,6 +19,7 @@ use super::agg::AggGroups;
 use super::net::Model;
 use super::params::{Params, TensorId};
 use super::{ModelConfig, ModelError, Positions};
+use crate::config::Section;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::collections::HashMap;
 
@@ -142,7 +143,7 @@ fn check_format(
 /// Rebuilds a model from `model.safetensors` bytes and its configuration (widths are
 /// inferred from the tensors present; `config.branches` is ignored for that).
 pub fn model_from_bytes(config: ModelConfig, bytes: &[u8]) -> Result<Model, ModelError> {
-    config.validate().map_err(ModelError::Config)?;
+    config.validate()?;
     let (_, meta) =
         SafeTensors::read_metadata(bytes).map_err(|source| ModelError::SafeTensors {
             what: "model",

@@ -29,6 +29,7 @@ use super::ops::{
 };
 use super::params::Params;
 use super::{Batch, Masks, ModelConfig, ModelError, Positions};
+use crate::config::Section;
 
 /// The model: configuration, parameters and per-layer aggregation groups.
 #[derive(Debug, Clone, PartialEq)]
@@ -180,7 +181,7 @@ impl Model {
 
     /// A freshly initialised model (ARCHITECTURE.md init) from a seed.
     pub fn new(config: ModelConfig, seed: u64) -> Result<Self, ModelError> {
-        config.validate().map_err(ModelError::Config)?;
+        config.validate()?;
         let params = Params::init(&config, seed);
         let groups = vec![AggGroups::single(); config.n_layers];
         Ok(Self {

@@ -22,6 +22,7 @@ use super::net::{Model, StepDropout, Workspace};
 use super::ops::{dot_f64, simd};
 use super::params::{BranchParams, Params, TensorId, normal};
 use super::{Batch, BranchScales, Masks, ModelConfig, ModelError, OptimConfig};
+use crate::config::Section;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -142,8 +143,8 @@ fn sq_norm(t: &[f32]) -> f64 {
 impl Trainer {
     /// A trainer with zero AdamW moments at step 0.
     pub fn new(model: Model, optim: OptimConfig) -> Result<Self, ModelError> {
-        optim.validate().map_err(ModelError::Config)?;
-        model.config.validate().map_err(ModelError::Config)?;
+        optim.validate()?;
+        model.config.validate()?;
         let widths = model.widths();
         let zeros = Params::zeros(&model.config, &widths);
         Ok(Self {
@@ -199,7 +200,7 @@ impl Trainer {
 
     /// Replaces the optimizer configuration (e.g. a new learning rate).
     pub fn set_optim(&mut self, optim: OptimConfig) -> Result<(), ModelError> {
-        optim.validate().map_err(ModelError::Config)?;
+        optim.validate()?;
         self.optim = optim;
         Ok(())
     }
