@@ -184,27 +184,33 @@ impl fmt::Display for InspectReport {
             "  journal: {} files, {} corrupt entries, {} torn bytes",
             self.journal.entries, self.journal.corrupt_entries, self.journal.torn_tail_bytes
         )?;
-        writeln!(
-            f,
-            "  {:<20} {:>12} {:>10} {:>8} {:>8} {:>8} {:>10}  header",
-            "segment", "bytes", "records", "evicted", "corrupt", "tail", "seqs"
-        )?;
+        let segment = |f: &mut fmt::Formatter<'_>, cols: [&str; 8]| {
+            let [name, bytes, records, evicted, corrupt, tail, seqs, header] = cols;
+            writeln!(
+                f,
+                "  {name:<20} {bytes:>12} {records:>10} {evicted:>8} {corrupt:>8} {tail:>8} {seqs:>10}  {header}"
+            )
+        };
+        let title = [
+            "segment", "bytes", "records", "evicted", "corrupt", "tail", "seqs", "header",
+        ];
+        segment(f, title)?;
         for s in &self.segments {
             let seqs = s
                 .seq_range
                 .map_or("-".to_string(), |(a, b)| format!("{a}-{b}"));
-            writeln!(
-                f,
-                "  {:<20} {:>12} {:>10} {:>8} {:>8} {:>8} {:>10}  {}",
-                s.name,
+            let counts = [
                 s.bytes,
                 s.records,
                 s.evicted,
                 s.corrupt_regions,
                 s.tail_bytes,
-                seqs,
-                s.header
-            )?;
+            ];
+            let [bytes, records, evicted, corrupt, tail] = counts.map(|n| n.to_string());
+            let row = [
+                &s.name, &bytes, &records, &evicted, &corrupt, &tail, &seqs, &s.header,
+            ];
+            segment(f, row.map(String::as_str))?;
         }
         writeln!(
             f,
