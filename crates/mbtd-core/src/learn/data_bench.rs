@@ -148,18 +148,11 @@ pub fn bench_train_data(opts: &TrainBenchArgs, data: &Path) -> Result<Value, Dat
                 loss = r.loss;
             }
         }
-        Ok(json!({
-            "bench": "train",
+        Ok(opts.report(json!({
             "data": data.display().to_string(),
             "rows": rows.len(),
             "rows_rejected": rejected,
             "packing": opts.packing,
-            "preset": opts.preset.name(),
-            "threads": opts.threads,
-            "p_active": opts.p_active,
-            "batch": opts.batch,
-            "seq": opts.seq,
-            "steps": opts.steps,
             "params": params,
             "real_tokens_per_sec": real as f64 / secs,
             "tokens_per_sec": positions as f64 / secs,
@@ -170,7 +163,7 @@ pub fn bench_train_data(opts: &TrainBenchArgs, data: &Path) -> Result<Value, Dat
             "machine_idle_share_after": machine_idle_share(500),
             "final_loss": loss,
             "peak_rss_kib": peak_rss_kib(),
-        }))
+        })))
     })
 }
 
