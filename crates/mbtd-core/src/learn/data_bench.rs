@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use super::TokenizerSection;
 use super::config::TrainingConfig;
-use super::mix::NewWindows;
+use super::mix::{NewWindows, StepInputs};
 use crate::model::bench::{
     TrainBenchArgs, bench_trainer, cpu_seconds, machine_idle_share, peak_rss_kib,
 };
@@ -86,11 +86,18 @@ fn batches(tok: &Tokenizer, rows: &[Record], tc: &TrainingConfig, n: usize) -> V
             q = NewWindows::new(0, None, &[]);
             q.push_rows(tok, rows, tc.seq_len);
         }
+        let inputs = StepInputs {
+            tok,
+            replay_rows: &[],
+            history: false,
+            tc,
+            seed: t,
+        };
         let mix = if tc.packing {
-            q.take_packed_step(tok, &[], false, tc, t, |_| Ok::<_, ()>(Vec::new()))
+            q.take_packed_step(inputs, |_| Ok::<_, ()>(Vec::new()))
                 .unwrap_or_else(|()| unreachable!("no replay rounds without history"))
         } else {
-            q.take_step(tok, &[], false, tc, t)
+            q.take_step(inputs)
         };
         out.push((mix.batch(tc.seq_len, tok.eot_id()), mix.real_tokens()));
     }

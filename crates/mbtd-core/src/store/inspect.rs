@@ -54,8 +54,12 @@ pub struct SourceCounts {
 pub struct InspectReport {
     /// The directory.
     pub dir: PathBuf,
-    /// Per segment.
-    pub segments: Vec<SegmentReport>,
+    /// True when every CRC verified and no segment or journal damage was found.
+    pub ok: bool,
+    /// Seed of the store's eviction keys.
+    pub seed: u64,
+    /// Control fraction of the store.
+    pub control_fraction: f64,
     /// Live rows.
     pub rows: u64,
     /// Live control rows.
@@ -64,18 +68,14 @@ pub struct InspectReport {
     pub bytes: u64,
     /// Rows evicted since creation (from `state.bin`).
     pub evicted_total: u64,
+    /// Per segment.
+    pub segments: Vec<SegmentReport>,
+    /// Journal findings.
+    pub journal: JournalScan,
     /// Per source.
     pub by_source: BTreeMap<String, SourceCounts>,
     /// Per kind.
     pub by_kind: BTreeMap<String, u64>,
-    /// Journal findings.
-    pub journal: JournalScan,
-    /// Seed and control fraction of the store.
-    pub seed: u64,
-    /// Control fraction of the store.
-    pub control_fraction: f64,
-    /// True when every CRC verified and no segment or journal damage was found.
-    pub ok: bool,
 }
 
 /// Inspect `dir` without modifying it.
