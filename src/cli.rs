@@ -29,6 +29,9 @@ pub enum Command {
     /// Chat with the running daemon's model (streamed replies, templates, stop sequences,
     /// /save and /load of the conversation as an inbox CSV).
     Chat(crate::chat::ChatArgs),
+    /// Host branches for a coordinator on another machine (see README, "Running on
+    /// several machines").
+    Node(crate::cluster::node::NodeArgs),
     /// Look at on-disk state offline (works with the daemon stopped).
     #[command(subcommand)]
     Inspect(InspectCommand),
@@ -73,6 +76,9 @@ pub enum BenchCommand {
     Outage(crate::learn::outage_bench::OutageBenchArgs),
     /// Forgetting of task A after task B, with replay shares 0 / 0.25 / 0.5.
     Continual(crate::learn::cl_bench::ContinualBenchArgs),
+    /// One process vs a coordinator with `mbtd node` processes on loopback: tokens/s,
+    /// bytes per step, network wait, bitwise equality of the results.
+    Cluster(crate::cluster::bench::ClusterBenchArgs),
     /// The daemon for N minutes under a steady inbox stream: RSS, descriptors, step times.
     Soak(crate::soak::SoakArgs),
 }

@@ -19,6 +19,7 @@ pub use mbtd_daemon::{actors, admin, daemon, telemetry};
 
 pub mod chat;
 pub mod cli;
+pub mod cluster;
 pub mod demo;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -103,6 +103,13 @@ fn main() -> ExitCode {
         }
         Command::Inspect(cmd) => inspect(cmd),
         Command::Bench(cmd) => bench(cmd),
+        Command::Node(args) => match mbtd::cluster::node::run(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mbtd node: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Demo(args) => match mbtd::demo::run::run(&args) {
             Ok(summary) => {
                 print!("{summary}");
@@ -206,6 +213,9 @@ fn bench(cmd: BenchCommand) -> ExitCode {
         BenchCommand::Ingest(a) => mbtd::ingest::bench_ingest(a).map_err(|e| e.to_string()),
         BenchCommand::Continual(a) => {
             mbtd::learn::cl_bench::bench_continual(a).map_err(|e| e.to_string())
+        }
+        BenchCommand::Cluster(a) => {
+            mbtd::cluster::bench::bench_cluster(a).map_err(|e| format!("{e:#}"))
         }
         BenchCommand::Soak(a) => mbtd::soak::bench_soak(a).map_err(|e| e.to_string()),
         BenchCommand::Outage(a) => {

@@ -112,6 +112,7 @@ impl Session {
             top_k: self.args.top_k,
             top_p: self.args.top_p as f32,
             seed: self.args.seed.wrapping_add(self.replies),
+            as_of: None,
         });
         self.replies += 1;
         INTERRUPTED.store(false, Ordering::SeqCst);

@@ -242,6 +242,7 @@ mod tests {
             .map(|i| CsvRow {
                 line: i + 2,
                 source: "s".into(),
+                time_ms: None,
                 body: RowBody::Text {
                     text: format!("row {i} has exactly six words"),
                 },

@@ -124,6 +124,13 @@ fn check_rejected(schema: &CsvSchema, reason: &RejectReason, max: usize) {
         | RejectReason::NulByte { column, .. } => {
             assert!(schema.columns.contains(column), "{reason}")
         }
+        RejectReason::BadTime { column, value, .. } => {
+            assert!(schema.columns.contains(column), "{reason}");
+            assert!(
+                mbtd_core::text::csv_rows::parse_time(value).is_err(),
+                "a valid time rejected: {reason}"
+            )
+        }
     }
 }
 

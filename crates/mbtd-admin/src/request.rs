@@ -179,6 +179,51 @@ pub struct GenerateArgs {
     pub seed: u64,
     /// Answer the prompt as an instruction row is trained (prompt, then `<|response|>`).
     pub respond: bool,
+    /// Ask the model as of this time (its time embedding, if it has one); absent = now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub as_of: Option<AsOf>,
+}
+
+/// A time to ask the model as of: an RFC 3339 timestamp with a `Z` or numeric offset in
+/// the years 0001 to 9999 (the rule of an inbox file's `time` column,
+/// [`mbtd_core::text::csv_rows::parse_time`]), kept as written on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct AsOf {
+    text: String,
+    ms: i64,
+}
+
+impl AsOf {
+    /// Milliseconds since the Unix epoch.
+    pub fn millis(&self) -> i64 {
+        self.ms
+    }
+
+    /// As written.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl TryFrom<String> for AsOf {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        let shown: String = s.chars().take(40).collect();
+        match mbtd_core::text::csv_rows::parse_time(&s) {
+            Ok(ms) => Ok(Self { text: s, ms }),
+            Err(why) => Err(format!(
+                "`as_of` {shown:?} is not an RFC 3339 time ({why}); write e.g. 2024-03-01T12:00:00Z"
+            )),
+        }
+    }
+}
+
+impl From<AsOf> for String {
+    fn from(t: AsOf) -> String {
+        t.text
+    }
 }
 
 impl Default for GenerateArgs {
@@ -191,6 +236,7 @@ impl Default for GenerateArgs {
             top_p: 1.0,
             seed: 0,
             respond: false,
+            as_of: None,
         }
     }
 }
@@ -502,6 +548,21 @@ mod tests {
             ),
             (
                 "generate",
+                json!({"as_of": "last tuesday"}),
+                "`as_of` \"last tuesday\" is not an RFC 3339 time",
+            ),
+            (
+                "generate",
+                json!({"as_of": "2024-13-01T00:00:00Z"}),
+                "`as_of` \"2024-13-01T00:00:00Z\" is not an RFC 3339 time",
+            ),
+            (
+                "generate",
+                json!({"as_of": 2024}),
+                "invalid type: integer `2024`",
+            ),
+            (
+                "generate",
                 json!({"prompt": "x", "stream": true}),
                 "unknown field `stream`",
             ),
@@ -562,7 +623,7 @@ mod tests {
         let r = Request::from_parts(
             "generate",
             json!({"prompt": "p", "max_tokens": 5, "temperature": 0, "top_k": 3, "top_p": 0.5,
-                   "seed": u64::MAX, "respond": true}),
+                   "seed": u64::MAX, "respond": true, "as_of": "2020-06-01T00:00:00+02:00"}),
         )
         .unwrap();
         assert_eq!(
@@ -575,8 +636,11 @@ mod tests {
                 top_p: 0.5,
                 seed: u64::MAX,
                 respond: true,
+                as_of: Some(AsOf::try_from("2020-06-01T00:00:00+02:00".to_string()).unwrap()),
             })
         );
+        let Request::Generate(g) = r else { panic!() };
+        assert_eq!(g.as_of.unwrap().millis(), 1_590_962_400_000);
         for args in [
             json!({"layer": 1, "branches": 2}),
             json!({"layer": 1, "branches": 2, "beta": null, "ramp_steps": null}),

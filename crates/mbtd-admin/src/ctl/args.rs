@@ -77,6 +77,10 @@ pub enum CtlCommand {
         /// token), instead of continuing it as text.
         #[arg(long)]
         respond: bool,
+        /// Ask the model as of this time (RFC 3339, e.g. 2024-03-01T12:00:00Z; default: now):
+        /// with `model.time_embedding = "time2vec"` the prompt and reply get this time.
+        #[arg(long)]
+        as_of: Option<String>,
     },
     /// Add branches to a layer (pre-expand checkpoint, eta ramps from 0 to beta, then the
     /// governor's probation keeps it or rolls it back).

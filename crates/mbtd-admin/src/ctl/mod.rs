@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use crate::client::{self, ClientError};
 use crate::protocol::{
-    BranchArgs, CheckpointArgs, CheckpointDeleteArgs, CheckpointRef, CheckpointTag, ExpandArgs,
-    GenerateArgs, NoArgs, Request, RollbackArgs, StatusReply,
+    AsOf, BranchArgs, CheckpointArgs, CheckpointDeleteArgs, CheckpointRef, CheckpointTag,
+    ExpandArgs, GenerateArgs, NoArgs, Request, RollbackArgs, StatusReply,
 };
 pub use args::{CheckpointAction, CtlArgs, CtlCommand};
 use mbtd_core::config::Config;
@@ -63,6 +63,7 @@ fn request(cmd: &CtlCommand) -> Result<Request, String> {
             top_p,
             seed,
             respond,
+            as_of,
         } => Request::Generate(GenerateArgs {
             prompt: prompt.clone(),
             max_tokens: *max_tokens,
@@ -71,6 +72,7 @@ fn request(cmd: &CtlCommand) -> Result<Request, String> {
             top_p: *top_p as f32,
             seed: *seed,
             respond: *respond,
+            as_of: as_of.clone().map(AsOf::try_from).transpose()?,
         }),
         CtlCommand::Expand {
             layer,

@@ -39,7 +39,7 @@ use super::sidecar::{
 };
 use super::sink::{CHUNK_BYTES, CHUNK_ROWS, RowSink};
 use super::{IngestConfig, IngestError};
-use crate::store::fsutil::now_ms;
+use crate::store::fsutil::{now_ms, system_ms};
 use crate::text::csv_rows::{CsvError, CsvRowReader, Rejection, clip_chars};
 
 /// Passes over a file that keeps growing before it is left to settle again.
@@ -168,7 +168,7 @@ pub(super) enum StreamResult {
 }
 
 /// Read the rows of `path` after line `skip_through`; when `append`, hand them to `sink`
-/// in chunks. Counts every row read.
+/// in chunks, each row with its `time` cell or else the file's mtime. Counts every row read.
 pub(super) fn stream_rows<S: RowSink + ?Sized>(
     path: &Path,
     name: &str,
@@ -193,6 +193,10 @@ pub(super) fn stream_rows<S: RowSink + ?Sized>(
         ..Counts::default()
     };
     let now = now_ms();
+    // rows without a `time` cell arrived when the file was last written
+    let file_ms = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .map_or(now as i64, system_ms);
     let (mut chunk, mut chunk_bytes) = (Vec::new(), 0usize);
     loop {
         let next = match reader.next_row() {
@@ -202,7 +206,8 @@ pub(super) fn stream_rows<S: RowSink + ?Sized>(
         };
         match next {
             None => break,
-            Some(Ok(row)) if row.line > skip_through => {
+            Some(Ok(mut row)) if row.line > skip_through => {
+                row.time_ms.get_or_insert(file_ms);
                 s.accepted += 1;
                 s.last_line = row.line;
                 if append {

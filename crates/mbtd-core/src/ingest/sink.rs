@@ -27,7 +27,8 @@ pub trait RowSink {
     /// True when the file with this content hash is completely ingested (journal hit).
     fn is_committed(&mut self, hash: &[u8; 32]) -> SinkResult<bool>;
 
-    /// Append rows of the file `hash` (rows the store already has are skipped).
+    /// Append rows of the file `hash` (rows the store already has are skipped). A row
+    /// without a time (`CsvRow::time_ms` `None`) arrives at `ingest_ms`.
     fn append(&mut self, hash: &[u8; 32], rows: Vec<CsvRow>, ingest_ms: u64) -> SinkResult<()>;
 
     /// Make the appended rows durable and record the file as complete. Returns the rows
@@ -45,7 +46,8 @@ impl RowSink for ReplayStore {
 
     fn append(&mut self, hash: &[u8; 32], rows: Vec<CsvRow>, ingest_ms: u64) -> SinkResult<()> {
         for r in rows {
-            self.append_row(hash, r.line, &r.source, &r.body, ingest_ms)
+            let time = r.time_ms.unwrap_or(ingest_ms as i64);
+            self.append_row(hash, r.line, &r.source, &r.body, time, ingest_ms)
                 .map_err(|source| IngestError::Store { source })?;
         }
         Ok(())

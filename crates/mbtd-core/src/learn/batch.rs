@@ -11,35 +11,65 @@
 //! attends only to itself and whose positions restart at 0 (see [`crate::model::Batch`]),
 //! so a short row costs its own length rather than a whole window and gets the same
 //! logits as alone.
+//!
+//! Time: every token of a row carries the row's arrival time `τ`
+//! ([`crate::model::ops::time2vec::tau_of_ms`] of [`Record::time_ms`], NaN when the row has
+//! none) into its windows and, per position, into the batch ([`Batch::times`]; padding
+//! NaN), so each segment of a packed window has its own row's time.
 
 use crate::model::Batch;
+use crate::model::ops::time2vec::tau_of_ms;
+use crate::store::format::Record;
 use crate::text::csv_rows::RowBody;
 use crate::text::tokenizer::{Tokenizer, TokenizerError};
 
-/// A token sequence with, per token, whether it is a loss target.
+/// A token sequence with, per token, whether it is a loss target, and the arrival time
+/// `τ` of its row (NaN: unknown).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tokens {
     pub ids: Vec<u32>,
     pub target: Vec<bool>,
+    pub time: f32,
 }
 
-/// One training window: `inputs[j]` predicts `targets[j]` with weight `mask[j]`.
-#[derive(Debug, Clone, PartialEq)]
+/// One training window: `inputs[j]` predicts `targets[j]` with weight `mask[j]`; `times[j]`
+/// is the arrival time `τ` of the row position `j` belongs to (NaN: unknown). Two windows
+/// are equal when every field is bit for bit (so unknown times compare equal).
+#[derive(Debug, Clone)]
 pub struct Window {
     pub inputs: Vec<u32>,
     pub targets: Vec<u32>,
     pub mask: Vec<f32>,
+    pub times: Vec<f32>,
 }
 
-/// Tokenizes a row as described in the module doc.
+impl PartialEq for Window {
+    fn eq(&self, o: &Self) -> bool {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        self.inputs == o.inputs
+            && self.targets == o.targets
+            && bits(&self.mask) == bits(&o.mask)
+            && bits(&self.times) == bits(&o.times)
+    }
+}
+
+/// Tokenizes a stored row with its arrival time ([`tokenize`] of its body).
+pub fn tokenize_record(tok: &Tokenizer, r: &Record) -> Result<Tokens, TokenizerError> {
+    let mut t = tokenize(tok, &r.body)?;
+    t.time = r.time_ms.map_or(f32::NAN, tau_of_ms);
+    Ok(t)
+}
+
+/// Tokenizes a row as described in the module doc (time unknown: NaN).
 pub fn tokenize(tok: &Tokenizer, body: &RowBody) -> Result<Tokens, TokenizerError> {
     let eot = tok.eot_id();
+    let time = f32::NAN;
     Ok(match body {
         RowBody::Text { text } => {
             let mut ids = tok.encode(text)?;
             ids.push(eot);
             let target = vec![true; ids.len()];
-            Tokens { ids, target }
+            Tokens { ids, target, time }
         }
         RowBody::PromptResponse { prompt, response } => {
             let mut ids = tok.encode(prompt)?;
@@ -48,7 +78,7 @@ pub fn tokenize(tok: &Tokenizer, body: &RowBody) -> Result<Tokens, TokenizerErro
             ids.extend(tok.encode(response)?);
             ids.push(eot);
             let target = (0..ids.len()).map(|i| i >= n_prompt).collect();
-            Tokens { ids, target }
+            Tokens { ids, target, time }
         }
     })
 }
@@ -68,6 +98,7 @@ pub fn windows(t: &Tokens, seq: usize) -> Vec<Window> {
                 .iter()
                 .map(|&b| if b { 1.0 } else { 0.0 })
                 .collect(),
+            times: vec![t.time; end - 1 - start],
         };
         if w.mask.iter().any(|&m| m > 0.0) {
             out.push(w);
@@ -161,6 +192,7 @@ impl Bins {
                         inputs: Vec::with_capacity(self.seq),
                         targets: Vec::with_capacity(self.seq),
                         mask: Vec::with_capacity(self.seq),
+                        times: Vec::with_capacity(self.seq),
                     },
                     segments: Vec::with_capacity(self.seq),
                 });
@@ -174,6 +206,7 @@ impl Bins {
         p.window.inputs.extend_from_slice(&piece.inputs);
         p.window.targets.extend_from_slice(&piece.targets);
         p.window.mask.extend_from_slice(&piece.mask);
+        p.window.times.extend_from_slice(&piece.times);
         true
     }
 
@@ -205,20 +238,23 @@ pub fn assemble_packed(ws: &[&Packed], seq: usize, pad: u32) -> Batch {
     batch
 }
 
-/// Packs windows into one batch of `seq` positions, padding with `pad` at weight 0.
-/// Panics if `ws` is empty or a window is longer than `seq` (a programming error).
+/// Packs windows into one batch of `seq` positions, padding with `pad` at weight 0 and
+/// unknown time. Panics if `ws` is empty or a window is longer than `seq` (a programming
+/// error).
 pub fn assemble(ws: &[&Window], seq: usize, pad: u32) -> Batch {
     assert!(!ws.is_empty(), "assemble needs at least one window");
     let b = ws.len();
     let mut inputs = vec![pad; b * seq];
     let mut targets = vec![pad; b * seq];
     let mut loss_mask = vec![0.0; b * seq];
+    let mut times = vec![f32::NAN; b * seq];
     for (r, w) in ws.iter().enumerate() {
         let n = w.inputs.len();
         assert!(n <= seq, "window of {n} tokens exceeds seq {seq}");
         inputs[r * seq..r * seq + n].copy_from_slice(&w.inputs);
         targets[r * seq..r * seq + n].copy_from_slice(&w.targets);
         loss_mask[r * seq..r * seq + n].copy_from_slice(&w.mask);
+        times[r * seq..r * seq + n].copy_from_slice(&w.times);
     }
     Batch {
         batch: b,
@@ -227,6 +263,7 @@ pub fn assemble(ws: &[&Window], seq: usize, pad: u32) -> Batch {
         targets,
         loss_mask,
         segments: None,
+        times: Some(times),
     }
 }
 
@@ -238,6 +275,7 @@ mod tests {
         Tokens {
             ids: (0..n as u32).collect(),
             target: (0..n).map(|i| i >= first_target).collect(),
+            time: f32::NAN,
         }
     }
 
@@ -302,6 +340,7 @@ mod tests {
             .map(|(r, &(len, prompt))| Tokens {
                 ids: (0..len as u32).map(|i| ((r as u32) << 16) | i).collect(),
                 target: (0..len).map(|i| i >= prompt).collect(),
+                time: r as f32,
             })
             .collect()
     }
@@ -347,6 +386,8 @@ mod tests {
                         proptest::prop_assert_eq!(p.window.inputs[j], p.window.inputs[j - 1] + 1);
                     }
                     proptest::prop_assert_eq!(p.segments[j], expect);
+                    // every position carries its own row's time (row r has time r)
+                    proptest::prop_assert_eq!(p.window.times[j], (p.window.inputs[j] >> 16) as f32);
                 }
             }
             if !packed.is_empty() {
@@ -358,6 +399,12 @@ mod tests {
                     ..crate::model::ModelConfig::default()
                 };
                 proptest::prop_assert!(b.validate(&cfg).is_ok());
+                let times = b.times.as_ref().unwrap();
+                for (j, (&t, &m)) in times.iter().zip(&b.loss_mask).enumerate() {
+                    let text = j % seq < packed[j / seq].len();
+                    proptest::prop_assert_eq!(t.is_nan(), !text, "padding and only padding has no time");
+                    proptest::prop_assert!(text || m == 0.0);
+                }
                 let weight: f32 = b.loss_mask.iter().sum();
                 let want: f32 = alone.iter().flat_map(|w| w.mask.iter()).sum();
                 proptest::prop_assert_eq!(weight, want);

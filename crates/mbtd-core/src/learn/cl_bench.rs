@@ -36,6 +36,7 @@ fn join(a: Batch, b: Batch) -> Batch {
         targets: [a.targets, b.targets].concat(),
         loss_mask: [a.loss_mask, b.loss_mask].concat(),
         segments: None,
+        times: None,
     }
 }
 

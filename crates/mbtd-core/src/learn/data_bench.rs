@@ -65,6 +65,7 @@ fn read_rows(path: &Path) -> Result<(Vec<Record>, usize), DataBenchError> {
             Ok(row) => rows.push(Record {
                 seq: rows.len() as u64 + 1,
                 ingest_ms: 0,
+                time_ms: row.time_ms,
                 row: row.line,
                 file_hash: [0; 32],
                 source: row.source,

@@ -19,7 +19,7 @@ use crate::model::{ModelError, Trainer};
 use crate::store::replay::{ControlGroup, Era};
 use crate::text::tokenizer::Tokenizer;
 
-use super::batch::{Window, assemble, tokenize, windows};
+use super::batch::{Window, assemble, tokenize_record, windows};
 
 /// Loss of one (source, era) group of the control slice, and which rows were measured (so
 /// that the governor compares like with like).
@@ -89,7 +89,7 @@ pub fn evaluate(
         let ws: Vec<Window> = g
             .records
             .iter()
-            .filter_map(|r| tokenize(tok, &r.body).ok())
+            .filter_map(|r| tokenize_record(tok, r).ok())
             .filter_map(|t| windows(&t, seq_len).into_iter().next())
             .collect();
         let (mut sum, mut w) = (0.0f64, 0.0f64);

@@ -43,7 +43,7 @@ use crate::store::state::splitmix64;
 use crate::text::tokenizer::Tokenizer;
 
 use super::batch::{
-    Bins, Packed, Window, assemble, assemble_packed, pack_windows, tokenize, windows,
+    Bins, Packed, Window, assemble, assemble_packed, pack_windows, tokenize_record, windows,
 };
 use super::config::TrainingConfig;
 
@@ -225,7 +225,7 @@ impl NewWindows {
     /// those already trained. A row that does not tokenize is skipped.
     pub fn push_rows(&mut self, tok: &Tokenizer, rows: &[Record], seq_len: usize) {
         for r in rows {
-            if let Ok(tk) = tokenize(tok, &r.body) {
+            if let Ok(tk) = tokenize_record(tok, r) {
                 for (i, w) in windows(&tk, seq_len).into_iter().enumerate() {
                     if !self.done.contains(&(r.seq, i)) {
                         self.positions += w.inputs.len();
@@ -368,7 +368,7 @@ fn replay_piece(
     seq_len: usize,
     rng: &mut ChaCha8Rng,
 ) -> Option<Window> {
-    let tk = tokenize(tok, &r.body).ok()?;
+    let tk = tokenize_record(tok, r).ok()?;
     let mut ws = windows(&tk, seq_len);
     if ws.is_empty() {
         return None;
@@ -400,6 +400,7 @@ mod tests {
         Record {
             seq,
             ingest_ms: 0,
+            time_ms: None,
             row: seq,
             file_hash: [0; 32],
             source: "s".into(),

@@ -65,6 +65,7 @@ pub(crate) fn batch(next: &[[u32; FANOUT]], rng: &mut ChaCha8Rng, n: usize) -> B
         targets,
         loss_mask: vec![1.0; n * SEQ],
         segments: None,
+        times: None,
     }
 }
 

@@ -22,7 +22,7 @@ pub enum BenchPreset {
 
 impl BenchPreset {
     /// The preset's model, with room for sequences of `seq` tokens.
-    pub(crate) fn config(self, seq: usize) -> ModelConfig {
+    pub fn config(self, seq: usize) -> ModelConfig {
         let base = match self {
             Self::Default => ModelConfig::default(),
             Self::Small => ModelConfig {
@@ -267,6 +267,7 @@ pub fn random_batch(
             .map(|i| if i % seq < prompt { 0.0 } else { 1.0 })
             .collect(),
         segments: None,
+        times: None,
     }
 }
 

@@ -20,10 +20,15 @@
 //! key rotated at its absolute position, and a query attends to the rows present. The
 //! scores depend only on query–key offsets, so generation runs past `max_seq_len` with a
 //! sliding window of that many tokens (the prompt itself must fit in `max_seq_len`).
+//!
+//! With a time embedding (`model.time_embedding = "time2vec"`), every position of the
+//! prompt and of the reply gets the embedding of [`GenerateConfig::as_of_ms`] (the model
+//! is asked "as of" that time), or nothing when it is `None`.
 
 use super::half::{HalfPanels, PANEL};
 use super::net::{Model, Workspace};
 use super::ops::rope::{rope_angles, rope_row};
+use super::ops::time2vec::{tau_of_ms, time2vec_row};
 use super::ops::{dot16, fast_exp, gelu_fwd, layernorm_fwd, max16, simd, sum16};
 use super::params::BranchParams;
 use super::{Batch, Masks, ModelError, Positions};
@@ -53,6 +58,9 @@ pub struct GenerateConfig {
     pub seed: u64,
     /// Stop when this token is drawn (it is not yielded).
     pub end_token: Option<u32>,
+    /// The time the prompt and the reply are from, in milliseconds since the Unix epoch
+    /// (used by a time embedding; `None`: unknown, the embedding adds nothing).
+    pub as_of_ms: Option<i64>,
 }
 
 impl Default for GenerateConfig {
@@ -65,6 +73,7 @@ impl Default for GenerateConfig {
             repetition_penalty: 1.0,
             seed: 0,
             end_token: None,
+            as_of_ms: None,
         }
     }
 }
@@ -211,6 +220,8 @@ struct Scratch {
     /// Rotary cosines and sines of the position being decoded.
     cos: Vec<f32>,
     sin: Vec<f32>,
+    /// The time embedding every decoded token gets (`[d]`; empty without one).
+    time: Vec<f32>,
 }
 
 /// A running generation: an iterator of token ids (stream them as they come).
@@ -245,6 +256,7 @@ impl Model {
             ));
         }
         let c = &self.config;
+        let tau = cfg.as_of_ms.map_or(f32::NAN, tau_of_ms);
         let batch = Batch {
             batch: 1,
             seq: prompt.len(),
@@ -252,6 +264,7 @@ impl Model {
             targets: vec![0; prompt.len()],
             loss_mask: vec![0.0; prompt.len()],
             segments: None,
+            times: Some(vec![tau; prompt.len()]),
         };
         let mut ws = Workspace::default();
         self.forward(&mut ws, &batch, masks)?;
@@ -309,6 +322,11 @@ impl Model {
             sin: vec![0.0; c.head_dim() / 2],
             ..Scratch::default()
         };
+        let pr = &self.params;
+        if !pr.t2v_w.is_empty() {
+            s.time = vec![0.0; d];
+            time2vec_row(&mut s.time, &pr.t2v_w, &pr.t2v_b, &pr.t2v_proj, tau);
+        }
         for &t in prompt {
             s.seen[t as usize] = true;
         }
@@ -359,6 +377,9 @@ impl Generation<'_> {
             for j in 0..d {
                 s.x[j] = p.wte[tok as usize * d + j] + p.wpe[pos * d + j];
             }
+        }
+        for (x, &t) in s.x.iter_mut().zip(&s.time) {
+            *x += t;
         }
         for (l, layer) in p.layers.iter().enumerate() {
             let x = &s.x;
@@ -507,16 +528,52 @@ mod tests {
 
     #[test]
     fn kv_cache_decode_matches_full_forward() {
-        let cfg = tiny_config();
+        decode_matches_full_forward(tiny_config(), None);
+    }
+
+    /// With a time embedding, every decoded token gets the `as_of` time's embedding, as
+    /// every position of the full forward pass does; a different time changes the logits.
+    #[test]
+    fn kv_cache_decode_matches_full_forward_with_time2vec() {
+        let cfg = ModelConfig {
+            time_embedding: crate::model::TimeEmbedding::Time2vec,
+            ..tiny_config()
+        };
+        let as_of = 1_704_067_200_000; // 2024-01-01
+        decode_matches_full_forward(cfg.clone(), Some(as_of));
+        let mut model = Model::new(cfg, 3).unwrap();
+        model.params.t2v_proj.iter_mut().for_each(|x| *x = 0.2);
+        let masks = model.all_active();
+        let first = |ms: i64| {
+            let g = GenerateConfig {
+                as_of_ms: Some(ms),
+                ..GenerateConfig::default()
+            };
+            model
+                .generate(&[1, 5, 2], &masks, &g)
+                .unwrap()
+                .next_logits()
+                .to_vec()
+        };
+        assert_ne!(first(as_of), first(1_577_836_800_000));
+    }
+
+    fn decode_matches_full_forward(cfg: ModelConfig, as_of_ms: Option<i64>) {
         let mut model = Model::new(cfg.clone(), 3).unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
+        for x in model.params.t2v_proj.iter_mut() {
+            *x = rng.random_range(-0.3..0.3);
+        }
         model.expand(0, 1, 0.05, 1).unwrap();
         model.set_eta(0, 0.3).unwrap();
         let masks = vec![vec![true, false, true, true], vec![true, true, false]];
         let g = GenerateConfig {
             max_tokens: 3,
             temperature: 0.0,
+            as_of_ms,
             ..GenerateConfig::default()
         };
+        let tau = as_of_ms.map_or(f32::NAN, crate::model::ops::time2vec::tau_of_ms);
         let prompt = [1u32, 5, 2];
         let mut gen_ = model.generate(&prompt, &masks, &g).unwrap();
         let mut ctx = prompt.to_vec();
@@ -536,6 +593,7 @@ mod tests {
                 targets: vec![0; ctx.len()],
                 loss_mask: vec![0.0; ctx.len()],
                 segments: None,
+                times: Some(vec![tau; ctx.len()]),
             };
             let full = model.logits(&mut ws, &b, &masks).unwrap();
             let last = &full[(ctx.len() - 1) * cfg.vocab_size..];
@@ -583,6 +641,7 @@ mod tests {
                 inputs: window.to_vec(),
                 targets: vec![0; window.len()],
                 loss_mask: vec![0.0; window.len()],
+                times: None,
                 segments: None,
             };
             let full = model.logits(&mut ws, &b, &masks).unwrap();

@@ -18,7 +18,7 @@
 use super::agg::AggGroups;
 use super::net::Model;
 use super::params::{Params, TensorId};
-use super::{ModelConfig, ModelError, Positions};
+use super::{ModelConfig, ModelError, Positions, TimeEmbedding};
 use crate::config::Section;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::collections::HashMap;
@@ -159,6 +159,12 @@ pub fn model_from_bytes(config: ModelConfig, bytes: &[u8]) -> Result<Model, Mode
         return Err(ModelError::Tensor {
             name: "wpe".to_string(),
             msg: "present, so the checkpoint has learned positions, but model.positions = \"rope\"; set model.positions = \"learned\" to resume it".to_string(),
+        });
+    }
+    if config.time_embedding == TimeEmbedding::None && names.contains("time2vec.w") {
+        return Err(ModelError::Tensor {
+            name: "time2vec.w".to_string(),
+            msg: "present, so the checkpoint has a time embedding, but model.time_embedding = \"none\"; set model.time_embedding = \"time2vec\" to resume it".to_string(),
         });
     }
     let widths: Vec<usize> = (0..config.n_layers)
@@ -360,6 +366,56 @@ mod tests {
         let learned = model_to_bytes(&Model::new(tiny_config(), 1).unwrap()).unwrap();
         let err = model_from_bytes(cfg, &learned).unwrap_err().to_string();
         assert!(err.contains("model.positions"), "{err}");
+    }
+
+    /// The time embedding's tensors and their moments round-trip bitwise after a step that
+    /// trained them; a time-embedding mismatch is refused by name either way round.
+    #[test]
+    fn time2vec_checkpoints_round_trip_and_the_embedding_must_match() {
+        let cfg = ModelConfig {
+            time_embedding: TimeEmbedding::Time2vec,
+            time_features: 3,
+            ..tiny_config()
+        };
+        let mut t =
+            Trainer::new(Model::new(cfg.clone(), 1).unwrap(), OptimConfig::default()).unwrap();
+        let mut batch = random_batch(&cfg, 2, 4, 2);
+        batch.times = Some(vec![2.0, 2.0, 2.0, 2.0, 2.4, 2.4, f32::NAN, f32::NAN]);
+        let masks = t.model().all_active();
+        let scales: Vec<Vec<f32>> = t.model().widths().iter().map(|&k| vec![1.0; k]).collect();
+        t.train_step(&batch, &masks, &scales).unwrap();
+        t.train_step(&batch, &masks, &scales).unwrap();
+        assert!(t.model().params.t2v_proj.iter().any(|&x| x != 0.0));
+        let (mb, ob) = (t.model_bytes().unwrap(), t.optimizer_bytes().unwrap());
+        let st = SafeTensors::deserialize(&mb).unwrap();
+        assert_eq!(st.tensor("time2vec.proj.w").unwrap().shape(), [4, 8]);
+        assert!(
+            SafeTensors::deserialize(&ob)
+                .unwrap()
+                .tensor("adam.v.time2vec.w")
+                .is_ok()
+        );
+        let r = Trainer::from_bytes(cfg.clone(), OptimConfig::default(), &mb, Some(&ob)).unwrap();
+        assert_eq!(r.model(), t.model());
+        assert_eq!(r.optimizer_bytes().unwrap(), ob);
+        let err = model_from_bytes(tiny_config(), &mb)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("model.time_embedding"), "{err}");
+        let plain = model_to_bytes(&Model::new(tiny_config(), 1).unwrap()).unwrap();
+        let err = model_from_bytes(cfg, &plain).unwrap_err().to_string();
+        assert!(
+            err.contains("time2vec.w") && err.contains("missing"),
+            "{err}"
+        );
+        assert!(
+            SafeTensors::deserialize(&plain)
+                .unwrap()
+                .names()
+                .iter()
+                .all(|n| !n.starts_with("time2vec")),
+            "no time tensors without a time embedding"
+        );
     }
 
     #[test]

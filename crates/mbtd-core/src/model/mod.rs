@@ -28,6 +28,7 @@ pub mod attention;
 pub mod availability;
 pub mod bench;
 mod block;
+mod branches;
 pub mod generate;
 mod half;
 pub mod io;
@@ -36,6 +37,7 @@ pub mod ops;
 pub mod params;
 #[cfg(test)]
 mod precision_tests;
+pub mod remote;
 mod tile;
 pub mod train;
 
@@ -86,6 +88,10 @@ pub enum ModelError {
     /// A generation request is invalid.
     #[error("generation: {0}")]
     Generate(String),
+    /// Branches on other machines: a host did not give what a step needs, or a
+    /// placement does not fit the model (see [`remote`]).
+    #[error("branch hosts: {0}")]
+    Cluster(String),
     /// The loss or gradient norm is not finite; the update was skipped.
     #[error(
         "non-finite training step {step}: loss {loss}, gradient norm {grad_norm}; the update was skipped and the weights are unchanged — lower the learning rate or roll back to a checkpoint"
@@ -134,6 +140,24 @@ pub struct ModelConfig {
     /// Arithmetic of the linear layers' products: `f32`, or `bf16` operands with fp32
     /// accumulation (weights, optimizer state, norms, softmax and loss stay fp32).
     pub precision: ops::Precision,
+    /// Embedding of each row's arrival time added at the input: `none`, or `time2vec`
+    /// (one linear and `time_features` periodic components, learned; see
+    /// [`ops::time2vec`]).
+    pub time_embedding: TimeEmbedding,
+    /// Periodic components `k` of the Time2Vec embedding, `1 ..= 256` (used with
+    /// `time_embedding = "time2vec"`).
+    pub time_features: usize,
+}
+
+/// Whether the model knows when a row arrived (`model.time_embedding`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TimeEmbedding {
+    /// No time input (no tensors).
+    #[default]
+    None,
+    /// Time2Vec of the row's time, projected to `d` and added to every position of the row.
+    Time2vec,
 }
 
 /// How the model knows where a token is (`model.positions`).
@@ -161,6 +185,8 @@ impl Default for ModelConfig {
             positions: Positions::Learned,
             dropout: 0.0,
             precision: ops::Precision::F32,
+            time_embedding: TimeEmbedding::None,
+            time_features: 8,
         }
     }
 }
@@ -195,7 +221,8 @@ impl Section for ModelConfig {
             ),
         )?;
         let p = self.dropout;
-        Self::require("dropout", p, (0.0..1.0).contains(&p), "[0, 1) (0 = off)")
+        Self::require("dropout", p, (0.0..1.0).contains(&p), "[0, 1) (0 = off)")?;
+        Self::in_range("time_features", self.time_features, 1, 256)
     }
 }
 
@@ -302,6 +329,10 @@ pub struct Batch {
     /// index of the text a position belongs to within its window); `None`: every window is
     /// one text.
     pub segments: Option<Vec<u16>>,
+    /// Arrival time `τ` of each position's row ([`ops::time2vec::tau_of_ms`]), `[batch,
+    /// seq]`, NaN where unknown (padding, rows stored without a time); `None`: all
+    /// unknown. Used only with `model.time_embedding = "time2vec"`.
+    pub times: Option<Vec<f32>>,
 }
 
 impl Batch {
@@ -348,6 +379,20 @@ impl Batch {
                 "loss_mask[{p}] = {}: weights must be finite and >= 0",
                 self.loss_mask[p]
             )));
+        }
+        if let Some(times) = &self.times {
+            if times.len() != n {
+                return Err(ModelError::Batch(format!(
+                    "times has {} entries, expected batch*seq = {n}",
+                    times.len()
+                )));
+            }
+            if let Some(p) = times.iter().position(|t| t.is_infinite()) {
+                return Err(ModelError::Batch(format!(
+                    "times[{p}] = {}: a time must be finite (NaN = unknown)",
+                    times[p]
+                )));
+            }
         }
         if let Some(segs) = &self.segments {
             if segs.len() != n {
@@ -408,6 +453,23 @@ mod tests {
                 .to_string()
                 .contains("model.agg_floor")
         );
+        let t: ModelConfig =
+            toml::from_str("time_embedding = \"time2vec\"\ntime_features = 4").unwrap();
+        assert_eq!(
+            (t.time_embedding, t.time_features),
+            (TimeEmbedding::Time2vec, 4)
+        );
+        assert!(toml::from_str::<ModelConfig>("time_embedding = \"clock\"").is_err());
+        let bad = ModelConfig {
+            time_features: 0,
+            ..ModelConfig::default()
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("model.time_features")
+        );
         let o: OptimConfig = toml::from_str("lr = 0.001\nwarmup_steps = 4").unwrap();
         assert!(o.validate().is_ok());
         assert!(toml::from_str::<OptimConfig>("lr_decay = 1").is_err());
@@ -454,6 +516,7 @@ mod tests {
             targets: vec![2, 3],
             loss_mask: vec![0.0, 1.0],
             segments: None,
+            times: None,
         };
         assert!(ok.validate(&cfg).is_ok());
         let packed = Batch {
@@ -471,6 +534,22 @@ mod tests {
         assert!(
             err.contains("segments[1]") && err.contains("must not decrease"),
             "{err}"
+        );
+        let err = Batch {
+            times: Some(vec![f32::NAN, f32::INFINITY]),
+            ..ok.clone()
+        }
+        .validate(&cfg)
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("times[1]"), "{err}");
+        assert!(
+            Batch {
+                times: Some(vec![f32::NAN, 2.4]),
+                ..ok.clone()
+            }
+            .validate(&cfg)
+            .is_ok()
         );
         let err = Batch {
             segments: Some(vec![0]),

@@ -16,16 +16,18 @@
 //! The computed branches of a layer run side by side, one per thread
 //! (`block::run_pairwise`); each keeps its own output and its own part of `∂L/∂h`,
 //! and the layer combines them in branch order, so the pairing never changes a bit.
+//! The layer loop reaches the branches through [`LayerBranches`] (in this process, or on
+//! branch hosts, see `model::remote`); everything else stays here.
 
 use super::agg::{self, AggGroups};
 use super::attention::{AttnShape, Segments};
-use super::block::{BlockOpts, BranchWs, BwdScratch, branch_bwd, branch_fwd, fit, run_pairwise};
-use super::ops::Precision;
-use super::ops::dropout::Dropout;
+use super::block::{BranchWs, BwdScratch, fit};
+use super::branches::{LayerBranches, Local, Pass};
 use super::ops::rope::RopeTable;
+use super::ops::time2vec::{time2vec_bwd, time2vec_fwd};
 use super::ops::{
-    Mat, dot_f64, embed_bwd, embed_fwd, layernorm_bwd, layernorm_fwd, mm_nt, mm_tn, profile,
-    serial_gemm, weighted_sum, xent_fwd_bwd,
+    Mat, embed_bwd, embed_fwd, layernorm_bwd, layernorm_fwd, mm_nt, mm_tn, profile, serial_gemm,
+    weighted_sum, xent_fwd_bwd,
 };
 use super::params::Params;
 use super::{Batch, Masks, ModelConfig, ModelError, Positions};
@@ -54,13 +56,6 @@ pub(crate) struct LayerWs {
     pub g: Vec<f32>,
 }
 
-impl LayerWs {
-    /// Branches computed in the current pass.
-    fn computed_count(&self) -> usize {
-        self.computed.iter().filter(|&&on| on).count()
-    }
-}
-
 /// Reusable buffers for forward and backward. Buffers grow to the largest shape seen
 /// and are then reused: steady-state steps allocate nothing.
 #[derive(Debug, Default)]
@@ -87,6 +82,10 @@ pub struct Workspace {
     rope_pos: Vec<u32>,
     /// Dropout of the last forward pass (a training step), reused by its backward.
     drop: Option<StepDropout>,
+    /// Step of the last forward pass when it was a training pass.
+    train: Option<u64>,
+    /// Time2Vec features `[B·T, k+1]` of the last forward pass (time embedding only).
+    t2v_feats: Vec<f32>,
 }
 
 /// Dropout of one training step: probability, training seed and step. The mask of branch
@@ -250,21 +249,6 @@ impl Model {
         }
     }
 
-    /// Branch options of layer `l`, branch `i` for the current pass.
-    fn block_opts<'a>(
-        ws_rope: Option<(&'a RopeTable, &'a [u32])>,
-        drop: Option<StepDropout>,
-        l: usize,
-        i: usize,
-        prec: Precision,
-    ) -> BlockOpts<'a> {
-        BlockOpts {
-            rope: ws_rope,
-            drop: drop.map(|sd| Dropout::at(sd.p, sd.seed, sd.step, l, i, 0)),
-            prec,
-        }
-    }
-
     /// Forward pass: fills the workspace (activations, `logits` `[B·T, V]`), without
     /// dropout (evaluation, generation).
     ///
@@ -288,6 +272,19 @@ impl Model {
         masks: &Masks,
         drop: Option<StepDropout>,
     ) -> Result<(), ModelError> {
+        self.forward_via(ws, batch, masks, drop, &mut Local)
+    }
+
+    /// [`Model::forward_with`] with the branches computed by `via`. `drop` is `Some`
+    /// on a training pass (its step is the pass's step), `None` for evaluation.
+    pub(crate) fn forward_via(
+        &self,
+        ws: &mut Workspace,
+        batch: &Batch,
+        masks: &Masks,
+        drop: Option<StepDropout>,
+        via: &mut impl LayerBranches,
+    ) -> Result<(), ModelError> {
         batch.validate(&self.config)?;
         self.check_masks(masks)?;
         let cfg = &self.config;
@@ -296,11 +293,16 @@ impl Model {
         ws.prepare(cfg, &widths, batch.batch, batch.seq);
         ws.segs.fill(batch.segments.as_deref(), batch.seq);
         ws.drop = drop.filter(|sd| sd.p > 0.0);
+        ws.train = drop.map(|sd| sd.step);
         self.prepare_rope(ws);
         let n = ws.n;
-        let shape = self.attn_shape(batch.batch, batch.seq, &ws.segs);
-        let rope = ws.rope_on().then_some((&ws.rope, ws.rope_pos.as_slice()));
-        let step_drop = ws.drop;
+        let pass = Pass {
+            shape: self.attn_shape(batch.batch, batch.seq, &ws.segs),
+            rope: ws.rope_on().then_some((&ws.rope, ws.rope_pos.as_slice())),
+            drop: ws.drop,
+            train: ws.train,
+            segments: batch.segments.as_deref(),
+        };
         embed_fwd(
             &mut ws.hs[0],
             &self.params.wte,
@@ -310,6 +312,19 @@ impl Model {
             batch.seq,
             d,
         );
+        let p = &self.params;
+        if let (false, Some(times)) = (p.t2v_w.is_empty(), &batch.times) {
+            fit(&mut ws.t2v_feats, n * p.t2v_w.len());
+            time2vec_fwd(
+                &mut ws.hs[0],
+                &mut ws.t2v_feats,
+                &p.t2v_w,
+                &p.t2v_b,
+                &p.t2v_proj,
+                times,
+                d,
+            );
+        }
         for (l, layer) in self.params.layers.iter().enumerate() {
             let (before, after) = ws.hs.split_at_mut(l + 1);
             let (h, out) = (&before[l], &mut after[0]);
@@ -326,23 +341,7 @@ impl Model {
             for i in 0..layer.branches.len() {
                 lw.computed[i] = lw.mask[i] && lw.alpha_t[i] > 0.0;
             }
-            let count = lw.computed_count();
-            let todo = layer
-                .branches
-                .iter()
-                .zip(lw.branches.iter_mut())
-                .zip(&lw.computed)
-                .enumerate()
-                .filter_map(|(i, (pair, &on))| on.then_some((i, pair)));
-            run_pairwise(todo, count, &mut [(), ()], |(i, (bp, bw)), _| {
-                branch_fwd(
-                    bp,
-                    bw,
-                    h,
-                    shape,
-                    Self::block_opts(rope, step_drop, l, i, cfg.precision),
-                )
-            });
+            via.forward(self, l, h, &pass, lw)?;
             let (branches, computed, alpha_t) = (&lw.branches, &lw.computed, &lw.alpha_t);
             weighted_sum(out, || {
                 branches
@@ -388,7 +387,24 @@ impl Model {
     /// Backward pass after [`Model::forward`] and [`Model::loss`]: writes the gradient of
     /// every tensor of the global part, the aggregation logits and every computed branch
     /// into `grads` (non-computed branches' gradients are left untouched).
-    pub(crate) fn backward(&self, ws: &mut Workspace, batch: &Batch, grads: &mut Params) {
+    pub(crate) fn backward(
+        &self,
+        ws: &mut Workspace,
+        batch: &Batch,
+        grads: &mut Params,
+    ) -> Result<(), ModelError> {
+        self.backward_via(ws, batch, grads, &mut Local)
+    }
+
+    /// [`Model::backward`] through the branches of the forward pass (`via`); an
+    /// error leaves `grads` partly written (nothing has been applied).
+    pub(crate) fn backward_via(
+        &self,
+        ws: &mut Workspace,
+        batch: &Batch,
+        grads: &mut Params,
+        via: &mut impl LayerBranches,
+    ) -> Result<(), ModelError> {
         let cfg = &self.config;
         let (d, v) = (cfg.d_model, cfg.vocab_size);
         let n = ws.n;
@@ -423,13 +439,26 @@ impl Model {
             std::mem::take(&mut ws.rope),
             std::mem::take(&mut ws.rope_pos),
         );
-        let rope = (!pos.is_empty()).then_some((&table, pos.as_slice()));
-        let shape = self.attn_shape(ws.batch, ws.seq, &segs);
+        let pass = Pass {
+            shape: self.attn_shape(ws.batch, ws.seq, &segs),
+            rope: (!pos.is_empty()).then_some((&table, pos.as_slice())),
+            drop: ws.drop,
+            train: ws.train,
+            segments: batch.segments.as_deref(),
+        };
+        let mut done = Ok(());
         for l in (0..nl).rev() {
-            self.layer_bwd(ws, l, shape, rope, grads);
+            done = self.layer_bwd(ws, l, &pass, grads, via);
+            if done.is_err() {
+                break;
+            }
             std::mem::swap(&mut ws.dh, &mut ws.dh_prev);
         }
         (ws.rope, ws.rope_pos) = (table, pos);
+        if done.is_err() {
+            ws.segs = segs;
+            return done;
+        }
         embed_bwd(
             &mut grads.wte,
             &mut grads.wpe,
@@ -439,7 +468,29 @@ impl Model {
             batch.seq,
             d,
         );
+        if !p.t2v_w.is_empty() {
+            match &batch.times {
+                Some(times) => time2vec_bwd(
+                    &mut grads.t2v_w,
+                    &mut grads.t2v_b,
+                    &mut grads.t2v_proj,
+                    &ws.dh,
+                    &ws.t2v_feats,
+                    &p.t2v_w,
+                    &p.t2v_b,
+                    &p.t2v_proj,
+                    times,
+                    d,
+                ),
+                None => {
+                    for g in [&mut grads.t2v_w, &mut grads.t2v_b, &mut grads.t2v_proj] {
+                        g.fill(0.0);
+                    }
+                }
+            }
+        }
         ws.segs = segs;
+        Ok(())
     }
 
     /// Backward of layer `l`: `ws.dh` (gradient of its output) → `ws.dh_prev`.
@@ -447,39 +498,14 @@ impl Model {
         &self,
         ws: &mut Workspace,
         l: usize,
-        s: AttnShape,
-        rope: Option<(&RopeTable, &[u32])>,
+        pass: &Pass,
         grads: &mut Params,
-    ) {
-        let step_drop = ws.drop;
-        let layer = &self.params.layers[l];
+        via: &mut impl LayerBranches,
+    ) -> Result<(), ModelError> {
         let gl = &mut grads.layers[l];
         let lw = &mut ws.layers[l];
         let (h, dh) = (&ws.hs[l], &ws.dh);
-        let alpha_t = &lw.alpha_t;
-        let count = lw.computed_count();
-        let todo = layer
-            .branches
-            .iter()
-            .zip(lw.branches.iter_mut())
-            .zip(gl.branches.iter_mut())
-            .zip(lw.g.iter_mut())
-            .enumerate()
-            .filter_map(|(i, (((bp, bw), gb), g))| {
-                *g = 0.0;
-                lw.computed[i].then_some((i, alpha_t[i], bp, bw, gb, g))
-            });
-        run_pairwise(
-            todo,
-            count,
-            &mut ws.scratch,
-            |(i, alpha, bp, bw, gb, g), sc| {
-                // the aggregation logits' input: g_i = ⟨∂L/∂h', z_i⟩
-                *g = dot_f64(dh, &bw.z) as f32;
-                let o = Self::block_opts(rope, step_drop, l, i, self.config.precision);
-                branch_bwd(bp, bw, gb, sc, dh, alpha, h, s, o)
-            },
-        );
+        via.backward(self, l, h, dh, pass, lw, gl, &mut ws.scratch)?;
         agg::logits_grad(
             &mut gl.alpha_logits,
             &lw.g,
@@ -497,6 +523,7 @@ impl Model {
                 .zip(computed)
                 .filter_map(|(bw, &on)| on.then_some((1.0, bw.dh.as_slice())))
         });
+        Ok(())
     }
 
     /// Mean loss of a batch without updating anything.
@@ -531,7 +558,7 @@ impl Model {
     ) -> Result<f32, ModelError> {
         self.forward(ws, batch, masks)?;
         let loss = self.loss(ws, batch);
-        self.backward(ws, batch, grads);
+        self.backward(ws, batch, grads)?;
         Ok(loss)
     }
 }
@@ -599,6 +626,10 @@ pub(crate) mod tests {
                 }
             }
         }
+        // a time embedding that is not the zero of its initialisation
+        for x in model.params.t2v_proj.iter_mut() {
+            *x = rng.random_range(-0.5..0.5);
+        }
         if eta_group {
             model.groups[1] = AggGroups {
                 start: vec![0, 2],
@@ -609,7 +640,7 @@ pub(crate) mod tests {
         let mut grads = Params::zeros(&cfg, &model.widths());
         model.forward_with(&mut ws, batch, &masks, drop).unwrap();
         model.loss(&mut ws, batch);
-        model.backward(&mut ws, batch, &mut grads);
+        model.backward(&mut ws, batch, &mut grads).unwrap();
         let loss_of = |m: &Model, ws: &mut Workspace| {
             m.forward_with(ws, batch, &masks, drop).unwrap();
             m.loss(ws, batch) as f64
@@ -718,6 +749,79 @@ pub(crate) mod tests {
         assert_ne!(model.loss(&mut ws, &batch), eval);
     }
 
+    fn time2vec_config() -> ModelConfig {
+        ModelConfig {
+            time_embedding: super::super::TimeEmbedding::Time2vec,
+            time_features: 3,
+            ..tiny_config()
+        }
+    }
+
+    #[test]
+    fn whole_model_gradient_time2vec_plain_and_packed() {
+        let cfg = time2vec_config();
+        let mut batch = random_batch(&cfg, 2, 5, 3);
+        batch.times = Some(vec![2.0, 2.0, 2.0, 2.0, 2.0, 2.4, 2.4, 2.4, 2.4, f32::NAN]);
+        check_model_gradient_with(cfg.clone(), None, &batch, vec![vec![true; 3]; 2], false);
+        // packed: each segment its own row's time, padding unknown
+        let mut packed = random_batch(&cfg, 2, 6, 8);
+        packed.segments = Some(vec![0, 0, 1, 1, 1, 2, 0, 0, 0, 0, 1, 1]);
+        packed.times = Some(vec![
+            -0.5,
+            -0.5,
+            1.3,
+            1.3,
+            1.3,
+            f32::NAN,
+            2.4,
+            2.4,
+            2.4,
+            2.4,
+            0.7,
+            0.7,
+        ]);
+        let masks = vec![vec![false, true, true], vec![true; 3]];
+        check_model_gradient_with(cfg, None, &packed, masks, true);
+    }
+
+    /// With the time embedding on, the rows' times change the logits (a fresh model's
+    /// projection is zero: it computes exactly what the model without it computes), and a
+    /// batch without times gets no time input.
+    #[test]
+    fn time2vec_starts_as_a_no_op_and_then_depends_on_time() {
+        let cfg = time2vec_config();
+        let plain = Model::new(tiny_config(), 11).unwrap();
+        let mut model = Model::new(cfg.clone(), 11).unwrap();
+        assert_eq!(model.params.t2v_w.len(), 4);
+        assert_eq!(
+            model.params.wte, plain.params.wte,
+            "other tensors drawn as before"
+        );
+        let masks = model.all_active();
+        let mut ws = Workspace::default();
+        let mut batch = random_batch(&cfg, 1, 5, 3);
+        let none = plain.logits(&mut ws, &batch, &masks).unwrap();
+        batch.times = Some(vec![2.0; 5]);
+        let fresh = model.logits(&mut ws, &batch, &masks).unwrap();
+        assert!(
+            none.iter()
+                .zip(&fresh)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+        model.params.t2v_proj.iter_mut().for_each(|x| *x = 0.3);
+        let t20 = model.logits(&mut ws, &batch, &masks).unwrap();
+        batch.times = Some(vec![2.4; 5]);
+        let t24 = model.logits(&mut ws, &batch, &masks).unwrap();
+        assert_ne!(t20, t24);
+        batch.times = None;
+        let unknown = model.logits(&mut ws, &batch, &masks).unwrap();
+        assert!(
+            none.iter()
+                .zip(&unknown)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+    }
+
     /// Rows of the given lengths packed into windows of `seq` (in order, a new window when
     /// the next row does not fit), the rest padded with token 0 in a segment of its own.
     fn pack_rows(rows: &[Vec<u32>], seq: usize) -> (Batch, Vec<(usize, usize)>) {
@@ -748,6 +852,7 @@ pub(crate) mod tests {
             inputs,
             loss_mask: vec![1.0; n],
             segments: Some(segments),
+            times: None,
         };
         (batch, at)
     }
@@ -795,6 +900,7 @@ pub(crate) mod tests {
                 targets: inputs.clone(),
                 inputs,
                 loss_mask: vec![1.0; seq],
+                times: None,
                 segments: None,
             };
             let want = model.logits(&mut ws, &alone, &masks).unwrap();

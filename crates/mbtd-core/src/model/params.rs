@@ -1,7 +1,7 @@
 //! Parameter tensors of MBT-LM v1 with their ARCHITECTURE.md names and `[in, out]` shapes.
 //! The same structure holds gradients and the AdamW moments.
 
-use super::{ModelConfig, Positions};
+use super::{ModelConfig, Positions, TimeEmbedding};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -143,24 +143,54 @@ pub struct Params {
     pub lnf_bias: Vec<f32>,
     /// `head.w` `[d, V]`.
     pub head_w: Vec<f32>,
+    /// `time2vec.w` `[k+1]` (empty without a time embedding).
+    pub t2v_w: Vec<f32>,
+    /// `time2vec.b` `[k+1]` (empty without a time embedding).
+    pub t2v_b: Vec<f32>,
+    /// `time2vec.proj.w` `[k+1, d]` (empty without a time embedding).
+    pub t2v_proj: Vec<f32>,
     /// The `L` layers.
     pub layers: Vec<LayerParams>,
 }
 
+/// Number of non-layer tensors.
+pub const GLOBALS: usize = 8;
+
+/// Names of the non-layer tensors, in [`global_shapes`] order.
+pub const GLOBAL_NAMES: [&str; GLOBALS] = [
+    "wte",
+    "wpe",
+    "lnf.gain",
+    "lnf.bias",
+    "head.w",
+    "time2vec.w",
+    "time2vec.b",
+    "time2vec.proj.w",
+];
+
 /// Names (with whether each is a matrix) and shapes of the non-layer tensors (`wpe` has
-/// no rows with rotary positions, and is then neither stored nor trained).
-pub fn global_shapes(cfg: &ModelConfig) -> [(&'static str, bool, Vec<usize>); 5] {
+/// no rows with rotary positions, the `time2vec.*` tensors none without a time embedding;
+/// an empty tensor is neither stored nor trained).
+pub fn global_shapes(cfg: &ModelConfig) -> [(&'static str, bool, Vec<usize>); GLOBALS] {
     let (v, d) = (cfg.vocab_size, cfg.d_model);
     let t = match cfg.positions {
         Positions::Learned => cfg.max_seq_len,
         Positions::Rope => 0,
     };
+    let k1 = match cfg.time_embedding {
+        TimeEmbedding::None => 0,
+        TimeEmbedding::Time2vec => cfg.time_features + 1,
+    };
+    let n = GLOBAL_NAMES;
     [
-        ("wte", true, vec![v, d]),
-        ("wpe", true, vec![t, d]),
-        ("lnf.gain", false, vec![d]),
-        ("lnf.bias", false, vec![d]),
-        ("head.w", true, vec![d, v]),
+        (n[0], true, vec![v, d]),
+        (n[1], true, vec![t, d]),
+        (n[2], false, vec![d]),
+        (n[3], false, vec![d]),
+        (n[4], true, vec![d, v]),
+        (n[5], false, vec![k1]),
+        (n[6], false, vec![k1]),
+        (n[7], true, vec![k1, d]),
     ]
 }
 
@@ -182,6 +212,9 @@ impl Params {
             lnf_gain: z(&g[2].2),
             lnf_bias: z(&g[3].2),
             head_w: z(&g[4].2),
+            t2v_w: z(&g[5].2),
+            t2v_b: z(&g[6].2),
+            t2v_proj: z(&g[7].2),
             layers: widths
                 .iter()
                 .map(|&k| LayerParams {
@@ -193,7 +226,10 @@ impl Params {
     }
 
     /// Initialisation of ARCHITECTURE.md: normal(0, init_std); `attn.out.w` and
-    /// `mlp.proj.w` normal(0, init_std/√(2L)); LayerNorm gains 1; biases and `s` 0.
+    /// `mlp.proj.w` normal(0, init_std/√(2L)); LayerNorm gains 1; biases and `s` 0. With a
+    /// time embedding, drawn after every other tensor (so the others are as without it):
+    /// `time2vec.w` and `time2vec.b` normal(0, 1), `time2vec.proj.w` 0 (the embedding
+    /// starts as a no-op; see [`super::ops::time2vec`]).
     pub fn init(cfg: &ModelConfig, seed: u64) -> Self {
         let widths = vec![cfg.branches; cfg.n_layers];
         let mut p = Self::zeros(cfg, &widths);
@@ -215,6 +251,8 @@ impl Params {
                 b.ln2_gain.fill(1.0);
             }
         }
+        fill(&mut p.t2v_w, 1.0);
+        fill(&mut p.t2v_b, 1.0);
         p
     }
 
@@ -224,24 +262,30 @@ impl Params {
     }
 
     /// The non-layer tensors in [`global_shapes`] order.
-    pub fn globals(&self) -> [&Vec<f32>; 5] {
+    pub fn globals(&self) -> [&Vec<f32>; GLOBALS] {
         [
             &self.wte,
             &self.wpe,
             &self.lnf_gain,
             &self.lnf_bias,
             &self.head_w,
+            &self.t2v_w,
+            &self.t2v_b,
+            &self.t2v_proj,
         ]
     }
 
     /// The non-layer tensors in [`global_shapes`] order, mutable.
-    pub fn globals_mut(&mut self) -> [&mut Vec<f32>; 5] {
+    pub fn globals_mut(&mut self) -> [&mut Vec<f32>; GLOBALS] {
         [
             &mut self.wte,
             &mut self.wpe,
             &mut self.lnf_gain,
             &mut self.lnf_bias,
             &mut self.head_w,
+            &mut self.t2v_w,
+            &mut self.t2v_b,
+            &mut self.t2v_proj,
         ]
     }
 
@@ -277,7 +321,7 @@ impl TensorId {
     /// The ARCHITECTURE.md name.
     pub fn name(&self) -> String {
         match *self {
-            TensorId::Global(g) => ["wte", "wpe", "lnf.gain", "lnf.bias", "head.w"][g].to_string(),
+            TensorId::Global(g) => GLOBAL_NAMES[g].to_string(),
             TensorId::Alpha(l) => format!("layers.{l}.alpha_logits"),
             TensorId::Branch(l, i, t) => format!("layers.{l}.branches.{i}.{}", BRANCH_TENSORS[t].0),
         }
@@ -295,7 +339,7 @@ impl TensorId {
     /// Whether weight decay applies (2-D tensors).
     pub fn is_matrix(&self) -> bool {
         match *self {
-            TensorId::Global(g) => matches!(g, 0 | 1 | 4),
+            TensorId::Global(g) => matches!(g, 0 | 1 | 4 | 7),
             TensorId::Alpha(_) => false,
             TensorId::Branch(_, _, t) => BRANCH_TENSORS[t].1,
         }
@@ -304,10 +348,11 @@ impl TensorId {
 
 impl Params {
     /// Every tensor, in canonical order (globals, then per layer `alpha_logits` and the
-    /// branches' tensors); an empty global (`wpe` with rotary positions) is left out.
+    /// branches' tensors); an empty global (`wpe` with rotary positions, `time2vec.*`
+    /// without a time embedding) is left out.
     pub fn ids(&self) -> Vec<TensorId> {
         let globals = self.globals();
-        let mut out: Vec<TensorId> = (0..5)
+        let mut out: Vec<TensorId> = (0..GLOBALS)
             .filter(|&g| !globals[g].is_empty())
             .map(TensorId::Global)
             .collect();
@@ -336,7 +381,7 @@ impl Params {
                 .globals_mut()
                 .into_iter()
                 .nth(g)
-                .expect("global index < 5"),
+                .expect("global index < GLOBALS"),
             TensorId::Alpha(l) => &mut self.layers[l].alpha_logits,
             TensorId::Branch(l, i, t) => self.layers[l].branches[i]
                 .tensors_mut()

@@ -35,6 +35,7 @@ fn pattern_batch(cfg: &ModelConfig, batch: usize, seq: usize, seed: u64) -> Batc
         targets,
         loss_mask: vec![1.0; batch * seq],
         segments: None,
+        times: None,
     }
 }
 

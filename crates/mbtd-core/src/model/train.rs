@@ -15,12 +15,17 @@
 //! Inactive-branch rule: a branch that is not computed this step (masked, or of a new
 //! group at `η = 0`) is not touched at all: no decay, no update, its moments are not
 //! advanced. Bias correction uses the global step counter.
+//!
+//! Branches may sit on branch hosts ([`Trainer::attach_remote`], see `model::remote`):
+//! the layer loop and the update then reach them through messages, the hosts report each
+//! branch's `‖G_i‖²` for the global norm and apply AdamW with the `k` sent to them.
 
 use super::agg::AggGroups;
 use super::io;
 use super::net::{Model, StepDropout, Workspace};
 use super::ops::{dot_f64, simd};
 use super::params::{BranchParams, Params, TensorId, normal};
+use super::remote::{AdamWStep, RemoteBranches};
 use super::{Batch, BranchScales, Masks, ModelConfig, ModelError, OptimConfig};
 use crate::config::Section;
 use rand::SeedableRng;
@@ -28,6 +33,8 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::Serialize;
 use std::time::Instant;
+
+mod cluster;
 
 /// What one training step did (for metrics and diagnostics).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -93,13 +100,15 @@ pub struct Trainer {
     ws: Workspace,
     /// Seed of the dropout masks (with `model.dropout > 0`).
     dropout_seed: u64,
+    /// Branches placed on branch hosts (`None`: every branch in this process).
+    remote: Option<Box<RemoteBranches>>,
 }
 
 /// One AdamW update of a tensor, element-wise in fixed chunks: with `g ← k·g`,
 /// `m ← β1·m + (1−β1)·g`, `v ← β2·v + (1−β2)·g²`,
 /// `p ← p·(1 − lr·λ) − (lr/bc1)·m / (√(v/bc2) + ε)`.
 #[allow(clippy::too_many_arguments)]
-fn adamw(
+pub(crate) fn adamw(
     p: &mut [f32],
     g: &[f32],
     m: &mut [f32],
@@ -140,6 +149,11 @@ fn sq_norm(t: &[f32]) -> f64 {
     dot_f64(t, t)
 }
 
+/// `‖G_i‖²` of one branch: the f64 sum of its tensors' squared norms in storage order.
+pub(crate) fn branch_sq_norm(b: &BranchParams) -> f64 {
+    b.tensors().iter().map(|t| sq_norm(t)).sum()
+}
+
 impl Trainer {
     /// A trainer with zero AdamW moments at step 0.
     pub fn new(model: Model, optim: OptimConfig) -> Result<Self, ModelError> {
@@ -155,6 +169,7 @@ impl Trainer {
             step: 0,
             ws: Workspace::default(),
             dropout_seed: 0,
+            remote: None,
             model,
         })
     }
@@ -178,13 +193,17 @@ impl Trainer {
         Ok(t)
     }
 
-    /// `model.safetensors` bytes.
+    /// `model.safetensors` bytes. With branches on hosts, after
+    /// [`Trainer::pull_branches`] (an error while the hosts hold newer weights).
     pub fn model_bytes(&self) -> Result<Vec<u8>, ModelError> {
+        self.check_current()?;
         io::model_to_bytes(&self.model)
     }
 
-    /// `optimizer.safetensors` bytes (moments and step counter).
+    /// `optimizer.safetensors` bytes (moments and step counter); as
+    /// [`Trainer::model_bytes`] with branches on hosts.
     pub fn optimizer_bytes(&self) -> Result<Vec<u8>, ModelError> {
+        self.check_current()?;
         io::optimizer_to_bytes(&self.model, &self.m, &self.v, self.step)
     }
 
@@ -270,11 +289,22 @@ impl Trainer {
             seed: self.dropout_seed,
             step: self.step,
         };
-        self.model
-            .forward_with(&mut self.ws, batch, masks, Some(drop))?;
+        match self.remote.as_deref_mut() {
+            None => self
+                .model
+                .forward_with(&mut self.ws, batch, masks, Some(drop))?,
+            Some(r) => self
+                .model
+                .forward_via(&mut self.ws, batch, masks, Some(drop), r)?,
+        }
         let loss = self.model.loss(&mut self.ws, batch);
         let t1 = Instant::now();
-        self.model.backward(&mut self.ws, batch, &mut self.grads);
+        match self.remote.as_deref_mut() {
+            None => self.model.backward(&mut self.ws, batch, &mut self.grads)?,
+            Some(r) => self
+                .model
+                .backward_via(&mut self.ws, batch, &mut self.grads, r)?,
+        }
         let t2 = Instant::now();
         let nl = self.model.params.layers.len();
         let computed: Masks = (0..nl)
@@ -294,7 +324,10 @@ impl Trainer {
             let mut row = Vec::with_capacity(layer.branches.len());
             for (i, b) in layer.branches.iter().enumerate() {
                 if computed[l][i] {
-                    let s: f64 = b.tensors().iter().map(|t| sq_norm(t)).sum();
+                    let s = match self.remote.as_ref().and_then(|r| r.sq_norm(l, i)) {
+                        Some(s) => s,
+                        None => branch_sq_norm(b),
+                    };
                     unscaled += s;
                     scaled += s * (scales[l][i] as f64).powi(2);
                     row.push(Some(s));
@@ -358,9 +391,11 @@ impl Trainer {
             1.0 - self.optim.beta2.powi(t),
         );
         let o = self.optim.clone();
+        let remote = self.remote.as_deref();
         for id in self.model.params.ids() {
             let k = match id {
                 TensorId::Branch(l, i, _) if !computed[l][i] => continue,
+                TensorId::Branch(l, i, _) if remote.is_some_and(|r| r.is_remote(l, i)) => continue,
                 TensorId::Branch(l, i, _) => clip * scales[l][i],
                 _ => clip,
             };
@@ -376,6 +411,23 @@ impl Trainer {
                 &o,
                 bc,
             );
+        }
+        if let Some(r) = self.remote.as_deref_mut() {
+            let ks: Vec<(usize, usize, f32)> = (0..computed.len())
+                .flat_map(|l| (0..computed[l].len()).map(move |i| (l, i)))
+                .filter(|&(l, i)| computed[l][i] && r.is_remote(l, i))
+                .map(|(l, i)| (l, i, clip * scales[l][i]))
+                .collect();
+            let adamw = AdamWStep {
+                lr,
+                beta1: o.beta1,
+                beta2: o.beta2,
+                eps: o.eps,
+                weight_decay: o.weight_decay,
+                bc1: bc.0,
+                bc2: bc.1,
+            };
+            r.update(self.step, adamw, &ks);
         }
     }
 
@@ -423,16 +475,33 @@ impl Trainer {
 
     /// Mean loss on a batch, no update.
     pub fn eval_loss(&mut self, batch: &Batch, masks: &Masks) -> Result<f32, ModelError> {
-        self.model.eval_loss(&mut self.ws, batch, masks)
+        match self.remote.as_deref_mut() {
+            None => self.model.eval_loss(&mut self.ws, batch, masks),
+            Some(r) => {
+                self.model
+                    .forward_via(&mut self.ws, batch, masks, None, r)?;
+                Ok(self.model.loss(&mut self.ws, batch))
+            }
+        }
     }
 
     /// Logits `[B, T, V]` of a batch, no update.
     pub fn logits(&mut self, batch: &Batch, masks: &Masks) -> Result<Vec<f32>, ModelError> {
-        self.model.logits(&mut self.ws, batch, masks)
+        match self.remote.as_deref_mut() {
+            None => self.model.logits(&mut self.ws, batch, masks),
+            Some(r) => {
+                self.model
+                    .forward_via(&mut self.ws, batch, masks, None, r)?;
+                Ok(
+                    self.ws.logits()[..batch.batch * batch.seq * self.model.config.vocab_size]
+                        .to_vec(),
+                )
+            }
+        }
     }
 
     /// Adds `m` branches to `layer` (see [`Model::expand`]); their AdamW moments start
-    /// at zero.
+    /// at zero. With branches on hosts, the new branches live in this process.
     pub fn expand(&mut self, layer: usize, m: usize, noise_std: f32, seed: u64) -> Expanded {
         let report = self.model.expand(layer, m, noise_std, seed)?;
         let d = self.model.config.d_model;
@@ -441,6 +510,9 @@ impl Trainer {
             lp.alpha_logits.resize(report.width, 0.0);
             lp.branches
                 .resize_with(report.width, || BranchParams::zeros(d));
+        }
+        if let Some(r) = self.remote.as_deref_mut() {
+            r.add_local(layer, m);
         }
         Ok(report)
     }

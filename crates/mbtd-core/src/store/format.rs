@@ -3,11 +3,22 @@
 //! A segment file `seg-NNNNNNNNNN.log` is a 16-byte header followed by records:
 //!
 //! ```text
-//! header : magic "MBTDSEG\0" (8) | version u32 LE (= 1) | crc32 of the 12 bytes before (u32 LE)
+//! header : magic "MBTDSEG\0" (8) | version u32 LE (= 2) | crc32 of the 12 bytes before (u32 LE)
 //! record : len u32 LE | crc32(payload) u32 LE | payload (len bytes)
-//! payload: seq u64 | ingest_ms u64 | row u64 | file_hash [32] | kind u8 (0 text, 1 prompt_response)
-//!          | source_len u32 | source | a_len u32 | a | (prompt_response only: b_len u32 | b)
+//! payload: seq u64 | ingest_ms u64 | row u64 | file_hash [32] | kind u8
+//!          | (kind 2, 3 only: time_ms i64) | source_len u32 | source | a_len u32 | a
+//!          | (prompt_response only: b_len u32 | b)
 //! ```
+//!
+//! `kind` also says the record version: 0 (text) and 1 (prompt_response) are version-1
+//! records, without an arrival time; 2 (text) and 3 (prompt_response) are version-2
+//! records, whose `time_ms` is the row's arrival time in milliseconds since the Unix epoch
+//! (its `time` column, or its file's mtime). This build writes version-2 records into
+//! version-2 segments. It reads version-1 segments (written before rows carried a time:
+//! their rows have no time, [`Record::time_ms`] `None`) and never appends to one; a
+//! version-2 segment may hold version-1 records that compaction copied from a version-1
+//! segment. A build that reads only version 1 skips version-2 segments, naming their
+//! version, instead of misreading them.
 //!
 //! All integers little-endian, strings UTF-8. `seq` is the global sequence number,
 //! strictly increasing along a segment and across segments. A scan accepts a record
@@ -21,8 +32,10 @@ use crate::text::csv_rows::RowBody;
 
 /// Segment file magic.
 pub const SEGMENT_MAGIC: &[u8; 8] = b"MBTDSEG\0";
-/// Segment format version.
-pub const SEGMENT_VERSION: u32 = 1;
+/// Segment format version written by this build.
+pub const SEGMENT_VERSION: u32 = 2;
+/// The older segment version this build still reads (rows without a time).
+pub const SEGMENT_VERSION_V1: u32 = 1;
 /// Bytes of the segment header.
 pub const HEADER_LEN: u64 = 16;
 /// Bytes of a record frame before its payload (len + crc).
@@ -37,6 +50,9 @@ pub struct Record {
     pub seq: u64,
     /// Wall-clock time of the append, milliseconds since the Unix epoch.
     pub ingest_ms: u64,
+    /// Arrival time of the row (its `time` column, else its file's mtime), milliseconds
+    /// since the Unix epoch; `None` for rows of a version-1 segment.
+    pub time_ms: Option<i64>,
     /// Row number within the source file (its 1-based physical line).
     pub row: u64,
     /// blake3 hash of the whole source file.
@@ -60,8 +76,10 @@ pub fn segment_header() -> [u8; HEADER_LEN as usize] {
 /// Header check result.
 #[derive(Debug, PartialEq, Eq)]
 pub enum HeaderCheck {
-    /// Valid header of this version.
+    /// Valid header of this build's version.
     Ok,
+    /// Valid header of version 1: readable, never appended to.
+    V1,
     /// Fewer bytes than a header (a torn creation).
     Short,
     /// Wrong magic or checksum.
@@ -80,10 +98,11 @@ pub fn check_header(bytes: &[u8]) -> HeaderCheck {
         return HeaderCheck::Corrupt;
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-    if version != SEGMENT_VERSION {
-        return HeaderCheck::Version(version);
+    match version {
+        SEGMENT_VERSION => HeaderCheck::Ok,
+        SEGMENT_VERSION_V1 => HeaderCheck::V1,
+        v => HeaderCheck::Version(v),
     }
-    HeaderCheck::Ok
 }
 
 fn put_str(buf: &mut Vec<u8>, s: &str) {
@@ -91,13 +110,16 @@ fn put_str(buf: &mut Vec<u8>, s: &str) {
     buf.extend_from_slice(s.as_bytes());
 }
 
-/// Append one framed record to `buf`; returns the frame length.
+/// Append one framed version-2 record (with its arrival time `time_ms`) to `buf`;
+/// returns the frame length.
+#[allow(clippy::too_many_arguments)]
 pub fn encode_record(
     buf: &mut Vec<u8>,
     seq: u64,
     ingest_ms: u64,
     row: u64,
     file_hash: &[u8; 32],
+    time_ms: i64,
     source: &str,
     body: &RowBody,
 ) -> usize {
@@ -109,12 +131,14 @@ pub fn encode_record(
     buf.extend_from_slice(file_hash);
     match body {
         RowBody::Text { text } => {
-            buf.push(0);
+            buf.push(2);
+            buf.extend_from_slice(&time_ms.to_le_bytes());
             put_str(buf, source);
             put_str(buf, text);
         }
         RowBody::PromptResponse { prompt, response } => {
-            buf.push(1);
+            buf.push(3);
+            buf.extend_from_slice(&time_ms.to_le_bytes());
             put_str(buf, source);
             put_str(buf, prompt);
             put_str(buf, response);
@@ -157,10 +181,15 @@ pub fn decode_payload(payload: &[u8]) -> Option<Record> {
     let row = c.u64()?;
     let file_hash: [u8; 32] = c.take(32)?.try_into().ok()?;
     let kind = c.take(1)?[0];
+    let time_ms = match kind {
+        0 | 1 => None,
+        2 | 3 => Some(i64::from_le_bytes(c.take(8)?.try_into().ok()?)),
+        _ => return None,
+    };
     let source = c.string()?;
     let body = match kind {
-        0 => RowBody::Text { text: c.string()? },
-        1 => RowBody::PromptResponse {
+        0 | 2 => RowBody::Text { text: c.string()? },
+        1 | 3 => RowBody::PromptResponse {
             prompt: c.string()?,
             response: c.string()?,
         },
@@ -172,6 +201,7 @@ pub fn decode_payload(payload: &[u8]) -> Option<Record> {
     Some(Record {
         seq,
         ingest_ms,
+        time_ms,
         row,
         file_hash,
         source,
@@ -271,6 +301,7 @@ mod tests {
             7,
             seq + 1,
             &[seq as u8; 32],
+            1_700_000_000_000 + seq as i64,
             "src",
             &RowBody::Text { text: text.into() },
         );
@@ -284,13 +315,33 @@ mod tests {
             response: "résponse".into(),
         };
         let mut b = Vec::new();
-        let n = encode_record(&mut b, 5, 9, 3, &[1; 32], "s", &body);
+        let n = encode_record(&mut b, 5, 9, 3, &[1; 32], -86_400_000, "s", &body);
         assert_eq!(n, b.len());
         let r = decode_frame(&b).unwrap();
         assert_eq!((r.seq, r.ingest_ms, r.row, r.file_hash), (5, 9, 3, [1; 32]));
+        assert_eq!(r.time_ms, Some(-86_400_000));
         assert_eq!((r.source.as_str(), r.body), ("s", body));
         b[20] ^= 1;
         assert!(decode_frame(&b).is_none());
+    }
+
+    /// A version-1 record (kind 0, no time field) still decodes, with no time.
+    #[test]
+    fn version_1_records_decode_without_a_time() {
+        let body = RowBody::Text { text: "t".into() };
+        let mut v2 = Vec::new();
+        encode_record(&mut v2, 5, 9, 3, &[1; 32], 77, "s", &body);
+        let kind_at = FRAME_OVERHEAD + 8 + 8 + 8 + 32;
+        let mut v1 = v2[..kind_at].to_vec();
+        v1.push(0);
+        v1.extend_from_slice(&v2[kind_at + 1 + 8..]);
+        let len = (v1.len() - FRAME_OVERHEAD) as u32;
+        let crc = crc32fast::hash(&v1[FRAME_OVERHEAD..]);
+        v1[..4].copy_from_slice(&len.to_le_bytes());
+        v1[4..8].copy_from_slice(&crc.to_le_bytes());
+        let r = decode_frame(&v1).unwrap();
+        assert_eq!((r.seq, r.time_ms, r.body), (5, None, body));
+        assert_eq!(decode_frame(&v2).unwrap().time_ms, Some(77));
     }
 
     #[test]
@@ -320,5 +371,12 @@ mod tests {
         let mut bad = h;
         bad[0] = b'X';
         assert_eq!(check_header(&bad), HeaderCheck::Corrupt);
+        let mut v = h;
+        for (version, want) in [(1, HeaderCheck::V1), (3, HeaderCheck::Version(3))] {
+            v[8..12].copy_from_slice(&u32::to_le_bytes(version));
+            let crc = crc32fast::hash(&v[..12]);
+            v[12..16].copy_from_slice(&crc.to_le_bytes());
+            assert_eq!(check_header(&v), want);
+        }
     }
 }

@@ -61,9 +61,15 @@ pub fn parent_of(path: &Path) -> &Path {
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    system_ms(std::time::SystemTime::now()).max(0) as u64
+}
+
+/// `t` in milliseconds since the Unix epoch (negative before it, saturating).
+pub fn system_ms(t: std::time::SystemTime) -> i64 {
+    match t.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Err(e) => i64::try_from(e.duration().as_millis()).map_or(i64::MIN, |ms| -ms),
+    }
 }
 
 #[cfg(test)]

@@ -174,6 +174,12 @@ impl Dispatcher {
             top_k: a.top_k,
             top_p: a.top_p,
             seed: a.seed,
+            // without `as_of` the model is asked as of now
+            as_of_ms: Some(
+                a.as_of
+                    .as_ref()
+                    .map_or_else(|| mbtd_core::store::fsutil::now_ms() as i64, |t| t.millis()),
+            ),
             ..GenerateConfig::default()
         };
         if let Err(e) = cfg.validate() {

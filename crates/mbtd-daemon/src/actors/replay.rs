@@ -146,8 +146,14 @@ impl Message<AppendChunk> for ReplayActor {
     async fn handle(&mut self, m: AppendChunk, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
         self.check_epoch(m.epoch)?;
         for r in m.rows {
-            self.store
-                .append_row(&m.hash, r.line, &r.source, &r.body, m.ingest_ms)?;
+            self.store.append_row(
+                &m.hash,
+                r.line,
+                &r.source,
+                &r.body,
+                r.time_ms.unwrap_or(m.ingest_ms as i64),
+                m.ingest_ms,
+            )?;
         }
         Ok(())
     }

@@ -8,7 +8,8 @@
 //! One file per op family, each stating its maths and shapes:
 //! [`gemm`] (matrix products), [`bf16`] (bf16 products with fp32 accumulation), [`linear`],
 //! [`norm`] (LayerNorm), [`activation`] (GELU), [`loss`] (softmax cross-entropy),
-//! [`embedding`], [`rope`] (rotary positions), [`dropout`], [`reduce`] (weighted sums,
+//! [`embedding`], [`rope`] (rotary positions), [`time2vec`] (arrival-time embedding),
+//! [`dropout`], [`reduce`] (weighted sums,
 //! column sums), [`simd`] (vector dispatch and lane-wise reductions) and [`profile`].
 
 pub mod activation;
@@ -23,6 +24,7 @@ pub mod profile;
 pub mod reduce;
 pub mod rope;
 pub mod simd;
+pub mod time2vec;
 
 pub use activation::gelu_fwd;
 pub(crate) use activation::{bias_gelu_fwd, gelu_bwd_colsum};

@@ -113,7 +113,8 @@ impl ReplayStore {
         Ok(())
     }
 
-    /// Append one row of the file `file_hash` (written, not yet durable). Returns
+    /// Append one row of the file `file_hash` with its arrival time `time_ms`
+    /// (milliseconds since the Unix epoch; written, not yet durable). Returns
     /// `false` without writing when the store already holds that row. Call
     /// [`ReplayStore::commit_file`] after the last row. On an error every row appended
     /// since the last commit is rolled back (see the module doc).
@@ -123,6 +124,7 @@ impl ReplayStore {
         row: u64,
         source: &str,
         body: &RowBody,
+        time_ms: i64,
         ingest_ms: u64,
     ) -> Result<bool, StoreError> {
         if self.rollback_due {
@@ -142,7 +144,16 @@ impl ReplayStore {
         }
         let seq = self.state.next_seq;
         self.buf.clear();
-        let n = encode_record(&mut self.buf, seq, ingest_ms, row, file_hash, source, body);
+        let n = encode_record(
+            &mut self.buf,
+            seq,
+            ingest_ms,
+            row,
+            file_hash,
+            time_ms,
+            source,
+            body,
+        );
         if n > MAX_RECORD_BYTES {
             return Err(StoreError::RowTooLarge {
                 row,
@@ -352,7 +363,8 @@ impl ReplayStore {
         self.journal_file(file_hash, rows_accepted, rows_rejected, &published)
     }
 
-    /// Append all `rows` of one file and commit it: one fsync batch for the file.
+    /// Append all `rows` of one file and commit it: one fsync batch for the file. A row
+    /// without a time arrives now.
     /// Rows already present (from an earlier, interrupted run) are skipped.
     pub fn append_file_rows(
         &mut self,
@@ -363,7 +375,8 @@ impl ReplayStore {
         let now = now_ms();
         let mut accepted = 0u64;
         for r in rows {
-            self.append_row(file_hash, r.line, &r.source, &r.body, now)?;
+            let time = r.time_ms.unwrap_or(now as i64);
+            self.append_row(file_hash, r.line, &r.source, &r.body, time, now)?;
             accepted += 1;
         }
         let c = self.commit_file(file_hash, accepted, rows_rejected)?;

@@ -103,8 +103,10 @@ impl ReplayStore {
             let path = dir.join(&name);
             let is_last = Some(id) == last_id;
             let mut bytes = fs::read(&path).map_err(io("read segment", &path))?;
-            match check_header(&bytes) {
-                HeaderCheck::Ok => {}
+            // a version-1 segment is read, never appended to: new rows go to a new segment
+            let appendable = match check_header(&bytes) {
+                HeaderCheck::Ok => true,
+                HeaderCheck::V1 => false,
                 HeaderCheck::Short if is_last => {
                     report.truncated.push(TornTail {
                         segment: name.clone(),
@@ -116,6 +118,7 @@ impl ReplayStore {
                     File::open(&path)
                         .and_then(|f| f.sync_all())
                         .map_err(io("fsync segment", &path))?;
+                    true
                 }
                 HeaderCheck::Short | HeaderCheck::Corrupt => {
                     report.skipped_segments.push((
@@ -127,11 +130,13 @@ impl ReplayStore {
                 HeaderCheck::Version(v) => {
                     report.skipped_segments.push((
                         name,
-                        format!("segment format version {v}, this build reads version 1"),
+                        format!(
+                            "segment format version {v}, this build reads versions 1 and 2; open the store with the build that wrote it"
+                        ),
                     ));
                     continue;
                 }
-            }
+            };
             let scan = scan_segment(&bytes, min_seq);
             for (offset, n) in &scan.corrupt {
                 report.corrupt.push(CorruptRegion {
@@ -197,7 +202,7 @@ impl ReplayStore {
                 store.index_row(meta);
             }
             store.segments.insert(id, seg);
-            if is_last {
+            if is_last && appendable {
                 let len = scan.valid_end.max(HEADER_LEN);
                 if len < store.cfg.segment_bytes {
                     let f = OpenOptions::new()

@@ -28,6 +28,7 @@ fn file_rows(tag: u8, n: usize, text_len: usize) -> ([u8; 32], Vec<CsvRow>) {
         .map(|i| CsvRow {
             line: 2 + i as u64,
             source: format!("s{}", i % 3),
+            time_ms: None,
             body: if i % 2 == 0 {
                 RowBody::Text {
                     text: format!("{tag}-{i}-{}", "x".repeat((i * 7) % (text_len + 1))),
@@ -124,7 +125,7 @@ fn crash_after_fsync_before_journal_adds_no_duplicate() {
     {
         let (mut st, _) = open(dir.path(), &c);
         for r in &rows[..30] {
-            assert!(st.append_row(&h, r.line, &r.source, &r.body, 1).unwrap());
+            assert!(st.append_row(&h, r.line, &r.source, &r.body, 5, 1).unwrap());
         }
         st.sync().unwrap();
     }
@@ -287,7 +288,8 @@ fn eviction_waits_for_the_consumer_cursor_and_handles_incomplete_files() {
     st.append_file_rows(&h, rows, 0).unwrap();
     let (h2, rows2) = file_rows(2, 10, 10);
     for r in &rows2 {
-        st.append_row(&h2, r.line, &r.source, &r.body, 1).unwrap();
+        st.append_row(&h2, r.line, &r.source, &r.body, 5, 1)
+            .unwrap();
     }
     st.sync().unwrap();
     assert_eq!(st.backlog(0), 50);
@@ -473,7 +475,7 @@ proptest! {
                     let (h, rows) = &files[f as usize];
                     let mut written = Vec::new();
                     for r in &rows[..k] {
-                        if st.append_row(h, r.line, &r.source, &r.body, 1).unwrap() {
+                        if st.append_row(h, r.line, &r.source, &r.body, 5, 1).unwrap() {
                             written.push(r.clone());
                         }
                     }
@@ -648,7 +650,10 @@ fn aborted_batch_rolls_back_segments_and_sequence_numbers() {
         .collect();
     let next_seq = st.state.next_seq;
     for r in &rows2 {
-        assert!(st.append_row(&h2, r.line, &r.source, &r.body, 1).unwrap());
+        assert!(
+            st.append_row(&h2, r.line, &r.source, &r.body, 5, 1)
+                .unwrap()
+        );
     }
     // Flushed to the OS (several segments rolled), then the commit is given up.
     let synced = st.prepare_commit().unwrap();
@@ -693,4 +698,86 @@ fn disk_full_at_commit_is_reported_and_rolled_back() {
     let s = st.append_file_rows(&h, rows, 0).unwrap();
     assert_eq!((s.appended, s.already_present), (50, 0));
     assert_eq!(s.entry.rows_appended, 50);
+}
+
+/// A store written by the version-1 writer (before rows carried a time; committed fixture
+/// `tests/fixtures/replay-v1`: two rows of file `[7; 32]`) opens, reads its rows with no
+/// time, keeps its segment as it is and puts new rows, with their times, in a new
+/// version-2 segment; reopened, both kinds read back and compaction keeps both.
+#[test]
+fn version_1_store_opens_and_new_rows_go_to_a_version_2_segment() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/replay-v1");
+    let dir = tempfile::tempdir().unwrap();
+    for e in fs::read_dir(&fixture).unwrap() {
+        let e = e.unwrap();
+        fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+    }
+    let v1_bytes = fs::read(dir.path().join("seg-0000000001.log")).unwrap();
+    assert_eq!(
+        v1_bytes[8..12],
+        1u32.to_le_bytes(),
+        "the fixture is version 1"
+    );
+    let c = ReplayConfig {
+        control_fraction: 0.0,
+        ..Default::default()
+    };
+    let (mut st, rep) = open(dir.path(), &c);
+    assert!(rep.is_clean(), "{rep}");
+    let old = st.rows_after(0, 10).unwrap();
+    assert_eq!(old.len(), 2);
+    assert!(old.iter().all(|r| r.time_ms.is_none() && r.source == "old"));
+    assert_eq!(
+        old[1].body,
+        RowBody::PromptResponse {
+            prompt: "what year?".into(),
+            response: "unknown".into()
+        }
+    );
+    assert!(st.journal_entry(&[7; 32]).is_some());
+    let (h, mut rows) = file_rows(9, 3, 10);
+    rows[0].time_ms = Some(1_577_836_800_000);
+    st.append_file_rows(&h, rows, 0).unwrap();
+    drop(st);
+    assert_eq!(
+        fs::read(dir.path().join("seg-0000000001.log")).unwrap(),
+        v1_bytes,
+        "a version-1 segment is never appended to"
+    );
+    let new_seg = fs::read(dir.path().join("seg-0000000002.log")).unwrap();
+    assert_eq!(new_seg[8..12], 2u32.to_le_bytes());
+    let (st, rep) = open(dir.path(), &c);
+    assert!(rep.is_clean(), "{rep}");
+    let all = st.rows_after(0, 10).unwrap();
+    let times: Vec<Option<i64>> = all.iter().map(|r| r.time_ms).collect();
+    assert_eq!(times.len(), 5);
+    assert_eq!(times[..3], [None, None, Some(1_577_836_800_000)]);
+    assert!(
+        times[3].unwrap() > 1_700_000_000_000,
+        "no time cell: the append time"
+    );
+    assert!(inspect_replay(dir.path()).unwrap().ok);
+    // eviction compacts the version-1 segment into a version-2 file that still holds a
+    // version-1 record; every state reopens clean
+    let mut copied_v1 = false;
+    for max_rows in (1..=4).rev() {
+        let small = ReplayConfig {
+            max_rows,
+            ..c.clone()
+        };
+        let (mut st, _) = open(dir.path(), &small);
+        st.enforce_capacity(u64::MAX).unwrap();
+        drop(st);
+        let (st, rep) = open(dir.path(), &c);
+        assert!(rep.is_clean(), "{rep}");
+        let left = st.rows_after(0, 10).unwrap();
+        assert_eq!(left.len() as u64, max_rows);
+        let seg1 = fs::read(dir.path().join("seg-0000000001.log")).ok();
+        copied_v1 |= seg1.is_some_and(|b| b[8..12] == 2u32.to_le_bytes())
+            && left.iter().any(|r| r.time_ms.is_none());
+    }
+    assert!(
+        copied_v1,
+        "a version-1 record was copied into a version-2 segment"
+    );
 }

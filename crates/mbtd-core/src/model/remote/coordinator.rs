@@ -1,0 +1,521 @@
+//! [`RemoteBranches`]: the coordinator's side of the step protocol, behind the trainer's
+//! `LayerBranches` interface, over any [`Transport`] that moves encoded requests to hosts
+//! and encoded replies back.
+//!
+//! Per layer the coordinator sends one [`Forward`] to each host of the layer's computed
+//! branches, computes the branches placed in this process meanwhile, and keeps every
+//! output it gets back. A branch whose output is missing — no reply in the transport's
+//! time, a refusal, a malformed reply, or any non-finite value — is masked for the pass:
+//! its mask bit is cleared and `α̃` renormalised, the availability maths the trainer
+//! already has, and it is counted ([`ClusterStats`]). The host of a masked branch gets
+//! no backward and no update for that step. Backward sends `∂L/∂h'` and each branch's
+//! `α̃_i`; the replies give each branch's part of `∂L/∂h` and `‖G_i‖²`, and the
+//! coordinator computes `g_i = ⟨∂L/∂h', z_i⟩` from the outputs it holds. A missing
+//! backward abandons the step before anything is updated (the gradients of the rest of
+//! the model already include that branch's output).
+
+use super::protocol::{
+    AdamWStep, Backward, BranchKey, BranchState, Forward, Reply, Request, Update,
+};
+use super::wire::{WirePrecision, decode_reply, encode_request};
+use crate::model::ModelError;
+use crate::model::agg;
+use crate::model::block::{BwdScratch, fit};
+use crate::model::branches::{LayerBranches, Pass, backward_here, forward_here};
+use crate::model::net::{LayerWs, Model};
+use crate::model::ops::dot_f64;
+use crate::model::params::LayerParams;
+
+/// Moves encoded requests to branch hosts and their encoded replies back.
+pub trait Transport {
+    /// One round: sends every `(host, request)` (at most one per host) and returns, in the
+    /// same order, each host's reply, or `None` where a host gave none in time.
+    fn exchange(&mut self, requests: Vec<(usize, Vec<u8>)>) -> Vec<Option<Vec<u8>>>;
+}
+
+/// Counters of the remote branches since they were attached.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClusterStats {
+    /// Per layer, per branch: passes in which the branch's output was missing (no reply,
+    /// refusal, malformed reply) and the branch was masked.
+    pub missed: Vec<Vec<u64>>,
+    /// Per layer, per branch: outputs with a NaN or infinite value, masked.
+    pub non_finite: Vec<Vec<u64>>,
+    /// Training steps abandoned before any update: a backward reply was missing, or no
+    /// branch of a layer was left to compute.
+    pub steps_abandoned: u64,
+    /// Update requests a host did not acknowledge in full (that host's copy may differ
+    /// from the coordinator's view until its branches are pushed again).
+    pub updates_unacked: u64,
+    /// Bytes of requests handed to the transport.
+    pub bytes_sent: u64,
+    /// Bytes of replies received.
+    pub bytes_received: u64,
+    /// The last problem met, for diagnostics.
+    pub last_problem: Option<String>,
+}
+
+/// Branches placed on hosts: the placement, the transport and the per-step state.
+pub struct RemoteBranches {
+    /// `placement[l][i]`: the host of branch `i` of layer `l`; `None` in this process.
+    placement: Vec<Vec<Option<usize>>>,
+    hosts: usize,
+    transport: Box<dyn Transport + Send>,
+    wire: WirePrecision,
+    /// `‖G_i‖²` reported by the hosts in this step's backward.
+    sq_norms: Vec<Vec<Option<f64>>>,
+    stats: ClusterStats,
+    /// The hosts hold updates the coordinator's copy of their branches lacks.
+    stale: bool,
+    /// Step number sent with evaluation passes (the next training step).
+    next_step: u64,
+}
+
+impl std::fmt::Debug for RemoteBranches {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteBranches")
+            .field("placement", &self.placement)
+            .field("wire", &self.wire)
+            .field("stats", &self.stats)
+            .field("stale", &self.stale)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Decodes a reply; `None` (no reply), a refusal or an undecodable frame is the error.
+fn read_reply(bytes: Option<Vec<u8>>, host: usize, what: &str) -> Result<Reply, String> {
+    let bytes = bytes.ok_or_else(|| format!("host {host} gave no {what} reply in time"))?;
+    match decode_reply(&bytes) {
+        Ok((Reply::Refused(msg), _)) => Err(format!("host {host} refused the {what}: {msg}")),
+        Ok((reply, _)) => Ok(reply),
+        Err(e) => Err(format!("host {host}: undecodable {what} reply: {e}")),
+    }
+}
+
+impl RemoteBranches {
+    /// Branches placed by `placement[l][i]` (a host index, or `None` for this process),
+    /// reached through `transport`, activations in `wire` precision. The trainer checks
+    /// the placement against the model's widths when it is attached.
+    pub fn new(
+        placement: Vec<Vec<Option<usize>>>,
+        transport: Box<dyn Transport + Send>,
+        wire: WirePrecision,
+    ) -> Self {
+        let hosts = placement
+            .iter()
+            .flatten()
+            .flatten()
+            .max()
+            .map_or(0, |&h| h + 1);
+        let zeros = |p: &Vec<Vec<Option<usize>>>| p.iter().map(|r| vec![0; r.len()]).collect();
+        Self {
+            stats: ClusterStats {
+                missed: zeros(&placement),
+                non_finite: zeros(&placement),
+                ..ClusterStats::default()
+            },
+            sq_norms: placement.iter().map(|r| vec![None; r.len()]).collect(),
+            placement,
+            hosts,
+            transport,
+            wire,
+            stale: false,
+            next_step: 0,
+        }
+    }
+
+    /// Host of each branch (`None`: in this process).
+    pub fn placement(&self) -> &[Vec<Option<usize>>] {
+        &self.placement
+    }
+
+    /// Counters since attachment.
+    pub fn stats(&self) -> &ClusterStats {
+        &self.stats
+    }
+
+    /// Whether the hosts hold updates not yet pulled into the coordinator's copy.
+    pub fn is_stale(&self) -> bool {
+        self.stale
+    }
+
+    /// Whether branch `i` of layer `l` is on a host.
+    pub(crate) fn is_remote(&self, l: usize, i: usize) -> bool {
+        matches!(self.placement.get(l).and_then(|r| r.get(i)), Some(Some(_)))
+    }
+
+    /// `‖G_i‖²` of a remote branch from this step's backward (NaN when it is missing, so
+    /// the step is refused); `None` for a branch in this process.
+    pub(crate) fn sq_norm(&self, l: usize, i: usize) -> Option<f64> {
+        self.is_remote(l, i)
+            .then(|| self.sq_norms[l][i].unwrap_or(f64::NAN))
+    }
+
+    /// Widths of the placement.
+    pub(crate) fn widths(&self) -> Vec<usize> {
+        self.placement.iter().map(Vec::len).collect()
+    }
+
+    /// `m` new branches of layer `l`, in this process.
+    pub(crate) fn add_local(&mut self, l: usize, m: usize) {
+        let k = self.placement[l].len() + m;
+        self.placement[l].resize(k, None);
+        self.sq_norms[l].resize(k, None);
+        self.stats.missed[l].resize(k, 0);
+        self.stats.non_finite[l].resize(k, 0);
+    }
+
+    /// Every remote branch grouped by host: `keys[host]`.
+    pub(crate) fn by_host(&self) -> Vec<Vec<BranchKey>> {
+        let mut keys = vec![Vec::new(); self.hosts];
+        for (l, row) in self.placement.iter().enumerate() {
+            for (i, host) in row.iter().enumerate() {
+                if let Some(h) = host {
+                    keys[*h].push((l, i));
+                }
+            }
+        }
+        keys
+    }
+
+    fn problem(&mut self, msg: String) {
+        self.stats.last_problem = Some(msg);
+    }
+
+    /// Encodes, exchanges and counts one round.
+    fn round(&mut self, requests: Vec<(usize, Request)>) -> Vec<Option<Vec<u8>>> {
+        let frames: Vec<(usize, Vec<u8>)> = requests
+            .iter()
+            .map(|(h, r)| (*h, encode_request(r, self.wire)))
+            .collect();
+        self.stats.bytes_sent += frames.iter().map(|(_, f)| f.len() as u64).sum::<u64>();
+        let replies = self.transport.exchange(frames);
+        self.stats.bytes_received += replies
+            .iter()
+            .flatten()
+            .map(|r| r.len() as u64)
+            .sum::<u64>();
+        let mut replies = replies;
+        replies.resize(requests.len(), None);
+        replies
+    }
+
+    /// The computed remote branches of layer `l` grouped by host.
+    fn computed_by_host(&self, l: usize, lw: &LayerWs) -> Vec<(usize, Vec<usize>)> {
+        let mut out: Vec<(usize, Vec<usize>)> = Vec::new();
+        for host in 0..self.hosts {
+            let mine: Vec<usize> = (0..lw.computed.len())
+                .filter(|&i| lw.computed[i] && self.placement[l][i] == Some(host))
+                .collect();
+            if !mine.is_empty() {
+                out.push((host, mine));
+            }
+        }
+        out
+    }
+
+    /// Sends the updates `(layer, branch, k)` of step `step` and checks the
+    /// acknowledgements (a host that does not acknowledge is counted, not fatal).
+    pub(crate) fn update(&mut self, step: u64, adamw: AdamWStep, ks: &[(usize, usize, f32)]) {
+        let mut requests = Vec::new();
+        let mut sent: Vec<Vec<BranchKey>> = Vec::new();
+        for (host, keys) in self.by_host().into_iter().enumerate() {
+            let branches: Vec<(usize, usize, f32)> = ks
+                .iter()
+                .copied()
+                .filter(|&(l, i, _)| keys.contains(&(l, i)))
+                .collect();
+            if !branches.is_empty() {
+                sent.push(branches.iter().map(|&(l, i, _)| (l, i)).collect());
+                let u = Update {
+                    step,
+                    adamw,
+                    branches,
+                };
+                requests.push((host, Request::Update(u)));
+            }
+        }
+        let hosts: Vec<usize> = requests.iter().map(|(h, _)| *h).collect();
+        let replies = self.round(requests);
+        for ((host, sent), reply) in hosts.into_iter().zip(sent).zip(replies) {
+            match read_reply(reply, host, "update") {
+                Ok(Reply::Update(r)) if r.step == step && r.applied == sent => {}
+                Ok(other) => {
+                    self.stats.updates_unacked += 1;
+                    self.problem(format!(
+                        "host {host}: update of step {step} not applied in full ({other:?} for {sent:?})"
+                    ));
+                }
+                Err(e) => {
+                    self.stats.updates_unacked += 1;
+                    self.problem(e);
+                }
+            }
+        }
+        self.stale = true;
+        self.next_step = step + 1;
+    }
+
+    /// Sends each host the state of its branches, one branch per host per round.
+    pub(crate) fn push(&mut self, mut states: Vec<BranchState>) -> Result<(), ModelError> {
+        let mut queues: Vec<Vec<BranchState>> = vec![Vec::new(); self.hosts];
+        for s in states.drain(..) {
+            let Some(Some(h)) = self.placement.get(s.layer).and_then(|r| r.get(s.branch)) else {
+                return Err(ModelError::Cluster(format!(
+                    "branch ({}, {}) is not placed on a host",
+                    s.layer, s.branch
+                )));
+            };
+            queues[*h].push(s);
+        }
+        queues.iter_mut().for_each(|q| q.reverse());
+        while queues.iter().any(|q| !q.is_empty()) {
+            let requests: Vec<(usize, Request)> = queues
+                .iter_mut()
+                .enumerate()
+                .filter_map(|(h, q)| q.pop().map(|s| (h, Request::Push(vec![s]))))
+                .collect();
+            let hosts: Vec<usize> = requests.iter().map(|(h, _)| *h).collect();
+            let replies = self.round(requests);
+            for (host, reply) in hosts.into_iter().zip(replies) {
+                match read_reply(reply, host, "push") {
+                    Ok(Reply::Pushed(_)) => {}
+                    Ok(other) => {
+                        return Err(ModelError::Cluster(format!(
+                            "host {host} answered a push with a {}",
+                            other.name()
+                        )));
+                    }
+                    Err(e) => return Err(ModelError::Cluster(e)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Fetches the state of every remote branch, one branch per host per round.
+    pub(crate) fn pull(&mut self) -> Result<Vec<BranchState>, ModelError> {
+        let mut queues = self.by_host();
+        queues.iter_mut().for_each(|q| q.reverse());
+        let mut out = Vec::new();
+        while queues.iter().any(|q| !q.is_empty()) {
+            let requests: Vec<(usize, BranchKey)> = queues
+                .iter_mut()
+                .enumerate()
+                .filter_map(|(h, q)| q.pop().map(|k| (h, k)))
+                .collect();
+            let frames = requests
+                .iter()
+                .map(|&(h, k)| (h, Request::Pull(vec![k])))
+                .collect();
+            let replies = self.round(frames);
+            for ((host, key), reply) in requests.into_iter().zip(replies) {
+                match read_reply(reply, host, "pull") {
+                    Ok(Reply::Pulled(mut s))
+                        if s.len() == 1 && (s[0].layer, s[0].branch) == key =>
+                    {
+                        out.extend(s.pop());
+                    }
+                    Ok(other) => {
+                        return Err(ModelError::Cluster(format!(
+                            "host {host} answered the pull of branch {key:?} with a {}",
+                            other.name()
+                        )));
+                    }
+                    Err(e) => return Err(ModelError::Cluster(e)),
+                }
+            }
+        }
+        self.stale = false;
+        Ok(out)
+    }
+
+    /// Marks the coordinator's copy as current (after a pull or a push).
+    pub(crate) fn set_current(&mut self) {
+        self.stale = false;
+    }
+
+    /// The trainer's next step (sent with evaluation passes).
+    pub(crate) fn set_step(&mut self, step: u64) {
+        self.next_step = step;
+    }
+}
+
+impl LayerBranches for RemoteBranches {
+    fn forward(
+        &mut self,
+        model: &Model,
+        l: usize,
+        h: &[f32],
+        pass: &Pass,
+        lw: &mut LayerWs,
+    ) -> Result<(), ModelError> {
+        let step = pass.train.unwrap_or(self.next_step);
+        if l == 0 && pass.train.is_some() {
+            self.sq_norms.iter_mut().flatten().for_each(|s| *s = None);
+        }
+        let groups = self.computed_by_host(l, lw);
+        let requests: Vec<(usize, Request)> = groups
+            .iter()
+            .map(|(host, branches)| {
+                let f = Forward {
+                    step,
+                    layer: l,
+                    branches: branches.clone(),
+                    batch: pass.shape.batch,
+                    seq: pass.shape.seq,
+                    segments: pass.segments.map(<[u16]>::to_vec),
+                    rope: pass.rope.is_some(),
+                    dropout: pass.drop.map(|d| (d.p, d.seed)),
+                    train: pass.train.is_some(),
+                    h: h.to_vec(),
+                };
+                (*host, Request::Forward(f))
+            })
+            .collect();
+        let replies = self.round(requests);
+        let placement = &self.placement[l];
+        forward_here(model, l, h, pass, lw, |i| placement[i].is_none());
+        let mut missed = Vec::new();
+        for ((host, branches), reply) in groups.into_iter().zip(replies) {
+            let outputs = match read_reply(reply, host, "forward") {
+                Ok(Reply::Forward(r))
+                    if r.step == step
+                        && r.layer == l
+                        && r.outputs.len() == branches.len()
+                        && r.outputs
+                            .iter()
+                            .zip(&branches)
+                            .all(|((i, z), j)| i == j && z.len() == h.len()) =>
+                {
+                    r.outputs
+                }
+                Ok(other) => {
+                    self.problem(format!(
+                        "host {host}: forward of layer {l} step {step} answered with a mismatched {}",
+                        other.name()
+                    ));
+                    missed.extend(branches.iter().map(|&i| (i, false)));
+                    continue;
+                }
+                Err(e) => {
+                    self.problem(e);
+                    missed.extend(branches.iter().map(|&i| (i, false)));
+                    continue;
+                }
+            };
+            for (i, z) in outputs {
+                if z.iter().all(|x| x.is_finite()) {
+                    let bz = &mut lw.branches[i].z;
+                    fit(bz, z.len());
+                    bz.copy_from_slice(&z);
+                } else {
+                    self.problem(format!(
+                        "host {host}: output of branch ({l}, {i}) at step {step} is not finite"
+                    ));
+                    missed.push((i, true));
+                }
+            }
+        }
+        if missed.is_empty() {
+            return Ok(());
+        }
+        for &(i, non_finite) in &missed {
+            let counter = if non_finite {
+                &mut self.stats.non_finite
+            } else {
+                &mut self.stats.missed
+            };
+            counter[l][i] += 1;
+            lw.mask[i] = false;
+        }
+        let answered: Vec<bool> = (0..lw.computed.len())
+            .map(|i| lw.computed[i] && lw.mask[i])
+            .collect();
+        agg::renormalise(&mut lw.alpha_t, &lw.alpha, &lw.mask);
+        for i in 0..lw.computed.len() {
+            lw.computed[i] = lw.mask[i] && lw.alpha_t[i] > 0.0;
+        }
+        let any = lw.computed.iter().any(|&c| c);
+        if any && lw.computed.iter().zip(&answered).all(|(&c, &a)| !c || a) {
+            return Ok(());
+        }
+        if pass.train.is_some() {
+            self.stats.steps_abandoned += 1;
+        }
+        let missed: Vec<usize> = missed.iter().map(|&(i, _)| i).collect();
+        Err(ModelError::Cluster(format!(
+            "layer {l} at step {step}: no weighted branch answered (branches {missed:?} missing); the pass was abandoned — check that the hosts of layer {l} are up"
+        )))
+    }
+
+    fn backward(
+        &mut self,
+        model: &Model,
+        l: usize,
+        h: &[f32],
+        dh: &[f32],
+        pass: &Pass,
+        lw: &mut LayerWs,
+        grads: &mut LayerParams,
+        scratch: &mut [BwdScratch; 2],
+    ) -> Result<(), ModelError> {
+        let Some(step) = pass.train else {
+            return Err(ModelError::Cluster(
+                "backward without a training forward pass".into(),
+            ));
+        };
+        let groups = self.computed_by_host(l, lw);
+        let requests: Vec<(usize, Request)> = groups
+            .iter()
+            .map(|(host, branches)| {
+                let b = Backward {
+                    step,
+                    layer: l,
+                    branches: branches.iter().map(|&i| (i, lw.alpha_t[i])).collect(),
+                    dh: dh.to_vec(),
+                };
+                (*host, Request::Backward(b))
+            })
+            .collect();
+        let replies = self.round(requests);
+        let placement = &self.placement[l];
+        backward_here(model, l, h, dh, pass, lw, grads, scratch, |i| {
+            placement[i].is_none()
+        });
+        for ((host, branches), reply) in groups.into_iter().zip(replies) {
+            let grads = match read_reply(reply, host, "backward") {
+                Ok(Reply::Backward(r))
+                    if r.step == step
+                        && r.layer == l
+                        && r.grads.len() == branches.len()
+                        && r.grads
+                            .iter()
+                            .zip(&branches)
+                            .all(|(g, &j)| g.branch == j && g.dh.len() == dh.len()) =>
+                {
+                    r.grads
+                }
+                other => {
+                    let why = match other {
+                        Ok(r) => format!("host {host} answered with a mismatched {}", r.name()),
+                        Err(e) => e,
+                    };
+                    self.stats.steps_abandoned += 1;
+                    self.problem(why.clone());
+                    return Err(ModelError::Cluster(format!(
+                        "backward of layer {l} at step {step}: {why}; the step was abandoned before any update"
+                    )));
+                }
+            };
+            for g in grads {
+                let bw = &mut lw.branches[g.branch];
+                lw.g[g.branch] = dot_f64(dh, &bw.z) as f32;
+                fit(&mut bw.dh, g.dh.len());
+                bw.dh.copy_from_slice(&g.dh);
+                self.sq_norms[l][g.branch] = Some(g.sq_norm);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,275 @@
+//! `mbtd bench cluster`: the same training run in one process and with its branches on
+//! `mbtd node` processes on loopback (a coordinator and `--nodes` nodes), step by step in
+//! the same minutes, and one JSON line: tokens per second of each, bytes on the wire per
+//! step against the tensors' raw size, the time per step spent waiting on the network,
+//! the largest loss difference and, after pulling the nodes' branches back, whether the
+//! model and optimizer bytes of the two runs are bitwise equal.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use anyhow::{Context, bail};
+use clap::Args;
+use mbtd_cluster::Keypair;
+use mbtd_cluster::{Endpoint, EndpointConfig, SwarmTransport};
+use mbtd_core::model::bench::{BenchPreset, random_batch};
+use mbtd_core::model::remote::{RemoteBranches, WirePrecision};
+use mbtd_core::model::{Model, ModelConfig, OptimConfig, Trainer};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde_json::{Value, json};
+
+/// Activations on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Wire {
+    /// f32: the cluster run is bitwise the one-process run.
+    F32,
+    /// bfloat16: half the bytes; losses agree within a tolerance.
+    Bf16,
+}
+
+/// Options of `mbtd bench cluster`.
+#[derive(Debug, Clone, Args)]
+pub struct ClusterBenchArgs {
+    /// Model to train.
+    #[arg(long, value_enum, default_value_t = BenchPreset::Default)]
+    pub preset: BenchPreset,
+    /// Node processes; branch `i` of every layer is placed on node `i mod nodes`.
+    #[arg(long, default_value_t = 2)]
+    pub nodes: usize,
+    /// Timed training steps (after the warm-up steps).
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Rows per batch.
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Sequence length.
+    #[arg(long, default_value_t = 128)]
+    pub seq: usize,
+    /// Activations on the wire.
+    #[arg(long, value_enum, default_value_t = Wire::F32)]
+    pub wire: Wire,
+    /// Seed of the model and the tokens.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Longest wait for the nodes' answers in one round, milliseconds.
+    #[arg(long, default_value_t = 60_000)]
+    pub deadline_ms: u64,
+}
+
+/// A node process started for the benchmark, killed when dropped.
+struct NodeProcess {
+    child: Child,
+    peer: mbtd_cluster::PeerId,
+    addr: mbtd_cluster::Multiaddr,
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_node(dir: &Path, config: &Path, coordinator: &str) -> anyhow::Result<NodeProcess> {
+    let exe = std::env::current_exe().context("cannot find the mbtd executable")?;
+    let mut child = Command::new(exe)
+        .arg("node")
+        .arg("--listen=/ip4/127.0.0.1/tcp/0")
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("--config")
+        .arg(config)
+        .arg("--coordinator")
+        .arg(coordinator)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start `mbtd node`")?;
+    // the node's JSON log shares its standard output: find the listening line, then
+    // keep draining the pipe so the node never blocks on a full one
+    let mut out = BufReader::new(child.stdout.take().expect("piped stdout"));
+    let mut line = String::new();
+    let v: Value = loop {
+        line.clear();
+        if out
+            .read_line(&mut line)
+            .context("reading the node's output")?
+            == 0
+        {
+            bail!("`mbtd node` exited before listening");
+        }
+        if let Ok(v) = serde_json::from_str::<Value>(&line)
+            && v["event"] == "node_listening"
+        {
+            break v;
+        }
+    };
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    let field = |k: &str| -> anyhow::Result<String> {
+        let s = match k {
+            "addr" => v["addrs"][0].as_str(),
+            _ => v[k].as_str(),
+        };
+        s.map(str::to_owned)
+            .with_context(|| format!("the node's listening line lacks {k}: {line}"))
+    };
+    Ok(NodeProcess {
+        peer: field("peer_id")?.parse()?,
+        addr: field("addr")?.parse()?,
+        child,
+    })
+}
+
+fn trainer(cfg: &ModelConfig, seed: u64) -> anyhow::Result<Trainer> {
+    let optim = OptimConfig {
+        warmup_steps: 0,
+        ..OptimConfig::default()
+    };
+    Ok(Trainer::new(Model::new(cfg.clone(), seed)?, optim)?)
+}
+
+/// Raw bytes of the activations one training step moves when every branch is remote:
+/// per layer, `h` to each node and each branch's `z` back, then `∂L/∂h'` to each node
+/// and each branch's `∂L/∂h` back.
+fn raw_step_bytes(cfg: &ModelConfig, nodes: usize, n: usize, elem: usize) -> u64 {
+    let per_layer = 2 * (nodes.min(cfg.branches) + cfg.branches) * n * cfg.d_model * elem;
+    (cfg.n_layers * per_layer) as u64
+}
+
+/// Runs the benchmark; one JSON object.
+pub fn bench_cluster(a: &ClusterBenchArgs) -> anyhow::Result<Value> {
+    if a.nodes == 0 || a.steps == 0 {
+        bail!("--nodes and --steps must be at least 1");
+    }
+    let cfg = a.preset.config(a.seq);
+    let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
+    let config_path = dir.path().join("node.toml");
+    let node_cfg = Config {
+        model: cfg.clone(),
+        ..Config::default()
+    };
+    std::fs::write(&config_path, toml::to_string(&node_cfg)?)
+        .context("cannot write the nodes' config")?;
+    let coord_key = Keypair::generate_ed25519();
+    let coord_id = coord_key.public().to_peer_id().to_string();
+    let nodes = (0..a.nodes)
+        .map(|k| {
+            let d = dir.path().join(format!("node{k}"));
+            std::fs::create_dir_all(&d)?;
+            start_node(&d, &config_path, &coord_id)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let endpoint = rt.block_on(async {
+        let (endpoint, _, _) = Endpoint::start(
+            coord_key,
+            EndpointConfig {
+                listen: None,
+                allowed: nodes.iter().map(|n| n.peer).collect(),
+                request_timeout: Duration::from_millis(a.deadline_ms),
+                max_message_bytes: mbtd_cluster::endpoint::DEFAULT_MAX_MESSAGE_BYTES,
+                kameo_global: true,
+            },
+        )
+        .await?;
+        for n in &nodes {
+            endpoint.dial(n.addr.clone()).await?;
+            endpoint.keep_connected(n.peer, n.addr.clone());
+        }
+        anyhow::Ok(endpoint)
+    })?;
+    let transport = SwarmTransport::new(
+        endpoint.clone(),
+        rt.handle().clone(),
+        nodes.iter().map(|n| n.peer).collect(),
+        Duration::from_millis(a.deadline_ms),
+    );
+    let records = transport.records();
+    let wire = match a.wire {
+        Wire::F32 => WirePrecision::F32,
+        Wire::Bf16 => WirePrecision::Bf16,
+    };
+    let placement = (0..cfg.n_layers)
+        .map(|_| (0..cfg.branches).map(|i| Some(i % a.nodes)).collect())
+        .collect();
+    let mut local = trainer(&cfg, a.seed)?;
+    let mut cluster = trainer(&cfg, a.seed)?;
+    cluster.attach_remote(RemoteBranches::new(placement, Box::new(transport), wire))?;
+
+    let masks = local.model().all_active();
+    let scales: Vec<Vec<f32>> = masks.iter().map(|m| vec![1.0; m.len()]).collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
+    let (mut t_local, mut t_cluster, mut max_dloss) = (0.0f64, 0.0f64, 0.0f32);
+    let (mut wait0, mut bytes0) = (0.0f64, 0u64);
+    let wire_bytes =
+        |e: &Endpoint| -> u64 { e.traffic().values().map(|t| t.bytes_in + t.bytes_out).sum() };
+    for step in 0..a.warmup + a.steps {
+        if step == a.warmup {
+            wait0 = records.lock().unwrap().iter().map(|r| r.wait_s).sum();
+            bytes0 = wire_bytes(&endpoint);
+        }
+        let batch = random_batch(&cfg, a.batch, a.seq, 0, &mut rng);
+        let t0 = Instant::now();
+        let l = local.train_step(&batch, &masks, &scales)?;
+        let t1 = Instant::now();
+        let c = cluster.train_step(&batch, &masks, &scales)?;
+        let t2 = Instant::now();
+        if step >= a.warmup {
+            t_local += (t1 - t0).as_secs_f64();
+            t_cluster += (t2 - t1).as_secs_f64();
+        }
+        max_dloss = max_dloss.max((l.loss - c.loss).abs() / l.loss.abs().max(1e-6));
+    }
+    let wait: f64 = records
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.wait_s)
+        .sum::<f64>()
+        - wait0;
+    let bytes = wire_bytes(&endpoint) - bytes0;
+    cluster.pull_branches()?;
+    let bitwise = local.model_bytes()? == cluster.model_bytes()?
+        && local.optimizer_bytes()? == cluster.optimizer_bytes()?;
+    let stats = cluster
+        .remote()
+        .map(|r| r.stats().clone())
+        .unwrap_or_default();
+    let tokens = (a.steps * a.batch * a.seq) as f64;
+    let elem = if a.wire == Wire::F32 { 4 } else { 2 };
+    let raw = raw_step_bytes(&cfg, a.nodes, a.batch * a.seq, elem);
+    let per_step = bytes as f64 / a.steps as f64;
+    drop(nodes);
+    Ok(json!({
+        "bench": "cluster",
+        "preset": format!("{:?}", a.preset).to_lowercase(),
+        "nodes": a.nodes,
+        "wire": format!("{:?}", a.wire).to_lowercase(),
+        "steps": a.steps,
+        "tokens_per_step": a.batch * a.seq,
+        "tokens_per_sec_one_process": tokens / t_local,
+        "tokens_per_sec_cluster": tokens / t_cluster,
+        "wire_bytes_per_step": per_step,
+        "raw_tensor_bytes_per_step": raw,
+        "wire_over_raw": per_step / raw as f64,
+        "network_wait_s_per_step": wait / a.steps as f64,
+        "step_s_one_process": t_local / a.steps as f64,
+        "step_s_cluster": t_cluster / a.steps as f64,
+        "max_rel_loss_diff": max_dloss,
+        "bitwise_equal": bitwise,
+        "branches_masked": stats.missed.iter().flatten().sum::<u64>(),
+        "steps_abandoned": stats.steps_abandoned,
+    }))
+}
