@@ -1,6 +1,9 @@
 """One request on the daemon's admin socket (JSON lines), for the benchmark scripts."""
 
+import contextlib
 import json
+import os
+import shutil
 import socket
 import subprocess
 import time
@@ -51,3 +54,21 @@ def stop(sock_path, proc):
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+@contextlib.contextmanager
+def daemon(cmd, data_dir, keep, what):
+    """Runs the daemon command `cmd` on `data_dir` (its output in `<data_dir>/daemon.log`) for
+    the `with` block: yields `(socket path, process)` once it answers, then stops it in order
+    and removes `data_dir` unless `keep`. `what` names the log in a start-up error."""
+    log = open(os.path.join(data_dir, "daemon.log"), "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+    sock = os.path.join(data_dir, "mbtd.sock")
+    try:
+        wait_ready(sock, proc, what)
+        yield sock, proc
+    finally:
+        stop(sock, proc)
+        log.close()
+        if not keep:
+            shutil.rmtree(data_dir, ignore_errors=True)

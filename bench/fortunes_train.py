@@ -30,11 +30,10 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 
-from admin_socket import request, stop, wait_ready
+from admin_socket import daemon, request
 
 
 def trainer(sock):
@@ -64,11 +63,7 @@ def one_run(binary, csv_path, config, a):
     cmd = [binary, "run", "--data-dir", d]
     if config:
         cmd[2:2] = ["--config", config]
-    log = open(os.path.join(d, "daemon.log"), "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=log)
-    sock = os.path.join(d, "mbtd.sock")
-    try:
-        wait_ready(sock, proc, f"{binary}: {d}/daemon.log")
+    with daemon(cmd, d, a.keep, f"{binary}: {d}/daemon.log") as (sock, proc):
         staging = os.path.join(d, "staging.tmp")
         shutil.copyfile(csv_path, staging)
         os.rename(staging, os.path.join(d, "inbox", os.path.basename(csv_path)))
@@ -107,11 +102,6 @@ def one_run(binary, csv_path, config, a):
             "machine_idle_share": round((c1[1] - c0[1]) / max(1, c1[0] - c0[0]), 3),
             "data_dir": d if a.keep else None,
         }
-    finally:
-        stop(sock, proc)
-        log.close()
-        if not a.keep:
-            shutil.rmtree(d, ignore_errors=True)
 
 
 def main():

@@ -27,13 +27,12 @@ the ingest time. Usage:
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 
-from admin_socket import request, stop, wait_ready
+from admin_socket import daemon, request
 
 # The tests' small configuration (`mbtd config small`) with this benchmark's model: d 64,
 # 2 layers x 3 branches, context 32, training at full speed.
@@ -113,11 +112,8 @@ def main():
     cfg = os.path.join(d, "bench.toml")
     with open(cfg, "w") as f:
         f.write(config_text(a.bin, a.nice))
-    log = open(os.path.join(d, "daemon.log"), "w")
-    proc = subprocess.Popen([a.bin, "run", "--config", cfg, "--data-dir", d], stdout=log, stderr=log)
-    sock = os.path.join(d, "mbtd.sock")
-    try:
-        wait_ready(sock, proc, f"{d}/daemon.log")
+    cmd = [a.bin, "run", "--config", cfg, "--data-dir", d]
+    with daemon(cmd, d, a.keep, f"{d}/daemon.log") as (sock, _):
         drop(d, "seed.csv", csv_rows("seed", 5000))
         while step(sock) < 20:
             time.sleep(0.2)
@@ -162,11 +158,6 @@ def main():
             "p99_ratio": round(g["p99_ms"] / b["p99_ms"], 3) if b.get("p99_ms") and g.get("p99_ms") else None,
             "data_dir": d if a.keep else None,
         }))
-    finally:
-        stop(sock, proc)
-        log.close()
-        if not a.keep:
-            shutil.rmtree(d, ignore_errors=True)
 
 
 if __name__ == "__main__":

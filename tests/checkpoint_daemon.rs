@@ -16,23 +16,13 @@ fn config_with(max_steps: u64, every_steps: u64, extra: &[(&str, &str)]) -> Stri
     let steps = max_steps.to_string();
     let every = every_steps.to_string();
     let mut o = vec![
-        ("model.vocab_size", "300"),
         ("model.branches", "3"),
-        ("model.max_seq_len", "16"),
-        ("optim.lr", "0.003"),
-        ("optim.warmup_steps", "5"),
-        ("availability.p", "0.75"),
-        ("training.batch_size", "4"),
-        ("training.seq_len", "16"),
         ("training.max_steps", &steps),
-        ("eval.every_steps", "7"),
-        ("replay.control_fraction", "0.1"),
         ("checkpoints.every_steps", &every),
         ("checkpoints.keep_last", "3"),
-        ("checkpoints.keep_daily", "0"),
     ];
     o.extend_from_slice(extra);
-    small(&o)
+    short_windows(&o)
 }
 
 fn write_data(d: &Daemon) {

@@ -12,21 +12,11 @@ use common::*;
 const WAIT: Duration = Duration::from_secs(120);
 
 fn config(max_steps: u64) -> String {
-    small(&[
-        ("model.vocab_size", "300"),
-        ("model.max_seq_len", "16"),
-        ("optim.lr", "0.003"),
-        ("optim.warmup_steps", "5"),
-        ("availability.p", "0.75"),
-        ("training.batch_size", "4"),
-        ("training.seq_len", "16"),
+    short_windows(&[
         ("training.packing", "true"),
         ("training.max_steps", &max_steps.to_string()),
-        ("eval.every_steps", "7"),
-        ("replay.control_fraction", "0.1"),
         ("checkpoints.every_steps", "5"),
         ("checkpoints.keep_last", "50"),
-        ("checkpoints.keep_daily", "0"),
     ])
 }
 

@@ -32,6 +32,27 @@ pub fn small(overrides: &[(&str, &str)]) -> String {
     mbtd::config::preset::small(overrides).unwrap_or_else(|e| panic!("test configuration: {e}"))
 }
 
+/// [`small`] with 16-token windows in batches of 4 over a 300-token vocabulary, a learning
+/// rate of 0.003 after 5 warm-up steps, availability 0.75, scheduled evaluations every 7
+/// steps on a 10 % control set and no daily checkpoints (the short kill-and-resume runs of
+/// the checkpoint and packing tests), then `extra`.
+pub fn short_windows(extra: &[(&str, &str)]) -> String {
+    let base = [
+        ("model.vocab_size", "300"),
+        ("model.max_seq_len", "16"),
+        ("optim.lr", "0.003"),
+        ("optim.warmup_steps", "5"),
+        ("availability.p", "0.75"),
+        ("training.batch_size", "4"),
+        ("training.seq_len", "16"),
+        ("eval.every_steps", "7"),
+        ("replay.control_fraction", "0.1"),
+        ("checkpoints.keep_daily", "0"),
+    ];
+    let all: Vec<(&str, &str)> = base.iter().chain(extra).copied().collect();
+    small(&all)
+}
+
 /// Extra TOML appended to the test's config (small timeouts, fast metrics).
 pub const BASE_CONFIG: &str = "[logging]\nformat = \"json\"\nlevel = \"info\"\n";
 

@@ -28,6 +28,7 @@ pub mod table;
 #[cfg(test)]
 mod testutil;
 
+use crate::config::{FieldError, Section};
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 
@@ -277,48 +278,35 @@ impl Default for CheckpointConfig {
     }
 }
 
-impl CheckpointConfig {
-    /// Checks every field; the error names the field and its allowed range.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.every_steps == 0 && self.every_seconds == 0 {
-            return Err(
-                "checkpoints.every_steps and checkpoints.every_seconds are both 0: set at least one to >= 1"
-                    .to_string(),
-            );
-        }
-        if self.every_seconds > 7 * 86_400 {
-            return Err(format!(
-                "checkpoints.every_seconds = {} is out of range: allowed 0..=604800 (one week)",
-                self.every_seconds
-            ));
-        }
-        if !(1..=10_000).contains(&self.keep_last) {
-            return Err(format!(
-                "checkpoints.keep_last = {} is out of range: allowed 1..=10000",
-                self.keep_last
-            ));
-        }
-        if self.keep_daily > 3650 {
-            return Err(format!(
-                "checkpoints.keep_daily = {} is out of range: allowed 0..=3650",
-                self.keep_daily
-            ));
-        }
-        if self.keep_tagged > 10_000 {
-            return Err(format!(
-                "checkpoints.keep_tagged = {} is out of range: allowed 0..=10000",
-                self.keep_tagged
-            ));
-        }
-        if self.keep_decided_pre_expand > 100 {
-            return Err(format!(
-                "checkpoints.keep_decided_pre_expand = {} is out of range: allowed 0..=100",
-                self.keep_decided_pre_expand
-            ));
-        }
-        Ok(())
-    }
+impl Section for CheckpointConfig {
+    const NAME: &'static str = "checkpoints";
 
+    fn validate(&self) -> Result<(), FieldError> {
+        Self::require(
+            "every_seconds",
+            self.every_seconds,
+            self.every_steps > 0 || self.every_seconds > 0,
+            ">= 1 when checkpoints.every_steps = 0 (set at least one of them)",
+        )?;
+        Self::require(
+            "every_seconds",
+            self.every_seconds,
+            self.every_seconds <= 7 * 86_400,
+            "0 ..= 604800 (one week)",
+        )?;
+        Self::in_range("keep_last", self.keep_last, 1, 10_000)?;
+        Self::in_range("keep_daily", self.keep_daily, 0, 3650)?;
+        Self::in_range("keep_tagged", self.keep_tagged, 0, 10_000)?;
+        Self::in_range(
+            "keep_decided_pre_expand",
+            self.keep_decided_pre_expand,
+            0,
+            100,
+        )
+    }
+}
+
+impl CheckpointConfig {
     /// The retention rule of this config.
     pub fn retention(&self) -> RetentionPolicy {
         RetentionPolicy {
@@ -355,6 +343,7 @@ mod tests {
         assert!(
             bad.validate()
                 .unwrap_err()
+                .to_string()
                 .contains("checkpoints.keep_last")
         );
         let bad = CheckpointConfig {
@@ -365,6 +354,7 @@ mod tests {
         assert!(
             bad.validate()
                 .unwrap_err()
+                .to_string()
                 .contains("checkpoints.every_steps")
         );
         let bad = CheckpointConfig {
@@ -374,6 +364,7 @@ mod tests {
         assert!(
             bad.validate()
                 .unwrap_err()
+                .to_string()
                 .contains("checkpoints.keep_daily")
         );
         let parsed: CheckpointConfig = toml::from_str("keep_last = 3").unwrap();

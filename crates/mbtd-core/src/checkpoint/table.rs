@@ -37,18 +37,26 @@ impl fmt::Display for CheckpointList {
             .max()
             .unwrap_or(2)
             .max(2);
-        writeln!(
-            f,
-            "  {:<id_w$}  {:>10}  {:<24}  {:<12}  {:>9}  {:>10}  {:<14}  STATUS",
-            "ID", "STEP", "CREATED", "WIDTHS", "CTRL_LOSS", "SIZE", "TAG"
-        )?;
+        let line = |f: &mut fmt::Formatter<'_>, mark: char, cols: [&str; 8]| {
+            let [id, step, created, widths, loss, size, tag, status] = cols;
+            writeln!(
+                f,
+                "{mark} {id:<id_w$}  {step:>10}  {created:<24}  {widths:<12}  {loss:>9}  {size:>10}  {tag:<14}  {status}"
+            )
+        };
+        let header = [
+            "ID",
+            "STEP",
+            "CREATED",
+            "WIDTHS",
+            "CTRL_LOSS",
+            "SIZE",
+            "TAG",
+            "STATUS",
+        ];
+        line(f, ' ', header)?;
         for c in &self.checkpoints {
-            let widths = c
-                .widths
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(",");
+            let widths: Vec<String> = c.widths.iter().map(ToString::to_string).collect();
             let loss = c
                 .control_loss
                 .map_or_else(|| "-".to_string(), |l| format!("{l:.4}"));
@@ -56,18 +64,20 @@ impl fmt::Display for CheckpointList {
                 None => "ok".to_string(),
                 Some(p) => format!("INVALID: {p}"),
             };
-            writeln!(
-                f,
-                "{} {:<id_w$}  {:>10}  {:<24}  {:<12}  {:>9}  {:>10}  {:<14}  {status}",
-                if c.is_latest { '*' } else { ' ' },
-                c.id,
-                opt(&c.step),
-                opt(&c.created_at),
-                widths,
-                loss,
-                human_bytes(c.bytes),
-                opt(&c.tag),
-            )?;
+            let mark = if c.is_latest { '*' } else { ' ' };
+            let (step, created, tag) = (opt(&c.step), opt(&c.created_at), opt(&c.tag));
+            let size = human_bytes(c.bytes);
+            let row = [
+                &c.id,
+                &step,
+                &created,
+                &widths.join(","),
+                &loss,
+                &size,
+                &tag,
+                &status,
+            ];
+            line(f, mark, row.map(String::as_str))?;
         }
         write!(f, "(* = LATEST)")
     }

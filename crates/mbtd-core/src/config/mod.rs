@@ -1,15 +1,28 @@
-//! The daemon's configuration: a TOML file whose every section is a serde struct with
-//! defaults and validation. `config/mbtd.toml` is the documented default, embedded in the
-//! binary so `mbtd run` works with no file.
+//! The daemon's configuration: a TOML file of `[sections]`. `config/mbtd.toml` is the
+//! documented default, embedded in the binary so `mbtd run` works with no file, and parses
+//! to [`Config::default`].
 //!
-//! Loading rules: unknown keys are an error naming the key and the file; out-of-range values
-//! name the field and the allowed range; relative paths resolve against the data dir.
+//! Every section follows one pattern (see [`Section`]): a serde struct with
+//! `#[serde(deny_unknown_fields, default)]`, its `Default` beside it, and
+//! `Section::validate` reporting the first bad field as a [`FieldError`]. The daemon's own
+//! sections are in `daemon.rs`; the others live beside the code they configure.
+//!
+//! Loading rules: unknown keys are an error naming the key and the file; a bad value names
+//! the file, `section.field`, the value and what is allowed; relative paths resolve against
+//! the data dir.
 
+mod daemon;
 pub mod preset;
+mod section;
 
 use std::path::{Path, PathBuf};
 
+pub use daemon::{AdminConfig, DaemonConfig, LogFormat, LoggingConfig, MetricsConfig, PathsConfig};
+pub use section::{FieldError, Section};
+
 use serde::{Deserialize, Serialize};
+
+use crate::learn::TrainingConfig;
 
 /// The embedded default configuration (every key commented).
 pub const DEFAULT_TOML: &str = include_str!("../../../../config/mbtd.toml");
@@ -24,260 +37,14 @@ pub enum ConfigError {
     },
     #[error("{origin}: {message}")]
     Parse { origin: String, message: String },
-    #[error("{origin}: invalid value for `{field}`: {message}")]
-    Invalid {
+    #[error("{origin}: invalid value for {error}")]
+    Invalid { origin: String, error: FieldError },
+    #[error("{origin}: invalid key `{key}`: {message}")]
+    Key {
         origin: String,
-        field: String,
+        key: String,
         message: String,
     },
-}
-
-/// A field that failed validation and why (the allowed range or the rule).
-#[derive(Debug, Clone, PartialEq)]
-pub struct FieldError {
-    pub field: String,
-    pub message: String,
-}
-
-impl FieldError {
-    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            message: message.into(),
-        }
-    }
-}
-
-/// Checks `lo <= v <= hi`, naming the field and the range otherwise.
-pub fn check_range<T: PartialOrd + std::fmt::Display>(
-    field: &str,
-    v: T,
-    lo: T,
-    hi: T,
-) -> Result<(), FieldError> {
-    if v < lo || v > hi {
-        return Err(FieldError::new(
-            field,
-            format!("{v} is out of range; allowed: {lo} ..= {hi}"),
-        ));
-    }
-    Ok(())
-}
-
-/// Locations of the runtime directories and files; relative paths are resolved against the
-/// data dir given by `--data-dir` (default: the current directory).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct PathsConfig {
-    pub inbox: PathBuf,
-    pub replay: PathBuf,
-    pub checkpoints: PathBuf,
-    /// Let the daemon's group read what it writes (umask 0027, directories 0750) instead of
-    /// the owner only (umask 0077, directories 0700).
-    pub group_readable: bool,
-}
-
-impl Default for PathsConfig {
-    fn default() -> Self {
-        Self {
-            inbox: "inbox".into(),
-            replay: "replay".into(),
-            checkpoints: "checkpoints".into(),
-            group_readable: false,
-        }
-    }
-}
-
-/// Process-level settings: shutdown budget and how crashed actors are restarted.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct DaemonConfig {
-    /// Seconds the ordered stop may take before the daemon gives up and exits non-zero.
-    pub shutdown_timeout_s: u64,
-    /// First restart delay of a crashed actor; doubled for each further restart in the window.
-    pub restart_backoff_initial_ms: u64,
-    /// Upper bound of the restart delay.
-    pub restart_backoff_max_ms: u64,
-    /// More than this many restarts of one actor within `restart_window_s` is a crash loop:
-    /// the daemon exits non-zero so systemd restarts the whole service.
-    pub restart_limit: u32,
-    pub restart_window_s: u64,
-}
-
-impl Default for DaemonConfig {
-    fn default() -> Self {
-        Self {
-            shutdown_timeout_s: 30,
-            restart_backoff_initial_ms: 100,
-            restart_backoff_max_ms: 10_000,
-            restart_limit: 5,
-            restart_window_s: 60,
-        }
-    }
-}
-
-impl DaemonConfig {
-    fn validate(&self) -> Result<(), FieldError> {
-        check_range(
-            "daemon.shutdown_timeout_s",
-            self.shutdown_timeout_s,
-            1,
-            3600,
-        )?;
-        check_range(
-            "daemon.restart_backoff_initial_ms",
-            self.restart_backoff_initial_ms,
-            0,
-            60_000,
-        )?;
-        check_range(
-            "daemon.restart_backoff_max_ms",
-            self.restart_backoff_max_ms,
-            self.restart_backoff_initial_ms,
-            600_000,
-        )?;
-        check_range("daemon.restart_limit", self.restart_limit, 1, 1000)?;
-        check_range("daemon.restart_window_s", self.restart_window_s, 1, 86_400)
-    }
-}
-
-/// The admin socket.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct AdminConfig {
-    /// Unix socket path (relative to the data dir).
-    pub socket: PathBuf,
-    /// Optional group allowed to use the socket (mode becomes 0660 instead of 0600).
-    pub group: Option<String>,
-    /// Largest request line accepted, in bytes; a larger one gets an error and is closed.
-    pub max_request_bytes: usize,
-    /// Connections served at once; one more gets an error line and is closed.
-    pub max_connections: usize,
-    /// Seconds a connection may wait without sending a request (or taking a response)
-    /// before it is closed.
-    pub idle_timeout_s: u64,
-}
-
-impl Default for AdminConfig {
-    fn default() -> Self {
-        Self {
-            socket: "mbtd.sock".into(),
-            group: None,
-            max_request_bytes: 1 << 20,
-            max_connections: 64,
-            idle_timeout_s: 600,
-        }
-    }
-}
-
-impl AdminConfig {
-    fn validate(&self) -> Result<(), FieldError> {
-        check_range(
-            "admin.max_request_bytes",
-            self.max_request_bytes,
-            1024,
-            64 << 20,
-        )?;
-        check_range("admin.max_connections", self.max_connections, 1, 65_536)?;
-        check_range("admin.idle_timeout_s", self.idle_timeout_s, 1, 86_400)?;
-        if let Some(g) = &self.group
-            && g.is_empty()
-        {
-            return Err(FieldError::new(
-                "admin.group",
-                "must be a group name, or left out",
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Json,
-    Pretty,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct LoggingConfig {
-    pub format: LogFormat,
-    /// A tracing filter (e.g. "info" or "mbtd=debug"); `RUST_LOG` overrides it.
-    pub level: String,
-}
-
-impl Default for LoggingConfig {
-    fn default() -> Self {
-        Self {
-            format: LogFormat::Json,
-            level: "info".into(),
-        }
-    }
-}
-
-impl LoggingConfig {
-    fn validate(&self) -> Result<(), FieldError> {
-        tracing_subscriber::EnvFilter::try_new(&self.level)
-            .map(|_| ())
-            .map_err(|e| FieldError::new("logging.level", format!("not a tracing filter: {e}")))
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct MetricsConfig {
-    /// Seconds between JSON snapshot log lines (`event = "metrics_snapshot"`).
-    pub log_every_s: u64,
-    /// Optional Prometheus endpoint, e.g. "127.0.0.1:9464"; off when left out.
-    pub prometheus_listen: Option<String>,
-    /// Metrics history for `mbtd report`: one JSON line per snapshot (relative to the data dir).
-    pub history_file: PathBuf,
-    /// Seconds between history lines; 0 turns the history off.
-    pub history_every_s: u64,
-    /// Size bound of the history file; beyond it the file is rotated (one rotated file kept).
-    pub history_max_bytes: u64,
-}
-
-impl Default for MetricsConfig {
-    fn default() -> Self {
-        Self {
-            log_every_s: 60,
-            prometheus_listen: None,
-            history_file: "metrics.jsonl".into(),
-            history_every_s: 30,
-            history_max_bytes: 64 << 20,
-        }
-    }
-}
-
-impl MetricsConfig {
-    fn validate(&self) -> Result<(), FieldError> {
-        check_range("metrics.log_every_s", self.log_every_s, 1, 86_400)?;
-        check_range("metrics.history_every_s", self.history_every_s, 0, 86_400)?;
-        check_range(
-            "metrics.history_max_bytes",
-            self.history_max_bytes,
-            64 << 10,
-            16 << 30,
-        )?;
-        if let Some(addr) = &self.prometheus_listen {
-            let parsed: std::net::SocketAddr = addr.parse().map_err(|_| {
-                FieldError::new(
-                    "metrics.prometheus_listen",
-                    format!("`{addr}` is not an address like 127.0.0.1:9464"),
-                )
-            })?;
-            if !parsed.ip().is_loopback() {
-                return Err(FieldError::new(
-                    "metrics.prometheus_listen",
-                    format!("`{addr}` is not a loopback address; expose it through a proxy"),
-                ));
-            }
-        }
-        Ok(())
-    }
 }
 
 /// The whole configuration.
@@ -295,28 +62,10 @@ pub struct Config {
     pub optim: crate::model::OptimConfig,
     pub availability: crate::model::availability::AvailabilityConfig,
     pub tokenizer: crate::learn::TokenizerSection,
-    pub training: crate::learn::TrainingConfig,
+    pub training: TrainingConfig,
     pub eval: crate::learn::EvalConfig,
     pub checkpoints: crate::checkpoint::CheckpointConfig,
     pub governor: crate::govern::policy::GovernorConfig,
-}
-
-/// Maps a module's `validate() -> Result<(), String>` (whose message names the field) to a
-/// [`FieldError`] for section `section`.
-fn section(section: &str, r: Result<(), String>) -> Result<(), FieldError> {
-    r.map_err(|m| {
-        let prefix = format!("{section}.");
-        match m.strip_prefix(&prefix) {
-            Some(rest) => {
-                let end = rest
-                    .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == '.'))
-                    .unwrap_or(rest.len());
-                let msg = rest[end..].trim_start_matches([' ', ':', '=']).trim();
-                FieldError::new(format!("{prefix}{}", &rest[..end]), msg.to_string())
-            }
-            None => FieldError::new(section, m),
-        }
-    })
 }
 
 impl Config {
@@ -326,10 +75,9 @@ impl Config {
             origin: origin.to_string(),
             message: e.to_string().trim_end().to_string(),
         })?;
-        cfg.validate().map_err(|e| ConfigError::Invalid {
+        cfg.validate().map_err(|error| ConfigError::Invalid {
             origin: origin.to_string(),
-            field: e.field,
-            message: e.message,
+            error,
         })?;
         Ok(cfg)
     }
@@ -348,22 +96,31 @@ impl Config {
         }
     }
 
-    /// Checks every section; the first bad field is reported.
+    /// Checks every section in file order, then the rules between sections; the first bad
+    /// field is reported.
     pub fn validate(&self) -> Result<(), FieldError> {
+        self.paths.validate()?;
         self.daemon.validate()?;
         self.admin.validate()?;
         self.logging.validate()?;
         self.metrics.validate()?;
-        section("ingest", self.ingest.validate())?;
-        section("replay", self.replay.validate())?;
-        section("model", self.model.validate())?;
-        section("optim", self.optim.validate())?;
-        section("availability", self.availability.validate())?;
-        section("tokenizer", self.tokenizer.validate())?;
-        section("training", self.training.validate(self.model.max_seq_len))?;
-        section("eval", self.eval.validate())?;
-        section("checkpoints", self.checkpoints.validate())?;
-        section("governor", self.governor.validate())
+        self.ingest.validate()?;
+        self.replay.validate()?;
+        self.model.validate()?;
+        self.optim.validate()?;
+        self.availability.validate()?;
+        self.tokenizer.validate()?;
+        self.training.validate()?;
+        self.eval.validate()?;
+        self.checkpoints.validate()?;
+        self.governor.validate()?;
+        let max = self.model.max_seq_len;
+        TrainingConfig::require(
+            "seq_len",
+            self.training.seq_len,
+            self.training.seq_len <= max,
+            format!("2 ..= model.max_seq_len ({max})"),
+        )
     }
 
     /// Resolves every relative path against `data_dir`.
@@ -420,6 +177,113 @@ mod tests {
             .to_string();
         assert!(err.contains("`ingest.rescan_ms`"), "{err}");
         assert!(err.contains("100 ..= 3600000"), "{err}");
+    }
+
+    /// One bad value per section, each reported by the same pattern: the file, the field as
+    /// `section.field`, the value found and what is allowed.
+    #[test]
+    fn every_section_names_field_value_and_allowed_range() {
+        let cases = [
+            (
+                "[paths]\ninbox = \"\"",
+                "paths.inbox",
+                "\"\"",
+                "a directory path",
+            ),
+            (
+                "[daemon]\nrestart_limit = 0",
+                "daemon.restart_limit",
+                "0",
+                "1 ..= 1000",
+            ),
+            (
+                "[admin]\ngroup = \"\"",
+                "admin.group",
+                "\"\"",
+                "a group name",
+            ),
+            (
+                "[logging]\nlevel = \"[\"",
+                "logging.level",
+                "\"[\"",
+                "a tracing filter",
+            ),
+            (
+                "[metrics]\nlog_every_s = 0",
+                "metrics.log_every_s",
+                "0",
+                "1 ..= 86400",
+            ),
+            ("[ingest]\nnice = 20", "ingest.nice", "20", "0 ..= 19"),
+            (
+                "[replay]\nmax_bytes = 10",
+                "replay.max_bytes",
+                "10",
+                ">= 4096",
+            ),
+            (
+                "[model]\nagg_floor = 1.5",
+                "model.agg_floor",
+                "1.5",
+                "0 ..= 1",
+            ),
+            ("[optim]\nbeta2 = 1.0", "optim.beta2", "1", "[0, 1)"),
+            (
+                "[availability]\nema_decay = 1.0",
+                "availability.ema_decay",
+                "1",
+                "[0, 1)",
+            ),
+            (
+                "[tokenizer]\nmin_frequency = 0",
+                "tokenizer.min_frequency",
+                "0",
+                ">= 1",
+            ),
+            (
+                "[training]\nbatch_size = 0",
+                "training.batch_size",
+                "0",
+                "1 ..= 1024",
+            ),
+            ("[eval]\nevery_steps = 0", "eval.every_steps", "0", ">= 1"),
+            (
+                "[checkpoints]\nkeep_last = 0",
+                "checkpoints.keep_last",
+                "0",
+                "1 ..= 10000",
+            ),
+            (
+                "[governor]\nbeta = 1.0",
+                "governor.beta",
+                "1",
+                "0 < beta < 1",
+            ),
+        ];
+        for (text, field, value, allowed) in cases {
+            let err = Config::from_toml(text, "s.toml").unwrap_err();
+            let msg = err.to_string();
+            let ConfigError::Invalid { origin, error } = err else {
+                panic!("{text}: {msg}");
+            };
+            assert_eq!((origin.as_str(), error.field.as_str()), ("s.toml", field));
+            assert_eq!(error.value, value, "{msg}");
+            assert!(error.allowed.starts_with(allowed), "{msg}");
+            assert!(
+                msg.contains(&format!("`{field}` = {value}; allowed: ")),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn seq_len_is_checked_against_the_model_section() {
+        let text = "[model]\nmax_seq_len = 32\n[training]\nseq_len = 64\n";
+        let msg = Config::from_toml(text, "t.toml").unwrap_err().to_string();
+        assert!(msg.contains("`training.seq_len` = 64"), "{msg}");
+        assert!(msg.contains("2 ..= model.max_seq_len (32)"), "{msg}");
+        let text = "[model]\nmax_seq_len = 64\n[training]\nseq_len = 64\n";
+        assert!(Config::from_toml(text, "t.toml").is_ok());
     }
 
     #[test]

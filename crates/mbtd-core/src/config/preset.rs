@@ -64,9 +64,9 @@ pub fn with_overrides(base: &str, overrides: &[(&str, &str)]) -> Result<String, 
         message: e.to_string(),
     })?;
     for (key, value) in overrides {
-        let invalid = |message: &str| ConfigError::Invalid {
+        let invalid = |message: &str| ConfigError::Key {
             origin: origin.to_string(),
-            field: key.to_string(),
+            key: key.to_string(),
             message: message.to_string(),
         };
         let (section, field) = key

@@ -2,6 +2,7 @@
 //! call (evals, per-layer inputs), and what it decides (decisions, judgements, the
 //! expansion in progress). The rule that turns one into the other is in [`super::policy`].
 
+use crate::config::{FieldError, Section};
 use serde::{Deserialize, Serialize};
 
 use super::compare::{SourceChange, SourceLoss};
@@ -64,51 +65,26 @@ impl Default for GovernorConfig {
     }
 }
 
-impl GovernorConfig {
-    /// Checks every field; the error names the field and its allowed range.
-    pub fn validate(&self) -> Result<(), String> {
-        let range = |name: &str, v: f64, lo: f64, hi: f64| {
-            if v.is_finite() && (lo..=hi).contains(&v) {
-                Ok(())
-            } else {
-                Err(format!(
-                    "governor.{name} = {v} is out of range: allowed {lo}..={hi}"
-                ))
-            }
-        };
-        if !(1..=1000).contains(&self.patience) {
-            return Err(format!(
-                "governor.patience = {} is out of range: allowed 1..=1000",
-                self.patience
-            ));
-        }
-        range("plateau_tolerance", self.plateau_tolerance, 0.0, 1.0)?;
-        range("saturation_threshold", self.saturation_threshold, 0.0, 1.0)?;
-        if !(1..=1024).contains(&self.max_branches_per_layer) {
-            return Err(format!(
-                "governor.max_branches_per_layer = {} is out of range: allowed 1..=1024",
-                self.max_branches_per_layer
-            ));
-        }
-        if self.max_params == 0 {
-            return Err("governor.max_params = 0: must be >= 1".to_string());
-        }
-        if !(1..=64).contains(&self.branches_per_expansion) {
-            return Err(format!(
-                "governor.branches_per_expansion = {} is out of range: allowed 1..=64",
-                self.branches_per_expansion
-            ));
-        }
-        if !(self.beta > 0.0 && self.beta < 1.0) {
-            return Err(format!(
-                "governor.beta = {} is out of range: allowed 0 < beta < 1",
-                self.beta
-            ));
-        }
-        range("min_gain", self.min_gain, -10.0, 10.0)?;
-        range("max_regression", self.max_regression, 0.0, 10.0)?;
-        range("backoff_factor", self.backoff_factor, 1.0, 100.0)?;
-        Ok(())
+impl Section for GovernorConfig {
+    const NAME: &'static str = "governor";
+
+    fn validate(&self) -> Result<(), FieldError> {
+        Self::in_range("patience", self.patience, 1, 1000)?;
+        Self::in_range("plateau_tolerance", self.plateau_tolerance, 0.0, 1.0)?;
+        Self::in_range("saturation_threshold", self.saturation_threshold, 0.0, 1.0)?;
+        Self::in_range(
+            "max_branches_per_layer",
+            self.max_branches_per_layer,
+            1,
+            1024,
+        )?;
+        Self::require("max_params", self.max_params, self.max_params >= 1, ">= 1")?;
+        Self::in_range("branches_per_expansion", self.branches_per_expansion, 1, 64)?;
+        let beta = self.beta;
+        Self::require("beta", beta, beta > 0.0 && beta < 1.0, "0 < beta < 1")?;
+        Self::in_range("min_gain", self.min_gain, -10.0, 10.0)?;
+        Self::in_range("max_regression", self.max_regression, 0.0, 10.0)?;
+        Self::in_range("backoff_factor", self.backoff_factor, 1.0, 100.0)
     }
 }
 

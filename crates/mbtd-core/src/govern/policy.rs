@@ -81,6 +81,17 @@ impl GovernorState {
         &mut self.layers[layer]
     }
 
+    /// `Err(Busy)` while an expansion is in progress.
+    fn not_busy(&self) -> Result<(), GovernorError> {
+        match &self.in_progress {
+            Some(e) => Err(GovernorError::Busy {
+                layer: e.layer,
+                start_step: e.start_step,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Starts the ramp and probation of an expansion that the caller has performed (after
     /// an `Expand` decision or an operator's `expand`).
     pub fn register_expansion(
@@ -88,12 +99,7 @@ impl GovernorState {
         start: ExpansionStart,
         cfg: &GovernorConfig,
     ) -> Result<(), GovernorError> {
-        if let Some(e) = &self.in_progress {
-            return Err(GovernorError::Busy {
-                layer: e.layer,
-                start_step: e.start_step,
-            });
-        }
+        self.not_busy()?;
         let baseline = start.baseline.or_else(|| self.history.last().cloned());
         self.layer_mut(start.layer);
         self.in_progress = Some(Expansion {
@@ -128,12 +134,7 @@ impl GovernorState {
         inputs: &GovernorInputs,
         cfg: &GovernorConfig,
     ) -> Result<(), GovernorError> {
-        if let Some(e) = &self.in_progress {
-            return Err(GovernorError::Busy {
-                layer: e.layer,
-                start_step: e.start_step,
-            });
-        }
+        self.not_busy()?;
         let refuse = |reason: String| {
             Err(GovernorError::Refused {
                 layer,
@@ -500,6 +501,14 @@ pub fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Section;
+
+    /// [`cfg`] with one change.
+    fn cfg_with(edit: impl FnOnce(&mut GovernorConfig)) -> GovernorConfig {
+        let mut c = cfg();
+        edit(&mut c);
+        c
+    }
 
     fn cfg() -> GovernorConfig {
         GovernorConfig {
@@ -674,10 +683,7 @@ mod tests {
 
     #[test]
     fn budgets_are_respected() {
-        let c = GovernorConfig {
-            branches_per_expansion: 3,
-            ..cfg()
-        };
+        let c = cfg_with(|c| c.branches_per_expansion = 3);
         // Width: layer 1 may get only 1 more branch (3 → 4).
         let mut s = GovernorState::default();
         let Decision::Expand { branches, .. } = feed(&mut s, &[3.0, 3.0, 3.0], &c) else {
@@ -713,10 +719,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // Width: at the maximum.
-        let c4 = GovernorConfig {
-            max_branches_per_layer: 3,
-            ..cfg()
-        };
+        let c4 = cfg_with(|c| c.max_branches_per_layer = 3);
         let mut s = GovernorState::default();
         assert!(matches!(
             feed(&mut s, &[3.0, 3.0, 3.0], &c4),
@@ -885,10 +888,7 @@ mod tests {
 
     #[test]
     fn disabled_never_auto_expands_but_manual_goes_through_probation() {
-        let c = GovernorConfig {
-            enabled: false,
-            ..cfg()
-        };
+        let c = cfg_with(|c| c.enabled = false);
         let mut s = GovernorState::default();
         let d = feed(&mut s, &[3.0; 8], &c);
         assert!(
@@ -951,10 +951,7 @@ mod tests {
 
     #[test]
     fn a_jump_of_the_training_or_new_era_loss_is_harder_data_not_a_plateau() {
-        let c = GovernorConfig {
-            plateau_tolerance: 0.05,
-            ..cfg()
-        };
+        let c = cfg_with(|c| c.plateau_tolerance = 0.05);
         // New data arrived at the third eval: the train EMA jumps (seen in a benchmark run).
         let mut s = GovernorState::default();
         let evals = [0.102, 0.107, 2.818]
@@ -992,10 +989,7 @@ mod tests {
 
     #[test]
     fn the_plateau_is_measured_on_the_same_rows_when_every_source_has_them() {
-        let c = GovernorConfig {
-            plateau_tolerance: 0.05,
-            ..cfg()
-        };
+        let c = cfg_with(|c| c.plateau_tolerance = 0.05);
         let a = |l| src("a", 64, l);
         // The train EMA still falls fast (new rows of b keep arriving), but on the same
         // held-out rows of a and b nothing improves: a plateau on control_same_rows.
@@ -1106,10 +1100,7 @@ mod tests {
 
     #[test]
     fn zero_ramp_and_missing_baseline() {
-        let c = GovernorConfig {
-            ramp_steps: 0,
-            ..cfg()
-        };
+        let c = cfg_with(|c| c.ramp_steps = 0);
         let mut s = GovernorState::default();
         start(&mut s, 5, true, &c);
         assert!(
@@ -1145,43 +1136,28 @@ mod tests {
         assert!(cfg().validate().is_ok());
         for (bad, field) in [
             (GovernorConfig { beta: 1.0, ..cfg() }, "governor.beta"),
+            (cfg_with(|c| c.patience = 0), "governor.patience"),
             (
-                GovernorConfig {
-                    patience: 0,
-                    ..cfg()
-                },
-                "governor.patience",
-            ),
-            (
-                GovernorConfig {
-                    saturation_threshold: 1.5,
-                    ..cfg()
-                },
+                cfg_with(|c| c.saturation_threshold = 1.5),
                 "governor.saturation_threshold",
             ),
             (
-                GovernorConfig {
-                    backoff_factor: 0.5,
-                    ..cfg()
-                },
+                cfg_with(|c| c.backoff_factor = 0.5),
                 "governor.backoff_factor",
             ),
             (
-                GovernorConfig {
-                    max_regression: f64::NAN,
-                    ..cfg()
-                },
+                cfg_with(|c| c.max_regression = f64::NAN),
                 "governor.max_regression",
             ),
             (
-                GovernorConfig {
-                    branches_per_expansion: 0,
-                    ..cfg()
-                },
+                cfg_with(|c| c.branches_per_expansion = 0),
                 "governor.branches_per_expansion",
             ),
         ] {
-            assert!(bad.validate().unwrap_err().contains(field), "{field}");
+            assert!(
+                bad.validate().unwrap_err().to_string().contains(field),
+                "{field}"
+            );
         }
         let parsed: GovernorConfig = toml::from_str("enabled = false\nbeta = 0.3").unwrap();
         assert!(!parsed.enabled);

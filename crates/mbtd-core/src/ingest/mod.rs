@@ -23,6 +23,7 @@ pub mod select;
 pub mod sidecar;
 pub mod sink;
 
+use crate::config::{FieldError, Section};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -31,7 +32,7 @@ pub use bench::{BenchIngestArgs, bench_ingest};
 pub use process::{Progress, process_file, process_file_resuming};
 pub use select::{EntryKind, InboxEntry, ScanMemory, Selection, list_inbox, select_candidates};
 pub use sidecar::{FileOutcome, Outcome, Sidecar, Timings};
-pub use sink::RowSink;
+pub use sink::{RowSink, SinkResult};
 
 use crate::store::StoreError;
 
@@ -129,7 +130,7 @@ pub struct IngestConfig {
 
 impl Default for IngestConfig {
     fn default() -> Self {
-        IngestConfig {
+        Self {
             settle_ms: 500,
             rescan_ms: 2000,
             max_file_bytes: 256 << 20,
@@ -139,21 +140,15 @@ impl Default for IngestConfig {
     }
 }
 
-impl IngestConfig {
-    /// Check every field; the message names the field and its allowed range.
-    pub fn validate(&self) -> Result<(), String> {
-        let check = |name: &str, v: u64, lo: u64, hi: u64| {
-            if (lo..=hi).contains(&v) {
-                Ok(())
-            } else {
-                Err(format!("ingest.{name} = {v} is out of range {lo} ..= {hi}"))
-            }
-        };
-        check("settle_ms", self.settle_ms, 0, 600_000)?;
-        check("rescan_ms", self.rescan_ms, 100, 3_600_000)?;
-        check("max_file_bytes", self.max_file_bytes, 1, 64 << 30)?;
-        check("max_row_bytes", self.max_row_bytes, 16, 256 << 20)?;
-        check("nice", self.nice.into(), 0, 19)
+impl Section for IngestConfig {
+    const NAME: &'static str = "ingest";
+
+    fn validate(&self) -> Result<(), FieldError> {
+        Self::in_range("settle_ms", self.settle_ms, 0, 600_000)?;
+        Self::in_range("rescan_ms", self.rescan_ms, 100, 3_600_000)?;
+        Self::in_range("max_file_bytes", self.max_file_bytes, 1, 64 << 30)?;
+        Self::in_range("max_row_bytes", self.max_row_bytes, 16, 256 << 20)?;
+        Self::in_range("nice", self.nice, 0, 19)
     }
 }
 
@@ -168,12 +163,19 @@ mod tests {
             max_row_bytes: 1,
             ..Default::default()
         };
-        assert!(bad.validate().unwrap_err().contains("max_row_bytes"));
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("max_row_bytes")
+        );
         let bad = IngestConfig {
             nice: 20,
             ..Default::default()
         };
-        assert!(bad.validate().unwrap_err().contains("nice = 20"));
+        let e = bad.validate().unwrap_err();
+        assert_eq!((e.field.as_str(), e.value.as_str()), ("ingest.nice", "20"));
+        assert_eq!(e.allowed, "0 ..= 19");
         let c: IngestConfig = toml::from_str("settle_ms = 10").unwrap();
         assert_eq!((c.settle_ms, c.rescan_ms), (10, 2000));
         assert!(toml::from_str::<IngestConfig>("settle = 10").is_err());

@@ -207,28 +207,14 @@ mod tests {
 
     #[test]
     fn growth_resets_the_clock_and_renames_are_ready_at_once() {
-        let none = HashSet::new();
-        let (_, m1) = select_candidates(
-            &[file("a.csv", 10, 1)],
-            &ScanMemory::default(),
-            &none,
-            &none,
-            0,
-            500,
-        );
+        let (none, fresh) = (HashSet::new(), ScanMemory::default());
+        let (_, m1) = select_candidates(&[file("a.csv", 10, 1)], &fresh, &none, &none, 0, 500);
         let (s2, m2) = select_candidates(&[file("a.csv", 20, 2)], &m1, &none, &none, 600, 500);
         assert_eq!(s2.waiting, vec!["a.csv".to_string()]);
         let (s3, _) = select_candidates(&[file("a.csv", 20, 2)], &m2, &none, &none, 1100, 500);
         assert_eq!(s3.ready, vec!["a.csv".to_string()]);
         let renamed: HashSet<String> = ["r.csv".to_string()].into();
-        let (s4, _) = select_candidates(
-            &[file("r.csv", 5, 9)],
-            &ScanMemory::default(),
-            &renamed,
-            &none,
-            5,
-            500,
-        );
+        let (s4, _) = select_candidates(&[file("r.csv", 5, 9)], &fresh, &renamed, &none, 5, 500);
         assert_eq!(s4.ready, vec!["r.csv".to_string()]);
     }
 
@@ -254,22 +240,17 @@ mod tests {
             file("x.csv.tmp", 1, 0),
             file("y.part", 1, 0),
         ];
-        listing.push(InboxEntry {
-            kind: EntryKind::Dir,
-            ..file("d.csv", 0, 0)
-        });
-        listing.push(InboxEntry {
-            kind: EntryKind::Symlink,
-            ..file("l.csv", 0, 0)
-        });
-        listing.push(InboxEntry {
-            kind: EntryKind::Other,
-            ..file("fifo.csv", 0, 0)
-        });
-        listing.push(InboxEntry {
-            kind: EntryKind::BadName,
-            ..file("bad\u{fffd}.csv", 0, 0)
-        });
+        for (kind, name) in [
+            (EntryKind::Dir, "d.csv"),
+            (EntryKind::Symlink, "l.csv"),
+            (EntryKind::Other, "fifo.csv"),
+            (EntryKind::BadName, "bad\u{fffd}.csv"),
+        ] {
+            listing.push(InboxEntry {
+                kind,
+                ..file(name, 0, 0)
+            });
+        }
         let renamed: HashSet<String> = listing.iter().map(|e| e.name.clone()).collect();
         let none = HashSet::new();
         let (s, m) =

@@ -15,6 +15,9 @@ pub const CHUNK_ROWS: usize = 1024;
 /// Most bytes of row text handed over at once (a single longer row is one chunk).
 pub const CHUNK_BYTES: usize = 1 << 20;
 
+/// What a [`RowSink`] call returns.
+pub type SinkResult<T> = Result<T, IngestError>;
+
 /// The receiving end of a file's rows: appends that stay invisible until the commit.
 ///
 /// Contract: rows of one file are appended, then committed once; after any `Err` the
@@ -22,37 +25,26 @@ pub const CHUNK_BYTES: usize = 1 << 20;
 /// commit) and the file is processed again later.
 pub trait RowSink {
     /// True when the file with this content hash is completely ingested (journal hit).
-    fn is_committed(&mut self, hash: &[u8; 32]) -> Result<bool, IngestError>;
+    fn is_committed(&mut self, hash: &[u8; 32]) -> SinkResult<bool>;
 
     /// Append rows of the file `hash` (rows the store already has are skipped). A row
     /// without a time (`CsvRow::time_ms` `None`) arrives at `ingest_ms`.
-    fn append(
-        &mut self,
-        hash: &[u8; 32],
-        rows: Vec<CsvRow>,
-        ingest_ms: u64,
-    ) -> Result<(), IngestError>;
+    fn append(&mut self, hash: &[u8; 32], rows: Vec<CsvRow>, ingest_ms: u64) -> SinkResult<()>;
 
     /// Make the appended rows durable and record the file as complete. Returns the rows
     /// of the file first made durable by this process (0 when it was complete already).
-    fn commit(&mut self, hash: &[u8; 32], accepted: u64, rejected: u64)
-    -> Result<u64, IngestError>;
+    fn commit(&mut self, hash: &[u8; 32], accepted: u64, rejected: u64) -> SinkResult<u64>;
 
     /// Forget every row appended since the last commit.
     fn abort(&mut self);
 }
 
 impl RowSink for ReplayStore {
-    fn is_committed(&mut self, hash: &[u8; 32]) -> Result<bool, IngestError> {
+    fn is_committed(&mut self, hash: &[u8; 32]) -> SinkResult<bool> {
         Ok(self.journal_entry(hash).is_some())
     }
 
-    fn append(
-        &mut self,
-        hash: &[u8; 32],
-        rows: Vec<CsvRow>,
-        ingest_ms: u64,
-    ) -> Result<(), IngestError> {
+    fn append(&mut self, hash: &[u8; 32], rows: Vec<CsvRow>, ingest_ms: u64) -> SinkResult<()> {
         for r in rows {
             let time = r.time_ms.unwrap_or(ingest_ms as i64);
             self.append_row(hash, r.line, &r.source, &r.body, time, ingest_ms)
@@ -61,12 +53,7 @@ impl RowSink for ReplayStore {
         Ok(())
     }
 
-    fn commit(
-        &mut self,
-        hash: &[u8; 32],
-        accepted: u64,
-        rejected: u64,
-    ) -> Result<u64, IngestError> {
+    fn commit(&mut self, hash: &[u8; 32], accepted: u64, rejected: u64) -> SinkResult<u64> {
         self.commit_file(hash, accepted, rejected)
             .map(|c| c.appended)
             .map_err(|source| IngestError::Store { source })

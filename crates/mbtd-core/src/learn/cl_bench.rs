@@ -101,15 +101,13 @@ pub fn bench_continual(a: &ContinualBenchArgs) -> Result<Value, ModelError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::learn::tests::bench_args;
 
     #[test]
     fn a_short_run_reports_forgetting_per_share() {
-        let a = ContinualBenchArgs {
-            steps: 2,
-            replay_share: vec![0.0, 0.5],
-            threads: 1,
-            seed: 3,
-        };
+        let a: ContinualBenchArgs =
+            bench_args("--steps 2 --replay-share 0,0.5 --threads 1 --seed 3");
+        assert_eq!(a.replay_share, [0.0, 0.5]);
         let v = bench_continual(&a).unwrap();
         let rows = v["results"].as_array().unwrap();
         assert_eq!(rows.len(), 2);

@@ -1,5 +1,6 @@
 //! Configuration of the training loop, the evaluation and the tokenizer bootstrap.
 
+use crate::config::{FieldError, Section};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -49,45 +50,27 @@ impl Default for TrainingConfig {
     }
 }
 
-impl TrainingConfig {
-    pub fn validate(&self, max_seq_len: usize) -> Result<(), String> {
-        if !(1..=1024).contains(&self.batch_size) {
-            return Err(format!(
-                "training.batch_size = {}: must be in 1 ..= 1024",
-                self.batch_size
-            ));
-        }
-        if self.seq_len < 2 || self.seq_len > max_seq_len {
-            return Err(format!(
-                "training.seq_len = {}: must be in 2 ..= model.max_seq_len ({max_seq_len})",
-                self.seq_len
-            ));
-        }
-        if !(0.0..=1.0).contains(&self.replay_share) {
-            return Err(format!(
-                "training.replay_share = {}: must be in 0 ..= 1",
-                self.replay_share
-            ));
-        }
-        if self.idle_steps_per_min > 60_000 {
-            return Err(format!(
-                "training.idle_steps_per_min = {}: must be in 0 ..= 60000",
-                self.idle_steps_per_min
-            ));
-        }
-        if self.max_idle_steps_per_min > 60_000 {
-            return Err(format!(
-                "training.max_idle_steps_per_min = {}: must be in 0 ..= 60000 (0 = no cap)",
-                self.max_idle_steps_per_min
-            ));
-        }
-        if !(1..=1000).contains(&self.consolidation_patience) {
-            return Err(format!(
-                "training.consolidation_patience = {}: must be in 1 ..= 1000",
-                self.consolidation_patience
-            ));
-        }
-        Ok(())
+impl Section for TrainingConfig {
+    const NAME: &'static str = "training";
+
+    /// `seq_len` is checked against `model.max_seq_len` by [`crate::config::Config::validate`].
+    fn validate(&self) -> Result<(), FieldError> {
+        Self::in_range("batch_size", self.batch_size, 1, 1024)?;
+        Self::in_range("seq_len", self.seq_len, 2, 65536)?;
+        Self::in_range("replay_share", self.replay_share, 0.0, 1.0)?;
+        Self::in_range("idle_steps_per_min", self.idle_steps_per_min, 0, 60_000)?;
+        Self::require(
+            "max_idle_steps_per_min",
+            self.max_idle_steps_per_min,
+            self.max_idle_steps_per_min <= 60_000,
+            "0 ..= 60000 (0 = no cap)",
+        )?;
+        Self::in_range(
+            "consolidation_patience",
+            self.consolidation_patience,
+            1,
+            1000,
+        )
     }
 }
 
@@ -110,18 +93,17 @@ impl Default for EvalConfig {
     }
 }
 
-impl EvalConfig {
-    pub fn validate(&self) -> Result<(), String> {
-        if self.every_steps == 0 {
-            return Err("eval.every_steps = 0: must be >= 1".into());
-        }
-        if !(1..=100_000).contains(&self.max_rows_per_group) {
-            return Err(format!(
-                "eval.max_rows_per_group = {}: must be in 1 ..= 100000",
-                self.max_rows_per_group
-            ));
-        }
-        Ok(())
+impl Section for EvalConfig {
+    const NAME: &'static str = "eval";
+
+    fn validate(&self) -> Result<(), FieldError> {
+        Self::require(
+            "every_steps",
+            self.every_steps,
+            self.every_steps >= 1,
+            ">= 1",
+        )?;
+        Self::in_range("max_rows_per_group", self.max_rows_per_group, 1, 100_000)
     }
 }
 
@@ -148,17 +130,16 @@ impl Default for TokenizerSection {
     }
 }
 
-impl TokenizerSection {
-    pub fn validate(&self) -> Result<(), String> {
-        if !(1..=10_000_000).contains(&self.bootstrap_rows) {
-            return Err(format!(
-                "tokenizer.bootstrap_rows = {}: must be in 1 ..= 10000000",
-                self.bootstrap_rows
-            ));
-        }
-        if self.min_frequency == 0 {
-            return Err("tokenizer.min_frequency = 0: must be >= 1".into());
-        }
-        Ok(())
+impl Section for TokenizerSection {
+    const NAME: &'static str = "tokenizer";
+
+    fn validate(&self) -> Result<(), FieldError> {
+        Self::in_range("bootstrap_rows", self.bootstrap_rows, 1, 10_000_000)?;
+        Self::require(
+            "min_frequency",
+            self.min_frequency,
+            self.min_frequency >= 1,
+            ">= 1",
+        )
     }
 }

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use super::TokenizerSection;
 use super::config::TrainingConfig;
-use super::mix::NewWindows;
+use super::mix::{NewWindows, StepInputs};
 use crate::model::bench::{
     TrainBenchArgs, bench_trainer, cpu_seconds, machine_idle_share, peak_rss_kib,
 };
@@ -87,11 +87,18 @@ fn batches(tok: &Tokenizer, rows: &[Record], tc: &TrainingConfig, n: usize) -> V
             q = NewWindows::new(0, None, &[]);
             q.push_rows(tok, rows, tc.seq_len);
         }
+        let inputs = StepInputs {
+            tok,
+            replay_rows: &[],
+            history: false,
+            tc,
+            seed: t,
+        };
         let mix = if tc.packing {
-            q.take_packed_step(tok, &[], false, tc, t, |_| Ok::<_, ()>(Vec::new()))
+            q.take_packed_step(inputs, |_| Ok::<_, ()>(Vec::new()))
                 .unwrap_or_else(|()| unreachable!("no replay rounds without history"))
         } else {
-            q.take_step(tok, &[], false, tc, t)
+            q.take_step(inputs)
         };
         out.push((mix.batch(tc.seq_len, tok.eot_id()), mix.real_tokens()));
     }
@@ -149,18 +156,11 @@ pub fn bench_train_data(opts: &TrainBenchArgs, data: &Path) -> Result<Value, Dat
                 loss = r.loss;
             }
         }
-        Ok(json!({
-            "bench": "train",
+        Ok(opts.report(json!({
             "data": data.display().to_string(),
             "rows": rows.len(),
             "rows_rejected": rejected,
             "packing": opts.packing,
-            "preset": opts.preset.name(),
-            "threads": opts.threads,
-            "p_active": opts.p_active,
-            "batch": opts.batch,
-            "seq": opts.seq,
-            "steps": opts.steps,
             "params": params,
             "real_tokens_per_sec": real as f64 / secs,
             "tokens_per_sec": positions as f64 / secs,
@@ -171,7 +171,7 @@ pub fn bench_train_data(opts: &TrainBenchArgs, data: &Path) -> Result<Value, Dat
             "machine_idle_share_after": machine_idle_share(500),
             "final_loss": loss,
             "peak_rss_kib": peak_rss_kib(),
-        }))
+        })))
     })
 }
 

@@ -139,6 +139,21 @@ fn replay_windows(b: usize, share: f64, history: bool, has_new: bool) -> usize {
     }
 }
 
+/// What a step is mixed from besides the queue of new windows.
+#[derive(Clone, Copy)]
+pub struct StepInputs<'a> {
+    /// The tokenizer of the replay rows.
+    pub tok: &'a Tokenizer,
+    /// Replay rows sampled for this step (round 0 of a packed step).
+    pub replay_rows: &'a [Record],
+    /// The store holds training rows and `replay_rows` were sampled from them.
+    pub history: bool,
+    /// Batch size, window length and replay share.
+    pub tc: &'a TrainingConfig,
+    /// The step's seed (where replay windows start).
+    pub seed: u64,
+}
+
 impl NewWindows {
     /// An empty queue whose rows up to `cursor` are trained, plus the first `partial.1`
     /// pieces of row `partial.0` and the pieces in `ahead` (the progress a checkpoint
@@ -233,18 +248,11 @@ impl NewWindows {
         cursor
     }
 
-    /// Unpacked step of `tc.batch_size` windows (see the module doc). `history`: the store
-    /// holds training rows and `replay_rows` were sampled from them.
-    pub fn take_step(
-        &mut self,
-        tok: &Tokenizer,
-        replay_rows: &[Record],
-        history: bool,
-        tc: &TrainingConfig,
-        seed: u64,
-    ) -> StepMix {
-        let (b, seq_len) = (tc.batch_size, tc.seq_len);
-        let n_replay_target = replay_windows(b, tc.replay_share, history, !self.queue.is_empty());
+    /// Unpacked step of `tc.batch_size` windows (see the module doc).
+    pub fn take_step(&mut self, s: StepInputs<'_>) -> StepMix {
+        let (b, seq_len) = (s.tc.batch_size, s.tc.seq_len);
+        let n_replay_target =
+            replay_windows(b, s.tc.replay_share, s.history, !self.queue.is_empty());
         let n_new = (b - n_replay_target).min(self.queue.len());
         let new: Vec<Window> = self.queue.drain(..n_new).map(|(_, _, w)| w).collect();
         self.positions -= new.iter().map(|w| w.inputs.len()).sum::<usize>();
@@ -253,13 +261,13 @@ impl NewWindows {
             _ => None,
         };
         let cursor = self.advance();
-        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
+        let mut rng = ChaCha8Rng::seed_from_u64(s.seed ^ 0x5eed);
         let mut replay = Vec::new();
-        for r in replay_rows {
+        for r in s.replay_rows {
             if new.len() + replay.len() >= b {
                 break;
             }
-            if let Some(w) = replay_piece(tok, r, seq_len, &mut rng) {
+            if let Some(w) = replay_piece(s.tok, r, seq_len, &mut rng) {
                 replay.push(w);
             }
         }
@@ -273,18 +281,21 @@ impl NewWindows {
         }
     }
 
-    /// Packed step of at most `tc.batch_size` windows (see the module doc). `replay_rows`
-    /// are round 0's sampled rows; `more(round)` samples round `round` ≥ 1 (with
-    /// [`replay_round_seed`]). On `Err` from `more` the queue is left as it was.
+    /// Packed step of at most `tc.batch_size` windows (see the module doc). The inputs'
+    /// `replay_rows` are round 0's sampled rows; `more(round)` samples round `round` ≥ 1
+    /// (with [`replay_round_seed`]). On `Err` from `more` the queue is left as it was.
     pub fn take_packed_step<E>(
         &mut self,
-        tok: &Tokenizer,
-        replay_rows: &[Record],
-        history: bool,
-        tc: &TrainingConfig,
-        seed: u64,
+        inputs: StepInputs<'_>,
         mut more: impl FnMut(u32) -> Result<Vec<Record>, E>,
     ) -> Result<StepMix, E> {
+        let StepInputs {
+            tok,
+            replay_rows,
+            history,
+            tc,
+            seed,
+        } = inputs;
         let (b, seq_len) = (tc.batch_size, tc.seq_len);
         let n_replay = replay_windows(b, tc.replay_share, history, !self.queue.is_empty());
         // The prefix looked at.
@@ -397,6 +408,17 @@ mod tests {
         }
     }
 
+    /// The inputs of a step on `replay` rows (history whenever there are some).
+    fn inputs<'a>(replay: &'a [Record], tc: &'a TrainingConfig, seed: u64) -> StepInputs<'a> {
+        StepInputs {
+            tok: tok(),
+            replay_rows: replay,
+            history: !replay.is_empty(),
+            tc,
+            seed,
+        }
+    }
+
     fn tc(b: usize, share: f64) -> TrainingConfig {
         TrainingConfig {
             batch_size: b,
@@ -428,12 +450,12 @@ mod tests {
         let mut q = NewWindows::new(0, None, &[]);
         q.push_rows(tok(), &rows, 8);
         let n_queued = q.len();
-        let m = q.take_step(tok(), &replay, true, &tc(4, 0.5), 9);
+        let m = q.take_step(inputs(&replay, &tc(4, 0.5), 9));
         assert_eq!((m.new.len(), m.replay.len()), (2, 2));
         assert_eq!(q.len(), n_queued - 2);
         // Only history: an idle step is all replay.
         let mut empty = NewWindows::new(4, None, &[]);
-        let m = empty.take_step(tok(), &replay, true, &tc(4, 0.5), 9);
+        let m = empty.take_step(inputs(&replay, &tc(4, 0.5), 9));
         assert_eq!(
             (m.new.len(), m.replay.len(), m.cursor, m.partial),
             (0, 4, 4, None)
@@ -441,7 +463,7 @@ mod tests {
         // No history: new windows only, as many as the batch holds.
         let mut q = NewWindows::new(0, None, &[]);
         q.push_rows(tok(), &rows, 8);
-        let m = q.take_step(tok(), &[], false, &tc(3, 0.5), 9);
+        let m = q.take_step(inputs(&[], &tc(3, 0.5), 9));
         assert_eq!((m.new.len(), m.replay.len()), (3, 0));
         assert_eq!(
             m.real_tokens(),
@@ -457,14 +479,14 @@ mod tests {
         q.push_rows(tok(), std::slice::from_ref(&long), 8);
         let total = q.len();
         assert!(total >= 3, "{total}");
-        let first = q.take_step(tok(), &[], false, &tc(1, 0.0), 1);
+        let first = q.take_step(inputs(&[], &tc(1, 0.0), 1));
         assert_eq!((first.cursor, first.partial), (0, Some((1, 1))));
         // A resumed queue skips the trained window and yields the same next window.
         let mut resumed = NewWindows::new(first.cursor, first.partial, &first.ahead);
         resumed.push_rows(tok(), std::slice::from_ref(&long), 8);
         assert_eq!(resumed.len(), total - 1);
-        let a = q.take_step(tok(), &[], false, &tc(1, 0.0), 2);
-        let b = resumed.take_step(tok(), &[], false, &tc(1, 0.0), 2);
+        let a = q.take_step(inputs(&[], &tc(1, 0.0), 2));
+        let b = resumed.take_step(inputs(&[], &tc(1, 0.0), 2));
         assert_eq!(a, b);
     }
 
@@ -472,7 +494,7 @@ mod tests {
     fn replay_windows_are_seeded() {
         let replay: Vec<Record> = (10..30).map(|s| row(s, 25)).collect();
         let take =
-            |seed| NewWindows::new(0, None, &[]).take_step(tok(), &replay, true, &tc(4, 0.5), seed);
+            |seed| NewWindows::new(0, None, &[]).take_step(inputs(&replay, &tc(4, 0.5), seed));
         assert_eq!(take(3), take(3));
         assert_ne!(take(3).replay, take(4).replay);
     }
@@ -545,9 +567,7 @@ mod tests {
                 break;
             }
             let front = q.queue[0].2.clone();
-            let m = q
-                .take_packed_step(tok(), &[], false, &tc, t, more_rows)
-                .unwrap();
+            let m = q.take_packed_step(inputs(&[], &tc, t), more_rows).unwrap();
             assert!(m.new.contains(&front), "the front piece always goes in");
             assert!(m.replay.is_empty() && m.packed.len() <= 4);
             let b = m.batch(32, 0);
@@ -582,7 +602,7 @@ mod tests {
         let mut m = None;
         for t in 0..6 {
             m = Some(
-                a.take_packed_step(tok(), &replay, true, &tc, t, more_rows)
+                a.take_packed_step(inputs(&replay, &tc, t), more_rows)
                     .unwrap(),
             );
         }
@@ -593,8 +613,8 @@ mod tests {
         let mut b = NewWindows::new(m.cursor, m.partial, &m.ahead);
         for t in 6..30 {
             top_up(&mut b, &rows, 3, &tc);
-            let x = a.take_packed_step(tok(), &replay, true, &tc, t, more_rows);
-            let y = b.take_packed_step(tok(), &replay, true, &tc, t, more_rows);
+            let x = a.take_packed_step(inputs(&replay, &tc, t), more_rows);
+            let y = b.take_packed_step(inputs(&replay, &tc, t), more_rows);
             assert_eq!(x, y, "step {t}");
         }
     }
@@ -608,12 +628,12 @@ mod tests {
         // Two tiny replay rows: round 0 cannot fill the windows.
         let replay: Vec<Record> = (100..102).map(|s| row(s, 2)).collect();
         let (queue, positions) = (q.queue.clone(), q.positions());
-        let failed = q.take_packed_step(tok(), &replay, true, &tc, 1, |_| Err("replay down"));
+        let failed = q.take_packed_step(inputs(&replay, &tc, 1), |_| Err("replay down"));
         assert_eq!(failed, Err("replay down"));
         assert_eq!((&q.queue, q.positions()), (&queue, positions));
         let mut asked = Vec::new();
         let m = q
-            .take_packed_step(tok(), &replay, true, &tc, 1, |r| {
+            .take_packed_step(inputs(&replay, &tc, 1), |r| {
                 asked.push(r);
                 Ok::<_, ()>((0..6).map(|i| row(200 + r as u64 * 10 + i, 3)).collect())
             })

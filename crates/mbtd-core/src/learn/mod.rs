@@ -11,3 +11,17 @@ pub mod mix;
 pub mod outage_bench;
 
 pub use config::{EvalConfig, TokenizerSection, TrainingConfig};
+
+#[cfg(test)]
+pub(crate) mod tests {
+    /// The options `T` of an `mbtd bench` subcommand parsed from the words a user types.
+    pub(crate) fn bench_args<T: clap::Args>(line: &str) -> T {
+        #[derive(clap::Parser)]
+        struct Cli<T: clap::Args> {
+            #[command(flatten)]
+            args: T,
+        }
+        let words = std::iter::once("bench").chain(line.split_whitespace());
+        <Cli<T> as clap::Parser>::parse_from(words).args
+    }
+}

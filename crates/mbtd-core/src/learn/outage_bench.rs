@@ -169,6 +169,7 @@ pub fn bench_outage(a: &OutageBenchArgs) -> Result<Value, ModelError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::learn::tests::bench_args;
 
     #[test]
     fn chain_batches_follow_the_chain() {
@@ -181,13 +182,9 @@ mod tests {
 
     #[test]
     fn a_short_run_reports_every_setting() {
-        let a = OutageBenchArgs {
-            steps: 3,
-            p: vec![1.0, 0.5],
-            branches: 2,
-            threads: 1,
-            seed: 1,
-        };
+        let a: OutageBenchArgs =
+            bench_args("--steps 3 --p 1.0,0.5 --branches 2 --threads 1 --seed 1");
+        assert_eq!(a.p, [1.0, 0.5]);
         let v = bench_outage(&a).unwrap();
         let rows = v["results"].as_array().unwrap();
         assert_eq!(rows.len(), 2);

@@ -142,14 +142,14 @@ fn causal_cols(n: usize, t: usize) -> usize {
     n.next_multiple_of(16).min(t)
 }
 
-/// Head `h`'s rows of part `part` (0 = q, 1 = k, 2 = v) of batch row `b`'s `qkv` block.
-fn head<'a>(qkv: &'a [f32], s: AttnShape, b: usize, part: usize, h: usize) -> View<'a> {
+/// Head `h`'s rows of `q`, `k` and `v` in batch row `b`'s `qkv` block.
+fn heads<'a>(qkv: &'a [f32], s: AttnShape, b: usize, h: usize) -> [View<'a>; 3] {
     let d = s.d();
-    View {
+    [0, 1, 2].map(|part| View {
         data: &qkv[b * s.seq * 3 * d + part * d + h * s.head_dim..],
         rs: 3 * d,
         cs: 1,
-    }
+    })
 }
 
 /// Row `i`'s causal prefix `0..=i` rounded up to whole 16-lane chunks (at most `t`):
@@ -281,11 +281,7 @@ pub(crate) fn attn_fwd(
         .for_each(|(bh, p)| {
             let (b, h) = (bh / s.heads, bh % s.heads);
             let win = s.window(b);
-            let (q, k, v) = (
-                head(qkv, s, b, 0, h),
-                head(qkv, s, b, 1, h),
-                head(qkv, s, b, 2, h),
-            );
+            let [q, k, v] = heads(qkv, s, b, h);
             // S = Q·Kᵀ, row tile [i0, i1) needs keys in [first_key(i0), i1)
             product(p, t, t, q, k.t(), (hd, t), false, |i0, i1| TileRange {
                 col0: first_key(win, i0),
@@ -344,11 +340,7 @@ pub(crate) fn attn_bwd(
         .for_each(|(bh, (dp, p))| {
             let (b, h) = (bh / s.heads, bh % s.heads);
             let win = s.window(b);
-            let (q, k, v) = (
-                head(qkv, s, b, 0, h),
-                head(qkv, s, b, 1, h),
-                head(qkv, s, b, 2, h),
-            );
+            let [q, k, v] = heads(qkv, s, b, h);
             let dy = View {
                 data: &datt[b * t * d + h * hd..],
                 rs: d,

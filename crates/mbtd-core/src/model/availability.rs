@@ -9,6 +9,7 @@
 //! 1), and the gradient scale of a branch is `min(1/π_i, max_scale)`.
 
 use super::{BranchScales, Masks};
+use crate::config::{FieldError, Section};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -18,7 +19,7 @@ use serde::{Deserialize, Serialize};
 pub enum AvailabilityError {
     /// A configuration field is out of range.
     #[error("invalid availability configuration: {0}")]
-    Config(String),
+    Config(#[from] FieldError),
     /// A layer/branch index is out of range or an outage would leave a layer empty.
     #[error("availability: {0}")]
     Branch(String),
@@ -61,33 +62,17 @@ impl Default for AvailabilityConfig {
     }
 }
 
-impl AvailabilityConfig {
-    /// Checks every field; the error names the field and its allowed range.
-    pub fn validate(&self) -> Result<(), String> {
-        if !(0.0..=1.0).contains(&self.p) {
-            return Err(format!("availability.p = {}: must be in [0, 1]", self.p));
+impl Section for AvailabilityConfig {
+    const NAME: &'static str = "availability";
+
+    fn validate(&self) -> Result<(), FieldError> {
+        Self::in_range("p", self.p, 0.0, 1.0)?;
+        for (j, b) in self.per_branch_p.iter().enumerate() {
+            Self::in_range(&format!("per_branch_p[{j}].p"), b.p, 0.0, 1.0)?;
         }
-        if let Some((j, b)) = self
-            .per_branch_p
-            .iter()
-            .enumerate()
-            .find(|(_, b)| !(0.0..=1.0).contains(&b.p))
-        {
-            return Err(format!(
-                "availability.per_branch_p[{j}].p = {}: must be in [0, 1]",
-                b.p
-            ));
-        }
-        if self.min_active == 0 {
-            return Err("availability.min_active = 0: must be >= 1".to_string());
-        }
-        if !(0.0..1.0).contains(&self.ema_decay) {
-            return Err(format!(
-                "availability.ema_decay = {}: must be in [0, 1)",
-                self.ema_decay
-            ));
-        }
-        Ok(())
+        Self::require("min_active", self.min_active, self.min_active >= 1, ">= 1")?;
+        let decay = self.ema_decay;
+        Self::require("ema_decay", decay, (0.0..1.0).contains(&decay), "[0, 1)")
     }
 }
 
@@ -165,7 +150,7 @@ impl From<Availability> for AvailabilityState {
 impl TryFrom<AvailabilityState> for Availability {
     type Error = String;
     fn try_from(s: AvailabilityState) -> Result<Self, String> {
-        s.config.validate()?;
+        s.config.validate().map_err(|e| e.to_string())?;
         let pi: Vec<Vec<f64>> = s
             .pi_bits
             .iter()
@@ -198,7 +183,7 @@ impl Availability {
         widths: &[usize],
         seed: u64,
     ) -> Result<Self, AvailabilityError> {
-        config.validate().map_err(AvailabilityError::Config)?;
+        config.validate()?;
         Ok(Self {
             config,
             pi: widths.iter().map(|&k| vec![1.0; k]).collect(),
@@ -391,12 +376,22 @@ mod tests {
             p: 1.5,
             ..AvailabilityConfig::default()
         };
-        assert!(bad.validate().unwrap_err().contains("availability.p"));
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("availability.p")
+        );
         let bad = AvailabilityConfig {
             min_active: 0,
             ..AvailabilityConfig::default()
         };
-        assert!(bad.validate().unwrap_err().contains("min_active"));
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("min_active")
+        );
         let parsed: AvailabilityConfig = toml::from_str("p = 0.75\nmin_active = 2").unwrap();
         assert_eq!(parsed.p, 0.75);
         assert!(toml::from_str::<AvailabilityConfig>("q = 1").is_err());

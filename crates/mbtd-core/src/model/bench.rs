@@ -95,6 +95,27 @@ pub struct TrainBenchArgs {
     pub precision: super::Precision,
 }
 
+impl TrainBenchArgs {
+    /// A `bench train` result: the options it ran with, then `fields`.
+    pub fn report(&self, fields: Value) -> Value {
+        let mut out = json!({
+            "bench": "train",
+            "preset": self.preset.name(),
+            "threads": self.threads,
+            "p_active": self.p_active,
+            "batch": self.batch,
+            "seq": self.seq,
+            "steps": self.steps,
+            "precision": self.precision.name(),
+            "avx512_bf16": super::ops::has_avx512_bf16(),
+        });
+        if let (Value::Object(out), Value::Object(fields)) = (&mut out, fields) {
+            out.extend(fields);
+        }
+        out
+    }
+}
+
 impl Default for TrainBenchArgs {
     fn default() -> Self {
         Self {
@@ -312,16 +333,7 @@ pub fn bench_train(opts: &TrainBenchArgs) -> Result<Value, ModelError> {
         let cpu_per_step = (cpu_seconds() - cpu0) / opts.steps as f64;
         let tokens = (opts.batch * opts.seq * opts.steps) as f64;
         let (mean, p50) = stats_ms(&mut times);
-        let mut out = json!({
-            "bench": "train",
-            "preset": opts.preset.name(),
-            "threads": opts.threads,
-            "p_active": opts.p_active,
-            "batch": opts.batch,
-            "seq": opts.seq,
-            "steps": opts.steps,
-            "precision": opts.precision.name(),
-            "avx512_bf16": super::ops::has_avx512_bf16(),
+        let mut out = opts.report(json!({
             "params": params,
             "tokens_per_sec": tokens / total,
             "step_ms_mean": mean,
@@ -331,7 +343,7 @@ pub fn bench_train(opts: &TrainBenchArgs) -> Result<Value, ModelError> {
             "active_branches_mean": active as f64 / (opts.steps * cfg.n_layers) as f64,
             "final_loss": loss,
             "peak_rss_kib": peak_rss_kib(),
-        });
+        }));
         if opts.phases {
             let n = opts.steps as f64 * 1e-3;
             out["phase_ms"] = json!({

@@ -28,8 +28,8 @@ use super::attention::{AttnShape, attn_bwd, attn_fwd};
 use super::ops::dropout::{Dropout, dropout_apply};
 use super::ops::rope::{RopeTable, rope_bwd, rope_fwd};
 use super::ops::{
-    ColSums, Precision, bias_gelu_fwd, gelu_bwd_colsum, layernorm_bwd, layernorm_fwd, linear_bwd,
-    linear_fwd, linear_nobias_fwd, residual_linear_fwd, scale_colsum, serial_gemm,
+    ColSums, Mat, Precision, bias_gelu_fwd, gelu_bwd_colsum, layernorm_bwd, layernorm_fwd,
+    linear_bwd, linear_fwd, linear_nobias_fwd, residual_linear_fwd, scale_colsum, serial_gemm,
 };
 use super::params::BranchParams;
 use std::sync::Mutex;
@@ -164,10 +164,16 @@ pub(crate) fn branch_fwd(
     let site = |k| o.drop.map(|dr| dr.site(k));
     let pd = site(SITE_PROBS).map(|k| (&mut bw.probs_drop[..], k));
     attn_fwd(&mut bw.att, &mut bw.probs, &bw.qkv, s, pd);
-    match site(SITE_ATTN_OUT) {
-        Some(k) => dropped_residual(o.prec, &mut bw.u, h, &bw.att, &bp.out_w, &bp.out_b, n, d, k),
-        None => residual_linear_fwd(o.prec, &mut bw.u, h, &bw.att, &bp.out_w, &bp.out_b, n, d),
-    }
+    let att = Mat::new(&bw.att, n, d);
+    residual(
+        o.prec,
+        &mut bw.u,
+        h,
+        att,
+        &bp.out_w,
+        &bp.out_b,
+        site(SITE_ATTN_OUT),
+    );
     layernorm_fwd(
         &mut bw.a2,
         &mut bw.mean2,
@@ -181,45 +187,33 @@ pub(crate) fn branch_fwd(
     if let Some(k) = site(SITE_GELU) {
         dropout_apply(&mut bw.g, k, 0);
     }
-    match site(SITE_MLP_OUT) {
-        Some(k) => dropped_residual(
-            o.prec,
-            &mut bw.z,
-            &bw.u,
-            &bw.g,
-            &bp.proj_w,
-            &bp.proj_b,
-            n,
-            4 * d,
-            k,
-        ),
-        None => residual_linear_fwd(
-            o.prec,
-            &mut bw.z,
-            &bw.u,
-            &bw.g,
-            &bp.proj_w,
-            &bp.proj_b,
-            n,
-            4 * d,
-        ),
-    }
+    let g = Mat::new(&bw.g, n, 4 * d);
+    residual(
+        o.prec,
+        &mut bw.z,
+        &bw.u,
+        g,
+        &bp.proj_w,
+        &bp.proj_b,
+        site(SITE_MLP_OUT),
+    );
 }
 
-/// `y = x + M ⊙ (a·W + b)` for the mask `M` of `site` (`y`: `[n, d_out]`).
-#[allow(clippy::too_many_arguments)]
-fn dropped_residual(
+/// `y = x + M ⊙ (a·W + b)` with `M` the mask of the dropout site `drop`, or `y = x + a·W + b`
+/// without one (`y`: `[n, d_out]`).
+fn residual(
     prec: Precision,
     y: &mut [f32],
     x: &[f32],
-    a: &[f32],
+    a: Mat<'_>,
     w: &[f32],
     b: &[f32],
-    n: usize,
-    din: usize,
-    site: Dropout,
+    drop: Option<Dropout>,
 ) {
-    linear_fwd(prec, y, a, w, b, n, din);
+    let Some(site) = drop else {
+        return residual_linear_fwd(prec, y, x, a, w, b);
+    };
+    linear_fwd(prec, y, a.data, w, b, a.rows, a.cols);
     dropout_apply(y, site, 0);
     for (o, &v) in y.iter_mut().zip(x) {
         *o += v;

@@ -19,11 +19,25 @@ use super::agg::AggGroups;
 use super::net::Model;
 use super::params::{Params, TensorId};
 use super::{ModelConfig, ModelError, Positions, TimeEmbedding};
+use crate::config::Section;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::collections::HashMap;
 
 const MODEL_FORMAT: &str = "mbtd-model-v1";
 const ADAM_FORMAT: &str = "mbtd-adam-v1";
+
+/// Every tensor of `params` with its shape under `cfg` (layer `l` of width `widths[l]`).
+fn shapes(params: &Params, cfg: &ModelConfig, widths: &[usize]) -> Vec<(TensorId, Vec<usize>)> {
+    let width = |id| match id {
+        TensorId::Alpha(l) => widths[l],
+        _ => 0,
+    };
+    params
+        .ids()
+        .into_iter()
+        .map(|id| (id, id.shape(cfg, width(id))))
+        .collect()
+}
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
@@ -48,18 +62,12 @@ fn serialize(
 
 /// Serialises the model to `model.safetensors` bytes.
 pub fn model_to_bytes(model: &Model) -> Result<Vec<u8>, ModelError> {
-    let cfg = &model.config;
-    let widths = model.widths();
     let mut tensors = Vec::new();
-    for id in model.params.ids() {
-        let k = match id {
-            TensorId::Alpha(l) => widths[l],
-            _ => 0,
-        };
+    for (id, shape) in shapes(&model.params, &model.config, &model.widths()) {
         tensors.push((
             id.name(),
             Dtype::F32,
-            id.shape(cfg, k),
+            shape,
             f32_bytes(model.params.get(id)),
         ));
     }
@@ -135,7 +143,7 @@ fn check_format(
 /// Rebuilds a model from `model.safetensors` bytes and its configuration (widths are
 /// inferred from the tensors present; `config.branches` is ignored for that).
 pub fn model_from_bytes(config: ModelConfig, bytes: &[u8]) -> Result<Model, ModelError> {
-    config.validate().map_err(ModelError::Config)?;
+    config.validate()?;
     let (_, meta) =
         SafeTensors::read_metadata(bytes).map_err(|source| ModelError::SafeTensors {
             what: "model",
@@ -178,13 +186,8 @@ pub fn model_from_bytes(config: ModelConfig, bytes: &[u8]) -> Result<Model, Mode
         });
     }
     let mut params = Params::zeros(&config, &widths);
-    for id in params.ids() {
-        let k = match id {
-            TensorId::Alpha(l) => widths[l],
-            _ => 0,
-        };
-        let v = read_f32(&st, &id.name(), &id.shape(&config, k))?;
-        *params.get_mut(id) = v;
+    for (id, shape) in shapes(&params, &config, &widths) {
+        *params.get_mut(id) = read_f32(&st, &id.name(), &shape)?;
     }
     let mut groups = Vec::with_capacity(config.n_layers);
     for (l, &k) in widths.iter().enumerate() {
@@ -223,14 +226,8 @@ pub fn optimizer_to_bytes(
     v: &Params,
     step: u64,
 ) -> Result<Vec<u8>, ModelError> {
-    let widths = model.widths();
     let mut tensors = Vec::new();
-    for id in model.params.ids() {
-        let k = match id {
-            TensorId::Alpha(l) => widths[l],
-            _ => 0,
-        };
-        let shape = id.shape(&model.config, k);
+    for (id, shape) in shapes(&model.params, &model.config, &model.widths()) {
         tensors.push((
             format!("adam.m.{}", id.name()),
             Dtype::F32,
@@ -274,12 +271,7 @@ pub fn optimizer_from_bytes(
     let widths = model.widths();
     let mut m = Params::zeros(&model.config, &widths);
     let mut v = m.clone();
-    for id in model.params.ids() {
-        let k = match id {
-            TensorId::Alpha(l) => widths[l],
-            _ => 0,
-        };
-        let shape = id.shape(&model.config, k);
+    for (id, shape) in shapes(&model.params, &model.config, &widths) {
         *m.get_mut(id) = read_f32(&st, &format!("adam.m.{}", id.name()), &shape)?;
         *v.get_mut(id) = read_f32(&st, &format!("adam.v.{}", id.name()), &shape)?;
     }
@@ -290,17 +282,23 @@ pub fn optimizer_from_bytes(
 mod tests {
     use super::*;
     use crate::model::net::tests::{random_batch, tiny_config};
-    use crate::model::{OptimConfig, Trainer};
+    use crate::model::{Batch, OptimConfig, Trainer};
+
+    /// A trainer for `cfg` after one step, and the batch it trained on.
+    fn trained_one_step(cfg: &ModelConfig) -> (Trainer, Batch) {
+        let mut t =
+            Trainer::new(Model::new(cfg.clone(), 1).unwrap(), OptimConfig::default()).unwrap();
+        let batch = random_batch(cfg, 2, 4, 2);
+        let masks = t.model().all_active();
+        let scales: Vec<Vec<f32>> = t.model().widths().iter().map(|&k| vec![1.0; k]).collect();
+        t.train_step(&batch, &masks, &scales).unwrap();
+        (t, batch)
+    }
 
     #[test]
     fn model_and_optimizer_round_trip_bitwise_with_expansion() {
         let cfg = tiny_config();
-        let mut t =
-            Trainer::new(Model::new(cfg.clone(), 1).unwrap(), OptimConfig::default()).unwrap();
-        let batch = random_batch(&cfg, 2, 4, 2);
-        let masks = t.model().all_active();
-        let scales: Vec<Vec<f32>> = t.model().widths().iter().map(|&k| vec![1.0; k]).collect();
-        t.train_step(&batch, &masks, &scales).unwrap();
+        let (mut t, batch) = trained_one_step(&cfg);
         t.expand(0, 2, 0.01, 3).unwrap();
         t.set_eta(0, 0.125).unwrap();
         let mb = t.model_bytes().unwrap();
@@ -343,12 +341,7 @@ mod tests {
             positions: Positions::Rope,
             ..tiny_config()
         };
-        let mut t =
-            Trainer::new(Model::new(cfg.clone(), 1).unwrap(), OptimConfig::default()).unwrap();
-        let batch = random_batch(&cfg, 2, 4, 2);
-        let masks = t.model().all_active();
-        let scales: Vec<Vec<f32>> = t.model().widths().iter().map(|&k| vec![1.0; k]).collect();
-        t.train_step(&batch, &masks, &scales).unwrap();
+        let (t, _) = trained_one_step(&cfg);
         let (mb, ob) = (t.model_bytes().unwrap(), t.optimizer_bytes().unwrap());
         assert!(
             SafeTensors::deserialize(&mb)

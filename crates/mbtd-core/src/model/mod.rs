@@ -46,14 +46,18 @@ pub use generate::{GenerateConfig, Generation};
 pub use net::{Model, Workspace};
 pub use ops::Precision;
 pub use params::{BranchParams, LayerParams, Params};
-pub use train::{ExpandReport, StepReport, Trainer};
+pub use train::{ExpandReport, Expanded, StepReport, Trainer};
 
+use crate::config::{FieldError, Section};
 use serde::{Deserialize, Serialize};
 
 /// Errors of the model core. Every message names what is wrong, where, and what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     /// A configuration field is out of range.
+    #[error("invalid model configuration: {0}")]
+    Field(#[from] FieldError),
+    /// A configuration does not fit what it is used for (a benchmark's options).
     #[error("invalid model configuration: {0}")]
     Config(String),
     /// A batch does not fit the model (shape, token id, sequence length).
@@ -187,80 +191,42 @@ impl Default for ModelConfig {
     }
 }
 
-impl ModelConfig {
-    /// Checks every field; the error names the field and its allowed range.
-    pub fn validate(&self) -> Result<(), String> {
-        if !(2..=1 << 24).contains(&self.vocab_size) {
-            return Err(format!(
-                "model.vocab_size = {}: must be in 2..=16777216",
-                self.vocab_size
-            ));
-        }
-        if self.n_heads == 0 || self.n_heads > 256 {
-            return Err(format!(
-                "model.n_heads = {}: must be in 1..=256",
-                self.n_heads
-            ));
-        }
-        if self.d_model == 0 || self.d_model > 16384 || !self.d_model.is_multiple_of(self.n_heads) {
-            return Err(format!(
-                "model.d_model = {}: must be in 1..=16384 and a multiple of model.n_heads ({})",
-                self.d_model, self.n_heads
-            ));
-        }
-        if !(1..=256).contains(&self.n_layers) {
-            return Err(format!(
-                "model.n_layers = {}: must be in 1..=256",
-                self.n_layers
-            ));
-        }
-        if !(1..=256).contains(&self.branches) {
-            return Err(format!(
-                "model.branches = {}: must be in 1..=256",
-                self.branches
-            ));
-        }
-        if !(1..=65536).contains(&self.max_seq_len) {
-            return Err(format!(
-                "model.max_seq_len = {}: must be in 1..=65536",
-                self.max_seq_len
-            ));
-        }
-        if !(0.0..=1.0).contains(&self.agg_floor) {
-            return Err(format!(
-                "model.agg_floor = {}: must be in [0, 1]",
-                self.agg_floor
-            ));
-        }
-        if !(self.init_std > 0.0 && self.init_std <= 1.0) {
-            return Err(format!(
-                "model.init_std = {}: must be in (0, 1]",
-                self.init_std
-            ));
-        }
-        if self.positions == Positions::Rope && !self.head_dim().is_multiple_of(2) {
-            return Err(format!(
-                "model.positions = \"rope\" needs an even head dimension, but model.d_model / model.n_heads = {} / {} = {}; change either",
-                self.d_model,
-                self.n_heads,
-                self.head_dim()
-            ));
-        }
-        if !(0.0..1.0).contains(&self.dropout) {
-            return Err(format!(
-                "model.dropout = {}: must be in [0, 1) (0 = off)",
-                self.dropout
-            ));
-        }
-        if !(1..=256).contains(&self.time_features) {
-            return Err(format!(
-                "model.time_features = {}: must be in 1..=256",
-                self.time_features
-            ));
-        }
-        Ok(())
-    }
+impl Section for ModelConfig {
+    const NAME: &'static str = "model";
 
+    fn validate(&self) -> Result<(), FieldError> {
+        Self::in_range("vocab_size", self.vocab_size, 2, 1 << 24)?;
+        Self::in_range("n_heads", self.n_heads, 1, 256)?;
+        let heads = self.n_heads;
+        Self::require(
+            "d_model",
+            self.d_model,
+            (1..=16384).contains(&self.d_model) && self.d_model.is_multiple_of(heads),
+            format!("1 ..= 16384 and a multiple of model.n_heads ({heads})"),
+        )?;
+        Self::in_range("n_layers", self.n_layers, 1, 256)?;
+        Self::in_range("branches", self.branches, 1, 256)?;
+        Self::in_range("max_seq_len", self.max_seq_len, 1, 65536)?;
+        Self::in_range("agg_floor", self.agg_floor, 0.0, 1.0)?;
+        let std = self.init_std;
+        Self::require("init_std", std, std > 0.0 && std <= 1.0, "(0, 1]")?;
+        let (d, h) = (self.d_model, self.n_heads);
+        Self::require(
+            "positions",
+            "\"rope\"",
+            self.positions != Positions::Rope || self.head_dim().is_multiple_of(2),
+            format!(
+                "\"learned\", or \"rope\" with an even head dimension, but model.d_model / model.n_heads = {d} / {h} = {}; change either",
+                self.head_dim()
+            ),
+        )?;
+        let p = self.dropout;
+        Self::require("dropout", p, (0.0..1.0).contains(&p), "[0, 1) (0 = off)")?;
+        Self::in_range("time_features", self.time_features, 1, 256)
+    }
+}
+
+impl ModelConfig {
     /// Head dimension `d / n_heads`.
     pub fn head_dim(&self) -> usize {
         self.d_model / self.n_heads
@@ -305,42 +271,30 @@ impl Default for OptimConfig {
     }
 }
 
-impl OptimConfig {
-    /// Checks every field; the error names the field and its allowed range.
-    pub fn validate(&self) -> Result<(), String> {
-        if !(self.lr >= 0.0 && self.lr <= 1.0) {
-            return Err(format!("optim.lr = {}: must be in [0, 1]", self.lr));
-        }
-        if !(0.0..1.0).contains(&self.beta1) {
-            return Err(format!("optim.beta1 = {}: must be in [0, 1)", self.beta1));
-        }
-        if !(0.0..1.0).contains(&self.beta2) {
-            return Err(format!("optim.beta2 = {}: must be in [0, 1)", self.beta2));
-        }
-        if !(self.eps > 0.0 && self.eps <= 1.0) {
-            return Err(format!("optim.eps = {}: must be in (0, 1]", self.eps));
-        }
-        if !(0.0..=1.0).contains(&self.weight_decay) {
-            return Err(format!(
-                "optim.weight_decay = {}: must be in [0, 1]",
-                self.weight_decay
-            ));
-        }
-        if !(self.grad_clip >= 0.0 && self.grad_clip.is_finite()) {
-            return Err(format!(
-                "optim.grad_clip = {}: must be >= 0 (0 disables clipping)",
-                self.grad_clip
-            ));
-        }
-        if !(self.max_scale >= 1.0 && self.max_scale.is_finite()) {
-            return Err(format!(
-                "optim.max_scale = {}: must be >= 1",
-                self.max_scale
-            ));
-        }
-        Ok(())
-    }
+impl Section for OptimConfig {
+    const NAME: &'static str = "optim";
 
+    fn validate(&self) -> Result<(), FieldError> {
+        Self::in_range("lr", self.lr, 0.0, 1.0)?;
+        let (b1, b2) = (self.beta1, self.beta2);
+        Self::require("beta1", b1, (0.0..1.0).contains(&b1), "[0, 1)")?;
+        Self::require("beta2", b2, (0.0..1.0).contains(&b2), "[0, 1)")?;
+        let eps = self.eps;
+        Self::require("eps", eps, eps > 0.0 && eps <= 1.0, "(0, 1]")?;
+        Self::in_range("weight_decay", self.weight_decay, 0.0, 1.0)?;
+        let clip = self.grad_clip;
+        Self::require(
+            "grad_clip",
+            clip,
+            clip >= 0.0 && clip.is_finite(),
+            ">= 0 (0 disables clipping)",
+        )?;
+        let s = self.max_scale;
+        Self::require("max_scale", s, s >= 1.0 && s.is_finite(), ">= 1")
+    }
+}
+
+impl OptimConfig {
     /// Learning rate of the 0-based step `t`: linear warm-up, then constant forever.
     pub fn lr_at(&self, t: u64) -> f32 {
         if self.warmup_steps == 0 || t.saturating_add(1) >= self.warmup_steps {
@@ -483,12 +437,22 @@ mod tests {
             n_heads: 4,
             ..ModelConfig::default()
         };
-        assert!(bad.validate().unwrap_err().contains("model.d_model"));
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("model.d_model")
+        );
         let bad = ModelConfig {
             agg_floor: 1.5,
             ..ModelConfig::default()
         };
-        assert!(bad.validate().unwrap_err().contains("model.agg_floor"));
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("model.agg_floor")
+        );
         let t: ModelConfig =
             toml::from_str("time_embedding = \"time2vec\"\ntime_features = 4").unwrap();
         assert_eq!(
@@ -500,7 +464,12 @@ mod tests {
             time_features: 0,
             ..ModelConfig::default()
         };
-        assert!(bad.validate().unwrap_err().contains("model.time_features"));
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("model.time_features")
+        );
         let o: OptimConfig = toml::from_str("lr = 0.001\nwarmup_steps = 4").unwrap();
         assert!(o.validate().is_ok());
         assert!(toml::from_str::<OptimConfig>("lr_decay = 1").is_err());
@@ -508,7 +477,12 @@ mod tests {
             beta2: 1.0,
             ..OptimConfig::default()
         };
-        assert!(bad.validate().unwrap_err().contains("optim.beta2"));
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("optim.beta2")
+        );
     }
 
     #[test]

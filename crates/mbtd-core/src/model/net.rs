@@ -26,11 +26,12 @@ use super::branches::{LayerBranches, Local, Pass};
 use super::ops::rope::RopeTable;
 use super::ops::time2vec::{time2vec_bwd, time2vec_fwd};
 use super::ops::{
-    embed_bwd, embed_fwd, layernorm_bwd, layernorm_fwd, mm_nt, mm_tn, profile, serial_gemm,
+    Mat, embed_bwd, embed_fwd, layernorm_bwd, layernorm_fwd, mm_nt, mm_tn, profile, serial_gemm,
     weighted_sum, xent_fwd_bwd,
 };
 use super::params::Params;
 use super::{Batch, Masks, ModelConfig, ModelError, Positions};
+use crate::config::Section;
 
 /// The model: configuration, parameters and per-layer aggregation groups.
 #[derive(Debug, Clone, PartialEq)]
@@ -179,7 +180,7 @@ impl Model {
 
     /// A freshly initialised model (ARCHITECTURE.md init) from a seed.
     pub fn new(config: ModelConfig, seed: u64) -> Result<Self, ModelError> {
-        config.validate().map_err(ModelError::Config)?;
+        config.validate()?;
         let params = Params::init(&config, seed);
         let groups = vec![AggGroups::single(); config.n_layers];
         Ok(Self {
@@ -413,9 +414,10 @@ impl Model {
             let _prof = profile::scope(profile::LINEAR);
             let (af, dlogits, da) = (&ws.af, &ws.logits, &mut ws.da);
             let (hw, pr) = (&p.head_w, cfg.precision);
+            let dy = Mat::new(dlogits, n, v);
             rayon::join(
-                || serial_gemm(|| mm_tn(pr, &mut grads.head_w, af, dlogits, n, d, v, false)),
-                || serial_gemm(|| mm_nt(pr, da, dlogits, hw, n, v, d, false)),
+                || serial_gemm(|| mm_tn(pr, &mut grads.head_w, Mat::new(af, n, d), dy, false)),
+                || serial_gemm(|| mm_nt(pr, da, dy, Mat::new(hw, d, v), false)),
             );
         }
         layernorm_bwd(

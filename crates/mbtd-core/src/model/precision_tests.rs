@@ -4,19 +4,13 @@
 
 use super::net::tests::{random_batch, tiny_config};
 use super::ops::tests::rel_err;
-use super::train::tests::{ones, optim, train_in_pool};
+use super::train::tests::{ones, optim, pool_config, train_in_pool};
 use super::{Batch, Model, ModelConfig, Params, Precision, Trainer, Workspace};
 
 fn mid_config(precision: Precision) -> ModelConfig {
     ModelConfig {
-        vocab_size: 97,
-        d_model: 64,
-        n_heads: 2,
-        n_layers: 2,
-        branches: 2,
-        max_seq_len: 32,
         precision,
-        ..ModelConfig::default()
+        ..pool_config()
     }
 }
 

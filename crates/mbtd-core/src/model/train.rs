@@ -27,6 +27,7 @@ use super::ops::{dot_f64, simd};
 use super::params::{BranchParams, Params, TensorId, normal};
 use super::remote::{AdamWStep, RemoteBranches};
 use super::{Batch, BranchScales, Masks, ModelConfig, ModelError, OptimConfig};
+use crate::config::Section;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -83,6 +84,9 @@ pub struct ExpandReport {
     /// New width of the layer.
     pub width: usize,
 }
+
+/// The outcome of [`Model::expand`] and [`Trainer::expand`].
+pub type Expanded = Result<ExpandReport, ModelError>;
 
 /// Model, AdamW state, step counter and reusable buffers.
 #[derive(Debug)]
@@ -153,8 +157,8 @@ pub(crate) fn branch_sq_norm(b: &BranchParams) -> f64 {
 impl Trainer {
     /// A trainer with zero AdamW moments at step 0.
     pub fn new(model: Model, optim: OptimConfig) -> Result<Self, ModelError> {
-        optim.validate().map_err(ModelError::Config)?;
-        model.config.validate().map_err(ModelError::Config)?;
+        optim.validate()?;
+        model.config.validate()?;
         let widths = model.widths();
         let zeros = Params::zeros(&model.config, &widths);
         Ok(Self {
@@ -215,7 +219,7 @@ impl Trainer {
 
     /// Replaces the optimizer configuration (e.g. a new learning rate).
     pub fn set_optim(&mut self, optim: OptimConfig) -> Result<(), ModelError> {
-        optim.validate().map_err(ModelError::Config)?;
+        optim.validate()?;
         self.optim = optim;
         Ok(())
     }
@@ -498,13 +502,7 @@ impl Trainer {
 
     /// Adds `m` branches to `layer` (see [`Model::expand`]); their AdamW moments start
     /// at zero. With branches on hosts, the new branches live in this process.
-    pub fn expand(
-        &mut self,
-        layer: usize,
-        m: usize,
-        noise_std: f32,
-        seed: u64,
-    ) -> Result<ExpandReport, ModelError> {
+    pub fn expand(&mut self, layer: usize, m: usize, noise_std: f32, seed: u64) -> Expanded {
         let report = self.model.expand(layer, m, noise_std, seed)?;
         let d = self.model.config.d_model;
         for p in [&mut self.m, &mut self.v, &mut self.grads] {
@@ -531,13 +529,7 @@ impl Model {
     /// `N(0, noise_std)` noise on every tensor; new logits are 0. The new branches form a
     /// new aggregation group with `η = 0`, so the model's function is bitwise unchanged
     /// until [`Model::set_eta`] raises `η`.
-    pub fn expand(
-        &mut self,
-        layer: usize,
-        m: usize,
-        noise_std: f32,
-        seed: u64,
-    ) -> Result<ExpandReport, ModelError> {
+    pub fn expand(&mut self, layer: usize, m: usize, noise_std: f32, seed: u64) -> Expanded {
         let nl = self.params.layers.len();
         if layer >= nl {
             return Err(ModelError::Expand(format!(
@@ -792,8 +784,8 @@ pub(crate) mod tests {
         );
     }
 
-    /// The 64-wide model of the thread-count test.
-    fn pool_config() -> ModelConfig {
+    /// The 64-wide model of the thread-count tests.
+    pub(crate) fn pool_config() -> ModelConfig {
         ModelConfig {
             vocab_size: 97,
             d_model: 64,
@@ -801,8 +793,6 @@ pub(crate) mod tests {
             n_layers: 2,
             branches: 2,
             max_seq_len: 32,
-            agg_floor: 0.2,
-            init_std: 0.02,
             ..ModelConfig::default()
         }
     }

@@ -54,8 +54,12 @@ pub struct SourceCounts {
 pub struct InspectReport {
     /// The directory.
     pub dir: PathBuf,
-    /// Per segment.
-    pub segments: Vec<SegmentReport>,
+    /// True when every CRC verified and no segment or journal damage was found.
+    pub ok: bool,
+    /// Seed of the store's eviction keys.
+    pub seed: u64,
+    /// Control fraction of the store.
+    pub control_fraction: f64,
     /// Live rows.
     pub rows: u64,
     /// Live control rows.
@@ -64,18 +68,14 @@ pub struct InspectReport {
     pub bytes: u64,
     /// Rows evicted since creation (from `state.bin`).
     pub evicted_total: u64,
+    /// Per segment.
+    pub segments: Vec<SegmentReport>,
+    /// Journal findings.
+    pub journal: JournalScan,
     /// Per source.
     pub by_source: BTreeMap<String, SourceCounts>,
     /// Per kind.
     pub by_kind: BTreeMap<String, u64>,
-    /// Journal findings.
-    pub journal: JournalScan,
-    /// Seed and control fraction of the store.
-    pub seed: u64,
-    /// Control fraction of the store.
-    pub control_fraction: f64,
-    /// True when every CRC verified and no segment or journal damage was found.
-    pub ok: bool,
 }
 
 /// Inspect `dir` without modifying it.
@@ -185,27 +185,33 @@ impl fmt::Display for InspectReport {
             "  journal: {} files, {} corrupt entries, {} torn bytes",
             self.journal.entries, self.journal.corrupt_entries, self.journal.torn_tail_bytes
         )?;
-        writeln!(
-            f,
-            "  {:<20} {:>12} {:>10} {:>8} {:>8} {:>8} {:>10}  header",
-            "segment", "bytes", "records", "evicted", "corrupt", "tail", "seqs"
-        )?;
+        let segment = |f: &mut fmt::Formatter<'_>, cols: [&str; 8]| {
+            let [name, bytes, records, evicted, corrupt, tail, seqs, header] = cols;
+            writeln!(
+                f,
+                "  {name:<20} {bytes:>12} {records:>10} {evicted:>8} {corrupt:>8} {tail:>8} {seqs:>10}  {header}"
+            )
+        };
+        let title = [
+            "segment", "bytes", "records", "evicted", "corrupt", "tail", "seqs", "header",
+        ];
+        segment(f, title)?;
         for s in &self.segments {
             let seqs = s
                 .seq_range
                 .map_or("-".to_string(), |(a, b)| format!("{a}-{b}"));
-            writeln!(
-                f,
-                "  {:<20} {:>12} {:>10} {:>8} {:>8} {:>8} {:>10}  {}",
-                s.name,
+            let counts = [
                 s.bytes,
                 s.records,
                 s.evicted,
                 s.corrupt_regions,
                 s.tail_bytes,
-                seqs,
-                s.header
-            )?;
+            ];
+            let [bytes, records, evicted, corrupt, tail] = counts.map(|n| n.to_string());
+            let row = [
+                &s.name, &bytes, &records, &evicted, &corrupt, &tail, &seqs, &s.header,
+            ];
+            segment(f, row.map(String::as_str))?;
         }
         writeln!(
             f,

@@ -21,6 +21,7 @@ pub mod journal;
 pub mod replay;
 pub mod state;
 
+use crate::config::{FieldError, Section};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -57,7 +58,7 @@ pub enum StoreError {
     },
     /// The configuration is invalid.
     #[error("replay config: {0}")]
-    Config(String),
+    Config(FieldError),
     /// A commit's fsyncs were prepared for a different state of the store.
     #[error(
         "replay store {}: a commit does not match the store's pending rows (the store was reopened, or rows were appended or rolled back meanwhile); the file is processed again",
@@ -126,7 +127,7 @@ pub struct ReplayConfig {
 
 impl Default for ReplayConfig {
     fn default() -> Self {
-        ReplayConfig {
+        Self {
             segment_bytes: 64 << 20,
             max_rows: 5_000_000,
             max_bytes: 4 << 30,
@@ -138,37 +139,20 @@ impl Default for ReplayConfig {
     }
 }
 
-impl ReplayConfig {
-    /// Check every field; the message names the field and its allowed range.
-    pub fn validate(&self) -> Result<(), String> {
-        if !(1024..=1 << 30).contains(&self.segment_bytes) {
-            return Err(format!(
-                "replay.segment_bytes = {} is out of range 1024 ..= 1073741824",
-                self.segment_bytes
-            ));
-        }
-        if self.max_rows == 0 {
-            return Err("replay.max_rows = 0; it must be at least 1".into());
-        }
-        if self.max_bytes < 4096 {
-            return Err(format!(
-                "replay.max_bytes = {} is below the minimum 4096",
-                self.max_bytes
-            ));
-        }
-        if !(0.0..=0.5).contains(&self.control_fraction) {
-            return Err(format!(
-                "replay.control_fraction = {} is out of range 0.0 ..= 0.5",
-                self.control_fraction
-            ));
-        }
-        if !(0.0..=50.0).contains(&self.recent_bias) {
-            return Err(format!(
-                "replay.recent_bias = {} is out of range 0.0 ..= 50.0",
-                self.recent_bias
-            ));
-        }
-        Ok(())
+impl Section for ReplayConfig {
+    const NAME: &'static str = "replay";
+
+    fn validate(&self) -> Result<(), FieldError> {
+        Self::in_range("segment_bytes", self.segment_bytes, 1024, 1 << 30)?;
+        Self::require("max_rows", self.max_rows, self.max_rows >= 1, ">= 1")?;
+        Self::require(
+            "max_bytes",
+            self.max_bytes,
+            self.max_bytes >= 4096,
+            ">= 4096",
+        )?;
+        Self::in_range("control_fraction", self.control_fraction, 0.0, 0.5)?;
+        Self::in_range("recent_bias", self.recent_bias, 0.0, 50.0)
     }
 }
 
@@ -183,12 +167,22 @@ mod tests {
             control_fraction: 0.9,
             ..Default::default()
         };
-        assert!(bad.validate().unwrap_err().contains("control_fraction"));
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("control_fraction")
+        );
         let bad = ReplayConfig {
             segment_bytes: 10,
             ..Default::default()
         };
-        assert!(bad.validate().unwrap_err().contains("segment_bytes"));
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("segment_bytes")
+        );
         let parsed: ReplayConfig = toml::from_str("max_rows = 7\nsampling = \"recent\"").unwrap();
         assert_eq!(parsed.max_rows, 7);
         assert_eq!(parsed.sampling, SamplingMode::Recent);

@@ -149,15 +149,21 @@ pub struct RetentionApplied<'a> {
 
 impl InternalEvent for RetentionApplied<'_> {
     fn emit(self) {
-        if !self.deleted.is_empty() || self.over_budget {
-            let ids = self.deleted.join(",");
-            if self.over_budget {
+        let Self {
+            deleted,
+            kept_bytes,
+            over_budget,
+            max_bytes,
+        } = self;
+        if !deleted.is_empty() || over_budget {
+            let ids = deleted.join(",");
+            if over_budget {
                 tracing::warn!(
                     event = events::CHECKPOINT_RETENTION,
                     actor = "checkpointer",
                     deleted = %ids,
-                    kept_bytes = self.kept_bytes,
-                    max_bytes = self.max_bytes,
+                    kept_bytes,
+                    max_bytes,
                     "checkpoints exceed checkpoints.max_bytes although only protected ones (LATEST, its parent, an undecided pre-expand, the newest operator-tagged) are left; raise max_bytes or delete tagged checkpoints"
                 );
             } else {
@@ -165,12 +171,12 @@ impl InternalEvent for RetentionApplied<'_> {
                     event = events::CHECKPOINT_RETENTION,
                     actor = "checkpointer",
                     deleted = %ids,
-                    kept_bytes = self.kept_bytes
+                    kept_bytes
                 );
             }
         }
-        metrics::counter!(names::CHECKPOINTS_DELETED_TOTAL).increment(self.deleted.len() as u64);
-        metrics::gauge!(names::CHECKPOINTS_DISK_BYTES).set(self.kept_bytes as f64);
+        metrics::counter!(names::CHECKPOINTS_DELETED_TOTAL).increment(deleted.len() as u64);
+        metrics::gauge!(names::CHECKPOINTS_DISK_BYTES).set(kept_bytes as f64);
     }
 }
 

@@ -15,7 +15,7 @@ use kameo::prelude::*;
 use rand::SeedableRng;
 
 use super::health::{Child, ChildHealth, child_actor};
-use crate::ingest::{IngestError, RowSink};
+use crate::ingest::{IngestError, RowSink, SinkResult};
 use crate::store::replay::{ControlGroup, PendingSync, ReplayStats, ReplayStore};
 use crate::store::{ReplayConfig, StoreError, format::Record};
 use crate::telemetry::names::{self, events};
@@ -259,7 +259,7 @@ fn unavailable(detail: &str) -> IngestError {
 }
 
 impl RowSink for ReplaySink {
-    fn is_committed(&mut self, hash: &[u8; 32]) -> Result<bool, IngestError> {
+    fn is_committed(&mut self, hash: &[u8; 32]) -> SinkResult<bool> {
         let r = self
             .replay
             .ask(IsCommitted(*hash))
@@ -269,12 +269,7 @@ impl RowSink for ReplaySink {
         Ok(r.committed)
     }
 
-    fn append(
-        &mut self,
-        hash: &[u8; 32],
-        rows: Vec<CsvRow>,
-        ingest_ms: u64,
-    ) -> Result<(), IngestError> {
+    fn append(&mut self, hash: &[u8; 32], rows: Vec<CsvRow>, ingest_ms: u64) -> SinkResult<()> {
         let epoch = self.epoch.unwrap_or(0);
         self.replay
             .ask(AppendChunk {
@@ -287,12 +282,7 @@ impl RowSink for ReplaySink {
             .map_err(Self::unreachable)
     }
 
-    fn commit(
-        &mut self,
-        hash: &[u8; 32],
-        accepted: u64,
-        rejected: u64,
-    ) -> Result<u64, IngestError> {
+    fn commit(&mut self, hash: &[u8; 32], accepted: u64, rejected: u64) -> SinkResult<u64> {
         let epoch = self.epoch.unwrap_or(0);
         let synced = self
             .replay

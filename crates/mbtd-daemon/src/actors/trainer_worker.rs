@@ -41,7 +41,7 @@ use crate::govern::GovernorState;
 use crate::govern::diagnostics::{LayerDiagnostics, layer_diagnostics, stats};
 use crate::learn::consolidate::Consolidation;
 use crate::learn::eval::{self, EvalReport};
-use crate::learn::mix::{NewWindows, StepMix, replay_round_seed};
+use crate::learn::mix::{NewWindows, StepInputs, StepMix, replay_round_seed};
 use crate::model::train::StepReport;
 use crate::model::{Batch, Masks, Trainer, availability::Availability};
 use crate::store::format::Record;
@@ -433,25 +433,29 @@ impl Worker {
         seed: u64,
     ) -> Result<StepMix, String> {
         let tc = &self.a.cfg.training;
+        let inputs = StepInputs {
+            tok: &self.live.tok,
+            replay_rows,
+            history,
+            tc,
+            seed,
+        };
         if !tc.packing {
-            return Ok(self
-                .pending
-                .take_step(&self.live.tok, replay_rows, history, tc, seed));
+            return Ok(self.pending.take_step(inputs));
         }
         let (replay, cursor) = (&self.a.replay, self.pending.fetched_through());
-        self.pending
-            .take_packed_step(&self.live.tok, replay_rows, history, tc, seed, |round| {
-                let rows = ask_blocking(
-                    replay,
-                    TrainRows {
-                        cursor,
-                        n_new: 0,
-                        n_replay: NewWindows::replay_rows(tc),
-                        seed: replay_round_seed(seed, round),
-                    },
-                )?;
-                Ok(rows.replay)
-            })
+        self.pending.take_packed_step(inputs, |round| {
+            let rows = ask_blocking(
+                replay,
+                TrainRows {
+                    cursor,
+                    n_new: 0,
+                    n_replay: NewWindows::replay_rows(tc),
+                    seed: replay_round_seed(seed, round),
+                },
+            )?;
+            Ok(rows.replay)
+        })
     }
 
     /// Loop-state bookkeeping of a step (branch selection counts, diagnostics and their

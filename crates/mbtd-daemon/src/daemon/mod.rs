@@ -86,7 +86,7 @@ fn check_model(cfg: &mut Config, accept: bool) -> Result<(), StartRefused> {
     cfg.validate()
         .map_err(|e| StartRefused::CheckpointModelInvalid {
             model: serde_json::to_string(&cfg.model).unwrap_or_default(),
-            reason: format!("{}: {}", e.field, e.message),
+            reason: e.to_string(),
         })?;
     for (field, ck, ours) in &diffs {
         tracing::warn!(

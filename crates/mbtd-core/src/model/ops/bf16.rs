@@ -27,7 +27,7 @@
 //! assert_eq!(bf16_round(1.0 + 1.0 / 256.0), 1.0); // a tie rounds to the even neighbour
 //! ```
 
-use super::gemm::{SharedOut, View, gemm_into, span};
+use super::gemm::{Operands, SharedOut, View, gemm_into};
 use super::simd::simd;
 use ::gemm::Parallelism;
 use rayon::prelude::*;
@@ -100,47 +100,24 @@ pub fn has_avx512_bf16() -> bool {
 
 /// `C[m,n] (+)= bf16(A)[m,k]·bf16(B)[k,n]` with fp32 accumulation, `C` row-major of row
 /// stride `c_rs`; `acc = false` overwrites `C`. Runs on `par`'s threads.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_bf16(
-    m: usize,
-    n: usize,
-    k: usize,
-    c: &mut [f32],
-    c_rs: usize,
-    acc: bool,
-    a: View<'_>,
-    b: View<'_>,
-    par: Parallelism,
-) {
-    assert!(span(m, n, c_rs, 1) <= c.len(), "gemm_bf16: C too small");
-    assert!(
-        span(m, k, a.rs, a.cs) <= a.data.len(),
-        "gemm_bf16: A too small"
-    );
-    assert!(
-        span(k, n, b.rs, b.cs) <= b.data.len(),
-        "gemm_bf16: B too small"
-    );
-    if m == 0 || n == 0 || k == 0 || !has_avx512_bf16() {
-        return gemm_bf16_portable(m, n, k, c, c_rs, acc, a, b, par);
+pub(crate) fn gemm_bf16(p: Operands<'_>, c: &mut [f32], c_rs: usize, acc: bool, par: Parallelism) {
+    p.check(c.len(), c_rs, "gemm_bf16");
+    if p.m == 0 || p.n == 0 || p.k == 0 || !has_avx512_bf16() {
+        return gemm_bf16_portable(p, c, c_rs, acc, par);
     }
     #[cfg(target_arch = "x86_64")]
-    gemm_bf16_avx512(m, n, k, c, c_rs, acc, a, b, par);
+    gemm_bf16_avx512(p, c, c_rs, acc, par);
 }
 
 /// The portable path: the fp32 `gemm` on copies of `A` and `B` rounded to bf16.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_bf16_portable(
-    m: usize,
-    n: usize,
-    k: usize,
+    p: Operands<'_>,
     c: &mut [f32],
     c_rs: usize,
     acc: bool,
-    a: View<'_>,
-    b: View<'_>,
     par: Parallelism,
 ) {
+    let Operands { m, n, k, a, b } = p;
     let round = |v: View<'_>, rows: usize, cols: usize| -> Vec<f32> {
         let mut out = vec![0.0f32; rows * cols];
         for (r, row) in out.chunks_exact_mut(cols.max(1)).enumerate().take(rows) {
@@ -151,17 +128,8 @@ pub(crate) fn gemm_bf16_portable(
         out
     };
     let (ar, br) = (round(a, m, k), round(b, k, n));
-    gemm_into(
-        m,
-        n,
-        k,
-        c,
-        c_rs,
-        acc,
-        View::rm(&ar, k),
-        View::rm(&br, n),
-        par,
-    );
+    let (a, b) = (View::rm(&ar, k), View::rm(&br, n));
+    gemm_into(Operands { m, n, k, a, b }, c, c_rs, acc, par);
 }
 
 thread_local! {
@@ -193,13 +161,7 @@ fn zip_pairs(dst: &mut [u32], lo: &[f32], hi: &[f32]) {
 /// `[kc/2][NR]` pairs (zero beyond `k` or `n`).
 fn pack_b(out: &mut [u32], b: View<'_>, p0: usize, kc: usize, k: usize, n: usize, par: bool) {
     let kc2 = kc.div_ceil(2);
-    let at = |p: usize, j: usize| {
-        if p < k && j < n {
-            b.data[p * b.rs + j * b.cs]
-        } else {
-            0.0
-        }
-    };
+    let at = |p: usize, j: usize| b.at_or_zero(p, j, k, n);
     let panel = |(jp, dst): (usize, &mut [u32])| {
         let j0 = jp * NR;
         simd(
@@ -248,13 +210,7 @@ fn pack_a(
     k: usize,
 ) {
     let kc2 = kc.div_ceil(2);
-    let at = |i: usize, p: usize| {
-        if i < m && p < k {
-            a.data[i * a.rs + p * a.cs]
-        } else {
-            0.0
-        }
-    };
+    let at = |i: usize, p: usize| a.at_or_zero(i, p, m, k);
     let mut row = [0u32; KC / 2];
     for (ip, dst) in out[..mc.div_ceil(MR) * kc2 * MR]
         .chunks_exact_mut(kc2 * MR)
@@ -312,18 +268,8 @@ fn pack_a(
 
 /// The AVX-512 BF16 path of [`gemm_bf16`] (`m, n, k > 0`, bounds checked by the caller).
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-fn gemm_bf16_avx512(
-    m: usize,
-    n: usize,
-    k: usize,
-    c: &mut [f32],
-    c_rs: usize,
-    acc: bool,
-    a: View<'_>,
-    b: View<'_>,
-    par: Parallelism,
-) {
+fn gemm_bf16_avx512(p: Operands<'_>, c: &mut [f32], c_rs: usize, acc: bool, par: Parallelism) {
+    let Operands { m, n, k, a, b } = p;
     let threaded = matches!(par, Parallelism::Rayon(t) if t > 1);
     let np = n.div_ceil(NR);
     let cp = SharedOut(c.as_mut_ptr());
@@ -468,6 +414,12 @@ mod tests {
         }
     }
 
+    /// The product of row-major `a` `[m, k]` and `b` `[k, n]`.
+    fn rm<'a>(a: &'a [f32], b: &'a [f32], m: usize, k: usize, n: usize) -> Operands<'a> {
+        let (a, b) = (View::rm(a, k), View::rm(b, n));
+        Operands { m, n, k, a, b }
+    }
+
     /// `C = C0 + bf16(A)·bf16(B)` in f64, and the bound `2⁻²⁴·(k+1)·(|C0| + Σ|a·b|)` on an
     /// fp32 accumulation of the exact products in any order.
     fn reference(m: usize, k: usize, n: usize, c0: &[f32], a: View, b: View) -> Vec<(f64, f64)> {
@@ -509,10 +461,17 @@ mod tests {
                     (true, Parallelism::None),
                 ] {
                     let mut c = c0.clone();
+                    let p = Operands {
+                        m,
+                        n,
+                        k,
+                        a: av,
+                        b: bv,
+                    };
                     if portable {
-                        gemm_bf16_portable(m, n, k, &mut c, n, true, av, bv, par);
+                        gemm_bf16_portable(p, &mut c, n, true, par);
                     } else {
-                        gemm_bf16(m, n, k, &mut c, n, true, av, bv, par);
+                        gemm_bf16(p, &mut c, n, true, par);
                     }
                     for (idx, (&got, &(w, tol))) in c.iter().zip(&want).enumerate() {
                         assert!(
@@ -521,7 +480,7 @@ mod tests {
                         );
                     }
                     let mut z = vec![f32::NAN; m * n];
-                    gemm_bf16(m, n, k, &mut z, n, false, av, bv, par);
+                    gemm_bf16(p, &mut z, n, false, par);
                     let zero = vec![0.0; m * n];
                     for (idx, (&got, &(w, tol))) in
                         z.iter().zip(&reference(m, k, n, &zero, av, bv)).enumerate()
@@ -545,17 +504,7 @@ mod tests {
         let a = randv(&mut rng, m * k, 1.0);
         let b = randv(&mut rng, k * n, 1.0);
         let mut c = vec![0.25f32; m * n];
-        gemm_bf16(
-            m,
-            n,
-            k,
-            &mut c,
-            n,
-            true,
-            View::rm(&a, k),
-            View::rm(&b, n),
-            Parallelism::Rayon(2),
-        );
+        gemm_bf16(rm(&a, &b, m, k, n), &mut c, n, true, Parallelism::Rayon(2));
         for i in 0..m {
             for j in 0..n {
                 let t = |p: usize| {
@@ -579,17 +528,7 @@ mod tests {
         let b = randv(&mut rng, k * n, 1.0);
         let run = |par| {
             let mut c = vec![0.5f32; m * n];
-            gemm_bf16(
-                m,
-                n,
-                k,
-                &mut c,
-                n,
-                true,
-                View::rm(&a, k),
-                View::rm(&b, n),
-                par,
-            );
+            gemm_bf16(rm(&a, &b, m, k, n), &mut c, n, true, par);
             c
         };
         let pool = rayon::ThreadPoolBuilder::new()

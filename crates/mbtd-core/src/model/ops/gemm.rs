@@ -80,25 +80,63 @@ impl<'a> View<'a> {
             cs: self.rs,
         }
     }
+    /// Element `(r, c)`, or 0 outside `rows × cols` (the padding of packed panels).
+    #[inline(always)]
+    pub fn at_or_zero(self, r: usize, c: usize, rows: usize, cols: usize) -> f32 {
+        if r < rows && c < cols {
+            self.data[r * self.rs + c * self.cs]
+        } else {
+            0.0
+        }
+    }
+}
+
+/// A dense row-major matrix `[rows, cols]`: the first `rows·cols` elements of `data`.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl<'a> Mat<'a> {
+    pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self { data, rows, cols }
+    }
+}
+
+/// The operands of one product `C[m,n] (+)= A[m,k]·B[k,n]` on strided views.
+#[derive(Clone, Copy)]
+pub(crate) struct Operands<'a> {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a: View<'a>,
+    pub b: View<'a>,
+}
+
+impl Operands<'_> {
+    /// Panics, naming `kernel`, unless a `C` of `c_len` elements with row stride `c_rs`,
+    /// `A` and `B` hold every element the product addresses.
+    pub fn check(&self, c_len: usize, c_rs: usize, kernel: &str) {
+        let Self { m, n, k, a, b } = *self;
+        assert!(span(m, n, c_rs, 1) <= c_len, "{kernel}: C too small");
+        assert!(
+            span(m, k, a.rs, a.cs) <= a.data.len(),
+            "{kernel}: A too small"
+        );
+        assert!(
+            span(k, n, b.rs, b.cs) <= b.data.len(),
+            "{kernel}: B too small"
+        );
+    }
 }
 
 /// `C[m,n] (+)= A[m,k]·B[k,n]` with `C` row-major of row stride `c_rs`.
 /// `acc = false` overwrites `C` (its old contents are never read).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_into(
-    m: usize,
-    n: usize,
-    k: usize,
-    c: &mut [f32],
-    c_rs: usize,
-    acc: bool,
-    a: View<'_>,
-    b: View<'_>,
-    par: Parallelism,
-) {
-    assert!(span(m, n, c_rs, 1) <= c.len(), "gemm: C too small");
-    assert!(span(m, k, a.rs, a.cs) <= a.data.len(), "gemm: A too small");
-    assert!(span(k, n, b.rs, b.cs) <= b.data.len(), "gemm: B too small");
+pub(crate) fn gemm_into(p: Operands<'_>, c: &mut [f32], c_rs: usize, acc: bool, par: Parallelism) {
+    p.check(c.len(), c_rs, "gemm");
+    let Operands { m, n, k, .. } = p;
     if m == 0 || n == 0 {
         return;
     }
@@ -110,9 +148,9 @@ pub(crate) fn gemm_into(
         }
         return;
     }
-    // SAFETY: the asserts above bound every element the strided views address, `c`
-    // is exclusively borrowed and does not alias `a`/`b` (Rust borrow rules).
-    unsafe { gemm_raw(m, n, k, c.as_mut_ptr(), c_rs, acc, a, b, par) }
+    // SAFETY: `check` bounds every element the strided views address, `c` is
+    // exclusively borrowed and does not alias `a`/`b` (Rust borrow rules).
+    unsafe { gemm_raw(p, c.as_mut_ptr(), c_rs, acc, par) }
 }
 
 /// [`gemm_into`] on a raw `C` pointer, `k > 0`.
@@ -120,18 +158,8 @@ pub(crate) fn gemm_into(
 /// # Safety
 /// `C` rows `0..m`, columns `0..n` at `c + i·c_rs + j` must be valid for writes and
 /// touched by nothing else meanwhile; `a`, `b` must cover `m × k`, `k × n`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_raw(
-    m: usize,
-    n: usize,
-    k: usize,
-    c: *mut f32,
-    c_rs: usize,
-    acc: bool,
-    a: View<'_>,
-    b: View<'_>,
-    par: Parallelism,
-) {
+unsafe fn gemm_raw(p: Operands<'_>, c: *mut f32, c_rs: usize, acc: bool, par: Parallelism) {
+    let Operands { m, n, k, a, b } = p;
     // SAFETY: the caller's contract.
     unsafe {
         ::gemm::gemm(
@@ -176,22 +204,12 @@ pub fn mm(c: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize, acc
 }
 
 /// `C[m,n] (+)= A·B` in `prec` for a row-major, dense `C`, on every thread.
-#[allow(clippy::too_many_arguments)]
-fn product(
-    prec: Precision,
-    m: usize,
-    n: usize,
-    k: usize,
-    c: &mut [f32],
-    acc: bool,
-    a: View<'_>,
-    b: View<'_>,
-) {
+fn product(prec: Precision, p: Operands<'_>, c: &mut [f32], acc: bool) {
     let kernel = match prec {
         Precision::F32 => gemm_into,
         Precision::Bf16 => gemm_bf16,
     };
-    kernel(m, n, k, c, n, acc, a, b, par_all());
+    kernel(p, c, p.n, acc, par_all());
 }
 
 /// [`mm`] in the given precision (see [`super::bf16`] for `Bf16`).
@@ -206,7 +224,8 @@ pub fn mm_prec(
     n: usize,
     acc: bool,
 ) {
-    product(prec, m, n, k, c, acc, View::rm(a, k), View::rm(b, n));
+    let (a, b) = (View::rm(a, k), View::rm(b, n));
+    product(prec, Operands { m, n, k, a, b }, c, acc);
 }
 
 /// Output columns per task of [`mm_tn`].
@@ -218,38 +237,36 @@ const DW_COLS: usize = 128;
 /// 3–15 % faster per 128 columns than on the whole width (measured on our shapes), and
 /// every element's arithmetic is the same whoever runs its task. In bf16 it is one
 /// [`gemm_bf16`] over the whole width (which splits rows of `C` among threads).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn mm_tn(
-    prec: Precision,
-    c: &mut [f32],
-    a: &[f32],
-    b: &[f32],
-    m: usize,
-    k: usize,
-    n: usize,
-    acc: bool,
-) {
-    let (av, bv) = (View::tr(a, k), View::rm(b, n));
+pub(crate) fn mm_tn(prec: Precision, c: &mut [f32], a: Mat<'_>, b: Mat<'_>, acc: bool) {
+    assert_eq!(a.rows, b.rows, "mm_tn: A and B differ in rows");
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let (av, bv) = (View::tr(a.data, k), View::rm(b.data, n));
+    let p = Operands {
+        m: k,
+        n,
+        k: m,
+        a: av,
+        b: bv,
+    };
     if prec == Precision::Bf16 {
-        return gemm_bf16(k, n, m, c, n, acc, av, bv, par_all());
+        return gemm_bf16(p, c, n, acc, par_all());
     }
-    assert!(span(k, n, n, 1) <= c.len(), "gemm: C too small");
-    assert!(span(k, m, av.rs, av.cs) <= a.len(), "gemm: A too small");
-    assert!(span(m, n, bv.rs, bv.cs) <= b.len(), "gemm: B too small");
+    p.check(c.len(), n, "gemm");
     if m == 0 || k == 0 {
-        return gemm_into(k, n, m, c, n, acc, av, bv, Parallelism::None);
+        return gemm_into(p, c, n, acc, Parallelism::None);
     }
     let cp = SharedOut(c.as_mut_ptr());
     (0..n.div_ceil(DW_COLS)).into_par_iter().for_each(|q| {
         let j0 = q * DW_COLS;
         let w = DW_COLS.min(n - j0);
         let bq = View {
-            data: &b[j0..],
+            data: &b.data[j0..],
             ..bv
         };
-        // SAFETY: task `q` alone writes columns `j0..j0 + w` of `C` (bounded by the
-        // assert above); `A` and this `B` view are in bounds by the asserts above.
-        unsafe { gemm_raw(k, w, m, cp.at(j0), n, acc, av, bq, Parallelism::None) }
+        let task = Operands { n: w, b: bq, ..p };
+        // SAFETY: task `q` alone writes columns `j0..j0 + w` of `C` (bounded by `check`
+        // above); `A` and this `B` view are in bounds by the same check.
+        unsafe { gemm_raw(task, cp.at(j0), n, acc, Parallelism::None) }
     });
 }
 
@@ -269,18 +286,11 @@ impl SharedOut {
 }
 
 /// `C[m,n] (+)= A[m,k]·B[n,k]ᵀ` (input gradient `dx = dy·Wᵀ`).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn mm_nt(
-    prec: Precision,
-    c: &mut [f32],
-    a: &[f32],
-    b: &[f32],
-    m: usize,
-    k: usize,
-    n: usize,
-    acc: bool,
-) {
-    product(prec, m, n, k, c, acc, View::rm(a, k), View::tr(b, k));
+pub(crate) fn mm_nt(prec: Precision, c: &mut [f32], a: Mat<'_>, b: Mat<'_>, acc: bool) {
+    assert_eq!(a.cols, b.cols, "mm_nt: A and B differ in columns");
+    let (m, k, n) = (a.rows, a.cols, b.rows);
+    let (a, b) = (View::rm(a.data, k), View::tr(b.data, k));
+    product(prec, Operands { m, n, k, a, b }, c, acc);
 }
 
 #[cfg(test)]
@@ -306,7 +316,13 @@ mod tests {
         }
         // Aᵀ·C: [k,n] from A [m,k], C [m,n]
         let mut t = vec![f32::NAN; k * n];
-        mm_tn(Precision::F32, &mut t, &a, &c, m, k, n, false);
+        mm_tn(
+            Precision::F32,
+            &mut t,
+            Mat::new(&a, m, k),
+            Mat::new(&c, m, n),
+            false,
+        );
         for p in 0..k {
             for j in 0..n {
                 let e: f32 = (0..m).map(|i| a[i * k + p] * c[i * n + j]).sum();
@@ -315,7 +331,13 @@ mod tests {
         }
         // C·Bᵀ: [m,k] from C [m,n], B [k,n]
         let mut u = vec![1.0; m * k];
-        mm_nt(Precision::F32, &mut u, &c, &b, m, n, k, true);
+        mm_nt(
+            Precision::F32,
+            &mut u,
+            Mat::new(&c, m, n),
+            Mat::new(&b, k, n),
+            true,
+        );
         for i in 0..m {
             for p in 0..k {
                 let e: f32 = 1.0 + (0..n).map(|j| c[i * n + j] * b[p * n + j]).sum::<f32>();
@@ -338,13 +360,25 @@ mod tests {
             let mut c = vec![0.5; m * n];
             let mut e = vec![0.5; k * n];
             mm(&mut c, &a, &b, m, k, n, true);
-            mm_tn(Precision::F32, &mut e, &a, &c, m, k, n, false);
+            mm_tn(
+                Precision::F32,
+                &mut e,
+                Mat::new(&a, m, k),
+                Mat::new(&c, m, n),
+                false,
+            );
             let mut c2 = vec![0.5; m * n];
             let mut e2 = vec![0.5; k * n];
             serial_gemm(|| {
                 assert!(matches!(par_all(), Parallelism::None));
                 mm(&mut c2, &a, &b, m, k, n, true);
-                mm_tn(Precision::F32, &mut e2, &a, &c2, m, k, n, false);
+                mm_tn(
+                    Precision::F32,
+                    &mut e2,
+                    Mat::new(&a, m, k),
+                    Mat::new(&c2, m, n),
+                    false,
+                );
             });
             assert!(matches!(par_all(), Parallelism::Rayon(2)));
             ((c, e), (c2, e2))
@@ -361,7 +395,13 @@ mod tests {
         let mut c = vec![1.0; m * n];
         mm(&mut c, &a, &b, m, k, n, true);
         let mut d = vec![f32::NAN; m * k];
-        mm_nt(Precision::F32, &mut d, &c, &b, m, n, k, false);
+        mm_nt(
+            Precision::F32,
+            &mut d,
+            Mat::new(&c, m, n),
+            Mat::new(&b, k, n),
+            false,
+        );
         for i in (0..m).step_by(37) {
             for j in 0..n {
                 let e: f32 = 1.0 + (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum::<f32>();

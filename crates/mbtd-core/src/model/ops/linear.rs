@@ -9,7 +9,7 @@
 
 use super::ROW_CHUNK;
 use super::bf16::Precision;
-use super::gemm::{mm_nt, mm_prec, mm_tn};
+use super::gemm::{Mat, mm_nt, mm_prec, mm_tn};
 use super::profile;
 use super::simd::simd;
 use rayon::prelude::*;
@@ -38,15 +38,8 @@ pub fn linear_fwd(
     din: usize,
 ) {
     let _prof = profile::scope(profile::LINEAR);
-    let dout = b.len();
-    y[..n * dout]
-        .par_chunks_mut(dout * ROW_CHUNK)
-        .for_each(|rows| {
-            for row in rows.chunks_exact_mut(dout) {
-                row.copy_from_slice(b);
-            }
-        });
-    mm_prec(prec, y, x, w, n, din, dout, true);
+    fill_rows(y, None, b, n);
+    mm_prec(prec, y, x, w, n, din, b.len(), true);
 }
 
 /// Linear forward without bias `y[N,out] = x[N,in]·W[in,out]` (the bias is added by the
@@ -66,35 +59,44 @@ pub(crate) fn linear_nobias_fwd(
 
 /// Residual linear forward `y[N,out] = r[N,out] + x[N,in]·W[in,out] + b[out]` (the residual
 /// and bias are written first, the product is accumulated onto them by `gemm`).
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn residual_linear_fwd(
     prec: Precision,
     y: &mut [f32],
     r: &[f32],
-    x: &[f32],
+    x: Mat<'_>,
     w: &[f32],
     b: &[f32],
-    n: usize,
-    din: usize,
 ) {
     let _prof = profile::scope(profile::LINEAR);
+    fill_rows(y, Some(r), b, x.rows);
+    mm_prec(prec, y, x.data, w, x.rows, x.cols, b.len(), true);
+}
+
+/// Every row of `y` `[n, out]` set to `b` `[out]`, plus the same row of `r` when given.
+fn fill_rows(y: &mut [f32], r: Option<&[f32]>, b: &[f32], n: usize) {
     let dout = b.len();
-    y[..n * dout]
-        .par_chunks_mut(dout * ROW_CHUNK)
-        .zip(r.par_chunks(dout * ROW_CHUNK))
-        .for_each(|(rows, res)| {
-            simd(
-                #[inline(always)]
-                || {
-                    for (row, rr) in rows.chunks_exact_mut(dout).zip(res.chunks_exact(dout)) {
-                        for ((o, &a), &bb) in row.iter_mut().zip(rr).zip(b) {
-                            *o = a + bb;
+    let rows = y[..n * dout].par_chunks_mut(dout * ROW_CHUNK);
+    match r {
+        None => rows.for_each(|rows| {
+            for row in rows.chunks_exact_mut(dout) {
+                row.copy_from_slice(b);
+            }
+        }),
+        Some(r) => rows
+            .zip(r.par_chunks(dout * ROW_CHUNK))
+            .for_each(|(rows, res)| {
+                simd(
+                    #[inline(always)]
+                    || {
+                        for (row, rr) in rows.chunks_exact_mut(dout).zip(res.chunks_exact(dout)) {
+                            for ((o, &a), &bb) in row.iter_mut().zip(rr).zip(b) {
+                                *o = a + bb;
+                            }
                         }
-                    }
-                },
-            )
-        });
-    mm_prec(prec, y, x, w, n, din, dout, true);
+                    },
+                )
+            }),
+    }
 }
 
 /// Linear backward: `dW = xᵀ·dy` and, when `dx` is given, `dx (+)= dy·Wᵀ` (the bias
@@ -113,9 +115,10 @@ pub(crate) fn linear_bwd(
     dout: usize,
 ) {
     let _prof = profile::scope(profile::LINEAR);
-    mm_tn(prec, dw, x, dy, n, din, dout, false);
+    let dy = Mat::new(dy, n, dout);
+    mm_tn(prec, dw, Mat::new(x, n, din), dy, false);
     if let Some((dx, acc)) = dx {
-        mm_nt(prec, dx, dy, w, n, dout, din, acc);
+        mm_nt(prec, dx, dy, Mat::new(w, din, dout), acc);
     }
 }
 

@@ -31,7 +31,7 @@ pub(crate) use activation::{bias_gelu_fwd, gelu_bwd_colsum};
 pub use bf16::{Precision, bf16_round, has_avx512_bf16, to_bf16};
 pub(crate) use embedding::embed_bwd;
 pub use embedding::embed_fwd;
-pub(crate) use gemm::{View, mm_nt, mm_tn, serial_gemm, span};
+pub(crate) use gemm::{Mat, View, mm_nt, mm_tn, serial_gemm, span};
 pub use gemm::{mm, mm_prec};
 pub use linear::linear_fwd;
 pub(crate) use linear::{linear_bwd, linear_nobias_fwd, residual_linear_fwd};

@@ -24,6 +24,7 @@ use super::protocol::{
     Reply, Request, Update, UpdateReply,
 };
 use super::wire::{WirePrecision, decode_request, encode_reply};
+use crate::config::Section;
 use crate::model::attention::{AttnShape, Segments};
 use crate::model::block::{BranchWs, BwdScratch, branch_bwd, branch_fwd, run_pairwise};
 use crate::model::branches::block_opts;
@@ -81,7 +82,7 @@ impl BranchHost {
     /// A host holding nothing, for a model of shape `config` (its `d_model`, `n_heads`,
     /// `max_seq_len`, `positions` and `precision` must be the coordinator's).
     pub fn new(config: ModelConfig) -> Result<Self, ModelError> {
-        config.validate().map_err(ModelError::Config)?;
+        config.validate()?;
         Ok(Self {
             config,
             held: BTreeMap::new(),

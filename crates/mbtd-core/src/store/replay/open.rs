@@ -8,6 +8,7 @@ use std::path::Path;
 
 use super::report::{CorruptRegion, RecoveryReport, TornTail};
 use super::{Active, ReplayStore, RowMeta, Segment, is_control, parse_segment_name, segment_name};
+use crate::config::Section;
 use crate::store::format::{HEADER_LEN, HeaderCheck, check_header, scan_segment, segment_header};
 use crate::store::fsutil::fsync_dir;
 use crate::store::journal::Journal;
