@@ -1,8 +1,9 @@
 //! `mbtd bench cluster`: the same training run in one process and with its branches on
 //! `mbtd node` processes on loopback (a coordinator and `--nodes` nodes), step by step in
 //! the same minutes, and one JSON line: tokens per second of each, bytes on the wire per
-//! step against the tensors' raw size, the time per step spent waiting on the network,
-//! the largest loss difference and, after pulling the nodes' branches back, whether the
+//! step against the tensors' raw size, the time per step the coordinator is blocked
+//! waiting for the nodes (their compute and the transfers: on one machine the two
+//! cannot be told apart), the largest loss difference and, after pulling the nodes' branches back, whether the
 //! model and optimizer bytes of the two runs are bitwise equal.
 //!
 //! With `--fault kill|stop`, node 0 is killed (SIGKILL) or paused (SIGSTOP) after
@@ -310,7 +311,7 @@ pub fn bench_cluster(a: &ClusterBenchArgs) -> anyhow::Result<Value> {
         "wire_bytes_per_step": per_step,
         "raw_tensor_bytes_per_step": raw,
         "wire_over_raw": per_step / raw as f64,
-        "network_wait_s_per_step": wait / a.steps as f64,
+        "waiting_on_nodes_s_per_step": wait / a.steps as f64,
         "step_s_one_process": t_local / a.steps as f64,
         "step_s_cluster": t_cluster / a.steps as f64,
         "max_rel_loss_diff": max_dloss,
