@@ -1,5 +1,7 @@
 //! Training: AdamW with inverse participation scaling, global-norm clipping and a
 //! warm-up-then-constant learning rate; width expansion with optimizer bookkeeping.
+//! Why over 600 lines: the step, its norms and the update read one another's state; the
+//! remote-branch bookkeeping is already in train/cluster.rs.
 //!
 //! One step `t` (0-based), with `c_i` the branch scale (`min(1/π_i, max_scale)`, given by
 //! the caller) and `G` the gradient of the loss:

@@ -1,6 +1,6 @@
-//! Streaming CSV reader that turns inbox files into training rows. (It runs past 600 lines
-//! because the ingest contract below — header, line numbers, every field rule and the
-//! `time` cell — is one reader, kept in one file.)
+//! Streaming CSV reader that turns inbox files into training rows.
+//! Why over 600 lines: the ingest contract below (header, line numbers, every field rule
+//! and the `time` cell) is one reader, kept in one file.
 //!
 //! Rules (the ingest contract):
 //! - The input is UTF-8; a leading byte-order mark (`EF BB BF`) is skipped.
