@@ -48,6 +48,27 @@ pub(crate) fn block_opts<'a>(
     }
 }
 
+/// The layer a branch call works on: the model, the layer index `l`, its input `h`
+/// (`[B·T, d]`) and what every branch of the pass shares.
+#[derive(Clone, Copy)]
+pub(crate) struct LayerInput<'a> {
+    pub model: &'a Model,
+    pub l: usize,
+    pub h: &'a [f32],
+    pub pass: &'a Pass<'a>,
+}
+
+/// What a backward call reads and writes besides the layer's workspace: `dh = ∂L/∂h'`,
+/// the layer's gradients and the two threads' scratch.
+pub(crate) struct LayerGrads<'a> {
+    pub dh: &'a [f32],
+    pub grads: &'a mut LayerParams,
+    pub scratch: &'a mut [BwdScratch; 2],
+}
+
+/// What a branch call returns: an error when the pass must be abandoned.
+pub(crate) type Done = Result<(), ModelError>;
+
 /// Where the branches of a layer are computed.
 pub(crate) trait LayerBranches {
     /// Forward of the branches of layer `l` marked in `lw.computed` on the layer input
@@ -55,32 +76,14 @@ pub(crate) trait LayerBranches {
     /// cannot be had is masked for this pass: its bit of `lw.mask` cleared, `lw.alpha_t`
     /// renormalised and `lw.computed` recomputed, exactly as if the availability mask had
     /// left it out. An error when no computed branch is left (the pass is abandoned).
-    fn forward(
-        &mut self,
-        model: &Model,
-        l: usize,
-        h: &[f32],
-        pass: &Pass,
-        lw: &mut LayerWs,
-    ) -> Result<(), ModelError>;
+    fn forward(&mut self, at: LayerInput, lw: &mut LayerWs) -> Done;
 
     /// Backward of layer `l` from `dh = ∂L/∂h'`: for every computed branch `i`,
     /// `lw.g[i] = ⟨dh, z_i⟩` (0 elsewhere), its part of `∂L/∂h` into `lw.branches[i].dh`,
     /// and its weight gradients (into `grads` for branches computed here). An error when
     /// a branch's backward cannot be had (nothing has been updated yet; the step is
     /// abandoned).
-    #[allow(clippy::too_many_arguments)]
-    fn backward(
-        &mut self,
-        model: &Model,
-        l: usize,
-        h: &[f32],
-        dh: &[f32],
-        pass: &Pass,
-        lw: &mut LayerWs,
-        grads: &mut LayerParams,
-        scratch: &mut [BwdScratch; 2],
-    ) -> Result<(), ModelError>;
+    fn backward(&mut self, at: LayerInput, lw: &mut LayerWs, g: LayerGrads) -> Done;
 }
 
 /// Every branch in this process.
@@ -89,50 +92,32 @@ pub(crate) struct Local;
 
 impl LayerBranches for Local {
     #[inline]
-    fn forward(
-        &mut self,
-        model: &Model,
-        l: usize,
-        h: &[f32],
-        pass: &Pass,
-        lw: &mut LayerWs,
-    ) -> Result<(), ModelError> {
-        forward_here(model, l, h, pass, lw, |_| true);
+    fn forward(&mut self, at: LayerInput, lw: &mut LayerWs) -> Done {
+        forward_here(at, lw, |_| true);
         Ok(())
     }
 
     #[inline]
-    fn backward(
-        &mut self,
-        model: &Model,
-        l: usize,
-        h: &[f32],
-        dh: &[f32],
-        pass: &Pass,
-        lw: &mut LayerWs,
-        grads: &mut LayerParams,
-        scratch: &mut [BwdScratch; 2],
-    ) -> Result<(), ModelError> {
-        backward_here(model, l, h, dh, pass, lw, grads, scratch, |_| true);
+    fn backward(&mut self, at: LayerInput, lw: &mut LayerWs, g: LayerGrads) -> Done {
+        backward_here(at, lw, g, |_| true);
         Ok(())
     }
 }
 
+/// How many branches are computed and have `here(i)`.
+fn count_here(computed: &[bool], here: &impl Fn(usize) -> bool) -> usize {
+    (0..)
+        .zip(computed)
+        .filter(|&(i, &on)| on && here(i))
+        .count()
+}
+
 /// Forward, in this process, of the computed branches `i` of layer `l` with `here(i)`.
-pub(crate) fn forward_here(
-    model: &Model,
-    l: usize,
-    h: &[f32],
-    pass: &Pass,
-    lw: &mut LayerWs,
-    here: impl Fn(usize) -> bool + Sync,
-) {
+pub(crate) fn forward_here(at: LayerInput, lw: &mut LayerWs, here: impl Fn(usize) -> bool + Sync) {
+    let LayerInput { model, l, h, pass } = at;
+    let count = count_here(&lw.computed, &here);
     let layer = &model.params.layers[l];
     let prec = model.config.precision;
-    let count = (0..)
-        .zip(&lw.computed)
-        .filter(|&(i, &on)| on && here(i))
-        .count();
     let todo = layer
         .branches
         .iter()
@@ -153,26 +138,19 @@ pub(crate) fn forward_here(
 
 /// Backward, in this process, of the computed branches `i` of layer `l` with `here(i)`;
 /// sets `lw.g` to 0 for every other branch.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn backward_here(
-    model: &Model,
-    l: usize,
-    h: &[f32],
-    dh: &[f32],
-    pass: &Pass,
+    at: LayerInput,
     lw: &mut LayerWs,
-    grads: &mut LayerParams,
-    scratch: &mut [BwdScratch; 2],
+    g: LayerGrads,
     here: impl Fn(usize) -> bool + Sync,
 ) {
+    let LayerInput { model, l, h, pass } = at;
+    let LayerGrads { dh, grads, scratch } = g;
     let layer = &model.params.layers[l];
     let prec = model.config.precision;
     let alpha_t = &lw.alpha_t;
     let computed = &lw.computed;
-    let count = (0..)
-        .zip(computed)
-        .filter(|&(i, &on)| on && here(i))
-        .count();
+    let count = count_here(computed, &here);
     let todo = layer
         .branches
         .iter()

@@ -335,6 +335,30 @@ mod tests {
         );
     }
 
+    /// Whether a safetensors file holds a tensor of that name.
+    fn holds(bytes: &[u8], name: &str) -> bool {
+        SafeTensors::deserialize(bytes)
+            .unwrap()
+            .tensor(name)
+            .is_ok()
+    }
+
+    /// The checkpoint bytes of `t` load back into an equal trainer whose optimizer bytes
+    /// are the same; returns the model bytes.
+    fn reloads_bitwise(cfg: &ModelConfig, t: &Trainer) -> Vec<u8> {
+        let (mb, ob) = (t.model_bytes().unwrap(), t.optimizer_bytes().unwrap());
+        let r = Trainer::from_bytes(cfg.clone(), OptimConfig::default(), &mb, Some(&ob)).unwrap();
+        assert_eq!(r.model(), t.model());
+        assert_eq!(r.optimizer_bytes().unwrap(), ob);
+        mb
+    }
+
+    /// Loading `bytes` under `cfg` fails with an error that names every one of `words`.
+    fn refused_naming(cfg: ModelConfig, bytes: &[u8], words: &[&str]) {
+        let err = model_from_bytes(cfg, bytes).unwrap_err().to_string();
+        assert!(words.iter().all(|w| err.contains(w)), "{err}");
+    }
+
     #[test]
     fn rope_checkpoints_have_no_wpe_and_positions_must_match() {
         let cfg = ModelConfig {
@@ -342,30 +366,13 @@ mod tests {
             ..tiny_config()
         };
         let (t, _) = trained_one_step(&cfg);
-        let (mb, ob) = (t.model_bytes().unwrap(), t.optimizer_bytes().unwrap());
-        assert!(
-            SafeTensors::deserialize(&mb)
-                .unwrap()
-                .tensor("wpe")
-                .is_err()
-        );
-        assert!(
-            SafeTensors::deserialize(&ob)
-                .unwrap()
-                .tensor("adam.m.wpe")
-                .is_err()
-        );
-        let r = Trainer::from_bytes(cfg.clone(), OptimConfig::default(), &mb, Some(&ob)).unwrap();
-        assert_eq!(r.model(), t.model());
-        assert_eq!(r.optimizer_bytes().unwrap(), ob);
+        let mb = reloads_bitwise(&cfg, &t);
+        assert!(!holds(&mb, "wpe"));
+        assert!(!holds(&t.optimizer_bytes().unwrap(), "adam.m.wpe"));
         // either way round, a positions mismatch is refused by name
-        let err = model_from_bytes(tiny_config(), &mb)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("wpe") && err.contains("missing"), "{err}");
+        refused_naming(tiny_config(), &mb, &["wpe", "missing"]);
         let learned = model_to_bytes(&Model::new(tiny_config(), 1).unwrap()).unwrap();
-        let err = model_from_bytes(cfg, &learned).unwrap_err().to_string();
-        assert!(err.contains("model.positions"), "{err}");
+        refused_naming(cfg, &learned, &["model.positions"]);
     }
 
     /// The time embedding's tensors and their moments round-trip bitwise after a step that
@@ -386,28 +393,13 @@ mod tests {
         t.train_step(&batch, &masks, &scales).unwrap();
         t.train_step(&batch, &masks, &scales).unwrap();
         assert!(t.model().params.t2v_proj.iter().any(|&x| x != 0.0));
-        let (mb, ob) = (t.model_bytes().unwrap(), t.optimizer_bytes().unwrap());
+        let mb = reloads_bitwise(&cfg, &t);
         let st = SafeTensors::deserialize(&mb).unwrap();
         assert_eq!(st.tensor("time2vec.proj.w").unwrap().shape(), [4, 8]);
-        assert!(
-            SafeTensors::deserialize(&ob)
-                .unwrap()
-                .tensor("adam.v.time2vec.w")
-                .is_ok()
-        );
-        let r = Trainer::from_bytes(cfg.clone(), OptimConfig::default(), &mb, Some(&ob)).unwrap();
-        assert_eq!(r.model(), t.model());
-        assert_eq!(r.optimizer_bytes().unwrap(), ob);
-        let err = model_from_bytes(tiny_config(), &mb)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("model.time_embedding"), "{err}");
+        assert!(holds(&t.optimizer_bytes().unwrap(), "adam.v.time2vec.w"));
+        refused_naming(tiny_config(), &mb, &["model.time_embedding"]);
         let plain = model_to_bytes(&Model::new(tiny_config(), 1).unwrap()).unwrap();
-        let err = model_from_bytes(cfg, &plain).unwrap_err().to_string();
-        assert!(
-            err.contains("time2vec.w") && err.contains("missing"),
-            "{err}"
-        );
+        refused_naming(cfg, &plain, &["time2vec.w", "missing"]);
         assert!(
             SafeTensors::deserialize(&plain)
                 .unwrap()

@@ -22,7 +22,7 @@
 use super::agg::{self, AggGroups};
 use super::attention::{AttnShape, Segments};
 use super::block::{BranchWs, BwdScratch, fit};
-use super::branches::{LayerBranches, Local, Pass};
+use super::branches::{LayerBranches, LayerGrads, LayerInput, Local, Pass};
 use super::ops::rope::RopeTable;
 use super::ops::time2vec::{time2vec_bwd, time2vec_fwd};
 use super::ops::{
@@ -315,15 +315,7 @@ impl Model {
         let p = &self.params;
         if let (false, Some(times)) = (p.t2v_w.is_empty(), &batch.times) {
             fit(&mut ws.t2v_feats, n * p.t2v_w.len());
-            time2vec_fwd(
-                &mut ws.hs[0],
-                &mut ws.t2v_feats,
-                &p.t2v_w,
-                &p.t2v_b,
-                &p.t2v_proj,
-                times,
-                d,
-            );
+            time2vec_fwd(&mut ws.hs[0], &mut ws.t2v_feats, times, p.time2vec(), d);
         }
         for (l, layer) in self.params.layers.iter().enumerate() {
             let (before, after) = ws.hs.split_at_mut(l + 1);
@@ -341,7 +333,13 @@ impl Model {
             for i in 0..layer.branches.len() {
                 lw.computed[i] = lw.mask[i] && lw.alpha_t[i] > 0.0;
             }
-            via.forward(self, l, h, &pass, lw)?;
+            let at = LayerInput {
+                model: self,
+                l,
+                h,
+                pass: &pass,
+            };
+            via.forward(at, lw)?;
             let (branches, computed, alpha_t) = (&lw.branches, &lw.computed, &lw.alpha_t);
             weighted_sum(out, || {
                 branches
@@ -471,14 +469,10 @@ impl Model {
         if !p.t2v_w.is_empty() {
             match &batch.times {
                 Some(times) => time2vec_bwd(
-                    &mut grads.t2v_w,
-                    &mut grads.t2v_b,
-                    &mut grads.t2v_proj,
+                    [&mut grads.t2v_w, &mut grads.t2v_b, &mut grads.t2v_proj],
                     &ws.dh,
                     &ws.t2v_feats,
-                    &p.t2v_w,
-                    &p.t2v_b,
-                    &p.t2v_proj,
+                    p.time2vec(),
                     times,
                     d,
                 ),
@@ -505,7 +499,18 @@ impl Model {
         let gl = &mut grads.layers[l];
         let lw = &mut ws.layers[l];
         let (h, dh) = (&ws.hs[l], &ws.dh);
-        via.backward(self, l, h, dh, pass, lw, gl, &mut ws.scratch)?;
+        let at = LayerInput {
+            model: self,
+            l,
+            h,
+            pass,
+        };
+        let back = LayerGrads {
+            dh,
+            grads: gl,
+            scratch: &mut ws.scratch,
+        };
+        via.backward(at, lw, back)?;
         agg::logits_grad(
             &mut gl.alpha_logits,
             &lw.g,

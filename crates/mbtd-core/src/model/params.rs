@@ -202,6 +202,15 @@ pub(crate) fn normal(rng: &mut ChaCha8Rng) -> f32 {
 }
 
 impl Params {
+    /// The time embedding's tensors (empty without one).
+    pub(crate) fn time2vec(&self) -> super::ops::time2vec::Time2Vec<'_> {
+        super::ops::time2vec::Time2Vec {
+            w: &self.t2v_w,
+            b: &self.t2v_b,
+            proj: &self.t2v_proj,
+        }
+    }
+
     /// All-zero tensors for the given widths.
     pub fn zeros(cfg: &ModelConfig, widths: &[usize]) -> Self {
         let g = global_shapes(cfg);

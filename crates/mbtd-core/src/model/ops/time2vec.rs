@@ -49,6 +49,15 @@ pub fn tau_of_ms(ms: i64) -> f32 {
     ((ms - EPOCH_2000_MS) as f64 / MS_PER_DECADE) as f32
 }
 
+/// The learned tensors of the embedding: `w`, `b` (`[k+1]`) and the projection `P`
+/// (`[k+1, d]`).
+#[derive(Clone, Copy, Debug)]
+pub struct Time2Vec<'a> {
+    pub w: &'a [f32],
+    pub b: &'a [f32],
+    pub proj: &'a [f32],
+}
+
 /// The `k + 1` features `f(τ)` into `out` (see the module doc).
 fn features(out: &mut [f32], w: &[f32], b: &[f32], tau: f32) {
     out[0] = w[0] * tau + b[0];
@@ -61,26 +70,20 @@ fn features(out: &mut [f32], w: &[f32], b: &[f32], tau: f32) {
 /// `f(τ_n)` for the backward pass (zeros where the time is unknown).
 ///
 /// ```
-/// use mbtd_core::model::ops::time2vec::time2vec_fwd;
+/// use mbtd_core::model::ops::time2vec::{Time2Vec, time2vec_fwd};
 ///
 /// // k = 1, d = 2: f = [w0·τ + b0, sin(w1·τ + b1)]
 /// let (w, b) = ([2.0, 0.0], [1.0, 0.0]);
 /// let proj = [1.0, 0.0, 0.0, 1.0]; // identity [2, 2]
 /// let mut x = [10.0f32; 4];
 /// let mut feats = [0.0f32; 4];
-/// time2vec_fwd(&mut x, &mut feats, &w, &b, &proj, &[0.5, f32::NAN], 2);
+/// let t2v = Time2Vec { w: &w, b: &b, proj: &proj };
+/// time2vec_fwd(&mut x, &mut feats, &[0.5, f32::NAN], t2v, 2);
 /// assert_eq!(x, [12.0, 10.0, 10.0, 10.0]); // 2·0.5 + 1 = 2, sin(0) = 0; NaN adds nothing
 /// ```
-pub fn time2vec_fwd(
-    x: &mut [f32],
-    feats: &mut [f32],
-    w: &[f32],
-    b: &[f32],
-    proj: &[f32],
-    times: &[f32],
-    d: usize,
-) {
+pub fn time2vec_fwd(x: &mut [f32], feats: &mut [f32], times: &[f32], t2v: Time2Vec, d: usize) {
     let _prof = profile::scope(profile::ELEM);
+    let Time2Vec { w, b, proj } = t2v;
     let k1 = w.len();
     for ((row, f), &tau) in x
         .chunks_exact_mut(d)
@@ -108,25 +111,22 @@ pub fn time2vec_row(out: &mut [f32], w: &[f32], b: &[f32], proj: &[f32], tau: f3
         return;
     }
     let mut f = vec![0.0; w.len()];
-    time2vec_fwd(out, &mut f, w, b, proj, &[tau], out.len());
+    time2vec_fwd(out, &mut f, &[tau], Time2Vec { w, b, proj }, out.len());
 }
 
-/// Backward (see the module doc): overwrites `dw`, `db` and `dproj` from `dx`, the
-/// features `feats` of the forward pass and the times.
-#[allow(clippy::too_many_arguments)]
+/// Backward (see the module doc): overwrites `dw`, `db` and `dproj` (`grads`, in that
+/// order) from `dx`, the features `feats` of the forward pass and the times.
 pub(crate) fn time2vec_bwd(
-    dw: &mut [f32],
-    db: &mut [f32],
-    dproj: &mut [f32],
+    grads: [&mut [f32]; 3],
     dx: &[f32],
     feats: &[f32],
-    w: &[f32],
-    b: &[f32],
-    proj: &[f32],
+    t2v: Time2Vec,
     times: &[f32],
     d: usize,
 ) {
     let _prof = profile::scope(profile::ELEM);
+    let [dw, db, dproj] = grads;
+    let Time2Vec { w, b, proj } = t2v;
     let k1 = w.len();
     dw.fill(0.0);
     db.fill(0.0);
@@ -180,21 +180,24 @@ mod tests {
         let objective = |w: &[f32], b: &[f32], proj: &[f32]| {
             let mut x = x_in.clone();
             let mut f = vec![0.0; n * k1];
-            time2vec_fwd(&mut x, &mut f, w, b, proj, &times, d);
+            time2vec_fwd(&mut x, &mut f, &times, Time2Vec { w, b, proj }, d);
             weighted(&x, &g)
         };
         let mut x = x_in.clone();
         let mut feats = vec![0.0; n * k1];
-        time2vec_fwd(&mut x, &mut feats, &w, &b, &proj, &times, d);
+        let t2v = Time2Vec {
+            w: &w,
+            b: &b,
+            proj: &proj,
+        };
+        time2vec_fwd(&mut x, &mut feats, &times, t2v, d);
         assert_eq!(
             x[2 * d..3 * d],
             x_in[2 * d..3 * d],
             "unknown time adds nothing"
         );
         let (mut dw, mut db, mut dp) = (vec![9.0; k1], vec![9.0; k1], vec![9.0; k1 * d]);
-        time2vec_bwd(
-            &mut dw, &mut db, &mut dp, &g, &feats, &w, &b, &proj, &times, d,
-        );
+        time2vec_bwd([&mut dw, &mut db, &mut dp], &g, &feats, t2v, &times, d);
         let h = 1e-2;
         let all = |len: usize| (0..len).collect::<Vec<_>>();
         let (b0, p0) = (b.clone(), proj.clone());
@@ -227,7 +230,12 @@ mod tests {
         );
         let mut x = vec![0.0; d];
         let mut f = vec![0.0; k1];
-        time2vec_fwd(&mut x, &mut f, &w, &b, &p, &[1.7], d);
+        let t2v = Time2Vec {
+            w: &w,
+            b: &b,
+            proj: &p,
+        };
+        time2vec_fwd(&mut x, &mut f, &[1.7], t2v, d);
         let mut row = vec![7.0; d];
         time2vec_row(&mut row, &w, &b, &p, 1.7);
         assert_eq!(row, x);

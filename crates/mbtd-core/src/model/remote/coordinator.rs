@@ -20,11 +20,12 @@ use super::protocol::{
 use super::wire::{WirePrecision, decode_reply, encode_request};
 use crate::model::ModelError;
 use crate::model::agg;
-use crate::model::block::{BwdScratch, fit};
-use crate::model::branches::{LayerBranches, Pass, backward_here, forward_here};
-use crate::model::net::{LayerWs, Model};
+use crate::model::block::fit;
+use crate::model::branches::{
+    Done, LayerBranches, LayerGrads, LayerInput, backward_here, forward_here,
+};
+use crate::model::net::LayerWs;
 use crate::model::ops::dot_f64;
-use crate::model::params::LayerParams;
 
 /// Moves encoded requests to branch hosts and their encoded replies back.
 pub trait Transport {
@@ -342,14 +343,8 @@ impl RemoteBranches {
 }
 
 impl LayerBranches for RemoteBranches {
-    fn forward(
-        &mut self,
-        model: &Model,
-        l: usize,
-        h: &[f32],
-        pass: &Pass,
-        lw: &mut LayerWs,
-    ) -> Result<(), ModelError> {
+    fn forward(&mut self, at: LayerInput, lw: &mut LayerWs) -> Done {
+        let LayerInput { l, h, pass, .. } = at;
         let step = pass.train.unwrap_or(self.next_step);
         if l == 0 && pass.train.is_some() {
             self.sq_norms.iter_mut().flatten().for_each(|s| *s = None);
@@ -375,7 +370,7 @@ impl LayerBranches for RemoteBranches {
             .collect();
         let replies = self.round(requests);
         let placement = &self.placement[l];
-        forward_here(model, l, h, pass, lw, |i| placement[i].is_none());
+        forward_here(at, lw, |i| placement[i].is_none());
         let mut missed = Vec::new();
         for ((host, branches), reply) in groups.into_iter().zip(replies) {
             let outputs = match read_reply(reply, host, "forward") {
@@ -449,17 +444,9 @@ impl LayerBranches for RemoteBranches {
         )))
     }
 
-    fn backward(
-        &mut self,
-        model: &Model,
-        l: usize,
-        h: &[f32],
-        dh: &[f32],
-        pass: &Pass,
-        lw: &mut LayerWs,
-        grads: &mut LayerParams,
-        scratch: &mut [BwdScratch; 2],
-    ) -> Result<(), ModelError> {
+    fn backward(&mut self, at: LayerInput, lw: &mut LayerWs, g: LayerGrads) -> Done {
+        let LayerInput { l, pass, .. } = at;
+        let LayerGrads { dh, grads, scratch } = g;
         let Some(step) = pass.train else {
             return Err(ModelError::Cluster(
                 "backward without a training forward pass".into(),
@@ -480,9 +467,12 @@ impl LayerBranches for RemoteBranches {
             .collect();
         let replies = self.round(requests);
         let placement = &self.placement[l];
-        backward_here(model, l, h, dh, pass, lw, grads, scratch, |i| {
-            placement[i].is_none()
-        });
+        let here = LayerGrads {
+            dh,
+            grads: &mut *grads,
+            scratch: &mut *scratch,
+        };
+        backward_here(at, lw, here, |i| placement[i].is_none());
         for ((host, branches), reply) in groups.into_iter().zip(replies) {
             let grads = match read_reply(reply, host, "backward") {
                 Ok(Reply::Backward(r))

@@ -68,6 +68,29 @@ struct LayerInput {
     drop: Option<StepDropout>,
 }
 
+impl LayerInput {
+    /// The attention shape of this input's batch and, with rotary positions, the angle
+    /// table with each row's position.
+    #[allow(clippy::type_complexity)]
+    fn pass<'a>(
+        &'a self,
+        cfg: &ModelConfig,
+        table: &'a RopeTable,
+    ) -> (AttnShape<'a>, Option<(&'a RopeTable, &'a [u32])>) {
+        let shape = AttnShape {
+            batch: self.batch,
+            seq: self.seq,
+            heads: cfg.n_heads,
+            head_dim: cfg.head_dim(),
+            segs: self.segs.bounds(),
+        };
+        (
+            shape,
+            self.rope.then_some((table, self.rope_pos.as_slice())),
+        )
+    }
+}
+
 /// The branches held by one host and the state of their passes.
 #[derive(Debug)]
 pub struct BranchHost {
@@ -204,14 +227,7 @@ impl BranchHost {
             .map(|(p, seed)| StepDropout { p, seed, step });
         inp.h = f.h;
         let inp = &*inp;
-        let shape = AttnShape {
-            batch: inp.batch,
-            seq: inp.seq,
-            heads: cfg.n_heads,
-            head_dim: cfg.head_dim(),
-            segs: inp.segs.bounds(),
-        };
-        let rope = inp.rope.then_some((&self.rope, inp.rope_pos.as_slice()));
+        let (shape, rope) = inp.pass(cfg, &self.rope);
         let (prec, drop, h) = (cfg.precision, inp.drop, inp.h.as_slice());
         let next = if f.train {
             Stage::Forwarded(step)
@@ -277,14 +293,7 @@ impl BranchHost {
             ));
         }
         let cfg = &self.config;
-        let shape = AttnShape {
-            batch: inp.batch,
-            seq: inp.seq,
-            heads: cfg.n_heads,
-            head_dim: cfg.head_dim(),
-            segs: inp.segs.bounds(),
-        };
-        let rope = inp.rope.then_some((&self.rope, inp.rope_pos.as_slice()));
+        let (shape, rope) = inp.pass(cfg, &self.rope);
         let (prec, drop, h, dh) = (cfg.precision, inp.drop, inp.h.as_slice(), &b.dh);
         let alphas = &b.branches;
         let todo = self
