@@ -46,6 +46,8 @@ pub enum RequestError {
     Unreachable(PeerId, String),
     #[error("request to peer {0} failed: {1}")]
     Failed(PeerId, String),
+    #[error("cannot connect to {0}: {1}; check that the node runs and listens there")]
+    Dial(Multiaddr, String),
     #[error("the cluster endpoint has stopped")]
     Stopped,
 }
@@ -251,11 +253,11 @@ impl Endpoint {
     pub async fn dial(&self, addr: Multiaddr) -> Result<(), RequestError> {
         let (tx, rx) = oneshot::channel();
         self.commands
-            .send(Command::Dial(addr, tx))
+            .send(Command::Dial(addr.clone(), tx))
             .map_err(|_| RequestError::Stopped)?;
         rx.await
             .map_err(|_| RequestError::Stopped)?
-            .map_err(|e| RequestError::Failed(PeerId::random(), e))
+            .map_err(|e| RequestError::Dial(addr, e))
     }
 
     /// Sends `bytes` to `peer` and waits for its answer.

@@ -43,19 +43,6 @@ const RTT_WINDOW: usize = 1024;
 /// How often a suspect host is pinged.
 pub const PING_INTERVAL: Duration = Duration::from_millis(200);
 
-impl HostRecord {
-    /// The `q`-quantile (0..=1) of the kept round-trip times.
-    pub fn rtt_quantile(&self, q: f64) -> Option<f64> {
-        if self.rtts.is_empty() {
-            return None;
-        }
-        let mut v = self.rtts.clone();
-        v.sort_by(f64::total_cmp);
-        let i = ((v.len() - 1) as f64 * q).round() as usize;
-        Some(v[i])
-    }
-}
-
 /// Branch hosts reached through an [`Endpoint`]: host `h` is `hosts[h]`.
 pub struct SwarmTransport {
     endpoint: Endpoint,
