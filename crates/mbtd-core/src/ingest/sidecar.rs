@@ -242,7 +242,11 @@ pub(super) fn move_file(from: &Path, to: &Path) -> Result<(), IngestError> {
 
 /// The mode [`move_file`] gives a file of mode `file` in a directory of mode `dir`.
 fn private_mode(file: u32, dir: u32) -> u32 {
-    let group_read = if dir & 0o050 == 0o050 { file & 0o040 } else { 0 };
+    let group_read = if dir & 0o050 == 0o050 {
+        file & 0o040
+    } else {
+        0
+    };
     (file & 0o700) | group_read
 }
 
@@ -254,7 +258,10 @@ fn restrict_mode(path: &Path) {
     let Ok(dir_meta) = fs::metadata(dir) else {
         return;
     };
-    let (old, dir_mode) = (meta.permissions().mode() & 0o7777, dir_meta.permissions().mode());
+    let (old, dir_mode) = (
+        meta.permissions().mode() & 0o7777,
+        dir_meta.permissions().mode(),
+    );
     let new = private_mode(old, dir_mode);
     if meta.is_file() && new != old {
         let _ = fs::set_permissions(path, fs::Permissions::from_mode(new));
