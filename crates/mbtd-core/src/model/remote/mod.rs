@@ -18,6 +18,8 @@ pub mod wire;
 #[cfg(test)]
 mod equivalence_tests;
 #[cfg(test)]
+mod outage_tests;
+#[cfg(test)]
 mod wire_tests;
 
 pub use coordinator::{ClusterStats, RemoteBranches, Transport};
