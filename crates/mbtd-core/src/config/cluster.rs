@@ -78,9 +78,7 @@ pub fn looks_like_tcp_multiaddr(s: &str, any_port: bool) -> bool {
         && matches!(*proto, "ip4" | "ip6" | "dns" | "dns4" | "dns6")
         && !host.is_empty()
         && *tcp == "tcp"
-        && port
-            .parse::<u16>()
-            .is_ok_and(|p| any_port || p > 0)
+        && port.parse::<u16>().is_ok_and(|p| any_port || p > 0)
 }
 
 impl ClusterConfig {
@@ -165,12 +163,7 @@ mod tests {
         let cfg = Config::from_toml("", "c.toml").unwrap();
         assert!(cfg.cluster.is_none());
         assert!(!cfg.to_toml().contains("cluster"));
-        assert!(
-            serde_json::to_value(&cfg)
-                .unwrap()
-                .get("cluster")
-                .is_none()
-        );
+        assert!(serde_json::to_value(&cfg).unwrap().get("cluster").is_none());
     }
 
     #[test]
@@ -198,11 +191,15 @@ mod tests {
         let cases = [
             (with_nodes("[]"), "cluster.nodes"),
             (
-                with_nodes(&format!("[{good}, {{ id = \"not-a-peer-id\", addr = \"/ip4/1.2.3.4/tcp/1\" }}]")),
+                with_nodes(&format!(
+                    "[{good}, {{ id = \"not-a-peer-id\", addr = \"/ip4/1.2.3.4/tcp/1\" }}]"
+                )),
                 "cluster.nodes[1].id",
             ),
             (
-                with_nodes(&format!("[{good}, {{ id = \"{ID}\", addr = \"/ip4/1.2.3.4/tcp/1\" }}]")),
+                with_nodes(&format!(
+                    "[{good}, {{ id = \"{ID}\", addr = \"/ip4/1.2.3.4/tcp/1\" }}]"
+                )),
                 "cluster.nodes[1].id",
             ),
             (
@@ -210,7 +207,9 @@ mod tests {
                 "cluster.nodes[0].addr",
             ),
             (
-                with_nodes(&format!("[{{ id = \"{ID}\", addr = \"/ip4/127.0.0.1/tcp/0\" }}]")),
+                with_nodes(&format!(
+                    "[{{ id = \"{ID}\", addr = \"/ip4/127.0.0.1/tcp/0\" }}]"
+                )),
                 "cluster.nodes[0].addr",
             ),
             (
@@ -218,7 +217,10 @@ mod tests {
                 "cluster.deadline_ms",
             ),
             (
-                format!("{}listen = \"tcp:7070\"\n", with_nodes(&format!("[{good}]"))),
+                format!(
+                    "{}listen = \"tcp:7070\"\n",
+                    with_nodes(&format!("[{good}]"))
+                ),
                 "cluster.listen",
             ),
         ];

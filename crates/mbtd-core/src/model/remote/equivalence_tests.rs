@@ -141,7 +141,11 @@ pub(super) fn remote_trainer(
 }
 
 /// Losses of training `t` on `batches` with `masks(step)`.
-pub(super) fn train(t: &mut Trainer, batches: &[Batch], masks: impl Fn(usize) -> Masks) -> Vec<f32> {
+pub(super) fn train(
+    t: &mut Trainer,
+    batches: &[Batch],
+    masks: impl Fn(usize) -> Masks,
+) -> Vec<f32> {
     let sc = scales();
     (0..batches.len())
         .map(|s| t.train_step(&batches[s], &masks(s), &sc).unwrap().loss)

@@ -46,7 +46,11 @@ fn a_parked_host_is_not_asked_until_its_branches_are_pushed() {
     // a checkpoint completes: host 1 gives nothing, its branches keep the step-3 copy
     assert_eq!(remote.pull_branches_reachable().unwrap(), vec![1]);
     assert!(remote.model_bytes().is_ok(), "the copy counts as current");
-    assert_eq!(asked.load(Ordering::SeqCst), before, "a parked host is not asked");
+    assert_eq!(
+        asked.load(Ordering::SeqCst),
+        before,
+        "a parked host is not asked"
+    );
     assert!(hosts.lock().unwrap()[1].held().is_empty());
     let missed = &remote.remote().unwrap().stats().missed;
     // (0,1) is off in masks_at(4) anyway: masked where it was asked for only
@@ -89,7 +93,10 @@ fn a_host_that_fails_a_push_or_a_pull_is_parked_and_the_others_go_on() {
     };
     assert!(s[0].params == pulled);
     assert_eq!(remote.push_branches_reachable(None), vec![1]);
-    assert!(remote.push_branches(Some(1)).is_err(), "strict push names it");
+    assert!(
+        remote.push_branches(Some(1)).is_err(),
+        "strict push names it"
+    );
     *silent.lock().unwrap() = false;
     assert!(remote.push_branches_reachable(Some(1)).is_empty());
     assert!(remote.remote().unwrap().parked().is_empty());
