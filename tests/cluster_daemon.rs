@@ -234,7 +234,7 @@ fn a_bad_node_is_refused_before_ready_naming_the_field() {
     let cases = [
         // refused by the config's check
         (
-            format!("[{{ id = \"not-a-peer-id\", addr = \"/ip4/127.0.0.1/tcp/7070\" }}]"),
+            "[{ id = \"not-a-peer-id\", addr = \"/ip4/127.0.0.1/tcp/7070\" }]".to_string(),
             "cluster.nodes[0].id",
         ),
         (
