@@ -114,30 +114,31 @@ fn node_of(d: &Daemon, k: usize) -> Value {
     d.data("nodes", Value::Null)["nodes"][k].clone()
 }
 
-#[test]
-fn a_killed_node_is_masked_and_rejoins_and_no_row_is_lost() {
-    let keys = tempfile::tempdir().unwrap();
-    let (key_file, coord) = coordinator_key(&keys.path().join("coordinator"));
-    let model = small(&[]);
-    let node_cfg = keys.path().join("node.toml");
-    std::fs::write(&node_cfg, &model).unwrap();
+/// Two nodes (the keys and configs in `keys`), and a coordinator with `extra` settings
+/// training on a dropped CSV of `rows` rows, once both nodes compute their branches.
+/// Returns the nodes, the daemon, the CSV and the `ctl nodes` answer at that point.
+fn cluster(
+    keys: &Path,
+    rows: usize,
+    extra: &[(&str, &str)],
+) -> (Node, Node, Daemon, String, Value) {
+    let (key_file, coord) = coordinator_key(&keys.join("coordinator"));
+    let node_cfg = keys.join("node.toml");
+    std::fs::write(&node_cfg, small(&[])).unwrap();
     let loopback = "/ip4/127.0.0.1/tcp/0";
-    let mut n0 = Node::start(&keys.path().join("n0"), &node_cfg, &coord, loopback);
-    let n1 = Node::start(&keys.path().join("n1"), &node_cfg, &coord, loopback);
+    let n0 = Node::start(&keys.join("n0"), &node_cfg, &coord, loopback);
+    let n1 = Node::start(&keys.join("n1"), &node_cfg, &coord, loopback);
     let nodes = nodes_toml(&[&n0, &n1]);
     let key = format!("{:?}", key_file.display().to_string());
-    let config = small(&[
-        ("cluster.key_file", &key),
-        ("cluster.nodes", &nodes),
+    let mut settings = vec![
+        ("cluster.key_file", key.as_str()),
+        ("cluster.nodes", nodes.as_str()),
         ("cluster.deadline_ms", "1000"),
-        ("cluster.quorum_wait_ms", "500"),
-    ]);
-    let mut d = Daemon::start(&config);
-    let rows = 400;
+    ];
+    settings.extend_from_slice(extra);
+    let d = Daemon::start(&small(&settings));
     let csv = sums_csv(seed(), rows, 50, |i| format!("s{}", i % 3));
     d.drop_csv("sums.csv", &csv);
-
-    // both nodes compute their branches
     let ready = d.wait_for(Duration::from_secs(90), "both nodes answering", || {
         let r = d.data("nodes", Value::Null);
         let all = r["nodes"].as_array()?.iter().all(|n| {
@@ -145,6 +146,15 @@ fn a_killed_node_is_masked_and_rejoins_and_no_row_is_lost() {
         });
         all.then_some(r)
     });
+    (n0, n1, d, csv, ready)
+}
+
+#[test]
+fn a_killed_node_is_masked_and_rejoins_and_no_row_is_lost() {
+    let keys = tempfile::tempdir().unwrap();
+    let rows = 400;
+    let (mut n0, n1, mut d, csv, ready) =
+        cluster(keys.path(), rows, &[("cluster.quorum_wait_ms", "500")]);
     for (k, n) in ready["nodes"].as_array().unwrap().iter().enumerate() {
         assert!(n["bytes_in"].as_u64().unwrap() > 0, "{n}");
         assert!(n["bytes_out"].as_u64().unwrap() > 0, "{n}");
@@ -274,4 +284,46 @@ fn a_bad_node_is_refused_before_ready_naming_the_field() {
         assert!(all.contains(field), "{field} named: {all}");
         assert!(!all.contains("daemon_ready"), "refused before READY: {all}");
     }
+}
+
+/// `availability.min_active = 2` with two branches per layer, one per node: with a node
+/// down no step reaches its quorum; each waits `cluster.quorum_wait_ms`, is skipped and
+/// counted, the daemon keeps answering, and training resumes once the node is back.
+#[test]
+fn steps_short_of_their_quorum_are_skipped_until_the_node_returns() {
+    let keys = tempfile::tempdir().unwrap();
+    let (mut n0, _n1, mut d, _csv, _) = cluster(
+        keys.path(),
+        300,
+        &[
+            ("availability.min_active", "2"),
+            ("cluster.quorum_wait_ms", "300"),
+        ],
+    );
+    n0.kill9();
+    d.wait_for(
+        Duration::from_secs(20),
+        "steps skipped for their quorum",
+        || (d.metric("steps_skipped_quorum_total") >= 3.0).then_some(()),
+    );
+    let frozen = d.step();
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(d.step(), frozen, "no step trains without its quorum");
+    assert!(d.log_text().contains("\"step_skipped_quorum\""));
+    let line = d.section("cluster");
+    assert_eq!(line["nodes"], "1 up, 0 late, 1 down", "{line}");
+    assert!(
+        line["steps_skipped_quorum"].as_u64().unwrap() >= 3,
+        "{line}"
+    );
+    assert!(
+        d.data("nodes", Value::Null)["steps_skipped_quorum"]
+            .as_u64()
+            .unwrap()
+            >= 3
+    );
+    n0.restart();
+    d.wait_steps(5, Duration::from_secs(20));
+    assert!(d.log_text().contains("\"node_rejoined\""));
+    d.stop_ok();
 }
