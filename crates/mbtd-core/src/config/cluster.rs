@@ -44,6 +44,9 @@ pub struct ClusterConfig {
     /// branches of every layer answering), milliseconds; then the step is skipped and its
     /// rows are trained later.
     pub quorum_wait_ms: u64,
+    /// Norm control: an output whose RMS is more than this times the median of the
+    /// layer's recent outputs is masked and counted (0: off).
+    pub max_output_norm_ratio: f64,
 }
 
 impl Default for ClusterConfig {
@@ -55,6 +58,7 @@ impl Default for ClusterConfig {
             deadline_ms: 5_000,
             wire: WirePrecision::F32,
             quorum_wait_ms: 2_000,
+            max_output_norm_ratio: 100.0,
         }
     }
 }
@@ -136,7 +140,14 @@ impl Section for ClusterConfig {
             )?;
         }
         Self::in_range("deadline_ms", self.deadline_ms, 1, 600_000)?;
-        Self::in_range("quorum_wait_ms", self.quorum_wait_ms, 0, 3_600_000)
+        Self::in_range("quorum_wait_ms", self.quorum_wait_ms, 0, 3_600_000)?;
+        let r = self.max_output_norm_ratio;
+        Self::require(
+            "max_output_norm_ratio",
+            r,
+            r == 0.0 || (1.0..=1e6).contains(&r),
+            "0 (off) or 1 ..= 1000000",
+        )
     }
 }
 
@@ -222,6 +233,13 @@ mod tests {
                     with_nodes(&format!("[{good}]"))
                 ),
                 "cluster.listen",
+            ),
+            (
+                format!(
+                    "{}max_output_norm_ratio = 0.5\n",
+                    with_nodes(&format!("[{good}]"))
+                ),
+                "cluster.max_output_norm_ratio",
             ),
         ];
         for (text, field) in cases {

@@ -62,7 +62,7 @@ pub(super) struct ClusterLink {
     seen_downs: Vec<u64>,
     last_push: Vec<Option<Instant>>,
     /// Per layer and branch, deadline misses already counted in the metrics.
-    seen_missed: Vec<Vec<u64>>,
+    seen_missed: [Vec<Vec<u64>>; 3],
     /// Per node, answered rounds whose round trip is already in the histogram.
     seen_answered: Vec<u64>,
 }
@@ -84,7 +84,7 @@ impl ClusterLink {
             records: Arc::new(Mutex::new(Vec::new())),
             quorum,
             last_push: vec![None; nodes],
-            seen_missed: Vec::new(),
+            seen_missed: Default::default(),
             seen_answered: vec![0; nodes],
             view,
         };
@@ -104,11 +104,12 @@ impl ClusterLink {
         );
         self.records = transport.records();
         self.seen_answered = vec![0; v.peers.len()];
-        self.seen_missed.clear();
+        self.seen_missed = Default::default();
         let model = trainer.model();
         let placement = placement(&model.widths(), model.config.branches, v.peers.len());
         let mut remote = RemoteBranches::new(placement, Box::new(transport), v.cfg.wire);
         remote.set_quorum(self.quorum);
+        remote.set_max_output_norm_ratio(v.cfg.max_output_norm_ratio);
         remote
     }
 
@@ -215,16 +216,26 @@ impl ClusterLink {
             }
         }
         drop(st);
-        let missed = &remote.stats().missed;
-        self.seen_missed.resize(missed.len(), Vec::new());
-        for (l, row) in missed.iter().enumerate() {
-            let seen = &mut self.seen_missed[l];
-            seen.resize(row.len(), 0);
-            for (i, (&now, was)) in row.iter().zip(seen.iter_mut()).enumerate() {
-                if now > *was {
-                    metrics::counter!(n::BRANCH_DEADLINE_MISSES_TOTAL,
-                        "layer" => l.to_string(), "branch" => i.to_string())
-                    .increment(now - *was);
+        let stats = remote.stats();
+        let counts = [&stats.missed, &stats.non_finite, &stats.out_of_line];
+        for (k, (counts, seen)) in counts.into_iter().zip(&mut self.seen_missed).enumerate() {
+            seen.resize(counts.len(), Vec::new());
+            for (l, (row, seen)) in counts.iter().zip(seen.iter_mut()).enumerate() {
+                seen.resize(row.len(), 0);
+                for (i, (&now, was)) in row.iter().zip(seen.iter_mut()).enumerate() {
+                    if now <= *was {
+                        continue;
+                    }
+                    let (layer, branch) = (l.to_string(), i.to_string());
+                    let c = match k {
+                        0 => metrics::counter!(n::BRANCH_DEADLINE_MISSES_TOTAL,
+                            "layer" => layer, "branch" => branch),
+                        1 => metrics::counter!(n::BRANCH_OUTPUTS_REJECTED_TOTAL,
+                            "layer" => layer, "branch" => branch, "reason" => "non_finite"),
+                        _ => metrics::counter!(n::BRANCH_OUTPUTS_REJECTED_TOTAL,
+                            "layer" => layer, "branch" => branch, "reason" => "norm"),
+                    };
+                    c.increment(now - *was);
                     *was = now;
                 }
             }

@@ -214,6 +214,10 @@ pub const NODE_RTT_SECONDS: &str = "node_rtt_seconds";
 /// Cluster: passes in which branch (`layer`, `branch`) was masked because its host gave
 /// no output in time (late, down, or awaiting its branches).
 pub const BRANCH_DEADLINE_MISSES_TOTAL: &str = "branch_deadline_misses_total";
+/// Cluster: outputs of remote branches masked for what they held (label `reason` =
+/// non_finite: a NaN or infinity; norm: RMS above `cluster.max_output_norm_ratio` × the
+/// layer's running median).
+pub const BRANCH_OUTPUTS_REJECTED_TOTAL: &str = "branch_outputs_rejected_total";
 /// Cluster: steps skipped because a layer stayed short of its quorum.
 pub const STEPS_SKIPPED_QUORUM_TOTAL: &str = "steps_skipped_quorum_total";
 /// Cluster: payload bytes exchanged with the hosts (label `direction` = in | out).

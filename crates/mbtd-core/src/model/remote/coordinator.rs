@@ -1,3 +1,7 @@
+//! Why over 600 lines: the step protocol's three passes (forward, backward, update) and
+//! the state moves (push, pull, each strict and tolerant of hosts that are away) share
+//! the placement, the rounds and the counters; norm control is in [`super::norm`].
+//!
 //! [`RemoteBranches`]: the coordinator's side of the step protocol, behind the trainer's
 //! `LayerBranches` interface, over any [`Transport`] that moves encoded requests to hosts
 //! and encoded replies back.
@@ -21,6 +25,7 @@
 //! fewer than `min(quorum, branches asked)` branches of a layer answered is abandoned
 //! with [`ModelError::Quorum`] before any update.
 
+use super::norm::NormGuard;
 use super::protocol::{
     AdamWStep, Backward, BranchKey, BranchState, Forward, Reply, Request, Update,
 };
@@ -49,6 +54,9 @@ pub struct ClusterStats {
     pub missed: Vec<Vec<u64>>,
     /// Per layer, per branch: outputs with a NaN or infinite value, masked.
     pub non_finite: Vec<Vec<u64>>,
+    /// Per layer, per branch: outputs out of line with the layer's running median norm
+    /// ([`super::NormGuard`]), masked.
+    pub out_of_line: Vec<Vec<u64>>,
     /// Training steps abandoned before any update: a backward reply was missing, or no
     /// branch of a layer was left to compute.
     pub steps_abandoned: u64,
@@ -81,6 +89,7 @@ pub struct RemoteBranches {
     parked: Vec<bool>,
     /// Fewest branches of a layer that must answer a training pass (0: no quorum).
     quorum: usize,
+    norms: NormGuard,
 }
 
 impl std::fmt::Debug for RemoteBranches {
@@ -92,6 +101,15 @@ impl std::fmt::Debug for RemoteBranches {
             .field("stale", &self.stale)
             .finish_non_exhaustive()
     }
+}
+
+/// Why a remote branch's output was not used.
+#[derive(Clone, Copy)]
+enum Miss {
+    /// No reply in time, a refusal, a malformed reply, or a parked host.
+    NoAnswer,
+    NonFinite,
+    OutOfLine,
 }
 
 /// Decodes a reply; `None` (no reply), a refusal or an undecodable frame is the error.
@@ -124,6 +142,7 @@ impl RemoteBranches {
             stats: ClusterStats {
                 missed: zeros(&placement),
                 non_finite: zeros(&placement),
+                out_of_line: zeros(&placement),
                 ..ClusterStats::default()
             },
             sq_norms: placement.iter().map(|r| vec![None; r.len()]).collect(),
@@ -135,6 +154,7 @@ impl RemoteBranches {
             next_step: 0,
             parked: vec![false; hosts],
             quorum: 0,
+            norms: NormGuard::new(0.0),
         }
     }
 
@@ -153,6 +173,11 @@ impl RemoteBranches {
     /// The parked hosts, ascending.
     pub fn parked(&self) -> Vec<usize> {
         (0..self.hosts).filter(|&h| self.parked[h]).collect()
+    }
+
+    /// Masks outputs whose RMS exceeds `ratio` × the layer's running median (0: off).
+    pub fn set_max_output_norm_ratio(&mut self, ratio: f64) {
+        self.norms = NormGuard::new(ratio);
     }
 
     /// Sets the quorum of training passes: with `q > 0`, a layer in which fewer than
@@ -200,6 +225,7 @@ impl RemoteBranches {
         self.sq_norms[l].resize(k, None);
         self.stats.missed[l].resize(k, 0);
         self.stats.non_finite[l].resize(k, 0);
+        self.stats.out_of_line[l].resize(k, 0);
     }
 
     /// Every remote branch grouped by host: `keys[host]`.
@@ -495,9 +521,9 @@ impl LayerBranches for RemoteBranches {
         let replies = self.round(requests);
         let placement = &self.placement[l];
         forward_here(at, lw, |i| placement[i].is_none());
-        let mut missed: Vec<(usize, bool)> = parked
+        let mut missed: Vec<(usize, Miss)> = parked
             .iter()
-            .flat_map(|(_, branches)| branches.iter().map(|&i| (i, false)))
+            .flat_map(|(_, branches)| branches.iter().map(|&i| (i, Miss::NoAnswer)))
             .collect();
         for ((host, branches), reply) in groups.into_iter().zip(replies) {
             let outputs = match read_reply(reply, host, "forward") {
@@ -517,36 +543,41 @@ impl LayerBranches for RemoteBranches {
                         "host {host}: forward of layer {l} step {step} answered with a mismatched {}",
                         other.name()
                     ));
-                    missed.extend(branches.iter().map(|&i| (i, false)));
+                    missed.extend(branches.iter().map(|&i| (i, Miss::NoAnswer)));
                     continue;
                 }
                 Err(e) => {
                     self.problem(e);
-                    missed.extend(branches.iter().map(|&i| (i, false)));
+                    missed.extend(branches.iter().map(|&i| (i, Miss::NoAnswer)));
                     continue;
                 }
             };
             for (i, z) in outputs {
-                if z.iter().all(|x| x.is_finite()) {
-                    let bz = &mut lw.branches[i].z;
-                    fit(bz, z.len());
-                    bz.copy_from_slice(&z);
-                } else {
+                if !z.iter().all(|x| x.is_finite()) {
                     self.problem(format!(
                         "host {host}: output of branch ({l}, {i}) at step {step} is not finite"
                     ));
-                    missed.push((i, true));
+                    missed.push((i, Miss::NonFinite));
+                } else if let Err((r, median)) = self.norms.admit(l, &z) {
+                    self.problem(format!(
+                        "host {host}: output of branch ({l}, {i}) at step {step} has RMS {r:.3e}, out of line with the layer's median {median:.3e}"
+                    ));
+                    missed.push((i, Miss::OutOfLine));
+                } else {
+                    let bz = &mut lw.branches[i].z;
+                    fit(bz, z.len());
+                    bz.copy_from_slice(&z);
                 }
             }
         }
         if missed.is_empty() {
             return Ok(());
         }
-        for &(i, non_finite) in &missed {
-            let counter = if non_finite {
-                &mut self.stats.non_finite
-            } else {
-                &mut self.stats.missed
+        for &(i, why) in &missed {
+            let counter = match why {
+                Miss::NoAnswer => &mut self.stats.missed,
+                Miss::NonFinite => &mut self.stats.non_finite,
+                Miss::OutOfLine => &mut self.stats.out_of_line,
             };
             counter[l][i] += 1;
             lw.mask[i] = false;

@@ -20,6 +20,8 @@ pub(super) enum Fault {
     Lost,
     /// The first value of the first output becomes NaN.
     Nan,
+    /// The first output is multiplied by 10⁴.
+    Huge,
 }
 
 pub(super) type Hosts = Arc<Mutex<Vec<BranchHost>>>;
@@ -38,18 +40,24 @@ impl Transport for Loopback {
             .into_iter()
             .map(|(h, frame)| {
                 let (req, _) = decode_request(&frame).unwrap();
-                match (self.fault)(h, &req) {
+                let fault = (self.fault)(h, &req);
+                match fault {
                     Fault::Silent => None,
                     Fault::None => Some(hosts[h].handle_bytes(&frame)),
                     Fault::Lost => {
                         hosts[h].handle_bytes(&frame);
                         None
                     }
-                    Fault::Nan => {
+                    Fault::Nan | Fault::Huge => {
                         let (mut reply, wire) =
                             decode_reply(&hosts[h].handle_bytes(&frame)).unwrap();
                         if let Reply::Forward(f) = &mut reply {
-                            f.outputs[0].1[0] = f32::NAN;
+                            let z = &mut f.outputs[0].1;
+                            if fault == Fault::Nan {
+                                z[0] = f32::NAN;
+                            } else {
+                                z.iter_mut().for_each(|x| *x *= 1e4);
+                            }
                         }
                         Some(encode_reply(&reply, wire))
                     }

@@ -12,6 +12,7 @@
 mod codec;
 pub mod coordinator;
 pub mod host;
+pub mod norm;
 pub mod protocol;
 pub mod wire;
 
@@ -24,6 +25,7 @@ mod wire_tests;
 
 pub use coordinator::{ClusterStats, RemoteBranches, Transport};
 pub use host::BranchHost;
+pub use norm::NormGuard;
 pub use protocol::{
     AdamWStep, Backward, BackwardReply, BranchGrad, BranchKey, BranchState, Forward, ForwardReply,
     Reply, Request, Update, UpdateReply,

@@ -155,3 +155,46 @@ fn a_layer_short_of_its_quorum_abandons_the_step_and_a_retry_is_exact() {
     train(&mut remote, &data[..3], all);
     assert_eq!(remote.step(), 3);
 }
+
+/// A host's output 10⁴ times the usual size is masked and counted like a missing one;
+/// the run equals the single-process run with that branch masked in that step.
+#[test]
+fn an_output_far_out_of_line_is_masked_and_counted() {
+    let cfg = config(Positions::Learned);
+    let data = batches(&cfg, 7);
+    // host 0's first output in layer 0 is branch (0, 0)
+    let fault: FaultFn = Box::new(|host, req| match (host, req) {
+        (0, Request::Forward(f)) if f.step == 5 && f.layer == 0 => Fault::Huge,
+        _ => Fault::None,
+    });
+    let effective = |s: usize| {
+        let mut m = masks_at(s);
+        if s == 5 {
+            m[0][0] = false;
+        }
+        m
+    };
+    let mut local = trainer(&cfg);
+    let want = train(&mut local, &data, effective);
+    let (mut remote, _) = remote_trainer(&cfg, mixed(), WirePrecision::F32, fault);
+    remote.remote_mut().unwrap().set_max_output_norm_ratio(10.0);
+    let sc = scales();
+    let mut got = Vec::new();
+    for (s, batch) in data.iter().enumerate() {
+        let r = remote.train_step(batch, &masks_at(s), &sc).unwrap();
+        assert_eq!(r.computed, effective(s), "step {s}");
+        got.push(r.loss);
+    }
+    assert_eq!(got, want);
+    let stats = remote.remote().unwrap().stats();
+    assert_eq!(stats.out_of_line, vec![vec![1, 0, 0], vec![0, 0, 0]]);
+    assert_eq!(stats.missed.concat().iter().sum::<u64>(), 0);
+    assert!(
+        stats
+            .last_problem
+            .as_deref()
+            .unwrap()
+            .contains("out of line")
+    );
+    assert_same_bytes(&mut remote, &local);
+}
