@@ -6,10 +6,12 @@ seeds the inbox, lets training warm up, then measures the trainer's step period 
 in the same daemon:
 
 1. baseline: `--window-s` seconds with nothing arriving;
-2. during ingest: from the moment a `--mb` MB CSV file is renamed into the inbox until
-   its sidecar appears in `inbox/.done/`;
+2. during ingest: from the moment a `--mb` MB CSV file (written and fsynced beforehand,
+   before the baseline window) is renamed into the inbox until its sidecar appears in
+   `inbox/.done/`;
 
-repeated `--files` times (pooled), `--nice` sets the daemon's `ingest.nice`.
+repeated `--files` times (pooled), `--nice` sets the daemon's `ingest.nice` and
+`--store-share-pct` its `ingest.store_share_pct`.
 
 The step period is observed from outside, by polling `status` on the admin socket every
 `--poll-ms` ms: when the step goes from s0 (seen at t0) to s1 (at t1), each of the s1-s0
@@ -44,8 +46,9 @@ OVERRIDES = [
 ]
 
 
-def config_text(binary, nice):
+def config_text(binary, nice, share):
     sets = OVERRIDES + ([f"ingest.nice={nice}"] if nice is not None else [])
+    sets += [f"ingest.store_share_pct={share}"] if share is not None else []
     args = [binary, "config", "small"] + [a for kv in sets for a in ("--set", kv)]
     return subprocess.run(args, check=True, capture_output=True, text=True).stdout
 
@@ -62,15 +65,27 @@ def csv_rows(tag, n):
     return "text\n" + "".join(f"{tag} row {i}: some words for the tokenizer to split\n" for i in range(n))
 
 
-def drop(data_dir, name, text):
+def stage(data_dir, name, text):
+    """Writes `text` to `<data_dir>/staging/name` and fsyncs it (the producer's writing
+    and its write-back are over before the file arrives); returns the staged path."""
     staging = os.path.join(data_dir, "staging")
     os.makedirs(staging, exist_ok=True)
-    inbox = os.path.join(data_dir, "inbox")
-    os.makedirs(inbox, exist_ok=True)
     p = os.path.join(staging, name)
     with open(p, "w") as f:
         f.write(text)
-    os.rename(p, os.path.join(inbox, name))
+        f.flush()
+        os.fsync(f.fileno())
+    return p
+
+
+def arrive(data_dir, staged):
+    inbox = os.path.join(data_dir, "inbox")
+    os.makedirs(inbox, exist_ok=True)
+    os.rename(staged, os.path.join(inbox, os.path.basename(staged)))
+
+
+def drop(data_dir, name, text):
+    arrive(data_dir, stage(data_dir, name, text))
 
 
 def periods(sock_path, poll_s, until):
@@ -105,13 +120,15 @@ def main():
                     help="baseline window then one arriving file, this many times (pooled)")
     ap.add_argument("--nice", type=int, default=None,
                     help="ingest.nice for the daemon (default: the daemon's default)")
+    ap.add_argument("--store-share-pct", type=int, default=None,
+                    help="ingest.store_share_pct for the daemon (default: the daemon's default)")
     ap.add_argument("--keep", action="store_true", help="keep the data dir")
     a = ap.parse_args()
 
     d = tempfile.mkdtemp(prefix="mbtd-ingest-stall-")
     cfg = os.path.join(d, "bench.toml")
     with open(cfg, "w") as f:
-        f.write(config_text(a.bin, a.nice))
+        f.write(config_text(a.bin, a.nice, a.store_share_pct))
     cmd = [a.bin, "run", "--config", cfg, "--data-dir", d]
     with daemon(cmd, d, a.keep, f"{d}/daemon.log") as (sock, _):
         drop(d, "seed.csv", csv_rows("seed", 5000))
@@ -130,18 +147,17 @@ def main():
         del big
         base, during, ingest_s, appended = [], [], [], 0
         for i in range(a.files):
+            # Each file's rows differ, so none is deduplicated away.
+            staged = stage(d, f"big{i}.csv", text.replace("large file row", f"file {i} row"))
             end = time.monotonic() + a.window_s
             base += periods(sock, a.poll_ms / 1e3, lambda: time.monotonic() >= end)
-            # Each file's rows differ, so none is deduplicated away.
-            body = text.replace("large file row", f"file {i} row")
             done = os.path.join(d, "inbox", ".done", f"big{i}.csv.json")
             t = time.monotonic()
-            drop(d, f"big{i}.csv", body)
+            arrive(d, staged)
             during += periods(sock, a.poll_ms / 1e3, lambda: os.path.exists(done))
             ingest_s.append(round(time.monotonic() - t, 3))
             with open(done) as f:
                 appended += json.load(f).get("rows_appended") or 0
-            del body
 
         b, g = summary(base), summary(during)
         print(json.dumps({
@@ -149,6 +165,7 @@ def main():
             "file_mb": round(size / (1 << 20), 1),
             "files": a.files,
             "nice": a.nice,
+            "store_share_pct": a.store_share_pct,
             "file_rows": n,
             "rows_appended": appended,
             "ingest_s": ingest_s,

@@ -67,6 +67,22 @@ fn symlink_in_the_inbox_gets_a_sidecar_and_leaves_the_inbox() {
     assert_eq!(d.section("replay")["rows"].as_u64().unwrap_or(0), 0);
 }
 
+/// Found by a hostile-operator probe: a file hard-linked into the inbox gets no
+/// close-write event, so it was held as "open for writing" until the 120 s stale mark.
+/// It is complete when linked: it must be taken as a renamed-in file is.
+#[test]
+fn a_file_hard_linked_into_the_inbox_is_taken_at_once() {
+    let d = Daemon::start("[ingest]\nsettle_ms = 100\nrescan_ms = 200\n");
+    let staged = d.path().join("staged.csv");
+    fs::write(&staged, text_csv("linked in", 7)).unwrap();
+    fs::create_dir_all(inbox(&d)).unwrap();
+    fs::hard_link(&staged, inbox(&d).join("linked.csv")).unwrap();
+    let sc = d.wait_for(Duration::from_secs(20), "the linked file's sidecar", || {
+        sidecars(&inbox(&d), ".done").remove("linked.csv")
+    });
+    assert_eq!((sc.rows_accepted, sc.rows_appended), (7, 7));
+}
+
 /// Found by a hostile-operator probe: a CSV appended once a second in place was taken
 /// after its first row and the rest went to `.done/` unseen. The writer here keeps the
 /// file open and appends a row a second for 10 s (far beyond `settle_ms`); every row

@@ -126,6 +126,11 @@ pub struct IngestConfig {
     /// Linux). Above 0 it yields the CPU to training, so a large file arriving does not
     /// slow the trainer's steps; ingestion then takes the cores training leaves.
     pub nice: u8,
+    /// Share of one core, in percent (1 ..= 100), that storing an arriving file's rows may
+    /// take: after each chunk the ingestion thread waits `(100 − p)/p` times as long as the
+    /// store took, so the store's work (at normal priority, beside the trainer's asks)
+    /// stays near `p` % of a core. 100 = no waiting (fastest ingestion).
+    pub store_share_pct: u8,
 }
 
 impl Default for IngestConfig {
@@ -136,6 +141,7 @@ impl Default for IngestConfig {
             max_file_bytes: 256 << 20,
             max_row_bytes: 1 << 20,
             nice: 19,
+            store_share_pct: 10,
         }
     }
 }
@@ -148,7 +154,8 @@ impl Section for IngestConfig {
         Self::in_range("rescan_ms", self.rescan_ms, 100, 3_600_000)?;
         Self::in_range("max_file_bytes", self.max_file_bytes, 1, 64 << 30)?;
         Self::in_range("max_row_bytes", self.max_row_bytes, 16, 256 << 20)?;
-        Self::in_range("nice", self.nice, 0, 19)
+        Self::in_range("nice", self.nice, 0, 19)?;
+        Self::in_range("store_share_pct", self.store_share_pct, 1, 100)
     }
 }
 

@@ -500,6 +500,26 @@ mod tests {
         v
     }
 
+    /// Found by a hostile-operator probe: files in `.done/` kept the producer's mode
+    /// (0644: world-readable).
+    #[test]
+    fn done_files_lose_the_bits_their_directory_does_not_grant() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        for (dir_mode, want) in [(0o700, 0o600), (0o750, 0o640)] {
+            let e = env();
+            let done = e.inbox.join(".done");
+            fs::create_dir_all(&done).unwrap();
+            fs::set_permissions(&done, fs::Permissions::from_mode(dir_mode)).unwrap();
+            let p = e.inbox.join("open.csv");
+            fs::write(&p, csv_text(3)).unwrap();
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o666)).unwrap();
+            let mut st = store(&e);
+            let out = process_file(&e.inbox, &p, &mut st, &IngestConfig::default()).unwrap();
+            assert_eq!(mode(&out.moved_to), want, "in a {dir_mode:o} directory");
+        }
+    }
+
     #[test]
     fn done_file_gets_sidecar_and_rows() {
         let e = env();

@@ -225,12 +225,47 @@ pub(super) fn write_sidecar(path: &Path, sidecar: &Sidecar) -> Result<(), Ingest
     write_atomic(path, &json).map_err(io_err("write sidecar", path))
 }
 
+/// Moves a processed file into `.done/` or `.failed/` (both fsynced) and takes from a
+/// regular file the permission bits its directory does not grant: nothing for other
+/// users, group read only where the directory lets the group in (the daemon creates it
+/// 0700, or 0750 with `paths.group_readable`). A producer's 0644 file thus does not stay
+/// world-readable. A file the daemon does not own keeps its mode (only its owner may
+/// change it); the directory still keeps other users out.
 pub(super) fn move_file(from: &Path, to: &Path) -> Result<(), IngestError> {
     fs::rename(from, to).map_err(io_err("move processed file", from))?;
+    restrict_mode(to);
     let to_dir = to.parent().expect("destination has a parent");
     fsync_dir(to_dir).map_err(io_err("fsync", to_dir))?;
     let from_dir = from.parent().expect("inbox file has a parent");
     fsync_dir(from_dir).map_err(io_err("fsync", from_dir))
+}
+
+/// The mode [`move_file`] gives a file of mode `file` in a directory of mode `dir`.
+fn private_mode(file: u32, dir: u32) -> u32 {
+    let group_read = if dir & 0o050 == 0o050 {
+        file & 0o040
+    } else {
+        0
+    };
+    (file & 0o700) | group_read
+}
+
+fn restrict_mode(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let (Ok(meta), Some(dir)) = (fs::symlink_metadata(path), path.parent()) else {
+        return;
+    };
+    let Ok(dir_meta) = fs::metadata(dir) else {
+        return;
+    };
+    let (old, dir_mode) = (
+        meta.permissions().mode() & 0o7777,
+        dir_meta.permissions().mode(),
+    );
+    let new = private_mode(old, dir_mode);
+    if meta.is_file() && new != old {
+        let _ = fs::set_permissions(path, fs::Permissions::from_mode(new));
+    }
 }
 
 pub(super) fn outcome_dir(inbox: &Path, outcome: Outcome) -> Result<PathBuf, IngestError> {

@@ -321,7 +321,7 @@ impl IngestorActor {
             }
             self.in_flight = Some(name.clone());
             let mut progress = self.progress.take().unwrap_or_default();
-            let mut sink = ReplaySink::new(self.args.replay.clone());
+            let mut sink = ReplaySink::new(self.args.replay.clone(), self.args.cfg.store_share_pct);
             let (inbox, cfg) = (self.args.inbox.clone(), self.args.cfg.clone());
             tokio::spawn(async move {
                 let (tx, rx) = tokio::sync::oneshot::channel();

@@ -1,8 +1,8 @@
 //! The ingestor's view of the inbox: the watcher (notify) and the pump that turns its
 //! events into [`Scan`] messages, debounced, plus a scan every `period` as a fallback.
 //!
-//! What the pump tracks per name: renamed in (complete by the producer's convention), or
-//! open for writing (a create or write seen and no close-write since; inotify reports
+//! What the pump tracks per name: renamed in or hard-linked in (complete by the producer's
+//! convention), or open for writing (a create or write seen and no close-write since; inotify reports
 //! `IN_CLOSE_WRITE` as `Access(Close(Write))`). A mark without an event for
 //! [`WRITER_STALE`] is dropped, so a lost close event cannot hold a file back for ever.
 
@@ -54,12 +54,22 @@ pub fn classify(ev: &mut notify::Event) -> InboxEvent {
             InboxEvent::RenamedIn
         }
         K::Modify(ModifyKind::Name(_)) => InboxEvent::RenamedIn,
+        // A name created with a second link is a complete file linked in (`ln`), not one
+        // being written: it gets no close-write, and waiting for one held it back for
+        // `WRITER_STALE`. A file written in place has one link while it is written.
+        K::Create(_) if ev.paths.last().is_some_and(|p| linked_in(p)) => InboxEvent::RenamedIn,
         K::Create(_) | K::Modify(ModifyKind::Data(_)) | K::Modify(ModifyKind::Any) => {
             InboxEvent::Written
         }
         K::Access(AccessKind::Close(AccessMode::Write)) => InboxEvent::Closed,
         _ => InboxEvent::Other,
     }
+}
+
+/// Whether `path` is a regular file with more than one hard link.
+fn linked_in(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file() && m.nlink() > 1)
 }
 
 /// Watch `inbox` (not recursively). `None` when the platform or the directory does not

@@ -230,13 +230,25 @@ impl Message<AbortIngest> for ReplayActor {
 pub struct ReplaySink {
     replay: ActorRef<ReplayActor>,
     epoch: Option<u64>,
+    share_pct: u8,
 }
 
 impl ReplaySink {
-    pub fn new(replay: ActorRef<ReplayActor>) -> Self {
+    /// A sink whose appends keep the store's work near `share_pct` % of one core
+    /// (`ingest.store_share_pct`).
+    pub fn new(replay: ActorRef<ReplayActor>, share_pct: u8) -> Self {
         Self {
             replay,
             epoch: None,
+            share_pct: share_pct.clamp(1, 100),
+        }
+    }
+
+    /// After a chunk the store took `took` for, waits so that share holds.
+    fn pace(&self, took: std::time::Duration) {
+        if self.share_pct < 100 {
+            let p = u32::from(self.share_pct);
+            std::thread::sleep(took * (100 - p) / p);
         }
     }
 
@@ -271,6 +283,7 @@ impl RowSink for ReplaySink {
 
     fn append(&mut self, hash: &[u8; 32], rows: Vec<CsvRow>, ingest_ms: u64) -> SinkResult<()> {
         let epoch = self.epoch.unwrap_or(0);
+        let t = std::time::Instant::now();
         self.replay
             .ask(AppendChunk {
                 epoch,
@@ -279,7 +292,9 @@ impl RowSink for ReplaySink {
                 ingest_ms,
             })
             .blocking_send()
-            .map_err(Self::unreachable)
+            .map_err(Self::unreachable)?;
+        self.pace(t.elapsed());
+        Ok(())
     }
 
     fn commit(&mut self, hash: &[u8; 32], accepted: u64, rejected: u64) -> SinkResult<u64> {

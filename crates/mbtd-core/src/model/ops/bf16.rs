@@ -27,10 +27,8 @@
 //! assert_eq!(bf16_round(1.0 + 1.0 / 256.0), 1.0); // a tie rounds to the even neighbour
 //! ```
 
-use super::gemm::{Operands, SharedOut, View, gemm_into};
-use super::simd::simd;
+use super::gemm::{Operands, View, gemm_into};
 use ::gemm::Parallelism;
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// Arithmetic of the linear layers' matrix products.
@@ -54,15 +52,6 @@ impl Precision {
     }
 }
 
-/// Rows of a microkernel tile.
-const MR: usize = 12;
-/// Columns of a microkernel tile (two vectors of 16 lanes).
-const NR: usize = 32;
-/// `k` per packed block (even, so pairs never straddle blocks).
-const KC: usize = 256;
-/// Rows of `A` per task (a whole number of [`MR`] panels).
-const MC: usize = 8 * MR;
-
 /// `x` rounded to bfloat16 (to nearest, ties to even; NaN stays a quiet NaN), as bits.
 #[inline(always)]
 pub fn to_bf16(x: f32) -> u16 {
@@ -80,17 +69,13 @@ pub fn bf16_round(x: f32) -> f32 {
     f32::from_bits((to_bf16(x) as u32) << 16)
 }
 
-/// Two values as one `vdpbf16ps` lane: `lo` (even `k`) in the low half.
-#[inline(always)]
-fn pair(lo: f32, hi: f32) -> u32 {
-    to_bf16(lo) as u32 | ((to_bf16(hi) as u32) << 16)
-}
-
 /// Whether the AVX-512 BF16 kernel runs on this CPU.
 pub fn has_avx512_bf16() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16")
+        std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -106,7 +91,7 @@ pub(crate) fn gemm_bf16(p: Operands<'_>, c: &mut [f32], c_rs: usize, acc: bool, 
         return gemm_bf16_portable(p, c, c_rs, acc, par);
     }
     #[cfg(target_arch = "x86_64")]
-    gemm_bf16_avx512(p, c, c_rs, acc, par);
+    super::bf16_avx512::gemm_bf16_avx512(p, c, c_rs, acc, par);
 }
 
 /// The portable path: the fp32 `gemm` on copies of `A` and `B` rounded to bf16.
@@ -130,264 +115,6 @@ pub(crate) fn gemm_bf16_portable(
     let (ar, br) = (round(a, m, k), round(b, k, n));
     let (a, b) = (View::rm(&ar, k), View::rm(&br, n));
     gemm_into(Operands { m, n, k, a, b }, c, c_rs, acc, par);
-}
-
-thread_local! {
-    /// Reusable packing buffers of this thread (`A` block, `B` block).
-    static PACK: std::cell::Cell<(Vec<u32>, Vec<u32>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
-}
-
-/// Runs `f` with this thread's packing buffers (fresh ones if a caller up the stack of
-/// this thread holds them).
-fn with_pack<R>(f: impl FnOnce(&mut Vec<u32>, &mut Vec<u32>) -> R) -> R {
-    let (mut pa, mut pb) = PACK.with(|p| p.take());
-    let r = f(&mut pa, &mut pb);
-    PACK.with(|p| p.set((pa, pb)));
-    r
-}
-
-/// Zero row for a pair's missing second half (odd `k`).
-const ZEROS: [f32; NR] = [0.0; NR];
-
-/// `dst[i] = pair(lo[i], hi[i])` (contiguous: vectorises under [`simd`]).
-#[inline(always)]
-fn zip_pairs(dst: &mut [u32], lo: &[f32], hi: &[f32]) {
-    for ((o, &l), &h) in dst.iter_mut().zip(lo).zip(hi) {
-        *o = pair(l, h);
-    }
-}
-
-/// Packs rows `p0..p0 + kc` of `B` (`k × n`) into `np` panels of `NR` columns, each
-/// `[kc/2][NR]` pairs (zero beyond `k` or `n`).
-fn pack_b(out: &mut [u32], b: View<'_>, p0: usize, kc: usize, k: usize, n: usize, par: bool) {
-    let kc2 = kc.div_ceil(2);
-    let at = |p: usize, j: usize| b.at_or_zero(p, j, k, n);
-    let panel = |(jp, dst): (usize, &mut [u32])| {
-        let j0 = jp * NR;
-        simd(
-            #[inline(always)]
-            || {
-                if b.cs == 1 && j0 + NR <= n {
-                    for (q, row) in dst.chunks_exact_mut(NR).enumerate() {
-                        let p = p0 + 2 * q;
-                        let lo = &b.data[p * b.rs + j0..][..NR];
-                        let hi = if p + 1 < k {
-                            &b.data[(p + 1) * b.rs + j0..][..NR]
-                        } else {
-                            &ZEROS[..]
-                        };
-                        zip_pairs(row, lo, hi);
-                    }
-                } else {
-                    for jj in 0..NR {
-                        for q in 0..kc2 {
-                            let p = p0 + 2 * q;
-                            dst[q * NR + jj] = pair(at(p, j0 + jj), at(p + 1, j0 + jj));
-                        }
-                    }
-                }
-            },
-        )
-    };
-    if par {
-        out.par_chunks_mut(kc2 * NR).enumerate().for_each(panel);
-    } else {
-        out.chunks_mut(kc2 * NR).enumerate().for_each(panel);
-    }
-}
-
-/// Packs rows `i0..i0 + mc`, columns `p0..p0 + kc` of `A` (`m × k`) into panels of `MR`
-/// rows, each `[kc/2][MR]` pairs (zero beyond `m` or `k`).
-#[allow(clippy::too_many_arguments)]
-fn pack_a(
-    out: &mut [u32],
-    a: View<'_>,
-    i0: usize,
-    mc: usize,
-    p0: usize,
-    kc: usize,
-    m: usize,
-    k: usize,
-) {
-    let kc2 = kc.div_ceil(2);
-    let at = |i: usize, p: usize| a.at_or_zero(i, p, m, k);
-    let mut row = [0u32; KC / 2];
-    for (ip, dst) in out[..mc.div_ceil(MR) * kc2 * MR]
-        .chunks_exact_mut(kc2 * MR)
-        .enumerate()
-    {
-        let r0 = i0 + ip * MR;
-        simd(
-            #[inline(always)]
-            || {
-                if r0 + MR > m {
-                    for (q, col) in dst.chunks_exact_mut(MR).enumerate() {
-                        let p = p0 + 2 * q;
-                        for (r, o) in col.iter_mut().enumerate() {
-                            *o = pair(at(r0 + r, p), at(r0 + r, p + 1));
-                        }
-                    }
-                } else if a.rs == 1 {
-                    // the transpose of a row-major matrix: rows of A lie side by side
-                    for (q, col) in dst.chunks_exact_mut(MR).enumerate() {
-                        let p = p0 + 2 * q;
-                        let lo = &a.data[r0 + p * a.cs..][..MR];
-                        let hi = if p + 1 < k {
-                            &a.data[r0 + (p + 1) * a.cs..][..MR]
-                        } else {
-                            &ZEROS[..MR]
-                        };
-                        zip_pairs(col, lo, hi);
-                    }
-                } else {
-                    for r in 0..MR {
-                        let src = (r0 + r) * a.rs + p0 * a.cs;
-                        let row = &mut row[..kc2];
-                        if a.cs == 1 {
-                            let x = &a.data[src..src + kc];
-                            for (o, ch) in row.iter_mut().zip(x.chunks_exact(2)) {
-                                *o = pair(ch[0], ch[1]);
-                            }
-                            if kc % 2 == 1 {
-                                row[kc2 - 1] = pair(x[kc - 1], 0.0);
-                            }
-                        } else {
-                            for (q, o) in row.iter_mut().enumerate() {
-                                *o = pair(at(r0 + r, p0 + 2 * q), at(r0 + r, p0 + 2 * q + 1));
-                            }
-                        }
-                        for (q, &v) in row.iter().enumerate() {
-                            dst[q * MR + r] = v;
-                        }
-                    }
-                }
-            },
-        )
-    }
-}
-
-/// The AVX-512 BF16 path of [`gemm_bf16`] (`m, n, k > 0`, bounds checked by the caller).
-#[cfg(target_arch = "x86_64")]
-fn gemm_bf16_avx512(p: Operands<'_>, c: &mut [f32], c_rs: usize, acc: bool, par: Parallelism) {
-    let Operands { m, n, k, a, b } = p;
-    let threaded = matches!(par, Parallelism::Rayon(t) if t > 1);
-    let np = n.div_ceil(NR);
-    let cp = SharedOut(c.as_mut_ptr());
-    with_pack(|_, pb| {
-        for p0 in (0..k).step_by(KC) {
-            let kc = KC.min(k - p0);
-            let kc2 = kc.div_ceil(2);
-            pb.clear();
-            pb.resize(np * kc2 * NR, 0);
-            pack_b(pb, b, p0, kc, k, n, threaded);
-            let load = acc || p0 > 0;
-            let pb: &[u32] = pb;
-            let block = |ib: usize| {
-                let (i0, mc) = (ib * MC, MC.min(m - ib * MC));
-                with_pack(|pa, _| {
-                    pa.clear();
-                    pa.resize(mc.div_ceil(MR) * kc2 * MR, 0);
-                    pack_a(pa, a, i0, mc, p0, kc, m, k);
-                    for jp in 0..np {
-                        let (j0, w) = (jp * NR, NR.min(n - jp * NR));
-                        let bpanel = &pb[jp * kc2 * NR..(jp + 1) * kc2 * NR];
-                        for (ip, apanel) in pa.chunks_exact(kc2 * MR).enumerate() {
-                            let (r0, h) = (i0 + ip * MR, MR.min(mc - ip * MR));
-                            // SAFETY: this task alone writes rows `i0..i0 + mc` of `C`;
-                            // the tile's rows `r0..r0 + h` and columns `j0..j0 + w` lie
-                            // inside `C` (checked by `gemm_bf16`'s assert), the panels
-                            // hold `kc2` steps, and the CPU has AVX-512 BF16.
-                            unsafe {
-                                tile(kc2, apanel, bpanel, cp.at(r0 * c_rs + j0), c_rs, h, w, load)
-                            };
-                        }
-                    }
-                })
-            };
-            if threaded {
-                (0..m.div_ceil(MC)).into_par_iter().for_each(block);
-            } else {
-                (0..m.div_ceil(MC)).for_each(block);
-            }
-        }
-    });
-}
-
-/// One `h × w` tile of `C` at `c` (row stride `c_rs`): full tiles run the microkernel in
-/// place, edge tiles through a full-size copy.
-///
-/// # Safety
-/// Rows `0..h`, columns `0..w` at `c` must be valid and exclusively ours; the CPU must
-/// have AVX-512 F and BF16; the panels hold `kc2` steps.
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile(
-    kc2: usize,
-    a: &[u32],
-    b: &[u32],
-    c: *mut f32,
-    c_rs: usize,
-    h: usize,
-    w: usize,
-    load: bool,
-) {
-    assert!(a.len() >= kc2 * MR && b.len() >= kc2 * NR);
-    if h == MR && w == NR {
-        // SAFETY: the caller's contract; the panels are long enough (assert above).
-        return unsafe { kernel(kc2, a.as_ptr(), b.as_ptr(), c, c_rs, load) };
-    }
-    let mut t = [0.0f32; MR * NR];
-    // SAFETY: the caller's contract bounds rows `0..h`, columns `0..w` at `c`.
-    unsafe {
-        if load {
-            for r in 0..h {
-                std::ptr::copy_nonoverlapping(c.add(r * c_rs), t.as_mut_ptr().add(r * NR), w);
-            }
-        }
-        kernel(kc2, a.as_ptr(), b.as_ptr(), t.as_mut_ptr(), NR, load);
-        for r in 0..h {
-            std::ptr::copy_nonoverlapping(t.as_ptr().add(r * NR), c.add(r * c_rs), w);
-        }
-    }
-}
-
-/// The microkernel: an `MR × NR` tile of `C` (loaded when `load`, else zero) plus the
-/// products of an `A` panel (`[kc2][MR]` pairs) and a `B` panel (`[kc2][NR]` pairs).
-///
-/// # Safety
-/// The CPU must have AVX-512 F and BF16; `a`, `b` must hold `kc2·MR`, `kc2·NR` pairs;
-/// `MR` rows of `NR` floats at `c` (row stride `c_rs`) must be valid and exclusively ours.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn kernel(kc2: usize, a: *const u32, b: *const u32, c: *mut f32, c_rs: usize, load: bool) {
-    use std::arch::x86_64::*;
-    // SAFETY: every offset stays inside the panels (`q < kc2`) or the tile, per the
-    // contract; `__m512i` and `__m512bh` are both 512 plain bits.
-    unsafe {
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-        if load {
-            for (r, row) in acc.iter_mut().enumerate() {
-                row[0] = _mm512_loadu_ps(c.add(r * c_rs));
-                row[1] = _mm512_loadu_ps(c.add(r * c_rs + 16));
-            }
-        }
-        for q in 0..kc2 {
-            let bq = b.add(q * NR);
-            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bq as *const __m512i));
-            let b1: __m512bh =
-                std::mem::transmute(_mm512_loadu_si512(bq.add(16) as *const __m512i));
-            let aq = a.add(q * MR);
-            for (r, row) in acc.iter_mut().enumerate() {
-                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*aq.add(r) as i32));
-                row[0] = _mm512_dpbf16_ps(row[0], av, b0);
-                row[1] = _mm512_dpbf16_ps(row[1], av, b1);
-            }
-        }
-        for (r, row) in acc.iter().enumerate() {
-            _mm512_storeu_ps(c.add(r * c_rs), row[0]);
-            _mm512_storeu_ps(c.add(r * c_rs + 16), row[1]);
-        }
-    }
 }
 
 #[cfg(test)]

@@ -14,6 +14,8 @@
 
 pub mod activation;
 pub mod bf16;
+#[cfg(target_arch = "x86_64")]
+mod bf16_avx512;
 pub mod dropout;
 pub mod embedding;
 pub mod gemm;

@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
-"""Learned vs rotary positions: control loss of the real daemon after a fixed number of
-steps on Debian's fortunes (`apt-get install -y fortunes`).
+"""Control loss of the real daemon after a fixed number of steps on Debian's fortunes
+(`apt-get install -y fortunes`), for each value of one configuration key (`--vary`):
+learned vs rotary positions (the default), f32 vs bf16 products, ...
 
 The corpus: one `text` row per fortune of /usr/share/games/fortunes/* (entries separated by
 `%` lines; the `.dat` index files and the `.u8` copies skipped), written to one CSV and
 dropped into the inbox at the start. Each run: fresh data dir, `mbtd config small` with the
-overrides below and `model.positions`, training stops at --steps; then `ctl eval` twice
+overrides below (and `--set` ones) and the varied key, training stops at --steps; then `ctl eval` twice
 (after the second every control row is "old": one comparable number). Loss at a fixed step
 budget does not depend on the machine's speed or load.
 
-Usage: python3 bench/positions.py [--steps 400] [--seeds 1,2] [--out bench/positions-raw.json]
+Usage: python3 bench/fortunes_loss.py [--vary model.positions=learned,rope] [--steps 400]
+           [--seeds 1,2] [--set model.d_model=128 ...] [--out bench/positions-raw.json]
 (needs `cargo build`; uses target/debug/mbtd, whose profile is optimised, unless --bin).
 """
 import argparse, csv, glob, json, os, statistics, subprocess, sys, tempfile, time
@@ -28,11 +30,14 @@ OVERRIDES = [
 ]
 
 
-def fortunes():
-    """Every fortune, in file order, whitespace at the ends stripped, empty ones skipped."""
+def fortunes(names=None):
+    """Every fortune (of the files `names`, default all), in file order, whitespace at the
+    ends stripped, empty ones skipped."""
     out = []
     for path in sorted(glob.glob("/usr/share/games/fortunes/*")):
         if path.endswith((".dat", ".u8")) or os.path.isdir(path):
+            continue
+        if names is not None and os.path.basename(path) not in names:
             continue
         with open(path, encoding="utf-8", errors="replace") as f:
             entry = []
@@ -58,10 +63,10 @@ def ctl(binary, data, *args):
     return json.loads(out.stdout)
 
 
-def run(binary, positions, seed, steps, corpus):
-    data = tempfile.mkdtemp(prefix=f"positions-{positions}-{seed}-")
+def run(binary, overrides, key, value, seed, steps, corpus):
+    data = tempfile.mkdtemp(prefix=f"fortunes-loss-{value}-{seed}-")
     os.makedirs(os.path.join(data, "inbox"))
-    sets = OVERRIDES + [f"model.positions=\"{positions}\"", f"training.seed={seed}",
+    sets = overrides + [f"{key}=\"{value}\"", f"training.seed={seed}",
                         f"training.max_steps={steps}"]
     args = [binary, "config", "small"] + [a for kv in sets for a in ("--set", kv)]
     cfg = os.path.join(data, "bench.toml")
@@ -87,11 +92,11 @@ def run(binary, positions, seed, steps, corpus):
             st = unwrap(ctl(binary, data, "status"))
             step = (st.get("trainer") or {}).get("step") or 0
             if time.time() - t0 > 1800:
-                raise RuntimeError(f"{positions} seed {seed}: run took too long")
+                raise RuntimeError(f"{key}={value} seed {seed}: run took too long")
         ctl(binary, data, "eval")
         ev = unwrap(ctl(binary, data, "eval"))
         st = unwrap(ctl(binary, data, "status"))
-        return dict(positions=positions, seed=seed, steps=st["trainer"]["step"],
+        return dict(value=value, seed=seed, steps=st["trainer"]["step"],
                     loss_control=ev.get("loss_control_old"),
                     params=st["trainer"].get("params"), wall_s=time.time() - t0,
                     data_dir=data)
@@ -107,28 +112,36 @@ def run(binary, positions, seed, steps, corpus):
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--vary", default="model.positions=learned,rope",
+                    help="KEY=V1,V2,...: one run per value and seed")
+    ap.add_argument("--set", action="append", default=[],
+                    help="KEY=VALUE added to the overrides (repeatable)")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--seeds", default="1,2")
     ap.add_argument("--bin", default=os.path.join(ROOT, "target", "debug", "mbtd"))
     ap.add_argument("--out", default="bench/positions-raw.json")
     a = ap.parse_args()
+    key, values = a.vary.split("=", 1)
+    values = values.split(",")
+    overrides = OVERRIDES + a.set
     corpus = fortunes()
     print(f"{len(corpus)} fortunes", file=sys.stderr)
     results = []
     for seed in [int(s) for s in a.seeds.split(",")]:
-        for positions in ("learned", "rope"):
-            r = run(a.bin, positions, seed, a.steps, corpus)
+        for value in values:
+            r = run(a.bin, overrides, key, value, seed, a.steps, corpus)
             print(json.dumps(r), flush=True)
             results.append(r)
     summary = {}
-    for positions in ("learned", "rope"):
-        xs = [r["loss_control"] for r in results if r["positions"] == positions]
-        summary[positions] = dict(mean=statistics.mean(xs), per_seed=xs)
+    for value in values:
+        xs = [r["loss_control"] for r in results if r["value"] == value]
+        summary[value] = dict(mean=statistics.mean(xs), per_seed=xs)
     with open(a.out, "w") as f:
-        json.dump(dict(args=vars(a), rows=len(corpus), config=["mbtd config small"] + OVERRIDES,
+        json.dump(dict(args=vars(a), rows=len(corpus), config=["mbtd config small"] + overrides,
                        summary=summary, runs=results), f, indent=1)
     for k, s in summary.items():
-        print(f"{k:8s} control loss {s['mean']:.4f} per seed {s['per_seed']}", file=sys.stderr)
+        print(f"{key}={k}: control loss {s['mean']:.4f} per seed {s['per_seed']}",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":
