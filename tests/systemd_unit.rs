@@ -36,16 +36,21 @@ const INSTALLED_BIN: &str = "/usr/local/bin/mbtd";
 /// config/mbtd.service, found from this package's directory upwards (the package may sit in a
 /// workspace member directory).
 fn unit_path() -> PathBuf {
+    config_file("mbtd.service")
+}
+
+/// config/`name`, found from this package's directory upwards.
+fn config_file(name: &str) -> PathBuf {
     let mut dir = Some(Path::new(env!("CARGO_MANIFEST_DIR")));
     while let Some(d) = dir {
-        let p = d.join("config/mbtd.service");
+        let p = d.join("config").join(name);
         if p.is_file() {
             return p;
         }
         dir = d.parent();
     }
     panic!(
-        "config/mbtd.service not found above {}",
+        "config/{name} not found above {}",
         env!("CARGO_MANIFEST_DIR")
     );
 }
@@ -81,10 +86,15 @@ fn text(o: &Output) -> String {
 
 /// The number of the "→ Overall exposure level for mbtd.service: 0.2 SAFE" line.
 fn overall_exposure(report: &str) -> Option<f64> {
+    unit_exposure(report, "mbtd.service")
+}
+
+/// The overall exposure `systemd-analyze security` gives `unit`.
+fn unit_exposure(report: &str, unit: &str) -> Option<f64> {
     let line = report
         .lines()
-        .find(|l| l.contains("Overall exposure level for mbtd.service:"))?;
-    line.rsplit_once("mbtd.service:")?
+        .find(|l| l.contains(&format!("Overall exposure level for {unit}:")))?;
+    line.rsplit_once(&format!("{unit}:"))?
         .1
         .split_whitespace()
         .next()?
@@ -154,6 +164,54 @@ fn verify_is_clean() {
         "systemd-analyze verify (ExecStart={BIN}) exited {}:\n{report}",
         o.status
     );
+}
+
+/// config/mbtd-node.service (the branch host): verify is clean apart from the binary not
+/// being installed here, and the same exposure bound as the daemon's unit.
+#[test]
+fn node_unit_verifies_and_is_as_hardened() {
+    if !have("systemd-analyze", "node_unit_verifies_and_is_as_hardened") {
+        return;
+    }
+    let unit = config_file("mbtd-node.service");
+    let shipped = std::fs::read_to_string(&unit).unwrap();
+    let exec = format!("ExecStart={INSTALLED_BIN} node ");
+    assert_eq!(shipped.matches(&exec).count(), 1, "one `{exec}…` line");
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("mbtd-node.service");
+    std::fs::write(
+        &copy,
+        shipped.replace(&exec, &format!("ExecStart={BIN} node ")),
+    )
+    .unwrap();
+    let o = run(Command::new("systemd-analyze")
+        .args(["verify", "--no-pager"])
+        .arg(&copy));
+    let report = text(&o);
+    assert!(
+        o.status.success() && report.trim().is_empty(),
+        "systemd-analyze verify (ExecStart={BIN}) exited {}:\n{report}",
+        o.status
+    );
+    let o = run(Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(&unit));
+    let report = text(&o);
+    let level = unit_exposure(&report, "mbtd-node.service")
+        .unwrap_or_else(|| panic!("no overall exposure line in:\n{report}"));
+    assert!(level <= MAX_EXPOSURE, "rated {level}:\n{report}");
+    // the node keeps the daemon's filesystem, kernel and system-call restrictions
+    let daemon = std::fs::read_to_string(unit_path()).unwrap();
+    for key in [
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "PrivateDevices=yes",
+        "MemoryDenyWriteExecute=yes",
+        "SystemCallFilter=@system-service",
+        "SystemCallFilter=~@privileged @resources",
+    ] {
+        assert!(daemon.contains(key) && shipped.contains(key), "{key}");
+    }
 }
 
 /// Every group of `systemd-analyze syscall-filter` with its direct members (calls and groups).

@@ -37,6 +37,7 @@ pub const COMMANDS: &[&str] = &[
     "checkpoints",
     "rollback",
     "governor",
+    "nodes",
 ];
 
 /// Commands that exist on the wire but are not offered to operators (test builds only).
@@ -84,6 +85,9 @@ pub enum Request {
     CheckpointDelete(CheckpointDeleteArgs),
     Checkpoints(NoArgs),
     Rollback(RollbackArgs),
+    /// The branch hosts of a coordinator (`[cluster]`): identity, address, branches, state,
+    /// round-trip times, last step answered, bytes.
+    Nodes(NoArgs),
     /// Makes the named actor panic; answered only by builds with the `fault-injection` feature.
     DebugCrash(DebugCrashArgs),
 }
@@ -135,6 +139,7 @@ impl Request {
             Request::CheckpointDelete(_) => "checkpoint-delete",
             Request::Checkpoints(_) => "checkpoints",
             Request::Rollback(_) => "rollback",
+            Request::Nodes(_) => "nodes",
             Request::DebugCrash(_) => "debug-crash",
         }
     }

@@ -8,6 +8,7 @@
 pub use mbtd_core::{checkpoint, config, govern, ingest, learn, model, store, text};
 
 pub mod actors;
+pub mod cluster;
 pub mod daemon;
 pub mod telemetry;
 

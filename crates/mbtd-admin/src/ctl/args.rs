@@ -59,6 +59,9 @@ pub enum CtlCommand {
     Diagnostics,
     /// The expansion governor: expansion in progress, cool-downs, back-offs, recent decisions.
     Governor,
+    /// Branch hosts of a coordinator: identity, address, branches, up/late/down, round-trip
+    /// p50/p99, last step answered, bytes in/out.
+    Nodes,
     /// Generate text from a prompt, streamed as it is produced.
     Generate {
         #[arg(long)]

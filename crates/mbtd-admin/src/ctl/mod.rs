@@ -55,6 +55,7 @@ fn request(cmd: &CtlCommand) -> Result<Request, String> {
         CtlCommand::Eval => Request::Eval(none),
         CtlCommand::Diagnostics => Request::Diagnostics(none),
         CtlCommand::Governor => Request::Governor(none),
+        CtlCommand::Nodes => Request::Nodes(none),
         CtlCommand::Generate {
             prompt,
             max_tokens,
@@ -167,6 +168,7 @@ fn human(cmd: &CtlCommand, data: &serde_json::Value) -> String {
             }
         }
         CtlCommand::Diagnostics => format_diagnostics(data),
+        CtlCommand::Nodes => format_nodes(data),
         CtlCommand::Pause
         | CtlCommand::Resume
         | CtlCommand::Mask { .. }
@@ -266,6 +268,57 @@ fn format_diagnostics(data: &serde_json::Value) -> String {
             f(&d["top1_share"]),
             list(&l["alpha"]),
             list(&l["participation"]),
+        ));
+    }
+    out
+}
+
+/// `ctl nodes`: one line per branch host.
+fn format_nodes(data: &serde_json::Value) -> String {
+    let mut out = format!(
+        "step {}  steps skipped for quorum {}\n\n{:<4} {:<54} {:<26} {:<6} {:>9} {:>9} {:>9} {:>12} {:>12}  {}\n",
+        data["step"],
+        data["steps_skipped_quorum"],
+        "NODE",
+        "ID",
+        "ADDRESS",
+        "STATE",
+        "RTT_P50",
+        "RTT_P99",
+        "LAST_STEP",
+        "BYTES_IN",
+        "BYTES_OUT",
+        "BRANCHES (layer.branch)"
+    );
+    let ms = |v: &serde_json::Value| {
+        v.as_f64()
+            .map(|x| format!("{:.1}ms", x * 1e3))
+            .unwrap_or("-".into())
+    };
+    for n in data["nodes"].as_array().into_iter().flatten() {
+        let branches = n["branches"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|b| format!("{}.{}", b[0], b[1]))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "{:<4} {:<54} {:<26} {:<6} {:>9} {:>9} {:>9} {:>12} {:>12}  {}\n",
+            n["node"].to_string(),
+            n["id"].as_str().unwrap_or("-"),
+            n["addr"].as_str().unwrap_or("-"),
+            n["state"].as_str().unwrap_or("-"),
+            ms(&n["rtt_p50_s"]),
+            ms(&n["rtt_p99_s"]),
+            n["last_step_answered"]
+                .as_u64()
+                .map_or("-".into(), |s| s.to_string()),
+            n["bytes_in"].to_string(),
+            n["bytes_out"].to_string(),
+            branches,
         ));
     }
     out

@@ -11,12 +11,14 @@
 //! the file, `section.field`, the value and what is allowed; relative paths resolve against
 //! the data dir.
 
+mod cluster;
 mod daemon;
 pub mod preset;
 mod section;
 
 use std::path::{Path, PathBuf};
 
+pub use cluster::{ClusterConfig, NodeEntry, looks_like_peer_id, looks_like_tcp_multiaddr};
 pub use daemon::{AdminConfig, DaemonConfig, LogFormat, LoggingConfig, MetricsConfig, PathsConfig};
 pub use section::{FieldError, Section};
 
@@ -66,6 +68,9 @@ pub struct Config {
     pub eval: crate::learn::EvalConfig,
     pub checkpoints: crate::checkpoint::CheckpointConfig,
     pub governor: crate::govern::policy::GovernorConfig,
+    /// Branches on other machines; absent: every branch in this process.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl Config {
@@ -114,6 +119,9 @@ impl Config {
         self.eval.validate()?;
         self.checkpoints.validate()?;
         self.governor.validate()?;
+        if let Some(c) = &self.cluster {
+            c.validate()?;
+        }
         let max = self.model.max_seq_len;
         TrainingConfig::require(
             "seq_len",
@@ -135,6 +143,9 @@ impl Config {
             if p.is_relative() {
                 *p = data_dir.join(&*p);
             }
+        }
+        if let Some(c) = &mut self.cluster {
+            c.resolve_paths(data_dir);
         }
     }
 

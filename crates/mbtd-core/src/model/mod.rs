@@ -92,6 +92,21 @@ pub enum ModelError {
     /// placement does not fit the model (see [`remote`]).
     #[error("branch hosts: {0}")]
     Cluster(String),
+    /// Fewer branches of a layer answered a training pass than the quorum
+    /// (`availability.min_active`); the step was abandoned before any update.
+    #[error(
+        "layer {layer} at step {step}: {answered} branch(es) answered, fewer than the quorum of {need} (availability.min_active); the step was abandoned before any update — check that the hosts of layer {layer} are up"
+    )]
+    Quorum {
+        /// The layer short of answers.
+        layer: usize,
+        /// Step counter (unchanged).
+        step: u64,
+        /// Branches whose outputs arrived.
+        answered: usize,
+        /// Branches the quorum wants: `min(min_active, branches asked)`.
+        need: usize,
+    },
     /// The loss or gradient norm is not finite; the update was skipped.
     #[error(
         "non-finite training step {step}: loss {loss}, gradient norm {grad_norm}; the update was skipped and the weights are unchanged — lower the learning rate or roll back to a checkpoint"

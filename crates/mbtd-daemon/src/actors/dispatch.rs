@@ -40,6 +40,8 @@ pub struct Dispatcher {
     pub checkpointer: ActorRef<CheckpointerActor>,
     pub checkpoint_status: tokio::sync::watch::Receiver<serde_json::Value>,
     pub stop: mpsc::Sender<StopRequest>,
+    /// The coordinator's nodes (`[cluster]`).
+    pub cluster: Option<std::sync::Arc<crate::cluster::ClusterView>>,
     #[cfg(feature = "fault-injection")]
     pub crash_targets: Vec<(&'static str, Recipient<super::Crash>)>,
 }
@@ -126,6 +128,13 @@ impl Dispatcher {
             Request::Checkpoints(_) => match self.checkpointer.ask(List).await {
                 Ok(l) => Response::ok(id, serde_json::to_value(l).unwrap_or_default()),
                 Err(e) => Response::error(id, format!("cannot list checkpoints: {e}")),
+            },
+            Request::Nodes(_) => match &self.cluster {
+                Some(c) => Response::ok(id, c.nodes_report()),
+                None => Response::error(
+                    id,
+                    "this daemon has no [cluster] section: every branch trains in this process",
+                ),
             },
             Request::Generate(a) => return self.generate(id, a, tx).await,
             Request::DebugCrash(a) => self.crash(id, &a.actor).await,
@@ -257,6 +266,9 @@ impl Dispatcher {
         sections.push(("trainer".to_string(), trainer));
         let ck = self.checkpoint_status.borrow().clone();
         sections.push(("checkpoints".to_string(), ck));
+        if let Some(c) = &self.cluster {
+            sections.push(("cluster".to_string(), c.status_line()));
+        }
         StatusReply {
             version: env!("CARGO_PKG_VERSION").to_string(),
             pid: std::process::id(),

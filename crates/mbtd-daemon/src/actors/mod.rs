@@ -14,6 +14,7 @@ pub mod replay;
 pub mod supervisor;
 pub mod trainer;
 mod trainer_boot;
+mod trainer_cluster;
 pub mod trainer_commands;
 mod trainer_events;
 mod trainer_governor;

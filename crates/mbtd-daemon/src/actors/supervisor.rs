@@ -37,6 +37,8 @@ pub struct RootArgs {
     /// The checkpointer's write health, kept across its restarts and read by the daemon at
     /// exit (a failed final checkpoint makes the exit non-zero).
     pub checkpoint_state: std::sync::Arc<super::checkpointer::CheckpointState>,
+    /// The coordinator's nodes (`[cluster]`), started before the actors.
+    pub cluster: Option<std::sync::Arc<crate::cluster::ClusterView>>,
 }
 
 /// A child as the supervisor knows it, in stop order.
@@ -208,6 +210,7 @@ impl Actor for Root {
                     data_dir: args.data_dir.clone(),
                     appended: appended.subscribe(),
                     health: args.board.register("trainer", d),
+                    cluster: args.cluster.clone(),
                 },
             )
             .await;
@@ -232,6 +235,7 @@ impl Actor for Root {
             checkpointer: checkpointer.clone(),
             checkpoint_status: ck_rx,
             stop: args.stop_tx.clone(),
+            cluster: args.cluster.clone(),
             #[cfg(feature = "fault-injection")]
             crash_targets,
         };

@@ -29,6 +29,8 @@ pub struct TrainerArgs {
     /// Changes when the replay store appended rows.
     pub appended: watch::Receiver<u64>,
     pub health: Arc<ChildHealth>,
+    /// The coordinator's nodes (`[cluster]`).
+    pub cluster: Option<Arc<crate::cluster::ClusterView>>,
 }
 
 pub struct TrainerActor {
@@ -80,6 +82,7 @@ impl TrainerActor {
             checkpointer: args.checkpointer.clone(),
             wakes: rx,
             status: st_tx,
+            cluster: args.cluster.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("mbtd-trainer".into())

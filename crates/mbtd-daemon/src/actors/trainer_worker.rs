@@ -30,6 +30,7 @@ use super::checkpointer::{CheckpointerActor, Snapshot, Write};
 use super::replay::{ControlRows, ReplayActor, TrainRows};
 use super::trainer_boot::Booting;
 pub use super::trainer_boot::{RestoreError, ResumeError};
+use super::trainer_cluster::{ClusterLink, QUORUM_RETRY, retryable};
 pub use super::trainer_commands::Cmd;
 use super::trainer_commands::PauseMarker;
 use super::trainer_events::{EvalDone, StepDone, TrainStepFailed, forced_off_count};
@@ -102,6 +103,8 @@ pub struct WorkerArgs {
     pub checkpointer: ActorRef<CheckpointerActor>,
     pub wakes: Receiver<Wake>,
     pub status: watch::Sender<serde_json::Value>,
+    /// The coordinator's nodes (`[cluster]`); `None`: every branch in this process.
+    pub cluster: Option<std::sync::Arc<crate::cluster::ClusterView>>,
 }
 
 /// The model and everything that goes with it, once it exists.
@@ -138,14 +141,23 @@ pub fn run(a: WorkerArgs) -> Result<(), ResumeError> {
         state_name: "starting",
         last_event: String::new(),
     };
-    let live = match boot.resume()? {
+    let mut live = match boot.resume()? {
         Some(live) => live,
         None => match boot.run() {
             Some(live) => live,
             None => return Ok(()),
         },
     };
-    Worker::new(boot, live).run();
+    // a resumed model pushes the checkpoint's branches to the nodes before its first step
+    let quorum = live.avail.config().min_active;
+    let cluster = boot
+        .a
+        .cluster
+        .clone()
+        .map(|v| ClusterLink::attach(v, &mut live.trainer, quorum));
+    let mut worker = Worker::new(boot, live);
+    worker.cluster = cluster;
+    worker.run();
     Ok(())
 }
 
@@ -200,6 +212,8 @@ pub(super) struct Worker {
     pub pace: Consolidation,
     /// Steps and time since the last scheduled evaluation (the full-speed rate).
     pub since_eval: (u64, Instant),
+    /// The branches on other machines (`[cluster]`).
+    pub cluster: Option<ClusterLink>,
 }
 
 impl Worker {
@@ -230,6 +244,7 @@ impl Worker {
             gov_actions: VecDeque::new(),
             pace,
             since_eval: (0, Instant::now()),
+            cluster: None,
         }
     }
 
@@ -258,7 +273,10 @@ impl Worker {
     }
 
     /// Replaces the live state with a restored checkpoint's (rollback).
-    pub(super) fn install(&mut self, live: Live) {
+    pub(super) fn install(&mut self, mut live: Live) {
+        if let Some(link) = self.cluster.as_mut() {
+            link.reattach(&mut self.live.trainer, &mut live.trainer);
+        }
         self.pending = NewWindows::new(live.st.cursor, live.st.partial, &live.st.ahead);
         self.last_ckpt = (live.trainer.step(), Instant::now());
         self.live = live;
@@ -315,6 +333,7 @@ impl Worker {
             // Said by the status's state; `last_event` keeps what happened last.
             return Next::Wake;
         }
+        self.cluster_sync();
         let replay_rows = match self.fetch(seed) {
             Ok(r) => r,
             Err(e) => {
@@ -336,6 +355,16 @@ impl Worker {
         } else {
             self.pace.new_rows();
         }
+        // with branches on other machines a step can be skipped: its rows go back
+        let undo = self.cluster.is_some().then(|| {
+            let st = &self.live.st;
+            (
+                self.pending.clone(),
+                st.cursor,
+                st.partial,
+                st.ahead.clone(),
+            )
+        });
         let mix = match self.take(&replay_rows, history, seed) {
             Ok(m) => m,
             Err(e) => {
@@ -358,15 +387,46 @@ impl Worker {
         let masks = live.avail.draw();
         let scales = live.avail.scales(cfg.optim.max_scale);
         let started = Instant::now();
-        let report = match live.trainer.train_step(&batch, &masks, &scales) {
-            Ok(r) => r,
-            Err(e) => {
-                let error = e.to_string();
+        let quorum_wait = self
+            .a
+            .cfg
+            .cluster
+            .as_ref()
+            .map_or(Duration::ZERO, |c| Duration::from_millis(c.quorum_wait_ms));
+        let report = loop {
+            let e = match live.trainer.train_step(&batch, &masks, &scales) {
+                Ok(r) => break r,
+                Err(e) => e,
+            };
+            let error = e.to_string();
+            let Some(link) = self.cluster.as_mut().filter(|_| retryable(&e)) else {
                 TrainStepFailed { error: &error }.emit();
                 self.last_event = format!("step refused: {error}");
                 return Next::Now;
+            };
+            if started.elapsed() < quorum_wait {
+                std::thread::sleep(QUORUM_RETRY);
+                link.before_step(&mut live.trainer);
+                continue;
             }
+            link.skipped();
+            link.publish(&live.trainer, None);
+            if let Some((pending, cursor, partial, ahead)) = undo {
+                self.pending = pending;
+                (live.st.cursor, live.st.partial, live.st.ahead) = (cursor, partial, ahead);
+            }
+            crate::cluster::events::StepSkippedQuorum {
+                step: t,
+                waited_s: started.elapsed().as_secs_f64(),
+                error: &error,
+            }
+            .emit();
+            self.last_event = format!("step skipped: {error}");
+            return Next::Now;
         };
+        if let Some(link) = self.cluster.as_mut() {
+            link.publish(&live.trainer, Some(&report));
+        }
         let secs = started.elapsed().as_secs_f64();
         metrics::histogram!(n::TRAIN_STEP_SECONDS).record(secs);
         live.st.tokens_total += report.loss_tokens as u64;
@@ -560,6 +620,10 @@ impl Worker {
         tag: Option<String>,
         periodic: bool,
     ) -> Result<serde_json::Value, String> {
+        if let Some(link) = self.cluster.as_mut() {
+            link.before_step(&mut self.live.trainer);
+            link.pull(&mut self.live.trainer)?;
+        }
         let live = &mut self.live;
         live.st.availability = live.avail.clone().into();
         let t = live.trainer.step();

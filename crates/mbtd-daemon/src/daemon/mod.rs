@@ -146,6 +146,14 @@ pub async fn run(mut cfg: Config, data_dir: PathBuf, opts: RunOptions) -> anyhow
             })?),
         };
     let recorder = install_metrics(&cfg)?;
+    let cluster = match &cfg.cluster {
+        None => None,
+        Some(c) => Some(
+            crate::cluster::start(c)
+                .await
+                .map_err(|e| StartRefused::Cluster(e.to_string()))?,
+        ),
+    };
     tracing::info!(
         event = events::DAEMON_STARTED,
         version = env!("CARGO_PKG_VERSION"),
@@ -168,6 +176,7 @@ pub async fn run(mut cfg: Config, data_dir: PathBuf, opts: RunOptions) -> anyhow
         stop_tx,
         fatal_tx,
         checkpoint_state: checkpoint_state.clone(),
+        cluster,
     });
     root.wait_for_startup().await;
 

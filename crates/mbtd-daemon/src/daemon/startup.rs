@@ -30,6 +30,9 @@ pub enum StartRefused {
     /// The config's model differs from the checkpoint's.
     #[error("{0}")]
     ModelMismatch(String),
+    /// `[cluster]` cannot start: a node that does not parse, the identity, the endpoint.
+    #[error("[cluster]: {0}")]
+    Cluster(String),
     /// `--accept-checkpoint-model` gave a config that does not validate.
     #[error(
         "the checkpoint's model section ({model}) cannot be used with this config: {reason}; fix the config or start a new data dir"

@@ -81,6 +81,20 @@ pub mod events {
     pub const BRANCH_MASKED: &str = "branch_masked";
     /// Every governor decision (`detail`: the decision and its numbers as JSON).
     pub const GOVERNOR_DECISION: &str = "governor_decision";
+    /// The coordinator's cluster endpoint is up (`[cluster]`).
+    pub const CLUSTER_STARTED: &str = "cluster_started";
+    /// A branch host connected for the first time.
+    pub const NODE_UP: &str = "node_up";
+    /// A branch host's connection closed; its branches are masked.
+    pub const NODE_DOWN: &str = "node_down";
+    /// A branch host came back and got the coordinator's copy of its branches.
+    pub const NODE_REJOINED: &str = "node_rejoined";
+    /// A peer whose identity is not in `cluster.nodes` was refused.
+    pub const NODE_REFUSED: &str = "node_refused";
+    /// A checkpoint was written while some hosts did not give their branches.
+    pub const CHECKPOINT_WITHOUT_NODES: &str = "checkpoint_without_nodes";
+    /// A step skipped: a layer short of its quorum for `cluster.quorum_wait_ms`.
+    pub const STEP_SKIPPED_QUORUM: &str = "step_skipped_quorum";
 }
 
 /// Ingestion (ARCHITECTURE.md "Metrics").
@@ -192,3 +206,21 @@ pub const EXPAND_DRIFT_COS_STD: &str = "expand_drift_logits_cos_dist_std";
 pub const GOVERNOR_DECISIONS_TOTAL: &str = "governor_decisions_total";
 /// Governor: 1 while an expansion is in ramp or probation, else 0.
 pub const GOVERNOR_EXPANSION_IN_PROGRESS: &str = "governor_expansion_in_progress";
+
+/// Cluster (`[cluster]`): 1 while branch host `node` is connected (label `node` = peer id).
+pub const NODE_UP: &str = "node_up";
+/// Cluster: histogram of the round-trip seconds of host `node`'s answered requests.
+pub const NODE_RTT_SECONDS: &str = "node_rtt_seconds";
+/// Cluster: passes in which branch (`layer`, `branch`) was masked because its host gave
+/// no output in time (late, down, or awaiting its branches).
+pub const BRANCH_DEADLINE_MISSES_TOTAL: &str = "branch_deadline_misses_total";
+/// Cluster: outputs of remote branches masked for what they held (label `reason` =
+/// non_finite: a NaN or infinity; norm: RMS above `cluster.max_output_norm_ratio` × the
+/// layer's running median).
+pub const BRANCH_OUTPUTS_REJECTED_TOTAL: &str = "branch_outputs_rejected_total";
+/// Cluster: steps skipped because a layer stayed short of its quorum.
+pub const STEPS_SKIPPED_QUORUM_TOTAL: &str = "steps_skipped_quorum_total";
+/// Cluster: payload bytes exchanged with the hosts (label `direction` = in | out).
+pub const CLUSTER_BYTES_TOTAL: &str = "cluster_bytes_total";
+/// Cluster: connections refused because the peer's identity is not in `cluster.nodes`.
+pub const CLUSTER_PEERS_REFUSED_TOTAL: &str = "cluster_peers_refused_total";

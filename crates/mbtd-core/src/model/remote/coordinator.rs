@@ -1,3 +1,7 @@
+//! Why over 600 lines: the step protocol's three passes (forward, backward, update) and
+//! the state moves (push, pull, each strict and tolerant of hosts that are away) share
+//! the placement, the rounds and the counters; norm control is in [`super::norm`].
+//!
 //! [`RemoteBranches`]: the coordinator's side of the step protocol, behind the trainer's
 //! `LayerBranches` interface, over any [`Transport`] that moves encoded requests to hosts
 //! and encoded replies back.
@@ -13,7 +17,15 @@
 //! coordinator computes `g_i = ⟨∂L/∂h', z_i⟩` from the outputs it holds. A missing
 //! backward abandons the step before anything is updated (the gradients of the rest of
 //! the model already include that branch's output).
+//!
+//! A host can be *parked* ([`RemoteBranches::park`]): its state is not known to match
+//! the coordinator's copy (it went down, restarted, or missed a pull or an update), so it
+//! is not asked and its branches are masked until a push of the coordinator's copy to it
+//! succeeds. With a quorum set ([`RemoteBranches::set_quorum`]) a training pass in which
+//! fewer than `min(quorum, branches asked)` branches of a layer answered is abandoned
+//! with [`ModelError::Quorum`] before any update.
 
+use super::norm::NormGuard;
 use super::protocol::{
     AdamWStep, Backward, BranchKey, BranchState, Forward, Reply, Request, Update,
 };
@@ -42,6 +54,9 @@ pub struct ClusterStats {
     pub missed: Vec<Vec<u64>>,
     /// Per layer, per branch: outputs with a NaN or infinite value, masked.
     pub non_finite: Vec<Vec<u64>>,
+    /// Per layer, per branch: outputs out of line with the layer's running median norm
+    /// ([`super::NormGuard`]), masked.
+    pub out_of_line: Vec<Vec<u64>>,
     /// Training steps abandoned before any update: a backward reply was missing, or no
     /// branch of a layer was left to compute.
     pub steps_abandoned: u64,
@@ -70,6 +85,11 @@ pub struct RemoteBranches {
     stale: bool,
     /// Step number sent with evaluation passes (the next training step).
     next_step: u64,
+    /// `parked[h]`: host `h` is not asked until a push to it succeeds.
+    parked: Vec<bool>,
+    /// Fewest branches of a layer that must answer a training pass (0: no quorum).
+    quorum: usize,
+    norms: NormGuard,
 }
 
 impl std::fmt::Debug for RemoteBranches {
@@ -81,6 +101,15 @@ impl std::fmt::Debug for RemoteBranches {
             .field("stale", &self.stale)
             .finish_non_exhaustive()
     }
+}
+
+/// Why a remote branch's output was not used.
+#[derive(Clone, Copy)]
+enum Miss {
+    /// No reply in time, a refusal, a malformed reply, or a parked host.
+    NoAnswer,
+    NonFinite,
+    OutOfLine,
 }
 
 /// Decodes a reply; `None` (no reply), a refusal or an undecodable frame is the error.
@@ -113,6 +142,7 @@ impl RemoteBranches {
             stats: ClusterStats {
                 missed: zeros(&placement),
                 non_finite: zeros(&placement),
+                out_of_line: zeros(&placement),
                 ..ClusterStats::default()
             },
             sq_norms: placement.iter().map(|r| vec![None; r.len()]).collect(),
@@ -122,7 +152,38 @@ impl RemoteBranches {
             wire,
             stale: false,
             next_step: 0,
+            parked: vec![false; hosts],
+            quorum: 0,
+            norms: NormGuard::new(0.0),
         }
+    }
+
+    /// Number of hosts (one more than the largest host index placed).
+    pub fn hosts(&self) -> usize {
+        self.hosts
+    }
+
+    /// Stops asking host `host` until a push of the coordinator's copy to it succeeds.
+    pub fn park(&mut self, host: usize) {
+        if let Some(p) = self.parked.get_mut(host) {
+            *p = true;
+        }
+    }
+
+    /// The parked hosts, ascending.
+    pub fn parked(&self) -> Vec<usize> {
+        (0..self.hosts).filter(|&h| self.parked[h]).collect()
+    }
+
+    /// Masks outputs whose RMS exceeds `ratio` × the layer's running median (0: off).
+    pub fn set_max_output_norm_ratio(&mut self, ratio: f64) {
+        self.norms = NormGuard::new(ratio);
+    }
+
+    /// Sets the quorum of training passes: with `q > 0`, a layer in which fewer than
+    /// `min(q, branches asked)` branches answered abandons the step ([`ModelError::Quorum`]).
+    pub fn set_quorum(&mut self, q: usize) {
+        self.quorum = q;
     }
 
     /// Host of each branch (`None`: in this process).
@@ -164,6 +225,7 @@ impl RemoteBranches {
         self.sq_norms[l].resize(k, None);
         self.stats.missed[l].resize(k, 0);
         self.stats.non_finite[l].resize(k, 0);
+        self.stats.out_of_line[l].resize(k, 0);
     }
 
     /// Every remote branch grouped by host: `keys[host]`.
@@ -243,12 +305,14 @@ impl RemoteBranches {
                 Ok(Reply::Update(r)) if r.step == step && r.applied == sent => {}
                 Ok(other) => {
                     self.stats.updates_unacked += 1;
+                    self.park(host);
                     self.problem(format!(
                         "host {host}: update of step {step} not applied in full ({other:?} for {sent:?})"
                     ));
                 }
                 Err(e) => {
                     self.stats.updates_unacked += 1;
+                    self.park(host);
                     self.problem(e);
                 }
             }
@@ -257,8 +321,27 @@ impl RemoteBranches {
         self.next_step = step + 1;
     }
 
-    /// Sends each host the state of its branches, one branch per host per round.
-    pub(crate) fn push(&mut self, mut states: Vec<BranchState>) -> Result<(), ModelError> {
+    /// Sends each host the state of its branches, one branch per host per round; an error
+    /// when a host does not take them all (the other hosts still get theirs).
+    pub(crate) fn push(&mut self, states: Vec<BranchState>) -> Result<(), ModelError> {
+        let failed = self.push_reachable(states)?;
+        if failed.is_empty() {
+            return Ok(());
+        }
+        let why = self.stats.last_problem.clone().unwrap_or_default();
+        Err(ModelError::Cluster(format!(
+            "hosts {failed:?} did not take their branches ({why})"
+        )))
+    }
+
+    /// Sends each host the state of its branches, one branch per host per round. A host
+    /// that does not take one is parked and skipped for the rest of the push; the hosts
+    /// that took all of theirs are unparked. Returns the hosts that failed; an error only
+    /// for a state of a branch that is not placed on a host.
+    pub(crate) fn push_reachable(
+        &mut self,
+        mut states: Vec<BranchState>,
+    ) -> Result<Vec<usize>, ModelError> {
         let mut queues: Vec<Vec<BranchState>> = vec![Vec::new(); self.hosts];
         for s in states.drain(..) {
             let Some(Some(h)) = self.placement.get(s.layer).and_then(|r| r.get(s.branch)) else {
@@ -269,7 +352,9 @@ impl RemoteBranches {
             };
             queues[*h].push(s);
         }
+        let pushed: Vec<bool> = queues.iter().map(|q| !q.is_empty()).collect();
         queues.iter_mut().for_each(|q| q.reverse());
+        let mut failed = Vec::new();
         while queues.iter().any(|q| !q.is_empty()) {
             let requests: Vec<(usize, Request)> = queues
                 .iter_mut()
@@ -279,19 +364,23 @@ impl RemoteBranches {
             let hosts: Vec<usize> = requests.iter().map(|(h, _)| *h).collect();
             let replies = self.round(requests);
             for (host, reply) in hosts.into_iter().zip(replies) {
-                match read_reply(reply, host, "push") {
-                    Ok(Reply::Pushed(_)) => {}
-                    Ok(other) => {
-                        return Err(ModelError::Cluster(format!(
-                            "host {host} answered a push with a {}",
-                            other.name()
-                        )));
-                    }
-                    Err(e) => return Err(ModelError::Cluster(e)),
-                }
+                let problem = match read_reply(reply, host, "push") {
+                    Ok(Reply::Pushed(_)) => continue,
+                    Ok(other) => format!("host {host} answered a push with a {}", other.name()),
+                    Err(e) => e,
+                };
+                self.problem(problem);
+                self.park(host);
+                queues[host].clear();
+                failed.push(host);
             }
         }
-        Ok(())
+        for (h, &p) in pushed.iter().enumerate() {
+            if p && !failed.contains(&h) {
+                self.parked[h] = false;
+            }
+        }
+        Ok(failed)
     }
 
     /// Fetches the state of every remote branch, one branch per host per round.
@@ -331,6 +420,63 @@ impl RemoteBranches {
         Ok(out)
     }
 
+    /// Fetches the state of every remote branch from the hosts that give it, one branch
+    /// per host per round. A parked host is not asked; a host that fails one pull is parked
+    /// and gives none of its branches. Returns the states received and the hosts that gave
+    /// none; the coordinator's copy counts as current afterwards (the parked hosts get it
+    /// before they are asked again).
+    pub(crate) fn pull_reachable(&mut self) -> (Vec<BranchState>, Vec<usize>) {
+        let mut queues = self.by_host();
+        let mut failed: Vec<usize> = Vec::new();
+        for (h, q) in queues.iter_mut().enumerate() {
+            if self.parked[h] && !q.is_empty() {
+                q.clear();
+                failed.push(h);
+            }
+        }
+        queues.iter_mut().for_each(|q| q.reverse());
+        let mut out = Vec::new();
+        while queues.iter().any(|q| !q.is_empty()) {
+            let requests: Vec<(usize, BranchKey)> = queues
+                .iter_mut()
+                .enumerate()
+                .filter_map(|(h, q)| q.pop().map(|k| (h, k)))
+                .collect();
+            let frames = requests
+                .iter()
+                .map(|&(h, k)| (h, Request::Pull(vec![k])))
+                .collect();
+            let replies = self.round(frames);
+            for ((host, key), reply) in requests.into_iter().zip(replies) {
+                let problem = match read_reply(reply, host, "pull") {
+                    Ok(Reply::Pulled(mut s))
+                        if s.len() == 1 && (s[0].layer, s[0].branch) == key =>
+                    {
+                        out.extend(s.pop().map(|s| (host, s)));
+                        continue;
+                    }
+                    Ok(other) => format!(
+                        "host {host} answered the pull of branch {key:?} with a {}",
+                        other.name()
+                    ),
+                    Err(e) => e,
+                };
+                self.problem(problem);
+                self.park(host);
+                queues[host].clear();
+                failed.push(host);
+            }
+        }
+        self.stale = false;
+        failed.sort_unstable();
+        let states = out
+            .into_iter()
+            .filter(|(h, _)| !failed.contains(h))
+            .map(|(_, s)| s)
+            .collect();
+        (states, failed)
+    }
+
     /// Marks the coordinator's copy as current (after a pull or a push).
     pub(crate) fn set_current(&mut self) {
         self.stale = false;
@@ -349,7 +495,11 @@ impl LayerBranches for RemoteBranches {
         if l == 0 && pass.train.is_some() {
             self.sq_norms.iter_mut().flatten().for_each(|s| *s = None);
         }
-        let groups = self.computed_by_host(l, lw);
+        let asked = lw.computed.iter().filter(|&&c| c).count();
+        let (groups, parked): (Vec<_>, Vec<_>) = self
+            .computed_by_host(l, lw)
+            .into_iter()
+            .partition(|(host, _)| !self.parked[*host]);
         let requests: Vec<(usize, Request)> = groups
             .iter()
             .map(|(host, branches)| {
@@ -371,7 +521,10 @@ impl LayerBranches for RemoteBranches {
         let replies = self.round(requests);
         let placement = &self.placement[l];
         forward_here(at, lw, |i| placement[i].is_none());
-        let mut missed = Vec::new();
+        let mut missed: Vec<(usize, Miss)> = parked
+            .iter()
+            .flat_map(|(_, branches)| branches.iter().map(|&i| (i, Miss::NoAnswer)))
+            .collect();
         for ((host, branches), reply) in groups.into_iter().zip(replies) {
             let outputs = match read_reply(reply, host, "forward") {
                 Ok(Reply::Forward(r))
@@ -390,36 +543,41 @@ impl LayerBranches for RemoteBranches {
                         "host {host}: forward of layer {l} step {step} answered with a mismatched {}",
                         other.name()
                     ));
-                    missed.extend(branches.iter().map(|&i| (i, false)));
+                    missed.extend(branches.iter().map(|&i| (i, Miss::NoAnswer)));
                     continue;
                 }
                 Err(e) => {
                     self.problem(e);
-                    missed.extend(branches.iter().map(|&i| (i, false)));
+                    missed.extend(branches.iter().map(|&i| (i, Miss::NoAnswer)));
                     continue;
                 }
             };
             for (i, z) in outputs {
-                if z.iter().all(|x| x.is_finite()) {
-                    let bz = &mut lw.branches[i].z;
-                    fit(bz, z.len());
-                    bz.copy_from_slice(&z);
-                } else {
+                if !z.iter().all(|x| x.is_finite()) {
                     self.problem(format!(
                         "host {host}: output of branch ({l}, {i}) at step {step} is not finite"
                     ));
-                    missed.push((i, true));
+                    missed.push((i, Miss::NonFinite));
+                } else if let Err((r, median)) = self.norms.admit(l, &z) {
+                    self.problem(format!(
+                        "host {host}: output of branch ({l}, {i}) at step {step} has RMS {r:.3e}, out of line with the layer's median {median:.3e}"
+                    ));
+                    missed.push((i, Miss::OutOfLine));
+                } else {
+                    let bz = &mut lw.branches[i].z;
+                    fit(bz, z.len());
+                    bz.copy_from_slice(&z);
                 }
             }
         }
         if missed.is_empty() {
             return Ok(());
         }
-        for &(i, non_finite) in &missed {
-            let counter = if non_finite {
-                &mut self.stats.non_finite
-            } else {
-                &mut self.stats.missed
+        for &(i, why) in &missed {
+            let counter = match why {
+                Miss::NoAnswer => &mut self.stats.missed,
+                Miss::NonFinite => &mut self.stats.non_finite,
+                Miss::OutOfLine => &mut self.stats.out_of_line,
             };
             counter[l][i] += 1;
             lw.mask[i] = false;
@@ -430,6 +588,19 @@ impl LayerBranches for RemoteBranches {
         agg::renormalise(&mut lw.alpha_t, &lw.alpha, &lw.mask);
         for i in 0..lw.computed.len() {
             lw.computed[i] = lw.mask[i] && lw.alpha_t[i] > 0.0;
+        }
+        let got = answered.iter().filter(|&&a| a).count();
+        let need = self.quorum.min(asked);
+        if let Some(step) = pass.train
+            && got < need
+        {
+            self.stats.steps_abandoned += 1;
+            return Err(ModelError::Quorum {
+                layer: l,
+                step,
+                answered: got,
+                need,
+            });
         }
         let any = lw.computed.iter().any(|&c| c);
         if any && lw.computed.iter().zip(&answered).all(|(&c, &a)| !c || a) {

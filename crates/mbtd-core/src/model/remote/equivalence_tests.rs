@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 /// What the loopback transport does with one request.
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Fault {
+pub(super) enum Fault {
     /// Delivered, reply returned.
     None,
     /// The host never sees the request.
@@ -20,10 +20,12 @@ enum Fault {
     Lost,
     /// The first value of the first output becomes NaN.
     Nan,
+    /// The first output is multiplied by 10⁴.
+    Huge,
 }
 
-type Hosts = Arc<Mutex<Vec<BranchHost>>>;
-type FaultFn = Box<dyn FnMut(usize, &Request) -> Fault + Send>;
+pub(super) type Hosts = Arc<Mutex<Vec<BranchHost>>>;
+pub(super) type FaultFn = Box<dyn FnMut(usize, &Request) -> Fault + Send>;
 
 /// Hosts in this process behind encoded frames.
 struct Loopback {
@@ -38,18 +40,24 @@ impl Transport for Loopback {
             .into_iter()
             .map(|(h, frame)| {
                 let (req, _) = decode_request(&frame).unwrap();
-                match (self.fault)(h, &req) {
+                let fault = (self.fault)(h, &req);
+                match fault {
                     Fault::Silent => None,
                     Fault::None => Some(hosts[h].handle_bytes(&frame)),
                     Fault::Lost => {
                         hosts[h].handle_bytes(&frame);
                         None
                     }
-                    Fault::Nan => {
+                    Fault::Nan | Fault::Huge => {
                         let (mut reply, wire) =
                             decode_reply(&hosts[h].handle_bytes(&frame)).unwrap();
                         if let Reply::Forward(f) = &mut reply {
-                            f.outputs[0].1[0] = f32::NAN;
+                            let z = &mut f.outputs[0].1;
+                            if fault == Fault::Nan {
+                                z[0] = f32::NAN;
+                            } else {
+                                z.iter_mut().for_each(|x| *x *= 1e4);
+                            }
                         }
                         Some(encode_reply(&reply, wire))
                     }
@@ -59,7 +67,7 @@ impl Transport for Loopback {
     }
 }
 
-fn config(positions: Positions) -> ModelConfig {
+pub(super) fn config(positions: Positions) -> ModelConfig {
     ModelConfig {
         vocab_size: 23,
         d_model: 8,
@@ -86,7 +94,7 @@ fn optim() -> OptimConfig {
 }
 
 /// Packed batches: segments of 3, 2, 3 and 5, 3 positions.
-fn batches(cfg: &ModelConfig, n: usize) -> Vec<Batch> {
+pub(super) fn batches(cfg: &ModelConfig, n: usize) -> Vec<Batch> {
     (0..n as u64)
         .map(|s| {
             let mut b = random_batch(cfg, 2, 8, 100 + s);
@@ -97,7 +105,7 @@ fn batches(cfg: &ModelConfig, n: usize) -> Vec<Batch> {
 }
 
 /// Layer 0 on hosts 0, 1, 0; layer 1 on host 1, this process, host 0.
-fn mixed() -> Vec<Vec<Option<usize>>> {
+pub(super) fn mixed() -> Vec<Vec<Option<usize>>> {
     vec![
         vec![Some(0), Some(1), Some(0)],
         vec![Some(1), None, Some(0)],
@@ -105,21 +113,21 @@ fn mixed() -> Vec<Vec<Option<usize>>> {
 }
 
 /// Some branch masked in most steps.
-fn masks_at(s: usize) -> Masks {
+pub(super) fn masks_at(s: usize) -> Masks {
     vec![vec![true, s % 3 != 1, true], vec![s % 4 != 2, true, true]]
 }
 
-fn scales() -> BranchScales {
+pub(super) fn scales() -> BranchScales {
     vec![vec![1.0, 1.5, 1.2], vec![2.0, 1.0, 1.3]]
 }
 
-fn trainer(cfg: &ModelConfig) -> Trainer {
+pub(super) fn trainer(cfg: &ModelConfig) -> Trainer {
     let mut t = Trainer::new(Model::new(cfg.clone(), 3).unwrap(), optim()).unwrap();
     t.set_dropout_seed(5);
     t
 }
 
-fn remote_trainer(
+pub(super) fn remote_trainer(
     cfg: &ModelConfig,
     placement: Vec<Vec<Option<usize>>>,
     wire: WirePrecision,
@@ -141,14 +149,18 @@ fn remote_trainer(
 }
 
 /// Losses of training `t` on `batches` with `masks(step)`.
-fn train(t: &mut Trainer, batches: &[Batch], masks: impl Fn(usize) -> Masks) -> Vec<f32> {
+pub(super) fn train(
+    t: &mut Trainer,
+    batches: &[Batch],
+    masks: impl Fn(usize) -> Masks,
+) -> Vec<f32> {
     let sc = scales();
     (0..batches.len())
         .map(|s| t.train_step(&batches[s], &masks(s), &sc).unwrap().loss)
         .collect()
 }
 
-fn assert_same_bytes(remote: &mut Trainer, local: &Trainer) {
+pub(super) fn assert_same_bytes(remote: &mut Trainer, local: &Trainer) {
     remote.pull_branches().unwrap();
     assert!(
         remote.model_bytes().unwrap() == local.model_bytes().unwrap(),
@@ -160,7 +172,7 @@ fn assert_same_bytes(remote: &mut Trainer, local: &Trainer) {
     );
 }
 
-fn no_fault() -> FaultFn {
+pub(super) fn no_fault() -> FaultFn {
     Box::new(|_, _| Fault::None)
 }
 

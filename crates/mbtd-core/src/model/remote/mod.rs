@@ -12,16 +12,20 @@
 mod codec;
 pub mod coordinator;
 pub mod host;
+pub mod norm;
 pub mod protocol;
 pub mod wire;
 
 #[cfg(test)]
 mod equivalence_tests;
 #[cfg(test)]
+mod outage_tests;
+#[cfg(test)]
 mod wire_tests;
 
 pub use coordinator::{ClusterStats, RemoteBranches, Transport};
 pub use host::BranchHost;
+pub use norm::NormGuard;
 pub use protocol::{
     AdamWStep, Backward, BackwardReply, BranchGrad, BranchKey, BranchState, Forward, ForwardReply,
     Reply, Request, Update, UpdateReply,

@@ -15,6 +15,33 @@ impl Trainer {
     /// and pushes each placed branch's weights and moments to its host. From now on the
     /// layer loop and the update reach those branches through `remote`'s transport.
     pub fn attach_remote(&mut self, mut remote: RemoteBranches) -> Result<(), ModelError> {
+        self.check_placement(&remote)?;
+        remote.set_step(self.step);
+        let states = self.states_of(&remote, None);
+        remote.push(states)?;
+        remote.set_current();
+        self.remote = Some(Box::new(remote));
+        Ok(())
+    }
+
+    /// [`Trainer::attach_remote`] that tolerates hosts that are down: they are parked
+    /// (not asked, their branches masked) until [`Trainer::push_branches_reachable`]
+    /// gives them the coordinator's copy. Returns the hosts that did not take their
+    /// branches; an error only for a placement that does not fit (then nothing changed).
+    pub fn attach_remote_reachable(
+        &mut self,
+        mut remote: RemoteBranches,
+    ) -> Result<Vec<usize>, ModelError> {
+        self.check_placement(&remote)?;
+        remote.set_step(self.step);
+        let states = self.states_of(&remote, None);
+        let failed = remote.push_reachable(states)?;
+        remote.set_current();
+        self.remote = Some(Box::new(remote));
+        Ok(failed)
+    }
+
+    fn check_placement(&self, remote: &RemoteBranches) -> Result<(), ModelError> {
         if self.remote.is_some() {
             return Err(ModelError::Cluster(
                 "branches are already placed on hosts; detach them first".into(),
@@ -26,11 +53,6 @@ impl Trainer {
                 "the placement has widths {got:?}, the model {want:?}; place every branch of every layer (None: in this process)"
             )));
         }
-        remote.set_step(self.step);
-        let states = self.states_of(&remote, None);
-        remote.push(states)?;
-        remote.set_current();
-        self.remote = Some(Box::new(remote));
         Ok(())
     }
 
@@ -45,6 +67,11 @@ impl Trainer {
         self.remote.as_deref()
     }
 
+    /// The placement, to park hosts or set the quorum.
+    pub fn remote_mut(&mut self) -> Option<&mut RemoteBranches> {
+        self.remote.as_deref_mut()
+    }
+
     /// Brings every remote branch's weights and moments into the coordinator's copy (for
     /// a checkpoint). An error when a host does not give them; the copy is then unchanged
     /// for the branches not yet received.
@@ -52,8 +79,14 @@ impl Trainer {
         let Some(r) = self.remote.as_deref_mut() else {
             return Ok(());
         };
+        let states = r.pull()?;
+        self.apply_states(states)
+    }
+
+    /// Writes pulled branch states into the coordinator's copy.
+    fn apply_states(&mut self, states: Vec<BranchState>) -> Result<(), ModelError> {
         let d = self.model.config.d_model;
-        for s in r.pull()? {
+        for s in states {
             let (l, i) = (s.layer, s.branch);
             if s.params.ln1_gain.len() != d {
                 return Err(ModelError::Cluster(format!(
@@ -66,6 +99,36 @@ impl Trainer {
             self.v.layers[l].branches[i] = s.v;
         }
         Ok(())
+    }
+
+    /// Brings the weights and moments of the branches of every host that gives them into
+    /// the coordinator's copy (for a checkpoint that must complete while a host is down).
+    /// A host that gives none (parked, down, late) keeps the coordinator's last copy of its
+    /// branches — what it will be pushed before it is asked again. Returns those hosts.
+    pub fn pull_branches_reachable(&mut self) -> Result<Vec<usize>, ModelError> {
+        let Some(r) = self.remote.as_deref_mut() else {
+            return Ok(Vec::new());
+        };
+        let (states, failed) = r.pull_reachable();
+        self.apply_states(states)?;
+        Ok(failed)
+    }
+
+    /// [`Trainer::push_branches`] that parks the hosts that do not take their branches
+    /// instead of failing; returns them.
+    pub fn push_branches_reachable(&mut self, host: Option<usize>) -> Vec<usize> {
+        let Some(mut r) = self.remote.take() else {
+            return Vec::new();
+        };
+        let states = self.states_of(&r, host);
+        // every state comes from the placement: no unplaced branch to refuse
+        let failed = r.push_reachable(states).unwrap_or_default();
+        if host.is_none() {
+            r.set_current();
+        }
+        r.set_step(self.step);
+        self.remote = Some(r);
+        failed
     }
 
     /// Sends the coordinator's copy of the remote branches (weights and moments) to

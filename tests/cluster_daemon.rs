@@ -1,0 +1,329 @@
+//! `mbtd run` as a coordinator, end to end on loopback: two real `mbtd node` processes
+//! host the branches of a small model; the daemon trains on a dropped CSV, a node killed
+//! with SIGKILL is reported down while training goes on, a checkpoint completes without
+//! it, the node restarted with the same identity and address rejoins with its branches,
+//! and every row of the CSV is in the replay store exactly once. A `[cluster]` section
+//! with a bad node is refused before READY, naming the field.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// A running `mbtd node`, killed when dropped.
+struct Node {
+    child: Child,
+    dir: PathBuf,
+    config: PathBuf,
+    coordinator: String,
+    peer: String,
+    addr: String,
+}
+
+impl Node {
+    fn start(dir: &Path, config: &Path, coordinator: &str, listen: &str) -> Node {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut child = Command::new(BIN)
+            .arg("node")
+            .arg(format!("--listen={listen}"))
+            .arg("--data-dir")
+            .arg(dir)
+            .arg("--config")
+            .arg(config)
+            .arg("--coordinator")
+            .arg(coordinator)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn mbtd node");
+        // the JSON log shares stdout: find the listening line, then keep draining the pipe
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let v: Value = loop {
+            let mut line = String::new();
+            assert!(
+                out.read_line(&mut line).unwrap() > 0,
+                "mbtd node exited before listening"
+            );
+            if let Ok(v) = serde_json::from_str::<Value>(&line)
+                && v["event"] == "node_listening"
+            {
+                break v;
+            }
+        };
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        Node {
+            child,
+            dir: dir.to_path_buf(),
+            config: config.to_path_buf(),
+            coordinator: coordinator.to_string(),
+            peer: v["peer_id"].as_str().unwrap().to_string(),
+            addr: v["addrs"][0].as_str().unwrap().to_string(),
+        }
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts again with the same identity (data dir) and address.
+    fn restart(&mut self) {
+        let again = Node::start(&self.dir, &self.config, &self.coordinator, &self.addr);
+        assert_eq!(again.peer, self.peer, "same identity");
+        *self = again;
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The coordinator's key file (in `dir`) and its peer id, made by `mbtd node --print-id`
+/// (the same identity format).
+fn coordinator_key(dir: &Path) -> (PathBuf, String) {
+    let out = Command::new(BIN)
+        .args(["node", "--print-id", "--data-dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    (dir.join("identity.key"), id)
+}
+
+fn nodes_toml(nodes: &[&Node]) -> String {
+    let list: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("{{ id = \"{}\", addr = \"{}\" }}", n.peer, n.addr))
+        .collect();
+    format!("[{}]", list.join(", "))
+}
+
+fn node_of(d: &Daemon, k: usize) -> Value {
+    d.data("nodes", Value::Null)["nodes"][k].clone()
+}
+
+/// Two nodes (the keys and configs in `keys`), and a coordinator with `extra` settings
+/// training on a dropped CSV of `rows` rows, once both nodes compute their branches.
+/// Returns the nodes, the daemon, the CSV and the `ctl nodes` answer at that point.
+fn cluster(
+    keys: &Path,
+    rows: usize,
+    extra: &[(&str, &str)],
+) -> (Node, Node, Daemon, String, Value) {
+    let (key_file, coord) = coordinator_key(&keys.join("coordinator"));
+    let node_cfg = keys.join("node.toml");
+    std::fs::write(&node_cfg, small(&[])).unwrap();
+    let loopback = "/ip4/127.0.0.1/tcp/0";
+    let n0 = Node::start(&keys.join("n0"), &node_cfg, &coord, loopback);
+    let n1 = Node::start(&keys.join("n1"), &node_cfg, &coord, loopback);
+    let nodes = nodes_toml(&[&n0, &n1]);
+    let key = format!("{:?}", key_file.display().to_string());
+    let mut settings = vec![
+        ("cluster.key_file", key.as_str()),
+        ("cluster.nodes", nodes.as_str()),
+        ("cluster.deadline_ms", "1000"),
+    ];
+    settings.extend_from_slice(extra);
+    let d = Daemon::start(&small(&settings));
+    let csv = sums_csv(seed(), rows, 50, |i| format!("s{}", i % 3));
+    d.drop_csv("sums.csv", &csv);
+    let ready = d.wait_for(Duration::from_secs(90), "both nodes answering", || {
+        let r = d.data("nodes", Value::Null);
+        let all = r["nodes"].as_array()?.iter().all(|n| {
+            n["state"] == "up" && n["last_step_answered"].as_u64().is_some_and(|s| s >= 3)
+        });
+        all.then_some(r)
+    });
+    (n0, n1, d, csv, ready)
+}
+
+#[test]
+fn a_killed_node_is_masked_and_rejoins_and_no_row_is_lost() {
+    let keys = tempfile::tempdir().unwrap();
+    let rows = 400;
+    let (mut n0, n1, mut d, csv, ready) =
+        cluster(keys.path(), rows, &[("cluster.quorum_wait_ms", "500")]);
+    for (k, n) in ready["nodes"].as_array().unwrap().iter().enumerate() {
+        assert!(n["bytes_in"].as_u64().unwrap() > 0, "{n}");
+        assert!(n["bytes_out"].as_u64().unwrap() > 0, "{n}");
+        assert_eq!(n["branches"], serde_json::json!([[0, k], [1, k]]), "{n}");
+        assert!(n["rtt_p50_s"].as_f64().is_some(), "{n}");
+    }
+    assert_eq!(ready["nodes"][0]["id"], n0.peer.as_str());
+    let table = String::from_utf8(d.ctl(&["nodes"]).stdout).unwrap();
+    assert!(
+        table.contains(&n1.peer) && table.contains(" up "),
+        "{table}"
+    );
+    assert!(
+        d.section("cluster")["nodes"]
+            .as_str()
+            .unwrap()
+            .starts_with("2 up"),
+        "status line"
+    );
+
+    // kill -9 node 0: down, training goes on with node 1's branches
+    n0.kill9();
+    let killed = Instant::now();
+    d.wait_for(Duration::from_secs(10), "node 0 down", || {
+        (node_of(&d, 0)["state"] == "down").then_some(())
+    });
+    d.wait_for(Duration::from_secs(10), "node_down event", || {
+        d.log_text().contains("\"node_down\"").then_some(())
+    });
+    assert_eq!(d.metric(&format!("node_up{{node=\"{}\"}}", n0.peer)), 0.0);
+    let before = d.step();
+    d.wait_steps(5, Duration::from_secs(60));
+    let n1_step = node_of(&d, 1)["last_step_answered"].as_u64().unwrap();
+    assert!(n1_step > before, "node 1 keeps answering");
+    // a checkpoint while node 0 is down completes with the coordinator's copy
+    let ck = d.data("checkpoint", Value::Null);
+    assert!(ck["id"].is_string(), "{ck}");
+    assert!(
+        d.log_text().contains("\"checkpoint_without_nodes\""),
+        "the checkpoint says which node it went without"
+    );
+    assert!(killed.elapsed() < Duration::from_secs(60));
+
+    // restarted with the same identity and address: back within 10 s
+    let down_step = node_of(&d, 0)["last_step_answered"].as_u64().unwrap();
+    n0.restart();
+    let back = Instant::now();
+    d.wait_for(Duration::from_secs(10), "node 0 rejoined", || {
+        let n = node_of(&d, 0);
+        (d.log_text().contains("\"node_rejoined\"")
+            && n["state"] == "up"
+            && n["last_step_answered"].as_u64()? > down_step)
+            .then_some(())
+    });
+    eprintln!("node 0 back in service after {:?}", back.elapsed());
+    assert_eq!(d.data("nodes", Value::Null)["steps_skipped_quorum"], 0);
+    // node 0 hosts branch 0 of every layer: masked while it was away
+    assert!(d.metric("branch_deadline_misses_total{branch=\"0\",layer=\"0\"}") > 0.0);
+    assert_eq!(d.metric(&format!("node_up{{node=\"{}\"}}", n0.peer)), 1.0);
+    assert!(d.metric(&format!("node_rtt_seconds_count{{node=\"{}\"}}", n1.peer)) > 0.0);
+    assert!(d.metric("cluster_bytes_total{direction=\"in\"}") > 0.0);
+    assert_eq!(d.metric("steps_skipped_quorum_total"), 0.0);
+
+    d.stop_ok();
+    // every row of the CSV is in the replay store exactly once
+    let stored: Vec<String> = all_records(d.path())
+        .iter()
+        .map(|r| body_text(&r.body))
+        .collect();
+    let mut want: Vec<String> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.rsplit_once(',').unwrap().0.trim_matches('"').to_string())
+        .collect();
+    let mut got = stored.clone();
+    want.sort();
+    got.sort();
+    assert_eq!(got.len(), rows);
+    assert_eq!(got, want);
+}
+
+/// A node whose identity or address does not parse stops `mbtd run` before READY with
+/// exit code 2 and the field's name.
+#[test]
+fn a_bad_node_is_refused_before_ready_naming_the_field() {
+    let good = "12D3KooWGzh9nQjR3bB4a7sVUfqYfMtGJdRxD3w8Qj6YkqCq7bZc";
+    let cases = [
+        // refused by the config's check
+        (
+            "[{ id = \"not-a-peer-id\", addr = \"/ip4/127.0.0.1/tcp/7070\" }]".to_string(),
+            "cluster.nodes[0].id",
+        ),
+        (
+            format!("[{{ id = \"{good}\", addr = \"127.0.0.1:7070\" }}]"),
+            "cluster.nodes[0].addr",
+        ),
+        // the right shape, refused when the daemon parses it
+        (
+            format!(
+                "[{{ id = \"{}\", addr = \"/ip4/127.0.0.1/tcp/7070\" }}]",
+                "1".repeat(52)
+            ),
+            "cluster.nodes[0].id",
+        ),
+    ];
+    for (nodes, field) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("c.toml");
+        std::fs::write(
+            &cfg,
+            format!("{}\n[cluster]\nnodes = {nodes}\n", small(&[])),
+        )
+        .unwrap();
+        let out = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .output()
+            .unwrap();
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.code(), Some(2), "{nodes}: {all}");
+        assert!(all.contains(field), "{field} named: {all}");
+        assert!(!all.contains("daemon_ready"), "refused before READY: {all}");
+    }
+}
+
+/// `availability.min_active = 2` with two branches per layer, one per node: with a node
+/// down no step reaches its quorum; each waits `cluster.quorum_wait_ms`, is skipped and
+/// counted, the daemon keeps answering, and training resumes once the node is back.
+#[test]
+fn steps_short_of_their_quorum_are_skipped_until_the_node_returns() {
+    let keys = tempfile::tempdir().unwrap();
+    let (mut n0, _n1, mut d, _csv, _) = cluster(
+        keys.path(),
+        300,
+        &[
+            ("availability.min_active", "2"),
+            ("cluster.quorum_wait_ms", "300"),
+        ],
+    );
+    n0.kill9();
+    d.wait_for(
+        Duration::from_secs(20),
+        "steps skipped for their quorum",
+        || (d.metric("steps_skipped_quorum_total") >= 3.0).then_some(()),
+    );
+    let frozen = d.step();
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(d.step(), frozen, "no step trains without its quorum");
+    assert!(d.log_text().contains("\"step_skipped_quorum\""));
+    let line = d.section("cluster");
+    assert_eq!(line["nodes"], "1 up, 0 late, 1 down", "{line}");
+    assert!(
+        line["steps_skipped_quorum"].as_u64().unwrap() >= 3,
+        "{line}"
+    );
+    assert!(
+        d.data("nodes", Value::Null)["steps_skipped_quorum"]
+            .as_u64()
+            .unwrap()
+            >= 3
+    );
+    n0.restart();
+    d.wait_steps(5, Duration::from_secs(20));
+    assert!(d.log_text().contains("\"node_rejoined\""));
+    d.stop_ok();
+}
