@@ -38,6 +38,14 @@ pub struct HostRecord {
     pub wait_s: f64,
 }
 
+impl HostRecord {
+    /// Which hosts of `records` are suspect, in host order.
+    pub fn suspects(records: &std::sync::Mutex<Vec<HostRecord>>) -> Vec<bool> {
+        let records = records.lock().unwrap_or_else(|p| p.into_inner());
+        records.iter().map(|r| r.suspect).collect()
+    }
+}
+
 const RTT_WINDOW: usize = 1024;
 
 /// How often a suspect host is pinged.
@@ -97,13 +105,7 @@ impl SwarmTransport {
 impl Transport for SwarmTransport {
     fn exchange(&mut self, requests: Vec<(usize, Vec<u8>)>) -> Vec<Option<Vec<u8>>> {
         let deadline = self.deadline;
-        let suspect: Vec<bool> = self
-            .records
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|r| r.suspect)
-            .collect();
+        let suspect = HostRecord::suspects(&self.records);
         for (h, &s) in suspect.iter().enumerate() {
             if s && self.last_ping[h].is_none_or(|t| t.elapsed() >= PING_INTERVAL) {
                 self.last_ping[h] = Some(Instant::now());

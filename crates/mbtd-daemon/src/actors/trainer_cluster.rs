@@ -168,13 +168,7 @@ impl ClusterLink {
                 remote.park(h);
             }
         }
-        let suspect: Vec<bool> = self
-            .records
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|r| r.suspect)
-            .collect();
+        let suspect = HostRecord::suspects(&self.records);
         for h in remote.parked() {
             let due = self.last_push[h].is_none_or(|t| t.elapsed() >= PUSH_RETRY);
             if !connected[h] || suspect.get(h).copied().unwrap_or(false) || !due {

@@ -383,37 +383,51 @@ impl RemoteBranches {
         Ok(failed)
     }
 
+    /// One round of pulls: the next branch of every host's queue (popped from its end),
+    /// each with the state received or what went wrong.
+    fn pull_round(
+        &mut self,
+        queues: &mut [Vec<BranchKey>],
+    ) -> Vec<(usize, Result<BranchState, String>)> {
+        let requests: Vec<(usize, BranchKey)> = queues
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(h, q)| q.pop().map(|k| (h, k)))
+            .collect();
+        let frames = requests
+            .iter()
+            .map(|&(h, k)| (h, Request::Pull(vec![k])))
+            .collect();
+        let replies = self.round(frames);
+        requests
+            .into_iter()
+            .zip(replies)
+            .map(|((host, key), reply)| {
+                let state = match read_reply(reply, host, "pull") {
+                    Ok(Reply::Pulled(mut s))
+                        if s.len() == 1 && (s[0].layer, s[0].branch) == key =>
+                    {
+                        Ok(s.pop().expect("one state"))
+                    }
+                    Ok(other) => Err(format!(
+                        "host {host} answered the pull of branch {key:?} with a {}",
+                        other.name()
+                    )),
+                    Err(e) => Err(e),
+                };
+                (host, state)
+            })
+            .collect()
+    }
+
     /// Fetches the state of every remote branch, one branch per host per round.
     pub(crate) fn pull(&mut self) -> Result<Vec<BranchState>, ModelError> {
         let mut queues = self.by_host();
         queues.iter_mut().for_each(|q| q.reverse());
         let mut out = Vec::new();
         while queues.iter().any(|q| !q.is_empty()) {
-            let requests: Vec<(usize, BranchKey)> = queues
-                .iter_mut()
-                .enumerate()
-                .filter_map(|(h, q)| q.pop().map(|k| (h, k)))
-                .collect();
-            let frames = requests
-                .iter()
-                .map(|&(h, k)| (h, Request::Pull(vec![k])))
-                .collect();
-            let replies = self.round(frames);
-            for ((host, key), reply) in requests.into_iter().zip(replies) {
-                match read_reply(reply, host, "pull") {
-                    Ok(Reply::Pulled(mut s))
-                        if s.len() == 1 && (s[0].layer, s[0].branch) == key =>
-                    {
-                        out.extend(s.pop());
-                    }
-                    Ok(other) => {
-                        return Err(ModelError::Cluster(format!(
-                            "host {host} answered the pull of branch {key:?} with a {}",
-                            other.name()
-                        )));
-                    }
-                    Err(e) => return Err(ModelError::Cluster(e)),
-                }
+            for (_, state) in self.pull_round(&mut queues) {
+                out.push(state.map_err(ModelError::Cluster)?);
             }
         }
         self.stale = false;
@@ -437,34 +451,16 @@ impl RemoteBranches {
         queues.iter_mut().for_each(|q| q.reverse());
         let mut out = Vec::new();
         while queues.iter().any(|q| !q.is_empty()) {
-            let requests: Vec<(usize, BranchKey)> = queues
-                .iter_mut()
-                .enumerate()
-                .filter_map(|(h, q)| q.pop().map(|k| (h, k)))
-                .collect();
-            let frames = requests
-                .iter()
-                .map(|&(h, k)| (h, Request::Pull(vec![k])))
-                .collect();
-            let replies = self.round(frames);
-            for ((host, key), reply) in requests.into_iter().zip(replies) {
-                let problem = match read_reply(reply, host, "pull") {
-                    Ok(Reply::Pulled(mut s))
-                        if s.len() == 1 && (s[0].layer, s[0].branch) == key =>
-                    {
-                        out.extend(s.pop().map(|s| (host, s)));
-                        continue;
+            for (host, state) in self.pull_round(&mut queues) {
+                match state {
+                    Ok(s) => out.push((host, s)),
+                    Err(problem) => {
+                        self.problem(problem);
+                        self.park(host);
+                        queues[host].clear();
+                        failed.push(host);
                     }
-                    Ok(other) => format!(
-                        "host {host} answered the pull of branch {key:?} with a {}",
-                        other.name()
-                    ),
-                    Err(e) => e,
-                };
-                self.problem(problem);
-                self.park(host);
-                queues[host].clear();
-                failed.push(host);
+                }
             }
         }
         self.stale = false;
