@@ -7,17 +7,17 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
+use mbtd::cluster::bench::{NodeProcess, start_node};
 use serde_json::Value;
 
-/// A running `mbtd node`, killed when dropped.
+/// A running `mbtd node` (killed when dropped) and what it takes to start it again.
 struct Node {
-    child: Child,
+    process: NodeProcess,
     dir: PathBuf,
     config: PathBuf,
     coordinator: String,
@@ -28,47 +28,20 @@ struct Node {
 impl Node {
     fn start(dir: &Path, config: &Path, coordinator: &str, listen: &str) -> Node {
         std::fs::create_dir_all(dir).unwrap();
-        let mut child = Command::new(BIN)
-            .arg("node")
-            .arg(format!("--listen={listen}"))
-            .arg("--data-dir")
-            .arg(dir)
-            .arg("--config")
-            .arg(config)
-            .arg("--coordinator")
-            .arg(coordinator)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn mbtd node");
-        // the JSON log shares stdout: find the listening line, then keep draining the pipe
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let v: Value = loop {
-            let mut line = String::new();
-            assert!(
-                out.read_line(&mut line).unwrap() > 0,
-                "mbtd node exited before listening"
-            );
-            if let Ok(v) = serde_json::from_str::<Value>(&line)
-                && v["event"] == "node_listening"
-            {
-                break v;
-            }
-        };
-        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        let process = start_node(Path::new(BIN), dir, config, coordinator, listen)
+            .unwrap_or_else(|e| panic!("mbtd node: {e:#}"));
         Node {
-            child,
+            peer: process.peer.to_string(),
+            addr: process.addr.to_string(),
+            process,
             dir: dir.to_path_buf(),
             config: config.to_path_buf(),
             coordinator: coordinator.to_string(),
-            peer: v["peer_id"].as_str().unwrap().to_string(),
-            addr: v["addrs"][0].as_str().unwrap().to_string(),
         }
     }
 
     fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.kill();
     }
 
     /// Starts again with the same identity (data dir) and address.
@@ -76,12 +49,6 @@ impl Node {
         let again = Node::start(&self.dir, &self.config, &self.coordinator, &self.addr);
         assert_eq!(again.peer, self.peer, "same identity");
         *self = again;
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill9();
     }
 }
 

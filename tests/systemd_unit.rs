@@ -146,15 +146,25 @@ fn verify_is_clean() {
     );
 
     // The same unit with ExecStart= naming the binary this build made: fully clean.
-    let exec = format!("ExecStart={INSTALLED_BIN} ");
+    verifies_with_this_build(&shipped, "mbtd.service", "");
+}
+
+/// `systemd-analyze verify` is fully clean on the unit text `shipped` (file name `name`)
+/// once its one `ExecStart=<installed binary> <args>` line names the binary this build made.
+fn verifies_with_this_build(shipped: &str, name: &str, args: &str) {
+    let exec = format!("ExecStart={INSTALLED_BIN} {args}");
     assert_eq!(
         shipped.matches(&exec).count(),
         1,
         "the unit should have one `{exec}…` line"
     );
     let dir = tempfile::tempdir().unwrap();
-    let copy = dir.path().join("mbtd.service");
-    std::fs::write(&copy, shipped.replace(&exec, &format!("ExecStart={BIN} "))).unwrap();
+    let copy = dir.path().join(name);
+    std::fs::write(
+        &copy,
+        shipped.replace(&exec, &format!("ExecStart={BIN} {args}")),
+    )
+    .unwrap();
     let o = run(Command::new("systemd-analyze")
         .args(["verify", "--no-pager"])
         .arg(&copy));
@@ -175,24 +185,7 @@ fn node_unit_verifies_and_is_as_hardened() {
     }
     let unit = config_file("mbtd-node.service");
     let shipped = std::fs::read_to_string(&unit).unwrap();
-    let exec = format!("ExecStart={INSTALLED_BIN} node ");
-    assert_eq!(shipped.matches(&exec).count(), 1, "one `{exec}…` line");
-    let dir = tempfile::tempdir().unwrap();
-    let copy = dir.path().join("mbtd-node.service");
-    std::fs::write(
-        &copy,
-        shipped.replace(&exec, &format!("ExecStart={BIN} node ")),
-    )
-    .unwrap();
-    let o = run(Command::new("systemd-analyze")
-        .args(["verify", "--no-pager"])
-        .arg(&copy));
-    let report = text(&o);
-    assert!(
-        o.status.success() && report.trim().is_empty(),
-        "systemd-analyze verify (ExecStart={BIN}) exited {}:\n{report}",
-        o.status
-    );
+    verifies_with_this_build(&shipped, "mbtd-node.service", "node ");
     let o = run(Command::new("systemd-analyze")
         .args(["security", "--offline=true", "--no-pager"])
         .arg(&unit));

@@ -90,27 +90,39 @@ pub struct ClusterBenchArgs {
     pub fault_steps: usize,
 }
 
-/// A node process started for the benchmark, killed when dropped.
-struct NodeProcess {
+/// A running `mbtd node` (started by the benchmark and the cluster tests), killed when
+/// dropped.
+pub struct NodeProcess {
     child: Child,
-    peer: mbtd_cluster::PeerId,
-    addr: mbtd_cluster::Multiaddr,
+    /// Its identity.
+    pub peer: mbtd_cluster::PeerId,
+    /// The first address it listens on.
+    pub addr: mbtd_cluster::Multiaddr,
 }
 
 impl Drop for NodeProcess {
     fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl NodeProcess {
+    /// SIGKILL, then reaps it.
+    pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
-fn start_node(
+/// Starts `exe node` serving `coordinator` on `listen` with the identity in `dir`, and
+/// waits for its `node_listening` line.
+pub fn start_node(
+    exe: &Path,
     dir: &Path,
     config: &Path,
     coordinator: &str,
     listen: &str,
 ) -> anyhow::Result<NodeProcess> {
-    let exe = std::env::current_exe().context("cannot find the mbtd executable")?;
     let mut child = Command::new(exe)
         .arg("node")
         .arg(format!("--listen={listen}"))
@@ -183,6 +195,7 @@ pub fn bench_cluster(a: &ClusterBenchArgs) -> anyhow::Result<Value> {
     let cfg = a.preset.config(a.seq);
     let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
     let config_path = dir.path().join("node.toml");
+    let exe = std::env::current_exe().context("cannot find the mbtd executable")?;
     let node_cfg = Config {
         model: cfg.clone(),
         ..Config::default()
@@ -195,7 +208,7 @@ pub fn bench_cluster(a: &ClusterBenchArgs) -> anyhow::Result<Value> {
         .map(|k| {
             let d = dir.path().join(format!("node{k}"));
             std::fs::create_dir_all(&d)?;
-            start_node(&d, &config_path, &coord_id, "/ip4/127.0.0.1/tcp/0")
+            start_node(&exe, &d, &config_path, &coord_id, "/ip4/127.0.0.1/tcp/0")
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
 
@@ -253,6 +266,7 @@ pub fn bench_cluster(a: &ClusterBenchArgs) -> anyhow::Result<Value> {
             rng: &mut rng,
             node_dir: dir.path().join("node0"),
             records: records.clone(),
+            exe: &exe,
             config_path: &config_path,
             coord_id: &coord_id,
         };
@@ -331,6 +345,7 @@ struct FaultRun<'a> {
     rng: &'a mut ChaCha8Rng,
     node_dir: std::path::PathBuf,
     records: std::sync::Arc<std::sync::Mutex<Vec<mbtd_cluster::HostRecord>>>,
+    exe: &'a Path,
     config_path: &'a Path,
     coord_id: &'a str,
 }
@@ -401,7 +416,13 @@ impl FaultRun<'_> {
             },
             _ => {
                 let listen = nodes[0].addr.to_string();
-                nodes[0] = start_node(&self.node_dir, self.config_path, self.coord_id, &listen)?;
+                nodes[0] = start_node(
+                    self.exe,
+                    &self.node_dir,
+                    self.config_path,
+                    self.coord_id,
+                    &listen,
+                )?;
             }
         }
         let mut rejoin_s = None;
