@@ -144,6 +144,21 @@ pub fn run(args: &CtlArgs) -> Result<(), String> {
     }
     if streaming {
         println!();
+        if let Some(masked) = data["masked"].as_array().filter(|m| !m.is_empty()) {
+            let list: Vec<String> = masked
+                .iter()
+                .map(|b| {
+                    format!(
+                        "layer {} branch {} (node {}, from position {})",
+                        b["layer"], b["branch"], b["node"], b["position"]
+                    )
+                })
+                .collect();
+            eprintln!(
+                "mbtd: generated without these branches, their node failed: {}",
+                list.join("; ")
+            );
+        }
         return Ok(());
     }
     print!("{}", human(&args.command, &data));

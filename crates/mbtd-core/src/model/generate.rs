@@ -24,7 +24,16 @@
 //! With a time embedding (`model.time_embedding = "time2vec"`), every position of the
 //! prompt and of the reply gets the embedding of [`GenerateConfig::as_of_ms`] (the model
 //! is asked "as of" that time), or nothing when it is `None`.
+//!
+//! Branches may be computed away from this process ([`AwayBranches`]: on branch hosts,
+//! see `remote::generation`), each keeping its own cache there. A branch whose output
+//! cannot be had at some position is masked from that position to the end of the
+//! generation: its bit of the layer's mask cleared and `α̃` renormalised over the rest
+//! (`agg::renormalise`, the availability maths), recorded as a [`LostBranch`]. A layer
+//! left with no weighted branch ends the generation with an error
+//! ([`Generation::error`]).
 
+use super::agg;
 use super::half::{HalfPanels, PANEL};
 use super::net::{Model, Workspace};
 use super::ops::rope::{rope_angles, rope_row};
@@ -103,9 +112,10 @@ impl GenerateConfig {
     }
 }
 
-/// Decode state of one computed branch: weights, KV cache, scratch and its output `z`.
+/// Decode state of one computed branch: weights, KV cache, scratch and its output `z`
+/// (a branch host keeps one per branch of a generation session, see `remote::sessions`).
 #[derive(Debug)]
-struct BranchDecode {
+pub(crate) struct BranchDecode {
     qkv: HalfPanels,
     out: HalfPanels,
     fc: HalfPanels,
@@ -125,6 +135,43 @@ struct BranchDecode {
 }
 
 impl BranchDecode {
+    /// The decode state of a branch with weights `bp` after a prefill of `p` positions
+    /// whose `q | k | v` rows are `qkv`: the matrices as half-precision panels, and the
+    /// keys and values of positions `0..p` in a cache of `t_max` rows.
+    ///
+    /// # Shapes
+    /// `qkv`: at least `[p, 3d]` with `p <= t_max`.
+    pub(crate) fn new(bp: &BranchParams, d: usize, t_max: usize, qkv: &[f32], p: usize) -> Self {
+        let mut st = BranchDecode {
+            qkv: HalfPanels::new(&bp.qkv_w, d, 3 * d),
+            out: HalfPanels::new(&bp.out_w, d, d),
+            fc: HalfPanels::new(&bp.fc_w, d, 4 * d),
+            proj: HalfPanels::new(&bp.proj_w, 4 * d, d),
+            qkv_row: vec![0.0; 3 * d],
+            k: vec![0.0; t_max * d],
+            v: vec![0.0; t_max * d],
+            a: vec![0.0; d],
+            q: vec![0.0; d],
+            att: vec![0.0; d],
+            u: vec![0.0; d],
+            f: vec![0.0; 4 * d],
+            g: vec![0.0; 4 * d],
+            z: vec![0.0; d],
+            scores: vec![0.0; t_max],
+        };
+        for t in 0..p {
+            let row = &qkv[t * 3 * d..(t + 1) * 3 * d];
+            st.k[t * d..(t + 1) * d].copy_from_slice(&row[d..2 * d]);
+            st.v[t * d..(t + 1) * d].copy_from_slice(&row[2 * d..]);
+        }
+        st
+    }
+
+    /// The output `z` (`[d]`) of the last [`BranchDecode::step`].
+    pub(crate) fn z(&self) -> &[f32] {
+        &self.z
+    }
+
     /// Attention of this position's query over the first `keys` cached rows, per head:
     /// `att = Σ_j softmax(q·k_j/√hd)_j · v_j` (exponentials summed in 16 fixed lanes, the
     /// weighted sum normalised once at the end). Compiled for AVX2 where the CPU has it.
@@ -164,7 +211,7 @@ impl BranchDecode {
     /// One token through the block: `z = u + gelu(LN2(u)·W1 + b1)·W2 + b2` with
     /// `u = x + Attn(LN1(x))·Wo + bo`, writing this position's key and value to cache row
     /// `pos mod rows` (rotated by `rope`'s cosines and sines when given).
-    fn step(
+    pub(crate) fn step(
         &mut self,
         bp: &BranchParams,
         x: &[f32],
@@ -224,13 +271,70 @@ struct Scratch {
     time: Vec<f32>,
 }
 
-/// A running generation: an iterator of token ids (stream them as they come).
+/// Where one branch's decode step runs during a generation.
 #[derive(Debug)]
+enum Slot {
+    /// Not computed: masked, of zero weight, or lost during the generation.
+    Off,
+    /// In this process.
+    Here(Box<BranchDecode>),
+    /// Away ([`AwayBranches`]), with its output of the last decode step.
+    Away(Vec<f32>),
+}
+
+/// Branches of a generation computed outside this process, each with its own cache.
+pub(crate) trait AwayBranches {
+    /// Whether branch `i` of layer `l` is computed away (when it is computed at all).
+    fn is_away(&self, l: usize, i: usize) -> bool;
+
+    /// The prefill: [`Model::forward`] of the prompt's one-window `batch`, the away
+    /// branches opening their caches. Returns the branches masked because their output
+    /// could not be had, with why (the workspace's masks and `α̃` already exclude them).
+    fn prefill(
+        &mut self,
+        model: &Model,
+        ws: &mut Workspace,
+        batch: &Batch,
+        masks: &Masks,
+    ) -> Result<Vec<(usize, usize, String)>, ModelError>;
+
+    /// The outputs (`[d]` each) of the away branches `want` (ascending) of layer `l` for
+    /// its input row `x` at position `pos`, in `want`'s order; `Err(why)` for each one
+    /// whose output cannot be had.
+    fn decode(
+        &mut self,
+        l: usize,
+        x: &[f32],
+        pos: usize,
+        want: &[usize],
+    ) -> Vec<Result<Vec<f32>, String>>;
+}
+
+/// A branch masked during a generation because its output could not be had.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LostBranch {
+    /// Layer index.
+    pub layer: usize,
+    /// Branch index.
+    pub branch: usize,
+    /// First context position computed without it (0: the whole generation).
+    pub position: usize,
+    /// What went wrong.
+    pub why: String,
+}
+
+/// A running generation: an iterator of token ids (stream them as they come).
 pub struct Generation<'a> {
     model: &'a Model,
     cfg: GenerateConfig,
+    /// Per layer: unmasked weights `α`, the mask, and `α̃ = renormalise(α, mask)`.
+    alpha: Vec<Vec<f32>>,
+    mask: Vec<Vec<bool>>,
     alpha_t: Vec<Vec<f32>>,
-    branches: Vec<Vec<Option<BranchDecode>>>,
+    branches: Vec<Vec<Slot>>,
+    away: Option<Box<dyn AwayBranches + 'a>>,
+    lost: Vec<LostBranch>,
+    error: Option<ModelError>,
     head: HalfPanels,
     pos: usize,
     logits: Vec<f32>,
@@ -241,6 +345,18 @@ pub struct Generation<'a> {
     s: Scratch,
 }
 
+impl std::fmt::Debug for Generation<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generation")
+            .field("cfg", &self.cfg)
+            .field("pos", &self.pos)
+            .field("alpha_t", &self.alpha_t)
+            .field("lost", &self.lost)
+            .field("error", &self.error)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Model {
     /// Starts generating after `prompt` with the branches of `masks` (usually all).
     pub fn generate<'a>(
@@ -248,6 +364,18 @@ impl Model {
         prompt: &[u32],
         masks: &Masks,
         cfg: &GenerateConfig,
+    ) -> Result<Generation<'a>, ModelError> {
+        self.generate_via(prompt, masks, cfg, None)
+    }
+
+    /// [`Model::generate`] with some branches computed by `away` (their weights in this
+    /// model are not read).
+    pub(crate) fn generate_via<'a>(
+        &'a self,
+        prompt: &[u32],
+        masks: &Masks,
+        cfg: &GenerateConfig,
+        mut away: Option<Box<dyn AwayBranches + 'a>>,
     ) -> Result<Generation<'a>, ModelError> {
         cfg.validate().map_err(ModelError::Generate)?;
         if prompt.is_empty() {
@@ -267,47 +395,46 @@ impl Model {
             times: Some(vec![tau; prompt.len()]),
         };
         let mut ws = Workspace::default();
-        self.forward(&mut ws, &batch, masks)?;
+        let lost = match away.as_deref_mut() {
+            Some(a) => a.prefill(self, &mut ws, &batch, masks)?,
+            None => {
+                self.forward(&mut ws, &batch, masks)?;
+                Vec::new()
+            }
+        };
+        let lost = lost
+            .into_iter()
+            .map(|(layer, branch, why)| LostBranch {
+                layer,
+                branch,
+                position: 0,
+                why,
+            })
+            .collect();
         let (d, t_max, p) = (c.d_model, c.max_seq_len, prompt.len());
         let branches = ws
             .layers
             .iter()
             .zip(&self.params.layers)
-            .map(|(lw, layer)| {
+            .enumerate()
+            .map(|(l, (lw, layer))| {
                 lw.branches
                     .iter()
                     .zip(&lw.computed)
                     .zip(&layer.branches)
-                    .map(|((bw, &on), bp)| {
-                        on.then(|| {
-                            let mut st = BranchDecode {
-                                qkv: HalfPanels::new(&bp.qkv_w, d, 3 * d),
-                                out: HalfPanels::new(&bp.out_w, d, d),
-                                fc: HalfPanels::new(&bp.fc_w, d, 4 * d),
-                                proj: HalfPanels::new(&bp.proj_w, 4 * d, d),
-                                qkv_row: vec![0.0; 3 * d],
-                                k: vec![0.0; t_max * d],
-                                v: vec![0.0; t_max * d],
-                                a: vec![0.0; d],
-                                q: vec![0.0; d],
-                                att: vec![0.0; d],
-                                u: vec![0.0; d],
-                                f: vec![0.0; 4 * d],
-                                g: vec![0.0; 4 * d],
-                                z: vec![0.0; d],
-                                scores: vec![0.0; t_max],
-                            };
-                            for t in 0..p {
-                                let row = &bw.qkv[t * 3 * d..(t + 1) * 3 * d];
-                                st.k[t * d..(t + 1) * d].copy_from_slice(&row[d..2 * d]);
-                                st.v[t * d..(t + 1) * d].copy_from_slice(&row[2 * d..]);
-                            }
-                            st
-                        })
+                    .enumerate()
+                    .map(|(i, ((bw, &on), bp))| match on {
+                        false => Slot::Off,
+                        true if away.as_deref().is_some_and(|a| a.is_away(l, i)) => {
+                            Slot::Away(vec![0.0; d])
+                        }
+                        true => Slot::Here(Box::new(BranchDecode::new(bp, d, t_max, &bw.qkv, p))),
                     })
                     .collect()
             })
             .collect();
+        let alpha = ws.layers.iter().map(|lw| lw.alpha.clone()).collect();
+        let mask = ws.layers.iter().map(|lw| lw.mask.clone()).collect();
         let alpha_t = (0..c.n_layers)
             .map(|l| ws.alpha_tilde(l).to_vec())
             .collect();
@@ -333,8 +460,13 @@ impl Model {
         Ok(Generation {
             model: self,
             cfg: cfg.clone(),
+            alpha,
+            mask,
             alpha_t,
             branches,
+            away,
+            lost,
+            error: None,
             head: HalfPanels::new(&self.params.head_w, d, v),
             pos: p,
             logits,
@@ -348,10 +480,11 @@ impl Model {
 }
 
 impl Generation<'_> {
-    /// Logits for the next token (after the last yielded token has been fed).
+    /// Logits for the next token (after the last yielded token has been fed); after a
+    /// failed decode step ([`Generation::error`]), the last logits computed.
     pub fn next_logits(&mut self) -> &[f32] {
         if let Some(t) = self.pending.take() {
-            self.decode(t);
+            self.feed(t);
         }
         &self.logits
     }
@@ -361,15 +494,51 @@ impl Generation<'_> {
         self.pos
     }
 
+    /// The branches masked during the generation because their output could not be had.
+    pub fn lost(&self) -> &[LostBranch] {
+        &self.lost
+    }
+
+    /// Why the generation ended early: a layer was left without a weighted branch.
+    pub fn error(&self) -> Option<&ModelError> {
+        self.error.as_ref()
+    }
+
+    /// Masks branch `i` of layer `l` from the next position on: `α̃` of the layer is
+    /// renormalised over the branches left. An error when no weighted branch is left.
+    pub(crate) fn mask_branch(&mut self, l: usize, i: usize) -> Result<(), ModelError> {
+        self.branches[l][i] = Slot::Off;
+        self.mask[l][i] = false;
+        agg::renormalise(&mut self.alpha_t[l], &self.alpha[l], &self.mask[l]);
+        let left = (self.branches[l].iter().zip(&self.alpha_t[l]))
+            .any(|(s, &a)| !matches!(s, Slot::Off) && a > 0.0);
+        if left {
+            return Ok(());
+        }
+        let lost: Vec<(usize, usize)> = self.lost.iter().map(|b| (b.layer, b.branch)).collect();
+        Err(ModelError::Generate(format!(
+            "layer {l} has no branch left at position {} (lost: {lost:?}); check that the branch hosts are up and generate again",
+            self.pos
+        )))
+    }
+
+    /// [`Generation::decode`], a failure ending the generation.
+    fn feed(&mut self, tok: u32) {
+        if let Err(e) = self.decode(tok) {
+            self.error = Some(e);
+            self.done = true;
+        }
+    }
+
     /// One decode step: feeds token `tok` at position `pos`, sets the next logits.
-    fn decode(&mut self, tok: u32) {
+    fn decode(&mut self, tok: u32) -> Result<(), ModelError> {
         let m = self.model;
         let c = &m.config;
         let (d, heads) = (c.d_model, c.n_heads);
         let pos = self.pos;
         let p = &m.params;
-        let s = &mut self.s;
         let rope = c.positions == Positions::Rope;
+        let s = &mut self.s;
         if rope {
             s.x.copy_from_slice(&p.wte[tok as usize * d..(tok as usize + 1) * d]);
             rope_angles(&mut s.cos, &mut s.sin, pos, c.head_dim());
@@ -382,27 +551,47 @@ impl Generation<'_> {
             *x += t;
         }
         for (l, layer) in p.layers.iter().enumerate() {
+            let want: Vec<usize> = (0..self.branches[l].len())
+                .filter(|&i| matches!(self.branches[l][i], Slot::Away(_)))
+                .collect();
+            let s = &self.s;
+            let got = match self.away.as_deref_mut() {
+                Some(a) if !want.is_empty() => a.decode(l, &s.x, pos, &want),
+                _ => Vec::new(),
+            };
             let x = &s.x;
             let angles = rope.then_some((s.cos.as_slice(), s.sin.as_slice()));
             self.branches[l]
                 .par_iter_mut()
                 .zip(layer.branches.par_iter())
                 .for_each(|(st, bp)| {
-                    if let Some(st) = st {
+                    if let Slot::Here(st) = st {
                         st.step(bp, x, pos, heads, angles);
                     }
                 });
+            for (&i, z) in want.iter().zip(got) {
+                match z {
+                    Ok(z) if z.len() == d => self.branches[l][i] = Slot::Away(z),
+                    Ok(z) => self.lose(l, i, format!("{} values, d_model is {d}", z.len()))?,
+                    Err(why) => self.lose(l, i, why)?,
+                }
+            }
+            let s = &mut self.s;
             s.out.fill(0.0);
-            for (i, st) in self.branches[l].iter().enumerate() {
-                if let Some(st) = st {
-                    let w = self.alpha_t[l][i];
-                    for (o, &z) in s.out.iter_mut().zip(&st.z) {
-                        *o += w * z;
-                    }
+            for (i, slot) in self.branches[l].iter().enumerate() {
+                let z = match slot {
+                    Slot::Here(st) => st.z(),
+                    Slot::Away(z) => z,
+                    Slot::Off => continue,
+                };
+                let w = self.alpha_t[l][i];
+                for (o, &z) in s.out.iter_mut().zip(z) {
+                    *o += w * z;
                 }
             }
             std::mem::swap(&mut s.x, &mut s.out);
         }
+        let s = &mut self.s;
         let (mut mu, mut rs) = ([0.0f32], [0.0f32]);
         layernorm_fwd(&mut s.a, &mut mu, &mut rs, &s.x, &p.lnf_gain, &p.lnf_bias);
         let (head, a) = (&self.head, &s.a);
@@ -411,6 +600,18 @@ impl Generation<'_> {
             .enumerate()
             .for_each(|(c, y)| head.matvec(y, a, None, c * HEAD_PANELS));
         self.pos += 1;
+        Ok(())
+    }
+
+    /// Masks a branch whose output could not be had at this position.
+    fn lose(&mut self, l: usize, i: usize, why: String) -> Result<(), ModelError> {
+        self.lost.push(LostBranch {
+            layer: l,
+            branch: i,
+            position: self.pos,
+            why,
+        });
+        self.mask_branch(l, i)
     }
 
     /// Draws the next token from `self.logits`.
@@ -502,7 +703,10 @@ impl Iterator for Generation<'_> {
                 self.done = true;
                 return None;
             }
-            self.decode(t);
+            self.feed(t);
+            if self.done {
+                return None;
+            }
         }
         if self.produced >= self.cfg.max_tokens {
             self.done = true;

@@ -42,7 +42,7 @@ mod tile;
 pub mod train;
 
 pub use availability::{Availability, AvailabilityConfig, AvailabilityError, BranchP};
-pub use generate::{GenerateConfig, Generation};
+pub use generate::{GenerateConfig, Generation, LostBranch};
 pub use net::{Model, Workspace};
 pub use ops::Precision;
 pub use params::{BranchParams, LayerParams, Params};

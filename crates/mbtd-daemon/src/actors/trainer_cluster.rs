@@ -24,7 +24,8 @@ use mbtd_cluster::{HostRecord, SwarmTransport};
 
 use super::trainer_worker::Worker;
 use crate::cluster::ClusterView;
-use crate::cluster::events::{CheckpointWithoutNodes, NodeRejoined};
+use crate::cluster::events::{CheckpointWithoutNodes, GenerationNodeLost, NodeRejoined};
+use crate::model::LostBranch;
 use crate::model::remote::RemoteBranches;
 use crate::model::train::StepReport;
 use crate::model::{ModelError, Trainer};
@@ -273,6 +274,44 @@ impl ClusterLink {
         }
         self.publish(trainer, None);
         Ok(())
+    }
+}
+
+impl ClusterLink {
+    /// After a generation: logs each node whose branches it lost once
+    /// ([`GenerationNodeLost`]) and describes every masked branch for the response:
+    /// `[{layer, branch, node, position, why}]` (`node`: its peer id).
+    pub(super) fn generation_lost(&self, trainer: &Trainer, lost: &[LostBranch]) -> serde_json::Value {
+        let placement = trainer.remote().map(|r| r.placement().to_vec()).unwrap_or_default();
+        let node_of = |b: &LostBranch| {
+            placement.get(b.layer).and_then(|r| r.get(b.branch)).copied().flatten()
+        };
+        let mut nodes: Vec<usize> = lost.iter().filter_map(node_of).collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        for h in nodes {
+            let mine: Vec<&LostBranch> = lost.iter().filter(|b| node_of(b) == Some(h)).collect();
+            let keys: Vec<(usize, usize)> = mine.iter().map(|b| (b.layer, b.branch)).collect();
+            GenerationNodeLost {
+                node: h,
+                peer: &self.view.peers[h],
+                branches: &keys,
+                position: mine.iter().map(|b| b.position).min().unwrap_or(0),
+                why: &mine[0].why,
+            }
+            .emit();
+        }
+        lost.iter()
+            .map(|b| {
+                serde_json::json!({
+                    "layer": b.layer,
+                    "branch": b.branch,
+                    "node": node_of(b).map(|h| self.view.peers[h].to_string()),
+                    "position": b.position,
+                    "why": b.why,
+                })
+            })
+            .collect()
     }
 }
 

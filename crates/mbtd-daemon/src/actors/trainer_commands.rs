@@ -315,14 +315,14 @@ impl Worker {
             cfg.max_tokens = cfg.max_tokens.min(max_seq_len - ids.len());
         }
         let masks = live.trainer.model().all_active();
-        let generated = live
+        // with [cluster], the remote branches are computed by their nodes (live weights)
+        let mut generated = live
             .trainer
-            .model()
             .generate(&ids, &masks, &cfg)
             .map_err(|e| e.to_string())?;
         let mut out: Vec<u32> = Vec::new();
         let mut sent = String::new();
-        for id in generated {
+        for id in generated.by_ref() {
             #[cfg(feature = "fault-injection")]
             super::injected_token_delay();
             if chunks.is_closed() {
@@ -339,11 +339,31 @@ impl Worker {
                 }
             }
         }
+        let (lost, failed) = (
+            generated.lost().to_vec(),
+            generated.error().map(|e| e.to_string()),
+        );
+        // closes the generation's sessions on the nodes
+        drop(generated);
         let text = live.tok.decode(&out).unwrap_or_default();
         if text.len() > sent.len() && text.starts_with(&sent) {
             let _ = chunks.blocking_send(text[sent.len()..].to_string());
         }
-        Ok(serde_json::json!({"tokens": out.len(), "text": text}))
+        let masked = self
+            .cluster
+            .as_ref()
+            .map(|link| link.generation_lost(&self.live.trainer, &lost));
+        if let Some(e) = failed {
+            return Err(format!(
+                "generation stopped after {} tokens: {e}",
+                out.len()
+            ));
+        }
+        let mut summary = serde_json::json!({"tokens": out.len(), "text": text});
+        if let Some(masked) = masked {
+            summary["masked"] = masked;
+        }
+        Ok(summary)
     }
 
     /// Restores checkpoint `target` (id, tag or `previous`): weights, optimizer, widths,

@@ -1,6 +1,7 @@
 //! The cluster's internal events (see [`crate::telemetry::event`]): a node's connection
 //! going up or down, its return with its branches, a refused peer, a step skipped for
-//! its quorum, a checkpoint that went ahead without some nodes.
+//! its quorum, a checkpoint that went ahead without some nodes, a generation that went
+//! on without a node's branches.
 
 use mbtd_cluster::{Multiaddr, PeerId};
 
@@ -102,5 +103,27 @@ impl InternalEvent for CheckpointWithoutNodes<'_> {
         tracing::warn!(event = events::CHECKPOINT_WITHOUT_NODES, actor = "trainer",
             step = self.step, nodes = ?self.nodes,
             "checkpoint holds the coordinator's last copy of these nodes' branches");
+    }
+}
+
+/// A generation went on without node `node`'s branches: they gave no usable output from
+/// context position `position` on (0: the whole generation) and were masked, their
+/// layers renormalised. Logged once per node and generation.
+pub struct GenerationNodeLost<'a> {
+    pub node: usize,
+    pub peer: &'a PeerId,
+    /// `(layer, branch)` masked.
+    pub branches: &'a [(usize, usize)],
+    pub position: usize,
+    pub why: &'a str,
+}
+
+impl InternalEvent for GenerationNodeLost<'_> {
+    fn emit(self) {
+        tracing::warn!(event = events::GENERATION_NODE_LOST, actor = "trainer", node = self.node,
+            peer = %self.peer, branches = ?self.branches, position = self.position, why = self.why,
+            "generation goes on without this node's branches; their layers are renormalised");
+        metrics::counter!(n::GENERATION_BRANCHES_MASKED_TOTAL)
+            .increment(self.branches.len() as u64);
     }
 }

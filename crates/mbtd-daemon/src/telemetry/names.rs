@@ -95,6 +95,8 @@ pub mod events {
     pub const CHECKPOINT_WITHOUT_NODES: &str = "checkpoint_without_nodes";
     /// A step skipped: a layer short of its quorum for `cluster.quorum_wait_ms`.
     pub const STEP_SKIPPED_QUORUM: &str = "step_skipped_quorum";
+    /// A generation went on without a node's branches (it failed during the generation).
+    pub const GENERATION_NODE_LOST: &str = "generation_node_lost";
 }
 
 /// Ingestion (ARCHITECTURE.md "Metrics").
@@ -224,3 +226,5 @@ pub const STEPS_SKIPPED_QUORUM_TOTAL: &str = "steps_skipped_quorum_total";
 pub const CLUSTER_BYTES_TOTAL: &str = "cluster_bytes_total";
 /// Cluster: connections refused because the peer's identity is not in `cluster.nodes`.
 pub const CLUSTER_PEERS_REFUSED_TOTAL: &str = "cluster_peers_refused_total";
+/// Cluster: branches masked during a generation because their node failed.
+pub const GENERATION_BRANCHES_MASKED_TOTAL: &str = "generation_branches_masked_total";

@@ -27,7 +27,7 @@
 
 use super::norm::NormGuard;
 use super::protocol::{
-    AdamWStep, Backward, BranchKey, BranchState, Forward, Reply, Request, Update,
+    AdamWStep, Backward, BranchKey, BranchState, Forward, Open, Reply, Request, Update,
 };
 use super::wire::{WirePrecision, decode_reply, encode_request};
 use crate::model::ModelError;
@@ -90,6 +90,10 @@ pub struct RemoteBranches {
     /// Fewest branches of a layer that must answer a training pass (0: no quorum).
     quorum: usize,
     norms: NormGuard,
+    /// The branches masked by the last forward, with why.
+    pub(super) misses: Vec<(usize, String)>,
+    /// Id of the next generation session.
+    next_session: u64,
 }
 
 impl std::fmt::Debug for RemoteBranches {
@@ -113,7 +117,7 @@ enum Miss {
 }
 
 /// Decodes a reply; `None` (no reply), a refusal or an undecodable frame is the error.
-fn read_reply(bytes: Option<Vec<u8>>, host: usize, what: &str) -> Result<Reply, String> {
+pub(super) fn read_reply(bytes: Option<Vec<u8>>, host: usize, what: &str) -> Result<Reply, String> {
     let bytes = bytes.ok_or_else(|| format!("host {host} gave no {what} reply in time"))?;
     match decode_reply(&bytes) {
         Ok((Reply::Refused(msg), _)) => Err(format!("host {host} refused the {what}: {msg}")),
@@ -155,7 +159,38 @@ impl RemoteBranches {
             parked: vec![false; hosts],
             quorum: 0,
             norms: NormGuard::new(0.0),
+            misses: Vec::new(),
+            // distinct from the ids of an earlier coordinator process a host may still hold
+            next_session: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |t| t.as_nanos() as u64),
         }
+    }
+
+    /// A fresh generation session id.
+    pub(super) fn new_session(&mut self) -> u64 {
+        self.next_session = self.next_session.wrapping_add(1);
+        self.next_session
+    }
+
+    /// Whether host `host` is parked.
+    pub(super) fn is_parked(&self, host: usize) -> bool {
+        self.parked.get(host).copied().unwrap_or(false)
+    }
+
+    /// Host of branch `i` of layer `l` (`None`: in this process).
+    pub(super) fn host_of(&self, l: usize, i: usize) -> Option<usize> {
+        self.placement.get(l).and_then(|r| r.get(i)).copied().flatten()
+    }
+
+    /// Counts a generation output of branch `i` of layer `l` that could not be used.
+    pub(super) fn count_miss(&mut self, l: usize, i: usize, non_finite: bool, why: String) {
+        let counter = match non_finite {
+            true => &mut self.stats.non_finite,
+            false => &mut self.stats.missed,
+        };
+        counter[l][i] += 1;
+        self.problem(why);
     }
 
     /// Number of hosts (one more than the largest host index placed).
@@ -241,12 +276,12 @@ impl RemoteBranches {
         keys
     }
 
-    fn problem(&mut self, msg: String) {
+    pub(super) fn problem(&mut self, msg: String) {
         self.stats.last_problem = Some(msg);
     }
 
     /// Encodes, exchanges and counts one round.
-    fn round(&mut self, requests: Vec<(usize, Request)>) -> Vec<Option<Vec<u8>>> {
+    pub(super) fn round(&mut self, requests: Vec<(usize, Request)>) -> Vec<Option<Vec<u8>>> {
         let frames: Vec<(usize, Vec<u8>)> = requests
             .iter()
             .map(|(h, r)| (*h, encode_request(r, self.wire)))
@@ -484,9 +519,17 @@ impl RemoteBranches {
     }
 }
 
-impl LayerBranches for RemoteBranches {
-    fn forward(&mut self, at: LayerInput, lw: &mut LayerWs) -> Done {
+impl RemoteBranches {
+    /// [`LayerBranches::forward`]; with `session`, an evaluation pass whose branches open
+    /// their caches for that generation session on their hosts ([`Open`]).
+    pub(super) fn forward_pass(
+        &mut self,
+        at: LayerInput,
+        lw: &mut LayerWs,
+        session: Option<u64>,
+    ) -> Done {
         let LayerInput { l, h, pass, .. } = at;
+        self.misses.clear();
         let step = pass.train.unwrap_or(self.next_step);
         if l == 0 && pass.train.is_some() {
             self.sq_norms.iter_mut().flatten().for_each(|s| *s = None);
@@ -511,16 +554,26 @@ impl LayerBranches for RemoteBranches {
                     train: pass.train.is_some(),
                     h: h.to_vec(),
                 };
-                (*host, Request::Forward(f))
+                let r = match session {
+                    Some(session) => Request::Open(Open {
+                        session,
+                        forward: f,
+                    }),
+                    None => Request::Forward(f),
+                };
+                (*host, r)
             })
             .collect();
         let replies = self.round(requests);
         let placement = &self.placement[l];
         forward_here(at, lw, |i| placement[i].is_none());
-        let mut missed: Vec<(usize, Miss)> = parked
-            .iter()
-            .flat_map(|(_, branches)| branches.iter().map(|&i| (i, Miss::NoAnswer)))
-            .collect();
+        let mut missed: Vec<(usize, Miss)> = Vec::new();
+        for (host, branches) in &parked {
+            for &i in branches {
+                missed.push((i, Miss::NoAnswer));
+                self.misses.push((i, format!("host {host} is parked: down, or awaiting the coordinator's copy of its branches")));
+            }
+        }
         for ((host, branches), reply) in groups.into_iter().zip(replies) {
             let outputs = match read_reply(reply, host, "forward") {
                 Ok(Reply::Forward(r))
@@ -534,36 +587,39 @@ impl LayerBranches for RemoteBranches {
                 {
                     r.outputs
                 }
-                Ok(other) => {
-                    self.problem(format!(
-                        "host {host}: forward of layer {l} step {step} answered with a mismatched {}",
-                        other.name()
-                    ));
-                    missed.extend(branches.iter().map(|&i| (i, Miss::NoAnswer)));
-                    continue;
-                }
-                Err(e) => {
-                    self.problem(e);
-                    missed.extend(branches.iter().map(|&i| (i, Miss::NoAnswer)));
+                other => {
+                    let why = match other {
+                        Ok(r) => format!(
+                            "host {host}: forward of layer {l} step {step} answered with a mismatched {}",
+                            r.name()
+                        ),
+                        Err(e) => e,
+                    };
+                    for &i in &branches {
+                        missed.push((i, Miss::NoAnswer));
+                        self.misses.push((i, why.clone()));
+                    }
+                    self.problem(why);
                     continue;
                 }
             };
             for (i, z) in outputs {
-                if !z.iter().all(|x| x.is_finite()) {
-                    self.problem(format!(
-                        "host {host}: output of branch ({l}, {i}) at step {step} is not finite"
-                    ));
+                let why = if !z.iter().all(|x| x.is_finite()) {
                     missed.push((i, Miss::NonFinite));
+                    format!("host {host}: output of branch ({l}, {i}) at step {step} is not finite")
                 } else if let Err((r, median)) = self.norms.admit(l, &z) {
-                    self.problem(format!(
-                        "host {host}: output of branch ({l}, {i}) at step {step} has RMS {r:.3e}, out of line with the layer's median {median:.3e}"
-                    ));
                     missed.push((i, Miss::OutOfLine));
+                    format!(
+                        "host {host}: output of branch ({l}, {i}) at step {step} has RMS {r:.3e}, out of line with the layer's median {median:.3e}"
+                    )
                 } else {
                     let bz = &mut lw.branches[i].z;
                     fit(bz, z.len());
                     bz.copy_from_slice(&z);
-                }
+                    continue;
+                };
+                self.misses.push((i, why.clone()));
+                self.problem(why);
             }
         }
         if missed.is_empty() {
@@ -609,6 +665,12 @@ impl LayerBranches for RemoteBranches {
         Err(ModelError::Cluster(format!(
             "layer {l} at step {step}: no weighted branch answered (branches {missed:?} missing); the pass was abandoned — check that the hosts of layer {l} are up"
         )))
+    }
+}
+
+impl LayerBranches for RemoteBranches {
+    fn forward(&mut self, at: LayerInput, lw: &mut LayerWs) -> Done {
+        self.forward_pass(at, lw, None)
     }
 
     fn backward(&mut self, at: LayerInput, lw: &mut LayerWs, g: LayerGrads) -> Done {

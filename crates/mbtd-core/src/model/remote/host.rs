@@ -16,24 +16,34 @@
 //!   every other requested branch as refused: a host never updates a branch for a step
 //!   whose forward it was not asked for, was masked from, or did not back-propagate.
 //!
+//! Generation sessions ([`Open`], [`Decode`], [`Request::Close`]) are kept beside the
+//! step state (`super::sessions`, bounded by [`SessionLimits`]); an open is an evaluation
+//! forward, so it leaves every branch of its layer idle like any evaluation pass. A
+//! session's branch whose weights change after the open (an update or a push) is
+//! refused at its next decode rather than computed with mixed weights.
+//!
 //! [`BranchHost::handle_bytes`] is what a transport calls: one encoded request in, one
 //! encoded reply out (a request that cannot be decoded gets a [`Reply::Refused`]).
 
 use super::protocol::{
-    AdamWStep, Backward, BackwardReply, BranchGrad, BranchKey, BranchState, Forward, ForwardReply,
-    Reply, Request, Update, UpdateReply,
+    AdamWStep, Backward, BackwardReply, BranchGrad, BranchKey, BranchState, Decode, DecodeReply,
+    Forward, ForwardReply, Open, Reply, Request, Update, UpdateReply,
 };
+use super::sessions::{Cached, SessionLimits, Sessions};
 use super::wire::{WirePrecision, decode_request, encode_reply};
+use crate::model::generate::BranchDecode;
 use crate::config::Section;
 use crate::model::attention::{AttnShape, Segments};
 use crate::model::block::{BranchWs, BwdScratch, branch_bwd, branch_fwd, run_pairwise};
 use crate::model::branches::block_opts;
 use crate::model::net::StepDropout;
-use crate::model::ops::rope::RopeTable;
+use crate::model::ops::rope::{RopeTable, rope_angles};
 use crate::model::params::{BRANCH_TENSORS, BranchParams};
 use crate::model::train::{adamw, branch_sq_norm};
 use crate::model::{ModelConfig, ModelError, OptimConfig, Positions};
+use rayon::prelude::*;
 use std::collections::BTreeMap;
+use std::time::Instant;
 
 /// Where a hosted branch is in the step protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +62,8 @@ struct Hosted {
     grads: BranchParams,
     ws: BranchWs,
     stage: Stage,
+    /// The host's change counter when these weights were last written.
+    version: u64,
 }
 
 /// The last input of a layer and what its pass shares.
@@ -99,12 +111,23 @@ pub struct BranchHost {
     inputs: BTreeMap<usize, LayerInput>,
     rope: RopeTable,
     scratch: [BwdScratch; 2],
+    sessions: Sessions,
+    /// Counts weight writes (updates, pushes): a branch's `version`.
+    changes: u64,
 }
 
 impl BranchHost {
     /// A host holding nothing, for a model of shape `config` (its `d_model`, `n_heads`,
     /// `max_seq_len`, `positions` and `precision` must be the coordinator's).
     pub fn new(config: ModelConfig) -> Result<Self, ModelError> {
+        Self::with_session_limits(config, SessionLimits::default())
+    }
+
+    /// [`BranchHost::new`] keeping at most `limits` generation sessions.
+    pub fn with_session_limits(
+        config: ModelConfig,
+        limits: SessionLimits,
+    ) -> Result<Self, ModelError> {
         config.validate()?;
         Ok(Self {
             config,
@@ -112,7 +135,14 @@ impl BranchHost {
             inputs: BTreeMap::new(),
             rope: RopeTable::default(),
             scratch: Default::default(),
+            sessions: Sessions::new(limits),
+            changes: 0,
         })
+    }
+
+    /// Generation sessions held now.
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
     }
 
     /// The branches held, ascending.
@@ -131,9 +161,17 @@ impl BranchHost {
         }
     }
 
-    /// Carries out one request.
+    /// Carries out one request (generation sessions idle at this instant are dropped).
     pub fn handle(&mut self, req: Request) -> Reply {
+        self.handle_at(req, Instant::now())
+    }
+
+    /// [`BranchHost::handle`] at the instant `now` (session idleness is measured to it).
+    pub fn handle_at(&mut self, req: Request, now: Instant) -> Reply {
         let result = match req {
+            Request::Open(o) => self.open(o, now).map(Reply::Forward),
+            Request::Decode(d) => self.decode(d, now).map(Reply::Decoded),
+            Request::Close(id) => Ok(Reply::Closed(self.sessions.close(id))),
             Request::Forward(f) => self.forward(f).map(Reply::Forward),
             Request::Backward(b) => self.backward(b).map(Reply::Backward),
             Request::Update(u) => Ok(Reply::Update(self.update(&u))),
@@ -383,6 +421,8 @@ impl BranchHost {
                         adamw(p, g, m, v, k, lr, decay, &o, (bc1, bc2));
                     }
                     hb.stage = Stage::Idle;
+                    self.changes += 1;
+                    hb.version = self.changes;
                     applied.push((l, i));
                 }
                 _ => refused.push((l, i)),
@@ -393,6 +433,108 @@ impl BranchHost {
             applied,
             refused,
         }
+    }
+
+    /// An evaluation forward of one window whose branches' keys and values start
+    /// session `o.session`.
+    fn open(&mut self, o: Open, now: Instant) -> Result<ForwardReply, String> {
+        let f = &o.forward;
+        if f.train || f.batch != 1 || f.segments.is_some() || f.dropout.is_some() {
+            return Err(format!(
+                "open of session {:#x}, layer {}: a prefill is an evaluation pass of one window (train = false, batch = 1, no segments, no dropout)",
+                o.session, f.layer
+            ));
+        }
+        let (l, seq, branches) = (f.layer, f.seq, f.branches.clone());
+        let reply = self.forward(o.forward)?;
+        let (d, t_max) = (self.config.d_model, self.config.max_seq_len);
+        let session = self.sessions.open(o.session, now);
+        session.branches.retain(|&(layer, _), _| layer != l);
+        for i in branches {
+            let hb = &self.held[&(l, i)];
+            let dec = BranchDecode::new(&hb.params, d, t_max, &hb.ws.qkv, seq);
+            let cached = Cached {
+                dec,
+                pos: seq as u64,
+                version: hb.version,
+            };
+            session.branches.insert((l, i), cached);
+        }
+        Ok(reply)
+    }
+
+    /// One position of a session through some of its branches of one layer.
+    ///
+    /// # Shapes
+    /// `d.x`: `[d]` → each output `[d]`.
+    fn decode(&mut self, d: Decode, now: Instant) -> Result<DecodeReply, String> {
+        let cfg = &self.config;
+        let (l, dm, heads) = (d.layer, cfg.d_model, cfg.n_heads);
+        if d.x.len() != dm {
+            return Err(format!(
+                "decode of layer {l}: x has {} values, d_model is {dm}",
+                d.x.len()
+            ));
+        }
+        let pos = usize::try_from(d.pos).map_err(|_| format!("decode position {}", d.pos))?;
+        if cfg.positions != Positions::Rope && pos >= cfg.max_seq_len {
+            return Err(format!(
+                "decode of layer {l} at position {pos}: learned positions stop at max_seq_len {}",
+                cfg.max_seq_len
+            ));
+        }
+        self.check_held(l, d.branches.iter().copied())?;
+        let session = self.sessions.get(d.session, now)?;
+        for &i in &d.branches {
+            let c = session.branches.get(&(l, i)).ok_or_else(|| {
+                format!(
+                    "branch ({l}, {i}) was not opened in generation session {:#x}",
+                    d.session
+                )
+            })?;
+            if c.pos != d.pos {
+                return Err(format!(
+                    "decode of branch ({l}, {i}) in session {:#x} at position {}: its next position is {}",
+                    d.session, d.pos, c.pos
+                ));
+            }
+            if c.version != self.held[&(l, i)].version {
+                return Err(format!(
+                    "branch ({l}, {i}) was updated or replaced since session {:#x} opened; start the generation again",
+                    d.session
+                ));
+            }
+        }
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        if cfg.positions == Positions::Rope {
+            let half = cfg.head_dim() / 2;
+            (cos, sin) = (vec![0.0; half], vec![0.0; half]);
+            rope_angles(&mut cos, &mut sin, pos, cfg.head_dim());
+        }
+        let angles = (!cos.is_empty()).then_some((cos.as_slice(), sin.as_slice()));
+        let held = &self.held;
+        let mut todo: Vec<(&BranchParams, &mut Cached)> = session
+            .branches
+            .range_mut((l, 0)..=(l, usize::MAX))
+            .filter(|((_, i), _)| d.branches.binary_search(i).is_ok())
+            .map(|(k, c)| (&held[k].params, c))
+            .collect();
+        let x = &d.x;
+        todo.par_iter_mut().for_each(|(bp, c)| {
+            c.dec.step(bp, x, pos, heads, angles);
+            c.pos += 1;
+        });
+        let outputs = todo
+            .iter()
+            .zip(&d.branches)
+            .map(|((_, c), &i)| (i, c.dec.z().to_vec()))
+            .collect();
+        Ok(DecodeReply {
+            session: d.session,
+            layer: l,
+            pos: d.pos,
+            outputs,
+        })
     }
 
     fn pull(&self, keys: &[BranchKey]) -> Result<Vec<BranchState>, String> {
@@ -426,6 +568,7 @@ impl BranchHost {
             ));
         }
         for s in states {
+            self.changes += 1;
             self.held.insert(
                 (s.layer, s.branch),
                 Hosted {
@@ -435,6 +578,7 @@ impl BranchHost {
                     grads: BranchParams::zeros(d),
                     ws: BranchWs::default(),
                     stage: Stage::Idle,
+                    version: self.changes,
                 },
             );
         }

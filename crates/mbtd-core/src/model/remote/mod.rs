@@ -8,16 +8,25 @@
 //! single-process trainer computes (`equivalence_tests`); a branch whose host does not
 //! answer, or answers with a non-finite output, is masked for that step exactly as the
 //! availability mask masks it.
+//!
+//! Generation keeps per-session key/value caches on the hosts ([`generation`],
+//! [`sessions`]): with an f32 wire its tokens and logits are bitwise the single-process
+//! generation's, and a branch whose host stops answering is masked for the rest of the
+//! generation (`generation_tests`).
 
 mod codec;
 pub mod coordinator;
+pub(crate) mod generation;
 pub mod host;
 pub mod norm;
 pub mod protocol;
+pub mod sessions;
 pub mod wire;
 
 #[cfg(test)]
 mod equivalence_tests;
+#[cfg(test)]
+mod generation_tests;
 #[cfg(test)]
 mod outage_tests;
 #[cfg(test)]
@@ -27,9 +36,10 @@ pub use coordinator::{ClusterStats, RemoteBranches, Transport};
 pub use host::BranchHost;
 pub use norm::NormGuard;
 pub use protocol::{
-    AdamWStep, Backward, BackwardReply, BranchGrad, BranchKey, BranchState, Forward, ForwardReply,
-    Reply, Request, Update, UpdateReply,
+    AdamWStep, Backward, BackwardReply, BranchGrad, BranchKey, BranchState, Decode, DecodeReply,
+    Forward, ForwardReply, Open, Reply, Request, Update, UpdateReply,
 };
+pub use sessions::SessionLimits;
 pub use wire::{
     HEADER_LEN, VERSION, WireError, WirePrecision, decode_reply, decode_request, encode_reply,
     encode_request, frame_len,

@@ -11,6 +11,14 @@
 //! [`Request::Push`] move weights and AdamW moments between the coordinator's copy and a
 //! host (checkpoints, rollback, rejoin).
 //!
+//! Generation (batch 1) keeps per-session key/value caches on the hosts: [`Open`] is an
+//! evaluation [`Forward`] of the prompt (one window) that also keeps, for session
+//! `session`, each requested branch's keys and values (answered like a forward); each
+//! further token is one [`Decode`] per layer (the layer input row of that position,
+//! answered with each branch's output row, [`DecodeReply`]); [`Request::Close`] drops
+//! the session. A host keeps a bounded number of sessions (see `super::sessions`); a
+//! decode of a session it does not hold is refused with a message saying so.
+//!
 //! Branches are named by `(layer, branch)` indices of the coordinator's model. The binary
 //! encoding is in [`super::wire`].
 
@@ -32,6 +40,57 @@ pub enum Request {
     Pull(Vec<BranchKey>),
     /// Hold these branches from now on (replacing any held copy), idle.
     Push(Vec<BranchState>),
+    /// Prefill of a generation session: a forward that keeps keys and values.
+    Open(Open),
+    /// One generated position of a session through some branches of one layer.
+    Decode(Decode),
+    /// Drop a generation session's caches (no error when it is not held).
+    Close(u64),
+}
+
+/// The prefill of generation session `session`: `forward` (an evaluation pass,
+/// `train = false`, of one window: `batch = 1`, no segments, no dropout) computed as a
+/// [`Forward`] and answered with a [`ForwardReply`]; each requested branch's keys and
+/// values of the window's positions `0..seq` are kept for the session (created by its
+/// first open, one open per layer), replacing what the session held for that layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Open {
+    /// Session id, chosen by the coordinator.
+    pub session: u64,
+    /// The prompt's pass through the layer.
+    pub forward: Forward,
+}
+
+/// One position of a generation session through branches `branches` of layer `layer`.
+///
+/// # Shapes
+/// `x`: `[d]`, the layer input row at position `pos`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decode {
+    /// Session id of the [`Open`].
+    pub session: u64,
+    /// Layer index.
+    pub layer: usize,
+    /// Position of the row: the session's next one (the prompt length, then one more per
+    /// decode of the branch).
+    pub pos: u64,
+    /// Branches to compute, ascending; each must have been opened in the session.
+    pub branches: Vec<usize>,
+    /// The layer input row.
+    pub x: Vec<f32>,
+}
+
+/// The outputs of a [`Decode`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodeReply {
+    /// Session of the request.
+    pub session: u64,
+    /// Layer of the request.
+    pub layer: usize,
+    /// Position of the request.
+    pub pos: u64,
+    /// `(branch, z_i)` for every requested branch, in request order (`z_i`: `[d]`).
+    pub outputs: Vec<(usize, Vec<f32>)>,
 }
 
 /// Forward of the branches `branches` of layer `layer` on the input `h`.
@@ -185,6 +244,10 @@ pub enum Reply {
     Pulled(Vec<BranchState>),
     /// Answer to [`Request::Push`]: how many branches are now held.
     Pushed(usize),
+    /// Answer to [`Request::Decode`].
+    Decoded(DecodeReply),
+    /// Answer to [`Request::Close`]: how many branch caches were dropped.
+    Closed(usize),
     /// The request was not carried out; the message says why.
     Refused(String),
 }
@@ -198,6 +261,9 @@ impl Request {
             Request::Update(_) => "update",
             Request::Pull(_) => "pull",
             Request::Push(_) => "push",
+            Request::Open(_) => "open",
+            Request::Decode(_) => "decode",
+            Request::Close(_) => "close",
         }
     }
 }
@@ -211,6 +277,8 @@ impl Reply {
             Reply::Update(_) => "update reply",
             Reply::Pulled(_) => "pull reply",
             Reply::Pushed(_) => "push reply",
+            Reply::Decoded(_) => "decode reply",
+            Reply::Closed(_) => "close reply",
             Reply::Refused(_) => "refusal",
         }
     }

@@ -6,7 +6,7 @@
 //! | --- | --- |
 //! | 0..4 | magic `MBTB` |
 //! | 4..6 | version, u16 LE ([`VERSION`]) |
-//! | 6 | message kind (requests 1..=5, replies 65..=70) |
+//! | 6 | message kind (requests 1..=8, replies 65..=72) |
 //! | 7 | activation precision of the frame (0 f32, 1 bf16; a host replies in the precision of the request) |
 //! | 8..16 | body length in bytes, u64 LE |
 //! | 16..20 | CRC-32 (IEEE) of header bytes 0..16 and the body, u32 LE |
@@ -18,6 +18,10 @@
 //! u64 element count and the raw elements: activations (`h`, `z_i`, `∂L/∂h'`, `∂L/∂h`
 //! parts) travel in the frame's [`WirePrecision`], weights and moments always in f32, so
 //! pulled and pushed branches are bit-exact. bf16 rounds to nearest, ties to even.
+//!
+//! Version 2 added the generation messages (open 6, decode 7, close 8; decoded 71,
+//! closed 72); the encoding of every version-1 message is unchanged, but a version-1
+//! peer is refused as a whole (it could not serve generation).
 //!
 //! Decoding checks the header, the length and the checksum before reading the body, and
 //! every count against the bytes left, so a corrupt or hostile frame is an error, never a
@@ -32,15 +36,15 @@
 
 use super::codec::{Reader, Writer, checksum};
 use super::protocol::{
-    AdamWStep, Backward, BackwardReply, BranchGrad, Forward, ForwardReply, Reply, Request, Update,
-    UpdateReply,
+    AdamWStep, Backward, BackwardReply, BranchGrad, Decode, DecodeReply, Forward, ForwardReply,
+    Open, Reply, Request, Update, UpdateReply,
 };
 use serde::{Deserialize, Serialize};
 
 /// Magic bytes opening every frame.
 pub const MAGIC: [u8; 4] = *b"MBTB";
 /// Version of the encoding written and the only one read.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Bytes of the frame header.
 pub const HEADER_LEN: usize = 20;
 
@@ -175,12 +179,62 @@ const K_BACKWARD: u8 = 2;
 const K_UPDATE: u8 = 3;
 const K_PULL: u8 = 4;
 const K_PUSH: u8 = 5;
+const K_OPEN: u8 = 6;
+const K_DECODE: u8 = 7;
+const K_CLOSE: u8 = 8;
 const K_R_FORWARD: u8 = 65;
 const K_R_BACKWARD: u8 = 66;
 const K_R_UPDATE: u8 = 67;
 const K_R_PULLED: u8 = 68;
 const K_R_PUSHED: u8 = 69;
 const K_R_REFUSED: u8 = 70;
+const K_R_DECODED: u8 = 71;
+const K_R_CLOSED: u8 = 72;
+
+fn write_forward(w: &mut Writer, f: &Forward) {
+    w.u64(f.step);
+    w.idx(f.layer);
+    w.list(&f.branches, |w, &i| w.idx(i));
+    w.idx(f.batch);
+    w.idx(f.seq);
+    w.opt(f.segments.as_ref(), |w, s| w.u16s(s));
+    w.bool(f.rope);
+    w.opt(f.dropout.as_ref(), |w, &(p, seed)| {
+        w.f32(p);
+        w.u64(seed);
+    });
+    w.bool(f.train);
+    w.activation(&f.h);
+}
+
+fn read_forward(r: &mut Reader<'_>) -> Result<Forward, WireError> {
+    Ok(Forward {
+        step: r.u64("step")?,
+        layer: r.idx("layer")?,
+        branches: r.list("branches", 4, |r| r.idx("branches"))?,
+        batch: r.idx("batch")?,
+        seq: r.idx("seq")?,
+        segments: r.opt("segments", |r| r.u16s("segments"))?,
+        rope: r.bool("rope")?,
+        dropout: r.opt("dropout", |r| {
+            Ok((r.f32("dropout.p")?, r.u64("dropout.seed")?))
+        })?,
+        train: r.bool("train")?,
+        h: r.tensor("h")?,
+    })
+}
+
+/// `(branch, output)` pairs: the index, then the output as an activation.
+fn write_outputs(w: &mut Writer, outputs: &[(usize, Vec<f32>)]) {
+    w.list(outputs, |w, (i, z)| {
+        w.idx(*i);
+        w.activation(z);
+    });
+}
+
+fn read_outputs(r: &mut Reader<'_>) -> Result<Vec<(usize, Vec<f32>)>, WireError> {
+    r.list("outputs", 13, |r| Ok((r.idx("branch")?, r.tensor("z")?)))
+}
 
 /// Total length (header included) of the frame whose header is `header`, after checking
 /// its magic and version: what a stream transport reads before the body.
@@ -202,19 +256,7 @@ pub fn encode_request(req: &Request, wire: WirePrecision) -> Vec<u8> {
     let mut w = Writer::new(wire);
     let kind = match req {
         Request::Forward(f) => {
-            w.u64(f.step);
-            w.idx(f.layer);
-            w.list(&f.branches, |w, &i| w.idx(i));
-            w.idx(f.batch);
-            w.idx(f.seq);
-            w.opt(f.segments.as_ref(), |w, s| w.u16s(s));
-            w.bool(f.rope);
-            w.opt(f.dropout.as_ref(), |w, &(p, seed)| {
-                w.f32(p);
-                w.u64(seed);
-            });
-            w.bool(f.train);
-            w.activation(&f.h);
+            write_forward(&mut w, f);
             K_FORWARD
         }
         Request::Backward(b) => {
@@ -251,6 +293,23 @@ pub fn encode_request(req: &Request, wire: WirePrecision) -> Vec<u8> {
             w.list(states, Writer::state);
             K_PUSH
         }
+        Request::Open(o) => {
+            w.u64(o.session);
+            write_forward(&mut w, &o.forward);
+            K_OPEN
+        }
+        Request::Decode(d) => {
+            w.u64(d.session);
+            w.idx(d.layer);
+            w.u64(d.pos);
+            w.list(&d.branches, |w, &i| w.idx(i));
+            w.activation(&d.x);
+            K_DECODE
+        }
+        Request::Close(session) => {
+            w.u64(*session);
+            K_CLOSE
+        }
     };
     w.finish(kind)
 }
@@ -262,10 +321,7 @@ pub fn encode_reply(reply: &Reply, wire: WirePrecision) -> Vec<u8> {
         Reply::Forward(f) => {
             w.u64(f.step);
             w.idx(f.layer);
-            w.list(&f.outputs, |w, (i, z)| {
-                w.idx(*i);
-                w.activation(z);
-            });
+            write_outputs(&mut w, &f.outputs);
             K_R_FORWARD
         }
         Reply::Backward(b) => {
@@ -300,6 +356,17 @@ pub fn encode_reply(reply: &Reply, wire: WirePrecision) -> Vec<u8> {
             w.str(msg);
             K_R_REFUSED
         }
+        Reply::Decoded(d) => {
+            w.u64(d.session);
+            w.idx(d.layer);
+            w.u64(d.pos);
+            write_outputs(&mut w, &d.outputs);
+            K_R_DECODED
+        }
+        Reply::Closed(n) => {
+            w.idx(*n);
+            K_R_CLOSED
+        }
     };
     w.finish(kind)
 }
@@ -308,20 +375,7 @@ pub fn encode_reply(reply: &Reply, wire: WirePrecision) -> Vec<u8> {
 pub fn decode_request(bytes: &[u8]) -> Result<(Request, WirePrecision), WireError> {
     let (kind, wire, mut r) = open(bytes)?;
     let req = match kind {
-        K_FORWARD => Request::Forward(Forward {
-            step: r.u64("step")?,
-            layer: r.idx("layer")?,
-            branches: r.list("branches", 4, |r| r.idx("branches"))?,
-            batch: r.idx("batch")?,
-            seq: r.idx("seq")?,
-            segments: r.opt("segments", |r| r.u16s("segments"))?,
-            rope: r.bool("rope")?,
-            dropout: r.opt("dropout", |r| {
-                Ok((r.f32("dropout.p")?, r.u64("dropout.seed")?))
-            })?,
-            train: r.bool("train")?,
-            h: r.tensor("h")?,
-        }),
+        K_FORWARD => Request::Forward(read_forward(&mut r)?),
         K_BACKWARD => Request::Backward(Backward {
             step: r.u64("step")?,
             layer: r.idx("layer")?,
@@ -353,6 +407,18 @@ pub fn decode_request(bytes: &[u8]) -> Result<(Request, WirePrecision), WireErro
         }
         K_PULL => Request::Pull(r.keys("branches")?),
         K_PUSH => Request::Push(r.list("branches", 1, Reader::state)?),
+        K_OPEN => Request::Open(Open {
+            session: r.u64("session")?,
+            forward: read_forward(&mut r)?,
+        }),
+        K_DECODE => Request::Decode(Decode {
+            session: r.u64("session")?,
+            layer: r.idx("layer")?,
+            pos: r.u64("pos")?,
+            branches: r.list("branches", 4, |r| r.idx("branches"))?,
+            x: r.tensor("x")?,
+        }),
+        K_CLOSE => Request::Close(r.u64("session")?),
         kind => {
             return Err(WireError::Kind {
                 kind,
@@ -371,7 +437,7 @@ pub fn decode_reply(bytes: &[u8]) -> Result<(Reply, WirePrecision), WireError> {
         K_R_FORWARD => Reply::Forward(ForwardReply {
             step: r.u64("step")?,
             layer: r.idx("layer")?,
-            outputs: r.list("outputs", 13, |r| Ok((r.idx("branch")?, r.tensor("z")?)))?,
+            outputs: read_outputs(&mut r)?,
         }),
         K_R_BACKWARD => Reply::Backward(BackwardReply {
             step: r.u64("step")?,
@@ -392,6 +458,13 @@ pub fn decode_reply(bytes: &[u8]) -> Result<(Reply, WirePrecision), WireError> {
         K_R_PULLED => Reply::Pulled(r.list("branches", 1, Reader::state)?),
         K_R_PUSHED => Reply::Pushed(r.idx("count")?),
         K_R_REFUSED => Reply::Refused(r.str("message")?),
+        K_R_DECODED => Reply::Decoded(DecodeReply {
+            session: r.u64("session")?,
+            layer: r.idx("layer")?,
+            pos: r.u64("pos")?,
+            outputs: read_outputs(&mut r)?,
+        }),
+        K_R_CLOSED => Reply::Closed(r.idx("count")?),
         kind => {
             return Err(WireError::Kind {
                 kind,

@@ -78,6 +78,29 @@ fn requests() -> Vec<Request> {
         }),
         Request::Pull(vec![(0, 2), (1, 0)]),
         Request::Push(vec![state(0, 1), state(1, 2)]),
+        Request::Open(Open {
+            session: u64::MAX - 3,
+            forward: Forward {
+                step: 12,
+                layer: 2,
+                branches: vec![0, 4],
+                batch: 1,
+                seq: 3,
+                segments: None,
+                rope: true,
+                dropout: None,
+                train: false,
+                h: act(12),
+            },
+        }),
+        Request::Decode(Decode {
+            session: 0x5eed,
+            layer: 1,
+            pos: 300,
+            branches: vec![1, 2, 7],
+            x: act(4),
+        }),
+        Request::Close(42),
     ]
 }
 
@@ -105,6 +128,13 @@ fn replies() -> Vec<Reply> {
         Reply::Pulled(vec![state(2, 0)]),
         Reply::Pushed(7),
         Reply::Refused("branch (0, 9) is not held here — ünïcode".into()),
+        Reply::Decoded(DecodeReply {
+            session: 0x5eed,
+            layer: 1,
+            pos: 300,
+            outputs: vec![(1, act(4)), (7, act(4))],
+        }),
+        Reply::Closed(3),
     ]
 }
 
@@ -138,6 +168,14 @@ fn bf16_rounds_activations_and_keeps_weights_exact() {
                 dh: bf16(&b.dh),
                 ..b
             }),
+            Request::Open(o) => Request::Open(Open {
+                forward: Forward {
+                    h: bf16(&o.forward.h),
+                    ..o.forward
+                },
+                ..o
+            }),
+            Request::Decode(d) => Request::Decode(Decode { x: bf16(&d.x), ..d }),
             other => other,
         };
         assert_eq!(got, want);
@@ -157,6 +195,46 @@ fn bf16_rounds_activations_and_keeps_weights_exact() {
     let (got, _) = decode_reply(&encode_reply(&fwd, WirePrecision::Bf16)).unwrap();
     let Reply::Forward(g) = got else { panic!() };
     assert_eq!(g.outputs[1].1, bf16(&act(8)));
+    let decoded = replies().remove(6);
+    let (got, _) = decode_reply(&encode_reply(&decoded, WirePrecision::Bf16)).unwrap();
+    let Reply::Decoded(g) = got else { panic!() };
+    assert_eq!(g.outputs[1].1, bf16(&act(4)));
+}
+
+/// Version 2 added the generation messages and left the others' bytes as they were:
+/// a version-1 frame differs from its version-2 frame in the version field and the
+/// checksum only, and is refused with the version error.
+#[test]
+fn version_two_keeps_the_version_one_encodings() {
+    for r in requests().into_iter().take(6) {
+        let v2 = encode_request(&r, WirePrecision::F32);
+        let v1 = patch_header(&v2, 4, 1);
+        assert_eq!(v1[..4], v2[..4]);
+        assert_eq!((v1[4], v2[4]), (1, 2));
+        assert_eq!(v1[5..16], v2[5..16]);
+        assert_eq!(v1[HEADER_LEN..], v2[HEADER_LEN..]);
+        assert_eq!(decode_request(&v1).unwrap_err(), WireError::Version { found: 1 });
+    }
+}
+
+#[test]
+fn generation_message_kinds_are_pinned() {
+    let kinds: Vec<u8> = requests()[6..]
+        .iter()
+        .map(|r| encode_request(r, WirePrecision::F32)[6])
+        .collect();
+    assert_eq!(kinds, vec![6, 7, 8]);
+    let kinds: Vec<u8> = replies()[6..]
+        .iter()
+        .map(|r| encode_reply(r, WirePrecision::F32)[6])
+        .collect();
+    assert_eq!(kinds, vec![71, 72]);
+    // decode: session 8, layer 4, pos 8, branches 4 + 3·4, then x
+    let frame = encode_request(&requests()[7], WirePrecision::F32);
+    let body = &frame[HEADER_LEN..];
+    assert_eq!(body[..8], 0x5eed_u64.to_le_bytes());
+    assert_eq!(body[12..20], 300u64.to_le_bytes());
+    assert_eq!(body[36], 0, "x is an f32 activation");
 }
 
 #[test]
@@ -199,9 +277,9 @@ fn each_decoding_error_names_what_was_wrong() {
             .to_string()
             .contains("not speaking the mbtd branch protocol")
     );
-    let v2 = patch_header(&pull, 4, 2);
-    assert_eq!(err(&v2), WireError::Version { found: 2 });
-    assert!(err(&v2).to_string().contains("same mbtd version"));
+    let v3 = patch_header(&pull, 4, 3);
+    assert_eq!(err(&v3), WireError::Version { found: 3 });
+    assert!(err(&v3).to_string().contains("same mbtd version"));
     let kind = patch_header(&pull, 6, 99);
     assert_eq!(
         err(&kind),
@@ -407,7 +485,7 @@ proptest! {
     }
 
     #[test]
-    fn every_prefix_and_every_single_bit_flip_is_an_error(which in 0usize..6, at in any::<usize>(), bit in 0u8..8) {
+    fn every_prefix_and_every_single_bit_flip_is_an_error(which in 0usize..9, at in any::<usize>(), bit in 0u8..8) {
         let bytes = encode_request(&requests()[which], WirePrecision::F32);
         let cut = at % bytes.len();
         prop_assert!(decode_request(&bytes[..cut]).is_err());

@@ -7,10 +7,32 @@
 //! hosts' state back.
 
 use super::Trainer;
-use crate::model::ModelError;
+use crate::model::generate::{GenerateConfig, Generation};
+use crate::model::remote::generation::RemoteSession;
 use crate::model::remote::{BranchState, RemoteBranches};
+use crate::model::{Masks, ModelError};
 
 impl Trainer {
+    /// Starts generating after `prompt` ([`crate::model::Model::generate`]). With
+    /// branches on hosts, each remote branch is computed by its host from its live
+    /// weights, the host keeping the session's keys and values; a branch whose host
+    /// fails is masked for the rest of the generation ([`Generation::lost`]). The session
+    /// is closed on the hosts when the generation is dropped.
+    pub fn generate<'a>(
+        &'a mut self,
+        prompt: &[u32],
+        masks: &Masks,
+        cfg: &GenerateConfig,
+    ) -> Result<Generation<'a>, ModelError> {
+        match self.remote.as_deref_mut() {
+            None => self.model.generate(prompt, masks, cfg),
+            Some(r) => {
+                let session = Box::new(RemoteSession::new(r));
+                self.model.generate_via(prompt, masks, cfg, Some(session))
+            }
+        }
+    }
+
     /// Places branches on hosts: checks `remote`'s placement against the model's widths
     /// and pushes each placed branch's weights and moments to its host. From now on the
     /// layer loop and the update reach those branches through `remote`'s transport.
