@@ -884,6 +884,55 @@ mod tests {
         assert_eq!(n, t - prompt.len() + 1);
     }
 
+    /// In a one-layer model the keys of every branch depend only on the tokens, so masking
+    /// a branch at position `p` gives the full forward pass with that branch masked at
+    /// `p`: α̃ renormalised over the rest, the other branches' caches unchanged.
+    #[test]
+    fn a_branch_masked_mid_generation_renormalises_its_layer() {
+        let cfg = ModelConfig {
+            n_layers: 1,
+            ..tiny_config()
+        };
+        let model = Model::new(cfg.clone(), 6).unwrap();
+        let all = model.all_active();
+        let g = GenerateConfig {
+            max_tokens: 3,
+            temperature: 0.0,
+            ..GenerateConfig::default()
+        };
+        let mut gen_ = model.generate(&[2, 4], &all, &g).unwrap();
+        let mut ctx = vec![2u32, 4];
+        ctx.push(gen_.next().unwrap());
+        gen_.mask_branch(0, 1).unwrap();
+        let mut masks = all.clone();
+        masks[0][1] = false;
+        let dec = gen_.next_logits().to_vec();
+        let b = Batch {
+            batch: 1,
+            seq: ctx.len(),
+            inputs: ctx.clone(),
+            targets: vec![0; ctx.len()],
+            loss_mask: vec![0.0; ctx.len()],
+            segments: None,
+            times: None,
+        };
+        let mut ws = Workspace::default();
+        let full = model.logits(&mut ws, &b, &masks).unwrap();
+        assert_eq!(gen_.alpha_t[0], ws.alpha_tilde(0), "α̃ renormalised");
+        let last = &full[(ctx.len() - 1) * cfg.vocab_size..];
+        let scale = last.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        for (a, b) in dec.iter().zip(last) {
+            assert!((a - b).abs() < 5e-3 * scale, "{a} vs {b}");
+        }
+        let unmasked = model.logits(&mut ws, &b, &all).unwrap();
+        let far = last.iter().zip(&unmasked[(ctx.len() - 1) * cfg.vocab_size..]);
+        assert!(far.map(|(a, b)| (a - b).abs()).fold(0.0, f32::max) > 2e-2 * scale);
+        // masking every branch left is an error naming the layer
+        gen_.mask_branch(0, 0).unwrap();
+        let e = gen_.mask_branch(0, 2).unwrap_err();
+        assert!(e.to_string().contains("layer 0 has no branch left"), "{e}");
+    }
+
     #[test]
     fn sampling_is_seeded_and_respects_limits() {
         let cfg = tiny_config();
