@@ -22,8 +22,14 @@ const MODEL: [(&str, &str); 1] = [("model.positions", "\"rope\"")];
 
 fn start(dir: &Path, config: &Path, coordinator: &str) -> NodeProcess {
     std::fs::create_dir_all(dir).unwrap();
-    start_node(Path::new(BIN), dir, config, coordinator, "/ip4/127.0.0.1/tcp/0")
-        .unwrap_or_else(|e| panic!("mbtd node: {e:#}"))
+    start_node(
+        Path::new(BIN),
+        dir,
+        config,
+        coordinator,
+        "/ip4/127.0.0.1/tcp/0",
+    )
+    .unwrap_or_else(|e| panic!("mbtd node: {e:#}"))
 }
 
 /// The coordinator's key file (in `dir`) and its peer id (`mbtd node --print-id`).
@@ -33,7 +39,11 @@ fn coordinator_key(dir: &Path) -> (PathBuf, String) {
         .arg(dir)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
     (dir.join("identity.key"), id)
 }
@@ -62,7 +72,10 @@ fn cluster(keys: &Path, token_delay_ms: u64) -> (NodeProcess, NodeProcess, Daemo
         &small(&settings),
         &[("MBTD_FAULT_TOKEN_DELAY_MS", delay.as_str())],
     );
-    d.drop_csv("sums.csv", &sums_csv(seed(), 300, 50, |i| format!("s{}", i % 3)));
+    d.drop_csv(
+        "sums.csv",
+        &sums_csv(seed(), 300, 50, |i| format!("s{}", i % 3)),
+    );
     d.wait_for(Duration::from_secs(90), "both nodes answering", || {
         let r = d.data("nodes", Value::Null);
         let all = r["nodes"].as_array()?.iter().all(|n| {
@@ -100,11 +113,26 @@ fn generation_runs_on_the_nodes_and_survives_a_node_killed_mid_reply() {
     // `ctl generate` works and asks both nodes (training is paused: this traffic is the
     // generation's)
     let before = (bytes_out(&d, 0), bytes_out(&d, 1));
-    let out = d.ctl(&["generate", "--prompt", "s1", "--max-tokens", "8", "--seed", "3"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = d.ctl(&[
+        "generate",
+        "--prompt",
+        "s1",
+        "--max-tokens",
+        "8",
+        "--seed",
+        "3",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!String::from_utf8_lossy(&out.stderr).contains("generated without"));
     let after = (bytes_out(&d, 0), bytes_out(&d, 1));
-    assert!(after.0 > before.0 && after.1 > before.1, "{before:?} → {after:?}");
+    assert!(
+        after.0 > before.0 && after.1 > before.1,
+        "{before:?} → {after:?}"
+    );
 
     // a seed whose reply runs long with every node up
     let seed = (0..30u64)
@@ -126,7 +154,17 @@ fn generation_runs_on_the_nodes_and_survives_a_node_killed_mid_reply() {
     r.read_line(&mut first).unwrap();
     assert!(first.contains("\"done\":false"), "{first}");
     n1.kill();
-    let last: Value = serde_json::from_str(&r.lines().last().unwrap().unwrap()).unwrap();
+    let last = loop {
+        let mut line = String::new();
+        assert!(
+            r.read_line(&mut line).unwrap() > 0,
+            "the daemon closed the stream"
+        );
+        let v: Value = serde_json::from_str(&line).unwrap();
+        if v["done"] == true {
+            break v;
+        }
+    };
     assert_eq!(last["ok"], true, "{last}");
     let data = &last["data"];
     let tokens = data["tokens"].as_u64().unwrap();
@@ -143,9 +181,11 @@ fn generation_runs_on_the_nodes_and_survives_a_node_killed_mid_reply() {
         assert!(b["position"].as_u64().unwrap() > 0, "masked mid-reply: {b}");
         assert!(!b["why"].as_str().unwrap().is_empty(), "{b}");
     }
-    d.wait_for(Duration::from_secs(10), "the generation_node_lost event", || {
-        (count(&d.log_text(), "\"generation_node_lost\"") == 1).then_some(())
-    });
+    d.wait_for(
+        Duration::from_secs(10),
+        "the generation_node_lost event",
+        || (count(&d.log_text(), "\"generation_node_lost\"") == 1).then_some(()),
+    );
     assert!(d.metric("generation_branches_masked_total") >= 2.0);
 
     // the daemon stays up and generates again, node 1's branches masked from the start
@@ -155,8 +195,15 @@ fn generation_runs_on_the_nodes_and_survives_a_node_killed_mid_reply() {
     assert_eq!(masked.len(), 2, "{again}");
     assert!(masked.iter().all(|b| b["position"] == 0), "{again}");
     let out = d.ctl(&["generate", "--prompt", "s1", "--max-tokens", "5"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("generated without these branches") && err.contains(&n1_peer), "{err}");
+    assert!(
+        err.contains("generated without these branches") && err.contains(&n1_peer),
+        "{err}"
+    );
     d.data("ping", Value::Null);
 }

@@ -925,7 +925,9 @@ mod tests {
             assert!((a - b).abs() < 5e-3 * scale, "{a} vs {b}");
         }
         let unmasked = model.logits(&mut ws, &b, &all).unwrap();
-        let far = last.iter().zip(&unmasked[(ctx.len() - 1) * cfg.vocab_size..]);
+        let far = last
+            .iter()
+            .zip(&unmasked[(ctx.len() - 1) * cfg.vocab_size..]);
         assert!(far.map(|(a, b)| (a - b).abs()).fold(0.0, f32::max) > 2e-2 * scale);
         // masking every branch left is an error naming the layer
         gen_.mask_branch(0, 0).unwrap();

@@ -281,10 +281,21 @@ impl ClusterLink {
     /// After a generation: logs each node whose branches it lost once
     /// ([`GenerationNodeLost`]) and describes every masked branch for the response:
     /// `[{layer, branch, node, position, why}]` (`node`: its peer id).
-    pub(super) fn generation_lost(&self, trainer: &Trainer, lost: &[LostBranch]) -> serde_json::Value {
-        let placement = trainer.remote().map(|r| r.placement().to_vec()).unwrap_or_default();
+    pub(super) fn generation_lost(
+        &self,
+        trainer: &Trainer,
+        lost: &[LostBranch],
+    ) -> serde_json::Value {
+        let placement = trainer
+            .remote()
+            .map(|r| r.placement().to_vec())
+            .unwrap_or_default();
         let node_of = |b: &LostBranch| {
-            placement.get(b.layer).and_then(|r| r.get(b.branch)).copied().flatten()
+            placement
+                .get(b.layer)
+                .and_then(|r| r.get(b.branch))
+                .copied()
+                .flatten()
         };
         let mut nodes: Vec<usize> = lost.iter().filter_map(node_of).collect();
         nodes.sort_unstable();

@@ -180,7 +180,11 @@ impl RemoteBranches {
 
     /// Host of branch `i` of layer `l` (`None`: in this process).
     pub(super) fn host_of(&self, l: usize, i: usize) -> Option<usize> {
-        self.placement.get(l).and_then(|r| r.get(i)).copied().flatten()
+        self.placement
+            .get(l)
+            .and_then(|r| r.get(i))
+            .copied()
+            .flatten()
     }
 
     /// Counts a generation output of branch `i` of layer `l` that could not be used.

@@ -129,9 +129,10 @@ impl AwayBranches for RemoteSession<'_> {
                         && r.layer == l
                         && r.pos == pos as u64
                         && r.outputs.len() == ks.len()
-                        && r.outputs.iter().zip(&ks).all(|((i, z), &k)| {
-                            *i == want[k] && z.len() == x.len()
-                        }) =>
+                        && r.outputs
+                            .iter()
+                            .zip(&ks)
+                            .all(|((i, z), &k)| *i == want[k] && z.len() == x.len()) =>
                 {
                     r.outputs
                 }

@@ -49,7 +49,10 @@ fn bitwise(positions: Positions, max_tokens: usize) {
     train(&mut remote, &batches(&cfg, 4), masks_at);
     let g = sampling(max_tokens);
     let masks: Masks = vec![vec![true; 3], vec![true, false, true]];
-    let stale = run(&mut remote.model().generate(&PROMPT, &masks, &g).unwrap(), |_| {});
+    let stale = run(
+        &mut remote.model().generate(&PROMPT, &masks, &g).unwrap(),
+        |_| {},
+    );
     let got = {
         let mut gen_ = remote.generate(&PROMPT, &masks, &g).unwrap();
         let got = run(&mut gen_, |_| {});
@@ -58,7 +61,10 @@ fn bitwise(positions: Positions, max_tokens: usize) {
     };
     assert_eq!(sessions(&hosts), vec![0, 0], "the session is closed");
     remote.pull_branches().unwrap();
-    let want = run(&mut remote.model().generate(&PROMPT, &masks, &g).unwrap(), |_| {});
+    let want = run(
+        &mut remote.model().generate(&PROMPT, &masks, &g).unwrap(),
+        |_| {},
+    );
     assert_eq!(got.0.len(), max_tokens);
     assert_eq!(got, want, "tokens and logits bitwise");
     assert_ne!(got.1, stale.1, "the hosts' live weights are used");
@@ -98,9 +104,15 @@ fn a_host_that_stops_answering_mid_generation_is_masked_from_then_on() {
         assert!(gen_.error().is_none());
         (got, gen_.lost().to_vec())
     };
-    let where_: Vec<_> = lost.iter().map(|b| (b.layer, b.branch, b.position)).collect();
+    let where_: Vec<_> = lost
+        .iter()
+        .map(|b| (b.layer, b.branch, b.position))
+        .collect();
     assert_eq!(where_, vec![(0, 1, 5), (1, 0, 5)]);
-    assert!(lost[0].why.contains("host 1 gave no decode reply"), "{lost:?}");
+    assert!(
+        lost[0].why.contains("host 1 gave no decode reply"),
+        "{lost:?}"
+    );
     assert_eq!(sessions(&hosts), vec![0, 1], "host 1 missed the close");
     remote.pull_branches().unwrap();
     let mut local = remote.model().generate(&PROMPT, &masks, &g).unwrap();
@@ -111,7 +123,10 @@ fn a_host_that_stops_answering_mid_generation_is_masked_from_then_on() {
         }
     });
     assert_eq!(got, want);
-    let unmasked = run(&mut remote.model().generate(&PROMPT, &masks, &g).unwrap(), |_| {});
+    let unmasked = run(
+        &mut remote.model().generate(&PROMPT, &masks, &g).unwrap(),
+        |_| {},
+    );
     assert_ne!(got.1, unmasked.1, "the masking changed the logits");
     assert_eq!(
         remote.remote().unwrap().stats().missed,
@@ -128,10 +143,7 @@ fn branches_lost_at_the_prefill_are_masked_for_the_whole_generation() {
         (0, Request::Open(o)) if o.forward.layer == 1 => Fault::Lost,
         _ => Fault::None,
     });
-    let placement = vec![
-        vec![Some(0), Some(1), None],
-        vec![Some(1), None, Some(0)],
-    ];
+    let placement = vec![vec![Some(0), Some(1), None], vec![Some(1), None, Some(0)]];
     let (mut remote, _) = remote_trainer(&cfg, placement, WirePrecision::F32, fault);
     train(&mut remote, &batches(&cfg, 2), masks_at);
     remote.pull_branches().unwrap();
@@ -142,11 +154,17 @@ fn branches_lost_at_the_prefill_are_masked_for_the_whole_generation() {
         let mut gen_ = remote.generate(&PROMPT, &all, &g).unwrap();
         (run(&mut gen_, |_| {}), gen_.lost().to_vec())
     };
-    let where_: Vec<_> = lost.iter().map(|b| (b.layer, b.branch, b.position)).collect();
+    let where_: Vec<_> = lost
+        .iter()
+        .map(|b| (b.layer, b.branch, b.position))
+        .collect();
     assert_eq!(where_, vec![(0, 1, 0), (1, 0, 0), (1, 2, 0)]);
     assert!(lost[0].why.contains("parked"), "{lost:?}");
     let masks = vec![vec![true, false, true], vec![false, true, false]];
-    let want = run(&mut remote.model().generate(&PROMPT, &masks, &g).unwrap(), |_| {});
+    let want = run(
+        &mut remote.model().generate(&PROMPT, &masks, &g).unwrap(),
+        |_| {},
+    );
     assert_eq!(got, want);
 }
 
@@ -183,9 +201,17 @@ fn open(host: &mut BranchHost, id: u64, now: Instant) -> Reply {
         rope: false,
         dropout: None,
         train: false,
-        h: (0..2 * cfg.d_model).map(|j| (j as f32 * 0.3).sin()).collect(),
+        h: (0..2 * cfg.d_model)
+            .map(|j| (j as f32 * 0.3).sin())
+            .collect(),
     };
-    host.handle_at(Request::Open(Open { session: id, forward }), now)
+    host.handle_at(
+        Request::Open(Open {
+            session: id,
+            forward,
+        }),
+        now,
+    )
 }
 
 fn decode(host: &mut BranchHost, id: u64, pos: u64, now: Instant) -> Reply {
@@ -221,7 +247,10 @@ fn pushed_host(limits: SessionLimits) -> BranchHost {
         m: zeros.clone(),
         v: zeros,
     };
-    assert_eq!(host.handle(Request::Push(vec![state.clone()])), Reply::Pushed(1));
+    assert_eq!(
+        host.handle(Request::Push(vec![state.clone()])),
+        Reply::Pushed(1)
+    );
     host
 }
 
@@ -241,7 +270,10 @@ fn sessions_are_capped_least_recently_used_first_and_dropped_when_idle() {
     assert!(matches!(open(&mut host, 3, at(3)), Reply::Forward(_)));
     assert_eq!(host.sessions(), 2);
     let msg = refusal(decode(&mut host, 2, 2, at(4)));
-    assert!(msg.contains("is not open on this host") && msg.contains("at most 2"), "{msg}");
+    assert!(
+        msg.contains("is not open on this host") && msg.contains("at most 2"),
+        "{msg}"
+    );
     assert!(matches!(decode(&mut host, 1, 3, at(5)), Reply::Decoded(_)));
     // the next position only
     let msg = refusal(decode(&mut host, 1, 3, at(6)));

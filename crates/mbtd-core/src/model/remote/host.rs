@@ -31,11 +31,11 @@ use super::protocol::{
 };
 use super::sessions::{Cached, SessionLimits, Sessions};
 use super::wire::{WirePrecision, decode_request, encode_reply};
-use crate::model::generate::BranchDecode;
 use crate::config::Section;
 use crate::model::attention::{AttnShape, Segments};
 use crate::model::block::{BranchWs, BwdScratch, branch_bwd, branch_fwd, run_pairwise};
 use crate::model::branches::block_opts;
+use crate::model::generate::BranchDecode;
 use crate::model::net::StepDropout;
 use crate::model::ops::rope::{RopeTable, rope_angles};
 use crate::model::params::{BRANCH_TENSORS, BranchParams};

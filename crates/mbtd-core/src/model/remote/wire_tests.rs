@@ -213,7 +213,10 @@ fn version_two_keeps_the_version_one_encodings() {
         assert_eq!((v1[4], v2[4]), (1, 2));
         assert_eq!(v1[5..16], v2[5..16]);
         assert_eq!(v1[HEADER_LEN..], v2[HEADER_LEN..]);
-        assert_eq!(decode_request(&v1).unwrap_err(), WireError::Version { found: 1 });
+        assert_eq!(
+            decode_request(&v1).unwrap_err(),
+            WireError::Version { found: 1 }
+        );
     }
 }
 
