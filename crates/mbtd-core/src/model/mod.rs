@@ -29,6 +29,7 @@ pub mod availability;
 pub mod bench;
 mod block;
 mod branches;
+mod decode;
 pub mod generate;
 mod half;
 pub mod io;

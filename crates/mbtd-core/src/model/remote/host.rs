@@ -35,7 +35,7 @@ use crate::config::Section;
 use crate::model::attention::{AttnShape, Segments};
 use crate::model::block::{BranchWs, BwdScratch, branch_bwd, branch_fwd, run_pairwise};
 use crate::model::branches::block_opts;
-use crate::model::generate::BranchDecode;
+use crate::model::decode::BranchDecode;
 use crate::model::net::StepDropout;
 use crate::model::ops::rope::{RopeTable, rope_angles};
 use crate::model::params::{BRANCH_TENSORS, BranchParams};

@@ -9,7 +9,7 @@
 //! says so; the coordinator masks those branches for the rest of the generation.
 
 use super::protocol::BranchKey;
-use crate::model::generate::BranchDecode;
+use crate::model::decode::BranchDecode;
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
