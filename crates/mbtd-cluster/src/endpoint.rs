@@ -78,7 +78,9 @@ pub enum PeerEvent {
     Up { peer: PeerId, addr: Multiaddr },
     /// The last connection to a peer closed.
     Down { peer: PeerId },
-    /// A peer not in the allowed list tried to connect (or was dialled) and was refused.
+    /// A peer not in the allowed list tried to connect (or was dialled) and was refused,
+    /// or a kept peer's address answered with another identity (`peer`: the identity met
+    /// there; reported once per identity and address).
     Refused {
         peer: Option<PeerId>,
         addr: Multiaddr,
@@ -221,6 +223,7 @@ impl Endpoint {
             responders: HashMap::new(),
             keep: HashMap::new(),
             connected: HashSet::new(),
+            wrong_ids: HashSet::new(),
             incoming: incoming_tx,
             events: events_tx,
             traffic: traffic.clone(),
@@ -295,6 +298,8 @@ struct SwarmTask {
     responders: HashMap<InboundRequestId, (PeerId, ResponseChannel<Vec<u8>>)>,
     keep: HashMap<PeerId, Multiaddr>,
     connected: HashSet<PeerId>,
+    /// Identities met at a kept peer's address instead of the peer's, already reported.
+    wrong_ids: HashSet<(PeerId, Multiaddr)>,
     incoming: mpsc::UnboundedSender<Incoming>,
     events: mpsc::UnboundedSender<PeerEvent>,
     traffic: Arc<Mutex<HashMap<PeerId, Traffic>>>,
@@ -419,11 +424,24 @@ impl SwarmTask {
                 }
             }
             SwarmEvent::OutgoingConnectionError { error, peer_id, .. } => {
-                if let libp2p::swarm::DialError::Denied { .. } = error {
-                    let _ = self.events.send(PeerEvent::Refused {
-                        peer: peer_id,
-                        addr: Multiaddr::empty(),
-                    });
+                match &error {
+                    libp2p::swarm::DialError::Denied { .. } => {
+                        let _ = self.events.send(PeerEvent::Refused {
+                            peer: peer_id,
+                            addr: Multiaddr::empty(),
+                        });
+                    }
+                    // a kept peer's address answered with another identity: reported
+                    // once per identity and address, not at every redial
+                    libp2p::swarm::DialError::WrongPeerId { obtained, address }
+                        if self.wrong_ids.insert((*obtained, address.clone())) =>
+                    {
+                        let _ = self.events.send(PeerEvent::Refused {
+                            peer: Some(*obtained),
+                            addr: address.clone(),
+                        });
+                    }
+                    _ => {}
                 }
                 for tx in self.dials.drain(..) {
                     let _ = tx.send(Err(error.to_string()));
