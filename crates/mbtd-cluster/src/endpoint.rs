@@ -88,7 +88,8 @@ pub enum PeerEvent {
 }
 
 /// Payload bytes that crossed the swarm, per peer (message bytes plus their 4-byte
-/// length prefix; noise and yamux framing add under 0.1 % on large messages).
+/// length prefix; noise and yamux framing add under 0.1 % on large messages). A request
+/// that found no connection to its peer is not counted.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Traffic {
     pub bytes_in: u64,
@@ -293,7 +294,8 @@ impl Endpoint {
 struct SwarmTask {
     swarm: Swarm<Behaviour>,
     allowed: HashSet<PeerId>,
-    pending: HashMap<OutboundRequestId, (PeerId, Reply)>,
+    /// Requests in flight: their peer, their size as counted, and who waits.
+    pending: HashMap<OutboundRequestId, (PeerId, usize, Reply)>,
     dials: Vec<oneshot::Sender<Result<(), String>>>,
     responders: HashMap<InboundRequestId, (PeerId, ResponseChannel<Vec<u8>>)>,
     keep: HashMap<PeerId, Multiaddr>,
@@ -359,9 +361,10 @@ impl SwarmTask {
                     )));
                     return;
                 }
-                self.count(peer, 0, bytes.len() + 4);
+                let size = bytes.len() + 4;
+                self.count(peer, 0, size);
                 let id = self.swarm.behaviour_mut().branch.send_request(&peer, bytes);
-                self.pending.insert(id, (peer, reply));
+                self.pending.insert(id, (peer, size, reply));
             }
             Command::Keep(peer, addr) => {
                 self.keep.insert(peer, addr);
@@ -483,7 +486,7 @@ impl SwarmTask {
                 ..
             } => {
                 self.count(peer, response.len() + 4, 0);
-                if let Some((_, reply)) = self.pending.remove(&request_id) {
+                if let Some((_, _, reply)) = self.pending.remove(&request_id) {
                     let _ = reply.send(Ok(response));
                 }
             }
@@ -493,10 +496,15 @@ impl SwarmTask {
                 error,
                 ..
             } => {
-                if let Some((_, reply)) = self.pending.remove(&request_id) {
+                if let Some((_, size, reply)) = self.pending.remove(&request_id) {
                     let err = match error {
                         OutboundFailure::Timeout => RequestError::Timeout(peer),
                         OutboundFailure::DialFailure => {
+                            // no connection: the request never left
+                            let mut t = self.traffic.lock().unwrap();
+                            if let Some(e) = t.get_mut(&peer) {
+                                e.bytes_out -= size as u64;
+                            }
                             RequestError::Unreachable(peer, error.to_string())
                         }
                         e => RequestError::Failed(peer, e.to_string()),

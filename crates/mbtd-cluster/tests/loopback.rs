@@ -121,5 +121,9 @@ async fn an_address_that_answers_with_another_identity_is_refused_once() {
     )
     .await;
     assert!(more.is_err(), "reported again: {more:?}");
-    assert!(coord.traffic().is_empty());
+    // a request to the listed peer finds no connection: it fails and is not counted
+    let err = coord.request(expected_id, vec![7; 1000]).await.unwrap_err();
+    assert!(matches!(err, RequestError::Unreachable(..)), "{err:?}");
+    let out = coord.traffic().get(&expected_id).map_or(0, |t| t.bytes_out);
+    assert_eq!(out, 0);
 }
