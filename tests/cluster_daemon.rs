@@ -298,8 +298,7 @@ fn steps_short_of_their_quorum_are_skipped_until_the_node_returns() {
         "steps skipped with new rows queued",
         || {
             let t = d.section("trainer");
-            (d.metric("steps_skipped_quorum_total") >= 3.0
-                && t["pending_windows"].as_u64()? > 0)
+            (d.metric("steps_skipped_quorum_total") >= 3.0 && t["pending_windows"].as_u64()? > 0)
                 .then_some(t)
         },
     );
@@ -336,7 +335,11 @@ fn steps_short_of_their_quorum_are_skipped_until_the_node_returns() {
         queued > held["new_pieces_queued"].as_u64().unwrap(),
         "{held} → {done}"
     );
-    assert_eq!(done["new_pieces_trained"].as_u64().unwrap(), queued, "{done}");
+    assert_eq!(
+        done["new_pieces_trained"].as_u64().unwrap(),
+        queued,
+        "{done}"
+    );
     d.stop_ok();
 }
 
@@ -366,7 +369,10 @@ fn peers_whose_identity_is_not_listed_are_refused_and_training_goes_on() {
         ("cluster.listen", "\"/ip4/127.0.0.1/tcp/0\""),
         ("cluster.deadline_ms", "1000"),
     ]));
-    d.drop_csv("sums.csv", &sums_csv(seed(), 300, 50, |i| format!("s{}", i % 3)));
+    d.drop_csv(
+        "sums.csv",
+        &sums_csv(seed(), 300, 50, |i| format!("s{}", i % 3)),
+    );
     let refused_line = |peer: &str| {
         d.log_text()
             .lines()
@@ -389,8 +395,7 @@ fn peers_whose_identity_is_not_listed_are_refused_and_training_goes_on() {
     assert_eq!(n1["last_step_answered"], Value::Null, "{n1}");
 
     // a process with its own key dials the coordinator and asks
-    let coord_addr: mbtd_cluster::Multiaddr =
-        ready["listen"][0].as_str().unwrap().parse().unwrap();
+    let coord_addr: mbtd_cluster::Multiaddr = ready["listen"][0].as_str().unwrap().parse().unwrap();
     let coord_peer: mbtd_cluster::PeerId = coord.parse().unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -418,7 +423,9 @@ fn peers_whose_identity_is_not_listed_are_refused_and_training_goes_on() {
     d.wait_for(Duration::from_secs(10), "the stranger refused", || {
         refused_line(&stranger_id).then_some(())
     });
-    let refused = d.data("nodes", Value::Null)["peers_refused"].as_u64().unwrap();
+    let refused = d.data("nodes", Value::Null)["peers_refused"]
+        .as_u64()
+        .unwrap();
     assert!(refused >= 2, "impostor and stranger: {refused}");
     assert!(d.metric("cluster_peers_refused_total") >= 2.0);
 

@@ -105,7 +105,16 @@ impl Lab {
             let (a, b) = (lab.addr_here(k), lab.addr_there(k));
             run(&["ip", "addr", "add", &format!("{a}/30"), "dev", &here])?;
             run(&["ip", "link", "set", &here, "up"])?;
-            run(&["ip", "-n", &ns, "addr", "add", &format!("{b}/30"), "dev", &there])?;
+            run(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{b}/30"),
+                "dev",
+                &there,
+            ])?;
             run(&["ip", "-n", &ns, "link", "set", &there, "up"])?;
             run(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
         }
@@ -239,7 +248,10 @@ fn training_over_rate_limited_links_runs_at_the_links_pace() {
         ("cluster.deadline_ms", "20000"),
         ("training.batch_size", "16"),
     ]));
-    d.drop_csv("sums.csv", &sums_csv(seed(), 400, 50, |i| format!("s{}", i % 3)));
+    d.drop_csv(
+        "sums.csv",
+        &sums_csv(seed(), 400, 50, |i| format!("s{}", i % 3)),
+    );
     d.wait_for(Duration::from_secs(90), "both nodes answering", || {
         let r = d.data("nodes", Value::Null);
         r["nodes"]
@@ -309,7 +321,10 @@ fn training_over_rate_limited_links_runs_at_the_links_pace() {
     for n in r["nodes"].as_array().unwrap() {
         assert_eq!(n["state"], "up", "{n}");
         assert_eq!(n["rounds_missed"], 0, "{n}");
-        assert!(n["last_step_answered"].as_u64().unwrap() > start.step(), "{n}");
+        assert!(
+            n["last_step_answered"].as_u64().unwrap() > start.step(),
+            "{n}"
+        );
     }
     assert_eq!(r["steps_skipped_quorum"], 0, "{r}");
     d.stop_ok();

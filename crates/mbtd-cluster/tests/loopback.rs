@@ -115,11 +115,8 @@ async fn an_address_that_answers_with_another_identity_is_refused_once() {
         other => panic!("expected a refusal: {other:?}"),
     }
     // several redials later, no second report and no connection
-    let more = tokio::time::timeout(
-        mbtd_cluster::endpoint::REDIAL_INTERVAL * 6,
-        events.recv(),
-    )
-    .await;
+    let more =
+        tokio::time::timeout(mbtd_cluster::endpoint::REDIAL_INTERVAL * 6, events.recv()).await;
     assert!(more.is_err(), "reported again: {more:?}");
     // a request to the listed peer finds no connection: it fails and is not counted
     let err = coord.request(expected_id, vec![7; 1000]).await.unwrap_err();

@@ -367,7 +367,10 @@ mod tests {
             raw_step_bytes(&placement, &computed, 10),
             (2 * (2 + 3) + 2 * (1 + 1)) * 10
         );
-        assert_eq!(raw_step_bytes(&placement, &[vec![false; 3], vec![false; 3]], 10), 0);
+        assert_eq!(
+            raw_step_bytes(&placement, &[vec![false; 3], vec![false; 3]], 10),
+            0
+        );
     }
 
     #[test]
