@@ -306,14 +306,15 @@ fn training_over_rate_limited_links_runs_at_the_links_pace() {
         limited > 2.0 * free,
         "the links must set the pace: {limited:.3} s per step limited vs {free:.3} s free"
     );
-    // Band, from measurement on the 2-core test machine (load 3–4): the measured step
-    // rate was 0.88–0.92 of what the link allows in five runs (0.571–0.600 s per
-    // step against 0.527 s): TCP/IP headers (≈ 4.5 % at a 1,448-byte MSS), ACKs sharing the reverse
-    // direction and the compute between transfers (≈ 0.02 s per step unlimited) slow it;
-    // 0.5 leaves room for a loaded machine. Above 1.1 the limit would not be holding:
-    // tbf's 2 kB bucket, full again after each pause of a direction, lets ≈ 3 % of a
-    // step's 8 transfers per link through at once (with an 8 kB bucket and 32 kB
-    // tensors that was 19 %, hence the small bucket and 64 kB tensors).
+    // Band, from measurement on the 2-core test machine (load 2–4): the measured step
+    // rate was 0.88–0.92 of what the link allows in five runs (0.571–0.600 s per step
+    // against 0.527 s): TCP/IP headers (≈ 4.5 % at a 1,448-byte MSS), ACKs sharing the
+    // reverse direction and the compute between transfers (≈ 0.02 s per step unlimited)
+    // slow it; 0.5 leaves room for a loaded machine. Above 1.1 the limit would not be
+    // holding: tbf's 2 kB bucket, full again whenever a direction pauses, lets 2 kB of
+    // each of a link's 8 transfers per step pass at once (≈ 3 % of the bytes; with an
+    // 8 kB bucket and 32 kB tensors that was ≈ 25 % and the rate came out 1.19 ×, hence
+    // the small bucket and 64 kB tensors).
     assert!(
         (0.5..=1.1).contains(&ratio),
         "step rate {ratio:.2} × the link's (link-bound step {link_s:.3} s, measured {limited:.3} s): {r}"
