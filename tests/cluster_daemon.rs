@@ -2,8 +2,11 @@
 //! host the branches of a small model; the daemon trains on a dropped CSV, a node killed
 //! with SIGKILL is reported down while training goes on, a checkpoint completes without
 //! it, the node restarted with the same identity and address rejoins with its branches,
-//! and every row of the CSV is in the replay store exactly once. A `[cluster]` section
-//! with a bad node is refused before READY, naming the field.
+//! and every row of the CSV is in the replay store exactly once; `ctl nodes` gives the
+//! bytes on the wire of the last step beside the tensors' raw size. A `[cluster]` section
+//! with a bad node is refused before READY, naming the field. Steps short of their quorum
+//! are skipped and their rows trained later; peers whose identity is not listed are
+//! refused.
 
 mod common;
 
@@ -129,9 +132,24 @@ fn a_killed_node_is_masked_and_rejoins_and_no_row_is_lost() {
         assert!(n["rtt_p50_s"].as_f64().is_some(), "{n}");
     }
     assert_eq!(ready["nodes"][0]["id"], n0.peer.as_str());
+    // bytes on the wire in the last step: the tensors' raw size plus headers (< 10 %)
+    let wire = ready["wire_bytes_last_step"].as_u64().unwrap();
+    let raw = ready["raw_tensor_bytes_last_step"].as_u64().unwrap();
+    assert!(raw > 0 && wire >= raw && wire * 10 < raw * 11, "{ready}");
+    let per_node: u64 = ready["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["bytes_last_step"].as_u64().unwrap())
+        .sum();
+    assert_eq!(per_node, wire, "{ready}");
     let table = String::from_utf8(d.ctl(&["nodes"]).stdout).unwrap();
     assert!(
         table.contains(&n1.peer) && table.contains(" up "),
+        "{table}"
+    );
+    assert!(
+        table.contains("bytes on the wire last step") && table.contains("(tensors "),
         "{table}"
     );
     assert!(
@@ -255,7 +273,9 @@ fn a_bad_node_is_refused_before_ready_naming_the_field() {
 
 /// `availability.min_active = 2` with two branches per layer, one per node: with a node
 /// down no step reaches its quorum; each waits `cluster.quorum_wait_ms`, is skipped and
-/// counted, the daemon keeps answering, and training resumes once the node is back.
+/// counted, the daemon keeps answering, and training resumes once the node is back. The
+/// new rows the skipped steps took are put back and trained later: in the end every
+/// piece of a new row queued has been trained.
 #[test]
 fn steps_short_of_their_quorum_are_skipped_until_the_node_returns() {
     let keys = tempfile::tempdir().unwrap();
@@ -268,14 +288,25 @@ fn steps_short_of_their_quorum_are_skipped_until_the_node_returns() {
         ],
     );
     n0.kill9();
-    d.wait_for(
-        Duration::from_secs(20),
-        "steps skipped for their quorum",
-        || (d.metric("steps_skipped_quorum_total") >= 3.0).then_some(()),
+    // rows that arrive now are taken by steps that are skipped: they go back to the queue
+    d.drop_csv(
+        "more.csv",
+        &sums_csv(seed() ^ 1, 100, 50, |i| format!("m{}", i % 3)),
     );
-    let frozen = d.step();
+    let held = d.wait_for(
+        Duration::from_secs(20),
+        "steps skipped with new rows queued",
+        || {
+            let t = d.section("trainer");
+            (d.metric("steps_skipped_quorum_total") >= 3.0 && t["pending_windows"].as_u64()? > 0)
+                .then_some(t)
+        },
+    );
     std::thread::sleep(Duration::from_millis(800));
-    assert_eq!(d.step(), frozen, "no step trains without its quorum");
+    let t = d.section("trainer");
+    assert_eq!(t["step"], held["step"], "no step trains without its quorum");
+    assert_eq!(t["new_pieces_trained"], held["new_pieces_trained"], "{t}");
+    assert!(t["pending_windows"].as_u64().unwrap() > 0, "{t}");
     assert!(d.log_text().contains("\"step_skipped_quorum\""));
     let line = d.section("cluster");
     assert_eq!(line["nodes"], "1 up, 0 late, 1 down", "{line}");
@@ -292,5 +323,115 @@ fn steps_short_of_their_quorum_are_skipped_until_the_node_returns() {
     n0.restart();
     d.wait_steps(5, Duration::from_secs(20));
     assert!(d.log_text().contains("\"node_rejoined\""));
+    // every piece of a new row that was queued, put back by the skipped steps included,
+    // is trained once the node is back: as many as without a skip
+    let done = d.wait_for(Duration::from_secs(30), "every new row trained", || {
+        let t = d.section("trainer");
+        (d.metric("ingest_files_total{outcome=\"done\"}") >= 2.0 && t["pending_windows"] == 0)
+            .then_some(t)
+    });
+    let queued = done["new_pieces_queued"].as_u64().unwrap();
+    assert!(
+        queued > held["new_pieces_queued"].as_u64().unwrap(),
+        "{held} → {done}"
+    );
+    assert_eq!(
+        done["new_pieces_trained"].as_u64().unwrap(),
+        queued,
+        "{done}"
+    );
     d.stop_ok();
+}
+
+/// Identities the coordinator does not list are refused, logged (`node_refused`) and
+/// counted (`cluster_peers_refused_total`): a node at a configured address whose identity
+/// is not the configured one (never asked anything), and a process that dials the
+/// coordinator with its own key (gets no answer). Training goes on with the listed node.
+#[test]
+fn peers_whose_identity_is_not_listed_are_refused_and_training_goes_on() {
+    let keys = tempfile::tempdir().unwrap();
+    let (key_file, coord) = coordinator_key(&keys.path().join("coordinator"));
+    let (_, listed) = coordinator_key(&keys.path().join("never-started"));
+    let node_cfg = keys.path().join("node.toml");
+    std::fs::write(&node_cfg, small(&[])).unwrap();
+    let loopback = "/ip4/127.0.0.1/tcp/0";
+    let n0 = Node::start(&keys.path().join("n0"), &node_cfg, &coord, loopback);
+    // serves the coordinator, but with its own key, at the address listed for `listed`
+    let impostor = Node::start(&keys.path().join("impostor"), &node_cfg, &coord, loopback);
+    let nodes = format!(
+        "[{{ id = \"{}\", addr = \"{}\" }}, {{ id = \"{listed}\", addr = \"{}\" }}]",
+        n0.peer, n0.addr, impostor.addr
+    );
+    let key = format!("{:?}", key_file.display().to_string());
+    let d = Daemon::start(&small(&[
+        ("cluster.key_file", key.as_str()),
+        ("cluster.nodes", nodes.as_str()),
+        ("cluster.listen", "\"/ip4/127.0.0.1/tcp/0\""),
+        ("cluster.deadline_ms", "1000"),
+    ]));
+    d.drop_csv(
+        "sums.csv",
+        &sums_csv(seed(), 300, 50, |i| format!("s{}", i % 3)),
+    );
+    let refused_line = |peer: &str| {
+        d.log_text()
+            .lines()
+            .any(|l| l.contains("\"node_refused\"") && l.contains(peer))
+    };
+    let ready = d.wait_for(
+        Duration::from_secs(90),
+        "node 0 answering, the impostor refused",
+        || {
+            let r = d.data("nodes", Value::Null);
+            (r["nodes"][0]["last_step_answered"].as_u64()? >= 3 && refused_line(&impostor.peer))
+                .then_some(r)
+        },
+    );
+    assert!(ready["peers_refused"].as_u64().unwrap() >= 1, "{ready}");
+    assert!(d.metric("cluster_peers_refused_total") >= 1.0);
+    let n1 = &ready["nodes"][1];
+    assert_eq!(n1["state"], "down", "{n1}");
+    assert_eq!(n1["bytes_out"], 0, "nothing reaches the impostor: {n1}");
+    assert_eq!(n1["last_step_answered"], Value::Null, "{n1}");
+
+    // a process with its own key dials the coordinator and asks
+    let coord_addr: mbtd_cluster::Multiaddr = ready["listen"][0].as_str().unwrap().parse().unwrap();
+    let coord_peer: mbtd_cluster::PeerId = coord.parse().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let stranger_key = mbtd_cluster::Keypair::generate_ed25519();
+    let stranger_id = stranger_key.public().to_peer_id().to_string();
+    let answer = rt.block_on(async {
+        let (stranger, _, _) = mbtd_cluster::Endpoint::start(
+            stranger_key,
+            mbtd_cluster::EndpointConfig {
+                listen: None,
+                allowed: vec![coord_peer],
+                request_timeout: Duration::from_secs(2),
+                max_message_bytes: 1 << 20,
+                kameo_global: false,
+            },
+        )
+        .await
+        .unwrap();
+        let _ = stranger.dial(coord_addr).await;
+        stranger.request(coord_peer, vec![0; 64]).await
+    });
+    assert!(answer.is_err(), "the stranger got an answer: {answer:?}");
+    d.wait_for(Duration::from_secs(10), "the stranger refused", || {
+        refused_line(&stranger_id).then_some(())
+    });
+    let refused = d.data("nodes", Value::Null)["peers_refused"]
+        .as_u64()
+        .unwrap();
+    assert!(refused >= 2, "impostor and stranger: {refused}");
+    assert!(d.metric("cluster_peers_refused_total") >= 2.0);
+
+    // training goes on with node 0
+    let before = d.step();
+    d.wait_steps(3, Duration::from_secs(30));
+    assert!(node_of(&d, 0)["last_step_answered"].as_u64().unwrap() > before);
+    assert_eq!(node_of(&d, 0)["state"], "up");
 }

@@ -78,7 +78,9 @@ pub enum PeerEvent {
     Up { peer: PeerId, addr: Multiaddr },
     /// The last connection to a peer closed.
     Down { peer: PeerId },
-    /// A peer not in the allowed list tried to connect (or was dialled) and was refused.
+    /// A peer not in the allowed list tried to connect (or was dialled) and was refused,
+    /// or a kept peer's address answered with another identity (`peer`: the identity met
+    /// there; reported once per identity and address).
     Refused {
         peer: Option<PeerId>,
         addr: Multiaddr,
@@ -86,7 +88,8 @@ pub enum PeerEvent {
 }
 
 /// Payload bytes that crossed the swarm, per peer (message bytes plus their 4-byte
-/// length prefix; noise and yamux framing add under 0.1 % on large messages).
+/// length prefix; noise and yamux framing add under 0.1 % on large messages). A request
+/// that found no connection to its peer is not counted.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Traffic {
     pub bytes_in: u64,
@@ -221,6 +224,7 @@ impl Endpoint {
             responders: HashMap::new(),
             keep: HashMap::new(),
             connected: HashSet::new(),
+            wrong_ids: HashSet::new(),
             incoming: incoming_tx,
             events: events_tx,
             traffic: traffic.clone(),
@@ -290,11 +294,14 @@ impl Endpoint {
 struct SwarmTask {
     swarm: Swarm<Behaviour>,
     allowed: HashSet<PeerId>,
-    pending: HashMap<OutboundRequestId, (PeerId, Reply)>,
+    /// Requests in flight: their peer, their size as counted, and who waits.
+    pending: HashMap<OutboundRequestId, (PeerId, usize, Reply)>,
     dials: Vec<oneshot::Sender<Result<(), String>>>,
     responders: HashMap<InboundRequestId, (PeerId, ResponseChannel<Vec<u8>>)>,
     keep: HashMap<PeerId, Multiaddr>,
     connected: HashSet<PeerId>,
+    /// Identities met at a kept peer's address instead of the peer's, already reported.
+    wrong_ids: HashSet<(PeerId, Multiaddr)>,
     incoming: mpsc::UnboundedSender<Incoming>,
     events: mpsc::UnboundedSender<PeerEvent>,
     traffic: Arc<Mutex<HashMap<PeerId, Traffic>>>,
@@ -354,9 +361,10 @@ impl SwarmTask {
                     )));
                     return;
                 }
-                self.count(peer, 0, bytes.len() + 4);
+                let size = bytes.len() + 4;
+                self.count(peer, 0, size);
                 let id = self.swarm.behaviour_mut().branch.send_request(&peer, bytes);
-                self.pending.insert(id, (peer, reply));
+                self.pending.insert(id, (peer, size, reply));
             }
             Command::Keep(peer, addr) => {
                 self.keep.insert(peer, addr);
@@ -419,11 +427,24 @@ impl SwarmTask {
                 }
             }
             SwarmEvent::OutgoingConnectionError { error, peer_id, .. } => {
-                if let libp2p::swarm::DialError::Denied { .. } = error {
-                    let _ = self.events.send(PeerEvent::Refused {
-                        peer: peer_id,
-                        addr: Multiaddr::empty(),
-                    });
+                match &error {
+                    libp2p::swarm::DialError::Denied { .. } => {
+                        let _ = self.events.send(PeerEvent::Refused {
+                            peer: peer_id,
+                            addr: Multiaddr::empty(),
+                        });
+                    }
+                    // a kept peer's address answered with another identity: reported
+                    // once per identity and address, not at every redial
+                    libp2p::swarm::DialError::WrongPeerId { obtained, address }
+                        if self.wrong_ids.insert((*obtained, address.clone())) =>
+                    {
+                        let _ = self.events.send(PeerEvent::Refused {
+                            peer: Some(*obtained),
+                            addr: address.clone(),
+                        });
+                    }
+                    _ => {}
                 }
                 for tx in self.dials.drain(..) {
                     let _ = tx.send(Err(error.to_string()));
@@ -465,7 +486,7 @@ impl SwarmTask {
                 ..
             } => {
                 self.count(peer, response.len() + 4, 0);
-                if let Some((_, reply)) = self.pending.remove(&request_id) {
+                if let Some((_, _, reply)) = self.pending.remove(&request_id) {
                     let _ = reply.send(Ok(response));
                 }
             }
@@ -475,10 +496,15 @@ impl SwarmTask {
                 error,
                 ..
             } => {
-                if let Some((_, reply)) = self.pending.remove(&request_id) {
+                if let Some((_, size, reply)) = self.pending.remove(&request_id) {
                     let err = match error {
                         OutboundFailure::Timeout => RequestError::Timeout(peer),
                         OutboundFailure::DialFailure => {
+                            // no connection: the request never left
+                            let mut t = self.traffic.lock().unwrap();
+                            if let Some(e) = t.get_mut(&peer) {
+                                e.bytes_out -= size as u64;
+                            }
                             RequestError::Unreachable(peer, error.to_string())
                         }
                         e => RequestError::Failed(peer, e.to_string()),

@@ -81,3 +81,46 @@ async fn a_configured_peer_gets_answers_and_a_stranger_is_refused() {
         "{err:?}"
     );
 }
+
+/// A kept peer's address answering with another identity is refused and reported once
+/// (with the identity met there), not at every redial, and nothing is sent to it.
+#[tokio::test]
+async fn an_address_that_answers_with_another_identity_is_refused_once() {
+    let (coord_key, there_key, expected_key) = (
+        Keypair::generate_ed25519(),
+        Keypair::generate_ed25519(),
+        Keypair::generate_ed25519(),
+    );
+    let coord_id = coord_key.public().to_peer_id();
+    let (there_id, expected_id) = (
+        there_key.public().to_peer_id(),
+        expected_key.public().to_peer_id(),
+    );
+    let (there, _requests, _) = Endpoint::start(there_key, config(true, vec![coord_id]))
+        .await
+        .unwrap();
+    let addr = there.listen_addrs()[0].clone();
+    let (coord, _, mut events) = Endpoint::start(coord_key, config(false, vec![expected_id]))
+        .await
+        .unwrap();
+    coord.keep_connected(expected_id, addr.clone());
+    let first = tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .expect("the refusal is reported");
+    match first {
+        Some(PeerEvent::Refused { peer, addr: met }) => {
+            assert_eq!(peer, Some(there_id));
+            assert!(met.to_string().starts_with(&addr.to_string()), "{met}");
+        }
+        other => panic!("expected a refusal: {other:?}"),
+    }
+    // several redials later, no second report and no connection
+    let more =
+        tokio::time::timeout(mbtd_cluster::endpoint::REDIAL_INTERVAL * 6, events.recv()).await;
+    assert!(more.is_err(), "reported again: {more:?}");
+    // a request to the listed peer finds no connection: it fails and is not counted
+    let err = coord.request(expected_id, vec![7; 1000]).await.unwrap_err();
+    assert!(matches!(err, RequestError::Unreachable(..)), "{err:?}");
+    let out = coord.traffic().get(&expected_id).map_or(0, |t| t.bytes_out);
+    assert_eq!(out, 0);
+}

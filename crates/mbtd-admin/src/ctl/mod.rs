@@ -290,10 +290,18 @@ fn format_diagnostics(data: &serde_json::Value) -> String {
 
 /// `ctl nodes`: one line per branch host.
 fn format_nodes(data: &serde_json::Value) -> String {
+    let last_step = match (
+        data["wire_bytes_last_step"].as_u64(),
+        data["raw_tensor_bytes_last_step"].as_u64(),
+    ) {
+        (Some(wire), Some(raw)) => format!("{wire} (tensors {raw})"),
+        _ => "-".into(),
+    };
     let mut out = format!(
-        "step {}  steps skipped for quorum {}\n\n{:<4} {:<54} {:<26} {:<6} {:>9} {:>9} {:>9} {:>12} {:>12}  {}\n",
+        "step {}  steps skipped for quorum {}  bytes on the wire last step {}\n\n{:<4} {:<54} {:<26} {:<6} {:>9} {:>9} {:>9} {:>12} {:>12}  {}\n",
         data["step"],
         data["steps_skipped_quorum"],
+        last_step,
         "NODE",
         "ID",
         "ADDRESS",

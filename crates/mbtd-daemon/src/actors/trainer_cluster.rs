@@ -49,6 +49,33 @@ pub(super) fn placement(widths: &[usize], base: usize, nodes: usize) -> Vec<Vec<
         .collect()
 }
 
+/// Raw bytes of the activations a training step moved: per layer, `h` to each node that
+/// computed a branch and each computed branch's `z` back, then `∂L/∂h'` to each of those
+/// nodes and each branch's `∂L/∂h` back, every tensor `tensor_bytes` (positions × d ×
+/// bytes per element). Branches computed in this process move nothing.
+pub(super) fn raw_step_bytes(
+    placement: &[Vec<Option<usize>>],
+    computed: &[Vec<bool>],
+    tensor_bytes: usize,
+) -> u64 {
+    let tensors: usize = placement
+        .iter()
+        .zip(computed)
+        .map(|(hosts, on)| {
+            let mut used: Vec<usize> = hosts
+                .iter()
+                .zip(on)
+                .filter_map(|(h, &c)| h.filter(|_| c))
+                .collect();
+            let branches = used.len();
+            used.sort_unstable();
+            used.dedup();
+            2 * (used.len() + branches)
+        })
+        .sum();
+    (tensors * tensor_bytes) as u64
+}
+
 /// Whether a failed step is the cluster's doing (tried again, then skipped).
 pub(super) fn retryable(e: &ModelError) -> bool {
     matches!(e, ModelError::Quorum { .. } | ModelError::Cluster(_))
@@ -66,6 +93,8 @@ pub(super) struct ClusterLink {
     seen_missed: [Vec<Vec<u64>>; 3],
     /// Per node, answered rounds whose round trip is already in the histogram.
     seen_answered: Vec<u64>,
+    /// Per node, payload bytes in plus out when the step about to run started.
+    step_start_bytes: Vec<u64>,
 }
 
 impl ClusterLink {
@@ -87,6 +116,7 @@ impl ClusterLink {
             last_push: vec![None; nodes],
             seen_missed: Default::default(),
             seen_answered: vec![0; nodes],
+            step_start_bytes: vec![0; nodes],
             view,
         };
         let remote = link.fresh_remote(trainer);
@@ -187,6 +217,17 @@ impl ClusterLink {
             }
         }
         self.publish(trainer, None);
+        self.step_start_bytes = self.node_bytes();
+    }
+
+    /// Per node, payload bytes in plus out so far.
+    fn node_bytes(&self) -> Vec<u64> {
+        let traffic = self.view.endpoint.traffic();
+        self.view
+            .peers
+            .iter()
+            .map(|p| traffic.get(p).map_or(0, |t| t.bytes_in + t.bytes_out))
+            .collect()
     }
 
     /// After a step (or a skipped one): the view and the metrics.
@@ -201,6 +242,18 @@ impl ClusterLink {
             node.parked = parked.contains(&h);
         }
         if let Some(r) = done {
+            let d_model = trainer.model().config.d_model;
+            st.last_step_raw_bytes = Some(raw_step_bytes(
+                remote.placement(),
+                &r.computed,
+                r.tokens * d_model * self.view.cfg.wire.bytes(),
+            ));
+            st.last_step_bytes = self
+                .node_bytes()
+                .iter()
+                .zip(&self.step_start_bytes)
+                .map(|(now, then)| now.saturating_sub(*then))
+                .collect();
             for (h, keys) in st.branches.clone().iter().enumerate() {
                 if keys
                     .iter()
@@ -349,6 +402,25 @@ mod tests {
             ]
         );
         assert_eq!(placement(&[2], 2, 3), vec![vec![Some(0), Some(1)]]);
+    }
+
+    #[test]
+    fn raw_bytes_count_one_input_per_node_and_one_output_per_branch() {
+        // layer 0: branches 0 and 2 on node 0, 1 on node 1, all computed: 2 nodes, 3
+        // branches; layer 1: branch 0 masked, branch 1 on node 1, branch 2 local
+        let placement = vec![
+            vec![Some(0), Some(1), Some(0)],
+            vec![Some(0), Some(1), None],
+        ];
+        let computed = vec![vec![true, true, true], vec![false, true, true]];
+        assert_eq!(
+            raw_step_bytes(&placement, &computed, 10),
+            (2 * (2 + 3) + 2 * (1 + 1)) * 10
+        );
+        assert_eq!(
+            raw_step_bytes(&placement, &[vec![false; 3], vec![false; 3]], 10),
+            0
+        );
     }
 
     #[test]

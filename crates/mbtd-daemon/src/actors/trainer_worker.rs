@@ -185,6 +185,13 @@ fn init_metrics() {
     }
 }
 
+/// Counts of pieces of new rows (see [`Worker::new_pieces`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct NewPieces {
+    pub queued: u64,
+    pub trained: u64,
+}
+
 /// The thread once the model exists.
 pub(super) struct Worker {
     pub a: WorkerArgs,
@@ -192,6 +199,10 @@ pub(super) struct Worker {
     pub paused: PauseMarker,
     /// Pieces of new rows not trained yet.
     pub pending: NewWindows,
+    /// Pieces of new rows queued and pieces trained by completed steps, since the start
+    /// (a step skipped for its quorum puts its pieces back; a rollback queues the pieces
+    /// after its checkpoint again).
+    pub new_pieces: NewPieces,
     pub last_seq: u64,
     pub training_rows: u64,
     pub ratios: VecDeque<f64>,
@@ -226,6 +237,7 @@ impl Worker {
         );
         Self {
             pending: NewWindows::new(live.st.cursor, live.st.partial, &live.st.ahead),
+            new_pieces: NewPieces::default(),
             last_ckpt: (live.trainer.step(), Instant::now()),
             live,
             a: boot.a,
@@ -314,8 +326,10 @@ impl Worker {
                 self.last_seq = rows.last_seq;
                 self.training_rows = rows.training_rows;
             }
+            let before = self.pending.len();
             self.pending
                 .push_rows(&self.live.tok, &rows.new, tc.seq_len);
+            self.new_pieces.queued += (self.pending.len() - before) as u64;
             if self.pending.wanted(tc) == 0 || rows.new.len() < want_new || want_new == 0 {
                 return Ok(replay.unwrap_or_default());
             }
@@ -430,6 +444,7 @@ impl Worker {
         let secs = started.elapsed().as_secs_f64();
         metrics::histogram!(n::TRAIN_STEP_SECONDS).record(secs);
         live.st.tokens_total += report.loss_tokens as u64;
+        self.new_pieces.trained += mix.new.len() as u64;
         self.tok_rate = mix.real_tokens() as f64 / secs.max(1e-9);
         self.last_loss = Some(report.loss);
         if report.loss.is_finite() {
@@ -710,6 +725,8 @@ impl Worker {
             "params": l.trainer.model().num_params(),
             "cursor": l.st.cursor,
             "pending_windows": self.pending.len(),
+            "new_pieces_queued": self.new_pieces.queued,
+            "new_pieces_trained": self.new_pieces.trained,
             "loss_control_old": l.st.last_control.0,
             "loss_control_new": l.st.last_control.1,
             "forced_off": l.avail.forced_off(),

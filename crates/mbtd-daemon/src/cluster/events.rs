@@ -55,7 +55,8 @@ impl InternalEvent for NodeRejoined<'_> {
     }
 }
 
-/// A peer not in `cluster.nodes` tried to connect.
+/// A peer not in `cluster.nodes` tried to connect, or a node's address answered with an
+/// identity other than the one listed for it.
 pub struct NodeRefused<'a> {
     pub peer: Option<&'a PeerId>,
     pub addr: &'a Multiaddr,
@@ -64,7 +65,7 @@ pub struct NodeRefused<'a> {
 impl InternalEvent for NodeRefused<'_> {
     fn emit(self) {
         tracing::warn!(event = events::NODE_REFUSED, peer = ?self.peer.map(|p| p.to_string()),
-            addr = %self.addr, "refused a peer whose identity is not in cluster.nodes");
+            addr = %self.addr, "refused a peer whose identity is not in cluster.nodes (it connected, or it answered at a node's address); check cluster.nodes and the node's identity.key");
         metrics::counter!(n::CLUSTER_PEERS_REFUSED_TOTAL).increment(1);
     }
 }

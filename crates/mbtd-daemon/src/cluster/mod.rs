@@ -62,6 +62,11 @@ pub struct ViewState {
     pub steps_skipped_quorum: u64,
     /// Peers refused (not in `cluster.nodes`).
     pub refused: u64,
+    /// Per node, payload bytes in plus out during the last completed training step.
+    pub last_step_bytes: Vec<u64>,
+    /// Raw bytes of the activations the last completed training step moved (per layer:
+    /// the input to each node asked, each computed branch's output, the same backward).
+    pub last_step_raw_bytes: Option<u64>,
 }
 
 /// The coordinator's cluster: its endpoint, its nodes, and what is known of them.
@@ -278,6 +283,7 @@ impl ClusterView {
                     "last_problem": rec.and_then(|r| r.last_problem),
                     "bytes_in": t.bytes_in,
                     "bytes_out": t.bytes_out,
+                    "bytes_last_step": st.last_step_bytes.get(h),
                     "disconnections": st.nodes[h].downs,
                 })
             })
@@ -288,6 +294,8 @@ impl ClusterView {
             "step": st.step,
             "steps_skipped_quorum": st.steps_skipped_quorum,
             "peers_refused": st.refused,
+            "wire_bytes_last_step": st.last_step_raw_bytes.map(|_| st.last_step_bytes.iter().sum::<u64>()),
+            "raw_tensor_bytes_last_step": st.last_step_raw_bytes,
             "deadline_ms": self.cfg.deadline_ms,
             "wire": self.cfg.wire,
             "nodes": nodes,
