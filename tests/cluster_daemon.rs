@@ -55,31 +55,6 @@ impl Node {
     }
 }
 
-/// The coordinator's key file (in `dir`) and its peer id, made by `mbtd node --print-id`
-/// (the same identity format).
-fn coordinator_key(dir: &Path) -> (PathBuf, String) {
-    let out = Command::new(BIN)
-        .args(["node", "--print-id", "--data-dir"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    (dir.join("identity.key"), id)
-}
-
-fn nodes_toml(nodes: &[&Node]) -> String {
-    let list: Vec<String> = nodes
-        .iter()
-        .map(|n| format!("{{ id = \"{}\", addr = \"{}\" }}", n.peer, n.addr))
-        .collect();
-    format!("[{}]", list.join(", "))
-}
-
 fn node_of(d: &Daemon, k: usize) -> Value {
     d.data("nodes", Value::Null)["nodes"][k].clone()
 }
@@ -98,7 +73,7 @@ fn cluster(
     let loopback = "/ip4/127.0.0.1/tcp/0";
     let n0 = Node::start(&keys.join("n0"), &node_cfg, &coord, loopback);
     let n1 = Node::start(&keys.join("n1"), &node_cfg, &coord, loopback);
-    let nodes = nodes_toml(&[&n0, &n1]);
+    let nodes = nodes_toml(&[&n0.process, &n1.process]);
     let key = format!("{:?}", key_file.display().to_string());
     let mut settings = vec![
         ("cluster.key_file", key.as_str()),

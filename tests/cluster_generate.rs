@@ -8,8 +8,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
 use common::*;
@@ -32,22 +31,6 @@ fn start(dir: &Path, config: &Path, coordinator: &str) -> NodeProcess {
     .unwrap_or_else(|e| panic!("mbtd node: {e:#}"))
 }
 
-/// The coordinator's key file (in `dir`) and its peer id (`mbtd node --print-id`).
-fn coordinator_key(dir: &Path) -> (PathBuf, String) {
-    let out = Command::new(BIN)
-        .args(["node", "--print-id", "--data-dir"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    (dir.join("identity.key"), id)
-}
-
 /// Two nodes and a coordinator (generation slowed by `token_delay_ms` per token) that
 /// trained until both nodes answered a few steps, then paused (generation deterministic).
 fn cluster(keys: &Path, token_delay_ms: u64) -> (NodeProcess, NodeProcess, Daemon) {
@@ -56,10 +39,7 @@ fn cluster(keys: &Path, token_delay_ms: u64) -> (NodeProcess, NodeProcess, Daemo
     std::fs::write(&node_cfg, small(&MODEL)).unwrap();
     let n0 = start(&keys.join("n0"), &node_cfg, &coord);
     let n1 = start(&keys.join("n1"), &node_cfg, &coord);
-    let nodes = format!(
-        "[{{ id = \"{}\", addr = \"{}\" }}, {{ id = \"{}\", addr = \"{}\" }}]",
-        n0.peer, n0.addr, n1.peer, n1.addr
-    );
+    let nodes = nodes_toml(&[&n0, &n1]);
     let key = format!("{:?}", key_file.display().to_string());
     let mut settings = MODEL.to_vec();
     settings.extend([

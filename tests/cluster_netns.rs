@@ -11,7 +11,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -173,18 +173,6 @@ impl Lab {
     }
 }
 
-/// The coordinator's key file (in `dir`) and its peer id.
-fn coordinator_key(dir: &Path) -> (PathBuf, String) {
-    let out = Command::new(BIN)
-        .args(["node", "--print-id", "--data-dir"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    (dir.join("identity.key"), id)
-}
-
 /// One reading of `ctl nodes`, timed.
 struct Reading {
     at: Instant,
@@ -227,11 +215,6 @@ fn training_over_rate_limited_links_runs_at_the_links_pace() {
     for k in 0..2 {
         lab.start_node(k, keys.path(), &node_cfg, &coord);
     }
-    let nodes: Vec<String> = lab
-        .nodes
-        .iter()
-        .map(|n| format!("{{ id = \"{}\", addr = \"{}\" }}", n.peer, n.addr))
-        .collect();
     for (k, n) in lab.nodes.iter().enumerate() {
         assert!(
             n.addr.to_string().contains(&lab.addr_there(k)),
@@ -239,7 +222,7 @@ fn training_over_rate_limited_links_runs_at_the_links_pace() {
             n.addr
         );
     }
-    let nodes = format!("[{}]", nodes.join(", "));
+    let nodes = nodes_toml(&lab.nodes.iter().collect::<Vec<_>>());
     let key = format!("{:?}", key_file.display().to_string());
     // a deadline far above a throttled round, so no branch is masked for being slow
     let mut d = Daemon::start(&small(&[

@@ -14,6 +14,10 @@ use mbtd::ingest::Sidecar;
 use mbtd::store::{InspectReport, Record, ReplayConfig, ReplayStore};
 use mbtd::text::csv_rows::RowBody;
 
+mod cluster_setup;
+#[allow(unused_imports)]
+pub use cluster_setup::{coordinator_key, nodes_toml};
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_mbtd");
 
 /// A daemon process on its own temp data dir; killed on drop.
