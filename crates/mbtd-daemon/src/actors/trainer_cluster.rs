@@ -34,7 +34,7 @@ use crate::telemetry::names as n;
 
 /// Least time between two pushes to the same parked node.
 const PUSH_RETRY: Duration = Duration::from_millis(500);
-/// Pause between two tries of a step short of its quorum.
+/// Pause before the third and later tries of an abandoned step (the second goes at once).
 pub(super) const QUORUM_RETRY: Duration = Duration::from_millis(50);
 
 /// Branch `i` of layer `l` on node `i mod nodes` for `i < base`; the rest here.

@@ -407,7 +407,9 @@ impl Worker {
             .cluster
             .as_ref()
             .map_or(Duration::ZERO, |c| Duration::from_millis(c.quorum_wait_ms));
+        let mut tries = 0u32;
         let report = loop {
+            tries += 1;
             let e = match live.trainer.train_step(&batch, &masks, &scales) {
                 Ok(r) => break r,
                 Err(e) => e,
@@ -419,7 +421,11 @@ impl Worker {
                 return Next::Now;
             };
             if started.elapsed() < quorum_wait {
-                std::thread::sleep(QUORUM_RETRY);
+                // A node lost mid-step is suspect now and masked, so the first retry goes
+                // at once; later ones wait for nodes to come back.
+                if tries > 1 {
+                    std::thread::sleep(QUORUM_RETRY);
+                }
                 link.before_step(&mut live.trainer);
                 continue;
             }
