@@ -648,11 +648,13 @@ fn pause_ingest_keeps_files_in_the_inbox_until_resume() {
     let out = d.ctl(&["resume-ingest"]);
     assert!(out.status.success(), "{out:?}");
     assert_eq!(ingest_state(&d), "watching");
+    // The sidecar is written before its file moves beside it: wait for both.
     d.wait_for(Duration::from_secs(15), "both files after resume", || {
-        (sidecars(&inbox(&d), ".done").len() == 2).then_some(())
+        let moved = ["renamed.csv", "inplace.csv"]
+            .iter()
+            .all(|f| !inbox(&d).join(f).exists());
+        (moved && sidecars(&inbox(&d), ".done").len() == 2).then_some(())
     });
-    assert!(!inbox(&d).join("renamed.csv").exists());
-    assert!(!inbox(&d).join("inplace.csv").exists());
     let log = d.log_text();
     assert!(log.contains("ingest_paused") && log.contains("ingest_resumed"));
     assert_all_running_no_restarts(&d);
