@@ -588,6 +588,20 @@ mod tests {
     use crate::model::ModelConfig;
     use crate::model::net::tests::tiny_config;
 
+    /// One window holding `tokens` (no loss), every position at `time` if given:
+    /// the full forward pass a decoded position is compared with.
+    fn one_window(tokens: &[u32], time: Option<f32>) -> Batch {
+        Batch {
+            batch: 1,
+            seq: tokens.len(),
+            inputs: tokens.to_vec(),
+            targets: vec![0; tokens.len()],
+            loss_mask: vec![0.0; tokens.len()],
+            segments: None,
+            times: time.map(|t| vec![t; tokens.len()]),
+        }
+    }
+
     #[test]
     fn kv_cache_decode_matches_full_forward() {
         decode_matches_full_forward(tiny_config(), None);
@@ -648,15 +662,7 @@ mod tests {
             assert_eq!(tok, best);
             ctx.push(tok);
             let dec = gen_.next_logits().to_vec();
-            let b = Batch {
-                batch: 1,
-                seq: ctx.len(),
-                inputs: ctx.clone(),
-                targets: vec![0; ctx.len()],
-                loss_mask: vec![0.0; ctx.len()],
-                segments: None,
-                times: Some(vec![tau; ctx.len()]),
-            };
+            let b = one_window(&ctx, Some(tau));
             let full = model.logits(&mut ws, &b, &masks).unwrap();
             let last = &full[(ctx.len() - 1) * cfg.vocab_size..];
             let scale = last.iter().fold(0.0f32, |m, x| m.max(x.abs()));
@@ -697,15 +703,7 @@ mod tests {
             ctx.push(tok);
             let dec = gen_.next_logits().to_vec();
             let window = &ctx[ctx.len().saturating_sub(t)..];
-            let b = Batch {
-                batch: 1,
-                seq: window.len(),
-                inputs: window.to_vec(),
-                targets: vec![0; window.len()],
-                loss_mask: vec![0.0; window.len()],
-                times: None,
-                segments: None,
-            };
+            let b = one_window(window, None);
             let full = model.logits(&mut ws, &b, &masks).unwrap();
             let last = &full[(window.len() - 1) * cfg.vocab_size..];
             let scale = last.iter().fold(0.0f32, |m, x| m.max(x.abs()));
@@ -765,15 +763,7 @@ mod tests {
         let mut masks = all.clone();
         masks[0][1] = false;
         let dec = gen_.next_logits().to_vec();
-        let b = Batch {
-            batch: 1,
-            seq: ctx.len(),
-            inputs: ctx.clone(),
-            targets: vec![0; ctx.len()],
-            loss_mask: vec![0.0; ctx.len()],
-            segments: None,
-            times: None,
-        };
+        let b = one_window(&ctx, None);
         let mut ws = Workspace::default();
         let full = model.logits(&mut ws, &b, &masks).unwrap();
         assert_eq!(gen_.alpha_t[0], ws.alpha_tilde(0), "α̃ renormalised");
