@@ -41,8 +41,12 @@ fn fifty_clients_times_a_hundred_requests_are_all_answered() {
     let total: u64 = handles.into_iter().map(|h| h.join().unwrap()).sum();
     assert_eq!(total, 5000);
     assert_nothing_restarted(&d);
-    let m = d.data("metrics", serde_json::Value::Null);
-    assert!(m["admin_requests_total{outcome=\"ok\"}"].as_u64().unwrap() >= 5000);
+    // A request is counted once its response stream has closed, which can be just after
+    // the client read the response: wait for the last ones.
+    d.wait_for(Duration::from_secs(10), "5,000 requests counted ok", || {
+        let m = d.data("metrics", serde_json::Value::Null);
+        (m["admin_requests_total{outcome=\"ok\"}"].as_u64().unwrap() >= 5000).then_some(())
+    });
 }
 
 #[test]
