@@ -70,6 +70,8 @@ pub enum BenchCommand {
     Train(crate::model::bench::TrainBenchArgs),
     /// KV-cache generation throughput at batch 1.
     Generate(crate::model::bench::GenerateBenchArgs),
+    /// The matrix products of one training step, each timed alone (GFLOP/s).
+    Products(crate::model::products_bench::ProductsBenchArgs),
     /// Ingestion throughput: file arrival to durable append.
     Ingest(crate::ingest::BenchIngestArgs),
     /// Control loss with branches removed, after training with availability p = 1 … 0.5.

@@ -210,6 +210,9 @@ fn bench(cmd: BenchCommand) -> ExitCode {
         BenchCommand::Generate(a) => {
             mbtd::model::bench::bench_generate(a).map_err(|e| e.to_string())
         }
+        BenchCommand::Products(a) => {
+            mbtd::model::products_bench::bench_products(a).map_err(|e| e.to_string())
+        }
         BenchCommand::Ingest(a) => mbtd::ingest::bench_ingest(a).map_err(|e| e.to_string()),
         BenchCommand::Continual(a) => {
             mbtd::learn::cl_bench::bench_continual(a).map_err(|e| e.to_string())

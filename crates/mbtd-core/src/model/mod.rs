@@ -38,6 +38,7 @@ pub mod ops;
 pub mod params;
 #[cfg(test)]
 mod precision_tests;
+pub mod products_bench;
 pub mod remote;
 mod tile;
 pub mod train;

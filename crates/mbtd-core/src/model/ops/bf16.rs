@@ -171,7 +171,19 @@ mod tests {
     #[test]
     fn products_match_a_bf16_rounded_f64_reference() {
         let mut rng = ChaCha8Rng::seed_from_u64(3);
-        for &(m, k, n) in &[(1, 1, 1), (13, 7, 33), (25, 300, 70), (96, 513, 64)] {
+        // edges in every dimension; `k` over one block (1,024) and odd at a block's end; a
+        // `B` wide enough for shorter blocks; few rows (one block of rows split over
+        // columns) and many (several blocks of rows)
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (13, 7, 33),
+            (25, 300, 70),
+            (96, 513, 64),
+            (37, 2_101, 40),
+            (20, 70, 8_200),
+            (200, 64, 100),
+            (300, 33, 65),
+        ] {
             let a = randv(&mut rng, m * k, 2.0);
             let b = randv(&mut rng, k * n, 0.5);
             let c0 = randv(&mut rng, m * n, 1.0);
@@ -227,11 +239,24 @@ mod tests {
             return;
         }
         let mut rng = ChaCha8Rng::seed_from_u64(5);
-        let (m, k, n) = (30, 601, 45);
+        let (m, k, n) = (30, 2_201, 45);
         let a = randv(&mut rng, m * k, 1.0);
         let b = randv(&mut rng, k * n, 1.0);
         let mut c = vec![0.25f32; m * n];
         gemm_bf16(rm(&a, &b, m, k, n), &mut c, n, true, Parallelism::Rayon(2));
+        // the same product with `A` given as the transpose of its transpose (the other
+        // packing of `A`) sums in the same order
+        let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
+        let mut c2 = vec![0.25f32; m * n];
+        let p = Operands {
+            m,
+            n,
+            k,
+            a: View::tr(&at, m),
+            b: View::rm(&b, n),
+        };
+        gemm_bf16(p, &mut c2, n, true, Parallelism::None);
+        assert!(c == c2, "the two layouts of A sum differently");
         for i in 0..m {
             for j in 0..n {
                 let t = |p: usize| {
@@ -250,20 +275,22 @@ mod tests {
     #[test]
     fn results_do_not_depend_on_threads() {
         let mut rng = ChaCha8Rng::seed_from_u64(8);
-        let (m, k, n) = (300, 260, 100);
-        let a = randv(&mut rng, m * k, 1.0);
-        let b = randv(&mut rng, k * n, 1.0);
-        let run = |par| {
-            let mut c = vec![0.5f32; m * n];
-            gemm_bf16(rm(&a, &b, m, k, n), &mut c, n, true, par);
-            c
-        };
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(3)
             .build()
             .unwrap();
-        let one = run(Parallelism::None);
-        let three = pool.install(|| run(Parallelism::Rayon(3)));
-        assert!(one == three, "thread count changed the bits");
+        // many rows (tasks per block of rows) and few (one block split over columns)
+        for (m, k, n) in [(300, 1_100, 100), (250, 1_500, 300)] {
+            let a = randv(&mut rng, m * k, 1.0);
+            let b = randv(&mut rng, k * n, 1.0);
+            let run = |par| {
+                let mut c = vec![0.5f32; m * n];
+                gemm_bf16(rm(&a, &b, m, k, n), &mut c, n, true, par);
+                c
+            };
+            let one = run(Parallelism::None);
+            let three = pool.install(|| run(Parallelism::Rayon(3)));
+            assert!(one == three, "{m}×{k}×{n}: thread count changed the bits");
+        }
     }
 }

@@ -2,7 +2,17 @@
 //! consecutive `k` (the `vdpbf16ps` layout: one 32-bit lane holds `x[2q]` in its low half,
 //! `x[2q+1]` in its high half), `A` in panels of `MR` rows and `B` in panels of `NR`
 //! columns, and a register-blocked microkernel that keeps an `MR × NR` tile of `C` in 24
-//! vector registers while `k` runs by, in blocks of `KC`.
+//! vector registers while `k` runs by, in blocks of up to `KC`.
+//!
+//! Besides the kernel, the time goes into packing, so every operand is packed in the
+//! order it lies in memory: a row-major `A` (the activations of `x·W` and `dy·Wᵀ`) is
+//! converted row by row and the kernel broadcasts from `MR` such rows side by side (no
+//! transpose); the transpose of a row-major matrix (`xᵀ` in `xᵀ·dy`) and a row-major `B`
+//! are read two rows at a time, left to right, and interleaved into pairs. A block of `k`
+//! is as long as `KC` (1,024) allows, so `C` is loaded and stored once per 1,024 of `k`;
+//! `B` is packed once per block (at most `B_PAIRS` pairs: wide products take shorter
+//! blocks), `A` once per task, or once for all tasks when a few rows are split over
+//! columns.
 //!
 //! Packing rounds as `vcvtneps2bf16` does (to nearest even, NaN quiet, a denormal input
 //! to a zero of its sign: the kernel's `vdpbf16ps` counts denormals as zero anyway) and
@@ -23,10 +33,18 @@ use std::arch::x86_64::*;
 const MR: usize = 12;
 /// Columns of a microkernel tile (two vectors of 16 lanes).
 const NR: usize = 32;
-/// `k` per packed block (even, so pairs never straddle blocks).
-const KC: usize = 256;
+/// Most `k` per packed block (even, so pairs never straddle blocks).
+const KC: usize = 1024;
 /// Rows of `A` per task (a whole number of [`MR`] panels).
 const MC: usize = 8 * MR;
+/// A product with at most this many rows (a weight gradient) is one block of rows, split
+/// over columns among threads.
+const FEW_ROWS: usize = 256;
+/// Most pairs of `B` packed at once (4 MiB): a block of `k` is shorter for a wide `B`.
+const B_PAIRS: usize = 1 << 20;
+/// Pairs from one row to the next in a row-layout `A` panel: a block's pairs, padded so
+/// that the `MR` rows the kernel reads side by side do not share cache sets.
+const ROW_STRIDE: usize = KC / 2 + 16;
 
 /// Two values as one `vdpbf16ps` lane: `lo` (even `k`) in the low half.
 #[inline(always)]
@@ -105,46 +123,112 @@ unsafe fn zip_pairs(dst: &mut [u32], lo: &[f32], hi: &[f32]) {
 }
 
 thread_local! {
-    /// Reusable packing buffers of this thread (`A` block, `B` block).
-    static PACK: std::cell::Cell<(Vec<u32>, Vec<u32>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+    /// Reusable packing buffer of this thread for `A`.
+    static PACK_A: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
+    /// Reusable packing buffer of this thread for `B`.
+    static PACK_B: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
-/// Runs `f` with this thread's packing buffers (fresh ones if a caller up the stack of
-/// this thread holds them).
-fn with_pack<R>(f: impl FnOnce(&mut Vec<u32>, &mut Vec<u32>) -> R) -> R {
-    let (mut pa, mut pb) = PACK.with(|p| p.take());
-    let r = f(&mut pa, &mut pb);
-    PACK.with(|p| p.set((pa, pb)));
+/// Runs `f` with this thread's buffer `key`, grown to at least `len` (a fresh one if a
+/// caller up the stack of this thread holds it). Packers write every element they hand to
+/// the kernel, so the buffer is never cleared.
+fn with_buf<R>(
+    key: &'static std::thread::LocalKey<std::cell::Cell<Vec<u32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [u32]) -> R,
+) -> R {
+    let mut buf = key.with(|b| b.take());
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    let r = f(&mut buf[..len]);
+    key.with(|b| b.set(buf));
     r
 }
 
-/// Zero row for a pair's missing second half (odd `k`).
-const ZEROS: [f32; NR] = [0.0; NR];
+/// Zero row for a pair's missing second half (odd `k`) in an `A` panel or block.
+const ZEROS: [f32; FEW_ROWS] = [0.0; FEW_ROWS];
 
-/// Packs rows `p0..p0 + kc` of `B` (`k × n`) into `np` panels of `NR` columns, each
-/// `[kc/2][NR]` pairs (zero beyond `k` or `n`).
+/// A packing buffer's base pointer, shared by tasks that write disjoint elements.
+#[derive(Clone, Copy)]
+struct PackOut(*mut u32);
+// SAFETY: used only by tasks that write disjoint elements (see `pack_b`).
+unsafe impl Send for PackOut {}
+unsafe impl Sync for PackOut {}
+
+impl PackOut {
+    /// The `len` elements from `off`.
+    ///
+    /// # Safety
+    /// They must lie inside the buffer and be written by the caller alone.
+    unsafe fn slice<'a>(self, off: usize, len: usize) -> &'a mut [u32] {
+        // SAFETY: the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(off), len) }
+    }
+}
+
+/// Packs rows `p0..p0 + kc` of `B` (`k × n`) into `n/NR` (rounded up) panels of `NR`
+/// columns, each `[kc/2][NR]` pairs (zero beyond `k` or `n`).
 fn pack_b(out: &mut [u32], b: View<'_>, p0: usize, kc: usize, k: usize, n: usize, par: bool) {
     let kc2 = kc.div_ceil(2);
+    let psize = kc2 * NR;
+    let out = &mut out[..n.div_ceil(NR) * psize];
     let at = |p: usize, j: usize| b.at_or_zero(p, j, k, n);
+    let full = n / NR;
+    let edge = |dst: &mut [u32], j0: usize| {
+        for jj in 0..NR {
+            for q in 0..kc2 {
+                let p = p0 + 2 * q;
+                dst[q * NR + jj] = pair(at(p, j0 + jj), at(p + 1, j0 + jj));
+            }
+        }
+    };
+    if b.cs == 1 && full > 0 {
+        // a row-major `B`: each pair of rows is read once, left to right, into every panel
+        let zeros = if p0 + kc == k && kc % 2 == 1 {
+            vec![0.0f32; full * NR]
+        } else {
+            Vec::new()
+        };
+        let o = PackOut(out.as_mut_ptr());
+        let rows = |q: usize| {
+            let p = p0 + 2 * q;
+            let lo = &b.data[p * b.rs..][..full * NR];
+            let hi = if p + 1 < k {
+                &b.data[(p + 1) * b.rs..][..full * NR]
+            } else {
+                &zeros[..]
+            };
+            for jp in 0..full {
+                // SAFETY: step `q` of panel `jp` is `NR` pairs inside `out` (sized above),
+                // written by this call alone; only reached on AVX-512 BF16 CPUs (module
+                // contract).
+                unsafe {
+                    zip_pairs(
+                        o.slice(jp * psize + q * NR, NR),
+                        &lo[jp * NR..],
+                        &hi[jp * NR..],
+                    )
+                };
+            }
+        };
+        if par {
+            (0..kc2).into_par_iter().with_min_len(16).for_each(rows);
+        } else {
+            (0..kc2).for_each(rows);
+        }
+        if full * NR < n {
+            edge(&mut out[full * psize..], full * NR);
+        }
+        return;
+    }
     let panel = |(jp, dst): (usize, &mut [u32])| {
         let j0 = jp * NR;
         simd(
             #[inline(always)]
             || {
-                if b.cs == 1 && j0 + NR <= n {
-                    for (q, row) in dst.chunks_exact_mut(NR).enumerate() {
-                        let p = p0 + 2 * q;
-                        let lo = &b.data[p * b.rs + j0..][..NR];
-                        let hi = if p + 1 < k {
-                            &b.data[(p + 1) * b.rs + j0..][..NR]
-                        } else {
-                            &ZEROS[..]
-                        };
-                        // SAFETY: only reached on AVX-512 BF16 CPUs (module contract).
-                        unsafe { zip_pairs(row, lo, hi) };
-                    }
-                } else if b.rs == 1 && j0 + NR <= n {
-                    // the transpose of a row-major matrix (a weight in `x·Wᵀ`): the `k`
+                if b.rs == 1 && j0 + NR <= n {
+                    // the transpose of a row-major matrix (a weight in `dy·Wᵀ`): the `k`
                     // of one column lie side by side, so a column packs as one run
                     let even = kc / 2;
                     let mut col = [0u32; KC / 2];
@@ -160,25 +244,26 @@ fn pack_b(out: &mut [u32], b: View<'_>, p0: usize, kc: usize, k: usize, n: usize
                         }
                     }
                 } else {
-                    for jj in 0..NR {
-                        for q in 0..kc2 {
-                            let p = p0 + 2 * q;
-                            dst[q * NR + jj] = pair(at(p, j0 + jj), at(p + 1, j0 + jj));
-                        }
-                    }
+                    edge(dst, j0);
                 }
             },
         )
     };
     if par {
-        out.par_chunks_mut(kc2 * NR).enumerate().for_each(panel);
+        out.par_chunks_mut(psize).enumerate().for_each(panel);
     } else {
-        out.chunks_mut(kc2 * NR).enumerate().for_each(panel);
+        out.chunks_mut(psize).enumerate().for_each(panel);
     }
 }
 
+/// Elements of one packed `A` panel: `MR` rows of [`ROW_STRIDE`] pairs when `rows` (a
+/// row-major `A`), else `[kc2][MR]` pairs.
+fn panel_len(rows: bool, kc2: usize) -> usize {
+    if rows { MR * ROW_STRIDE } else { kc2 * MR }
+}
+
 /// Packs rows `i0..i0 + mc`, columns `p0..p0 + kc` of `A` (`m × k`) into panels of `MR`
-/// rows, each `[kc/2][MR]` pairs (zero beyond `m` or `k`).
+/// rows (zero beyond `m` or `k`), laid out as [`panel_len`] says.
 #[allow(clippy::too_many_arguments)]
 fn pack_a(
     out: &mut [u32],
@@ -191,61 +276,58 @@ fn pack_a(
     k: usize,
 ) {
     let kc2 = kc.div_ceil(2);
+    let rows = a.cs == 1;
+    let psize = panel_len(rows, kc2);
+    let out = &mut out[..mc.div_ceil(MR) * psize];
     let at = |i: usize, p: usize| a.at_or_zero(i, p, m, k);
-    let mut row = [0u32; KC / 2];
-    for (ip, dst) in out[..mc.div_ceil(MR) * kc2 * MR]
-        .chunks_exact_mut(kc2 * MR)
-        .enumerate()
-    {
-        let r0 = i0 + ip * MR;
-        simd(
-            #[inline(always)]
-            || {
-                if r0 + MR > m {
-                    for (q, col) in dst.chunks_exact_mut(MR).enumerate() {
-                        let p = p0 + 2 * q;
-                        for (r, o) in col.iter_mut().enumerate() {
-                            *o = pair(at(r0 + r, p), at(r0 + r, p + 1));
-                        }
+    simd(
+        #[inline(always)]
+        || {
+            if rows {
+                let even = kc / 2;
+                for (r, row) in out.chunks_exact_mut(ROW_STRIDE).enumerate() {
+                    let row = &mut row[..kc2];
+                    if i0 + r >= m {
+                        row.fill(0);
+                        continue;
                     }
-                } else if a.rs == 1 {
-                    // the transpose of a row-major matrix: rows of A lie side by side
-                    for (q, col) in dst.chunks_exact_mut(MR).enumerate() {
-                        let p = p0 + 2 * q;
-                        let lo = &a.data[r0 + p * a.cs..][..MR];
-                        let hi = if p + 1 < k {
-                            &a.data[r0 + (p + 1) * a.cs..][..MR]
-                        } else {
-                            &ZEROS[..MR]
-                        };
-                        // SAFETY: only reached on AVX-512 BF16 CPUs (module contract).
-                        unsafe { zip_pairs(col, lo, hi) };
-                    }
-                } else {
-                    for r in 0..MR {
-                        let src = (r0 + r) * a.rs + p0 * a.cs;
-                        let row = &mut row[..kc2];
-                        if a.cs == 1 {
-                            let x = &a.data[src..src + kc];
-                            let even = kc / 2;
-                            // SAFETY: only reached on AVX-512 BF16 CPUs (module contract).
-                            unsafe { pairs_of(&mut row[..even], &x[..2 * even]) };
-                            if kc % 2 == 1 {
-                                row[kc2 - 1] = pair(x[kc - 1], 0.0);
-                            }
-                        } else {
-                            for (q, o) in row.iter_mut().enumerate() {
-                                *o = pair(at(r0 + r, p0 + 2 * q), at(r0 + r, p0 + 2 * q + 1));
-                            }
-                        }
-                        for (q, &v) in row.iter().enumerate() {
-                            dst[q * MR + r] = v;
-                        }
+                    let x = &a.data[(i0 + r) * a.rs + p0..][..kc];
+                    // SAFETY: only reached on AVX-512 BF16 CPUs (module contract).
+                    unsafe { pairs_of(&mut row[..even], &x[..2 * even]) };
+                    if kc % 2 == 1 {
+                        row[kc2 - 1] = pair(x[kc - 1], 0.0);
                     }
                 }
-            },
-        )
-    }
+                return;
+            }
+            // full panels of the transpose of a row-major matrix: per step, the block's
+            // rows lie side by side in two rows of the source, read once each
+            let full = if a.rs == 1 { mc.min(m - i0) / MR } else { 0 };
+            for q in (0..kc2).filter(|_| full > 0) {
+                let p = p0 + 2 * q;
+                let lo = &a.data[i0 + p * a.cs..][..full * MR];
+                let hi = if p + 1 < k {
+                    &a.data[i0 + (p + 1) * a.cs..][..full * MR]
+                } else {
+                    &ZEROS[..full * MR]
+                };
+                for ip in 0..full {
+                    let dst = &mut out[ip * psize + q * MR..][..MR];
+                    // SAFETY: only reached on AVX-512 BF16 CPUs (module contract).
+                    unsafe { zip_pairs(dst, &lo[ip * MR..][..MR], &hi[ip * MR..][..MR]) };
+                }
+            }
+            for (ip, dst) in out.chunks_exact_mut(psize).enumerate().skip(full) {
+                let r0 = i0 + ip * MR;
+                for (q, col) in dst.chunks_exact_mut(MR).enumerate() {
+                    let p = p0 + 2 * q;
+                    for (r, o) in col.iter_mut().enumerate() {
+                        *o = pair(at(r0 + r, p), at(r0 + r, p + 1));
+                    }
+                }
+            }
+        },
+    )
 }
 
 /// Tasks per thread a threaded product aims for (so work stealing evens out the blocks).
@@ -253,10 +335,11 @@ const TASKS_PER_THREAD: usize = 8;
 
 /// The AVX-512 BF16 path of [`gemm_bf16`] (`m, n, k > 0`, bounds checked by the caller).
 ///
-/// Per block of `KC` steps of `k`, both operands are packed once (in parallel), then
-/// tasks of `MC` rows × a run of `NR`-column panels compute their tiles. A product with
-/// few rows (a weight gradient: `m` = 256) is split over columns too, so two threads
-/// never wait on one row block; each element still sums its `k` in one order.
+/// Per block of `k`, `B` is packed once (in parallel), then tasks of a block of rows × a
+/// run of `NR`-column panels compute their tiles. A product with few rows (a weight
+/// gradient: `m` = 256) is one block of rows split over columns, its `A` packed once for
+/// all tasks; otherwise each task packs its own rows of `A`. Each element still sums its
+/// `k` in one order, whatever the split.
 pub(super) fn gemm_bf16_avx512(
     p: Operands<'_>,
     c: &mut [f32],
@@ -270,58 +353,92 @@ pub(super) fn gemm_bf16_avx512(
         _ => 1,
     };
     let threaded = threads > 1;
-    let (np, mb) = (n.div_ceil(NR), m.div_ceil(MC));
+    let mc_blk = if m <= FEW_ROWS {
+        m.div_ceil(MR) * MR
+    } else {
+        MC
+    };
+    let (np, mb) = (n.div_ceil(NR), m.div_ceil(mc_blk));
     let chunks = if threaded {
         (TASKS_PER_THREAD * threads).div_ceil(mb).clamp(1, np)
     } else {
         1
     };
     let per_chunk = np.div_ceil(chunks);
+    let rows = a.cs == 1;
+    let kc_max = KC.min(2 * (B_PAIRS / (np * NR)).max(NR));
     let cp = SharedOut(c.as_mut_ptr());
-    with_pack(|pa, pb| {
-        for p0 in (0..k).step_by(KC) {
-            let kc = KC.min(k - p0);
+    let kc2_max = kc_max.div_ceil(2);
+    with_buf(&PACK_B, np * kc2_max * NR, |pb| {
+        for p0 in (0..k).step_by(kc_max) {
+            let kc = kc_max.min(k - p0);
             let kc2 = kc.div_ceil(2);
-            pb.clear();
-            pb.resize(np * kc2 * NR, 0);
+            let blk = mc_blk / MR * panel_len(rows, kc2);
             pack_b(pb, b, p0, kc, k, n, threaded);
-            pa.clear();
-            pa.resize(m.div_ceil(MR) * kc2 * MR, 0);
-            let block_a = |(ib, dst): (usize, &mut [u32])| {
-                pack_a(dst, a, ib * MC, MC.min(m - ib * MC), p0, kc, m, k)
-            };
-            let a_block = (MC / MR) * kc2 * MR;
-            if threaded {
-                pa.par_chunks_mut(a_block).enumerate().for_each(block_a);
-            } else {
-                pa.chunks_mut(a_block).enumerate().for_each(block_a);
-            }
+            let pb: &[u32] = pb;
             let load = acc || p0 > 0;
-            let (pa, pb): (&[u32], &[u32]) = (pa, pb);
-            let task = |t: usize| {
-                let (ib, jc) = (t / chunks, t % chunks);
-                let (i0, mc) = (ib * MC, MC.min(m - ib * MC));
-                let apanels = &pa[ib * a_block..][..mc.div_ceil(MR) * kc2 * MR];
+            let tiles = |ib: usize, jc: usize, pa: &[u32]| {
+                let (i0, mc) = (ib * mc_blk, mc_blk.min(m - ib * mc_blk));
+                let psize = panel_len(rows, kc2);
                 for jp in jc * per_chunk..np.min((jc + 1) * per_chunk) {
                     let (j0, w) = (jp * NR, NR.min(n - jp * NR));
                     let bpanel = &pb[jp * kc2 * NR..(jp + 1) * kc2 * NR];
-                    for (ip, apanel) in apanels.chunks_exact(kc2 * MR).enumerate() {
+                    for (ip, apanel) in pa[..mc.div_ceil(MR) * psize]
+                        .chunks_exact(psize)
+                        .enumerate()
+                    {
                         let (r0, h) = (i0 + ip * MR, MR.min(mc - ip * MR));
                         // SAFETY: this task alone writes rows `i0..i0 + mc`, columns of
-                        // panels `jc·per_chunk..` of `C`; the tile's rows `r0..r0 + h`
-                        // and columns `j0..j0 + w` lie inside `C` (checked by
-                        // `gemm_bf16`'s assert), the panels hold `kc2` steps, and the
-                        // CPU has AVX-512 BF16.
+                        // panels `jc·per_chunk..` of `C`; the tile's rows `r0..r0 + h` and
+                        // columns `j0..j0 + w` lie inside `C` (checked by `gemm_bf16`'s
+                        // assert), the panels hold `kc2` steps, and the CPU has AVX-512
+                        // BF16.
                         unsafe {
-                            tile(kc2, apanel, bpanel, cp.at(r0 * c_rs + j0), c_rs, h, w, load)
-                        };
+                            let out = cp.at(r0 * c_rs + j0);
+                            if rows {
+                                tile::<true>(kc2, apanel, bpanel, out, c_rs, h, w, load)
+                            } else {
+                                tile::<false>(kc2, apanel, bpanel, out, c_rs, h, w, load)
+                            }
+                        }
                     }
                 }
             };
-            if threaded {
-                (0..mb * chunks).into_par_iter().for_each(task);
+            let pack = |ib: usize, dst: &mut [u32]| {
+                pack_a(
+                    dst,
+                    a,
+                    ib * mc_blk,
+                    mc_blk.min(m - ib * mc_blk),
+                    p0,
+                    kc,
+                    m,
+                    k,
+                )
+            };
+            if chunks > 1 {
+                with_buf(&PACK_A, mb * blk, |pa| {
+                    pa.par_chunks_mut(blk)
+                        .enumerate()
+                        .for_each(|(ib, dst)| pack(ib, dst));
+                    let pa: &[u32] = pa;
+                    (0..mb * chunks).into_par_iter().for_each(|t| {
+                        let ib = t / chunks;
+                        tiles(ib, t % chunks, &pa[ib * blk..][..blk])
+                    });
+                });
             } else {
-                (0..mb * chunks).for_each(task);
+                let task = |ib: usize| {
+                    with_buf(&PACK_A, blk, |pa| {
+                        pack(ib, pa);
+                        tiles(ib, 0, pa)
+                    })
+                };
+                if threaded {
+                    (0..mb).into_par_iter().for_each(task);
+                } else {
+                    (0..mb).for_each(task);
+                }
             }
         }
     });
@@ -332,9 +449,9 @@ pub(super) fn gemm_bf16_avx512(
 ///
 /// # Safety
 /// Rows `0..h`, columns `0..w` at `c` must be valid and exclusively ours; the CPU must
-/// have AVX-512 F and BF16; the panels hold `kc2` steps.
+/// have AVX-512 F and BF16; the panels hold `kc2` steps in the layout `ROWS` names.
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile(
+unsafe fn tile<const ROWS: bool>(
     kc2: usize,
     a: &[u32],
     b: &[u32],
@@ -344,10 +461,10 @@ unsafe fn tile(
     w: usize,
     load: bool,
 ) {
-    assert!(a.len() >= kc2 * MR && b.len() >= kc2 * NR);
+    assert!(a.len() >= panel_len(ROWS, kc2) && b.len() >= kc2 * NR);
     if h == MR && w == NR {
         // SAFETY: the caller's contract; the panels are long enough (assert above).
-        return unsafe { kernel(kc2, a.as_ptr(), b.as_ptr(), c, c_rs, load) };
+        return unsafe { kernel::<ROWS>(kc2, a.as_ptr(), b.as_ptr(), c, c_rs, load) };
     }
     let mut t = [0.0f32; MR * NR];
     // SAFETY: the caller's contract bounds rows `0..h`, columns `0..w` at `c`.
@@ -357,7 +474,7 @@ unsafe fn tile(
                 std::ptr::copy_nonoverlapping(c.add(r * c_rs), t.as_mut_ptr().add(r * NR), w);
             }
         }
-        kernel(kc2, a.as_ptr(), b.as_ptr(), t.as_mut_ptr(), NR, load);
+        kernel::<ROWS>(kc2, a.as_ptr(), b.as_ptr(), t.as_mut_ptr(), NR, load);
         for r in 0..h {
             std::ptr::copy_nonoverlapping(t.as_ptr().add(r * NR), c.add(r * c_rs), w);
         }
@@ -365,15 +482,24 @@ unsafe fn tile(
 }
 
 /// The microkernel: an `MR × NR` tile of `C` (loaded when `load`, else zero) plus the
-/// products of an `A` panel (`[kc2][MR]` pairs) and a `B` panel (`[kc2][NR]` pairs).
+/// products of an `A` panel and a `B` panel (`[kc2][NR]` pairs). The `A` panel is `MR`
+/// rows of [`ROW_STRIDE`] pairs when `ROWS`, else `[kc2][MR]` pairs.
 ///
 /// # Safety
-/// The CPU must have AVX-512 F and BF16; `a`, `b` must hold `kc2·MR`, `kc2·NR` pairs;
-/// `MR` rows of `NR` floats at `c` (row stride `c_rs`) must be valid and exclusively ours.
+/// The CPU must have AVX-512 F and BF16; `a` must hold [`panel_len`]`(ROWS, kc2)` pairs
+/// and `b` `kc2·NR`; `MR` rows of `NR` floats at `c` (row stride `c_rs`) must be valid and
+/// exclusively ours.
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn kernel(kc2: usize, a: *const u32, b: *const u32, c: *mut f32, c_rs: usize, load: bool) {
-    // SAFETY: every offset stays inside the panels (`q < kc2`) or the tile, per the
-    // contract; `__m512i` and `__m512bh` are both 512 plain bits.
+unsafe fn kernel<const ROWS: bool>(
+    kc2: usize,
+    a: *const u32,
+    b: *const u32,
+    c: *mut f32,
+    c_rs: usize,
+    load: bool,
+) {
+    // SAFETY: every offset stays inside the panels (`q < kc2 <= ROW_STRIDE`) or the tile,
+    // per the contract; `__m512i` and `__m512bh` are both 512 plain bits.
     unsafe {
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         if load {
@@ -387,9 +513,13 @@ unsafe fn kernel(kc2: usize, a: *const u32, b: *const u32, c: *mut f32, c_rs: us
             let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bq as *const __m512i));
             let b1: __m512bh =
                 std::mem::transmute(_mm512_loadu_si512(bq.add(16) as *const __m512i));
-            let aq = a.add(q * MR);
             for (r, row) in acc.iter_mut().enumerate() {
-                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*aq.add(r) as i32));
+                let e = if ROWS {
+                    *a.add(r * ROW_STRIDE + q)
+                } else {
+                    *a.add(q * MR + r)
+                };
+                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(e as i32));
                 row[0] = _mm512_dpbf16_ps(row[0], av, b0);
                 row[1] = _mm512_dpbf16_ps(row[1], av, b1);
             }
