@@ -18,10 +18,6 @@
 //! assert_eq!(profile::take(), [0.0; 6], "take resets the counters");
 //! ```
 
-//! Opt-in profile of the kernels by category (for `bench train --phases`): the time spent
-//! in each, summed over the threads that ran it (a layer's branches run two at a time, so
-//! the sum exceeds the wall time). Off by default; when off a scope costs one relaxed
-//! atomic load.
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
