@@ -31,7 +31,7 @@ struct Node {
 impl Node {
     fn start(dir: &Path, config: &Path, coordinator: &str, listen: &str) -> Node {
         std::fs::create_dir_all(dir).unwrap();
-        let process = start_node(Path::new(BIN), dir, config, coordinator, listen)
+        let process = start_node(Path::new(BIN), dir, config, coordinator, listen, &[])
             .unwrap_or_else(|e| panic!("mbtd node: {e:#}"));
         Node {
             peer: process.peer.to_string(),

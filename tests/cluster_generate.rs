@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 /// node while it streams.
 const MODEL: [(&str, &str); 1] = [("model.positions", "\"rope\"")];
 
-fn start(dir: &Path, config: &Path, coordinator: &str) -> NodeProcess {
+fn start(dir: &Path, config: &Path, coordinator: &str, extra: &[&str]) -> NodeProcess {
     std::fs::create_dir_all(dir).unwrap();
     start_node(
         Path::new(BIN),
@@ -27,18 +27,24 @@ fn start(dir: &Path, config: &Path, coordinator: &str) -> NodeProcess {
         config,
         coordinator,
         "/ip4/127.0.0.1/tcp/0",
+        extra,
     )
     .unwrap_or_else(|e| panic!("mbtd node: {e:#}"))
 }
 
-/// Two nodes and a coordinator (generation slowed by `token_delay_ms` per token) that
-/// trained until both nodes answered a few steps, then paused (generation deterministic).
-fn cluster(keys: &Path, token_delay_ms: u64) -> (NodeProcess, NodeProcess, Daemon) {
+/// Two nodes (node 1 started with `n1_args`) and a coordinator (generation slowed by
+/// `token_delay_ms` per token) that trained until both nodes answered a few steps, then
+/// paused (generation deterministic).
+fn cluster(
+    keys: &Path,
+    token_delay_ms: u64,
+    n1_args: &[&str],
+) -> (NodeProcess, NodeProcess, Daemon) {
     let (key_file, coord) = coordinator_key(&keys.join("coordinator"));
     let node_cfg = keys.join("node.toml");
     std::fs::write(&node_cfg, small(&MODEL)).unwrap();
-    let n0 = start(&keys.join("n0"), &node_cfg, &coord);
-    let n1 = start(&keys.join("n1"), &node_cfg, &coord);
+    let n0 = start(&keys.join("n0"), &node_cfg, &coord, &[]);
+    let n1 = start(&keys.join("n1"), &node_cfg, &coord, n1_args);
     let nodes = nodes_toml(&[&n0, &n1]);
     let key = format!("{:?}", key_file.display().to_string());
     let mut settings = MODEL.to_vec();
@@ -87,7 +93,7 @@ fn count(haystack: &str, needle: &str) -> usize {
 #[test]
 fn generation_runs_on_the_nodes_and_survives_a_node_killed_mid_reply() {
     let keys = tempfile::tempdir().unwrap();
-    let (_n0, mut n1, d) = cluster(keys.path(), 10);
+    let (_n0, mut n1, d) = cluster(keys.path(), 10, &[]);
     let n1_peer = n1.peer.to_string();
 
     // `ctl generate` works and asks both nodes (training is paused: this traffic is the
@@ -187,4 +193,41 @@ fn generation_runs_on_the_nodes_and_survives_a_node_killed_mid_reply() {
         "{err}"
     );
     d.data("ping", Value::Null);
+}
+
+#[cfg(feature = "fault-injection")]
+#[test]
+fn a_node_drops_sessions_idle_longer_than_its_flag_allows() {
+    // node 1 keeps an unused session for 1 s; tokens come every 1.5 s
+    let keys = tempfile::tempdir().unwrap();
+    let (_n0, n1, d) = cluster(keys.path(), 1500, &["--generation-idle-secs", "1"]);
+    let n1_peer = n1.peer.to_string();
+    let reply = (0..10u64)
+        .map(|seed| d.data("generate", generate_args(seed, 3)))
+        .find(|r| r["tokens"].as_u64().unwrap() >= 2)
+        .expect("a reply of 2 tokens or more");
+    let masked = reply["masked"].as_array().expect("masked branches listed");
+    let mut names: Vec<(u64, u64)> = masked
+        .iter()
+        .map(|b| (b["layer"].as_u64().unwrap(), b["branch"].as_u64().unwrap()))
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, vec![(0, 1), (1, 1)], "{reply}");
+    for b in masked {
+        assert_eq!(b["node"], n1_peer.as_str(), "{b}");
+        assert!(b["position"].as_u64().unwrap() > 0, "{b}");
+        let why = b["why"].as_str().unwrap();
+        assert!(why.contains("idle for more than 1s"), "{b}");
+    }
+}
+
+#[test]
+fn a_node_refuses_a_session_limit_of_zero_by_name() {
+    let out = std::process::Command::new(BIN)
+        .args(["node", "--coordinator", "x", "--generation-sessions", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--generation-sessions"), "{err}");
 }

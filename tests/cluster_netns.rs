@@ -167,7 +167,7 @@ impl Lab {
         let data = dir.join(format!("node{k}"));
         std::fs::create_dir_all(&data).unwrap();
         let listen = format!("/ip4/{}/tcp/7070", self.addr_there(k));
-        let node = start_node(&wrapper, &data, config, coordinator, &listen)
+        let node = start_node(&wrapper, &data, config, coordinator, &listen, &[])
             .unwrap_or_else(|e| panic!("mbtd node in {}: {e:#}", self.netns[k]));
         self.nodes.push(node);
     }

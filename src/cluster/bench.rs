@@ -116,14 +116,15 @@ impl NodeProcess {
     }
 }
 
-/// Starts `exe node` serving `coordinator` on `listen` with the identity in `dir`, and
-/// waits for its `node_listening` line.
+/// Starts `exe node` serving `coordinator` on `listen` with the identity in `dir` (and
+/// `extra` arguments), and waits for its `node_listening` line.
 pub fn start_node(
     exe: &Path,
     dir: &Path,
     config: &Path,
     coordinator: &str,
     listen: &str,
+    extra: &[&str],
 ) -> anyhow::Result<NodeProcess> {
     let mut child = Command::new(exe)
         .arg("node")
@@ -134,6 +135,7 @@ pub fn start_node(
         .arg(config)
         .arg("--coordinator")
         .arg(coordinator)
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -210,7 +212,14 @@ pub fn bench_cluster(a: &ClusterBenchArgs) -> anyhow::Result<Value> {
         .map(|k| {
             let d = dir.path().join(format!("node{k}"));
             std::fs::create_dir_all(&d)?;
-            start_node(&exe, &d, &config_path, &coord_id, "/ip4/127.0.0.1/tcp/0")
+            start_node(
+                &exe,
+                &d,
+                &config_path,
+                &coord_id,
+                "/ip4/127.0.0.1/tcp/0",
+                &[],
+            )
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
 
@@ -424,6 +433,7 @@ impl FaultRun<'_> {
                     self.config_path,
                     self.coord_id,
                     &listen,
+                    &[],
                 )?;
             }
         }

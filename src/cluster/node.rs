@@ -13,7 +13,7 @@ use crate::config::Config;
 use anyhow::Context;
 use clap::Args;
 use mbtd_cluster::{Endpoint, EndpointConfig, PeerEvent, identity};
-use mbtd_core::model::remote::BranchHost;
+use mbtd_core::model::remote::{BranchHost, SessionLimits};
 
 /// Options of `mbtd node`.
 #[derive(Debug, Clone, Args)]
@@ -34,6 +34,24 @@ pub struct NodeArgs {
     /// Print this node's peer id (creating its identity if needed) and exit.
     #[arg(long)]
     pub print_id: bool,
+    /// Most generation sessions (KV caches of `ctl generate` replies) kept at once; opening
+    /// one more drops the least recently used.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub generation_sessions: u64,
+    /// Seconds after which an unused generation session is dropped.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub generation_idle_secs: u64,
+}
+
+impl NodeArgs {
+    /// The generation sessions this node keeps (`--generation-sessions`,
+    /// `--generation-idle-secs`).
+    pub fn session_limits(&self) -> SessionLimits {
+        SessionLimits {
+            max_sessions: self.generation_sessions as usize,
+            idle: Duration::from_secs(self.generation_idle_secs),
+        }
+    }
 }
 
 /// Runs `mbtd node` until the process is stopped.
@@ -59,7 +77,7 @@ pub fn run(args: &NodeArgs) -> anyhow::Result<()> {
     })?;
     let cfg = Config::load(args.config.as_deref())?;
     crate::telemetry::logging::init(&cfg.logging);
-    let host = BranchHost::new(cfg.model.clone())
+    let host = BranchHost::with_session_limits(cfg.model.clone(), args.session_limits())
         .map_err(|e| anyhow::anyhow!("the config's [model] section cannot host branches: {e}"))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
