@@ -114,7 +114,7 @@ pub fn bench_train_data(opts: &TrainBenchArgs, data: &Path) -> Result<Value, Dat
         ))
         .into());
     }
-    let cfg = opts.preset.config(opts.seq);
+    let cfg = opts.model_config();
     let (rows, rejected) = read_rows(data)?;
     let ts = TokenizerSection::default();
     let texts = rows.iter().take(ts.bootstrap_rows).map(|r| match &r.body {
@@ -178,6 +178,7 @@ pub fn bench_train_data(opts: &TrainBenchArgs, data: &Path) -> Result<Value, Dat
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Precision;
     use crate::model::bench::BenchPreset;
 
     fn args(packing: bool) -> TrainBenchArgs {
@@ -210,6 +211,31 @@ mod tests {
         assert!(util(&unpacked) < 0.5, "{unpacked}");
         let real = |v: &Value| v["real_tokens_per_step"].as_f64().unwrap();
         assert!(real(&packed) > 2.0 * real(&unpacked), "{packed} {unpacked}");
+    }
+
+    /// `--precision` reaches the model (it was reported but not applied).
+    #[test]
+    fn the_precision_option_trains_in_that_precision() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = dir.path().join("short.csv");
+        let mut s = String::from("text\n");
+        for i in 0..200 {
+            s.push_str(&format!("line {i}: some words to learn from\n"));
+        }
+        std::fs::write(&csv, s).unwrap();
+        let run = |precision| {
+            let opts = TrainBenchArgs {
+                precision,
+                ..args(true)
+            };
+            bench_train_data(&opts, &csv).unwrap()
+        };
+        let (f32_run, bf16_run) = (run(Precision::F32), run(Precision::Bf16));
+        assert_eq!(bf16_run["precision"], "bf16");
+        let loss = |v: &Value| v["final_loss"].as_f64().unwrap();
+        assert!(loss(&f32_run) != loss(&bf16_run), "{f32_run} {bf16_run}");
+        let close = (loss(&f32_run) - loss(&bf16_run)).abs() < 0.05 * loss(&f32_run);
+        assert!(close, "{f32_run} {bf16_run}");
     }
 
     #[test]

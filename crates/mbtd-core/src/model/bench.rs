@@ -96,6 +96,15 @@ pub struct TrainBenchArgs {
 }
 
 impl TrainBenchArgs {
+    /// The model these options train: the preset with room for `seq` tokens, in
+    /// `precision`.
+    pub fn model_config(&self) -> ModelConfig {
+        ModelConfig {
+            precision: self.precision,
+            ..self.preset.config(self.seq)
+        }
+    }
+
     /// A `bench train` result: the options it ran with, then `fields`.
     pub fn report(&self, fields: Value) -> Value {
         let mut out = json!({
@@ -286,10 +295,7 @@ pub fn bench_train(opts: &TrainBenchArgs) -> Result<Value, ModelError> {
             opts.steps, opts.p_active
         )));
     }
-    let cfg = ModelConfig {
-        precision: opts.precision,
-        ..opts.preset.config(opts.seq)
-    };
+    let cfg = opts.model_config();
     pool(opts.threads)?.install(|| {
         let (mut trainer, mut avail, params) = bench_trainer(&cfg, opts)?;
         let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
