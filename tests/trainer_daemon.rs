@@ -1,7 +1,8 @@
 //! The trainer thread with the real daemon: `ctl mask` keeps `availability.min_active`, a
 //! second `expand` says what the operator can do, an acknowledged expansion and a pause
 //! survive a restart (`kill -9` for the expansion), an unrestorable checkpoint stops the
-//! trainer with its cause (no panic), and new rows wake an idle trainer.
+//! trainer with its cause (no panic), new rows wake an idle trainer, and status names the
+//! products' kernel.
 
 mod common;
 
@@ -273,4 +274,35 @@ fn consolidation_backs_off_to_its_floor_and_new_rows_restore_full_speed() {
     // forgot the old best).
     let why = t["consolidation"]["why"].as_str().unwrap_or_default();
     assert!(why.contains("new rows") || why.contains("improving"), "{t}");
+}
+
+/// `ctl status` names what computes the products, and `bf16` on a CPU without AVX-512 BF16
+/// (the portable path, slower than `f32`) is warned about when the daemon starts.
+#[test]
+fn status_names_the_products_kernel_and_a_slow_bf16_is_warned_about() {
+    let hardware = mbtd::model::ops::has_avx512_bf16();
+    let mut d = started(&[("model.precision", "\"bf16\"")]);
+    let want = if hardware {
+        "bf16 (AVX-512 BF16)"
+    } else {
+        "bf16 (portable: this CPU lacks AVX-512 BF16, slower than f32)"
+    };
+    assert_eq!(d.section("trainer")["precision"], want);
+    let log = d.log_text();
+    let warned = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .any(|v| {
+            v["event"] == "precision_without_hardware"
+                && v["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("set model.precision = \"f32\""))
+        });
+    assert_eq!(warned, !hardware, "AVX-512 BF16: {hardware}; log:\n{log}");
+    d.stop_ok();
+
+    let mut d = started(&[]);
+    assert_eq!(d.section("trainer")["precision"], "f32");
+    assert!(!d.log_text().contains("precision_without_hardware"));
+    d.stop_ok();
 }

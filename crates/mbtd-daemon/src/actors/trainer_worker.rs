@@ -729,6 +729,7 @@ impl Worker {
             "tokens_per_sec": self.tok_rate,
             "widths": l.trainer.model().widths(),
             "params": l.trainer.model().num_params(),
+            "precision": l.trainer.model().config.precision.kernel(),
             "cursor": l.st.cursor,
             "pending_windows": self.pending.len(),
             "new_pieces_queued": self.new_pieces.queued,

@@ -161,6 +161,16 @@ pub async fn run(mut cfg: Config, data_dir: PathBuf, opts: RunOptions) -> anyhow
         data_dir = %data_dir.display(),
         "mbtd starting"
     );
+    if cfg.model.precision == crate::model::Precision::Bf16 && !crate::model::ops::has_avx512_bf16()
+    {
+        tracing::warn!(
+            event = events::PRECISION_WITHOUT_HARDWARE,
+            precision = cfg.model.precision.kernel(),
+            "model.precision = \"bf16\" but this CPU lacks AVX-512 BF16 (avx512f, avx512bw, \
+             avx512_bf16): the products run in fp32 on bf16-rounded copies, slower than \"f32\"; \
+             set model.precision = \"f32\" unless you want bf16 results"
+        );
+    }
 
     let (stop_tx, mut stop_rx) = mpsc::channel(4);
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();

@@ -71,6 +71,8 @@ pub mod events {
     pub const CHECKPOINT_DELETED: &str = "checkpoint_deleted";
     /// `--accept-checkpoint-model`: a `model.*` field taken from the checkpoint.
     pub const MODEL_FROM_CHECKPOINT: &str = "model_from_checkpoint";
+    /// `model.precision = "bf16"` on a CPU without AVX-512 BF16 (the slower portable path).
+    pub const PRECISION_WITHOUT_HARDWARE: &str = "precision_without_hardware";
     pub const TOKENIZER_READY: &str = "tokenizer_ready";
     pub const TRAINER_RESUMED: &str = "trainer_resumed";
     pub const TRAINER_STARTED_FRESH: &str = "trainer_started_fresh";

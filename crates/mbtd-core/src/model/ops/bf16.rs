@@ -50,6 +50,17 @@ impl Precision {
             Self::Bf16 => "bf16",
         }
     }
+
+    /// What computes the products in this precision on this CPU, for people to read:
+    /// `bf16` without AVX-512 BF16 takes the portable path (the fp32 `gemm` on rounded
+    /// copies), which costs more than `f32`.
+    pub fn kernel(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 if has_avx512_bf16() => "bf16 (AVX-512 BF16)",
+            Self::Bf16 => "bf16 (portable: this CPU lacks AVX-512 BF16, slower than f32)",
+        }
+    }
 }
 
 /// `x` rounded to bfloat16 (to nearest, ties to even; NaN stays a quiet NaN), as bits.
